@@ -1,0 +1,326 @@
+//! The schema shared by every connector. Source and sink sections are typed
+//! by their own crates (`S`, `K`) and plugged in by the runner, so a new
+//! connector adds its `config.rs` without touching this crate.
+
+use crate::error::Invalid;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A section that can check itself once parsed, without I/O. `Invalid`
+/// keys are relative to the section; the caller prefixes its path.
+pub trait Validate {
+    fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid>;
+}
+
+/// A whole config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config<S, K> {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub runner: RunnerConfig,
+    /// The connectors, by name: each moves one source into one sink.
+    pub connectors: BTreeMap<String, ConnectorConfig<S, K>>,
+}
+
+/// `[runner]`: process-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// How often each running connector logs a progress line.
+    #[serde(default = "default_progress_interval", with = "humantime_serde")]
+    pub progress_interval: Duration,
+    /// How long SIGTERM/SIGINT waits for in-flight batches to commit
+    /// before abandoning them (an abandoned batch is re-read on restart).
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            progress_interval: default_progress_interval(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_progress_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[connectors.NAME]`: one source, one sink, and how to move between them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig<S, K> {
+    /// The delivery guarantee this connector requires. Start fails, saying
+    /// why, when the sink's mode cannot give it.
+    #[serde(default)]
+    pub guarantee: Guarantee,
+    /// What to do with a message that cannot be decoded or mapped.
+    #[serde(default)]
+    pub errors: ErrorPolicy,
+    /// Where dead letters go (JSON lines with position, reason and the raw
+    /// bytes). Default: `NAME.deadletter.jsonl` in the working directory.
+    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    pub dead_letter: Option<String>,
+    /// JSON pointer of a boolean field that marks a message as a delete
+    /// (a tombstone). Messages with a null value are tombstones too. Only
+    /// used by sinks with `delete_on_tombstone = true`.
+    #[serde(default)]
+    pub tombstone_field: Option<String>,
+    /// Batching: a batch closes on the first limit reached.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Retries of transient sink errors.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Where messages come from.
+    pub source: S,
+    /// Where they go.
+    pub sink: K,
+    /// How a JSON message becomes a row: one entry per column.
+    #[serde(default)]
+    pub columns: Vec<ColumnConfig>,
+}
+
+/// The guarantee a connector requires (and a sink declares).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Guarantee {
+    /// Effects and positions commit atomically, or effects are idempotent
+    /// and keyed: a replay after any crash changes nothing.
+    #[default]
+    ExactlyOnce,
+    /// Nothing is lost; a crash may repeat some effects.
+    AtLeastOnce,
+}
+
+impl std::fmt::Display for Guarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Guarantee::ExactlyOnce => "exactly-once",
+            Guarantee::AtLeastOnce => "at-least-once",
+        })
+    }
+}
+
+/// What happens to a message that cannot be decoded or mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorPolicy {
+    /// Write it to the dead letters with its reason and position, move on.
+    #[default]
+    DeadLetter,
+    /// Commit what came before it, then stop the connector with the reason.
+    Fail,
+}
+
+/// `[connectors.NAME.batch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Close a batch at this many messages.
+    #[serde(default = "default_max_records")]
+    pub max_records: usize,
+    /// Close a batch at this many bytes of message values.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// Close a non-empty batch this long after its first message.
+    #[serde(default = "default_linger", with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: default_max_records(),
+            max_bytes: default_max_bytes(),
+            linger: default_linger(),
+        }
+    }
+}
+
+fn default_max_records() -> usize {
+    10_000
+}
+
+fn default_max_bytes() -> usize {
+    16 * 1024 * 1024
+}
+
+fn default_linger() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// `[connectors.NAME.retry]`: capped exponential backoff with jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts of one operation before the connector fails (0 = forever).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: usize,
+    /// The first delay.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// The cap on any delay.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+fn default_max_attempts() -> usize {
+    10
+}
+
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `[[connectors.NAME.columns]]`: one column of the sink's table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnConfig {
+    /// The column's name in the sink.
+    pub name: String,
+    /// JSON pointer (RFC 6901) to the field, e.g. `/user/id`; `""` is the
+    /// whole message. Default: `/NAME`.
+    #[serde(default)]
+    pub pointer: Option<String>,
+    /// The column's type.
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+    /// A message without this field (or with null) goes to the dead letters.
+    /// Key columns are always required.
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl ColumnConfig {
+    /// The pointer, defaulting to `/NAME`.
+    pub fn pointer(&self) -> String {
+        self.pointer
+            .clone()
+            .unwrap_or_else(|| format!("/{}", self.name))
+    }
+}
+
+/// Column types, named as SQL users know them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    Text,
+    Bigint,
+    Integer,
+    Double,
+    Boolean,
+    /// RFC 3339 string (or integer microseconds since the epoch), stored in UTC.
+    Timestamp,
+    /// `YYYY-MM-DD`.
+    Date,
+    /// Any JSON value, stored as JSON text.
+    Json,
+}
+
+impl<S: Validate, K: Validate> Config<S, K> {
+    /// Pure checks across keys, after parsing.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.connectors.is_empty() {
+            return Err(Invalid::new(
+                &["connectors"],
+                "no connector is defined; add a [connectors.NAME] table",
+            ));
+        }
+        for (name, c) in &self.connectors {
+            let at = |rest: &[&str], e: Invalid| {
+                let mut key: Vec<String> = vec!["connectors".into(), name.clone()];
+                key.extend(rest.iter().map(|s| s.to_string()));
+                key.extend(e.key);
+                Invalid {
+                    key,
+                    message: e.message,
+                }
+            };
+            if !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+            {
+                return Err(at(
+                    &[],
+                    Invalid::new(&[], "a connector name may hold only letters, digits, `_` and `-`"),
+                ));
+            }
+            c.validate_common().map_err(|e| at(&[], e))?;
+            c.source.validate(&c.columns).map_err(|e| at(&["source"], e))?;
+            c.sink.validate(&c.columns).map_err(|e| at(&["sink"], e))?;
+        }
+        Ok(())
+    }
+}
+
+impl<S, K> ConnectorConfig<S, K> {
+    fn validate_common(&self) -> Result<(), Invalid> {
+        if self.batch.max_records == 0 {
+            return Err(Invalid::new(&["batch", "max_records"], "must be at least 1"));
+        }
+        if self.batch.max_bytes == 0 {
+            return Err(Invalid::new(&["batch", "max_bytes"], "must be at least 1"));
+        }
+        if self.retry.initial_backoff > self.retry.max_backoff {
+            return Err(Invalid::new(
+                &["retry", "initial_backoff"],
+                "is larger than retry.max_backoff",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, col) in self.columns.iter().enumerate() {
+            let idx = i.to_string();
+            if col.name.is_empty() || col.name.starts_with("_idem_") {
+                return Err(Invalid::new(
+                    &["columns", &idx, "name"],
+                    "a column name must be non-empty and not start with `_idem_` (reserved)",
+                ));
+            }
+            if !seen.insert(col.name.as_str()) {
+                return Err(Invalid::new(
+                    &["columns", &idx, "name"],
+                    format!("column `{}` is defined twice", col.name),
+                ));
+            }
+            let p = col.pointer();
+            if !(p.is_empty() || p.starts_with('/')) {
+                return Err(Invalid::new(
+                    &["columns", &idx, "pointer"],
+                    format!("`{p}` is not a JSON pointer: it must be \"\" or start with `/`"),
+                ));
+            }
+        }
+        if let Some(p) = &self.tombstone_field {
+            if !p.starts_with('/') {
+                return Err(Invalid::new(
+                    &["tombstone_field"],
+                    format!("`{p}` is not a JSON pointer: it must start with `/`"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

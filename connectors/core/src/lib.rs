@@ -1,0 +1,24 @@
+//! Idem's core: the message model, the [`Source`] and [`Sink`] traits of the
+//! commit protocol, and the mapping of JSON messages to typed rows.
+//!
+//! The protocol every sink obeys (see docs/ARCHITECTURE.md):
+//! 1. [`Sink::open`] fences the partition (bumps its epoch in the sink's own
+//!    storage) and returns the last committed position.
+//! 2. The runner reads the source from that position.
+//! 3. [`Sink::commit`] makes a batch's effects and its next position durable
+//!    in one atomic step, refusing with [`SinkError::Fenced`] if the epoch
+//!    moved.
+//! 4. Only then the runner acks the source ([`Source::ack`]); losing the ack
+//!    is harmless because step 1 reads the sink.
+
+pub mod failpoint;
+pub mod mapping;
+mod message;
+mod sink;
+mod source;
+
+pub use idem_config::Guarantee;
+pub use mapping::{MapError, Mapper, Op, Record, Value};
+pub use message::{Message, PartitionRef};
+pub use sink::{Batch, CommitStats, Opened, Sink, SinkError, SinkInfo, StoredPosition};
+pub use source::{Assignment, PartitionReader, ReadStatus, Source, SourceError};

@@ -1,0 +1,311 @@
+//! JSON message -> typed row, by the connector's `[[columns]]`. A message
+//! that does not fit is a [`MapError`] naming the column and the value; the
+//! runner sends it to the dead letters with its position.
+
+use crate::Message;
+use idem_config::{ColumnConfig, ColumnType};
+use serde_json::Value as Json;
+
+/// A typed cell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Text(String),
+    BigInt(i64),
+    Integer(i32),
+    Double(f64),
+    Boolean(bool),
+    /// Microseconds since the Unix epoch, UTC.
+    Timestamp(i64),
+    /// Days since the Unix epoch.
+    Date(i32),
+    /// Serialized JSON.
+    Json(String),
+}
+
+/// Insert/replace, or delete by key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Upsert,
+    Delete,
+}
+
+/// A mapped message: one row, in column order, and its offset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub offset: u64,
+    pub op: Op,
+    pub values: Vec<Value>,
+}
+
+/// Why a message could not become a row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct MapError {
+    pub reason: String,
+}
+
+impl MapError {
+    fn new(reason: impl Into<String>) -> Self {
+        MapError {
+            reason: reason.into(),
+        }
+    }
+}
+
+struct Column {
+    name: String,
+    pointer: String,
+    ty: ColumnType,
+    required: bool,
+    key: bool,
+}
+
+/// Maps messages to rows for one connector.
+pub struct Mapper {
+    columns: Vec<Column>,
+    tombstone_field: Option<String>,
+    deletes: bool,
+}
+
+impl Mapper {
+    /// `keys` are always required; with `deletes`, null values and messages
+    /// whose `tombstone_field` is `true` become [`Op::Delete`].
+    pub fn new(
+        columns: &[ColumnConfig],
+        keys: &[String],
+        deletes: bool,
+        tombstone_field: Option<String>,
+    ) -> Self {
+        Mapper {
+            columns: columns
+                .iter()
+                .map(|c| {
+                    let key = keys.contains(&c.name);
+                    Column {
+                        name: c.name.clone(),
+                        pointer: c.pointer(),
+                        ty: c.ty,
+                        required: c.required || key,
+                        key,
+                    }
+                })
+                .collect(),
+            tombstone_field,
+            deletes,
+        }
+    }
+
+    pub fn column_names(&self) -> impl Iterator<Item = &str> {
+        self.columns.iter().map(|c| c.name.as_str())
+    }
+
+    pub fn map(&self, msg: &Message) -> Result<Record, MapError> {
+        let Some(raw) = msg.value.as_deref() else {
+            return Err(MapError::new(
+                "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
+            ));
+        };
+        let doc: Json = serde_json::from_slice(raw)
+            .map_err(|e| MapError::new(format!("not valid JSON: {e}")))?;
+        let op = if self.deletes && self.is_tombstone(&doc) {
+            Op::Delete
+        } else {
+            Op::Upsert
+        };
+        let mut values = Vec::with_capacity(self.columns.len());
+        for col in &self.columns {
+            if op == Op::Delete && !col.key {
+                values.push(Value::Null);
+                continue;
+            }
+            let field = doc.pointer(&col.pointer).filter(|v| !v.is_null());
+            let value = match field {
+                None if col.required => {
+                    let what = if col.key { "key column" } else { "required column" };
+                    return Err(MapError::new(format!(
+                        "{what} `{}`: field `{}` is missing or null",
+                        col.name, col.pointer
+                    )));
+                }
+                None => Value::Null,
+                Some(v) => convert(v, col.ty).map_err(|expected| {
+                    MapError::new(format!(
+                        "column `{}` ({:?}): field `{}` holds {}, expected {expected}",
+                        col.name,
+                        col.ty,
+                        col.pointer,
+                        preview(v)
+                    ))
+                })?,
+            };
+            values.push(value);
+        }
+        Ok(Record {
+            offset: msg.offset,
+            op,
+            values,
+        })
+    }
+
+    fn is_tombstone(&self, doc: &Json) -> bool {
+        doc.is_null()
+            || self
+                .tombstone_field
+                .as_deref()
+                .and_then(|p| doc.pointer(p))
+                .is_some_and(|v| v == &Json::Bool(true))
+    }
+}
+
+fn preview(v: &Json) -> String {
+    let mut s = v.to_string();
+    if s.len() > 80 {
+        let mut cut = 77;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+fn convert(v: &Json, ty: ColumnType) -> Result<Value, &'static str> {
+    Ok(match ty {
+        ColumnType::Text => match v {
+            Json::String(s) => Value::Text(s.clone()),
+            Json::Number(n) => Value::Text(n.to_string()),
+            Json::Bool(b) => Value::Text(b.to_string()),
+            _ => return Err("a string"),
+        },
+        ColumnType::Bigint => Value::BigInt(v.as_i64().ok_or("an integer in 64-bit range")?),
+        ColumnType::Integer => Value::Integer(
+            v.as_i64()
+                .and_then(|n| i32::try_from(n).ok())
+                .ok_or("an integer in 32-bit range")?,
+        ),
+        ColumnType::Double => Value::Double(v.as_f64().ok_or("a number")?),
+        ColumnType::Boolean => Value::Boolean(v.as_bool().ok_or("true or false")?),
+        ColumnType::Timestamp => {
+            let s = v.as_str().ok_or("an RFC 3339 timestamp string")?;
+            let t = chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|_| "an RFC 3339 timestamp such as 2026-01-31T12:00:00Z")?;
+            Value::Timestamp(t.timestamp_micros())
+        }
+        ColumnType::Date => {
+            let s = v.as_str().ok_or("a date string YYYY-MM-DD")?;
+            let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .map_err(|_| "a date YYYY-MM-DD")?;
+            let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).ok_or("a date")?;
+            let days = d.signed_duration_since(epoch).num_days();
+            Value::Date(i32::try_from(days).map_err(|_| "a date in range")?)
+        }
+        ColumnType::Json => Value::Json(v.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, ty: ColumnType, required: bool) -> ColumnConfig {
+        ColumnConfig {
+            name: name.into(),
+            pointer: None,
+            ty,
+            required,
+        }
+    }
+
+    fn msg(v: &str) -> Message {
+        Message {
+            offset: 7,
+            next_offset: 8,
+            key: None,
+            value: Some(v.as_bytes().to_vec()),
+        }
+    }
+
+    fn mapper() -> Mapper {
+        let mut nested = col("city", ColumnType::Text, false);
+        nested.pointer = Some("/addr/city".into());
+        let mut whole = col("doc", ColumnType::Json, false);
+        whole.pointer = Some(String::new());
+        Mapper::new(
+            &[
+                col("id", ColumnType::Text, false),
+                col("n", ColumnType::Bigint, true),
+                col("small", ColumnType::Integer, false),
+                col("x", ColumnType::Double, false),
+                col("ok", ColumnType::Boolean, false),
+                col("at", ColumnType::Timestamp, false),
+                col("day", ColumnType::Date, false),
+                nested,
+                whole,
+            ],
+            &["id".into()],
+            true,
+            Some("/deleted".into()),
+        )
+    }
+
+    #[test]
+    fn maps_every_type() {
+        let r = mapper()
+            .map(&msg(
+                r#"{"id":"a","n":5,"small":-3,"x":1.5,"ok":true,"at":"1970-01-01T00:00:01Z","day":"1970-01-11","addr":{"city":"Oslo"}}"#,
+            ))
+            .unwrap();
+        assert_eq!(r.op, Op::Upsert);
+        assert_eq!(r.offset, 7);
+        assert_eq!(
+            r.values[..8],
+            [
+                Value::Text("a".into()),
+                Value::BigInt(5),
+                Value::Integer(-3),
+                Value::Double(1.5),
+                Value::Boolean(true),
+                Value::Timestamp(1_000_000),
+                Value::Date(10),
+                Value::Text("Oslo".into()),
+            ]
+        );
+        assert!(matches!(&r.values[8], Value::Json(s) if s.contains("\"city\":\"Oslo\"")));
+    }
+
+    #[test]
+    fn optional_missing_fields_are_null() {
+        let r = mapper().map(&msg(r#"{"id":"a","n":1}"#)).unwrap();
+        assert_eq!(r.values[2], Value::Null);
+        assert_eq!(r.values[7], Value::Null);
+    }
+
+    #[test]
+    fn errors_name_the_column_and_value() {
+        let m = mapper();
+        let e = m.map(&msg("{not json")).unwrap_err();
+        assert!(e.reason.starts_with("not valid JSON"), "{e}");
+        let e = m.map(&msg(r#"{"id":"a"}"#)).unwrap_err();
+        assert!(e.reason.contains("required column `n`"), "{e}");
+        let e = m.map(&msg(r#"{"n":1}"#)).unwrap_err();
+        assert!(e.reason.contains("key column `id`"), "{e}");
+        let e = m.map(&msg(r#"{"id":"a","n":"12x"}"#)).unwrap_err();
+        assert!(e.reason.contains("column `n`") && e.reason.contains("\"12x\""), "{e}");
+        let e = m.map(&msg(r#"{"id":"a","n":1,"small":3000000000}"#)).unwrap_err();
+        assert!(e.reason.contains("32-bit"), "{e}");
+        let e = m.map(&msg(r#"{"id":"a","n":1,"at":"yesterday"}"#)).unwrap_err();
+        assert!(e.reason.contains("RFC 3339"), "{e}");
+    }
+
+    #[test]
+    fn tombstones_need_only_the_key() {
+        let r = mapper().map(&msg(r#"{"id":"a","deleted":true}"#)).unwrap();
+        assert_eq!(r.op, Op::Delete);
+        assert_eq!(r.values[0], Value::Text("a".into()));
+        assert!(r.values[1..].iter().all(|v| *v == Value::Null));
+        let r = mapper().map(&msg(r#"{"id":"a","n":1,"deleted":false}"#)).unwrap();
+        assert_eq!(r.op, Op::Upsert);
+    }
+}

@@ -1,0 +1,47 @@
+use std::fmt;
+use std::sync::Arc;
+
+/// One message read from a source, with its position in its partition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Position of this message in its partition.
+    pub offset: u64,
+    /// Position to resume from once this message is committed. Offsets need
+    /// not be contiguous (a file's are byte offsets).
+    pub next_offset: u64,
+    pub key: Option<Vec<u8>>,
+    /// `None` is a tombstone (a delete of the key).
+    pub value: Option<Vec<u8>>,
+}
+
+impl Message {
+    /// Bytes this message weighs in a batch.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Which partition of which source, for which connector: the unit of
+/// ordering, fencing and committed positions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionRef {
+    pub connector: Arc<str>,
+    pub source: Arc<str>,
+    pub partition: Arc<str>,
+}
+
+impl PartitionRef {
+    pub fn new(connector: &str, source: &str, partition: &str) -> Self {
+        PartitionRef {
+            connector: connector.into(),
+            source: source.into(),
+            partition: partition.into(),
+        }
+    }
+}
+
+impl fmt::Display for PartitionRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.source, self.partition)
+    }
+}

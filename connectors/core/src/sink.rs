@@ -1,0 +1,104 @@
+use crate::{PartitionRef, Record};
+use async_trait::async_trait;
+use idem_config::Guarantee;
+
+/// What a sink declares about itself once configured.
+#[derive(Debug, Clone)]
+pub struct SinkInfo {
+    /// The guarantee this sink's mode gives.
+    pub guarantee: Guarantee,
+    /// Why, in one sentence a user can check against the docs.
+    pub why: String,
+    /// Columns that identify a row (upsert, delete); required in every message.
+    pub key_columns: Vec<String>,
+    /// Whether tombstones delete rows (otherwise they are not recognised).
+    pub deletes: bool,
+}
+
+/// A partition opened (fenced) in the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// This runner's fencing token for the partition.
+    pub epoch: i64,
+    /// Where to resume reading; `None` when the sink never committed it.
+    pub next_offset: Option<u64>,
+}
+
+/// A position as stored in the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPosition {
+    pub source: String,
+    pub partition: String,
+    pub next_offset: Option<u64>,
+    pub epoch: i64,
+}
+
+/// Consecutive messages of one partition, committed in one atomic step.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub partition: PartitionRef,
+    /// The epoch returned by [`Sink::open`]; the commit is refused if it moved.
+    pub epoch: i64,
+    /// Mapped records, in partition order.
+    pub records: Vec<Record>,
+    /// Offset of the first message covered (dead letters included).
+    pub first_offset: u64,
+    /// The position to resume from after this batch.
+    pub next_offset: u64,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Records that changed the sink (inserted, updated or deleted a row).
+    pub written: u64,
+    /// Records that changed nothing because an equal or newer version of
+    /// their key was already there, or came later in the same batch.
+    pub deduplicated: u64,
+}
+
+/// A sink error. Every sink maps its own error enum into this one, keeping
+/// the message and saying whether a retry can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// A newer runner took the partition: drop it, never retry.
+    #[error("partition {partition} is fenced: epoch {epoch} was superseded by a newer runner; this runner drops the partition")]
+    Fenced { partition: String, epoch: i64 },
+    /// Connection reset, timeout, lock conflict: the whole batch is retried.
+    #[error("{0} (transient; will retry)")]
+    Transient(Box<dyn std::error::Error + Send + Sync>),
+    /// Bad credentials, missing table, schema mismatch: retrying cannot help.
+    #[error("{0}")]
+    Permanent(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl SinkError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, SinkError::Transient(_))
+    }
+}
+
+/// A destination that commits effects and positions together.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// The guarantee and shape this sink gives, from its config alone.
+    fn info(&self) -> SinkInfo;
+
+    /// Connect; create or check the target and the offsets storage. Called
+    /// once before any partition opens, and by `idem check`.
+    async fn prepare(&self) -> Result<(), SinkError>;
+
+    /// Step 1 and 2 of the protocol: fence the partition, return its epoch
+    /// and committed position.
+    async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError>;
+
+    /// Step 3: effects and `batch.next_offset` durable together, or nothing.
+    async fn commit(&self, batch: Batch) -> Result<CommitStats, SinkError>;
+
+    /// Committed positions of `connector`, for `idem status`.
+    async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError>;
+
+    /// One line on what the sink holds now (e.g. a table's row count).
+    async fn describe(&self) -> Result<String, SinkError>;
+}

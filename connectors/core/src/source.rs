@@ -1,0 +1,80 @@
+use crate::Message;
+use async_trait::async_trait;
+
+/// A change in the partitions this runner reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Start reading these partitions (open and fence them in the sink first).
+    Assigned(Vec<String>),
+    /// Stop reading these partitions: commit or abandon their in-flight batch.
+    Revoked(Vec<String>),
+}
+
+/// What a [`PartitionReader::read`] call found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStatus {
+    /// Messages were appended.
+    Data,
+    /// Nothing new yet (following a live source); call again.
+    Idle,
+    /// The partition is finished (batch mode): nothing more will come.
+    End,
+}
+
+/// A source error, with where it happened and whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error("{source_name} partition {partition}: {message}")]
+    Read {
+        source_name: String,
+        partition: String,
+        message: String,
+        retriable: bool,
+    },
+    #[error("{source_name}: {message}")]
+    Setup {
+        source_name: String,
+        message: String,
+    },
+}
+
+impl SourceError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, SourceError::Read { retriable: true, .. })
+    }
+}
+
+/// A log of partitioned messages.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// The name stored with positions in the sink (e.g. `file`).
+    fn name(&self) -> &str;
+
+    /// The next change of assignment; `None` once no more will come (every
+    /// partition of a bounded source was assigned).
+    async fn next_assignment(&self) -> Result<Option<Assignment>, SourceError>;
+
+    /// Read `partition` from `start` (a committed `next_offset`), or from
+    /// the source's default start when the sink has never seen it.
+    async fn open(
+        &self,
+        partition: &str,
+        start: Option<u64>,
+    ) -> Result<Box<dyn PartitionReader>, SourceError>;
+
+    /// Tell the source that everything before `next_offset` is committed in
+    /// the sink. Advisory (lag tools): correctness never depends on it.
+    async fn ack(&self, _partition: &str, _next_offset: u64) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
+/// Reads one partition in order.
+#[async_trait]
+pub trait PartitionReader: Send {
+    /// Append up to `max` messages to `out`. Must be cancel-safe between
+    /// calls: the runner may drop the reader while a call waits.
+    async fn read(&mut self, max: usize, out: &mut Vec<Message>)
+        -> Result<ReadStatus, SourceError>;
+}
