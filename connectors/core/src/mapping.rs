@@ -224,6 +224,7 @@ mod tests {
             next_offset: 8,
             key: None,
             value: Some(v.as_bytes().to_vec()),
+            poison: None,
         }
     }
 

@@ -12,6 +12,9 @@ pub struct Message {
     pub key: Option<Vec<u8>>,
     /// `None` is a tombstone (a delete of the key).
     pub value: Option<Vec<u8>>,
+    /// Set by the source when the message is unusable as read (too large,
+    /// not UTF-8): it goes to the dead letters with this reason.
+    pub poison: Option<String>,
 }
 
 impl Message {

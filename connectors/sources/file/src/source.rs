@@ -1,0 +1,319 @@
+use crate::FileSourceConfig;
+use async_trait::async_trait;
+use idem_core::{Assignment, Message, PartitionReader, ReadStatus, Source, SourceError};
+use std::collections::BTreeSet;
+use std::io::SeekFrom;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
+
+const NAME: &str = "file";
+
+/// Reads the files matched by a [`FileSourceConfig`].
+pub struct FileSource {
+    config: FileSourceConfig,
+    /// Files already assigned; in batch mode, `Some` once the single
+    /// assignment went out.
+    assigned: Mutex<Option<BTreeSet<String>>>,
+}
+
+impl FileSource {
+    pub fn new(config: FileSourceConfig) -> Self {
+        FileSource {
+            config,
+            assigned: Mutex::new(None),
+        }
+    }
+
+    fn setup_error(&self, message: String) -> SourceError {
+        SourceError::Setup {
+            source_name: NAME.into(),
+            message,
+        }
+    }
+
+    /// The files the pattern matches now, as absolute paths.
+    fn scan(&self) -> Result<BTreeSet<String>, SourceError> {
+        let paths = glob::glob(&self.config.path)
+            .map_err(|e| self.setup_error(format!("path `{}`: {e}", self.config.path)))?;
+        let mut files = BTreeSet::new();
+        for entry in paths {
+            let path = entry.map_err(|e| self.setup_error(e.to_string()))?;
+            if path.is_file() {
+                let abs = std::fs::canonicalize(&path).map_err(|e| {
+                    self.setup_error(format!("cannot resolve {}: {e}", path.display()))
+                })?;
+                files.insert(abs.to_string_lossy().into_owned());
+            }
+        }
+        Ok(files)
+    }
+}
+
+#[async_trait]
+impl Source for FileSource {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn next_assignment(&self) -> Result<Option<Assignment>, SourceError> {
+        loop {
+            let known = self
+                .assigned
+                .lock()
+                .map_err(|_| self.setup_error("assignment state poisoned".into()))?
+                .clone();
+            if known.is_some() && !self.config.follow {
+                return Ok(None);
+            }
+            let files = self.scan()?;
+            if files.is_empty() && !self.config.follow {
+                return Err(self.setup_error(format!(
+                    "no file matches `{}` (relative paths start from the working directory)",
+                    self.config.path
+                )));
+            }
+            let known = known.unwrap_or_default();
+            let new: Vec<String> = files.difference(&known).cloned().collect();
+            if !new.is_empty() || !self.config.follow {
+                let mut guard = self
+                    .assigned
+                    .lock()
+                    .map_err(|_| self.setup_error("assignment state poisoned".into()))?;
+                guard.get_or_insert_with(BTreeSet::new).extend(new.iter().cloned());
+                return Ok(Some(Assignment::Assigned(new)));
+            }
+            tokio::time::sleep(self.config.poll_interval.max(std::time::Duration::from_secs(1)))
+                .await;
+        }
+    }
+
+    async fn open(
+        &self,
+        partition: &str,
+        start: Option<u64>,
+    ) -> Result<Box<dyn PartitionReader>, SourceError> {
+        let path = PathBuf::from(partition);
+        let err = |message: String, retriable: bool| SourceError::Read {
+            source_name: NAME.into(),
+            partition: partition.into(),
+            message,
+            retriable,
+        };
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| err(format!("cannot open: {e}"), false))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| err(format!("cannot stat: {e}"), true))?
+            .len();
+        let start = start.unwrap_or(0);
+        if start > len {
+            return Err(err(
+                format!(
+                    "the sink's committed position {start} is past the end of the file ({len} bytes): \
+                     was the file truncated or replaced? Idem will not guess where to resume"
+                ),
+                false,
+            ));
+        }
+        file.seek(SeekFrom::Start(start))
+            .await
+            .map_err(|e| err(format!("cannot seek to {start}: {e}"), true))?;
+        Ok(Box::new(FileReader {
+            partition: partition.into(),
+            reader: BufReader::with_capacity(256 * 1024, file),
+            offset: start,
+            line: Vec::new(),
+            follow: self.config.follow,
+            poll_interval: self.config.poll_interval,
+            max_line_bytes: self.config.max_line_bytes,
+        }))
+    }
+}
+
+struct FileReader {
+    partition: String,
+    reader: BufReader<tokio::fs::File>,
+    /// Offset of the first byte of `line`.
+    offset: u64,
+    /// The line being read; kept across calls so a cancelled or partial
+    /// read loses nothing.
+    line: Vec<u8>,
+    follow: bool,
+    poll_interval: std::time::Duration,
+    max_line_bytes: usize,
+}
+
+impl FileReader {
+    /// Turn the complete line in `self.line` (`len` bytes on disk) into a
+    /// message, or skip it when blank.
+    fn take_line(&mut self, len: u64, out: &mut Vec<Message>) {
+        let offset = self.offset;
+        self.offset += len;
+        let mut line = std::mem::take(&mut self.line);
+        while matches!(line.last(), Some(b'\n' | b'\r')) {
+            line.pop();
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let poison = (line.len() > self.max_line_bytes).then(|| {
+            let reason = format!(
+                "line of {} bytes exceeds max_line_bytes = {}",
+                line.len(),
+                self.max_line_bytes
+            );
+            line.truncate(self.max_line_bytes);
+            reason
+        });
+        out.push(Message {
+            offset,
+            next_offset: self.offset,
+            key: None,
+            value: Some(line),
+            poison,
+        });
+    }
+}
+
+#[async_trait]
+impl PartitionReader for FileReader {
+    async fn read(
+        &mut self,
+        max: usize,
+        out: &mut Vec<Message>,
+    ) -> Result<ReadStatus, SourceError> {
+        let before = out.len();
+        while out.len() - before < max {
+            let start_len = self.line.len();
+            let n = self
+                .reader
+                .read_until(b'\n', &mut self.line)
+                .await
+                .map_err(|e| SourceError::Read {
+                    source_name: NAME.into(),
+                    partition: self.partition.clone(),
+                    message: format!("read failed at byte {}: {e}", self.offset),
+                    retriable: true,
+                })?;
+            if n == 0 {
+                // End of the file as it is now.
+                if out.len() > before {
+                    return Ok(ReadStatus::Data);
+                }
+                if self.follow {
+                    // A partial last line waits for its newline.
+                    tokio::time::sleep(self.poll_interval).await;
+                    return Ok(ReadStatus::Idle);
+                }
+                if !self.line.is_empty() {
+                    let len = self.line.len() as u64;
+                    self.take_line(len, out);
+                    if out.len() > before {
+                        return Ok(ReadStatus::Data);
+                    }
+                }
+                return Ok(ReadStatus::End);
+            }
+            if self.line.last() == Some(&b'\n') {
+                let len = self.line.len() as u64;
+                self.take_line(len, out);
+            } else {
+                debug_assert!(self.line.len() > start_len);
+            }
+        }
+        Ok(ReadStatus::Data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn config(path: &str, follow: bool) -> FileSourceConfig {
+        FileSourceConfig {
+            path: path.into(),
+            follow,
+            poll_interval: std::time::Duration::from_millis(10),
+            max_line_bytes: 20,
+        }
+    }
+
+    async fn read_all(r: &mut Box<dyn PartitionReader>) -> Vec<Message> {
+        let mut out = Vec::new();
+        while r.read(2, &mut out).await.unwrap() == ReadStatus::Data {}
+        out
+    }
+
+    #[tokio::test]
+    async fn offsets_are_byte_offsets_and_resume_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, "{\"a\":1}\n\n{\"a\":2}\r\n{\"a\":3}").unwrap();
+        let src = FileSource::new(config(p.to_str().unwrap(), false));
+        let Some(Assignment::Assigned(parts)) = src.next_assignment().await.unwrap() else {
+            panic!("expected an assignment")
+        };
+        assert_eq!(parts.len(), 1);
+        assert!(src.next_assignment().await.unwrap().is_none());
+        let mut r = src.open(&parts[0], None).await.unwrap();
+        let msgs = read_all(&mut r).await;
+        let offs: Vec<_> = msgs.iter().map(|m| (m.offset, m.next_offset)).collect();
+        assert_eq!(offs, [(0, 8), (9, 18), (18, 25)]);
+        assert_eq!(msgs[1].value.as_deref(), Some(&b"{\"a\":2}"[..]));
+        // Resuming from a committed next_offset yields exactly the rest.
+        let mut r = src.open(&parts[0], Some(9)).await.unwrap();
+        let rest = read_all(&mut r).await;
+        assert_eq!(rest, msgs[1..]);
+        // A position past the end is refused, not guessed.
+        assert!(src.open(&parts[0], Some(1000)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_poison_not_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, format!("{{\"a\":\"{}\"}}\n{{}}\n", "x".repeat(40))).unwrap();
+        let src = FileSource::new(config(p.to_str().unwrap(), false));
+        let mut r = src.open(p.to_str().unwrap(), None).await.unwrap();
+        let msgs = read_all(&mut r).await;
+        assert_eq!(msgs.len(), 2);
+        assert!(msgs[0].poison.as_deref().unwrap().contains("max_line_bytes"));
+        assert!(msgs[1].poison.is_none());
+    }
+
+    #[tokio::test]
+    async fn follow_waits_for_complete_lines_and_new_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(b"{\"a\":1}\n{\"a\"").unwrap();
+        let pattern = dir.path().join("*.jsonl");
+        let src = FileSource::new(config(pattern.to_str().unwrap(), true));
+        let mut r = src.open(p.to_str().unwrap(), None).await.unwrap();
+        let mut out = Vec::new();
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        assert_eq!(out.len(), 1);
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
+        f.write_all(b":2}\n").unwrap();
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        assert_eq!(out[1].value.as_deref(), Some(&b"{\"a\":2}"[..]));
+        assert_eq!(out[1].offset, 8);
+
+        let first = src.next_assignment().await.unwrap();
+        assert!(matches!(first, Some(Assignment::Assigned(v)) if v.len() == 1));
+        std::fs::write(dir.path().join("b.jsonl"), "{}\n").unwrap();
+        let second = src.next_assignment().await.unwrap();
+        assert!(matches!(second, Some(Assignment::Assigned(v)) if v.len() == 1 && v[0].ends_with("b.jsonl")));
+    }
+
+    #[tokio::test]
+    async fn batch_mode_without_files_is_a_clear_error() {
+        let src = FileSource::new(config("/nonexistent/dir/*.jsonl", false));
+        let err = src.next_assignment().await.unwrap_err().to_string();
+        assert!(err.contains("no file matches"), "{err}");
+    }
+}
