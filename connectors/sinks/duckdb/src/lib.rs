@@ -1,1 +1,18 @@
+//! DuckDB sink: an embedded warehouse in one file, Idem's default sink.
+//!
+//! Speaks DuckDB's C API in-process (the `duckdb` crate). Guarantee:
+//! **exactly-once** in every mode. Each batch is one DuckDB transaction that
+//! appends the rows through the appender (directly into the table in
+//! `append` mode; into a staging table merged with `INSERT .. ON CONFLICT`
+//! in `upsert` mode) and moves the partition's row in the offsets table,
+//! guarded by the runner's epoch. A crash before `COMMIT` leaves neither;
+//! after it, both. Recovery reads the offsets table, never the source.
 
+mod config;
+mod error;
+mod recover;
+mod sink;
+
+pub use config::{DuckDbSinkConfig, Mode};
+pub use error::DuckDbError;
+pub use sink::DuckDbSink;

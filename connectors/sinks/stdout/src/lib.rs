@@ -1,1 +1,116 @@
+//! Stdout sink: each row as a JSON line on standard output, for previewing
+//! a mapping before pointing it at a real sink.
+//!
+//! Guarantee: **at-least-once**. Standard output cannot store a position,
+//! so a restart reads every partition again from the start.
 
+use async_trait::async_trait;
+use idem_config::{ColumnConfig, Guarantee, Invalid, Validate};
+use idem_core::{
+    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
+};
+use serde::Deserialize;
+use std::io::Write;
+
+/// `[connectors.NAME.sink]` with `type = "stdout"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSinkConfig {
+    /// Add `_idem_partition`, `_idem_offset` and `_idem_op` to each line.
+    #[serde(default)]
+    pub positions: bool,
+}
+
+impl Validate for StdoutSinkConfig {
+    fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
+        if columns.is_empty() {
+            return Err(Invalid::new(&[], "the stdout sink needs [[columns]]"));
+        }
+        Ok(())
+    }
+}
+
+pub struct StdoutSink {
+    cfg: StdoutSinkConfig,
+    names: Vec<String>,
+}
+
+impl StdoutSink {
+    pub fn new(cfg: StdoutSinkConfig, columns: &[ColumnConfig]) -> Self {
+        StdoutSink {
+            cfg,
+            names: columns.iter().map(|c| c.name.clone()).collect(),
+        }
+    }
+}
+
+fn json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Null => serde_json::Value::Null,
+        Value::Text(s) => s.clone().into(),
+        Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.clone().into()),
+        Value::BigInt(n) => (*n).into(),
+        Value::Integer(n) => (*n).into(),
+        Value::Double(x) => (*x).into(),
+        Value::Boolean(b) => (*b).into(),
+        Value::Timestamp(us) => (*us).into(),
+        Value::Date(d) => (*d).into(),
+    }
+}
+
+#[async_trait]
+impl Sink for StdoutSink {
+    fn info(&self) -> SinkInfo {
+        SinkInfo {
+            guarantee: Guarantee::AtLeastOnce,
+            why: "stdout cannot store positions: a restart prints every message again".into(),
+            key_columns: Vec::new(),
+            deletes: false,
+        }
+    }
+
+    async fn prepare(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn open(&self, _partition: &PartitionRef) -> Result<Opened, SinkError> {
+        Ok(Opened {
+            epoch: 0,
+            next_offset: None,
+        })
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<CommitStats, SinkError> {
+        let mut out = String::new();
+        for rec in &batch.records {
+            let mut obj = serde_json::Map::new();
+            for (name, v) in self.names.iter().zip(&rec.values) {
+                obj.insert(name.clone(), json(v));
+            }
+            if self.cfg.positions {
+                obj.insert("_idem_partition".into(), batch.partition.partition.to_string().into());
+                obj.insert("_idem_offset".into(), rec.offset.into());
+                let op = if rec.op == Op::Delete { "delete" } else { "upsert" };
+                obj.insert("_idem_op".into(), op.into());
+            }
+            out.push_str(&serde_json::Value::Object(obj).to_string());
+            out.push('\n');
+        }
+        std::io::stdout()
+            .lock()
+            .write_all(out.as_bytes())
+            .map_err(|e| SinkError::Permanent(Box::new(e)))?;
+        Ok(CommitStats {
+            written: batch.records.len() as u64,
+            deduplicated: 0,
+        })
+    }
+
+    async fn positions(&self, _connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
+        Ok(Vec::new())
+    }
+
+    async fn describe(&self) -> Result<String, SinkError> {
+        Ok("stdout".into())
+    }
+}

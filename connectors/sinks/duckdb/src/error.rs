@@ -1,0 +1,68 @@
+use idem_core::SinkError;
+
+/// What failed in the DuckDB sink, and on what.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DuckDbError {
+    #[error("duckdb: cannot open database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<duckdb::Error>,
+    },
+    #[error("duckdb {path}: table `{table}` does not match the connector's columns: {detail}")]
+    SchemaMismatch {
+        path: String,
+        table: String,
+        detail: String,
+    },
+    #[error("duckdb {path}: table `{table}` does not exist and create = false")]
+    MissingTable { path: String, table: String },
+    #[error("duckdb {path}: {what} (table `{table}`): {source}")]
+    Sql {
+        path: String,
+        table: String,
+        what: String,
+        #[source]
+        source: Box<duckdb::Error>,
+    },
+    #[error("duckdb {path}: offsets table `{table}` holds format version {found} for partition {partition}; this Idem understands up to {supported}: upgrade Idem")]
+    FormatVersion {
+        path: String,
+        table: String,
+        partition: String,
+        found: i32,
+        supported: i32,
+    },
+    #[error("duckdb: the sink is not prepared (internal error)")]
+    NotPrepared,
+    #[error("duckdb: worker thread failed: {0}")]
+    Worker(String),
+}
+
+impl DuckDbError {
+    /// Write conflicts and I/O hiccups can pass; everything else is about
+    /// the config or the data and will fail the same way again.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            DuckDbError::Sql { source, .. } | DuckDbError::Open { source, .. } => {
+                let msg = source.to_string();
+                ["Conflict", "IO Error", "Could not set lock", "Interrupted"]
+                    .iter()
+                    .any(|s| msg.contains(s))
+            }
+            DuckDbError::Worker(_) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<DuckDbError> for SinkError {
+    fn from(e: DuckDbError) -> Self {
+        if e.is_retriable() {
+            SinkError::Transient(Box::new(e))
+        } else {
+            SinkError::Permanent(Box::new(e))
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! The write path: one DuckDB transaction per batch.
+
+use crate::config::{DuckDbSinkConfig, Mode};
+use crate::error::DuckDbError;
+use crate::recover;
+use async_trait::async_trait;
+use duckdb::types::{TimeUnit, Value as Dv};
+use duckdb::{appender_params_from_iter, params, Connection, OptionalExt};
+use idem_config::{ColumnConfig, ColumnType, Guarantee};
+use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
+use idem_core::{
+    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
+};
+use std::sync::{Arc, Mutex};
+
+const POS_PARTITION: &str = "_idem_partition";
+const POS_OFFSET: &str = "_idem_offset";
+const DELETE_FLAG: &str = "_idem_delete";
+const STAGE: &str = "_idem_stage";
+const LATEST: &str = "_idem_latest";
+
+/// Quote an identifier (validated as plain at config time).
+pub(crate) fn q(ident: &str) -> String {
+    format!("\"{ident}\"")
+}
+
+/// Names used in errors and SQL.
+pub(crate) struct Ctx {
+    pub path: String,
+    pub table: String,
+    pub offsets_table: String,
+}
+
+impl Ctx {
+    pub(crate) fn sql(&self, table: &str, what: &str, source: duckdb::Error) -> DuckDbError {
+        DuckDbError::Sql {
+            path: self.path.clone(),
+            table: table.to_string(),
+            what: what.to_string(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Statements derived once from the config.
+struct Plan {
+    ctx: Ctx,
+    mode: Mode,
+    /// Mapped columns, then the position columns.
+    insert_columns: Vec<String>,
+    create_table: String,
+    create_stage: String,
+    delete: String,
+    merge: String,
+    pick_latest: String,
+}
+
+fn sql_type(t: ColumnType) -> &'static str {
+    match t {
+        ColumnType::Text => "VARCHAR",
+        ColumnType::Bigint => "BIGINT",
+        ColumnType::Integer => "INTEGER",
+        ColumnType::Double => "DOUBLE",
+        ColumnType::Boolean => "BOOLEAN",
+        ColumnType::Timestamp => "TIMESTAMP WITH TIME ZONE",
+        ColumnType::Date => "DATE",
+        ColumnType::Json => "JSON",
+    }
+}
+
+impl Plan {
+    fn new(cfg: &DuckDbSinkConfig, columns: &[ColumnConfig]) -> Plan {
+        let t = q(&cfg.table);
+        let mut insert_columns: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+        insert_columns.push(POS_PARTITION.into());
+        insert_columns.push(POS_OFFSET.into());
+        let col_list = insert_columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+
+        let mut defs: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let not_null = if cfg.key.contains(&c.name) { " NOT NULL" } else { "" };
+                format!("{} {}{not_null}", q(&c.name), sql_type(c.ty))
+            })
+            .collect();
+        defs.push(format!("{} VARCHAR NOT NULL", q(POS_PARTITION)));
+        defs.push(format!("{} BIGINT NOT NULL", q(POS_OFFSET)));
+        if cfg.mode == Mode::Upsert {
+            let keys = cfg.key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+            defs.push(format!("PRIMARY KEY ({keys})"));
+        }
+        let create_table = format!("CREATE TABLE IF NOT EXISTS {t} ({})", defs.join(", "));
+        let create_stage = format!(
+            "CREATE OR REPLACE TEMP TABLE {STAGE} AS SELECT {col_list}, FALSE AS {DELETE_FLAG} FROM main.{t} LIMIT 0"
+        );
+
+        // The newest message per key in the batch: by version, then offset.
+        let keys = cfg.key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+        let order = match &cfg.version {
+            Some(v) => format!("{} DESC, {POS_OFFSET} DESC", q(v)),
+            None => format!("{POS_OFFSET} DESC"),
+        };
+        let pick_latest = format!(
+            "CREATE OR REPLACE TEMP TABLE {LATEST} AS SELECT * FROM {STAGE}
+             QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
+        );
+        // `new` may replace `old` only if it is newer: a larger version, or
+        // (same version / no version) a later offset of the same partition.
+        // Across partitions positions are not comparable: the later commit wins.
+        let position_newer = |new: &str, old: &str| {
+            format!(
+                "({new}.{POS_PARTITION} <> {old}.{POS_PARTITION} OR {new}.{POS_OFFSET} > {old}.{POS_OFFSET})"
+            )
+        };
+        let guard = |new: &str, old: &str| match &cfg.version {
+            Some(v) => format!(
+                "({new}.{v} > {old}.{v} OR ({new}.{v} = {old}.{v} AND {}))",
+                position_newer(new, old),
+                v = q(v)
+            ),
+            None => position_newer(new, old),
+        };
+        let key_match = |a: &str, b: &str| {
+            cfg.key
+                .iter()
+                .map(|k| format!("{a}.{k} = {b}.{k}", k = q(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let delete = format!(
+            "DELETE FROM main.{t} USING {LATEST} WHERE {LATEST}.{DELETE_FLAG} AND {} AND {}",
+            key_match(&t, LATEST),
+            guard(LATEST, &t)
+        );
+        let updates = insert_columns
+            .iter()
+            .filter(|c| !cfg.key.contains(c))
+            .map(|c| format!("{c} = excluded.{c}", c = q(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let merge = format!(
+            "INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {LATEST} WHERE NOT {DELETE_FLAG}
+             ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {}",
+            guard("excluded", &t)
+        );
+        Plan {
+            ctx: Ctx {
+                path: cfg.path.clone(),
+                table: cfg.table.clone(),
+                offsets_table: cfg.offsets_table.clone(),
+            },
+            mode: cfg.mode,
+            insert_columns,
+            create_table,
+            create_stage,
+            delete,
+            merge,
+            pick_latest,
+        }
+    }
+}
+
+/// Writes batches into a DuckDB table, positions in the same transaction.
+pub struct DuckDbSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: DuckDbSinkConfig,
+    columns: Vec<ColumnConfig>,
+    plan: Plan,
+    /// DuckDB allows one writer; partitions commit in turn on one
+    /// connection, each call on a blocking thread.
+    conn: Mutex<Option<Connection>>,
+}
+
+impl DuckDbSink {
+    pub fn new(cfg: DuckDbSinkConfig, columns: Vec<ColumnConfig>) -> Self {
+        let plan = Plan::new(&cfg, &columns);
+        DuckDbSink {
+            inner: Arc::new(Inner {
+                cfg,
+                columns,
+                plan,
+                conn: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Run `f` on a blocking thread with the inner state.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, DuckDbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, DuckDbError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| DuckDbError::Worker(e.to_string()))?
+    }
+
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, DuckDbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Plan) -> Result<T, DuckDbError> + Send + 'static,
+    {
+        self.blocking(move |inner| {
+            let guard = inner
+                .conn
+                .lock()
+                .map_err(|_| DuckDbError::Worker("connection lock poisoned".into()))?;
+            let c = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
+            f(c, &inner.plan)
+        })
+        .await
+    }
+}
+
+impl Inner {
+    fn check_table(&self, conn: &Connection) -> Result<(), DuckDbError> {
+        let ctx = &self.plan.ctx;
+        let mismatch = |detail: String| DuckDbError::SchemaMismatch {
+            path: ctx.path.clone(),
+            table: ctx.table.clone(),
+            detail,
+        };
+        let read = || -> duckdb::Result<Vec<(String, String)>> {
+            let mut stmt = conn.prepare(
+                "SELECT column_name, data_type FROM information_schema.columns
+                 WHERE table_schema = 'main' AND table_name = ?",
+            )?;
+            let rows = stmt.query_map(params![&ctx.table], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        };
+        let actual = read().map_err(|e| ctx.sql(&ctx.table, "read the table's columns", e))?;
+        let mut expected: Vec<(String, &str)> = self
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), sql_type(c.ty)))
+            .collect();
+        expected.push((POS_PARTITION.into(), "VARCHAR"));
+        expected.push((POS_OFFSET.into(), "BIGINT"));
+        for (name, ty) in &expected {
+            match actual.iter().find(|(n, _)| n == name) {
+                None => return Err(mismatch(format!("column `{name}` ({ty}) is missing"))),
+                Some((_, found)) if !found.eq_ignore_ascii_case(ty) => {
+                    return Err(mismatch(format!(
+                        "column `{name}` is {found}, the connector maps it as {ty}"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if self.cfg.mode == Mode::Upsert {
+            let pk: Option<String> = conn
+                .query_row(
+                    "SELECT array_to_string(constraint_column_names, ',') FROM duckdb_constraints()
+                     WHERE schema_name = 'main' AND table_name = ? AND constraint_type = 'PRIMARY KEY'",
+                    params![&ctx.table],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| ctx.sql(&ctx.table, "read the primary key", e))?;
+            let want = self.cfg.key.join(",");
+            if pk.as_deref() != Some(want.as_str()) {
+                return Err(mismatch(format!(
+                    "upsert needs PRIMARY KEY ({want}); the table has {}",
+                    pk.map_or("none".to_string(), |k| format!("PRIMARY KEY ({k})"))
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn prepare_blocking(&self) -> Result<(), DuckDbError> {
+        let mut guard = self
+            .conn
+            .lock()
+            .map_err(|_| DuckDbError::Worker("connection lock poisoned".into()))?;
+        if guard.is_none() {
+            let path = std::path::Path::new(&self.cfg.path);
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| DuckDbError::Open {
+                    path: self.cfg.path.clone(),
+                    source: Box::new(duckdb::Error::ToSqlConversionFailure(Box::new(e))),
+                })?;
+            }
+            let conn = Connection::open(path).map_err(|source| DuckDbError::Open {
+                path: self.cfg.path.clone(),
+                source: Box::new(source),
+            })?;
+            *guard = Some(conn);
+        }
+        let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
+        let ctx = &self.plan.ctx;
+        recover::create_offsets_table(conn, ctx)?;
+        let exists: Option<i64> = conn
+            .query_row(
+                "SELECT 1 FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?",
+                params![&ctx.table],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| ctx.sql(&ctx.table, "look up the table", e))?;
+        if exists.is_none() {
+            if !self.cfg.create {
+                return Err(DuckDbError::MissingTable {
+                    path: ctx.path.clone(),
+                    table: ctx.table.clone(),
+                });
+            }
+            conn.execute_batch(&self.plan.create_table)
+                .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
+        }
+        self.check_table(conn)?;
+        if self.cfg.mode == Mode::Upsert {
+            conn.execute_batch(&self.plan.create_stage)
+                .map_err(|e| ctx.sql(STAGE, "create the staging table", e))?;
+        }
+        Ok(())
+    }
+}
+
+fn to_duck(v: Value) -> Dv {
+    match v {
+        Value::Null => Dv::Null,
+        Value::Text(s) | Value::Json(s) => Dv::Text(s),
+        Value::BigInt(n) => Dv::BigInt(n),
+        Value::Integer(n) => Dv::Int(n),
+        Value::Double(x) => Dv::Double(x),
+        Value::Boolean(b) => Dv::Boolean(b),
+        Value::Timestamp(us) => Dv::Timestamp(TimeUnit::Microsecond, us),
+        Value::Date(d) => Dv::Date32(d),
+    }
+}
+
+fn offset_i64(o: u64) -> i64 {
+    // Offsets beyond i64::MAX (9.2e18 bytes or messages) do not occur.
+    i64::try_from(o).unwrap_or(i64::MAX)
+}
+
+enum Outcome {
+    Committed(CommitStats),
+    Fenced,
+}
+
+fn write_batch(conn: &Connection, plan: &Plan, batch: Batch) -> Result<Outcome, DuckDbError> {
+    let ctx = &plan.ctx;
+    let p = &batch.partition;
+    let total = batch.records.len() as u64;
+    if !recover::advance(conn, ctx, p, batch.epoch, offset_i64(batch.next_offset))? {
+        return Ok(Outcome::Fenced);
+    }
+    let (target, with_flag) = match plan.mode {
+        Mode::Append => (ctx.table.as_str(), false),
+        Mode::Upsert => (STAGE, true),
+    };
+    if with_flag {
+        conn.execute_batch(&format!("DELETE FROM {STAGE}"))
+            .map_err(|e| ctx.sql(STAGE, "clear the staging table", e))?;
+    }
+    {
+        let cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
+        let mut app = conn
+            .appender_with_columns(target, &cols)
+            .map_err(|e| ctx.sql(target, "open the appender", e))?;
+        let half = batch.records.len() / 2;
+        let partition: &str = &p.partition;
+        for (i, rec) in batch.records.into_iter().enumerate() {
+            if i == half {
+                failpoint::hit(MID_WRITE);
+            }
+            let is_delete = rec.op == Op::Delete;
+            let offset = offset_i64(rec.offset);
+            let mut row: Vec<Dv> = rec.values.into_iter().map(to_duck).collect();
+            row.push(Dv::Text(partition.to_string()));
+            row.push(Dv::BigInt(offset));
+            if with_flag {
+                app.append_row(appender_params_from_iter(row.iter().chain([&Dv::Boolean(is_delete)])))
+            } else {
+                app.append_row(appender_params_from_iter(row.iter()))
+            }
+            .map_err(|e| ctx.sql(target, &format!("append offset {offset} of {p}"), e))?;
+        }
+        app.flush()
+            .map_err(|e| ctx.sql(target, &format!("flush batch of {p}"), e))?;
+    }
+    let written = match plan.mode {
+        Mode::Append => total,
+        Mode::Upsert => {
+            conn.execute_batch(&plan.pick_latest)
+                .map_err(|e| ctx.sql(LATEST, "pick the newest message per key", e))?;
+            let deleted = conn
+                .execute(&plan.delete, [])
+                .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+            let merged = conn
+                .execute(&plan.merge, [])
+                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?;
+            (deleted + merged) as u64
+        }
+    };
+    failpoint::hit(AFTER_WRITE);
+    Ok(Outcome::Committed(CommitStats {
+        written,
+        deduplicated: total.saturating_sub(written),
+    }))
+}
+
+#[async_trait]
+impl Sink for DuckDbSink {
+    fn info(&self) -> SinkInfo {
+        let cfg = &self.inner.cfg;
+        let (why, mut required) = match cfg.mode {
+            Mode::Append => (
+                format!(
+                    "append: rows and each partition's next position commit in one DuckDB transaction on {}; a restart resumes after the last commit",
+                    cfg.path
+                ),
+                Vec::new(),
+            ),
+            Mode::Upsert => (
+                format!(
+                    "upsert on ({}): rows and positions commit in one DuckDB transaction on {}, and a replayed or older message never overwrites a newer row",
+                    cfg.key.join(", "),
+                    cfg.path
+                ),
+                cfg.key.clone(),
+            ),
+        };
+        required.extend(cfg.version.iter().cloned());
+        SinkInfo {
+            guarantee: Guarantee::ExactlyOnce,
+            why,
+            key_columns: required,
+            deletes: cfg.delete_on_tombstone,
+        }
+    }
+
+    async fn prepare(&self) -> Result<(), SinkError> {
+        Ok(self.blocking(Inner::prepare_blocking).await?)
+    }
+
+    async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {
+        let p = partition.clone();
+        Ok(self
+            .with_conn(move |conn, plan| recover::open(conn, &plan.ctx, &p))
+            .await?)
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<CommitStats, SinkError> {
+        let partition = batch.partition.to_string();
+        let epoch = batch.epoch;
+        let outcome = self
+            .with_conn(move |conn, plan| {
+                let ctx = &plan.ctx;
+                conn.execute_batch("BEGIN TRANSACTION")
+                    .map_err(|e| ctx.sql(&ctx.table, "begin", e))?;
+                let result = write_batch(conn, plan, batch);
+                match &result {
+                    Ok(Outcome::Committed(_)) => {
+                        if let Err(e) = conn.execute_batch("COMMIT") {
+                            let _ = conn.execute_batch("ROLLBACK");
+                            return Err(ctx.sql(&ctx.table, "commit", e));
+                        }
+                    }
+                    Ok(Outcome::Fenced) | Err(_) => {
+                        // The error that matters is the one we return.
+                        let _ = conn.execute_batch("ROLLBACK");
+                    }
+                }
+                result
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed(stats) => Ok(stats),
+            Outcome::Fenced => Err(SinkError::Fenced { partition, epoch }),
+        }
+    }
+
+    async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
+        let connector = connector.to_string();
+        Ok(self
+            .with_conn(move |conn, plan| recover::positions(conn, &plan.ctx, &connector))
+            .await?)
+    }
+
+    async fn describe(&self) -> Result<String, SinkError> {
+        Ok(self
+            .with_conn(|conn, plan| {
+                let ctx = &plan.ctx;
+                let n: i64 = conn
+                    .query_row(&format!("SELECT count(*) FROM main.{}", q(&ctx.table)), [], |r| {
+                        r.get(0)
+                    })
+                    .map_err(|e| ctx.sql(&ctx.table, "count rows", e))?;
+                Ok(format!("table {} in {} holds {n} rows", ctx.table, ctx.path))
+            })
+            .await?)
+    }
+}
