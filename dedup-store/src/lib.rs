@@ -108,7 +108,7 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn duplicates_inside_the_window_only() {
         let store = MemoryDedupStore::new(Duration::from_secs(60));
         assert_eq!(
