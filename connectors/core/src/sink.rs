@@ -1,5 +1,6 @@
 use crate::{PartitionRef, Record};
 use async_trait::async_trait;
+use std::sync::Arc;
 use idem_config::Guarantee;
 
 /// What a sink declares about itself once configured.
@@ -94,7 +95,8 @@ pub trait Sink: Send + Sync {
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError>;
 
     /// Step 3: effects and `batch.next_offset` durable together, or nothing.
-    async fn commit(&self, batch: Batch) -> Result<CommitStats, SinkError>;
+    /// The batch is shared so a retry re-sends it whole without a copy.
+    async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError>;
 
     /// Committed positions of `connector`, for `idem status`.
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError>;

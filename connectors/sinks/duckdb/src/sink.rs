@@ -138,9 +138,21 @@ impl Plan {
             .map(|c| format!("{c} = excluded.{c}", c = q(c)))
             .collect::<Vec<_>>()
             .join(", ");
+        // A message equal to the row in every mapped column (a producer
+        // retry, a replay) changes nothing and counts as deduplicated.
+        let changed = columns
+            .iter()
+            .filter(|c| !cfg.key.contains(&c.name))
+            .map(|c| format!("excluded.{c} IS DISTINCT FROM {t}.{c}", c = q(&c.name)))
+            .collect::<Vec<_>>();
+        let changed = if changed.is_empty() {
+            "FALSE".to_string()
+        } else {
+            changed.join(" OR ")
+        };
         let merge = format!(
             "INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {LATEST} WHERE NOT {DELETE_FLAG}
-             ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {}",
+             ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {} AND ({changed})",
             guard("excluded", &t)
         );
         Plan {
@@ -321,16 +333,16 @@ impl Inner {
     }
 }
 
-fn to_duck(v: Value) -> Dv {
+fn to_duck(v: &Value) -> Dv {
     match v {
         Value::Null => Dv::Null,
-        Value::Text(s) | Value::Json(s) => Dv::Text(s),
-        Value::BigInt(n) => Dv::BigInt(n),
-        Value::Integer(n) => Dv::Int(n),
-        Value::Double(x) => Dv::Double(x),
-        Value::Boolean(b) => Dv::Boolean(b),
-        Value::Timestamp(us) => Dv::Timestamp(TimeUnit::Microsecond, us),
-        Value::Date(d) => Dv::Date32(d),
+        Value::Text(s) | Value::Json(s) => Dv::Text(s.clone()),
+        Value::BigInt(n) => Dv::BigInt(*n),
+        Value::Integer(n) => Dv::Int(*n),
+        Value::Double(x) => Dv::Double(*x),
+        Value::Boolean(b) => Dv::Boolean(*b),
+        Value::Timestamp(us) => Dv::Timestamp(TimeUnit::Microsecond, *us),
+        Value::Date(d) => Dv::Date32(*d),
     }
 }
 
@@ -344,7 +356,7 @@ enum Outcome {
     Fenced,
 }
 
-fn write_batch(conn: &Connection, plan: &Plan, batch: Batch) -> Result<Outcome, DuckDbError> {
+fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome, DuckDbError> {
     let ctx = &plan.ctx;
     let p = &batch.partition;
     let total = batch.records.len() as u64;
@@ -360,19 +372,22 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: Batch) -> Result<Outcome, 
             .map_err(|e| ctx.sql(STAGE, "clear the staging table", e))?;
     }
     {
-        let cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
+        let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
+        if with_flag {
+            cols.push(DELETE_FLAG);
+        }
         let mut app = conn
             .appender_with_columns(target, &cols)
             .map_err(|e| ctx.sql(target, "open the appender", e))?;
         let half = batch.records.len() / 2;
         let partition: &str = &p.partition;
-        for (i, rec) in batch.records.into_iter().enumerate() {
+        for (i, rec) in batch.records.iter().enumerate() {
             if i == half {
                 failpoint::hit(MID_WRITE);
             }
             let is_delete = rec.op == Op::Delete;
             let offset = offset_i64(rec.offset);
-            let mut row: Vec<Dv> = rec.values.into_iter().map(to_duck).collect();
+            let mut row: Vec<Dv> = rec.values.iter().map(to_duck).collect();
             row.push(Dv::Text(partition.to_string()));
             row.push(Dv::BigInt(offset));
             if with_flag {
@@ -447,7 +462,7 @@ impl Sink for DuckDbSink {
             .await?)
     }
 
-    async fn commit(&self, batch: Batch) -> Result<CommitStats, SinkError> {
+    async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
         let partition = batch.partition.to_string();
         let epoch = batch.epoch;
         let outcome = self
@@ -455,7 +470,7 @@ impl Sink for DuckDbSink {
                 let ctx = &plan.ctx;
                 conn.execute_batch("BEGIN TRANSACTION")
                     .map_err(|e| ctx.sql(&ctx.table, "begin", e))?;
-                let result = write_batch(conn, plan, batch);
+                let result = write_batch(conn, plan, &batch);
                 match &result {
                     Ok(Outcome::Committed(_)) => {
                         if let Err(e) = conn.execute_batch("COMMIT") {

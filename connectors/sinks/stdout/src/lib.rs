@@ -80,7 +80,7 @@ impl Sink for StdoutSink {
         })
     }
 
-    async fn commit(&self, batch: Batch) -> Result<CommitStats, SinkError> {
+    async fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitStats, SinkError> {
         let mut out = String::new();
         for rec in &batch.records {
             let mut obj = serde_json::Map::new();

@@ -1,0 +1,200 @@
+//! `idem run` and `idem check`: connectors side by side, progress lines,
+//! signals, and the summary.
+
+use crate::pipeline::{Connector, RunError};
+use crate::plugins::Config;
+use crate::stats::{format_positions, Snapshot};
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Build every connector or none: a config mistake stops the start.
+fn build_all(config: Config) -> Result<Vec<Arc<Connector>>, RunError> {
+    config
+        .connectors
+        .into_iter()
+        .map(|(name, c)| Connector::build(&name, c).map(Arc::new))
+        .collect()
+}
+
+/// `idem run`: returns the process exit code.
+pub async fn run(config: Config) -> anyhow::Result<i32> {
+    let progress_every = config.runner.progress_interval;
+    let grace = config.runner.shutdown_grace;
+    let connectors = build_all(config)?;
+    for c in &connectors {
+        let info = c.sink.info();
+        info!(connector = %c.name, guarantee = %info.guarantee, why = %info.why, "starting");
+    }
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for c in &connectors {
+        let c2 = c.clone();
+        let token = stop.child_token();
+        handles.push((c.clone(), tokio::spawn(async move { c2.run(token).await })));
+    }
+    let progress = tokio::spawn(progress_loop(connectors.clone(), progress_every));
+    let signals = tokio::spawn(shutdown_on_signal(stop.clone()));
+
+    let mut failed = false;
+    let mut abandoned = false;
+    for (c, handle) in handles {
+        let outcome = if stop.is_cancelled() {
+            match tokio::time::timeout(grace, handle).await {
+                Ok(joined) => Some(joined),
+                Err(_) => None,
+            }
+        } else {
+            let mut handle = handle;
+            tokio::select! {
+                joined = &mut handle => Some(joined),
+                _ = stop.cancelled() => match tokio::time::timeout(grace, handle).await {
+                    Ok(joined) => Some(joined),
+                    Err(_) => None,
+                },
+            }
+        };
+        match outcome {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => {
+                error!(connector = %c.name, "{e}");
+                failed = true;
+            }
+            Some(Err(e)) => {
+                error!(connector = %c.name, "task failed: {e}");
+                failed = true;
+            }
+            None => {
+                warn!(connector = %c.name, grace_ms = grace.as_millis() as u64, "in-flight batch abandoned after the shutdown grace period; it will be read again on restart");
+                abandoned = true;
+            }
+        }
+    }
+    progress.abort();
+    signals.abort();
+    print_summary(&connectors, started.elapsed()).await;
+    Ok(if failed || abandoned { 1 } else { 0 })
+}
+
+async fn shutdown_on_signal(stop: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot listen for SIGTERM: {e}");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping reads and committing in-flight batches"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping reads and committing in-flight batches"),
+    }
+    stop.cancel();
+}
+
+async fn progress_loop(connectors: Vec<Arc<Connector>>, every: Duration) {
+    let mut last: Vec<(Instant, Snapshot)> = connectors
+        .iter()
+        .map(|c| (Instant::now(), c.stats.snapshot()))
+        .collect();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for (c, (t0, before)) in connectors.iter().zip(last.iter_mut()) {
+            let now = c.stats.snapshot();
+            let secs = t0.elapsed().as_secs_f64().max(1e-3);
+            let rate = (now.committed() - before.committed()) as f64 / secs;
+            info!(
+                connector = %c.name,
+                read = now.read,
+                written = now.written,
+                deduplicated = now.deduplicated,
+                dead_lettered = now.dead_lettered,
+                rate = format!("{rate:.0} msg/s"),
+                positions = %format_positions(&now.positions),
+                "progress"
+            );
+            *t0 = Instant::now();
+            *before = now;
+        }
+    }
+}
+
+async fn print_summary(connectors: &[Arc<Connector>], elapsed: Duration) {
+    println!("idem: finished in {:.1}s", elapsed.as_secs_f64());
+    for c in connectors {
+        let s = c.stats.snapshot();
+        let rate = s.committed() as f64 / elapsed.as_secs_f64().max(1e-3);
+        println!(
+            "  {}: {} read -> {} written, {} deduplicated, {} dead-lettered ({rate:.0} msg/s, {} batches, {} retries{})",
+            c.name,
+            s.read,
+            s.written,
+            s.deduplicated,
+            s.dead_lettered,
+            s.batches,
+            s.retries,
+            if s.fenced > 0 { format!(", {} partitions fenced", s.fenced) } else { String::new() },
+        );
+        if s.dead_lettered > 0 {
+            println!("    dead letters: {}", c.dead_letters.path().display());
+        }
+        println!("    positions: {}", format_positions(&s.positions));
+        match c.sink.describe().await {
+            Ok(d) => println!("    sink: {d}"),
+            Err(e) => println!("    sink: cannot describe: {e}"),
+        }
+    }
+}
+
+/// `idem check`: validate, open each sink, print each guarantee and why.
+pub async fn check(config: Config) -> anyhow::Result<i32> {
+    let mut ok = true;
+    for (name, cfg) in config.connectors {
+        let required = cfg.guarantee;
+        match Connector::build(&name, cfg) {
+            Err(e) => {
+                println!("✗ {name}: {e}");
+                ok = false;
+            }
+            Ok(c) => {
+                let info = c.sink.info();
+                let prepared = c.sink.prepare().await;
+                match prepared {
+                    Ok(()) => {
+                        println!("✓ {name}: {} (required: {required})", info.guarantee);
+                        println!("    why: {}", info.why);
+                        let positions = c
+                            .sink
+                            .positions(&name)
+                            .await
+                            .with_context(|| format!("connector {name}: read positions"))?;
+                        println!("    committed partitions: {}", positions.len());
+                    }
+                    Err(e) => {
+                        println!("✗ {name}: {} sink: {e}", c.cfg.sink.kind());
+                        ok = false;
+                    }
+                }
+            }
+        }
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+/// `idem status CONFIG`: committed positions as each sink stores them.
+pub async fn status(config: Config) -> anyhow::Result<i32> {
+    println!("{:<20} {:<8} {:>14} {:>6}  partition", "connector", "source", "next offset", "epoch");
+    for (name, cfg) in config.connectors {
+        let c = Connector::build(&name, cfg)?;
+        c.sink.prepare().await.with_context(|| format!("connector {name}: open the sink"))?;
+        for p in c.sink.positions(&name).await? {
+            let next = p.next_offset.map_or("-".to_string(), |o| o.to_string());
+            println!("{:<20} {:<8} {:>14} {:>6}  {}", name, p.source, next, p.epoch, p.partition);
+        }
+    }
+    Ok(0)
+}

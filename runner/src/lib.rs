@@ -1,0 +1,9 @@
+//! The `idem` runner: config in, connectors running, the commit protocol
+//! applied to every batch. The binary in `main.rs` is a thin CLI over this.
+
+pub mod app;
+pub mod deadletter;
+pub mod generate;
+pub mod pipeline;
+pub mod plugins;
+pub mod stats;

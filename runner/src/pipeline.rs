@@ -1,0 +1,507 @@
+//! One connector at run time: assignments in, one task pair per partition
+//! (reader -> bounded channel -> batcher/committer), the commit protocol
+//! applied to every batch.
+
+use crate::deadletter::{DeadLetter, DeadLetterFile};
+use crate::plugins::ConnectorConfig;
+use crate::stats::Stats;
+use backon::{ExponentialBuilder, Retryable};
+use idem_config::{ErrorPolicy, Guarantee, RetryConfig};
+use idem_core::failpoint::{self, AFTER_COMMIT};
+use idem_core::{
+    Assignment, Batch, Mapper, Message, PartitionReader, PartitionRef, ReadStatus, Record, Sink,
+    SinkError, Source, SourceError,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Chunks in flight between a partition's reader and its committer: the
+/// reader blocks when the committer falls behind.
+const CHANNEL_CHUNKS: usize = 4;
+/// Messages per read call.
+const READ_CHUNK: usize = 1024;
+
+/// Why a connector stopped before finishing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error("connector `{connector}` requires {required}, but its {sink} sink gives {given}: {why}. Use a sink mode that gives {required}, or set guarantee = \"{given}\" to accept it")]
+    Guarantee {
+        connector: String,
+        sink: &'static str,
+        required: Guarantee,
+        given: Guarantee,
+        why: String,
+    },
+    #[error("connector `{connector}`: sink: {source}")]
+    Sink {
+        connector: String,
+        #[source]
+        source: SinkError,
+    },
+    #[error("connector `{connector}`: source: {source}")]
+    Source {
+        connector: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("connector `{connector}`: {partition} offset {offset}: {reason} (errors = \"fail\" stops here; everything before it is committed)")]
+    BadMessage {
+        connector: String,
+        partition: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("connector `{connector}`: cannot write dead letters to {path}: {source}")]
+    DeadLetter {
+        connector: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connector `{connector}`: task failed: {message}")]
+    Task { connector: String, message: String },
+}
+
+/// Everything a connector's tasks share.
+pub struct Connector {
+    pub name: String,
+    pub cfg: ConnectorConfig,
+    pub source: Arc<dyn Source>,
+    pub sink: Arc<dyn Sink>,
+    pub mapper: Mapper,
+    pub dead_letters: DeadLetterFile,
+    pub stats: Stats,
+}
+
+impl Connector {
+    /// Build from config without I/O; refuse a guarantee the sink cannot give.
+    pub fn build(name: &str, cfg: ConnectorConfig) -> Result<Connector, RunError> {
+        let sink = cfg.sink.build(&cfg.columns);
+        let info = sink.info();
+        if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
+            return Err(RunError::Guarantee {
+                connector: name.into(),
+                sink: cfg.sink.kind(),
+                required: cfg.guarantee,
+                given: info.guarantee,
+                why: info.why,
+            });
+        }
+        let mapper = Mapper::new(
+            &cfg.columns,
+            &info.key_columns,
+            info.deletes,
+            cfg.tombstone_field.clone(),
+        );
+        let dl_path = cfg
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{name}.deadletter.jsonl"));
+        Ok(Connector {
+            name: name.into(),
+            source: cfg.source.build(),
+            sink,
+            mapper,
+            dead_letters: DeadLetterFile::new(dl_path.into()),
+            stats: Stats::default(),
+            cfg,
+        })
+    }
+
+    fn sink_err(&self, source: SinkError) -> RunError {
+        RunError::Sink {
+            connector: self.name.clone(),
+            source,
+        }
+    }
+
+    fn source_err(&self, source: SourceError) -> RunError {
+        RunError::Source {
+            connector: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Run until the source is exhausted (batch mode), `stop` is cancelled,
+    /// or a permanent error.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), RunError> {
+        let retry = self.cfg.retry.clone();
+        retry_transient(&retry, &self.stats, "prepare the sink", || self.sink.prepare())
+            .await
+            .map_err(|e| self.sink_err(e))?;
+        let mut tasks: JoinSet<(String, Result<(), RunError>)> = JoinSet::new();
+        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut assignments_done = false;
+        let mut failure: Option<RunError> = None;
+        loop {
+            if assignments_done && tasks.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled(), if !assignments_done => {
+                    // Partition tasks see the same token and finish their batch.
+                    assignments_done = true;
+                }
+                next = self.source.next_assignment(), if !assignments_done => match next {
+                    Ok(Some(Assignment::Assigned(parts))) => {
+                        for p in parts {
+                            let token = stop.child_token();
+                            running.insert(p.clone(), token.clone());
+                            let me = self.clone();
+                            tasks.spawn(async move {
+                                let r = me.run_partition(&p, token).await;
+                                (p, r)
+                            });
+                        }
+                    }
+                    Ok(Some(Assignment::Revoked(parts))) => {
+                        for p in parts {
+                            if let Some(t) = running.get(&p) {
+                                t.cancel();
+                            }
+                        }
+                    }
+                    Ok(None) => assignments_done = true,
+                    Err(e) => {
+                        failure = Some(self.source_err(e));
+                        assignments_done = true;
+                        stop.cancel();
+                    }
+                },
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    let (partition, result) = match joined {
+                        Ok(v) => v,
+                        Err(e) => (String::new(), Err(RunError::Task {
+                            connector: self.name.clone(),
+                            message: e.to_string(),
+                        })),
+                    };
+                    running.remove(&partition);
+                    match result {
+                        Ok(()) => debug!(connector = %self.name, partition, "partition finished"),
+                        Err(RunError::Sink { source: SinkError::Fenced { .. }, .. }) => {
+                            Stats::add(&self.stats.fenced, 1);
+                            warn!(connector = %self.name, partition, "partition fenced by a newer runner: dropped");
+                        }
+                        Err(e) => {
+                            // One partition's permanent error stops the connector:
+                            // the others commit what they have and stop too.
+                            if failure.is_none() {
+                                failure = Some(e);
+                            }
+                            stop.cancel();
+                        }
+                    }
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn run_partition(
+        self: Arc<Self>,
+        partition: &str,
+        stop: CancellationToken,
+    ) -> Result<(), RunError> {
+        let pref = PartitionRef::new(&self.name, self.source.name(), partition);
+        let retry = &self.cfg.retry;
+        let opened = retry_transient(retry, &self.stats, "open the partition", || {
+            self.sink.open(&pref)
+        })
+        .await
+        .map_err(|e| self.sink_err(e))?;
+        info!(
+            connector = %self.name,
+            partition,
+            epoch = opened.epoch,
+            resume_at = ?opened.next_offset,
+            "partition opened"
+        );
+        let reader = self
+            .source
+            .open(partition, opened.next_offset)
+            .await
+            .map_err(|e| self.source_err(e))?;
+        if let Some(o) = opened.next_offset {
+            self.stats.set_position(partition, o);
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let reading = tokio::spawn(read_loop(self.clone(), reader, tx, stop.clone()));
+        let result = self.commit_loop(&pref, opened.epoch, rx).await;
+        reading.abort();
+        result
+    }
+
+    /// Batch what the reader sends; commit on size, bytes or linger.
+    async fn commit_loop(
+        &self,
+        pref: &PartitionRef,
+        epoch: i64,
+        mut rx: mpsc::Receiver<Result<Vec<Item>, RunError>>,
+    ) -> Result<(), RunError> {
+        let batching = &self.cfg.batch;
+        let mut pending = Pending::default();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let linger = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                chunk = rx.recv() => match chunk {
+                    Some(Ok(items)) => {
+                        for item in items {
+                            if let Item::Fatal { offset, reason } = item {
+                                self.flush(pref, epoch, &mut pending).await?;
+                                return Err(RunError::BadMessage {
+                                    connector: self.name.clone(),
+                                    partition: pref.partition.to_string(),
+                                    offset,
+                                    reason,
+                                });
+                            }
+                            if pending.is_empty() {
+                                deadline = Some(Instant::now() + batching.linger);
+                            }
+                            pending.push(item);
+                            if pending.records.len() >= batching.max_records
+                                || pending.bytes >= batching.max_bytes
+                            {
+                                self.flush(pref, epoch, &mut pending).await?;
+                                deadline = None;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.flush(pref, epoch, &mut pending).await?;
+                        return Err(e);
+                    }
+                    None => {
+                        // Reader finished (end of input, or stop): commit the rest.
+                        return self.flush(pref, epoch, &mut pending).await;
+                    }
+                },
+                _ = linger => {
+                    self.flush(pref, epoch, &mut pending).await?;
+                    deadline = None;
+                }
+            }
+        }
+    }
+
+    /// Dead letters durable, then one atomic commit, then the ack.
+    async fn flush(
+        &self,
+        pref: &PartitionRef,
+        epoch: i64,
+        pending: &mut Pending,
+    ) -> Result<(), RunError> {
+        let Some(range) = pending.range else {
+            return Ok(());
+        };
+        let taken = std::mem::take(pending);
+        self.dead_letters
+            .write(pref, &taken.dead)
+            .map_err(|source| RunError::DeadLetter {
+                connector: self.name.clone(),
+                path: self.dead_letters.path().display().to_string(),
+                source,
+            })?;
+        let records = taken.records.len() as u64;
+        let batch = Arc::new(Batch {
+            partition: pref.clone(),
+            epoch,
+            records: taken.records,
+            first_offset: range.0,
+            next_offset: range.1,
+        });
+        let started = Instant::now();
+        let stats = retry_transient(&self.cfg.retry, &self.stats, "commit a batch", || {
+            self.sink.commit(batch.clone())
+        })
+        .await
+        .map_err(|e| self.sink_err(e))?;
+        failpoint::hit(AFTER_COMMIT);
+        debug!(
+            connector = %self.name,
+            partition = %pref.partition,
+            first_offset = range.0,
+            next_offset = range.1,
+            records,
+            dead = taken.dead.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch committed"
+        );
+        Stats::add(&self.stats.written, stats.written);
+        Stats::add(&self.stats.deduplicated, stats.deduplicated);
+        Stats::add(&self.stats.dead_lettered, taken.dead.len() as u64);
+        Stats::add(&self.stats.batches, 1);
+        self.stats.set_position(&pref.partition, range.1);
+        if let Err(e) = self.source.ack(&pref.partition, range.1).await {
+            // Advisory: the sink holds the position that counts.
+            warn!(connector = %self.name, partition = %pref.partition, error = %e, "ack to the source failed");
+        }
+        Ok(())
+    }
+}
+
+/// What the reader hands the committer, in partition order.
+pub enum Item {
+    Row {
+        record: Record,
+        next_offset: u64,
+        bytes: usize,
+    },
+    Dead {
+        letter: DeadLetter,
+        next_offset: u64,
+    },
+    /// A bad message under `errors = "fail"`.
+    Fatal { offset: u64, reason: String },
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Vec<Record>,
+    dead: Vec<DeadLetter>,
+    bytes: usize,
+    /// First offset covered and the next offset after the last.
+    range: Option<(u64, u64)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.range.is_none()
+    }
+
+    fn push(&mut self, item: Item) {
+        let (offset, next) = match item {
+            Item::Row {
+                record,
+                next_offset,
+                bytes,
+            } => {
+                let o = record.offset;
+                self.bytes += bytes;
+                self.records.push(record);
+                (o, next_offset)
+            }
+            Item::Dead {
+                letter,
+                next_offset,
+            } => {
+                let o = letter.offset;
+                self.dead.push(letter);
+                (o, next_offset)
+            }
+            Item::Fatal { .. } => return,
+        };
+        self.range = Some(match self.range {
+            Some((first, _)) => (first, next),
+            None => (offset, next),
+        });
+    }
+}
+
+fn map_message(conn: &Connector, msg: Message) -> Item {
+    let failure = match &msg.poison {
+        Some(reason) => Err(reason.clone()),
+        None => conn.mapper.map(&msg).map_err(|e| e.reason),
+    };
+    match failure {
+        Ok(record) => Item::Row {
+            record,
+            next_offset: msg.next_offset,
+            bytes: msg.size(),
+        },
+        Err(reason) if conn.cfg.errors == ErrorPolicy::Fail => Item::Fatal {
+            offset: msg.offset,
+            reason,
+        },
+        Err(reason) => Item::Dead {
+            next_offset: msg.next_offset,
+            letter: DeadLetter::new(&msg, reason),
+        },
+    }
+}
+
+async fn read_loop(
+    conn: Arc<Connector>,
+    mut reader: Box<dyn PartitionReader>,
+    tx: mpsc::Sender<Result<Vec<Item>, RunError>>,
+    stop: CancellationToken,
+) {
+    let mut msgs = Vec::with_capacity(READ_CHUNK);
+    loop {
+        let status = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = reader.read(READ_CHUNK, &mut msgs) => r,
+        };
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(conn.source_err(e))).await;
+                return;
+            }
+        };
+        if !msgs.is_empty() {
+            Stats::add(&conn.stats.read, msgs.len() as u64);
+            let items: Vec<Item> = msgs.drain(..).map(|m| map_message(&conn, m)).collect();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                sent = tx.send(Ok(items)) => if sent.is_err() { return },
+            }
+        }
+        if status == ReadStatus::End {
+            return;
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter on transient errors; permanent
+/// errors (and `Fenced`) return at once.
+pub async fn retry_transient<T, F, Fut>(
+    cfg: &RetryConfig,
+    stats: &Stats,
+    what: &str,
+    f: F,
+) -> Result<T, SinkError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SinkError>>,
+{
+    let attempts = if cfg.max_attempts == 0 {
+        usize::MAX
+    } else {
+        cfg.max_attempts.saturating_sub(1)
+    };
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(cfg.initial_backoff)
+        .with_max_delay(cfg.max_backoff)
+        .with_factor(2.0)
+        .with_jitter()
+        .with_max_times(attempts);
+    f.retry(policy)
+        .sleep(tokio::time::sleep)
+        .when(SinkError::is_retriable)
+        .notify(|e: &SinkError, delay: Duration| {
+            Stats::add(&stats.retries, 1);
+            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "failed to {what}; retrying");
+        })
+        .await
+}

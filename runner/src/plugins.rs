@@ -1,0 +1,84 @@
+//! The connectors this build knows: their config sections and constructors.
+//! Adding a source or sink means a variant here and a crate beside the others.
+
+use idem_config::{ColumnConfig, Invalid, Validate};
+use idem_core::{Sink, Source};
+use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig};
+use idem_sink_stdout::{StdoutSink, StdoutSinkConfig};
+use idem_source_file::{FileSource, FileSourceConfig};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// `[connectors.NAME.source]`, chosen by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// Newline-delimited JSON files.
+    File(FileSourceConfig),
+}
+
+/// `[connectors.NAME.sink]`, chosen by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// DuckDB, embedded (exactly-once).
+    Duckdb(DuckDbSinkConfig),
+    /// JSON lines on standard output (at-least-once; previews).
+    Stdout(StdoutSinkConfig),
+}
+
+pub type Config = idem_config::Config<SourceConfig, SinkConfig>;
+pub type ConnectorConfig = idem_config::ConnectorConfig<SourceConfig, SinkConfig>;
+
+impl Validate for SourceConfig {
+    fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
+        match self {
+            SourceConfig::File(c) => c.validate(columns),
+        }
+    }
+}
+
+impl Validate for SinkConfig {
+    fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
+        match self {
+            SinkConfig::Duckdb(c) => c.validate(columns),
+            SinkConfig::Stdout(c) => c.validate(columns),
+        }
+    }
+}
+
+impl SourceConfig {
+    pub fn build(&self) -> Arc<dyn Source> {
+        match self {
+            SourceConfig::File(c) => Arc::new(FileSource::new(c.clone())),
+        }
+    }
+
+    /// Whether the source ends by itself (batch mode).
+    pub fn is_bounded(&self) -> bool {
+        match self {
+            SourceConfig::File(c) => !c.follow,
+        }
+    }
+}
+
+impl SinkConfig {
+    pub fn build(&self, columns: &[ColumnConfig]) -> Arc<dyn Sink> {
+        match self {
+            SinkConfig::Duckdb(c) => Arc::new(DuckDbSink::new(c.clone(), columns.to_vec())),
+            SinkConfig::Stdout(c) => Arc::new(StdoutSink::new(c.clone(), columns)),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Duckdb(_) => "duckdb",
+            SinkConfig::Stdout(_) => "stdout",
+        }
+    }
+}
+
+/// Parse and validate a config file.
+pub fn load(path: &std::path::Path) -> Result<Config, idem_config::ConfigError> {
+    idem_config::load(path)
+}
