@@ -1,0 +1,70 @@
+//! Helpers shared by the integration tests: run the real `idem` binary,
+//! write configs and data in a fresh temporary directory.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn idem() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+    cmd.env("RUST_LOG", "warn").env_remove("IDEM_FAILPOINTS");
+    cmd
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn idem");
+    assert!(
+        out.status.success(),
+        "idem failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Self {
+        Workdir { dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, content).expect("write file");
+        p
+    }
+
+    pub fn append(&self, name: &str, content: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(name))
+            .expect("open for append");
+        f.write_all(content.as_bytes()).expect("append");
+    }
+}
+
+/// Open a DuckDB file read-only for assertions.
+pub fn duck(path: &Path) -> duckdb::Connection {
+    let cfg = duckdb::Config::default()
+        .access_mode(duckdb::AccessMode::ReadOnly)
+        .expect("config");
+    duckdb::Connection::open_with_flags(path, cfg).expect("open duckdb")
+}
+
+pub fn query_i64(conn: &duckdb::Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
