@@ -3,6 +3,8 @@
 //! a final clean run the DuckDB table holds every source message exactly
 //! once, and the stored positions equal the files' ends.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -97,9 +99,13 @@ fn killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
         cmd.arg("run").arg(&cfg);
         let failpoint = (round % 2 == 1).then(|| FAILPOINTS[(round / 2) % FAILPOINTS.len()]);
         if let Some(fp) = failpoint {
-            cmd.env("IDEM_FAILPOINTS", format!("{fp}={}", rng.random_range(1..=6)));
+            cmd.env(
+                "IDEM_FAILPOINTS",
+                format!("{fp}={}", rng.random_range(1..=6)),
+            );
         }
-        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         let started = Instant::now();
         let mut child = cmd.spawn().expect("spawn idem");
         let status = match failpoint {
@@ -122,13 +128,21 @@ fn killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
         };
         if !status.success() {
             killed += 1;
-            *by_failpoint.entry(failpoint.unwrap_or("random SIGKILL")).or_default() += 1;
+            *by_failpoint
+                .entry(failpoint.unwrap_or("random SIGKILL"))
+                .or_default() += 1;
         }
     }
     eprintln!("rounds: {ROUNDS}, killed: {killed} {by_failpoint:?}");
-    assert!(killed >= 30, "only {killed} of {ROUNDS} runs died mid-way: the test is too weak");
+    assert!(
+        killed >= 30,
+        "only {killed} of {ROUNDS} runs died mid-way: the test is too weak"
+    );
     for fp in FAILPOINTS {
-        assert!(by_failpoint.get(fp).copied().unwrap_or(0) > 0, "fail point {fp} never fired");
+        assert!(
+            by_failpoint.get(fp).copied().unwrap_or(0) > 0,
+            "fail point {fp} never fired"
+        );
     }
 
     // A clean run finishes what is left.
@@ -143,11 +157,17 @@ fn killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
         "SELECT count(*) FROM (SELECT DISTINCT _idem_partition, _idem_offset FROM events)",
     );
     let sum = query_i64(&db, "SELECT sum(n)::BIGINT FROM events");
-    assert_eq!(rows as usize, expected.len(), "row count: lost or duplicated messages");
+    assert_eq!(
+        rows as usize,
+        expected.len(),
+        "row count: lost or duplicated messages"
+    );
     assert_eq!(distinct, rows, "duplicated ids");
     assert_eq!(positions, rows, "one source position written twice");
     assert_eq!(sum, expected.values().sum::<i64>(), "checksum of n");
-    let mut stmt = db.prepare("SELECT id, n FROM events ORDER BY id").expect("prepare");
+    let mut stmt = db
+        .prepare("SELECT id, n FROM events ORDER BY id")
+        .expect("prepare");
     let actual: BTreeMap<String, i64> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .expect("query")
@@ -175,8 +195,18 @@ fn killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
     let mut dl_positions = std::collections::BTreeSet::new();
     for line in dl.lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("dead letter is JSON");
-        assert!(v["reason"].as_str().expect("reason").contains("not valid JSON"));
-        dl_positions.insert((v["partition"].to_string(), v["offset"].as_u64().expect("offset")));
+        assert!(v["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("not valid JSON"));
+        dl_positions.insert((
+            v["partition"].to_string(),
+            v["offset"].as_u64().expect("offset"),
+        ));
     }
-    assert_eq!(dl_positions.len(), malformed, "every malformed line dead-lettered");
+    assert_eq!(
+        dl_positions.len(),
+        malformed,
+        "every malformed line dead-lettered"
+    );
 }

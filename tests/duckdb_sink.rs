@@ -1,6 +1,8 @@
 //! DuckDB sink against a real DuckDB file: modes, types, the version guard,
 //! tombstones, fencing, recovery, schema checks and atomicity.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -10,7 +12,12 @@ use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig, Mode};
 use std::sync::Arc;
 
 fn col(name: &str, ty: ColumnType) -> ColumnConfig {
-    ColumnConfig { name: name.into(), pointer: None, ty, required: false }
+    ColumnConfig {
+        name: name.into(),
+        pointer: None,
+        ty,
+        required: false,
+    }
 }
 
 fn sink_cfg(w: &Workdir, mode: Mode, key: &[&str]) -> DuckDbSinkConfig {
@@ -35,11 +42,19 @@ fn part(name: &str) -> PartitionRef {
 }
 
 fn rec(offset: u64, id: &str, v: i64) -> Record {
-    Record { offset, op: Op::Upsert, values: vec![Value::Text(id.into()), Value::BigInt(v)] }
+    Record {
+        offset,
+        op: Op::Upsert,
+        values: vec![Value::Text(id.into()), Value::BigInt(v)],
+    }
 }
 
 fn del(offset: u64, id: &str) -> Record {
-    Record { offset, op: Op::Delete, values: vec![Value::Text(id.into()), Value::Null] }
+    Record {
+        offset,
+        op: Op::Delete,
+        values: vec![Value::Text(id.into()), Value::Null],
+    }
 }
 
 fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> Arc<Batch> {
@@ -57,7 +72,10 @@ fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> Arc<B
 fn rows(w: &Workdir) -> Vec<(String, i64)> {
     let db = duck(&w.path("t.duckdb"));
     let mut stmt = db.prepare("SELECT id, v FROM t ORDER BY id, v").unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 fn pairs(v: &[(&str, i64)]) -> Vec<(String, i64)> {
@@ -87,7 +105,10 @@ async fn append_commits_rows_and_position_and_recovers_them() {
     assert_eq!((opened.epoch, opened.next_offset), (2, Some(20)));
     let pos = sink.positions("c").await.unwrap();
     assert_eq!(pos.len(), 1);
-    assert_eq!((pos[0].partition.as_str(), pos[0].next_offset), ("a", Some(20)));
+    assert_eq!(
+        (pos[0].partition.as_str(), pos[0].next_offset),
+        ("a", Some(20))
+    );
     drop(sink);
     assert_eq!(rows(&w), pairs(&[("x", 1), ("x", 2)]));
 }
@@ -100,11 +121,16 @@ async fn a_fenced_runner_cannot_commit() {
         let sink = DuckDbSink::new(sink_cfg(&w, Mode::Append, &[]), columns());
         sink.prepare().await.unwrap();
         let a = sink.open(&p).await.unwrap();
-        sink.commit(batch(&p, a.epoch, vec![rec(0, "a", 1)], 5)).await.unwrap();
+        sink.commit(batch(&p, a.epoch, vec![rec(0, "a", 1)], 5))
+            .await
+            .unwrap();
         // A second runner takes the partition over.
         let b = sink.open(&p).await.unwrap();
         assert!(b.epoch > a.epoch);
-        let err = sink.commit(batch(&p, a.epoch, vec![rec(5, "stale", 9)], 9)).await.unwrap_err();
+        let err = sink
+            .commit(batch(&p, a.epoch, vec![rec(5, "stale", 9)], 9))
+            .await
+            .unwrap_err();
         assert!(matches!(err, SinkError::Fenced { .. }), "{err}");
         assert!(!err.is_retriable());
         // The new owner goes on from the committed position.
@@ -124,19 +150,35 @@ async fn upsert_keeps_the_newest_and_never_lets_a_replay_win() {
         let e = sink.open(&p).await.unwrap().epoch;
         // In one batch the later offset of a key wins.
         let s = sink
-            .commit(batch(&p, e, vec![rec(0, "a", 1), rec(1, "b", 1), rec(2, "a", 2)], 3))
+            .commit(batch(
+                &p,
+                e,
+                vec![rec(0, "a", 1), rec(1, "b", 1), rec(2, "a", 2)],
+                3,
+            ))
             .await
             .unwrap();
         assert_eq!((s.written, s.deduplicated), (2, 1));
         // A replay of older offsets changes nothing.
-        let s = sink.commit(batch(&p, e, vec![rec(0, "a", 1)], 3)).await.unwrap();
+        let s = sink
+            .commit(batch(&p, e, vec![rec(0, "a", 1)], 3))
+            .await
+            .unwrap();
         assert_eq!((s.written, s.deduplicated), (0, 1));
         // A newer message with the same content is a duplicate too.
-        let s = sink.commit(batch(&p, e, vec![rec(7, "b", 1)], 8)).await.unwrap();
+        let s = sink
+            .commit(batch(&p, e, vec![rec(7, "b", 1)], 8))
+            .await
+            .unwrap();
         assert_eq!((s.written, s.deduplicated), (0, 1));
         // A tombstone deletes; a later upsert in the same batch recreates.
         let s = sink
-            .commit(batch(&p, e, vec![del(8, "a"), del(9, "b"), rec(10, "b", 5)], 11))
+            .commit(batch(
+                &p,
+                e,
+                vec![del(8, "a"), del(9, "b"), rec(10, "b", 5)],
+                11,
+            ))
             .await
             .unwrap();
         assert_eq!(s.written, 2);
@@ -154,12 +196,19 @@ async fn upsert_with_a_version_column_ignores_older_events() {
         let sink = DuckDbSink::new(cfg, columns());
         sink.prepare().await.unwrap();
         let e = sink.open(&p).await.unwrap().epoch;
-        sink.commit(batch(&p, e, vec![rec(0, "a", 10)], 1)).await.unwrap();
+        sink.commit(batch(&p, e, vec![rec(0, "a", 10)], 1))
+            .await
+            .unwrap();
         // Later in the log but older by version: refused.
-        let s = sink.commit(batch(&p, e, vec![rec(1, "a", 5)], 2)).await.unwrap();
+        let s = sink
+            .commit(batch(&p, e, vec![rec(1, "a", 5)], 2))
+            .await
+            .unwrap();
         assert_eq!(s.written, 0);
         // Within a batch the larger version wins whatever the order.
-        sink.commit(batch(&p, e, vec![rec(2, "b", 9), rec(3, "b", 3)], 4)).await.unwrap();
+        sink.commit(batch(&p, e, vec![rec(2, "b", 9), rec(3, "b", 3)], 4))
+            .await
+            .unwrap();
     }
     assert_eq!(rows(&w), pairs(&[("a", 10), ("b", 9)]));
 }
@@ -182,8 +231,12 @@ async fn a_failed_batch_leaves_neither_rows_nor_position() {
         let sink = DuckDbSink::new(cfg, columns());
         sink.prepare().await.unwrap();
         let e = sink.open(&p).await.unwrap().epoch;
-        sink.commit(batch(&p, e, vec![rec(0, "ok", 1)], 1)).await.unwrap();
-        let err = sink.commit(batch(&p, e, vec![rec(1, "x", 2), rec(2, "y", 500)], 3)).await;
+        sink.commit(batch(&p, e, vec![rec(0, "ok", 1)], 1))
+            .await
+            .unwrap();
+        let err = sink
+            .commit(batch(&p, e, vec![rec(1, "x", 2), rec(2, "y", 500)], 3))
+            .await;
         assert!(err.is_err());
         assert_eq!(sink.open(&p).await.unwrap().next_offset, Some(1));
     }
@@ -202,12 +255,19 @@ async fn existing_tables_are_checked_before_the_first_write() {
     }
     let sink = DuckDbSink::new(sink_cfg(&w, Mode::Upsert, &["id"]), columns());
     let err = sink.prepare().await.unwrap_err().to_string();
-    assert!(err.contains("column `v` is VARCHAR") && err.contains("BIGINT"), "{err}");
+    assert!(
+        err.contains("column `v` is VARCHAR") && err.contains("BIGINT"),
+        "{err}"
+    );
 
     let mut cfg = sink_cfg(&w, Mode::Append, &[]);
     cfg.table = "missing".into();
     cfg.create = false;
-    let err = DuckDbSink::new(cfg, columns()).prepare().await.unwrap_err().to_string();
+    let err = DuckDbSink::new(cfg, columns())
+        .prepare()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`missing` does not exist"), "{err}");
 
     let mut cfg = sink_cfg(&w, Mode::Upsert, &["v"]);
@@ -219,8 +279,15 @@ async fn existing_tables_are_checked_before_the_first_write() {
         )
         .unwrap();
     }
-    let err = DuckDbSink::new(cfg, columns()).prepare().await.unwrap_err().to_string();
-    assert!(err.contains("PRIMARY KEY (v)") && err.contains("none"), "{err}");
+    let err = DuckDbSink::new(cfg, columns())
+        .prepare()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("PRIMARY KEY (v)") && err.contains("none"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -242,7 +309,13 @@ async fn every_column_type_round_trips() {
     let mapper = Mapper::new(&cols, &[], false, None);
     let json = r#"{"t":"hé","b":9007199254740993,"i":-7,"d":2.5,"ok":false,"at":"2026-03-01T10:00:00+02:00","day":"2026-03-01"}"#;
     let record = mapper
-        .map(&Message { offset: 0, next_offset: 1, key: None, value: Some(json.into()), poison: None })
+        .map(&Message {
+            offset: 0,
+            next_offset: 1,
+            key: None,
+            value: Some(json.into()),
+            poison: None,
+        })
         .unwrap();
     {
         let mut cfg = sink_cfg(&w, Mode::Append, &[]);
@@ -257,7 +330,18 @@ async fn every_column_type_round_trips() {
         .query_row(
             "SELECT t, b, i, d, ok, epoch(\"at\")::BIGINT, day::VARCHAR, doc->>'$.t' FROM types",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            },
         )
         .unwrap();
     assert_eq!(

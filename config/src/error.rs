@@ -11,11 +11,11 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// Syntax, unknown key, wrong type, missing key, unset `${VAR}`.
-    #[error("{path}:{line}:{column}: {message}")]
+    #[error("{path}:{line}: {}{message}", if key.is_empty() { String::new() } else { format!("key `{key}`: ") })]
     Parse {
         path: PathBuf,
         line: usize,
-        column: usize,
+        key: String,
         message: String,
     },
     /// Parsed, but the values do not make sense together.
@@ -45,23 +45,51 @@ impl Invalid {
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     (line, column)
 }
 
-pub(crate) fn from_toml(path: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
-    let (line, column) = err
-        .span()
-        .map(|span| line_col(text, span.start))
-        .unwrap_or((1, 1));
+/// Locate a parse error. Spans are lost inside `type`-tagged sections, so
+/// the line is the most specific of: the error's span, the key path serde
+/// reached (plus the unknown field it names), and the `${VAR}` it names.
+pub(crate) fn from_toml(
+    path: &Path,
+    text: &str,
+    err: &toml::de::Error,
+    mut key: Vec<String>,
+) -> ConfigError {
+    let message = err.message().trim_end().to_string();
+    let mut line = err.span().map_or(1, |span| line_col(text, span.start).0);
+    if let Some(field) = between(&message, "unknown field `", "`") {
+        if key.last().map(String::as_str) != Some(field) {
+            key.push(field.to_string());
+        }
+    }
+    if !key.is_empty() {
+        line = line.max(locate(text, &key));
+    }
+    if let Some(var) = between(&message, "environment variable ", " ") {
+        if let Some(at) = text.find(&format!("${{{var}")) {
+            line = line.max(line_col(text, at).0);
+        }
+    }
     ConfigError::Parse {
         path: path.to_path_buf(),
         line,
-        column,
-        message: err.message().trim_end().to_string(),
+        key: key.join("."),
+        message,
     }
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let rest = &s[s.find(start)? + start.len()..];
+    Some(&rest[..rest.find(end)?])
 }
 
 /// The line of the deepest part of `key` that exists in the document.

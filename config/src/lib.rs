@@ -36,8 +36,20 @@ where
     S: DeserializeOwned + Validate,
     K: DeserializeOwned + Validate,
 {
-    let config: Config<S, K> =
-        toml::from_str(text).map_err(|e| error::from_toml(path, text, &e))?;
+    let de = toml::de::Deserializer::parse(text)
+        .map_err(|e| error::from_toml(path, text, &e, Vec::new()))?;
+    let config: Config<S, K> = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e
+            .path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect();
+        error::from_toml(path, text, e.inner(), key)
+    })?;
     if let Err(invalid) = config.validate() {
         return Err(error::from_invalid(path, text, invalid));
     }

@@ -265,11 +265,16 @@ impl<S: Validate, K: Validate> Config<S, K> {
             {
                 return Err(at(
                     &[],
-                    Invalid::new(&[], "a connector name may hold only letters, digits, `_` and `-`"),
+                    Invalid::new(
+                        &[],
+                        "a connector name may hold only letters, digits, `_` and `-`",
+                    ),
                 ));
             }
             c.validate_common().map_err(|e| at(&[], e))?;
-            c.source.validate(&c.columns).map_err(|e| at(&["source"], e))?;
+            c.source
+                .validate(&c.columns)
+                .map_err(|e| at(&["source"], e))?;
             c.sink.validate(&c.columns).map_err(|e| at(&["sink"], e))?;
         }
         Ok(())
@@ -279,7 +284,10 @@ impl<S: Validate, K: Validate> Config<S, K> {
 impl<S, K> ConnectorConfig<S, K> {
     fn validate_common(&self) -> Result<(), Invalid> {
         if self.batch.max_records == 0 {
-            return Err(Invalid::new(&["batch", "max_records"], "must be at least 1"));
+            return Err(Invalid::new(
+                &["batch", "max_records"],
+                "must be at least 1",
+            ));
         }
         if self.batch.max_bytes == 0 {
             return Err(Invalid::new(&["batch", "max_bytes"], "must be at least 1"));

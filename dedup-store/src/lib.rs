@@ -112,16 +112,24 @@ mod tests {
     async fn duplicates_inside_the_window_only() {
         let store = MemoryDedupStore::new(Duration::from_secs(60));
         assert_eq!(
-            store.check_and_record(&ids(&["a", "b", "a"])).await.unwrap(),
+            store
+                .check_and_record(&ids(&["a", "b", "a"]))
+                .await
+                .unwrap(),
             [false, false, true]
         );
-        assert_eq!(store.check_and_record(&ids(&["b", "c"])).await.unwrap(), [true, false]);
+        assert_eq!(
+            store.check_and_record(&ids(&["b", "c"])).await.unwrap(),
+            [true, false]
+        );
     }
 
     #[test]
     fn ids_expire_after_retention() {
         let store = MemoryDedupStore::new(Duration::from_millis(30));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async {
             assert_eq!(store.check_and_record(&ids(&["a"])).await.unwrap(), [false]);
             std::thread::sleep(Duration::from_millis(50));

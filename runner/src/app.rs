@@ -39,23 +39,22 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let progress = tokio::spawn(progress_loop(connectors.clone(), progress_every));
     let signals = tokio::spawn(shutdown_on_signal(stop.clone()));
 
+    // One grace period for all connectors, from the first stop signal.
+    let give_up = CancellationToken::new();
+    let grace_timer = {
+        let (stop, give_up) = (stop.clone(), give_up.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tokio::time::sleep(grace).await;
+            give_up.cancel();
+        })
+    };
     let mut failed = false;
     let mut abandoned = false;
-    for (c, handle) in handles {
-        let outcome = if stop.is_cancelled() {
-            match tokio::time::timeout(grace, handle).await {
-                Ok(joined) => Some(joined),
-                Err(_) => None,
-            }
-        } else {
-            let mut handle = handle;
-            tokio::select! {
-                joined = &mut handle => Some(joined),
-                _ = stop.cancelled() => match tokio::time::timeout(grace, handle).await {
-                    Ok(joined) => Some(joined),
-                    Err(_) => None,
-                },
-            }
+    for (c, mut handle) in handles {
+        let outcome = tokio::select! {
+            joined = &mut handle => Some(joined),
+            _ = give_up.cancelled() => None,
         };
         match outcome {
             Some(Ok(Ok(()))) => {}
@@ -75,6 +74,7 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     }
     progress.abort();
     signals.abort();
+    grace_timer.abort();
     print_summary(&connectors, started.elapsed()).await;
     Ok(if failed || abandoned { 1 } else { 0 })
 }
@@ -187,13 +187,22 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
 
 /// `idem status CONFIG`: committed positions as each sink stores them.
 pub async fn status(config: Config) -> anyhow::Result<i32> {
-    println!("{:<20} {:<8} {:>14} {:>6}  partition", "connector", "source", "next offset", "epoch");
+    println!(
+        "{:<20} {:<8} {:>14} {:>6}  partition",
+        "connector", "source", "next offset", "epoch"
+    );
     for (name, cfg) in config.connectors {
         let c = Connector::build(&name, cfg)?;
-        c.sink.prepare().await.with_context(|| format!("connector {name}: open the sink"))?;
+        c.sink
+            .prepare()
+            .await
+            .with_context(|| format!("connector {name}: open the sink"))?;
         for p in c.sink.positions(&name).await? {
             let next = p.next_offset.map_or("-".to_string(), |o| o.to_string());
-            println!("{:<20} {:<8} {:>14} {:>6}  {}", name, p.source, next, p.epoch, p.partition);
+            println!(
+                "{:<20} {:<8} {:>14} {:>6}  {}",
+                name, p.source, next, p.epoch, p.partition
+            );
         }
     }
     Ok(0)

@@ -98,7 +98,12 @@ impl DeadLetterFile {
             if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            *guard = Some(OpenOptions::new().create(true).append(true).open(&self.path)?);
+            *guard = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
         }
         let file = guard
             .as_mut()
@@ -120,14 +125,24 @@ mod tests {
         f.write(
             &p,
             &[
-                DeadLetter { offset: 10, reason: "bad".into(), raw: Some(b"{oops".to_vec()) },
-                DeadLetter { offset: 20, reason: "utf8".into(), raw: Some(vec![0xff, 0x00]) },
+                DeadLetter {
+                    offset: 10,
+                    reason: "bad".into(),
+                    raw: Some(b"{oops".to_vec()),
+                },
+                DeadLetter {
+                    offset: 20,
+                    reason: "utf8".into(),
+                    raw: Some(vec![0xff, 0x00]),
+                },
             ],
         )
         .unwrap();
         let text = std::fs::read_to_string(f.path()).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["offset"], 10);
         assert_eq!(lines[0]["partition"], "/x.jsonl");

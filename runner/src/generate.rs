@@ -45,11 +45,10 @@ pub fn generate(out: &mut dyn Write, opts: &GenerateOptions) -> std::io::Result<
     let mut rng = SmallRng::seed_from_u64(opts.seed);
     let mut bodies: Vec<String> = Vec::new();
     let mut lines = 0u64;
-    let malformed_every = if opts.malformed > 0 {
-        (opts.count / opts.malformed).max(1)
-    } else {
-        u64::MAX
-    };
+    let malformed_every = opts
+        .count
+        .checked_div(opts.malformed)
+        .map_or(u64::MAX, |n| n.max(1));
     let mut malformed_left = opts.malformed;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
     for i in 0..opts.count {
@@ -87,16 +86,27 @@ mod tests {
     #[test]
     fn counts_duplicates_and_malformed_lines() {
         let mut buf = Vec::new();
-        let opts = GenerateOptions { count: 1000, duplicates: 0.1, malformed: 10, seed: 7 };
+        let opts = GenerateOptions {
+            count: 1000,
+            duplicates: 0.1,
+            malformed: 10,
+            seed: 7,
+        };
         let (lines, distinct) = generate(&mut buf, &opts).unwrap();
         assert_eq!(lines, 1010);
         let text = String::from_utf8(buf).unwrap();
         assert_eq!(text.lines().count(), 1010);
-        let parsed: Vec<serde_json::Value> =
-            text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         let ids: std::collections::BTreeSet<_> = parsed
             .iter()
-            .filter(|v| v["event_id"].as_str().is_some_and(|s| s.starts_with("evt-")))
+            .filter(|v| {
+                v["event_id"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("evt-"))
+            })
             .map(|v| v["event_id"].as_str().unwrap().to_string())
             .collect();
         assert_eq!(ids.len() as u64, distinct);
@@ -107,7 +117,12 @@ mod tests {
 
     #[test]
     fn same_seed_same_output() {
-        let opts = GenerateOptions { count: 50, duplicates: 0.2, malformed: 2, seed: 1 };
+        let opts = GenerateOptions {
+            count: 50,
+            duplicates: 0.2,
+            malformed: 2,
+            seed: 1,
+        };
         let (mut a, mut b) = (Vec::new(), Vec::new());
         generate(&mut a, &opts).unwrap();
         generate(&mut b, &opts).unwrap();

@@ -91,7 +91,10 @@ fn load(path: &std::path::Path) -> Result<plugins::Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("idem: cannot start the async runtime: {e}");
@@ -111,13 +114,23 @@ fn main() -> ExitCode {
             Ok(c) => runtime.block_on(app::status(c)),
             Err(code) => return code,
         },
-        Command::Generate { count, duplicates, malformed, seed, out } => {
-            let opts = GenerateOptions { count, duplicates, malformed, seed };
+        Command::Generate {
+            count,
+            duplicates,
+            malformed,
+            seed,
+            out,
+        } => {
+            let opts = GenerateOptions {
+                count,
+                duplicates,
+                malformed,
+                seed,
+            };
             let written = if out.as_os_str() == "-" {
                 generate(&mut std::io::stdout().lock(), &opts)
             } else {
-                std::fs::File::create(&out)
-                    .and_then(|mut f| generate(&mut f, &opts))
+                std::fs::File::create(&out).and_then(|mut f| generate(&mut f, &opts))
             };
             written
                 .with_context(|| format!("write {}", out.display()))

@@ -133,9 +133,11 @@ impl Connector {
     /// or a permanent error.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), RunError> {
         let retry = self.cfg.retry.clone();
-        retry_transient(&retry, &self.stats, "prepare the sink", || self.sink.prepare())
-            .await
-            .map_err(|e| self.sink_err(e))?;
+        retry_transient(&retry, &self.stats, "prepare the sink", || {
+            self.sink.prepare()
+        })
+        .await
+        .map_err(|e| self.sink_err(e))?;
         let mut tasks: JoinSet<(String, Result<(), RunError>)> = JoinSet::new();
         let mut running: HashMap<String, CancellationToken> = HashMap::new();
         let mut assignments_done = false;

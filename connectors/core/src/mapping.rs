@@ -122,7 +122,11 @@ impl Mapper {
             let field = doc.pointer(&col.pointer).filter(|v| !v.is_null());
             let value = match field {
                 None if col.required => {
-                    let what = if col.key { "key column" } else { "required column" };
+                    let what = if col.key {
+                        "key column"
+                    } else {
+                        "required column"
+                    };
                     return Err(MapError::new(format!(
                         "{what} `{}`: field `{}` is missing or null",
                         col.name, col.pointer
@@ -293,10 +297,17 @@ mod tests {
         let e = m.map(&msg(r#"{"n":1}"#)).unwrap_err();
         assert!(e.reason.contains("key column `id`"), "{e}");
         let e = m.map(&msg(r#"{"id":"a","n":"12x"}"#)).unwrap_err();
-        assert!(e.reason.contains("column `n`") && e.reason.contains("\"12x\""), "{e}");
-        let e = m.map(&msg(r#"{"id":"a","n":1,"small":3000000000}"#)).unwrap_err();
+        assert!(
+            e.reason.contains("column `n`") && e.reason.contains("\"12x\""),
+            "{e}"
+        );
+        let e = m
+            .map(&msg(r#"{"id":"a","n":1,"small":3000000000}"#))
+            .unwrap_err();
         assert!(e.reason.contains("32-bit"), "{e}");
-        let e = m.map(&msg(r#"{"id":"a","n":1,"at":"yesterday"}"#)).unwrap_err();
+        let e = m
+            .map(&msg(r#"{"id":"a","n":1,"at":"yesterday"}"#))
+            .unwrap_err();
         assert!(e.reason.contains("RFC 3339"), "{e}");
     }
 
@@ -306,7 +317,9 @@ mod tests {
         assert_eq!(r.op, Op::Delete);
         assert_eq!(r.values[0], Value::Text("a".into()));
         assert!(r.values[1..].iter().all(|v| *v == Value::Null));
-        let r = mapper().map(&msg(r#"{"id":"a","n":1,"deleted":false}"#)).unwrap();
+        let r = mapper()
+            .map(&msg(r#"{"id":"a","n":1,"deleted":false}"#))
+            .unwrap();
         assert_eq!(r.op, Op::Upsert);
     }
 }

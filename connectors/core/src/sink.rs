@@ -1,7 +1,7 @@
 use crate::{PartitionRef, Record};
 use async_trait::async_trait;
-use std::sync::Arc;
 use idem_config::Guarantee;
+use std::sync::Arc;
 
 /// What a sink declares about itself once configured.
 #[derive(Debug, Clone)]

@@ -41,7 +41,13 @@ pub enum SourceError {
 
 impl SourceError {
     pub fn is_retriable(&self) -> bool {
-        matches!(self, SourceError::Read { retriable: true, .. })
+        matches!(
+            self,
+            SourceError::Read {
+                retriable: true,
+                ..
+            }
+        )
     }
 }
 

@@ -135,7 +135,10 @@ impl Validate for DuckDbSinkConfig {
                         }
                     }
                     if self.key.contains(v) {
-                        return Err(Invalid::new(&["version"], "the version column cannot be a key column"));
+                        return Err(Invalid::new(
+                            &["version"],
+                            "the version column cannot be a key column",
+                        ));
                     }
                 }
             }

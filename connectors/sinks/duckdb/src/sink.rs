@@ -74,12 +74,20 @@ impl Plan {
         let mut insert_columns: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
         insert_columns.push(POS_PARTITION.into());
         insert_columns.push(POS_OFFSET.into());
-        let col_list = insert_columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        let col_list = insert_columns
+            .iter()
+            .map(|c| q(c))
+            .collect::<Vec<_>>()
+            .join(", ");
 
         let mut defs: Vec<String> = columns
             .iter()
             .map(|c| {
-                let not_null = if cfg.key.contains(&c.name) { " NOT NULL" } else { "" };
+                let not_null = if cfg.key.contains(&c.name) {
+                    " NOT NULL"
+                } else {
+                    ""
+                };
                 format!("{} {}{not_null}", q(&c.name), sql_type(c.ty))
             })
             .collect();
@@ -391,7 +399,9 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             row.push(Dv::Text(partition.to_string()));
             row.push(Dv::BigInt(offset));
             if with_flag {
-                app.append_row(appender_params_from_iter(row.iter().chain([&Dv::Boolean(is_delete)])))
+                app.append_row(appender_params_from_iter(
+                    row.iter().chain([&Dv::Boolean(is_delete)]),
+                ))
             } else {
                 app.append_row(appender_params_from_iter(row.iter()))
             }
@@ -504,11 +514,16 @@ impl Sink for DuckDbSink {
             .with_conn(|conn, plan| {
                 let ctx = &plan.ctx;
                 let n: i64 = conn
-                    .query_row(&format!("SELECT count(*) FROM main.{}", q(&ctx.table)), [], |r| {
-                        r.get(0)
-                    })
+                    .query_row(
+                        &format!("SELECT count(*) FROM main.{}", q(&ctx.table)),
+                        [],
+                        |r| r.get(0),
+                    )
                     .map_err(|e| ctx.sql(&ctx.table, "count rows", e))?;
-                Ok(format!("table {} in {} holds {n} rows", ctx.table, ctx.path))
+                Ok(format!(
+                    "table {} in {} holds {n} rows",
+                    ctx.table, ctx.path
+                ))
             })
             .await?)
     }

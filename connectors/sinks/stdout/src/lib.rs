@@ -88,9 +88,16 @@ impl Sink for StdoutSink {
                 obj.insert(name.clone(), json(v));
             }
             if self.cfg.positions {
-                obj.insert("_idem_partition".into(), batch.partition.partition.to_string().into());
+                obj.insert(
+                    "_idem_partition".into(),
+                    batch.partition.partition.to_string().into(),
+                );
                 obj.insert("_idem_offset".into(), rec.offset.into());
-                let op = if rec.op == Op::Delete { "delete" } else { "upsert" };
+                let op = if rec.op == Op::Delete {
+                    "delete"
+                } else {
+                    "upsert"
+                };
                 obj.insert("_idem_op".into(), op.into());
             }
             out.push_str(&serde_json::Value::Object(obj).to_string());

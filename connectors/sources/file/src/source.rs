@@ -80,11 +80,17 @@ impl Source for FileSource {
                     .assigned
                     .lock()
                     .map_err(|_| self.setup_error("assignment state poisoned".into()))?;
-                guard.get_or_insert_with(BTreeSet::new).extend(new.iter().cloned());
+                guard
+                    .get_or_insert_with(BTreeSet::new)
+                    .extend(new.iter().cloned());
                 return Ok(Some(Assignment::Assigned(new)));
             }
-            tokio::time::sleep(self.config.poll_interval.max(std::time::Duration::from_secs(1)))
-                .await;
+            tokio::time::sleep(
+                self.config
+                    .poll_interval
+                    .max(std::time::Duration::from_secs(1)),
+            )
+            .await;
         }
     }
 
@@ -281,7 +287,11 @@ mod tests {
         let mut r = src.open(p.to_str().unwrap(), None).await.unwrap();
         let msgs = read_all(&mut r).await;
         assert_eq!(msgs.len(), 2);
-        assert!(msgs[0].poison.as_deref().unwrap().contains("max_line_bytes"));
+        assert!(msgs[0]
+            .poison
+            .as_deref()
+            .unwrap()
+            .contains("max_line_bytes"));
         assert!(msgs[1].poison.is_none());
     }
 
@@ -307,7 +317,9 @@ mod tests {
         assert!(matches!(first, Some(Assignment::Assigned(v)) if v.len() == 1));
         std::fs::write(dir.path().join("b.jsonl"), "{}\n").unwrap();
         let second = src.next_assignment().await.unwrap();
-        assert!(matches!(second, Some(Assignment::Assigned(v)) if v.len() == 1 && v[0].ends_with("b.jsonl")));
+        assert!(
+            matches!(second, Some(Assignment::Assigned(v)) if v.len() == 1 && v[0].ends_with("b.jsonl"))
+        );
     }
 
     #[tokio::test]
