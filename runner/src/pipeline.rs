@@ -21,11 +21,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Chunks in flight between a partition's reader and its committer: the
-/// reader blocks when the committer falls behind.
-const CHANNEL_CHUNKS: usize = 4;
-/// Messages per read call.
+/// Messages per read call, and per chunk sent to the committer.
 const READ_CHUNK: usize = 1024;
+
+/// Chunks in flight between a partition's reader and its committer: about
+/// one batch, so the next batch is read and mapped while the current one
+/// commits, and the reader blocks (backpressure) beyond that.
+fn channel_chunks(max_records: usize) -> usize {
+    (max_records / READ_CHUNK + 1).clamp(2, 1024)
+}
 
 /// Why a connector stopped before finishing.
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +241,7 @@ impl Connector {
         if let Some(o) = opened.next_offset {
             self.stats.set_position(partition, o);
         }
-        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let (tx, rx) = mpsc::channel(channel_chunks(self.cfg.batch.max_records));
         let reading = tokio::spawn(read_loop(self.clone(), reader, tx, stop.clone()));
         let result = self.commit_loop(&pref, opened.epoch, rx).await;
         reading.abort();
