@@ -15,13 +15,20 @@ use std::time::{Duration, Instant};
 const COLUMNS: &str = "{event_id: 'VARCHAR', user_id: 'BIGINT', kind: 'VARCHAR', amount: 'DOUBLE', currency: 'VARCHAR', ok: 'BOOLEAN', \"at\": 'TIMESTAMPTZ', note: 'VARCHAR'}";
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Run `cmd`, sampling its peak resident set (VmHWM) until it exits.
 fn run_measured(cmd: &mut Command) -> (Duration, u64, std::process::Output) {
     let started = Instant::now();
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let status_path = format!("/proc/{}/status", child.id());
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let sampler = std::thread::spawn(move || {
@@ -57,7 +64,8 @@ fn run_measured(cmd: &mut Command) -> (Duration, u64, std::process::Output) {
 
 fn count(db: &Path) -> i64 {
     let conn = duckdb::Connection::open(db).expect("open");
-    conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).expect("count")
+    conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .expect("count")
 }
 
 /// Child mode: DuckDB's own bulk load into a table made with `ddl`.
@@ -93,7 +101,14 @@ fn main() {
     let data = dir.path().join("events.jsonl");
     let started = Instant::now();
     let gen = Command::new(idem)
-        .args(["generate", "--duplicates", "0", "--malformed", "0", "--count"])
+        .args([
+            "generate",
+            "--duplicates",
+            "0",
+            "--malformed",
+            "0",
+            "--count",
+        ])
         .arg(events.to_string())
         .arg("--out")
         .arg(&data)
@@ -102,7 +117,10 @@ fn main() {
     assert!(gen.status.success());
     let bytes = std::fs::metadata(&data).expect("stat").len();
     let mb = bytes as f64 / 1e6;
-    eprintln!("generated {events} events ({mb:.1} MB) in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "generated {events} events ({mb:.1} MB) in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 
     let idem_db = dir.path().join("idem.duckdb");
     let mut config = format!(
@@ -137,7 +155,9 @@ linger = "1s"
         ("at", "timestamp"),
         ("note", "text"),
     ] {
-        config.push_str(&format!("[[connectors.bench.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"));
+        config.push_str(&format!(
+            "[[connectors.bench.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"
+        ));
     }
     let cfg = dir.path().join("bench.toml");
     std::fs::write(&cfg, config).expect("config");
@@ -160,7 +180,11 @@ linger = "1s"
     // The baseline table is created by the DDL DuckDB reports for Idem's.
     let ddl: String = duckdb::Connection::open(&idem_db)
         .expect("open")
-        .query_row("SELECT sql FROM duckdb_tables() WHERE table_name = 'events'", [], |r| r.get(0))
+        .query_row(
+            "SELECT sql FROM duckdb_tables() WHERE table_name = 'events'",
+            [],
+            |r| r.get(0),
+        )
         .expect("ddl");
     let ddl_file = dir.path().join("ddl.sql");
     std::fs::write(&ddl_file, ddl).expect("ddl file");
@@ -172,7 +196,11 @@ linger = "1s"
             .arg(&data)
             .arg(&ddl_file),
     );
-    assert_eq!(count(&base_db), events as i64, "baseline loaded every event");
+    assert_eq!(
+        count(&base_db),
+        events as i64,
+        "baseline loaded every event"
+    );
 
     let rate = |t: Duration| events as f64 / t.as_secs_f64();
     let mbps = |t: Duration| mb / t.as_secs_f64();
@@ -181,7 +209,10 @@ linger = "1s"
         "DuckDB load: {events} events, {mb:.1} MB NDJSON, 8 columns, PRIMARY KEY (event_id); {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("{:<44} {:>9} {:>11} {:>8} {:>10}", "", "elapsed", "events/s", "MB/s", "peak RSS");
+    println!(
+        "{:<44} {:>9} {:>11} {:>8} {:>10}",
+        "", "elapsed", "events/s", "MB/s", "peak RSS"
+    );
     println!(
         "{:<44} {:>8.2}s {:>11.0} {:>8.1} {:>6} MiB",
         format!("idem run (upsert, exactly-once, batch {batch})"),
