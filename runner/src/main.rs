@@ -16,7 +16,9 @@ use std::process::ExitCode;
     long_about = "Idem runs connectors described in one TOML file. Each connector reads a source \
         (files today, Kafka next) and writes a sink, committing every batch's effects together \
         with the source position, so a crash, a restart or a retry never loses or duplicates a \
-        message.\n\nStart with: idem generate -o events.jsonl && idem run config/examples/quickstart.toml",
+        message.\n\nStart with:
+  idem generate -n 10000 -o quickstart/events.jsonl
+  idem run config/examples/quickstart.toml",
     after_help = "Exit codes: 0 done (or stopped cleanly by SIGTERM/SIGINT), 1 a connector failed, 2 invalid config or arguments.\nLogs go to stderr; RUST_LOG=debug shows every commit."
 )]
 struct Cli {
@@ -132,7 +134,12 @@ fn main() -> ExitCode {
             let written = if out.as_os_str() == "-" {
                 generate(&mut std::io::stdout().lock(), &opts)
             } else {
-                std::fs::File::create(&out).and_then(|mut f| generate(&mut f, &opts))
+                match out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    Some(dir) => std::fs::create_dir_all(dir),
+                    None => Ok(()),
+                }
+                .and_then(|()| std::fs::File::create(&out))
+                .and_then(|mut f| generate(&mut f, &opts))
             };
             written
                 .with_context(|| format!("write {}", out.display()))

@@ -66,6 +66,20 @@ pub struct Mapper {
     columns: Vec<Column>,
     tombstone_field: Option<String>,
     deletes: bool,
+    /// No pointer is `""` or a prefix of another, so each field can be
+    /// moved out of the parsed document instead of copied.
+    disjoint: bool,
+}
+
+/// Whether no pointer contains another (or the whole document).
+fn disjoint(pointers: &[&str]) -> bool {
+    pointers.iter().enumerate().all(|(i, a)| {
+        !a.is_empty()
+            && pointers
+                .iter()
+                .enumerate()
+                .all(|(j, b)| i == j || (a != b && !b.starts_with(&format!("{a}/"))))
+    })
 }
 
 impl Mapper {
@@ -77,7 +91,10 @@ impl Mapper {
         deletes: bool,
         tombstone_field: Option<String>,
     ) -> Self {
+        let pointers: Vec<String> = columns.iter().map(ColumnConfig::pointer).collect();
+        let refs: Vec<&str> = pointers.iter().map(String::as_str).collect();
         Mapper {
+            disjoint: disjoint(&refs),
             columns: columns
                 .iter()
                 .map(|c| {
@@ -106,7 +123,7 @@ impl Mapper {
                 "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
             ));
         };
-        let doc: Json = serde_json::from_slice(raw)
+        let mut doc: Json = serde_json::from_slice(raw)
             .map_err(|e| MapError::new(format!("not valid JSON: {e}")))?;
         let op = if self.deletes && self.is_tombstone(&doc) {
             Op::Delete
@@ -119,7 +136,12 @@ impl Mapper {
                 values.push(Value::Null);
                 continue;
             }
-            let field = doc.pointer(&col.pointer).filter(|v| !v.is_null());
+            let field = if self.disjoint {
+                doc.pointer_mut(&col.pointer).map(Json::take)
+            } else {
+                doc.pointer(&col.pointer).cloned()
+            }
+            .filter(|v| !v.is_null());
             let value = match field {
                 None if col.required => {
                     let what = if col.key {
@@ -133,15 +155,18 @@ impl Mapper {
                     )));
                 }
                 None => Value::Null,
-                Some(v) => convert(v, col.ty).map_err(|expected| {
-                    MapError::new(format!(
-                        "column `{}` ({:?}): field `{}` holds {}, expected {expected}",
-                        col.name,
-                        col.ty,
-                        col.pointer,
-                        preview(v)
-                    ))
-                })?,
+                Some(v) => match convert(v, col.ty) {
+                    Ok(value) => value,
+                    Err((v, expected)) => {
+                        return Err(MapError::new(format!(
+                            "column `{}` ({:?}): field `{}` holds {}, expected {expected}",
+                            col.name,
+                            col.ty,
+                            col.pointer,
+                            preview(&v)
+                        )))
+                    }
+                },
             };
             values.push(value);
         }
@@ -175,38 +200,59 @@ fn preview(v: &Json) -> String {
     s
 }
 
-fn convert(v: &Json, ty: ColumnType) -> Result<Value, &'static str> {
-    Ok(match ty {
+/// Convert an owned JSON value; on failure hand it back with what was expected.
+fn convert(v: Json, ty: ColumnType) -> Result<Value, (Json, &'static str)> {
+    let fail = |v: Json, expected: &'static str| Err((v, expected));
+    match ty {
         ColumnType::Text => match v {
-            Json::String(s) => Value::Text(s.clone()),
-            Json::Number(n) => Value::Text(n.to_string()),
-            Json::Bool(b) => Value::Text(b.to_string()),
-            _ => return Err("a string"),
+            Json::String(s) => Ok(Value::Text(s)),
+            Json::Number(n) => Ok(Value::Text(n.to_string())),
+            Json::Bool(b) => Ok(Value::Text(b.to_string())),
+            v => fail(v, "a string"),
         },
-        ColumnType::Bigint => Value::BigInt(v.as_i64().ok_or("an integer in 64-bit range")?),
-        ColumnType::Integer => Value::Integer(
-            v.as_i64()
-                .and_then(|n| i32::try_from(n).ok())
-                .ok_or("an integer in 32-bit range")?,
-        ),
-        ColumnType::Double => Value::Double(v.as_f64().ok_or("a number")?),
-        ColumnType::Boolean => Value::Boolean(v.as_bool().ok_or("true or false")?),
+        ColumnType::Bigint => match v.as_i64() {
+            Some(n) => Ok(Value::BigInt(n)),
+            None => fail(v, "an integer in 64-bit range"),
+        },
+        ColumnType::Integer => match v.as_i64().and_then(|n| i32::try_from(n).ok()) {
+            Some(n) => Ok(Value::Integer(n)),
+            None => fail(v, "an integer in 32-bit range"),
+        },
+        ColumnType::Double => match v.as_f64() {
+            Some(x) => Ok(Value::Double(x)),
+            None => fail(v, "a number"),
+        },
+        ColumnType::Boolean => match v.as_bool() {
+            Some(b) => Ok(Value::Boolean(b)),
+            None => fail(v, "true or false"),
+        },
         ColumnType::Timestamp => {
-            let s = v.as_str().ok_or("an RFC 3339 timestamp string")?;
-            let t = chrono::DateTime::parse_from_rfc3339(s)
-                .map_err(|_| "an RFC 3339 timestamp such as 2026-01-31T12:00:00Z")?;
-            Value::Timestamp(t.timestamp_micros())
+            let parsed = v
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
+            match parsed {
+                Some(t) => Ok(Value::Timestamp(t.timestamp_micros())),
+                None => fail(
+                    v,
+                    "an RFC 3339 timestamp string such as 2026-01-31T12:00:00Z",
+                ),
+            }
         }
         ColumnType::Date => {
-            let s = v.as_str().ok_or("a date string YYYY-MM-DD")?;
-            let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                .map_err(|_| "a date YYYY-MM-DD")?;
-            let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).ok_or("a date")?;
-            let days = d.signed_duration_since(epoch).num_days();
-            Value::Date(i32::try_from(days).map_err(|_| "a date in range")?)
+            let days = v
+                .as_str()
+                .and_then(|s| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+                .and_then(|d| {
+                    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+                    i32::try_from(d.signed_duration_since(epoch).num_days()).ok()
+                });
+            match days {
+                Some(d) => Ok(Value::Date(d)),
+                None => fail(v, "a date string YYYY-MM-DD"),
+            }
         }
-        ColumnType::Json => Value::Json(v.to_string()),
-    })
+        ColumnType::Json => Ok(Value::Json(v.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +355,30 @@ mod tests {
             .map(&msg(r#"{"id":"a","n":1,"at":"yesterday"}"#))
             .unwrap_err();
         assert!(e.reason.contains("RFC 3339"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_pointers_are_copied_not_moved() {
+        assert!(disjoint(&["/a", "/b", "/ab"]));
+        assert!(!disjoint(&["/a", "/a/b"]));
+        assert!(!disjoint(&["/a", ""]));
+        assert!(!disjoint(&["/a", "/a"]));
+        // `mapper()` has the whole document as a column: both see the field.
+        let r = mapper().map(&msg(r#"{"id":"a","n":1}"#)).unwrap();
+        assert_eq!(r.values[0], Value::Text("a".into()));
+        assert!(matches!(&r.values[8], Value::Json(s) if s.contains("\"id\":\"a\"")));
+        let m = Mapper::new(
+            &[
+                col("id", ColumnType::Text, true),
+                col("n", ColumnType::Bigint, true),
+            ],
+            &[],
+            false,
+            None,
+        );
+        assert!(m.disjoint);
+        let r = m.map(&msg(r#"{"id":"a","n":1}"#)).unwrap();
+        assert_eq!(r.values, [Value::Text("a".into()), Value::BigInt(1)]);
     }
 
     #[test]

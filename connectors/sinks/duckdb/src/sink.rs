@@ -4,8 +4,8 @@ use crate::config::{DuckDbSinkConfig, Mode};
 use crate::error::DuckDbError;
 use crate::recover;
 use async_trait::async_trait;
-use duckdb::types::{TimeUnit, Value as Dv};
-use duckdb::{appender_params_from_iter, params, Connection, OptionalExt};
+use duckdb::types::{TimeUnit, ToSqlOutput, ValueRef};
+use duckdb::{appender_params_from_iter, params, Connection, OptionalExt, ToSql};
 use idem_config::{ColumnConfig, ColumnType, Guarantee};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::{
@@ -341,16 +341,31 @@ impl Inner {
     }
 }
 
-fn to_duck(v: &Value) -> Dv {
-    match v {
-        Value::Null => Dv::Null,
-        Value::Text(s) | Value::Json(s) => Dv::Text(s.clone()),
-        Value::BigInt(n) => Dv::BigInt(*n),
-        Value::Integer(n) => Dv::Int(*n),
-        Value::Double(x) => Dv::Double(*x),
-        Value::Boolean(b) => Dv::Boolean(*b),
-        Value::Timestamp(us) => Dv::Timestamp(TimeUnit::Microsecond, *us),
-        Value::Date(d) => Dv::Date32(*d),
+/// A cell handed to the appender by reference: text is borrowed, not copied.
+enum Cell<'a> {
+    Mapped(&'a Value),
+    Text(&'a str),
+    BigInt(i64),
+    Boolean(bool),
+}
+
+impl ToSql for Cell<'_> {
+    fn to_sql(&self) -> duckdb::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Cell::Text(s) => ValueRef::Text(s.as_bytes()),
+            Cell::BigInt(n) => ValueRef::BigInt(*n),
+            Cell::Boolean(b) => ValueRef::Boolean(*b),
+            Cell::Mapped(v) => match v {
+                Value::Null => ValueRef::Null,
+                Value::Text(s) | Value::Json(s) => ValueRef::Text(s.as_bytes()),
+                Value::BigInt(n) => ValueRef::BigInt(*n),
+                Value::Integer(n) => ValueRef::Int(*n),
+                Value::Double(x) => ValueRef::Double(*x),
+                Value::Boolean(b) => ValueRef::Boolean(*b),
+                Value::Timestamp(us) => ValueRef::Timestamp(TimeUnit::Microsecond, *us),
+                Value::Date(d) => ValueRef::Date32(*d),
+            },
+        }))
     }
 }
 
@@ -393,19 +408,13 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             if i == half {
                 failpoint::hit(MID_WRITE);
             }
-            let is_delete = rec.op == Op::Delete;
             let offset = offset_i64(rec.offset);
-            let mut row: Vec<Dv> = rec.values.iter().map(to_duck).collect();
-            row.push(Dv::Text(partition.to_string()));
-            row.push(Dv::BigInt(offset));
-            if with_flag {
-                app.append_row(appender_params_from_iter(
-                    row.iter().chain([&Dv::Boolean(is_delete)]),
-                ))
-            } else {
-                app.append_row(appender_params_from_iter(row.iter()))
-            }
-            .map_err(|e| ctx.sql(target, &format!("append offset {offset} of {p}"), e))?;
+            let is_delete = rec.op == Op::Delete;
+            let cells = rec.values.iter().map(Cell::Mapped);
+            let position = [Cell::Text(partition), Cell::BigInt(offset)];
+            let flag = with_flag.then_some(Cell::Boolean(is_delete));
+            app.append_row(appender_params_from_iter(cells.chain(position).chain(flag)))
+                .map_err(|e| ctx.sql(target, &format!("append offset {offset} of {p}"), e))?;
         }
         app.flush()
             .map_err(|e| ctx.sql(target, &format!("flush batch of {p}"), e))?;
