@@ -6,6 +6,7 @@
 //!
 //!     cargo bench -p idem --bench duckdb_load
 //!     IDEM_BENCH_EVENTS=200000 IDEM_BENCH_BATCH=10000 cargo bench -p idem --bench duckdb_load
+//!     IDEM_BENCH_MODE=append cargo bench -p idem --bench duckdb_load   (no key, no merge)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -96,6 +97,12 @@ fn main() {
     }
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
     let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let append = std::env::var("IDEM_BENCH_MODE").is_ok_and(|m| m == "append");
+    let (mode, mode_keys) = if append {
+        ("append", "")
+    } else {
+        ("upsert", "key = [\"event_id\"]")
+    };
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("events.jsonl");
@@ -135,8 +142,8 @@ path = "{data}"
 type = "duckdb"
 path = "{db}"
 table = "events"
-mode = "upsert"
-key = ["event_id"]
+mode = "{mode}"
+{mode_keys}
 [connectors.bench.batch]
 max_records = {batch}
 max_bytes = 268435456
@@ -206,7 +213,12 @@ linger = "1s"
     let mbps = |t: Duration| mb / t.as_secs_f64();
     println!();
     println!(
-        "DuckDB load: {events} events, {mb:.1} MB NDJSON, 8 columns, PRIMARY KEY (event_id); {} cores",
+        "DuckDB load: {events} events, {mb:.1} MB NDJSON, 8 columns{}; {} cores",
+        if append {
+            ", no key"
+        } else {
+            ", PRIMARY KEY (event_id)"
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
@@ -215,7 +227,7 @@ linger = "1s"
     );
     println!(
         "{:<44} {:>8.2}s {:>11.0} {:>8.1} {:>6} MiB",
-        format!("idem run (upsert, exactly-once, batch {batch})"),
+        format!("idem run ({mode}, exactly-once, batch {batch})"),
         idem_time.as_secs_f64(),
         rate(idem_time),
         mbps(idem_time),

@@ -1,7 +1,9 @@
 //! Crash test: the real `idem` binary is killed (SIGKILL at random moments,
 //! abort at named fail points) again and again while its input grows; after
 //! a final clean run the DuckDB table holds every source message exactly
-//! once, and the stored positions equal the files' ends.
+//! once, and the stored positions equal the files' ends. In append mode
+//! every message is a row; in upsert mode some messages update an earlier
+//! id and the latest one must win.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,7 +18,11 @@ const ROUNDS: usize = 36;
 const PER_ROUND: usize = 4000;
 const FAILPOINTS: [&str; 3] = ["after_write", "after_commit", "mid_write"];
 
-fn config(w: &Workdir) -> String {
+fn config(w: &Workdir, mode: &str) -> String {
+    let mode = match mode {
+        "upsert" => "mode = \"upsert\"\nkey = [\"id\"]",
+        _ => "mode = \"append\"",
+    };
     format!(
         r#"
 [connectors.crash]
@@ -30,7 +36,7 @@ path = "{glob}"
 type = "duckdb"
 path = "{db}"
 table = "events"
-mode = "append"
+{mode}
 
 [connectors.crash.batch]
 max_records = 100
@@ -57,18 +63,30 @@ type = "text"
 }
 
 #[test]
-fn killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
+fn append_killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
+    crash("append");
+}
+
+#[test]
+fn upsert_killed_at_random_and_at_fail_points_every_id_holds_its_latest_value() {
+    crash("upsert");
+}
+
+fn crash(mode: &str) {
     let w = Workdir::new();
-    let cfg = w.write("crash.toml", &config(&w));
+    let cfg = w.write("crash.toml", &config(&w, mode));
+    let upsert = mode == "upsert";
     let seed: u64 = std::env::var("IDEM_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rngs::StdRng::from_os_rng().random());
-    eprintln!("crash test seed: {seed} (IDEM_CRASH_SEED={seed} replays it)");
+    eprintln!("{mode} crash test seed: {seed} (IDEM_CRASH_SEED={seed} replays it)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     // id -> n; the source of truth for the final check.
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    // Ids written so far per partition, for upsert's updates.
+    let mut ids: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut malformed = 0usize;
     let mut killed = 0usize;
     let mut by_failpoint = BTreeMap::<&str, usize>::new();
@@ -80,7 +98,15 @@ fn killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
         for part in 0..2 {
             let mut chunk = String::new();
             for i in 0..PER_ROUND / 2 {
-                let id = format!("r{round}-p{part}-{i}");
+                // Upsert: one message in ten updates an id written earlier
+                // to the same partition (a later offset: it must win).
+                let id = if upsert && !ids[part].is_empty() && rng.random_bool(0.1) {
+                    ids[part][rng.random_range(0..ids[part].len())].clone()
+                } else {
+                    let id = format!("r{round}-p{part}-{i}");
+                    ids[part].push(id.clone());
+                    id
+                };
                 let n: i64 = rng.random_range(0..1_000_000);
                 chunk.push_str(&format!(
                     "{{\"id\":\"{id}\",\"n\":{n},\"pad\":\"{}\"}}\n",
@@ -133,7 +159,7 @@ fn killed_at_random_and_at_fail_points_every_message_lands_exactly_once() {
                 .or_default() += 1;
         }
     }
-    eprintln!("rounds: {ROUNDS}, killed: {killed} {by_failpoint:?}");
+    eprintln!("{mode}: rounds: {ROUNDS}, killed: {killed} {by_failpoint:?}");
     assert!(
         killed >= 30,
         "only {killed} of {ROUNDS} runs died mid-way: the test is too weak"

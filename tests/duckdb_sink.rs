@@ -30,6 +30,7 @@ fn sink_cfg(w: &Workdir, mode: Mode, key: &[&str]) -> DuckDbSinkConfig {
         delete_on_tombstone: mode == Mode::Upsert,
         create: true,
         offsets_table: "idem_offsets".into(),
+        threads: Some(1),
     }
 }
 

@@ -56,6 +56,8 @@ impl MapError {
 struct Column {
     name: String,
     pointer: String,
+    /// `pointer` split into unescaped tokens once, not on every message.
+    tokens: Vec<String>,
     ty: ColumnType,
     required: bool,
     key: bool,
@@ -99,9 +101,11 @@ impl Mapper {
                 .iter()
                 .map(|c| {
                     let key = keys.contains(&c.name);
+                    let pointer = c.pointer();
                     Column {
                         name: c.name.clone(),
-                        pointer: c.pointer(),
+                        tokens: tokens(&pointer),
+                        pointer,
                         ty: c.ty,
                         required: c.required || key,
                         key,
@@ -137,9 +141,9 @@ impl Mapper {
                 continue;
             }
             let field = if self.disjoint {
-                doc.pointer_mut(&col.pointer).map(Json::take)
+                lookup_mut(&mut doc, &col.tokens).map(Json::take)
             } else {
-                doc.pointer(&col.pointer).cloned()
+                lookup_mut(&mut doc, &col.tokens).map(|v| v.clone())
             }
             .filter(|v| !v.is_null());
             let value = match field {
@@ -185,6 +189,24 @@ impl Mapper {
                 .and_then(|p| doc.pointer(p))
                 .is_some_and(|v| v == &Json::Bool(true))
     }
+}
+
+/// RFC 6901 tokens of a pointer (`""` is the whole document).
+fn tokens(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+/// `serde_json::Value::pointer_mut` with the pointer already split.
+fn lookup_mut<'a>(doc: &'a mut Json, tokens: &[String]) -> Option<&'a mut Json> {
+    tokens.iter().try_fold(doc, |target, token| match target {
+        Json::Object(map) => map.get_mut(token),
+        Json::Array(list) => token.parse::<usize>().ok().and_then(|i| list.get_mut(i)),
+        _ => None,
+    })
 }
 
 fn preview(v: &Json) -> String {
@@ -355,6 +377,18 @@ mod tests {
             .map(&msg(r#"{"id":"a","n":1,"at":"yesterday"}"#))
             .unwrap_err();
         assert!(e.reason.contains("RFC 3339"), "{e}");
+    }
+
+    #[test]
+    fn pointers_follow_rfc_6901() {
+        let mut doc: Json = serde_json::from_str(r#"{"a/b":{"~x":[10,20]},"":1}"#).unwrap();
+        assert_eq!(
+            lookup_mut(&mut doc, &tokens("/a~1b/~0x/1")),
+            Some(&mut Json::from(20))
+        );
+        assert_eq!(lookup_mut(&mut doc, &tokens("/")), Some(&mut Json::from(1)));
+        assert!(lookup_mut(&mut doc, &tokens("/a~1b/~0x/9")).is_none());
+        assert!(lookup_mut(&mut doc, &tokens("")).is_some_and(|v| v.is_object()));
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct DuckDbSinkConfig {
     /// existing table is checked against `columns` before the first write.
     #[serde(default = "default_create")]
     pub create: bool,
+    /// DuckDB's worker threads. Default: DuckDB's own (one per core); set
+    /// it to bound the CPU a sidecar takes.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// The table holding each partition's committed position and epoch.
     #[serde(default = "default_offsets_table")]
     pub offsets_table: String,
@@ -75,6 +79,9 @@ impl Validate for DuckDbSinkConfig {
     fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
         check_ident("table", &self.table)?;
         check_ident("offsets_table", &self.offsets_table)?;
+        if self.threads == Some(0) {
+            return Err(Invalid::new(&["threads"], "must be at least 1"));
+        }
         if columns.is_empty() {
             return Err(Invalid::new(
                 &[],

@@ -11,6 +11,7 @@ use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
 };
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 const POS_PARTITION: &str = "_idem_partition";
@@ -52,7 +53,12 @@ struct Plan {
     create_stage: String,
     delete: String,
     merge: String,
+    /// The merge straight from the staging table, for a batch whose keys
+    /// are unique and which holds no tombstone (no need to pick per key).
+    merge_staged: String,
     pick_latest: String,
+    /// Positions of the key columns among the mapped columns.
+    key_idx: Vec<usize>,
 }
 
 fn sql_type(t: ColumnType) -> &'static str {
@@ -158,11 +164,18 @@ impl Plan {
         } else {
             changed.join(" OR ")
         };
-        let merge = format!(
-            "INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {LATEST} WHERE NOT {DELETE_FLAG}
-             ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {} AND ({changed})",
-            guard("excluded", &t)
-        );
+        let merge_from = |from: &str| {
+            format!(
+                "INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {from} WHERE NOT {DELETE_FLAG}
+                 ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {} AND ({changed})",
+                guard("excluded", &t)
+            )
+        };
+        let key_idx = cfg
+            .key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| &c.name == k))
+            .collect();
         Plan {
             ctx: Ctx {
                 path: cfg.path.clone(),
@@ -174,8 +187,10 @@ impl Plan {
             create_table,
             create_stage,
             delete,
-            merge,
+            merge: merge_from(LATEST),
+            merge_staged: merge_from(STAGE),
             pick_latest,
+            key_idx,
         }
     }
 }
@@ -309,6 +324,10 @@ impl Inner {
                 path: self.cfg.path.clone(),
                 source: Box::new(source),
             })?;
+            if let Some(n) = self.cfg.threads {
+                conn.execute_batch(&format!("SET threads = {n}"))
+                    .map_err(|e| self.plan.ctx.sql(&self.cfg.table, "set threads", e))?;
+            }
             *guard = Some(conn);
         }
         let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
@@ -338,6 +357,28 @@ impl Inner {
                 .map_err(|e| ctx.sql(STAGE, "create the staging table", e))?;
         }
         Ok(())
+    }
+}
+
+/// A key cell, hashable, for spotting repeated keys in a batch.
+#[derive(PartialEq, Eq, Hash)]
+enum KeyPart<'a> {
+    Null,
+    Text(&'a str),
+    Int(i64),
+    Bits(u64),
+}
+
+impl<'a> KeyPart<'a> {
+    fn of(v: &'a Value) -> Self {
+        match v {
+            Value::Null => KeyPart::Null,
+            Value::Text(s) | Value::Json(s) => KeyPart::Text(s),
+            Value::BigInt(n) | Value::Timestamp(n) => KeyPart::Int(*n),
+            Value::Integer(n) | Value::Date(n) => KeyPart::Int(i64::from(*n)),
+            Value::Double(x) => KeyPart::Bits(x.to_bits()),
+            Value::Boolean(b) => KeyPart::Int(i64::from(*b)),
+        }
     }
 }
 
@@ -394,6 +435,10 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         conn.execute_batch(&format!("DELETE FROM {STAGE}"))
             .map_err(|e| ctx.sql(STAGE, "clear the staging table", e))?;
     }
+    // Upsert: whether every key is unique in the batch and nothing is a
+    // tombstone, so the staging table can be merged as it is.
+    let mut simple = true;
+    let mut keys_seen: HashSet<Vec<KeyPart>> = HashSet::with_capacity(batch.records.len());
     {
         let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
         if with_flag {
@@ -408,6 +453,15 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             if i == half {
                 failpoint::hit(MID_WRITE);
             }
+            if with_flag && simple {
+                simple = rec.op == Op::Upsert
+                    && keys_seen.insert(
+                        plan.key_idx
+                            .iter()
+                            .map(|&k| KeyPart::of(&rec.values[k]))
+                            .collect(),
+                    );
+            }
             let offset = offset_i64(rec.offset);
             let is_delete = rec.op == Op::Delete;
             let cells = rec.values.iter().map(Cell::Mapped);
@@ -421,6 +475,10 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     }
     let written = match plan.mode {
         Mode::Append => total,
+        Mode::Upsert if simple => {
+            conn.execute(&plan.merge_staged, [])
+                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))? as u64
+        }
         Mode::Upsert => {
             conn.execute_batch(&plan.pick_latest)
                 .map_err(|e| ctx.sql(LATEST, "pick the newest message per key", e))?;
