@@ -4,7 +4,7 @@
 
 use crate::error::DuckDbError;
 use crate::sink::{q, Ctx};
-use duckdb::{params, Connection, OptionalExt};
+use duckdb::{params, Connection};
 use idem_core::{Opened, PartitionRef, StoredPosition};
 
 /// Bumped when the offsets table's meaning changes; a row written by a
@@ -83,22 +83,12 @@ pub(crate) fn advance(
     Ok(n == 1)
 }
 
+/// Positions of `connector`; the offsets table exists once the sink is prepared.
 pub(crate) fn positions(
     conn: &Connection,
     ctx: &Ctx,
     connector: &str,
 ) -> Result<Vec<StoredPosition>, DuckDbError> {
-    let exists: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?",
-            params![&ctx.offsets_table],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(|e| ctx.sql(&ctx.offsets_table, "look up the offsets table", e))?;
-    if exists.is_none() {
-        return Ok(Vec::new());
-    }
     let sql = format!(
         "SELECT source, partition, next_offset, epoch FROM {}
          WHERE connector = ? ORDER BY source, partition",
