@@ -55,3 +55,107 @@ where
     }
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Src {
+        #[serde(deserialize_with = "interp::string")]
+        path: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+    enum Snk {
+        Mem { table: String },
+    }
+
+    impl Validate for Src {
+        fn validate(&self, _: &[ColumnConfig]) -> Result<(), Invalid> {
+            Ok(())
+        }
+    }
+
+    impl Validate for Snk {
+        fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
+            let Snk::Mem { table } = self;
+            if columns.iter().any(|c| &c.name == table) {
+                return Err(Invalid::new(&["table"], "clashes with a column"));
+            }
+            Ok(())
+        }
+    }
+
+    const GOOD: &str = r#"
+[connectors.a.source]
+path = "in.jsonl"
+
+[connectors.a.sink]
+type = "mem"
+table = "t"
+
+[[connectors.a.columns]]
+name = "id"
+type = "text"
+"#;
+
+    fn err(text: &str) -> String {
+        parse::<Src, Snk>(Path::new("f.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_said() {
+        let c = parse::<Src, Snk>(Path::new("f.toml"), GOOD).unwrap();
+        let a = &c.connectors["a"];
+        assert_eq!(a.guarantee, Guarantee::ExactlyOnce);
+        assert_eq!(a.errors, ErrorPolicy::DeadLetter);
+        assert_eq!(a.batch.max_records, 10_000);
+        assert_eq!(a.columns[0].pointer(), "/id");
+        assert_eq!(
+            c.runner.progress_interval,
+            std::time::Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn errors_carry_file_line_and_key() {
+        let e = err(&GOOD.replace("path =", "paht ="));
+        assert!(
+            e.starts_with("f.toml:3: key `connectors.a.source.paht`: unknown field"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("table = \"t\"", "table = \"t\"\nextra = 1"));
+        assert!(
+            e.starts_with("f.toml:8:") && e.contains("unknown field `extra`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("table = \"t\"", "table = \"id\""));
+        assert_eq!(
+            e,
+            "f.toml:7: key `connectors.a.sink.table`: clashes with a column"
+        );
+        let e = err(&GOOD.replace("in.jsonl", "${IDEM_CONFIG_TEST_UNSET}"));
+        assert!(
+            e.starts_with("f.toml:3:") && e.contains("IDEM_CONFIG_TEST_UNSET is not set"),
+            "{e}"
+        );
+        let e = err(&format!("[runner]\nprogress_interval = \"0s\"\n{GOOD}"));
+        assert!(
+            e.starts_with("f.toml:2: key `runner.progress_interval`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("name = \"id\"", "name = \"_idem_x\""));
+        assert!(
+            e.contains("connectors.a.columns.0.name") && e.contains("reserved"),
+            "{e}"
+        );
+        let e = err("[connectors]\n");
+        assert!(e.contains("no connector is defined"), "{e}");
+    }
+}

@@ -243,6 +243,12 @@ pub enum ColumnType {
 impl<S: Validate, K: Validate> Config<S, K> {
     /// Pure checks across keys, after parsing.
     pub fn validate(&self) -> Result<(), Invalid> {
+        if self.runner.progress_interval.is_zero() {
+            return Err(Invalid::new(
+                &["runner", "progress_interval"],
+                "must be longer than zero (e.g. \"5s\")",
+            ));
+        }
         if self.connectors.is_empty() {
             return Err(Invalid::new(
                 &["connectors"],

@@ -34,7 +34,7 @@ pub enum DuckDbError {
         found: i32,
         supported: i32,
     },
-    #[error("duckdb: the sink is not prepared (internal error)")]
+    #[error("duckdb: the database is not open (the sink did not start)")]
     NotPrepared,
     #[error("duckdb: worker thread failed: {0}")]
     Worker(String),
