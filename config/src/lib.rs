@@ -117,6 +117,7 @@ type = "text"
         assert_eq!(a.errors, ErrorPolicy::DeadLetter);
         assert_eq!(a.batch.max_records, 10_000);
         assert_eq!(a.columns[0].pointer(), "/id");
+        assert_eq!(a.source.path, "in.jsonl");
         assert_eq!(
             c.runner.progress_interval,
             std::time::Duration::from_secs(5)
