@@ -75,7 +75,8 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     progress.abort();
     signals.abort();
     grace_timer.abort();
-    print_summary(&connectors, started.elapsed()).await;
+    // An abandoned batch may still hold the sink: describe it only if not.
+    print_summary(&connectors, started.elapsed(), !abandoned).await;
     Ok(if failed || abandoned { 1 } else { 0 })
 }
 
@@ -123,7 +124,7 @@ async fn progress_loop(connectors: Vec<Arc<Connector>>, every: Duration) {
     }
 }
 
-async fn print_summary(connectors: &[Arc<Connector>], elapsed: Duration) {
+async fn print_summary(connectors: &[Arc<Connector>], elapsed: Duration, describe: bool) {
     println!("idem: finished in {:.1}s", elapsed.as_secs_f64());
     for c in connectors {
         let s = c.stats.snapshot();
@@ -143,9 +144,11 @@ async fn print_summary(connectors: &[Arc<Connector>], elapsed: Duration) {
             println!("    dead letters: {}", c.dead_letters.path().display());
         }
         println!("    positions: {}", format_positions(&s.positions));
-        match c.sink.describe().await {
-            Ok(d) => println!("    sink: {d}"),
-            Err(e) => println!("    sink: cannot describe: {e}"),
+        if describe {
+            match c.sink.describe().await {
+                Ok(d) => println!("    sink: {d}"),
+                Err(e) => println!("    sink: cannot describe: {e}"),
+            }
         }
     }
 }

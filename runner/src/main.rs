@@ -154,6 +154,8 @@ fn main() -> ExitCode {
                 })
         }
     };
+    // Do not wait for a blocking sink call abandoned after the grace period.
+    runtime.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
