@@ -9,10 +9,12 @@ mod error;
 pub use error::Invalid;
 pub mod interp;
 mod schema;
+mod table;
 
 pub use error::ConfigError;
 pub use interp::{interpolate, Secret};
 pub use schema::*;
+pub use table::{check_ident, validate_write, WriteMode};
 
 use serde::de::DeserializeOwned;
 use std::path::Path;

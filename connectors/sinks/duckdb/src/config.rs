@@ -1,4 +1,5 @@
-use idem_config::{ColumnConfig, ColumnType, Invalid, Validate};
+pub use idem_config::WriteMode as Mode;
+use idem_config::{check_ident, ColumnConfig, Invalid, Validate};
 use serde::Deserialize;
 
 /// `[connectors.NAME.sink]` with `type = "duckdb"`.
@@ -39,40 +40,12 @@ pub struct DuckDbSinkConfig {
     pub offsets_table: String,
 }
 
-/// How messages become rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Insert every message as a new row.
-    #[default]
-    Append,
-    /// Insert or replace the row with the message's key.
-    Upsert,
-}
-
 fn default_create() -> bool {
     true
 }
 
 fn default_offsets_table() -> String {
     "idem_offsets".into()
-}
-
-/// A plain SQL identifier: we quote it anyway, but refuse surprises.
-pub(crate) fn check_ident(key: &str, value: &str) -> Result<(), Invalid> {
-    let ok = value
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Invalid::new(
-            &[key],
-            format!("`{value}` is not a plain identifier (letters, digits, `_`)"),
-        ))
-    }
 }
 
 impl Validate for DuckDbSinkConfig {
@@ -88,68 +61,12 @@ impl Validate for DuckDbSinkConfig {
                 "the duckdb sink needs [[columns]]: at least one `name`/`type` (use pointer = \"\" and type = \"json\" for the whole message)",
             ));
         }
-        let find = |name: &str| columns.iter().find(|c| c.name == name);
-        match self.mode {
-            Mode::Append => {
-                for (key, set) in [
-                    ("key", !self.key.is_empty()),
-                    ("version", self.version.is_some()),
-                    ("delete_on_tombstone", self.delete_on_tombstone),
-                ] {
-                    if set {
-                        return Err(Invalid::new(
-                            &[key],
-                            "applies to mode = \"upsert\" only; this sink has mode = \"append\"",
-                        ));
-                    }
-                }
-            }
-            Mode::Upsert => {
-                if self.key.is_empty() {
-                    return Err(Invalid::new(
-                        &["key"],
-                        "mode = \"upsert\" needs key = [\"column\", ...]",
-                    ));
-                }
-                for k in &self.key {
-                    if find(k).is_none() {
-                        return Err(Invalid::new(
-                            &["key"],
-                            format!("key column `{k}` is not among [[columns]]"),
-                        ));
-                    }
-                }
-                if let Some(v) = &self.version {
-                    match find(v).map(|c| c.ty) {
-                        None => {
-                            return Err(Invalid::new(
-                                &["version"],
-                                format!("version column `{v}` is not among [[columns]]"),
-                            ))
-                        }
-                        Some(
-                            ColumnType::Bigint
-                            | ColumnType::Integer
-                            | ColumnType::Double
-                            | ColumnType::Timestamp
-                            | ColumnType::Date,
-                        ) => {}
-                        Some(t) => {
-                            return Err(Invalid::new(
-                                &["version"],
-                                format!("version column `{v}` is {t:?}; it must be a number, timestamp or date"),
-                            ))
-                        }
-                    }
-                    if self.key.contains(v) {
-                        return Err(Invalid::new(
-                            &["version"],
-                            "the version column cannot be a key column",
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
+        idem_config::validate_write(
+            self.mode,
+            &self.key,
+            self.version.as_deref(),
+            self.delete_on_tombstone,
+            columns,
+        )
     }
 }

@@ -1,0 +1,110 @@
+//! What every table sink (DuckDB, PostgreSQL, ...) shares in its config:
+//! the write mode, its key and version columns, and identifier checks.
+
+use crate::error::Invalid;
+use crate::{ColumnConfig, ColumnType};
+use serde::Deserialize;
+
+/// How messages become rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    /// Insert every message as a new row.
+    #[default]
+    Append,
+    /// Insert or replace the row with the message's key.
+    Upsert,
+}
+
+/// A plain SQL identifier: we quote it anyway, but refuse surprises.
+pub fn check_ident(key: &str, value: &str) -> Result<(), Invalid> {
+    let ok = value
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            &[key],
+            format!("`{value}` is not a plain identifier (letters, digits, `_`)"),
+        ))
+    }
+}
+
+/// Check `mode` with its `key`, `version` and `delete_on_tombstone` against
+/// the mapped `columns`. Keys of errors are relative to the sink section.
+pub fn validate_write(
+    mode: WriteMode,
+    key: &[String],
+    version: Option<&str>,
+    delete_on_tombstone: bool,
+    columns: &[ColumnConfig],
+) -> Result<(), Invalid> {
+    let find = |name: &str| columns.iter().find(|c| c.name == name);
+    match mode {
+        WriteMode::Append => {
+            for (key, set) in [
+                ("key", !key.is_empty()),
+                ("version", version.is_some()),
+                ("delete_on_tombstone", delete_on_tombstone),
+            ] {
+                if set {
+                    return Err(Invalid::new(
+                        &[key],
+                        "applies to mode = \"upsert\" only; this sink has mode = \"append\"",
+                    ));
+                }
+            }
+        }
+        WriteMode::Upsert => {
+            if key.is_empty() {
+                return Err(Invalid::new(
+                    &["key"],
+                    "mode = \"upsert\" needs key = [\"column\", ...]",
+                ));
+            }
+            for k in key {
+                if find(k).is_none() {
+                    return Err(Invalid::new(
+                        &["key"],
+                        format!("key column `{k}` is not among [[columns]]"),
+                    ));
+                }
+            }
+            if let Some(v) = version {
+                match find(v).map(|c| c.ty) {
+                    None => {
+                        return Err(Invalid::new(
+                            &["version"],
+                            format!("version column `{v}` is not among [[columns]]"),
+                        ))
+                    }
+                    Some(
+                        ColumnType::Bigint
+                        | ColumnType::Integer
+                        | ColumnType::Double
+                        | ColumnType::Timestamp
+                        | ColumnType::Date,
+                    ) => {}
+                    Some(t) => {
+                        return Err(Invalid::new(
+                            &["version"],
+                            format!(
+                            "version column `{v}` is {t:?}; it must be a number, timestamp or date"
+                        ),
+                        ))
+                    }
+                }
+                if key.iter().any(|k| k == v) {
+                    return Err(Invalid::new(
+                        &["version"],
+                        "the version column cannot be a key column",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
