@@ -16,6 +16,7 @@ pub mod mapping;
 mod message;
 mod sink;
 mod source;
+pub mod sql;
 
 pub use idem_config::Guarantee;
 pub use mapping::{MapError, Mapper, Op, Record, Value};

@@ -3,8 +3,9 @@
 //! epoch of the runner that owns the partition.
 
 use crate::error::DuckDbError;
-use crate::sink::{q, Ctx};
+use crate::sink::Ctx;
 use duckdb::{params, Connection};
+use idem_core::sql::q;
 use idem_core::{Opened, PartitionRef, StoredPosition};
 
 /// Bumped when the offsets table's meaning changes; a row written by a

@@ -8,22 +8,14 @@ use duckdb::types::{TimeUnit, ToSqlOutput, ValueRef};
 use duckdb::{appender_params_from_iter, params, Connection, OptionalExt, ToSql};
 use idem_config::{ColumnConfig, ColumnType, Guarantee};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
+use idem_core::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
 };
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-const POS_PARTITION: &str = "_idem_partition";
-const POS_OFFSET: &str = "_idem_offset";
-const DELETE_FLAG: &str = "_idem_delete";
 const STAGE: &str = "_idem_stage";
 const LATEST: &str = "_idem_latest";
-
-/// Quote an identifier (validated as plain at config time).
-pub(crate) fn q(ident: &str) -> String {
-    format!("\"{ident}\"")
-}
 
 /// Names used in errors and SQL.
 pub(crate) struct Ctx {
@@ -76,106 +68,28 @@ fn sql_type(t: ColumnType) -> &'static str {
 
 impl Plan {
     fn new(cfg: &DuckDbSinkConfig, columns: &[ColumnConfig]) -> Plan {
-        let t = q(&cfg.table);
-        let mut insert_columns: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
-        insert_columns.push(POS_PARTITION.into());
-        insert_columns.push(POS_OFFSET.into());
-        let col_list = insert_columns
-            .iter()
-            .map(|c| q(c))
-            .collect::<Vec<_>>()
-            .join(", ");
-
-        let mut defs: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                let not_null = if cfg.key.contains(&c.name) {
-                    " NOT NULL"
-                } else {
-                    ""
-                };
-                format!("{} {}{not_null}", q(&c.name), sql_type(c.ty))
-            })
-            .collect();
-        defs.push(format!("{} VARCHAR NOT NULL", q(POS_PARTITION)));
-        defs.push(format!("{} BIGINT NOT NULL", q(POS_OFFSET)));
-        if cfg.mode == Mode::Upsert {
-            let keys = cfg.key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
-            defs.push(format!("PRIMARY KEY ({keys})"));
-        }
-        let create_table = format!("CREATE TABLE IF NOT EXISTS {t} ({})", defs.join(", "));
-        let create_stage = format!(
-            "CREATE OR REPLACE TEMP TABLE {STAGE} AS SELECT {col_list}, FALSE AS {DELETE_FLAG} FROM main.{t} LIMIT 0"
-        );
-
-        // The newest message per key in the batch: by version, then offset.
-        let keys = cfg.key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
-        let order = match &cfg.version {
-            Some(v) => format!("{} DESC, {POS_OFFSET} DESC", q(v)),
-            None => format!("{POS_OFFSET} DESC"),
+        let t = format!("main.{}", q(&cfg.table));
+        let insert_columns = sql::insert_columns(columns);
+        let col_list = sql::list(&insert_columns);
+        let keys = match cfg.mode {
+            Mode::Upsert => cfg.key.clone(),
+            Mode::Append => Vec::new(),
         };
+        let version = cfg.version.as_deref();
+        let create_table = format!(
+            "CREATE TABLE IF NOT EXISTS {t} ({})",
+            sql::table_definition(columns, &keys, sql_type)
+        );
+        let create_stage = format!(
+            "CREATE OR REPLACE TEMP TABLE {STAGE} AS SELECT {col_list}, FALSE AS {DELETE_FLAG} FROM {t} LIMIT 0"
+        );
+        // The newest message per key in the batch: by version, then offset.
         let pick_latest = format!(
             "CREATE OR REPLACE TEMP TABLE {LATEST} AS SELECT * FROM {STAGE}
-             QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
+             QUALIFY row_number() OVER (PARTITION BY {} ORDER BY {}) = 1",
+            sql::list(&keys),
+            sql::newest_first(version)
         );
-        // `new` may replace `old` only if it is newer: a larger version, or
-        // (same version / no version) a later offset of the same partition.
-        // Across partitions positions are not comparable: the later commit wins.
-        let position_newer = |new: &str, old: &str| {
-            format!(
-                "({new}.{POS_PARTITION} <> {old}.{POS_PARTITION} OR {new}.{POS_OFFSET} > {old}.{POS_OFFSET})"
-            )
-        };
-        let guard = |new: &str, old: &str| match &cfg.version {
-            Some(v) => format!(
-                "({new}.{v} > {old}.{v} OR ({new}.{v} = {old}.{v} AND {}))",
-                position_newer(new, old),
-                v = q(v)
-            ),
-            None => position_newer(new, old),
-        };
-        let key_match = |a: &str, b: &str| {
-            cfg.key
-                .iter()
-                .map(|k| format!("{a}.{k} = {b}.{k}", k = q(k)))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
-        let delete = format!(
-            "DELETE FROM main.{t} USING {LATEST} WHERE {LATEST}.{DELETE_FLAG} AND {} AND {}",
-            key_match(&t, LATEST),
-            guard(LATEST, &t)
-        );
-        let updates = insert_columns
-            .iter()
-            .filter(|c| !cfg.key.contains(c))
-            .map(|c| format!("{c} = excluded.{c}", c = q(c)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // A message equal to the row in every mapped column (a producer
-        // retry, a replay) changes nothing and counts as deduplicated.
-        let changed = columns
-            .iter()
-            .filter(|c| !cfg.key.contains(&c.name))
-            .map(|c| format!("excluded.{c} IS DISTINCT FROM {t}.{c}", c = q(&c.name)))
-            .collect::<Vec<_>>();
-        let changed = if changed.is_empty() {
-            "FALSE".to_string()
-        } else {
-            changed.join(" OR ")
-        };
-        let merge_from = |from: &str| {
-            format!(
-                "INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {from} WHERE NOT {DELETE_FLAG}
-                 ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {} AND ({changed})",
-                guard("excluded", &t)
-            )
-        };
-        let key_idx = cfg
-            .key
-            .iter()
-            .filter_map(|k| columns.iter().position(|c| &c.name == k))
-            .collect();
         Plan {
             ctx: Ctx {
                 path: cfg.path.clone(),
@@ -186,11 +100,11 @@ impl Plan {
             insert_columns,
             create_table,
             create_stage,
-            delete,
-            merge: merge_from(LATEST),
-            merge_staged: merge_from(STAGE),
+            delete: sql::delete(&t, "tgt", LATEST, &keys, version),
+            merge: sql::merge(&t, "tgt", LATEST, columns, &keys, version),
+            merge_staged: sql::merge(&t, "tgt", STAGE, columns, &keys, version),
             pick_latest,
-            key_idx,
+            key_idx: sql::key_indexes(columns, &keys),
         }
     }
 }
@@ -360,28 +274,6 @@ impl Inner {
     }
 }
 
-/// A key cell, hashable, for spotting repeated keys in a batch.
-#[derive(PartialEq, Eq, Hash)]
-enum KeyPart<'a> {
-    Null,
-    Text(&'a str),
-    Int(i64),
-    Bits(u64),
-}
-
-impl<'a> KeyPart<'a> {
-    fn of(v: &'a Value) -> Self {
-        match v {
-            Value::Null => KeyPart::Null,
-            Value::Text(s) | Value::Json(s) => KeyPart::Text(s),
-            Value::BigInt(n) | Value::Timestamp(n) => KeyPart::Int(*n),
-            Value::Integer(n) | Value::Date(n) => KeyPart::Int(i64::from(*n)),
-            Value::Double(x) => KeyPart::Bits(x.to_bits()),
-            Value::Boolean(b) => KeyPart::Int(i64::from(*b)),
-        }
-    }
-}
-
 /// A cell handed to the appender by reference: text is borrowed, not copied.
 enum Cell<'a> {
     Mapped(&'a Value),
@@ -435,10 +327,6 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         conn.execute_batch(&format!("DELETE FROM {STAGE}"))
             .map_err(|e| ctx.sql(STAGE, "clear the staging table", e))?;
     }
-    // Upsert: whether every key is unique in the batch and nothing is a
-    // tombstone, so the staging table can be merged as it is.
-    let mut simple = true;
-    let mut keys_seen: HashSet<Vec<KeyPart>> = HashSet::with_capacity(batch.records.len());
     {
         let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
         if with_flag {
@@ -453,15 +341,6 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             if i == half {
                 failpoint::hit(MID_WRITE);
             }
-            if with_flag && simple {
-                simple = rec.op == Op::Upsert
-                    && keys_seen.insert(
-                        plan.key_idx
-                            .iter()
-                            .map(|&k| KeyPart::of(&rec.values[k]))
-                            .collect(),
-                    );
-            }
             let offset = offset_i64(rec.offset);
             let is_delete = rec.op == Op::Delete;
             let cells = rec.values.iter().map(Cell::Mapped);
@@ -475,7 +354,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     }
     let written = match plan.mode {
         Mode::Append => total,
-        Mode::Upsert if simple => {
+        Mode::Upsert if sql::unique_upserts(&batch.records, &plan.key_idx) => {
             conn.execute(&plan.merge_staged, [])
                 .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))? as u64
         }

@@ -1,0 +1,245 @@
+//! SQL fragments shared by the table sinks (DuckDB, PostgreSQL): column
+//! definitions, the version guard of upserts, key matching, and change
+//! detection. Both dialects quote identifiers with `"` and know
+//! `IS DISTINCT FROM` and `INSERT .. ON CONFLICT`.
+
+use crate::{Op, Record, Value};
+use idem_config::{ColumnConfig, ColumnType};
+use std::collections::HashSet;
+
+/// Position columns every table sink adds to its rows.
+pub const POS_PARTITION: &str = "_idem_partition";
+pub const POS_OFFSET: &str = "_idem_offset";
+/// Staging column marking a tombstone.
+pub const DELETE_FLAG: &str = "_idem_delete";
+
+/// Quote an identifier (validated as plain at config time).
+pub fn q(ident: &str) -> String {
+    format!("\"{ident}\"")
+}
+
+/// `a.k1 = b.k1 AND a.k2 = b.k2 ...`
+pub fn key_match(a: &str, b: &str, keys: &[String]) -> String {
+    keys.iter()
+        .map(|k| format!("{a}.{k} = {b}.{k}", k = q(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Whether row `new` may replace row `old`: a larger `version`, or (same
+/// version, or no version column) a later offset of the same partition.
+/// Across partitions positions are not comparable: the later commit wins.
+pub fn guard(new: &str, old: &str, version: Option<&str>) -> String {
+    let position_newer = format!(
+        "({new}.{POS_PARTITION} <> {old}.{POS_PARTITION} OR {new}.{POS_OFFSET} > {old}.{POS_OFFSET})"
+    );
+    match version {
+        Some(v) => format!(
+            "({new}.{v} > {old}.{v} OR ({new}.{v} = {old}.{v} AND {position_newer}))",
+            v = q(v)
+        ),
+        None => position_newer,
+    }
+}
+
+/// Whether `new` differs from `old` in any of `columns` (a message equal to
+/// the row changes nothing and counts as deduplicated).
+pub fn changed(new: &str, old: &str, columns: &[&str]) -> String {
+    if columns.is_empty() {
+        return "FALSE".into();
+    }
+    columns
+        .iter()
+        .map(|c| format!("{new}.{c} IS DISTINCT FROM {old}.{c}", c = q(c)))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// `c = EXCLUDED.c, ...` for every column that is not a key.
+pub fn updates(columns: &[String], keys: &[String]) -> String {
+    columns
+        .iter()
+        .filter(|c| !keys.contains(c))
+        .map(|c| format!("{c} = excluded.{c}", c = q(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `ORDER BY` that puts the newest message of a key first.
+pub fn newest_first(version: Option<&str>) -> String {
+    match version {
+        Some(v) => format!("{} DESC, {POS_OFFSET} DESC", q(v)),
+        None => format!("{POS_OFFSET} DESC"),
+    }
+}
+
+/// Column definitions of a target table: the mapped columns (keys NOT
+/// NULL), the position columns, and the primary key when `keys` is set.
+pub fn table_definition(
+    columns: &[ColumnConfig],
+    keys: &[String],
+    sql_type: impl Fn(ColumnType) -> &'static str,
+) -> String {
+    let mut defs: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            let not_null = if keys.contains(&c.name) {
+                " NOT NULL"
+            } else {
+                ""
+            };
+            format!("{} {}{not_null}", q(&c.name), sql_type(c.ty))
+        })
+        .collect();
+    defs.push(format!(
+        "{} {} NOT NULL",
+        q(POS_PARTITION),
+        sql_type(ColumnType::Text)
+    ));
+    defs.push(format!(
+        "{} {} NOT NULL",
+        q(POS_OFFSET),
+        sql_type(ColumnType::Bigint)
+    ));
+    if !keys.is_empty() {
+        defs.push(format!("PRIMARY KEY ({})", list(keys)));
+    }
+    defs.join(", ")
+}
+
+/// `"a", "b", ...`
+pub fn list(names: &[String]) -> String {
+    names.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ")
+}
+
+/// The mapped columns then the position columns, in insert order.
+pub fn insert_columns(columns: &[ColumnConfig]) -> Vec<String> {
+    columns
+        .iter()
+        .map(|c| c.name.clone())
+        .chain([POS_PARTITION.to_string(), POS_OFFSET.to_string()])
+        .collect()
+}
+
+/// `INSERT .. SELECT .. ON CONFLICT (keys) DO UPDATE .. WHERE newer AND changed`
+/// from `source` (a staging relation with the delete flag) into `target`
+/// (a qualified, quoted name) aliased as `alias`.
+pub fn merge(
+    target: &str,
+    alias: &str,
+    source: &str,
+    columns: &[ColumnConfig],
+    keys: &[String],
+    version: Option<&str>,
+) -> String {
+    let cols = insert_columns(columns);
+    let col_list = list(&cols);
+    let non_keys: Vec<&str> = columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|c| !keys.iter().any(|k| k == c))
+        .collect();
+    format!(
+        "INSERT INTO {target} AS {alias} ({col_list}) SELECT {col_list} FROM {source} WHERE NOT {DELETE_FLAG}
+         ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {guard} AND ({changed})",
+        keys = list(keys),
+        updates = updates(&cols, keys),
+        guard = guard("excluded", alias, version),
+        changed = changed("excluded", alias, &non_keys),
+    )
+}
+
+/// `DELETE` the keys whose newest message in `source` is a tombstone.
+pub fn delete(
+    target: &str,
+    alias: &str,
+    source: &str,
+    keys: &[String],
+    version: Option<&str>,
+) -> String {
+    format!(
+        "DELETE FROM {target} AS {alias} USING {source} WHERE {source}.{DELETE_FLAG} AND {} AND {}",
+        key_match(alias, source, keys),
+        guard(source, alias, version)
+    )
+}
+
+/// A key cell, hashable, for spotting repeated keys in a batch.
+#[derive(PartialEq, Eq, Hash)]
+enum KeyPart<'a> {
+    Null,
+    Text(&'a str),
+    Int(i64),
+    Bits(u64),
+}
+
+impl<'a> KeyPart<'a> {
+    fn of(v: &'a Value) -> Self {
+        match v {
+            Value::Null => KeyPart::Null,
+            Value::Text(s) | Value::Json(s) => KeyPart::Text(s),
+            Value::BigInt(n) | Value::Timestamp(n) => KeyPart::Int(*n),
+            Value::Integer(n) | Value::Date(n) => KeyPart::Int(i64::from(*n)),
+            Value::Double(x) => KeyPart::Bits(x.to_bits()),
+            Value::Boolean(b) => KeyPart::Int(i64::from(*b)),
+        }
+    }
+}
+
+/// Whether an upsert batch can be merged as it is: no tombstone, and no key
+/// twice (otherwise the newest message per key must be picked first).
+pub fn unique_upserts(records: &[Record], key_idx: &[usize]) -> bool {
+    let mut seen: HashSet<Vec<KeyPart>> = HashSet::with_capacity(records.len());
+    records.iter().all(|r| {
+        r.op == Op::Upsert
+            && seen.insert(key_idx.iter().map(|&k| KeyPart::of(&r.values[k])).collect())
+    })
+}
+
+/// Positions of `keys` among `columns`.
+pub fn key_indexes(columns: &[ColumnConfig], keys: &[String]) -> Vec<usize> {
+    keys.iter()
+        .filter_map(|k| columns.iter().position(|c| &c.name == k))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments() {
+        let keys = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(
+            key_match("t", "s", &keys),
+            r#"t."a" = s."a" AND t."b" = s."b""#
+        );
+        assert_eq!(
+            guard("n", "o", None),
+            "(n._idem_partition <> o._idem_partition OR n._idem_offset > o._idem_offset)"
+        );
+        assert!(guard("n", "o", Some("v")).starts_with(r#"(n."v" > o."v" OR (n."v" = o."v" AND"#));
+        assert_eq!(changed("n", "o", &[]), "FALSE");
+        assert_eq!(changed("n", "o", &["x"]), r#"n."x" IS DISTINCT FROM o."x""#);
+        let cols = vec!["a".to_string(), "x".to_string()];
+        assert_eq!(updates(&cols, &keys), r#""x" = excluded."x""#);
+    }
+
+    #[test]
+    fn unique_upserts_spots_repeats_and_tombstones() {
+        let rec = |k: &str, op| Record {
+            offset: 0,
+            op,
+            values: vec![Value::Text(k.into())],
+        };
+        assert!(unique_upserts(
+            &[rec("a", Op::Upsert), rec("b", Op::Upsert)],
+            &[0]
+        ));
+        assert!(!unique_upserts(
+            &[rec("a", Op::Upsert), rec("a", Op::Upsert)],
+            &[0]
+        ));
+        assert!(!unique_upserts(&[rec("a", Op::Delete)], &[0]));
+    }
+}
