@@ -71,3 +71,37 @@ pub fn query_i64(conn: &duckdb::Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0))
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
+
+/// The PostgreSQL the tests use: `IDEM_TEST_PG_URL`, or the role and
+/// database `scripts/postgres.sh` creates.
+pub fn pg_url() -> String {
+    std::env::var("IDEM_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
+}
+
+/// A fresh schema name, so tests never see each other's tables.
+pub fn fresh_schema(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{nanos}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A client for assertions; a missing server fails with how to start it.
+pub async fn pg() -> tokio_postgres::Client {
+    let url = pg_url();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable at {url}: {e}. Start it with: bash scripts/postgres.sh")
+        });
+    tokio::spawn(conn);
+    client
+}

@@ -4,6 +4,7 @@
 use idem_config::{ColumnConfig, Invalid, Validate};
 use idem_core::{Sink, Source};
 use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig};
+use idem_sink_postgres::{PostgresSink, PostgresSinkConfig};
 use idem_sink_stdout::{StdoutSink, StdoutSinkConfig};
 use idem_source_file::{FileSource, FileSourceConfig};
 use serde::Deserialize;
@@ -23,6 +24,8 @@ pub enum SourceConfig {
 pub enum SinkConfig {
     /// DuckDB, embedded (exactly-once).
     Duckdb(DuckDbSinkConfig),
+    /// PostgreSQL (exactly-once).
+    Postgres(PostgresSinkConfig),
     /// JSON lines on standard output (at-least-once; previews).
     Stdout(StdoutSinkConfig),
 }
@@ -42,6 +45,7 @@ impl Validate for SinkConfig {
     fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
         match self {
             SinkConfig::Duckdb(c) => c.validate(columns),
+            SinkConfig::Postgres(c) => c.validate(columns),
             SinkConfig::Stdout(c) => c.validate(columns),
         }
     }
@@ -66,6 +70,7 @@ impl SinkConfig {
     pub fn build(&self, columns: &[ColumnConfig]) -> Arc<dyn Sink> {
         match self {
             SinkConfig::Duckdb(c) => Arc::new(DuckDbSink::new(c.clone(), columns.to_vec())),
+            SinkConfig::Postgres(c) => Arc::new(PostgresSink::new(c.clone(), columns.to_vec())),
             SinkConfig::Stdout(c) => Arc::new(StdoutSink::new(c.clone(), columns)),
         }
     }
@@ -73,6 +78,7 @@ impl SinkConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkConfig::Duckdb(_) => "duckdb",
+            SinkConfig::Postgres(_) => "postgres",
             SinkConfig::Stdout(_) => "stdout",
         }
     }

@@ -1,0 +1,103 @@
+use idem_config::{check_ident, ColumnConfig, Invalid, Secret, Validate, WriteMode};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// `[connectors.NAME.sink]` with `type = "postgres"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// Connection URL, e.g. `postgres://idem:${PGPASSWORD}@127.0.0.1:5432/app`.
+    /// Redacted in logs and errors.
+    pub url: Secret,
+    /// The schema of the target and offsets tables.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// The target table.
+    pub table: String,
+    /// `append` (every message is a row) or `upsert` (one row per key).
+    #[serde(default)]
+    pub mode: WriteMode,
+    /// Key columns of `upsert` mode; the table's primary key.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// `upsert`: a column whose larger value wins, so an older event never
+    /// overwrites a newer row. Default: the source position.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// `upsert`: tombstones delete the row with their key.
+    #[serde(default)]
+    pub delete_on_tombstone: bool,
+    /// Create the schema and table from `columns` if missing. Either way an
+    /// existing table is checked against `columns` before the first write.
+    #[serde(default = "default_create")]
+    pub create: bool,
+    /// The table holding each partition's committed position and epoch.
+    #[serde(default = "default_offsets_table")]
+    pub offsets_table: String,
+    /// Connections in the pool (partitions commit concurrently).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Give up connecting after this long (then retry with backoff).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Server-side `statement_timeout` for every statement.
+    #[serde(default = "default_statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+
+fn default_create() -> bool {
+    true
+}
+
+fn default_offsets_table() -> String {
+    "idem_offsets".into()
+}
+
+fn default_pool_size() -> usize {
+    4
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_statement_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Validate for PostgresSinkConfig {
+    fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
+        check_ident("schema", &self.schema)?;
+        if self.schema.starts_with("pg_") {
+            return Err(Invalid::new(
+                &["schema"],
+                "names starting with `pg_` are reserved by PostgreSQL",
+            ));
+        }
+        check_ident("table", &self.table)?;
+        check_ident("offsets_table", &self.offsets_table)?;
+        if let Err(e) = self.url.expose().parse::<tokio_postgres::Config>() {
+            return Err(Invalid::new(&["url"], format!("not a PostgreSQL URL: {e}")));
+        }
+        if self.pool_size == 0 {
+            return Err(Invalid::new(&["pool_size"], "must be at least 1"));
+        }
+        if columns.is_empty() {
+            return Err(Invalid::new(
+                &[],
+                "the postgres sink needs [[columns]]: at least one `name`/`type` (use pointer = \"\" and type = \"json\" for the whole message)",
+            ));
+        }
+        idem_config::validate_write(
+            self.mode,
+            &self.key,
+            self.version.as_deref(),
+            self.delete_on_tombstone,
+            columns,
+        )
+    }
+}

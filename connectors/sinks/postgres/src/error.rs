@@ -1,0 +1,99 @@
+use idem_core::SinkError;
+use tokio_postgres::error::SqlState;
+
+/// What failed in the PostgreSQL sink, and on what.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgError {
+    #[error("postgres {server}: cannot connect: {source}. Is PostgreSQL running there? (for the tests: bash scripts/postgres.sh)")]
+    Connect {
+        server: String,
+        #[source]
+        source: Box<tokio_postgres::Error>,
+    },
+    #[error("postgres {server}: no connection from the pool: {message}")]
+    Pool { server: String, message: String },
+    #[error("postgres {server}: {what} (table `{table}`): {}", describe(source))]
+    Sql {
+        server: String,
+        table: String,
+        what: String,
+        #[source]
+        source: Box<tokio_postgres::Error>,
+    },
+    #[error("postgres {server}: table `{table}` does not match the connector's columns: {detail}")]
+    SchemaMismatch {
+        server: String,
+        table: String,
+        detail: String,
+    },
+    #[error("postgres {server}: table `{table}` does not exist and create = false")]
+    MissingTable { server: String, table: String },
+    #[error("postgres {server}: offsets table `{table}` holds format version {found} for partition {partition}; this Idem understands up to {supported}: upgrade Idem")]
+    FormatVersion {
+        server: String,
+        table: String,
+        partition: String,
+        found: i32,
+        supported: i32,
+    },
+    #[error("postgres: invalid url: {0}")]
+    Url(String),
+}
+
+/// The server's message, with its detail, instead of "db error".
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(d) => format!("{} ({}): {d}", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
+        None => e.to_string(),
+    }
+}
+
+/// Errors a retry of the whole batch can get past: the connection dropped,
+/// the server restarts or is overloaded, a serialization failure or a
+/// deadlock.
+fn transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true, // I/O or protocol: the connection is gone
+        Some(code) => {
+            [
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::QUERY_CANCELED,
+                SqlState::LOCK_NOT_AVAILABLE,
+            ]
+            .contains(code)
+                || code.code().starts_with("08")
+        }
+    }
+}
+
+impl PgError {
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            PgError::Connect { .. } | PgError::Pool { .. } => true,
+            PgError::Sql { source, .. } => transient(source),
+            _ => false,
+        }
+    }
+}
+
+impl From<PgError> for SinkError {
+    fn from(e: PgError) -> Self {
+        if e.is_retriable() {
+            SinkError::Transient(Box::new(e))
+        } else {
+            SinkError::Permanent(Box::new(e))
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! PostgreSQL sink.
+//!
+//! Speaks the PostgreSQL wire protocol (`tokio-postgres`, a small pool).
+//! Guarantee: **exactly-once** in every mode. Each batch is one transaction:
+//! the partition's row in the offsets table moves `WHERE epoch = mine` (zero
+//! rows: `Fenced`), the rows arrive by binary `COPY` (straight into the table
+//! in `append` mode; into a temporary staging table merged with one
+//! `INSERT .. ON CONFLICT` in `upsert` mode), then `COMMIT`. A crash or a
+//! dropped connection before `COMMIT` leaves neither rows nor position;
+//! after it, both. Recovery reads the offsets table, never the source.
+
+mod cell;
+mod config;
+mod error;
+mod recover;
+mod sink;
+
+pub use config::PostgresSinkConfig;
+pub use error::PgError;
+pub use sink::PostgresSink;

@@ -1,0 +1,450 @@
+//! The write path: one transaction per batch, rows by binary `COPY`.
+
+use crate::cell::{pg_type, reported_type, sql_type, Cell};
+use crate::config::PostgresSinkConfig;
+use crate::error::PgError;
+use crate::recover;
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use idem_config::{ColumnConfig, Guarantee, WriteMode};
+use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
+use idem_core::sql::{self, q, DELETE_FLAG};
+use idem_core::{
+    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
+};
+use std::sync::Arc;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use tokio_postgres::NoTls;
+
+/// Names used in errors and SQL.
+pub(crate) struct Ctx {
+    /// `postgres://user@host:port/db`, never the password.
+    pub server: String,
+    /// `"schema"."table"`
+    pub table: String,
+    /// `"schema"."offsets_table"`
+    pub offsets: String,
+}
+
+impl Ctx {
+    pub(crate) fn sql(&self, table: &str, what: &str, source: tokio_postgres::Error) -> PgError {
+        PgError::Sql {
+            server: self.server.clone(),
+            table: table.to_string(),
+            what: what.to_string(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Statements derived once from the config.
+struct Plan {
+    /// COPY types: the mapped columns, then partition and offset
+    /// (and the delete flag when staging).
+    types: Vec<Type>,
+    copy_target: String,
+    create_stage: String,
+    copy_stage: String,
+    advance: String,
+    /// Upsert statements: straight from the staging table when keys are
+    /// unique and no tombstone is in the batch, else newest-per-key first.
+    merge_staged: String,
+    merge_latest: String,
+    delete_latest: String,
+    key_idx: Vec<usize>,
+}
+
+fn server_name(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}@{host}:{port}/{}",
+        cfg.get_user().unwrap_or(""),
+        cfg.get_dbname().unwrap_or("")
+    )
+}
+
+impl Plan {
+    fn new(cfg: &PostgresSinkConfig, columns: &[ColumnConfig], ctx: &Ctx) -> Plan {
+        let keys = match cfg.mode {
+            WriteMode::Upsert => cfg.key.clone(),
+            WriteMode::Append => Vec::new(),
+        };
+        let version = cfg.version.as_deref();
+        let col_list = sql::list(&sql::insert_columns(columns));
+        let mut types: Vec<Type> = columns.iter().map(|c| pg_type(c.ty)).collect();
+        types.extend([Type::TEXT, Type::INT8]);
+        if cfg.mode == WriteMode::Upsert {
+            types.push(Type::BOOL);
+        }
+        // One staging table per target, per session; emptied at each commit.
+        let stage = q(&format!("_idem_stage_{}", cfg.table));
+        let stage_defs: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{} {}", q(&c.name), sql_type(c.ty)))
+            .chain([
+                format!("{} text", q(sql::POS_PARTITION)),
+                format!("{} bigint", q(sql::POS_OFFSET)),
+                format!("{DELETE_FLAG} boolean"),
+            ])
+            .collect();
+        let latest = format!(
+            "WITH latest AS (SELECT DISTINCT ON ({keys}) * FROM {stage} ORDER BY {keys}, {order}) ",
+            keys = sql::list(&keys),
+            order = sql::newest_first(version),
+        );
+        let t = &ctx.table;
+        Plan {
+            types,
+            copy_target: format!("COPY {t} ({col_list}) FROM STDIN (FORMAT binary)"),
+            create_stage: format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
+                stage_defs.join(", ")
+            ),
+            copy_stage: format!(
+                "COPY {stage} ({col_list}, {DELETE_FLAG}) FROM STDIN (FORMAT binary)"
+            ),
+            advance: recover::advance_sql(ctx),
+            merge_staged: sql::merge(t, "tgt", &stage, columns, &keys, version),
+            merge_latest: latest.clone() + &sql::merge(t, "tgt", "latest", columns, &keys, version),
+            delete_latest: latest + &sql::delete(t, "tgt", "latest", &keys, version),
+            key_idx: sql::key_indexes(columns, &keys),
+        }
+    }
+}
+
+/// Writes batches into a PostgreSQL table, positions in the same transaction.
+pub struct PostgresSink {
+    cfg: PostgresSinkConfig,
+    columns: Vec<ColumnConfig>,
+    ctx: Ctx,
+    plan: Plan,
+    pool: Result<Pool, String>,
+}
+
+impl PostgresSink {
+    /// No I/O: connections open on first use.
+    pub fn new(cfg: PostgresSinkConfig, columns: Vec<ColumnConfig>) -> Self {
+        let parsed = cfg.url.expose().parse::<tokio_postgres::Config>();
+        let server = parsed
+            .as_ref()
+            .map_or_else(|_| "postgres".into(), server_name);
+        let ctx = Ctx {
+            server,
+            table: format!("{}.{}", q(&cfg.schema), q(&cfg.table)),
+            offsets: format!("{}.{}", q(&cfg.schema), q(&cfg.offsets_table)),
+        };
+        let pool = parsed.map_err(|e| e.to_string()).and_then(|mut pg| {
+            pg.connect_timeout(cfg.connect_timeout);
+            pg.options(format!(
+                "-c statement_timeout={}",
+                cfg.statement_timeout.as_millis()
+            ));
+            if pg.get_application_name().is_none() {
+                pg.application_name("idem");
+            }
+            let manager = Manager::from_config(
+                pg,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(cfg.pool_size)
+                .build()
+                .map_err(|e| e.to_string())
+        });
+        let plan = Plan::new(&cfg, &columns, &ctx);
+        PostgresSink {
+            cfg,
+            columns,
+            ctx,
+            plan,
+            pool,
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
+        let pool = self.pool.as_ref().map_err(|e| PgError::Url(e.clone()))?;
+        pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(source) => PgError::Connect {
+                server: self.ctx.server.clone(),
+                source: Box::new(source),
+            },
+            other => PgError::Pool {
+                server: self.ctx.server.clone(),
+                message: other.to_string(),
+            },
+        })
+    }
+
+    async fn check_table(&self, client: &deadpool_postgres::Client) -> Result<(), PgError> {
+        let ctx = &self.ctx;
+        let mismatch = |detail: String| PgError::SchemaMismatch {
+            server: ctx.server.clone(),
+            table: ctx.table.clone(),
+            detail,
+        };
+        let rows = client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2",
+                &[&self.cfg.schema, &self.cfg.table],
+            )
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "read the table's columns", e))?;
+        let actual: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let expected = self
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), reported_type(c.ty)))
+            .chain([(sql::POS_PARTITION, "text"), (sql::POS_OFFSET, "bigint")]);
+        for (name, ty) in expected {
+            match actual.iter().find(|(n, _)| n == name) {
+                None => return Err(mismatch(format!("column `{name}` ({ty}) is missing"))),
+                Some((_, found)) if found != ty => {
+                    return Err(mismatch(format!(
+                        "column `{name}` is {found}, the connector maps it as {ty}"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if self.cfg.mode == WriteMode::Upsert {
+            let pk: Vec<String> = client
+                .query(
+                    "SELECT a.attname::text FROM pg_index i
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                     WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+                     ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                    &[&ctx.table],
+                )
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "read the primary key", e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if pk != self.cfg.key {
+                return Err(mismatch(format!(
+                    "upsert needs PRIMARY KEY ({}); the table has {}",
+                    self.cfg.key.join(", "),
+                    if pk.is_empty() {
+                        "none".to_string()
+                    } else {
+                        format!("PRIMARY KEY ({})", pk.join(", "))
+                    }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn write(&self, batch: &Batch) -> Result<Option<CommitStats>, PgError> {
+        let ctx = &self.ctx;
+        let plan = &self.plan;
+        let p = &batch.partition;
+        let upsert = self.cfg.mode == WriteMode::Upsert;
+        let mut client = self.client().await?;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "begin", e))?;
+        let next = i64::try_from(batch.next_offset).unwrap_or(i64::MAX);
+        let moved = txn
+            .execute(
+                &plan.advance,
+                &[
+                    &next,
+                    &&*p.connector,
+                    &&*p.source,
+                    &&*p.partition,
+                    &batch.epoch,
+                ],
+            )
+            .await
+            .map_err(|e| ctx.sql(&ctx.offsets, &format!("advance partition {p}"), e))?;
+        if moved == 0 {
+            // A newer runner owns the partition. Dropping `txn` rolls back.
+            return Ok(None);
+        }
+        let copy = if upsert {
+            txn.batch_execute(&plan.create_stage)
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
+            &plan.copy_stage
+        } else {
+            &plan.copy_target
+        };
+        let sink = txn
+            .copy_in(copy.as_str())
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "start COPY", e))?;
+        let writer = BinaryCopyInWriter::new(sink, &plan.types);
+        futures_util::pin_mut!(writer);
+        let half = batch.records.len() / 2;
+        let mut row: Vec<Cell> = Vec::with_capacity(plan.types.len());
+        for (i, rec) in batch.records.iter().enumerate() {
+            if i == half {
+                failpoint::hit(MID_WRITE);
+            }
+            let offset = i64::try_from(rec.offset).unwrap_or(i64::MAX);
+            row.extend(rec.values.iter().map(Cell::Mapped));
+            row.push(Cell::Text(&p.partition));
+            row.push(Cell::BigInt(offset));
+            if upsert {
+                row.push(Cell::Boolean(rec.op == Op::Delete));
+            }
+            writer
+                .as_mut()
+                .write_raw(row.drain(..))
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, &format!("COPY offset {offset} of {p}"), e))?;
+        }
+        writer
+            .as_mut()
+            .finish()
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, &format!("finish COPY of {p}"), e))?;
+        let total = batch.records.len() as u64;
+        let written = if !upsert {
+            total
+        } else if sql::unique_upserts(&batch.records, &plan.key_idx) {
+            txn.execute(&plan.merge_staged, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?
+        } else {
+            let deleted = txn
+                .execute(&plan.delete_latest, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+            let merged = txn
+                .execute(&plan.merge_latest, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?;
+            deleted + merged
+        };
+        failpoint::hit(AFTER_WRITE);
+        txn.commit()
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "commit", e))?;
+        Ok(Some(CommitStats {
+            written,
+            deduplicated: total.saturating_sub(written),
+        }))
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    fn info(&self) -> SinkInfo {
+        let cfg = &self.cfg;
+        let target = format!("{} on {}", self.ctx.table, self.ctx.server);
+        let (why, mut required) = match cfg.mode {
+            WriteMode::Append => (
+                format!("append: rows (binary COPY) and each partition's next position commit in one PostgreSQL transaction into {target}; a restart resumes after the last commit"),
+                Vec::new(),
+            ),
+            WriteMode::Upsert => (
+                format!(
+                    "upsert on ({}): rows and positions commit in one PostgreSQL transaction into {target}, and a replayed or older message never overwrites a newer row",
+                    cfg.key.join(", ")
+                ),
+                cfg.key.clone(),
+            ),
+        };
+        required.extend(cfg.version.iter().cloned());
+        SinkInfo {
+            guarantee: Guarantee::ExactlyOnce,
+            why,
+            key_columns: required,
+            deletes: cfg.delete_on_tombstone,
+        }
+    }
+
+    async fn prepare(&self) -> Result<(), SinkError> {
+        let client = self.client().await?;
+        let ctx = &self.ctx;
+        if self.cfg.create {
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    q(&self.cfg.schema)
+                ))
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "create the schema", e))?;
+        }
+        recover::create_offsets_table(&**client, ctx).await?;
+        let exists: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&ctx.table])
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "look up the table", e))?
+            .get(0);
+        if exists.is_none() {
+            if !self.cfg.create {
+                return Err(PgError::MissingTable {
+                    server: ctx.server.clone(),
+                    table: ctx.table.clone(),
+                }
+                .into());
+            }
+            let keys = match self.cfg.mode {
+                WriteMode::Upsert => self.cfg.key.clone(),
+                WriteMode::Append => Vec::new(),
+            };
+            let ddl = format!(
+                "CREATE TABLE IF NOT EXISTS {} ({})",
+                ctx.table,
+                sql::table_definition(&self.columns, &keys, sql_type)
+            );
+            client
+                .batch_execute(&ddl)
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
+        }
+        self.check_table(&client).await?;
+        Ok(())
+    }
+
+    async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {
+        let client = self.client().await?;
+        Ok(recover::open(&**client, &self.ctx, partition).await?)
+    }
+
+    async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
+        match self.write(&batch).await? {
+            Some(stats) => Ok(stats),
+            None => Err(SinkError::Fenced {
+                partition: batch.partition.to_string(),
+                epoch: batch.epoch,
+            }),
+        }
+    }
+
+    async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
+        let client = self.client().await?;
+        Ok(recover::positions(&**client, &self.ctx, connector).await?)
+    }
+
+    async fn describe(&self) -> Result<String, SinkError> {
+        let client = self.client().await?;
+        let ctx = &self.ctx;
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {}", ctx.table), &[])
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "count rows", e))?
+            .get(0);
+        Ok(format!(
+            "table {} on {} holds {n} rows",
+            ctx.table, ctx.server
+        ))
+    }
+}
