@@ -1,0 +1,224 @@
+//! The crash test every sink runs: the real `idem` binary is killed
+//! (SIGKILL at random moments, abort at named fail points) again and again
+//! while its input grows; after a final clean run the sink holds every
+//! source message exactly once, and its stored positions equal the files'
+//! ends. In append mode every message is a row; in upsert mode some messages
+//! update an earlier id and the latest one must win.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use crate::common::*;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const ROUNDS: usize = 36;
+const PER_ROUND: usize = 4000;
+const FAILPOINTS: [&str; 3] = ["after_write", "after_commit", "mid_write"];
+
+/// What a sink holds after the run, read back by the sink's own test.
+pub struct Landed {
+    /// (id, n, partition, offset) per row.
+    pub rows: Vec<(String, i64, String, i64)>,
+    /// Stored next offset per partition.
+    pub positions: BTreeMap<String, i64>,
+}
+
+/// The `[connectors.crash.sink]` lines for `mode` ("append" or "upsert").
+pub fn mode_lines(mode: &str) -> &'static str {
+    match mode {
+        "upsert" => "mode = \"upsert\"\nkey = [\"id\"]",
+        _ => "mode = \"append\"",
+    }
+}
+
+fn config(w: &Workdir, sink: &str) -> String {
+    format!(
+        r#"
+[connectors.crash]
+dead_letter = "{dl}"
+
+[connectors.crash.source]
+type = "file"
+path = "{glob}"
+
+[connectors.crash.sink]
+{sink}
+
+[connectors.crash.batch]
+max_records = 100
+linger = "20ms"
+
+[[connectors.crash.columns]]
+name = "id"
+type = "text"
+required = true
+
+[[connectors.crash.columns]]
+name = "n"
+type = "bigint"
+required = true
+
+[[connectors.crash.columns]]
+name = "pad"
+type = "text"
+"#,
+        dl = w.path("dead.jsonl").display(),
+        glob = w.path("in-*.jsonl").display(),
+    )
+}
+
+/// Run the crash rounds against the sink configured by `sink` (its TOML
+/// lines, table `events`, columns id/n/pad), then check what `read` finds.
+pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
+    let cfg = w.write("crash.toml", &config(w, sink));
+    let upsert = mode == "upsert";
+    let seed: u64 = std::env::var("IDEM_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rngs::StdRng::from_os_rng().random());
+    eprintln!("{mode} crash test seed: {seed} (IDEM_CRASH_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    // id -> n; the source of truth for the final check.
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    // Ids written so far per partition, for upsert's updates.
+    let mut ids: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut malformed = 0usize;
+    let mut killed = 0usize;
+    let mut by_failpoint = BTreeMap::<&str, usize>::new();
+    // How long a run takes to finish its round, to aim random kills inside it.
+    let mut typical = Duration::from_millis(400);
+
+    for round in 0..ROUNDS {
+        // The producer keeps writing between crashes, into two partitions.
+        for part in 0..2 {
+            let mut chunk = String::new();
+            for i in 0..PER_ROUND / 2 {
+                // Upsert: one message in ten updates an id written earlier
+                // to the same partition (a later offset: it must win).
+                let id = if upsert && !ids[part].is_empty() && rng.random_bool(0.1) {
+                    ids[part][rng.random_range(0..ids[part].len())].clone()
+                } else {
+                    let id = format!("r{round}-p{part}-{i}");
+                    ids[part].push(id.clone());
+                    id
+                };
+                let n: i64 = rng.random_range(0..1_000_000);
+                chunk.push_str(&format!(
+                    "{{\"id\":\"{id}\",\"n\":{n},\"pad\":\"{}\"}}\n",
+                    "z".repeat(rng.random_range(10..80))
+                ));
+                expected.insert(id, n);
+                if i % 500 == 250 {
+                    chunk.push_str("{\"id\": \"truncated\n");
+                    malformed += 1;
+                }
+            }
+            w.append(&format!("in-{part}.jsonl"), &chunk);
+        }
+
+        let mut cmd = idem();
+        cmd.arg("run").arg(&cfg);
+        let failpoint = (round % 2 == 1).then(|| FAILPOINTS[(round / 2) % FAILPOINTS.len()]);
+        if let Some(fp) = failpoint {
+            cmd.env(
+                "IDEM_FAILPOINTS",
+                format!("{fp}={}", rng.random_range(1..=6)),
+            );
+        }
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("spawn idem");
+        let status = match failpoint {
+            Some(_) => child.wait().expect("wait"),
+            None => {
+                let aim = rng.random_range(5..(typical.as_millis() as u64 * 4 / 5).max(6));
+                let deadline = started + Duration::from_millis(aim);
+                loop {
+                    if let Some(s) = child.try_wait().expect("try_wait") {
+                        // It finished first: aim within its latest duration.
+                        typical = started.elapsed();
+                        break s;
+                    }
+                    if Instant::now() >= deadline {
+                        child.kill().expect("SIGKILL");
+                        break child.wait().expect("wait");
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        };
+        if !status.success() {
+            killed += 1;
+            *by_failpoint
+                .entry(failpoint.unwrap_or("random SIGKILL"))
+                .or_default() += 1;
+        }
+    }
+    eprintln!("{mode}: rounds: {ROUNDS}, killed: {killed} {by_failpoint:?}");
+    assert!(
+        killed >= 30,
+        "only {killed} of {ROUNDS} runs died mid-way: the test is too weak"
+    );
+    for fp in FAILPOINTS {
+        assert!(
+            by_failpoint.get(fp).copied().unwrap_or(0) > 0,
+            "fail point {fp} never fired"
+        );
+    }
+
+    // A clean run finishes what is left.
+    let out = run_ok(idem().arg("run").arg(&cfg));
+    eprintln!("{}", text(&out.stdout));
+
+    let landed = read();
+    let rows = landed.rows.len();
+    let ids: std::collections::BTreeSet<&str> = landed.rows.iter().map(|r| r.0.as_str()).collect();
+    let positions: std::collections::BTreeSet<(&str, i64)> =
+        landed.rows.iter().map(|r| (r.2.as_str(), r.3)).collect();
+    let sum: i64 = landed.rows.iter().map(|r| r.1).sum();
+    assert_eq!(
+        rows,
+        expected.len(),
+        "row count: lost or duplicated messages"
+    );
+    assert_eq!(ids.len(), rows, "duplicated ids");
+    assert_eq!(positions.len(), rows, "one source position written twice");
+    assert_eq!(sum, expected.values().sum::<i64>(), "checksum of n");
+    let actual: BTreeMap<String, i64> = landed.rows.iter().map(|r| (r.0.clone(), r.1)).collect();
+    assert!(actual == expected, "table content differs from the source");
+
+    // Stored positions are the files' ends.
+    for part in 0..2 {
+        let file = std::fs::canonicalize(w.path(&format!("in-{part}.jsonl"))).expect("path");
+        let len = std::fs::metadata(&file).expect("stat").len() as i64;
+        let name = file.display().to_string();
+        assert_eq!(
+            landed.positions.get(&name),
+            Some(&len),
+            "position of {name}"
+        );
+    }
+
+    // Dead letters are at-least-once: every malformed line is there, copies
+    // share a position.
+    let dl = std::fs::read_to_string(w.path("dead.jsonl")).expect("dead letters");
+    let mut dl_positions = std::collections::BTreeSet::new();
+    for line in dl.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("dead letter is JSON");
+        assert!(v["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("not valid JSON"));
+        dl_positions.insert((
+            v["partition"].to_string(),
+            v["offset"].as_u64().expect("offset"),
+        ));
+    }
+    assert_eq!(
+        dl_positions.len(),
+        malformed,
+        "every malformed line dead-lettered"
+    );
+}
