@@ -12,8 +12,10 @@ use idem_core::sql::{self, q, DELETE_FLAG};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
 };
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::NoTls;
 
@@ -40,9 +42,10 @@ impl Ctx {
 
 /// Statements derived once from the config.
 struct Plan {
-    /// COPY types: the mapped columns, then partition and offset
-    /// (and the delete flag when staging).
-    types: Vec<Type>,
+    /// COPY types: the mapped columns, then partition and offset...
+    target_types: Vec<Type>,
+    /// ...and the delete flag, for the staging table.
+    stage_types: Vec<Type>,
     copy_target: String,
     create_stage: String,
     copy_stage: String,
@@ -80,11 +83,10 @@ impl Plan {
         };
         let version = cfg.version.as_deref();
         let col_list = sql::list(&sql::insert_columns(columns));
-        let mut types: Vec<Type> = columns.iter().map(|c| pg_type(c.ty)).collect();
-        types.extend([Type::TEXT, Type::INT8]);
-        if cfg.mode == WriteMode::Upsert {
-            types.push(Type::BOOL);
-        }
+        let mut target_types: Vec<Type> = columns.iter().map(|c| pg_type(c.ty)).collect();
+        target_types.extend([Type::TEXT, Type::INT8]);
+        let mut stage_types = target_types.clone();
+        stage_types.push(Type::BOOL);
         // One staging table per target, per session; emptied at each commit.
         let stage = q(&format!("_idem_stage_{}", cfg.table));
         let stage_defs: Vec<String> = columns
@@ -103,7 +105,8 @@ impl Plan {
         );
         let t = &ctx.table;
         Plan {
-            types,
+            target_types,
+            stage_types,
             copy_target: format!("COPY {t} ({col_list}) FROM STDIN (FORMAT binary)"),
             create_stage: format!(
                 "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
@@ -121,6 +124,37 @@ impl Plan {
     }
 }
 
+/// COPY `batch` in binary through `sql`: mapped values, position, and the
+/// delete flag when `with_flag`.
+async fn copy_rows(
+    txn: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    types: &[Type],
+    batch: &Batch,
+    with_flag: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let sink = txn.copy_in(sql).await?;
+    let writer = BinaryCopyInWriter::new(sink, types);
+    futures_util::pin_mut!(writer);
+    let half = batch.records.len() / 2;
+    let partition: &str = &batch.partition.partition;
+    let mut row: Vec<Cell> = Vec::with_capacity(types.len());
+    for (i, rec) in batch.records.iter().enumerate() {
+        if i == half {
+            failpoint::hit(MID_WRITE);
+        }
+        row.extend(rec.values.iter().map(Cell::Mapped));
+        row.push(Cell::Text(partition));
+        row.push(Cell::BigInt(i64::try_from(rec.offset).unwrap_or(i64::MAX)));
+        if with_flag {
+            row.push(Cell::Boolean(rec.op == Op::Delete));
+        }
+        writer.as_mut().write_raw(row.drain(..)).await?;
+    }
+    writer.as_mut().finish().await?;
+    Ok(())
+}
+
 /// Writes batches into a PostgreSQL table, positions in the same transaction.
 pub struct PostgresSink {
     cfg: PostgresSinkConfig,
@@ -128,6 +162,9 @@ pub struct PostgresSink {
     ctx: Ctx,
     plan: Plan,
     pool: Result<Pool, String>,
+    /// Upserts: batches since the direct COPY last met an existing key
+    /// (0: try it).
+    since_fallback: AtomicU32,
 }
 
 impl PostgresSink {
@@ -170,7 +207,61 @@ impl PostgresSink {
             ctx,
             plan,
             pool,
+            since_fallback: AtomicU32::new(0),
         }
+    }
+
+    /// Whether to try COPY straight into the table for a batch of new-looking
+    /// keys; after it met an existing key, try again every 16th batch.
+    fn try_direct(&self) -> bool {
+        let n = self.since_fallback.load(Ordering::Relaxed);
+        if n == 0 {
+            return true;
+        }
+        self.since_fallback.store((n + 1) % 16, Ordering::Relaxed);
+        false
+    }
+
+    fn direct_failed(&self) {
+        self.since_fallback.store(1, Ordering::Relaxed);
+    }
+
+    /// Upsert through the staging table: COPY there, then merge (picking
+    /// the newest message per key first unless keys are `unique`).
+    async fn merge(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        batch: &Batch,
+        unique: bool,
+    ) -> Result<u64, PgError> {
+        let (ctx, plan) = (&self.ctx, &self.plan);
+        txn.batch_execute(&plan.create_stage)
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
+        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true)
+            .await
+            .map_err(|e| {
+                ctx.sql(
+                    &ctx.table,
+                    &format!("COPY a batch of {}", batch.partition),
+                    e,
+                )
+            })?;
+        if unique {
+            return txn
+                .execute(&plan.merge_staged, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e));
+        }
+        let deleted = txn
+            .execute(&plan.delete_latest, &[])
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+        let merged = txn
+            .execute(&plan.merge_latest, &[])
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?;
+        Ok(deleted + merged)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
@@ -276,61 +367,39 @@ impl PostgresSink {
             // A newer runner owns the partition. Dropping `txn` rolls back.
             return Ok(None);
         }
-        let copy = if upsert {
-            txn.batch_execute(&plan.create_stage)
-                .await
-                .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
-            &plan.copy_stage
-        } else {
-            &plan.copy_target
-        };
-        let sink = txn
-            .copy_in(copy.as_str())
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, "start COPY", e))?;
-        let writer = BinaryCopyInWriter::new(sink, &plan.types);
-        futures_util::pin_mut!(writer);
-        let half = batch.records.len() / 2;
-        let mut row: Vec<Cell> = Vec::with_capacity(plan.types.len());
-        for (i, rec) in batch.records.iter().enumerate() {
-            if i == half {
-                failpoint::hit(MID_WRITE);
-            }
-            let offset = i64::try_from(rec.offset).unwrap_or(i64::MAX);
-            row.extend(rec.values.iter().map(Cell::Mapped));
-            row.push(Cell::Text(&p.partition));
-            row.push(Cell::BigInt(offset));
-            if upsert {
-                row.push(Cell::Boolean(rec.op == Op::Delete));
-            }
-            writer
-                .as_mut()
-                .write_raw(row.drain(..))
-                .await
-                .map_err(|e| ctx.sql(&ctx.table, &format!("COPY offset {offset} of {p}"), e))?;
-        }
-        writer
-            .as_mut()
-            .finish()
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, &format!("finish COPY of {p}"), e))?;
         let total = batch.records.len() as u64;
         let written = if !upsert {
+            copy_rows(&txn, &plan.copy_target, &plan.target_types, batch, false)
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e))?;
             total
-        } else if sql::unique_upserts(&batch.records, &plan.key_idx) {
-            txn.execute(&plan.merge_staged, &[])
-                .await
-                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?
         } else {
-            let deleted = txn
-                .execute(&plan.delete_latest, &[])
-                .await
-                .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
-            let merged = txn
-                .execute(&plan.merge_latest, &[])
-                .await
-                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?;
-            deleted + merged
+            let unique = sql::unique_upserts(&batch.records, &plan.key_idx);
+            let direct_written = if unique && self.try_direct() {
+                // New keys only (the common case of a load): COPY straight
+                // into the table; a key that exists already fails the COPY
+                // and the batch takes the merge path below instead.
+                txn.batch_execute("SAVEPOINT idem_direct")
+                    .await
+                    .map_err(|e| ctx.sql(&ctx.table, "savepoint", e))?;
+                match copy_rows(&txn, &plan.copy_target, &plan.target_types, batch, false).await {
+                    Ok(()) => Some(total),
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                        self.direct_failed();
+                        txn.batch_execute("ROLLBACK TO SAVEPOINT idem_direct")
+                            .await
+                            .map_err(|e| ctx.sql(&ctx.table, "rollback to savepoint", e))?;
+                        None
+                    }
+                    Err(e) => return Err(ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e)),
+                }
+            } else {
+                None
+            };
+            match direct_written {
+                Some(n) => n,
+                None => self.merge(&txn, batch, unique).await?,
+            }
         };
         failpoint::hit(AFTER_WRITE);
         txn.commit()

@@ -1,0 +1,152 @@
+//! Helpers shared by the benchmarks: run a process and sample its peak
+//! memory, generate events, write a connector config, read commit latencies.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The 8 columns of `idem generate`'s events.
+pub const COLUMNS: [(&str, &str); 8] = [
+    ("event_id", "text"),
+    ("user_id", "bigint"),
+    ("kind", "text"),
+    ("amount", "double"),
+    ("currency", "text"),
+    ("ok", "boolean"),
+    ("at", "timestamp"),
+    ("note", "text"),
+];
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Run `cmd`, sampling its peak resident set (VmHWM) until it exits.
+pub fn run_measured(cmd: &mut Command) -> (Duration, u64, std::process::Output) {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status_path = format!("/proc/{}/status", child.id());
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let sampler = std::thread::spawn(move || {
+        let mut peak_kib = 0u64;
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&status_path) {
+                if let Some(kib) = s
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    peak_kib = peak_kib.max(kib);
+                }
+            }
+            if rx.recv_timeout(Duration::from_millis(20)).is_ok() {
+                return peak_kib;
+            }
+        }
+    });
+    let out = child.wait_with_output().expect("wait");
+    let elapsed = started.elapsed();
+    tx.send(()).ok();
+    let peak = sampler.join().expect("sampler");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (elapsed, peak, out)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// `idem generate` `events` events into `data`; returns its size in bytes.
+pub fn generate(idem: &str, data: &Path, events: usize) -> u64 {
+    let out = Command::new(idem)
+        .args([
+            "generate",
+            "--duplicates",
+            "0",
+            "--malformed",
+            "0",
+            "--count",
+        ])
+        .arg(events.to_string())
+        .arg("--out")
+        .arg(data)
+        .output()
+        .expect("generate");
+    assert!(out.status.success());
+    std::fs::metadata(data).expect("stat").len()
+}
+
+/// A one-connector config reading `data` into the sink described by `sink`.
+pub fn config(data: &Path, sink: &str, batch: usize) -> String {
+    let mut config = format!(
+        r#"
+[runner]
+progress_interval = "1h"
+[connectors.bench]
+[connectors.bench.source]
+type = "file"
+path = "{data}"
+[connectors.bench.sink]
+{sink}
+[connectors.bench.batch]
+max_records = {batch}
+max_bytes = 268435456
+linger = "1s"
+"#,
+        data = data.display(),
+    );
+    for (name, ty) in COLUMNS {
+        config.push_str(&format!(
+            "[[connectors.bench.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"
+        ));
+    }
+    config
+}
+
+/// Run `idem run CONFIG` measured; returns (elapsed, peak KiB, sorted
+/// commit latencies in ms from its debug log).
+pub fn run_idem(idem: &str, config: &Path) -> (Duration, u64, Vec<f64>) {
+    let (elapsed, peak, out) = run_measured(
+        Command::new(idem)
+            .env("RUST_LOG", "warn,idem::pipeline=debug")
+            .args(["--log-format", "json", "run"])
+            .arg(config),
+    );
+    let mut latencies: Vec<f64> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "batch committed")
+        .filter_map(|v| v["fields"]["elapsed_ms"].as_f64())
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    (elapsed, peak, latencies)
+}
+
+pub fn latency_line(latencies: &[f64]) -> String {
+    format!(
+        "commit latency over {} batches: p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        percentile(latencies, 0.50),
+        percentile(latencies, 0.95),
+        percentile(latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    )
+}

@@ -1,0 +1,208 @@
+//! Benchmark: 1,000,000 generated events (~200 bytes, 8 columns) from a file
+//! into PostgreSQL (scripts/postgres.sh), in one run:
+//!   (a) `idem run`, upsert, exactly-once
+//!   (b) `idem run`, append, exactly-once
+//!   (c) the same rows, parsed beforehand, through one raw binary `COPY` into
+//!       an identical table: the physical limit of this machine
+//!   (d) row-by-row `INSERT .. ON CONFLICT DO NOTHING`, one autocommit
+//!       statement per event, what a hand-written idempotent consumer does
+//!       (a sample of IDEM_BENCH_ROWWISE events; its rate is what counts)
+//! Prints events/s, MB/s, ratios to (c), commit latencies and peak RSS.
+//!
+//!     cargo bench -p idem --bench postgres_load
+//!     IDEM_BENCH_EVENTS=200000 cargo bench -p idem --bench postgres_load
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+
+fn pg_url() -> String {
+    std::env::var("IDEM_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
+}
+
+struct Event {
+    event_id: String,
+    user_id: i64,
+    kind: String,
+    amount: f64,
+    currency: String,
+    ok: bool,
+    at: SystemTime,
+    note: String,
+}
+
+fn parse(line: &str) -> Event {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    let at = v["at"].as_str().unwrap();
+    // The generator writes whole seconds in UTC: 2026-01-01T00:00:00Z.
+    let secs = chrono_like_parse(at);
+    Event {
+        event_id: s("event_id"),
+        user_id: v["user_id"].as_i64().unwrap(),
+        kind: s("kind"),
+        amount: v["amount"].as_f64().unwrap(),
+        currency: s("currency"),
+        ok: v["ok"].as_bool().unwrap(),
+        at: UNIX_EPOCH + Duration::from_secs(secs),
+        note: s("note"),
+    }
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SSZ` (days from civil).
+fn chrono_like_parse(t: &str) -> u64 {
+    let n = |a: usize, b: usize| t[a..b].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    (days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19)) as u64
+}
+
+fn main() {
+    let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
+    let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let rowwise = env_usize("IDEM_BENCH_ROWWISE", 20_000).min(events);
+    let idem = env!("CARGO_BIN_EXE_idem");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("events.jsonl");
+    let bytes = generate(idem, &data, events);
+    let mb = bytes as f64 / 1e6;
+    let schema = format!("bench_{}", std::process::id());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls))
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {}: {e}; start it with bash scripts/postgres.sh",
+                pg_url()
+            )
+        });
+    rt.spawn(conn);
+    rt.block_on(client.batch_execute(&format!("CREATE SCHEMA {schema}")))
+        .unwrap();
+
+    let mut results = Vec::new();
+    for (label, mode) in [("(a) idem upsert", "upsert"), ("(b) idem append", "append")] {
+        let table = format!("events_{mode}");
+        let keys = if mode == "upsert" {
+            "key = [\"event_id\"]"
+        } else {
+            ""
+        };
+        let sink = format!(
+            "type = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\ntable = \"{table}\"\noffsets_table = \"offsets_{mode}\"\nmode = \"{mode}\"\n{keys}",
+            pg_url()
+        );
+        let cfg = dir.path().join(format!("{mode}.toml"));
+        std::fs::write(&cfg, config(&data, &sink, batch)).unwrap();
+        let (elapsed, peak, latencies) = run_idem(idem, &cfg);
+        let n: i64 = rt
+            .block_on(client.query_one(&format!("SELECT count(*) FROM {schema}.{table}"), &[]))
+            .unwrap()
+            .get(0);
+        assert_eq!(n, events as i64, "{label} loaded every event");
+        eprintln!("{label}: {}", latency_line(&latencies));
+        results.push((label.to_string(), events, elapsed, Some(peak)));
+    }
+
+    // (c) raw binary COPY of rows parsed beforehand, into the same DDL.
+    let text = std::fs::read_to_string(&data).unwrap();
+    let rows: Vec<Event> = text.lines().map(parse).collect();
+    drop(text);
+    rt.block_on(client.batch_execute(&format!(
+        "CREATE TABLE {schema}.events_copy (LIKE {schema}.events_upsert INCLUDING ALL);
+         CREATE TABLE {schema}.events_rowwise (LIKE {schema}.events_upsert INCLUDING ALL)"
+    )))
+    .unwrap();
+    let copy_time = rt.block_on(async {
+        let started = Instant::now();
+        let txn_client = &client;
+        txn_client.batch_execute("BEGIN").await.unwrap();
+        let sink = txn_client
+            .copy_in(&format!(
+                "COPY {schema}.events_copy (event_id, user_id, kind, amount, currency, ok, at, note, _idem_partition, _idem_offset) FROM STDIN (FORMAT binary)"
+            ))
+            .await
+            .unwrap();
+        let types = [
+            Type::TEXT, Type::INT8, Type::TEXT, Type::FLOAT8, Type::TEXT, Type::BOOL,
+            Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::INT8,
+        ];
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        futures_util::pin_mut!(writer);
+        let partition = "bench".to_string();
+        for (i, e) in rows.iter().enumerate() {
+            let offset = i as i64;
+            let row: [&(dyn ToSql + Sync); 10] = [
+                &e.event_id, &e.user_id, &e.kind, &e.amount, &e.currency, &e.ok, &e.at, &e.note,
+                &partition, &offset,
+            ];
+            writer.as_mut().write(&row).await.unwrap();
+        }
+        writer.as_mut().finish().await.unwrap();
+        txn_client.batch_execute("COMMIT").await.unwrap();
+        started.elapsed()
+    });
+    results.push(("(c) raw binary COPY".into(), events, copy_time, None));
+
+    // (d) one autocommit INSERT .. ON CONFLICT per event.
+    let rowwise_time = rt.block_on(async {
+        let stmt = client
+            .prepare(&format!(
+                "INSERT INTO {schema}.events_rowwise (event_id, user_id, kind, amount, currency, ok, at, note, _idem_partition, _idem_offset)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'bench', $9) ON CONFLICT (event_id) DO NOTHING"
+            ))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        for (i, e) in rows.iter().take(rowwise).enumerate() {
+            let offset = i as i64;
+            client
+                .execute(
+                    &stmt,
+                    &[&e.event_id, &e.user_id, &e.kind, &e.amount, &e.currency, &e.ok, &e.at, &e.note, &offset],
+                )
+                .await
+                .unwrap();
+        }
+        started.elapsed()
+    });
+    results.push((
+        format!("(d) row-by-row INSERT ON CONFLICT ({rowwise} events)"),
+        rowwise,
+        rowwise_time,
+        None,
+    ));
+    rt.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")))
+        .unwrap();
+
+    let copy_rate = events as f64 / copy_time.as_secs_f64();
+    println!();
+    println!(
+        "PostgreSQL load: {events} events, {mb:.1} MB NDJSON, 8 columns; {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<48} {:>9} {:>11} {:>8} {:>8} {:>10}",
+        "", "elapsed", "events/s", "MB/s", "vs (c)", "peak RSS"
+    );
+    for (label, n, elapsed, peak) in results {
+        let rate = n as f64 / elapsed.as_secs_f64();
+        let mbps = mb * (n as f64 / events as f64) / elapsed.as_secs_f64();
+        println!(
+            "{label:<48} {:>8.2}s {rate:>11.0} {mbps:>8.1} {:>7.2}x {:>10}",
+            elapsed.as_secs_f64(),
+            rate / copy_rate,
+            peak.map_or("-".into(), |kib| format!("{} MiB", kib / 1024)),
+        );
+    }
+}
