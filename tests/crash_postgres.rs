@@ -57,3 +57,117 @@ fn append_killed_at_random_and_at_fail_points_every_message_lands_exactly_once()
 fn upsert_killed_at_random_and_at_fail_points_every_id_holds_its_latest_value() {
     run("upsert");
 }
+
+/// The runner's connections are terminated again and again mid-run (as a
+/// server restart does): `idem run` retries, finishes with exit 0, and the
+/// table holds every message exactly once.
+#[test]
+fn connections_terminated_mid_run_are_retried_and_lose_nothing() {
+    let w = Workdir::new();
+    let schema = fresh_schema("terminate");
+    let app = schema.clone();
+    let n = 60_000;
+    let lines: String = (0..n)
+        .map(|i| format!("{{\"id\":\"e{i}\",\"n\":{i},\"pad\":\"x\"}}\n"))
+        .collect();
+    w.write("in-0.jsonl", &lines);
+    let cfg = w.write(
+        "t.toml",
+        &format!(
+            r#"
+[connectors.t]
+[connectors.t.source]
+type = "file"
+path = "{src}"
+[connectors.t.sink]
+type = "postgres"
+url = "{url}?application_name={app}"
+schema = "{schema}"
+table = "events"
+[connectors.t.batch]
+max_records = 200
+linger = "10ms"
+[connectors.t.retry]
+initial_backoff = "20ms"
+max_backoff = "200ms"
+max_attempts = 50
+[[connectors.t.columns]]
+name = "id"
+type = "text"
+required = true
+[[connectors.t.columns]]
+name = "n"
+type = "bigint"
+"#,
+            src = w.path("in-0.jsonl").display(),
+            url = pg_url(),
+        ),
+    );
+    let child = idem()
+        .env("RUST_LOG", "warn")
+        .arg("run")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut terminated = 0i64;
+    rt.block_on(async {
+        let client = pg().await;
+        for _ in 0..40 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let row = client
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&app],
+                )
+                .await
+                .unwrap();
+            terminated += row.get::<_, i64>(0);
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "idem failed: {stderr}");
+    assert!(
+        terminated >= 5,
+        "only {terminated} connections terminated: the test is too weak"
+    );
+    let summary = text(&out.stdout);
+    eprintln!("{summary}");
+    let retries: u64 = summary
+        .split(" retries")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("retries in the summary");
+    assert!(
+        retries > 0,
+        "no commit was retried: the terminations missed the runner"
+    );
+    assert!(
+        text(&out.stdout).contains(&format!("{n} read -> {n} written")),
+        "{}",
+        text(&out.stdout)
+    );
+    rt.block_on(async {
+        let client = pg().await;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), count(DISTINCT id), sum(n)::bigint FROM \"{schema}\".events"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (rows, distinct, sum): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            (rows, distinct),
+            (n, n),
+            "lost or duplicated rows after {terminated} terminations"
+        );
+        assert_eq!(sum, (0..n).sum::<i64>());
+    });
+}
