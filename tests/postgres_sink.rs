@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use idem_config::{ColumnConfig, ColumnType, Secret, WriteMode};
 use idem_core::{Batch, Mapper, Message, Op, PartitionRef, Record, Sink, SinkError, Value};
-use idem_sink_postgres::{PostgresSink, PostgresSinkConfig};
+use idem_sink_postgres::{PostgresSink, PostgresSinkConfig, SslMode};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +40,8 @@ fn sink_cfg(schema: &str, mode: WriteMode, key: &[&str]) -> PostgresSinkConfig {
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
         statement_timeout: Duration::from_secs(30),
+        sslmode: SslMode::Prefer,
+        ca_file: None,
     }
 }
 
@@ -418,4 +420,83 @@ async fn a_killed_connection_is_retried_and_nothing_is_half_written() {
         }
     }
     assert_eq!(rows(&schema, "t").await, pairs(&[("a", 1), ("b", 2)]));
+}
+
+async fn server_has_ssl() {
+    let on: String = pg().await.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    assert_eq!(
+        on, "on",
+        "the test server must offer TLS (Debian's postgresql does, with the snakeoil certificate)"
+    );
+}
+
+#[tokio::test]
+async fn sslmode_require_encrypts_the_connection() {
+    server_has_ssl().await;
+    let schema = fresh_schema("it_tls");
+    let mut cfg = sink_cfg(&schema, WriteMode::Append, &[]);
+    cfg.sslmode = SslMode::Require;
+    cfg.url = Secret::new(format!("{}?application_name={schema}", pg_url()));
+    let sink = PostgresSink::new(cfg, columns());
+    sink.prepare().await.unwrap();
+    let p = part("a");
+    let e = sink.open(&p).await.unwrap().epoch;
+    sink.commit(batch(&p, e, vec![rec(0, "a", 1)], 1))
+        .await
+        .unwrap();
+    let encrypted: Vec<bool> = pg()
+        .await
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !encrypted.is_empty() && encrypted.iter().all(|&b| b),
+        "{encrypted:?}"
+    );
+    assert_eq!(rows(&schema, "t").await, pairs(&[("a", 1)]));
+}
+
+#[tokio::test]
+async fn sslmode_verify_full_refuses_a_certificate_for_another_name() {
+    server_has_ssl().await;
+    let ca: String = pg()
+        .await
+        .query_one("SHOW ssl_cert_file", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut cfg = sink_cfg("public", WriteMode::Append, &[]);
+    cfg.sslmode = SslMode::VerifyFull;
+    // The server's own (self-signed) certificate as the CA: trusted, but it
+    // names the machine, not 127.0.0.1, so verification must fail.
+    cfg.ca_file = Some(ca);
+    let err = PostgresSink::new(cfg, columns())
+        .prepare()
+        .await
+        .unwrap_err();
+    assert!(
+        !err.is_retriable(),
+        "a certificate failure is permanent: {err}"
+    );
+    let text = format!("{err:?}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+
+    let mut cfg = sink_cfg("public", WriteMode::Append, &[]);
+    cfg.sslmode = SslMode::VerifyFull;
+    cfg.ca_file = Some("/nonexistent/ca.pem".into());
+    let err = PostgresSink::new(cfg, columns())
+        .prepare()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot read ca_file /nonexistent/ca.pem"),
+        "{err}"
+    );
 }

@@ -43,6 +43,25 @@ pub struct PostgresSinkConfig {
     /// Server-side `statement_timeout` for every statement.
     #[serde(default = "default_statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// TLS, as libpq's `sslmode`: `disable`, `prefer` (TLS when the server
+    /// offers it), `require` (TLS, certificate not checked), `verify-full`
+    /// (TLS, certificate checked against `ca_file` and the host name).
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM file with the CA certificate(s) for `sslmode = "verify-full"`.
+    #[serde(default, deserialize_with = "idem_config::interp::opt_string")]
+    pub ca_file: Option<String>,
+}
+
+/// How the connection uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyFull,
 }
 
 fn default_schema() -> String {
@@ -82,6 +101,12 @@ impl Validate for PostgresSinkConfig {
         check_ident("offsets_table", &self.offsets_table)?;
         if let Err(e) = self.url.expose().parse::<tokio_postgres::Config>() {
             return Err(Invalid::new(&["url"], format!("not a PostgreSQL URL: {e}")));
+        }
+        if self.sslmode == SslMode::VerifyFull && self.ca_file.is_none() {
+            return Err(Invalid::new(
+                &["ca_file"],
+                "sslmode = \"verify-full\" needs ca_file = \"/path/to/ca.pem\"",
+            ));
         }
         if self.pool_size == 0 {
             return Err(Invalid::new(&["pool_size"], "must be at least 1"));

@@ -5,7 +5,11 @@ use tokio_postgres::error::SqlState;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PgError {
-    #[error("postgres {server}: cannot connect: {source}. Is PostgreSQL running there? (for the tests: bash scripts/postgres.sh)")]
+    #[error("postgres {server}: cannot connect: {}. {}", chain(source), if tls_failure(source) {
+        "The server's certificate was refused: check sslmode and ca_file"
+    } else {
+        "Is PostgreSQL running there? (for the tests: bash scripts/postgres.sh)"
+    })]
     Connect {
         server: String,
         #[source]
@@ -37,8 +41,8 @@ pub enum PgError {
         found: i32,
         supported: i32,
     },
-    #[error("postgres: invalid url: {0}")]
-    Url(String),
+    #[error("postgres: cannot set up connections: {0}")]
+    Setup(String),
 }
 
 /// The server's message, with its detail, instead of "db error".
@@ -78,10 +82,45 @@ fn transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The error and its causes, `a: b: c`.
+fn chain(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn tls_failure(e: &tokio_postgres::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
 impl PgError {
     pub fn is_retriable(&self) -> bool {
         match self {
-            PgError::Connect { .. } | PgError::Pool { .. } => true,
+            // A certificate that fails verification will fail again.
+            PgError::Connect { source, .. } => !tls_failure(source),
+            PgError::Pool { .. } => true,
             PgError::Sql { source, .. } => transient(source),
             _ => false,
         }

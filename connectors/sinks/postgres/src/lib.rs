@@ -14,7 +14,8 @@ mod config;
 mod error;
 mod recover;
 mod sink;
+mod tls;
 
-pub use config::PostgresSinkConfig;
+pub use config::{PostgresSinkConfig, SslMode};
 pub use error::PgError;
 pub use sink::PostgresSink;

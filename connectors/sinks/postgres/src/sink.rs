@@ -1,9 +1,10 @@
 //! The write path: one transaction per batch, rows by binary `COPY`.
 
 use crate::cell::{pg_type, reported_type, sql_type, Cell};
-use crate::config::PostgresSinkConfig;
+use crate::config::{PostgresSinkConfig, SslMode};
 use crate::error::PgError;
 use crate::recover;
+use crate::tls;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_config::{ColumnConfig, Guarantee, WriteMode};
@@ -17,7 +18,6 @@ use std::sync::Arc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::NoTls;
 
 /// Names used in errors and SQL.
 pub(crate) struct Ctx {
@@ -188,9 +188,15 @@ impl PostgresSink {
             if pg.get_application_name().is_none() {
                 pg.application_name("idem");
             }
+            pg.ssl_mode(match cfg.sslmode {
+                SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+            });
+            let tls = tls::connector(cfg.sslmode, cfg.ca_file.as_deref())?;
             let manager = Manager::from_config(
                 pg,
-                NoTls,
+                tls,
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -265,7 +271,7 @@ impl PostgresSink {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, PgError> {
-        let pool = self.pool.as_ref().map_err(|e| PgError::Url(e.clone()))?;
+        let pool = self.pool.as_ref().map_err(|e| PgError::Setup(e.clone()))?;
         pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(source) => PgError::Connect {
                 server: self.ctx.server.clone(),
