@@ -2,8 +2,11 @@
 //! write configs and data in a fresh temporary directory.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use idem_config::{ColumnConfig, ColumnType};
+use idem_core::{Batch, Op, PartitionRef, Record, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 
 pub fn idem() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
@@ -104,4 +107,53 @@ pub async fn pg() -> tokio_postgres::Client {
         });
     tokio::spawn(conn);
     client
+}
+
+// Sink-level tests: columns (id text, v bigint), records and batches.
+
+pub fn col(name: &str, ty: ColumnType) -> ColumnConfig {
+    ColumnConfig {
+        name: name.into(),
+        pointer: None,
+        ty,
+        required: false,
+    }
+}
+
+pub fn part(name: &str) -> PartitionRef {
+    PartitionRef::new("c", "file", name)
+}
+
+pub fn rec(offset: u64, id: &str, v: i64) -> Record {
+    Record {
+        offset,
+        op: Op::Upsert,
+        values: vec![Value::Text(id.into()), Value::BigInt(v)],
+    }
+}
+
+pub fn del(offset: u64, id: &str) -> Record {
+    Record {
+        offset,
+        op: Op::Delete,
+        values: vec![Value::Text(id.into()), Value::Null],
+    }
+}
+
+pub fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> Arc<Batch> {
+    Arc::new(Batch {
+        partition: p.clone(),
+        epoch,
+        first_offset: records.first().map_or(0, |r| r.offset),
+        records,
+        next_offset: next,
+    })
+}
+
+pub fn pairs(v: &[(&str, i64)]) -> Vec<(String, i64)> {
+    v.iter().map(|(a, b)| (a.to_string(), *b)).collect()
+}
+
+pub fn columns() -> Vec<ColumnConfig> {
+    vec![col("id", ColumnType::Text), col("v", ColumnType::Bigint)]
 }

@@ -6,19 +6,9 @@
 mod common;
 
 use common::*;
-use idem_config::{ColumnConfig, ColumnType};
-use idem_core::{Batch, Mapper, Message, Op, PartitionRef, Record, Sink, SinkError, Value};
+use idem_config::ColumnType;
+use idem_core::{Mapper, Message, Sink, SinkError};
 use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig, Mode};
-use std::sync::Arc;
-
-fn col(name: &str, ty: ColumnType) -> ColumnConfig {
-    ColumnConfig {
-        name: name.into(),
-        pointer: None,
-        ty,
-        required: false,
-    }
-}
 
 fn sink_cfg(w: &Workdir, mode: Mode, key: &[&str]) -> DuckDbSinkConfig {
     DuckDbSinkConfig {
@@ -34,40 +24,6 @@ fn sink_cfg(w: &Workdir, mode: Mode, key: &[&str]) -> DuckDbSinkConfig {
     }
 }
 
-fn columns() -> Vec<ColumnConfig> {
-    vec![col("id", ColumnType::Text), col("v", ColumnType::Bigint)]
-}
-
-fn part(name: &str) -> PartitionRef {
-    PartitionRef::new("c", "file", name)
-}
-
-fn rec(offset: u64, id: &str, v: i64) -> Record {
-    Record {
-        offset,
-        op: Op::Upsert,
-        values: vec![Value::Text(id.into()), Value::BigInt(v)],
-    }
-}
-
-fn del(offset: u64, id: &str) -> Record {
-    Record {
-        offset,
-        op: Op::Delete,
-        values: vec![Value::Text(id.into()), Value::Null],
-    }
-}
-
-fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> Arc<Batch> {
-    Arc::new(Batch {
-        partition: p.clone(),
-        epoch,
-        first_offset: records.first().map_or(0, |r| r.offset),
-        records,
-        next_offset: next,
-    })
-}
-
 /// Rows of (id, v) ordered by id, read through a separate connection
 /// after the sink is dropped (DuckDB locks the file).
 fn rows(w: &Workdir) -> Vec<(String, i64)> {
@@ -77,10 +33,6 @@ fn rows(w: &Workdir) -> Vec<(String, i64)> {
         .unwrap()
         .map(Result::unwrap)
         .collect()
-}
-
-fn pairs(v: &[(&str, i64)]) -> Vec<(String, i64)> {
-    v.iter().map(|(a, b)| (a.to_string(), *b)).collect()
 }
 
 #[tokio::test]

@@ -7,24 +7,10 @@
 mod common;
 
 use common::*;
-use idem_config::{ColumnConfig, ColumnType, Secret, WriteMode};
-use idem_core::{Batch, Mapper, Message, Op, PartitionRef, Record, Sink, SinkError, Value};
+use idem_config::{ColumnType, Secret, WriteMode};
+use idem_core::{Mapper, Message, Sink, SinkError};
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig, SslMode};
-use std::sync::Arc;
 use std::time::Duration;
-
-fn col(name: &str, ty: ColumnType) -> ColumnConfig {
-    ColumnConfig {
-        name: name.into(),
-        pointer: None,
-        ty,
-        required: false,
-    }
-}
-
-fn columns() -> Vec<ColumnConfig> {
-    vec![col("id", ColumnType::Text), col("v", ColumnType::Bigint)]
-}
 
 fn sink_cfg(schema: &str, mode: WriteMode, key: &[&str]) -> PostgresSinkConfig {
     PostgresSinkConfig {
@@ -45,36 +31,6 @@ fn sink_cfg(schema: &str, mode: WriteMode, key: &[&str]) -> PostgresSinkConfig {
     }
 }
 
-fn part(name: &str) -> PartitionRef {
-    PartitionRef::new("c", "file", name)
-}
-
-fn rec(offset: u64, id: &str, v: i64) -> Record {
-    Record {
-        offset,
-        op: Op::Upsert,
-        values: vec![Value::Text(id.into()), Value::BigInt(v)],
-    }
-}
-
-fn del(offset: u64, id: &str) -> Record {
-    Record {
-        offset,
-        op: Op::Delete,
-        values: vec![Value::Text(id.into()), Value::Null],
-    }
-}
-
-fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> Arc<Batch> {
-    Arc::new(Batch {
-        partition: p.clone(),
-        epoch,
-        first_offset: records.first().map_or(0, |r| r.offset),
-        records,
-        next_offset: next,
-    })
-}
-
 async fn rows(schema: &str, table: &str) -> Vec<(String, i64)> {
     pg().await
         .query(
@@ -86,10 +42,6 @@ async fn rows(schema: &str, table: &str) -> Vec<(String, i64)> {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
-}
-
-fn pairs(v: &[(&str, i64)]) -> Vec<(String, i64)> {
-    v.iter().map(|(a, b)| (a.to_string(), *b)).collect()
 }
 
 #[tokio::test]

@@ -3,8 +3,8 @@
 //! detection. Both dialects quote identifiers with `"` and know
 //! `IS DISTINCT FROM` and `INSERT .. ON CONFLICT`.
 
-use crate::{Op, Record, Value};
-use idem_config::{ColumnConfig, ColumnType};
+use crate::{Op, Record, SinkInfo, Value};
+use idem_config::{ColumnConfig, ColumnType, Guarantee, WriteMode};
 use std::collections::HashSet;
 
 /// Position columns every table sink adds to its rows.
@@ -70,6 +70,38 @@ pub fn newest_first(version: Option<&str>) -> String {
     match version {
         Some(v) => format!("{} DESC, {POS_OFFSET} DESC", q(v)),
         None => format!("{POS_OFFSET} DESC"),
+    }
+}
+
+/// What a table sink declares: exactly-once in both modes, because rows and
+/// positions commit in one `engine` transaction on `target`.
+pub fn table_sink_info(
+    engine: &str,
+    target: &str,
+    mode: WriteMode,
+    key: &[String],
+    version: Option<&str>,
+    deletes: bool,
+) -> SinkInfo {
+    let (why, mut required) = match mode {
+        WriteMode::Append => (
+            format!("append: rows and each partition's next position commit in one {engine} transaction on {target}; a restart resumes after the last commit"),
+            Vec::new(),
+        ),
+        WriteMode::Upsert => (
+            format!(
+                "upsert on ({}): rows and positions commit in one {engine} transaction on {target}, and a replayed or older message never overwrites a newer row",
+                key.join(", ")
+            ),
+            key.to_vec(),
+        ),
+    };
+    required.extend(version.map(str::to_string));
+    SinkInfo {
+        guarantee: Guarantee::ExactlyOnce,
+        why,
+        key_columns: required,
+        deletes,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::recover;
 use async_trait::async_trait;
 use duckdb::types::{TimeUnit, ToSqlOutput, ValueRef};
 use duckdb::{appender_params_from_iter, params, Connection, OptionalExt, ToSql};
-use idem_config::{ColumnConfig, ColumnType, Guarantee};
+use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::{
@@ -381,30 +381,14 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
 impl Sink for DuckDbSink {
     fn info(&self) -> SinkInfo {
         let cfg = &self.inner.cfg;
-        let (why, mut required) = match cfg.mode {
-            Mode::Append => (
-                format!(
-                    "append: rows and each partition's next position commit in one DuckDB transaction on {}; a restart resumes after the last commit",
-                    cfg.path
-                ),
-                Vec::new(),
-            ),
-            Mode::Upsert => (
-                format!(
-                    "upsert on ({}): rows and positions commit in one DuckDB transaction on {}, and a replayed or older message never overwrites a newer row",
-                    cfg.key.join(", "),
-                    cfg.path
-                ),
-                cfg.key.clone(),
-            ),
-        };
-        required.extend(cfg.version.iter().cloned());
-        SinkInfo {
-            guarantee: Guarantee::ExactlyOnce,
-            why,
-            key_columns: required,
-            deletes: cfg.delete_on_tombstone,
-        }
+        sql::table_sink_info(
+            "DuckDB",
+            &cfg.path,
+            cfg.mode,
+            &cfg.key,
+            cfg.version.as_deref(),
+            cfg.delete_on_tombstone,
+        )
     }
 
     async fn prepare(&self) -> Result<(), SinkError> {

@@ -7,7 +7,7 @@ use crate::recover;
 use crate::tls;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use idem_config::{ColumnConfig, Guarantee, WriteMode};
+use idem_config::{ColumnConfig, WriteMode};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::sql::{self, q, DELETE_FLAG};
 use idem_core::{
@@ -422,27 +422,14 @@ impl PostgresSink {
 impl Sink for PostgresSink {
     fn info(&self) -> SinkInfo {
         let cfg = &self.cfg;
-        let target = format!("{} on {}", self.ctx.table, self.ctx.server);
-        let (why, mut required) = match cfg.mode {
-            WriteMode::Append => (
-                format!("append: rows (binary COPY) and each partition's next position commit in one PostgreSQL transaction into {target}; a restart resumes after the last commit"),
-                Vec::new(),
-            ),
-            WriteMode::Upsert => (
-                format!(
-                    "upsert on ({}): rows and positions commit in one PostgreSQL transaction into {target}, and a replayed or older message never overwrites a newer row",
-                    cfg.key.join(", ")
-                ),
-                cfg.key.clone(),
-            ),
-        };
-        required.extend(cfg.version.iter().cloned());
-        SinkInfo {
-            guarantee: Guarantee::ExactlyOnce,
-            why,
-            key_columns: required,
-            deletes: cfg.delete_on_tombstone,
-        }
+        sql::table_sink_info(
+            "PostgreSQL",
+            &format!("{} on {}", self.ctx.table, self.ctx.server),
+            cfg.mode,
+            &cfg.key,
+            cfg.version.as_deref(),
+            cfg.delete_on_tombstone,
+        )
     }
 
     async fn prepare(&self) -> Result<(), SinkError> {
