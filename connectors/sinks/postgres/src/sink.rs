@@ -181,8 +181,9 @@ impl PostgresSink {
         };
         let pool = parsed.map_err(|e| e.to_string()).and_then(|mut pg| {
             pg.connect_timeout(cfg.connect_timeout);
+            // `IF NOT EXISTS` notices on every batch are noise, not news.
             pg.options(format!(
-                "-c statement_timeout={}",
+                "-c statement_timeout={} -c client_min_messages=warning",
                 cfg.statement_timeout.as_millis()
             ));
             if pg.get_application_name().is_none() {
