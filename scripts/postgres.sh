@@ -21,8 +21,14 @@ if ! command -v pg_isready >/dev/null || ! ready; then
     echo "postgres.sh: no PostgreSQL cluster in /etc/postgresql" >&2
     exit 1
   fi
-  echo "postgres.sh: starting cluster $version/main" >&2
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster "$version" main start
+  # The package's own install may have started it already.
+  for _ in $(seq 1 5); do ready && break; sleep 1; done
+  if ! ready; then
+    echo "postgres.sh: starting cluster $version/main" >&2
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start ||
+      pg_ctlcluster "$version" main start ||
+      echo "postgres.sh: pg_ctlcluster start failed; waiting in case it is coming up" >&2
+  fi
   for _ in $(seq 1 30); do ready && break; sleep 1; done
   ready || { echo "postgres.sh: PostgreSQL did not come up on $HOST:$PORT" >&2; exit 1; }
 fi
