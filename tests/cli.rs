@@ -102,6 +102,11 @@ fn config_mistakes_name_file_line_and_key() {
             "key `connectors.t.columns.1.type`",
             "unknown variant",
         ),
+        (
+            good.replace("mode = \"upsert\"", "mode = \"dedup\""),
+            "key `connectors.t.sink.mode`",
+            "not available on the duckdb sink",
+        ),
     ];
     for (cfg, key, what) in cases {
         let path = w.write("bad.toml", &cfg);

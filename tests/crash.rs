@@ -2,8 +2,9 @@
 //! (SIGKILL at random moments, abort at named fail points) again and again
 //! while its input grows; after a final clean run the sink holds every
 //! source message exactly once, and its stored positions equal the files'
-//! ends. In append mode every message is a row; in upsert mode some messages
-//! update an earlier id and the latest one must win.
+//! ends. In append mode every message is a row; in upsert and dedup modes
+//! some messages repeat an earlier id: upsert keeps the latest value, dedup
+//! the first.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common::*;
@@ -27,6 +28,7 @@ pub struct Landed {
 pub fn mode_lines(mode: &str) -> &'static str {
     match mode {
         "upsert" => "mode = \"upsert\"\nkey = [\"id\"]",
+        "dedup" => "mode = \"dedup\"\nkey = [\"id\"]",
         _ => "mode = \"append\"",
     }
 }
@@ -71,7 +73,8 @@ type = "text"
 /// lines, table `events`, columns id/n/pad), then check what `read` finds.
 pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
     let cfg = w.write("crash.toml", &config(w, sink));
-    let upsert = mode == "upsert";
+    // Both repeat ids: upsert keeps the latest value, dedup the first.
+    let repeats = mode == "upsert" || mode == "dedup";
     let seed: u64 = std::env::var("IDEM_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -96,7 +99,7 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
             for i in 0..PER_ROUND / 2 {
                 // Upsert: one message in ten updates an id written earlier
                 // to the same partition (a later offset: it must win).
-                let id = if upsert && !ids[part].is_empty() && rng.random_bool(0.1) {
+                let id = if repeats && !ids[part].is_empty() && rng.random_bool(0.1) {
                     ids[part][rng.random_range(0..ids[part].len())].clone()
                 } else {
                     let id = format!("r{round}-p{part}-{i}");
@@ -108,7 +111,11 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
                     "{{\"id\":\"{id}\",\"n\":{n},\"pad\":\"{}\"}}\n",
                     "z".repeat(rng.random_range(10..80))
                 ));
-                expected.insert(id, n);
+                if mode == "dedup" {
+                    expected.entry(id).or_insert(n);
+                } else {
+                    expected.insert(id, n);
+                }
                 if i % 500 == 250 {
                     chunk.push_str("{\"id\": \"truncated\n");
                     malformed += 1;

@@ -58,6 +58,11 @@ fn upsert_killed_at_random_and_at_fail_points_every_id_holds_its_latest_value() 
     run("upsert");
 }
 
+#[test]
+fn dedup_killed_at_random_and_at_fail_points_every_id_takes_effect_once() {
+    run("dedup");
+}
+
 /// The runner's connections are terminated again and again mid-run (as a
 /// server restart does): `idem run` retries, finishes with exit 0, and the
 /// table holds every message exactly once.

@@ -21,6 +21,7 @@ fn sink_cfg(schema: &str, mode: WriteMode, key: &[&str]) -> PostgresSinkConfig {
         key: key.iter().map(|s| s.to_string()).collect(),
         version: None,
         delete_on_tombstone: mode == WriteMode::Upsert,
+        dedup_retention: Duration::from_secs(3600),
         create: true,
         offsets_table: "idem_offsets".into(),
         pool_size: 2,
@@ -450,5 +451,54 @@ async fn sslmode_verify_full_refuses_a_certificate_for_another_name() {
     assert!(
         err.contains("cannot read ca_file /nonexistent/ca.pem"),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn dedup_writes_each_message_id_once_within_the_retention() {
+    let schema = fresh_schema("it_dedup");
+    let p = part("a");
+    let sink = PostgresSink::new(sink_cfg(&schema, WriteMode::Dedup, &["id"]), columns());
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    // Two copies of `a` in one batch (a producer retry): the first wins.
+    let s = sink
+        .commit(batch(
+            &p,
+            e,
+            vec![rec(0, "a", 1), rec(1, "b", 1), rec(2, "a", 9)],
+            3,
+        ))
+        .await
+        .unwrap();
+    assert_eq!((s.written, s.deduplicated), (2, 1));
+    // A later copy at another offset changes nothing; a new id is written.
+    let s = sink
+        .commit(batch(&p, e, vec![rec(3, "a", 7), rec(4, "c", 3)], 5))
+        .await
+        .unwrap();
+    assert_eq!((s.written, s.deduplicated), (1, 1));
+    assert_eq!(
+        rows(&schema, "t").await,
+        pairs(&[("a", 1), ("b", 1), ("c", 3)])
+    );
+    // Past the retention an id is forgotten (the purge runs at start).
+    pg().await
+        .batch_execute(&format!(
+            "UPDATE \"{schema}\".idem_ids_t SET seen_at = now() - interval '2 hours' WHERE id = 'a'"
+        ))
+        .await
+        .unwrap();
+    let again = PostgresSink::new(sink_cfg(&schema, WriteMode::Dedup, &["id"]), columns());
+    again.prepare().await.unwrap();
+    let e = again.open(&p).await.unwrap().epoch;
+    let s = again
+        .commit(batch(&p, e, vec![rec(5, "a", 5), rec(6, "b", 6)], 7))
+        .await
+        .unwrap();
+    assert_eq!((s.written, s.deduplicated), (1, 1));
+    assert_eq!(
+        rows(&schema, "t").await,
+        pairs(&[("a", 1), ("a", 5), ("b", 1), ("c", 3)])
     );
 }

@@ -14,6 +14,9 @@ pub enum WriteMode {
     Append,
     /// Insert or replace the row with the message's key.
     Upsert,
+    /// Insert every message whose id (`key`) was not seen within the
+    /// retention window; later copies of an id change nothing.
+    Dedup,
 }
 
 /// A plain SQL identifier: we quote it anyway, but refuse surprises.
@@ -53,7 +56,32 @@ pub fn validate_write(
                 if set {
                     return Err(Invalid::new(
                         &[key],
-                        "applies to mode = \"upsert\" only; this sink has mode = \"append\"",
+                        "applies to mode = \"upsert\" (or `key` to \"dedup\") only; this sink has mode = \"append\"",
+                    ));
+                }
+            }
+        }
+        WriteMode::Dedup => {
+            if key.is_empty() {
+                return Err(Invalid::new(
+                    &["key"],
+                    "mode = \"dedup\" needs key = [\"message id column\", ...]",
+                ));
+            }
+            if let Some(k) = key.iter().find(|k| find(k).is_none()) {
+                return Err(Invalid::new(
+                    &["key"],
+                    format!("key column `{k}` is not among [[columns]]"),
+                ));
+            }
+            for (name, set) in [
+                ("version", version.is_some()),
+                ("delete_on_tombstone", delete_on_tombstone),
+            ] {
+                if set {
+                    return Err(Invalid::new(
+                        &[name],
+                        "applies to mode = \"upsert\" only; this sink has mode = \"dedup\"",
                     ));
                 }
             }

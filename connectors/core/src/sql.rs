@@ -95,6 +95,13 @@ pub fn table_sink_info(
             ),
             key.to_vec(),
         ),
+        WriteMode::Dedup => (
+            format!(
+                "dedup on ({}): rows, their message ids and positions commit in one {engine} transaction on {target}; an id seen within the retention window takes effect once",
+                key.join(", ")
+            ),
+            key.to_vec(),
+        ),
     };
     required.extend(version.map(str::to_string));
     SinkInfo {
@@ -178,6 +185,31 @@ pub fn merge(
         updates = updates(&cols, keys),
         guard = guard("excluded", alias, version),
         changed = changed("excluded", alias, &non_keys),
+    )
+}
+
+/// Dedup: insert the first message of each id in `source` whose id is not in
+/// `ids` yet, recording the id (`seen_at`) in the same statement.
+pub fn dedup_insert(
+    target: &str,
+    ids: &str,
+    source: &str,
+    columns: &[ColumnConfig],
+    keys: &[String],
+) -> String {
+    let cols = insert_columns(columns);
+    let qualified = cols
+        .iter()
+        .map(|c| format!("firsts.{}", q(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let keys = list(keys);
+    format!(
+        "WITH firsts AS (SELECT DISTINCT ON ({keys}) * FROM {source} ORDER BY {keys}, {POS_OFFSET}),
+              fresh AS (INSERT INTO {ids} ({keys}, seen_at) SELECT {keys}, now() FROM firsts
+                        ON CONFLICT DO NOTHING RETURNING {keys})
+         INSERT INTO {target} ({col_list}) SELECT {qualified} FROM firsts JOIN fresh USING ({keys})",
+        col_list = list(&cols),
     )
 }
 

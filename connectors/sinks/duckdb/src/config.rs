@@ -61,6 +61,12 @@ impl Validate for DuckDbSinkConfig {
                 "the duckdb sink needs [[columns]]: at least one `name`/`type` (use pointer = \"\" and type = \"json\" for the whole message)",
             ));
         }
+        if self.mode == Mode::Dedup {
+            return Err(Invalid::new(
+                &["mode"],
+                "mode = \"dedup\" is not available on the duckdb sink yet; mode = \"upsert\" keyed on the message id gives one row per id",
+            ));
+        }
         idem_config::validate_write(
             self.mode,
             &self.key,

@@ -71,9 +71,10 @@ impl Plan {
         let t = format!("main.{}", q(&cfg.table));
         let insert_columns = sql::insert_columns(columns);
         let col_list = sql::list(&insert_columns);
+        // `dedup` is refused by the config's validation on this sink.
         let keys = match cfg.mode {
             Mode::Upsert => cfg.key.clone(),
-            Mode::Append => Vec::new(),
+            Mode::Append | Mode::Dedup => Vec::new(),
         };
         let version = cfg.version.as_deref();
         let create_table = format!(
@@ -320,7 +321,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         return Ok(Outcome::Fenced);
     }
     let (target, with_flag) = match plan.mode {
-        Mode::Append => (ctx.table.as_str(), false),
+        Mode::Append | Mode::Dedup => (ctx.table.as_str(), false),
         Mode::Upsert => (STAGE, true),
     };
     if with_flag {
@@ -353,7 +354,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             .map_err(|e| ctx.sql(target, &format!("flush batch of {p}"), e))?;
     }
     let written = match plan.mode {
-        Mode::Append => total,
+        Mode::Append | Mode::Dedup => total,
         Mode::Upsert if sql::unique_upserts(&batch.records, &plan.key_idx) => {
             conn.execute(&plan.merge_staged, [])
                 .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))? as u64

@@ -27,6 +27,10 @@ pub struct PostgresSinkConfig {
     /// `upsert`: tombstones delete the row with their key.
     #[serde(default)]
     pub delete_on_tombstone: bool,
+    /// `dedup`: how long a message id is remembered. A copy of an id that
+    /// arrives later than this after the first is written again.
+    #[serde(default = "default_dedup_retention", with = "humantime_serde")]
+    pub dedup_retention: Duration,
     /// Create the schema and table from `columns` if missing. Either way an
     /// existing table is checked against `columns` before the first write.
     #[serde(default = "default_create")]
@@ -74,6 +78,10 @@ fn default_create() -> bool {
 
 fn default_offsets_table() -> String {
     "idem_offsets".into()
+}
+
+fn default_dedup_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 fn default_pool_size() -> usize {

@@ -13,7 +13,7 @@ use idem_core::sql::{self, q, DELETE_FLAG};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
 };
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
@@ -27,6 +27,8 @@ pub(crate) struct Ctx {
     pub table: String,
     /// `"schema"."offsets_table"`
     pub offsets: String,
+    /// `"schema"."idem_ids_table"`: message ids of `dedup` mode.
+    pub ids: String,
 }
 
 impl Ctx {
@@ -55,6 +57,10 @@ struct Plan {
     merge_staged: String,
     merge_latest: String,
     delete_latest: String,
+    /// Dedup: insert first-seen ids and their rows; create and purge ids.
+    dedup_insert: String,
+    create_ids: String,
+    purge_ids: String,
     key_idx: Vec<usize>,
 }
 
@@ -77,9 +83,10 @@ fn server_name(cfg: &tokio_postgres::Config) -> String {
 
 impl Plan {
     fn new(cfg: &PostgresSinkConfig, columns: &[ColumnConfig], ctx: &Ctx) -> Plan {
+        // The target's primary key: upsert only (dedup keeps ids apart).
         let keys = match cfg.mode {
             WriteMode::Upsert => cfg.key.clone(),
-            WriteMode::Append => Vec::new(),
+            WriteMode::Append | WriteMode::Dedup => Vec::new(),
         };
         let version = cfg.version.as_deref();
         let col_list = sql::list(&sql::insert_columns(columns));
@@ -119,6 +126,23 @@ impl Plan {
             merge_staged: sql::merge(t, "tgt", &stage, columns, &keys, version),
             merge_latest: latest.clone() + &sql::merge(t, "tgt", "latest", columns, &keys, version),
             delete_latest: latest + &sql::delete(t, "tgt", "latest", &keys, version),
+            dedup_insert: sql::dedup_insert(t, &ctx.ids, &stage, columns, &cfg.key),
+            create_ids: format!(
+                "CREATE TABLE IF NOT EXISTS {} ({}, seen_at timestamptz NOT NULL, PRIMARY KEY ({}))",
+                ctx.ids,
+                columns
+                    .iter()
+                    .filter(|c| cfg.key.contains(&c.name))
+                    .map(|c| format!("{} {} NOT NULL", q(&c.name), sql_type(c.ty)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                sql::list(&cfg.key)
+            ),
+            purge_ids: format!(
+                "DELETE FROM {} WHERE seen_at < now() - make_interval(secs => {})",
+                ctx.ids,
+                cfg.dedup_retention.as_secs_f64()
+            ),
             key_idx: sql::key_indexes(columns, &keys),
         }
     }
@@ -165,6 +189,8 @@ pub struct PostgresSink {
     /// Upserts: batches since the direct COPY last met an existing key
     /// (0: try it).
     since_fallback: AtomicU32,
+    /// Dedup: commits so far, to purge expired ids every 100th.
+    commits: AtomicU64,
 }
 
 impl PostgresSink {
@@ -178,6 +204,11 @@ impl PostgresSink {
             server,
             table: format!("{}.{}", q(&cfg.schema), q(&cfg.table)),
             offsets: format!("{}.{}", q(&cfg.schema), q(&cfg.offsets_table)),
+            ids: format!(
+                "{}.{}",
+                q(&cfg.schema),
+                q(&format!("idem_ids_{}", cfg.table))
+            ),
         };
         let pool = parsed.map_err(|e| e.to_string()).and_then(|mut pg| {
             pg.connect_timeout(cfg.connect_timeout);
@@ -215,6 +246,7 @@ impl PostgresSink {
             plan,
             pool,
             since_fallback: AtomicU32::new(0),
+            commits: AtomicU64::new(0),
         }
     }
 
@@ -231,6 +263,40 @@ impl PostgresSink {
 
     fn direct_failed(&self) {
         self.since_fallback.store(1, Ordering::Relaxed);
+    }
+
+    /// Dedup: COPY into the staging table, then insert the rows whose id is
+    /// new (recording it); now and then forget ids past the retention.
+    async fn dedup(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        batch: &Batch,
+    ) -> Result<u64, PgError> {
+        let (ctx, plan) = (&self.ctx, &self.plan);
+        if self
+            .commits
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(100)
+        {
+            txn.execute(&plan.purge_ids, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.ids, "forget expired message ids", e))?;
+        }
+        txn.batch_execute(&plan.create_stage)
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
+        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true)
+            .await
+            .map_err(|e| {
+                ctx.sql(
+                    &ctx.table,
+                    &format!("COPY a batch of {}", batch.partition),
+                    e,
+                )
+            })?;
+        txn.execute(&plan.dedup_insert, &[])
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "insert messages with new ids", e))
     }
 
     /// Upsert through the staging table: COPY there, then merge (picking
@@ -375,7 +441,9 @@ impl PostgresSink {
             return Ok(None);
         }
         let total = batch.records.len() as u64;
-        let written = if !upsert {
+        let written = if self.cfg.mode == WriteMode::Dedup {
+            self.dedup(&txn, batch).await?
+        } else if !upsert {
             copy_rows(&txn, &plan.copy_target, &plan.target_types, batch, false)
                 .await
                 .map_err(|e| ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e))?;
@@ -461,7 +529,7 @@ impl Sink for PostgresSink {
             }
             let keys = match self.cfg.mode {
                 WriteMode::Upsert => self.cfg.key.clone(),
-                WriteMode::Append => Vec::new(),
+                WriteMode::Append | WriteMode::Dedup => Vec::new(),
             };
             let ddl = format!(
                 "CREATE TABLE IF NOT EXISTS {} ({})",
@@ -474,6 +542,12 @@ impl Sink for PostgresSink {
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
         self.check_table(&client).await?;
+        if self.cfg.mode == WriteMode::Dedup {
+            client
+                .batch_execute(&self.plan.create_ids)
+                .await
+                .map_err(|e| ctx.sql(&ctx.ids, "create the message id table", e))?;
+        }
         Ok(())
     }
 
