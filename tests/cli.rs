@@ -297,3 +297,27 @@ fn sigterm_in_follow_mode_commits_and_exits_zero_and_restart_resumes() {
     let db = duck(&w.path("t.duckdb"));
     assert_eq!(query_i64(&db, "SELECT count(DISTINCT id) FROM t"), 150);
 }
+
+#[test]
+fn status_shows_committed_positions_and_lag() {
+    let w = Workdir::new();
+    let first = "{\"id\":\"a\",\"n\":1}\n{\"id\":\"b\",\"n\":2}\n";
+    w.write("in.jsonl", first);
+    let cfg = w.write("c.toml", &connector(&w, "", &duckdb_sink(&w)));
+    run_ok(idem().arg("run").arg(&cfg));
+    let more = "{\"id\":\"c\",\"n\":3}\n";
+    w.append("in.jsonl", more);
+    let out = run_ok(idem().arg("status").arg(&cfg));
+    let table = text(&out.stdout);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("t "))
+        .unwrap_or_else(|| panic!("no row for connector t in:\n{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    let (next, end, lag) = (first.len(), first.len() + more.len(), more.len());
+    assert_eq!(
+        cells[2..5],
+        [next.to_string(), end.to_string(), lag.to_string()],
+        "{table}"
+    );
+}

@@ -191,8 +191,8 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
 /// `idem status CONFIG`: committed positions as each sink stores them.
 pub async fn status(config: Config) -> anyhow::Result<i32> {
     println!(
-        "{:<20} {:<8} {:>14} {:>6}  partition",
-        "connector", "source", "next offset", "epoch"
+        "{:<20} {:<8} {:>14} {:>14} {:>12} {:>6}  partition",
+        "connector", "source", "next offset", "source end", "lag", "epoch"
     );
     for (name, cfg) in config.connectors {
         let c = Connector::build(&name, cfg)?;
@@ -201,10 +201,18 @@ pub async fn status(config: Config) -> anyhow::Result<i32> {
             .await
             .with_context(|| format!("connector {name}: open the sink"))?;
         for p in c.sink.positions(&name).await? {
-            let next = p.next_offset.map_or("-".to_string(), |o| o.to_string());
+            let end = c.source.end_offset(&p.partition).await;
+            let show = |o: Option<u64>| o.map_or("-".to_string(), |o| o.to_string());
+            let lag = end.map(|e| e.saturating_sub(p.next_offset.unwrap_or(0)));
             println!(
-                "{:<20} {:<8} {:>14} {:>6}  {}",
-                name, p.source, next, p.epoch, p.partition
+                "{:<20} {:<8} {:>14} {:>14} {:>12} {:>6}  {}",
+                name,
+                p.source,
+                show(p.next_offset),
+                show(end),
+                show(lag),
+                p.epoch,
+                p.partition
             );
         }
     }

@@ -47,7 +47,7 @@ enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
-    /// Print the positions each connector's sink has committed.
+    /// Print the positions each connector's sink has committed, the source's end and the lag.
     Status {
         /// The TOML config file.
         config: PathBuf,

@@ -74,6 +74,12 @@ pub trait Source: Send + Sync {
     async fn ack(&self, _partition: &str, _next_offset: u64) -> Result<(), SourceError> {
         Ok(())
     }
+
+    /// The offset after the last message `partition` holds now, when the
+    /// source knows it (for lag: end minus committed position).
+    async fn end_offset(&self, _partition: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// Reads one partition in order.

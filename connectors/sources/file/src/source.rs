@@ -94,6 +94,11 @@ impl Source for FileSource {
         }
     }
 
+    async fn end_offset(&self, partition: &str) -> Option<u64> {
+        // Byte offsets: the file's length is the end.
+        tokio::fs::metadata(partition).await.ok().map(|m| m.len())
+    }
+
     async fn open(
         &self,
         partition: &str,
