@@ -157,3 +157,32 @@ pub fn pairs(v: &[(&str, i64)]) -> Vec<(String, i64)> {
 pub fn columns() -> Vec<ColumnConfig> {
     vec![col("id", ColumnType::Text), col("v", ColumnType::Bigint)]
 }
+
+/// One record of every column type, and its columns (the last, `doc`, is the
+/// whole message as JSON). `at` is 2026-03-01T10:00:00.123456+02:00 and `day`
+/// 1969-12-31, so time zones, microseconds and pre-1970 dates are covered.
+pub fn all_types() -> (Vec<ColumnConfig>, Record) {
+    let mut whole = col("doc", ColumnType::Json);
+    whole.pointer = Some(String::new());
+    let cols = vec![
+        col("t", ColumnType::Text),
+        col("b", ColumnType::Bigint),
+        col("i", ColumnType::Integer),
+        col("d", ColumnType::Double),
+        col("ok", ColumnType::Boolean),
+        col("at", ColumnType::Timestamp),
+        col("day", ColumnType::Date),
+        whole,
+    ];
+    let json = r#"{"t":"hé","b":9007199254740993,"i":-7,"d":2.5,"ok":false,"at":"2026-03-01T10:00:00.123456+02:00","day":"1969-12-31"}"#;
+    let record = idem_core::Mapper::new(&cols, &[], false, None)
+        .map(&idem_core::Message {
+            offset: 0,
+            next_offset: 1,
+            key: None,
+            value: Some(json.into()),
+            poison: None,
+        })
+        .unwrap();
+    (cols, record)
+}

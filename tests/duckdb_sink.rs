@@ -6,8 +6,7 @@
 mod common;
 
 use common::*;
-use idem_config::ColumnType;
-use idem_core::{Mapper, Message, Sink, SinkError};
+use idem_core::{Sink, SinkError};
 use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig, Mode};
 
 fn sink_cfg(w: &Workdir, mode: Mode, key: &[&str]) -> DuckDbSinkConfig {
@@ -247,29 +246,7 @@ async fn existing_tables_are_checked_before_the_first_write() {
 async fn every_column_type_round_trips() {
     let w = Workdir::new();
     let p = part("a");
-    let mut whole = col("doc", ColumnType::Json);
-    whole.pointer = Some(String::new());
-    let cols = vec![
-        col("t", ColumnType::Text),
-        col("b", ColumnType::Bigint),
-        col("i", ColumnType::Integer),
-        col("d", ColumnType::Double),
-        col("ok", ColumnType::Boolean),
-        col("at", ColumnType::Timestamp),
-        col("day", ColumnType::Date),
-        whole,
-    ];
-    let mapper = Mapper::new(&cols, &[], false, None);
-    let json = r#"{"t":"hé","b":9007199254740993,"i":-7,"d":2.5,"ok":false,"at":"2026-03-01T10:00:00+02:00","day":"2026-03-01"}"#;
-    let record = mapper
-        .map(&Message {
-            offset: 0,
-            next_offset: 1,
-            key: None,
-            value: Some(json.into()),
-            poison: None,
-        })
-        .unwrap();
+    let (cols, record) = all_types();
     {
         let mut cfg = sink_cfg(&w, Mode::Append, &[]);
         cfg.table = "types".into();
@@ -281,7 +258,7 @@ async fn every_column_type_round_trips() {
     let db = duck(&w.path("t.duckdb"));
     let got: (String, i64, i32, f64, bool, i64, String, String) = db
         .query_row(
-            "SELECT t, b, i, d, ok, epoch(\"at\")::BIGINT, day::VARCHAR, doc->>'$.t' FROM types",
+            "SELECT t, b, i, d, ok, epoch_us(\"at\"), day::VARCHAR, doc->>'$.t' FROM types",
             [],
             |r| {
                 Ok((
@@ -305,8 +282,8 @@ async fn every_column_type_round_trips() {
             -7,
             2.5,
             false,
-            1772352000, // 2026-03-01T08:00:00Z
-            "2026-03-01".into(),
+            1_772_352_000_123_456, // 2026-03-01T08:00:00.123456Z
+            "1969-12-31".into(),
             "hé".into()
         )
     );

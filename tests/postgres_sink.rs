@@ -7,8 +7,8 @@
 mod common;
 
 use common::*;
-use idem_config::{ColumnType, Secret, WriteMode};
-use idem_core::{Mapper, Message, Sink, SinkError};
+use idem_config::{Secret, WriteMode};
+use idem_core::{Sink, SinkError};
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig, SslMode};
 use std::time::Duration;
 
@@ -270,29 +270,7 @@ async fn a_missing_server_is_named_and_retriable() {
 async fn every_column_type_round_trips() {
     let schema = fresh_schema("it_types");
     let p = part("a");
-    let mut whole = col("doc", ColumnType::Json);
-    whole.pointer = Some(String::new());
-    let cols = vec![
-        col("t", ColumnType::Text),
-        col("b", ColumnType::Bigint),
-        col("i", ColumnType::Integer),
-        col("d", ColumnType::Double),
-        col("ok", ColumnType::Boolean),
-        col("at", ColumnType::Timestamp),
-        col("day", ColumnType::Date),
-        whole,
-    ];
-    let mapper = Mapper::new(&cols, &[], false, None);
-    let json = r#"{"t":"hé","b":9007199254740993,"i":-7,"d":2.5,"ok":false,"at":"2026-03-01T10:00:00.123456+02:00","day":"1969-12-31"}"#;
-    let record = mapper
-        .map(&Message {
-            offset: 0,
-            next_offset: 1,
-            key: None,
-            value: Some(json.into()),
-            poison: None,
-        })
-        .unwrap();
+    let (cols, record) = all_types();
     let mut cfg = sink_cfg(&schema, WriteMode::Append, &[]);
     cfg.table = "types".into();
     let sink = PostgresSink::new(cfg, cols);

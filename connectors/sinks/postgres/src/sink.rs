@@ -265,6 +265,28 @@ impl PostgresSink {
         self.since_fallback.store(1, Ordering::Relaxed);
     }
 
+    /// COPY `batch` into the session's staging table (made on first use,
+    /// emptied at each commit), with the delete flag.
+    async fn stage(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        batch: &Batch,
+    ) -> Result<(), PgError> {
+        let (ctx, plan) = (&self.ctx, &self.plan);
+        txn.batch_execute(&plan.create_stage)
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
+        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true)
+            .await
+            .map_err(|e| {
+                ctx.sql(
+                    &ctx.table,
+                    &format!("COPY a batch of {}", batch.partition),
+                    e,
+                )
+            })
+    }
+
     /// Dedup: COPY into the staging table, then insert the rows whose id is
     /// new (recording it); now and then forget ids past the retention.
     async fn dedup(
@@ -282,18 +304,7 @@ impl PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.ids, "forget expired message ids", e))?;
         }
-        txn.batch_execute(&plan.create_stage)
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
-        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true)
-            .await
-            .map_err(|e| {
-                ctx.sql(
-                    &ctx.table,
-                    &format!("COPY a batch of {}", batch.partition),
-                    e,
-                )
-            })?;
+        self.stage(txn, batch).await?;
         txn.execute(&plan.dedup_insert, &[])
             .await
             .map_err(|e| ctx.sql(&ctx.table, "insert messages with new ids", e))
@@ -308,18 +319,7 @@ impl PostgresSink {
         unique: bool,
     ) -> Result<u64, PgError> {
         let (ctx, plan) = (&self.ctx, &self.plan);
-        txn.batch_execute(&plan.create_stage)
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
-        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true)
-            .await
-            .map_err(|e| {
-                ctx.sql(
-                    &ctx.table,
-                    &format!("COPY a batch of {}", batch.partition),
-                    e,
-                )
-            })?;
+        self.stage(txn, batch).await?;
         if unique {
             return txn
                 .execute(&plan.merge_staged, &[])
