@@ -13,6 +13,17 @@ pub const POS_OFFSET: &str = "_idem_offset";
 /// Staging column marking a tombstone.
 pub const DELETE_FLAG: &str = "_idem_delete";
 
+/// An offset as stored in a `BIGINT` column. Offsets beyond i64::MAX
+/// (9.2e18 bytes or messages) do not occur; they would saturate.
+pub fn offset_to_sql(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// An offset read back from a `BIGINT` column.
+pub fn offset_from_sql(stored: i64) -> u64 {
+    u64::try_from(stored).unwrap_or(0)
+}
+
 /// Quote an identifier (validated as plain at config time).
 pub fn q(ident: &str) -> String {
     format!("\"{ident}\"")

@@ -5,7 +5,7 @@
 use crate::error::DuckDbError;
 use crate::sink::Ctx;
 use duckdb::{params, Connection};
-use idem_core::sql::q;
+use idem_core::sql::{self, q};
 use idem_core::{Opened, PartitionRef, StoredPosition};
 
 /// Bumped when the offsets table's meaning changes; a row written by a
@@ -57,7 +57,7 @@ pub(crate) fn open(conn: &Connection, ctx: &Ctx, p: &PartitionRef) -> Result<Ope
     }
     Ok(Opened {
         epoch,
-        next_offset: next.map(|n| n.max(0) as u64),
+        next_offset: next.map(sql::offset_from_sql),
     })
 }
 
@@ -101,7 +101,7 @@ pub(crate) fn positions(
             Ok(StoredPosition {
                 source: r.get(0)?,
                 partition: r.get(1)?,
-                next_offset: r.get::<_, Option<i64>>(2)?.map(|n| n.max(0) as u64),
+                next_offset: r.get::<_, Option<i64>>(2)?.map(sql::offset_from_sql),
                 epoch: r.get(3)?,
             })
         })?;

@@ -303,11 +303,6 @@ impl ToSql for Cell<'_> {
     }
 }
 
-fn offset_i64(o: u64) -> i64 {
-    // Offsets beyond i64::MAX (9.2e18 bytes or messages) do not occur.
-    i64::try_from(o).unwrap_or(i64::MAX)
-}
-
 enum Outcome {
     Committed(CommitStats),
     Fenced,
@@ -317,7 +312,13 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     let ctx = &plan.ctx;
     let p = &batch.partition;
     let total = batch.records.len() as u64;
-    if !recover::advance(conn, ctx, p, batch.epoch, offset_i64(batch.next_offset))? {
+    if !recover::advance(
+        conn,
+        ctx,
+        p,
+        batch.epoch,
+        sql::offset_to_sql(batch.next_offset),
+    )? {
         return Ok(Outcome::Fenced);
     }
     let (target, with_flag) = match plan.mode {
@@ -342,7 +343,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             if i == half {
                 failpoint::hit(MID_WRITE);
             }
-            let offset = offset_i64(rec.offset);
+            let offset = sql::offset_to_sql(rec.offset);
             let is_delete = rec.op == Op::Delete;
             let cells = rec.values.iter().map(Cell::Mapped);
             let position = [Cell::Text(partition), Cell::BigInt(offset)];

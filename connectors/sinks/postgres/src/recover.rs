@@ -4,6 +4,7 @@
 
 use crate::error::PgError;
 use crate::sink::Ctx;
+use idem_core::sql;
 use idem_core::{Opened, PartitionRef, StoredPosition};
 use tokio_postgres::GenericClient;
 
@@ -66,7 +67,7 @@ pub(crate) async fn open(
     }
     Ok(Opened {
         epoch,
-        next_offset: next.map(|n| n.max(0) as u64),
+        next_offset: next.map(sql::offset_from_sql),
     })
 }
 
@@ -99,7 +100,7 @@ pub(crate) async fn positions(
         .map(|r| StoredPosition {
             source: r.get(0),
             partition: r.get(1),
-            next_offset: r.get::<_, Option<i64>>(2).map(|n| n.max(0) as u64),
+            next_offset: r.get::<_, Option<i64>>(2).map(sql::offset_from_sql),
             epoch: r.get(3),
         })
         .collect())

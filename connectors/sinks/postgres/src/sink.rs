@@ -169,7 +169,7 @@ async fn copy_rows(
         }
         row.extend(rec.values.iter().map(Cell::Mapped));
         row.push(Cell::Text(partition));
-        row.push(Cell::BigInt(i64::try_from(rec.offset).unwrap_or(i64::MAX)));
+        row.push(Cell::BigInt(sql::offset_to_sql(rec.offset)));
         if with_flag {
             row.push(Cell::Boolean(rec.op == Op::Delete));
         }
@@ -422,7 +422,7 @@ impl PostgresSink {
             .transaction()
             .await
             .map_err(|e| ctx.sql(&ctx.table, "begin", e))?;
-        let next = i64::try_from(batch.next_offset).unwrap_or(i64::MAX);
+        let next = sql::offset_to_sql(batch.next_offset);
         let moved = txn
             .execute(
                 &plan.advance,
