@@ -107,6 +107,11 @@ fn config_mistakes_name_file_line_and_key() {
             "key `connectors.t.sink.mode`",
             "not available on the duckdb sink",
         ),
+        (
+            good.replace("type = \"bigint\"", "type = \"numeric\""),
+            "key `connectors.t.columns.1.type`",
+            "no unbounded DECIMAL",
+        ),
     ];
     for (cfg, key, what) in cases {
         let path = w.write("bad.toml", &cfg);

@@ -173,8 +173,10 @@ pub fn all_types() -> (Vec<ColumnConfig>, Record) {
         col("at", ColumnType::Timestamp),
         col("day", ColumnType::Date),
         whole,
+        col("u", ColumnType::Uuid),
+        col("raw", ColumnType::Bytea),
     ];
-    let json = r#"{"t":"hé","b":9007199254740993,"i":-7,"d":2.5,"ok":false,"at":"2026-03-01T10:00:00.123456+02:00","day":"1969-12-31"}"#;
+    let json = r#"{"t":"hé","b":9007199254740993,"i":-7,"d":2.5,"ok":false,"at":"2026-03-01T10:00:00.123456+02:00","day":"1969-12-31","u":"67E55044-10B1-426F-9247-BB680E5FE0C8","raw":"AAEC/w=="}"#;
     let record = idem_core::Mapper::new(&cols, &[], false, None)
         .map(&idem_core::Message {
             offset: 0,

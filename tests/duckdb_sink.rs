@@ -287,4 +287,11 @@ async fn every_column_type_round_trips() {
             "hé".into()
         )
     );
+    let (u, raw): (String, Vec<u8>) = db
+        .query_row("SELECT u::VARCHAR, raw FROM types", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(u, "67e55044-10b1-426f-9247-bb680e5fe0c8");
+    assert_eq!(raw, [0u8, 1, 2, 255]);
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use idem_config::{Secret, WriteMode};
+use idem_config::{ColumnType, Secret, WriteMode};
 use idem_core::{Sink, SinkError};
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig, SslMode};
 use std::time::Duration;
@@ -310,6 +310,82 @@ async fn every_column_type_round_trips() {
             "hé".into()
         )
     );
+    let row = pg()
+        .await
+        .query_one(&format!("SELECT u::text, raw FROM \"{schema}\".types"), &[])
+        .await
+        .unwrap();
+    let (u, raw): (String, Vec<u8>) = (row.get(0), row.get(1));
+    assert_eq!(u, "67e55044-10b1-426f-9247-bb680e5fe0c8");
+    assert_eq!(raw, [0u8, 1, 2, 255]);
+}
+
+/// Numerics go in through their binary form, written by Idem: compare each
+/// with PostgreSQL's own parse of the same text, scale included.
+#[tokio::test]
+async fn numerics_arrive_digit_for_digit() {
+    let schema = fresh_schema("it_numeric");
+    let p = part("a");
+    let inputs = [
+        "0",
+        "-0.00",
+        "12.50",
+        "-10000",
+        "0.0001",
+        "0.00001",
+        "123456789.1",
+        "99999999999999999999999999999999999999.999999999",
+        "-1.5e3",
+        "1e-20",
+        "31415926535897932384626433832795028841971693993751",
+        "0.000000000000000000000000000000000000000000000000001",
+        "9999",
+        "10000.0001",
+    ];
+    let cols = vec![col("n", ColumnType::Numeric), col("k", ColumnType::Bigint)];
+    let mapper = idem_core::Mapper::new(&cols, &[], false, None);
+    let records: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .map(|(k, n)| {
+            let json = format!(r#"{{"n":"{n}","k":{k}}}"#);
+            mapper
+                .map(&idem_core::Message {
+                    offset: k as u64,
+                    next_offset: k as u64 + 1,
+                    key: None,
+                    value: Some(json.into_bytes()),
+                    poison: None,
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut cfg = sink_cfg(&schema, WriteMode::Append, &[]);
+    cfg.table = "nums".into();
+    let sink = PostgresSink::new(cfg, cols);
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    let n = records.len() as u64;
+    sink.commit(batch(&p, e, records, n)).await.unwrap();
+    let rows = pg()
+        .await
+        .query(
+            &format!("SELECT k, n::text FROM \"{schema}\".nums ORDER BY k"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), inputs.len());
+    for (row, input) in rows.iter().zip(inputs) {
+        let stored: String = row.get(1);
+        let parsed: String = pg()
+            .await
+            .query_one("SELECT $1::text::numeric::text", &[&input])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stored, parsed, "{input}");
+    }
 }
 
 #[tokio::test]

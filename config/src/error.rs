@@ -33,6 +33,9 @@ pub enum ConfigError {
 pub struct Invalid {
     pub key: Vec<String>,
     pub message: String,
+    /// `key` starts at the connector, not at the section that reported it:
+    /// a source or sink refusing one of the connector's `[[columns]]`.
+    pub connector_relative: bool,
 }
 
 impl Invalid {
@@ -40,6 +43,16 @@ impl Invalid {
         Invalid {
             key: key.iter().map(|s| s.to_string()).collect(),
             message: message.into(),
+            connector_relative: false,
+        }
+    }
+
+    /// `field` of the connector's column number `index` (from 0).
+    pub fn column(index: usize, field: &str, message: impl Into<String>) -> Self {
+        Invalid {
+            key: vec!["columns".into(), index.to_string(), field.into()],
+            message: message.into(),
+            connector_relative: true,
         }
     }
 }

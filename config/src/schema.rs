@@ -238,6 +238,13 @@ pub enum ColumnType {
     Date,
     /// Any JSON value, stored as JSON text.
     Json,
+    /// An exact decimal, from a JSON number or a decimal string such as
+    /// `"12.50"` (digits are kept as written, never rounded through a float).
+    Numeric,
+    /// A UUID string, e.g. `"67e55044-10b1-426f-9247-bb680e5fe0c8"`.
+    Uuid,
+    /// Bytes, from a base64 string (standard alphabet, padded).
+    Bytea,
 }
 
 impl<S: Validate, K: Validate> Config<S, K> {
@@ -258,11 +265,14 @@ impl<S: Validate, K: Validate> Config<S, K> {
         for (name, c) in &self.connectors {
             let at = |rest: &[&str], e: Invalid| {
                 let mut key: Vec<String> = vec!["connectors".into(), name.clone()];
-                key.extend(rest.iter().map(|s| s.to_string()));
+                if !e.connector_relative {
+                    key.extend(rest.iter().map(|s| s.to_string()));
+                }
                 key.extend(e.key);
                 Invalid {
                     key,
                     message: e.message,
+                    connector_relative: false,
                 }
             };
             if !name

@@ -21,6 +21,11 @@ pub enum Value {
     Date(i32),
     /// Serialized JSON.
     Json(String),
+    /// A plain decimal: optional `-`, integer digits without leading
+    /// zeros, then `.` and the fraction digits as written (no exponent).
+    Numeric(String),
+    Uuid([u8; 16]),
+    Bytes(Vec<u8>),
 }
 
 /// Insert/replace, or delete by key.
@@ -274,7 +279,92 @@ fn convert(v: Json, ty: ColumnType) -> Result<Value, (Json, &'static str)> {
             }
         }
         ColumnType::Json => Ok(Value::Json(v.to_string())),
+        ColumnType::Numeric => {
+            let text = match &v {
+                Json::Number(n) => Some(plain_decimal(&n.to_string())),
+                Json::String(s) => Some(plain_decimal(s)),
+                _ => None,
+            };
+            match text {
+                Some(Some(d)) => Ok(Value::Numeric(d)),
+                _ => fail(
+                    v,
+                    "a decimal number or string such as \"-12.50\" (at most 1000 digits each side of the point)",
+                ),
+            }
+        }
+        ColumnType::Uuid => match v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()) {
+            Some(u) => Ok(Value::Uuid(u.into_bytes())),
+            None => fail(v, "a UUID string"),
+        },
+        ColumnType::Bytea => {
+            use base64::Engine as _;
+            match v
+                .as_str()
+                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+            {
+                Some(bytes) => Ok(Value::Bytes(bytes)),
+                None => fail(v, "a base64 string (standard alphabet, padded)"),
+            }
+        }
     }
+}
+
+/// Digits allowed on each side of the point of a `numeric` value; far more
+/// than money or measurements need, and what PostgreSQL's `numeric(p)`
+/// allows, while an exponent cannot blow a message up into megabytes.
+const MAX_DECIMAL_DIGITS: usize = 1000;
+
+/// `-1.5e3` -> `-1500`, `0012.50` -> `12.50`, `1e-2` -> `0.01`; `None` when
+/// `s` is not a decimal (sign, digits, optional fraction and exponent) or
+/// has too many digits.
+pub fn plain_decimal(s: &str) -> Option<String> {
+    let (negative, rest) = match s.as_bytes().first()? {
+        b'-' => (true, &s[1..]),
+        b'+' => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (mantissa, exp) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all_digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if int.len() + frac.len() == 0 || !all_digits(int) || !all_digits(frac) {
+        return None;
+    }
+    // Where the point falls among the digits once the exponent is applied.
+    let digits = format!("{int}{frac}");
+    let point = i64::try_from(int.len()).ok()?.checked_add(exp)?;
+    let limit = i64::try_from(MAX_DECIMAL_DIGITS).ok()?;
+    let len = i64::try_from(digits.len()).ok()?;
+    if point > len + limit || point < -limit {
+        return None;
+    }
+    let (int, frac) = if point <= 0 {
+        let zeros = "0".repeat(usize::try_from(-point).ok()?);
+        ("0".to_string(), format!("{zeros}{digits}"))
+    } else if point >= len {
+        let zeros = "0".repeat(usize::try_from(point - len).ok()?);
+        (format!("{digits}{zeros}"), String::new())
+    } else {
+        let (a, b) = digits.split_at(usize::try_from(point).ok()?);
+        (a.to_string(), b.to_string())
+    };
+    let int = match int.trim_start_matches('0') {
+        "" => "0",
+        trimmed => trimmed,
+    };
+    if int.len() > MAX_DECIMAL_DIGITS || frac.len() > MAX_DECIMAL_DIGITS {
+        return None;
+    }
+    let zero = int == "0" && frac.bytes().all(|b| b == b'0');
+    let sign = if negative && !zero { "-" } else { "" };
+    Some(if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
 }
 
 #[cfg(test)]
@@ -346,6 +436,79 @@ mod tests {
             ]
         );
         assert!(matches!(&r.values[8], Value::Json(s) if s.contains("\"city\":\"Oslo\"")));
+    }
+
+    #[test]
+    fn decimals_are_kept_exactly_as_written() {
+        for (input, plain) in [
+            ("0", "0"),
+            ("-0.00", "0.00"),
+            ("0012.50", "12.50"),
+            ("+7", "7"),
+            ("-1.5e3", "-1500"),
+            ("1e-2", "0.01"),
+            ("12.5E+1", "125"),
+            (".5", "0.5"),
+            ("5.", "5"),
+            (
+                "123456789012345678901234567890.000000001",
+                "123456789012345678901234567890.000000001",
+            ),
+        ] {
+            assert_eq!(plain_decimal(input).as_deref(), Some(plain), "{input}");
+        }
+        for bad in [
+            "",
+            "-",
+            ".",
+            "1.2.3",
+            "1e",
+            "0x10",
+            "NaN",
+            "1,5",
+            " 1",
+            "1e99999999999999999999",
+            "1e1001",
+            "1e-1001",
+        ] {
+            assert_eq!(plain_decimal(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn numeric_uuid_and_bytes_convert_or_say_what_was_expected() {
+        let m = Mapper::new(
+            &[
+                col("n", ColumnType::Numeric, false),
+                col("u", ColumnType::Uuid, false),
+                col("b", ColumnType::Bytea, false),
+            ],
+            &[],
+            false,
+            None,
+        );
+        let r = m
+            .map(&msg(
+                r#"{"n":"-12.50","u":"67E55044-10B1-426F-9247-BB680E5FE0C8","b":"AAEC/w=="}"#,
+            ))
+            .unwrap();
+        assert_eq!(r.values[0], Value::Numeric("-12.50".into()));
+        assert_eq!(
+            r.values[1],
+            Value::Uuid(*uuid::uuid!("67e55044-10b1-426f-9247-bb680e5fe0c8").as_bytes())
+        );
+        assert_eq!(r.values[2], Value::Bytes(vec![0, 1, 2, 255]));
+        let r = m.map(&msg(r#"{"n":2.5}"#)).unwrap();
+        assert_eq!(r.values[0], Value::Numeric("2.5".into()));
+        for (doc, expected) in [
+            (r#"{"n":"12,5"}"#, "decimal"),
+            (r#"{"n":true}"#, "decimal"),
+            (r#"{"u":"not-a-uuid"}"#, "UUID"),
+            (r#"{"b":"!!"}"#, "base64"),
+        ] {
+            let e = m.map(&msg(doc)).unwrap_err();
+            assert!(e.reason.contains(expected), "{doc}: {e}");
+        }
     }
 
     #[test]

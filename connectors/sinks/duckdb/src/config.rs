@@ -1,5 +1,5 @@
 pub use idem_config::WriteMode as Mode;
-use idem_config::{check_ident, ColumnConfig, Invalid, Validate};
+use idem_config::{check_ident, ColumnConfig, ColumnType, Invalid, Validate};
 use serde::Deserialize;
 
 /// `[connectors.NAME.sink]` with `type = "duckdb"`.
@@ -59,6 +59,13 @@ impl Validate for DuckDbSinkConfig {
             return Err(Invalid::new(
                 &[],
                 "the duckdb sink needs [[columns]]: at least one `name`/`type` (use pointer = \"\" and type = \"json\" for the whole message)",
+            ));
+        }
+        if let Some(i) = columns.iter().position(|c| c.ty == ColumnType::Numeric) {
+            return Err(Invalid::column(
+                i,
+                "type",
+                "DuckDB has no unbounded DECIMAL for type = \"numeric\"; map the field as \"double\", or as \"text\" and cast it in a view",
             ));
         }
         if self.mode == Mode::Dedup {

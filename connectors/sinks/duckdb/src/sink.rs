@@ -63,6 +63,10 @@ fn sql_type(t: ColumnType) -> &'static str {
         ColumnType::Timestamp => "TIMESTAMP WITH TIME ZONE",
         ColumnType::Date => "DATE",
         ColumnType::Json => "JSON",
+        ColumnType::Uuid => "UUID",
+        ColumnType::Bytea => "BLOB",
+        // Refused by the config's validation (no unbounded DECIMAL here).
+        ColumnType::Numeric => "DECIMAL(38,10)",
     }
 }
 
@@ -298,6 +302,14 @@ impl ToSql for Cell<'_> {
                 Value::Boolean(b) => ValueRef::Boolean(*b),
                 Value::Timestamp(us) => ValueRef::Timestamp(TimeUnit::Microsecond, *us),
                 Value::Date(d) => ValueRef::Date32(*d),
+                Value::Numeric(d) => ValueRef::Text(d.as_bytes()),
+                Value::Uuid(u) => {
+                    return Ok(ToSqlOutput::Owned(
+                        // DuckDB takes UUIDs as text and casts them.
+                        duckdb::types::Value::Text(uuid::Uuid::from_bytes(*u).to_string()),
+                    ))
+                }
+                Value::Bytes(b) => ValueRef::Blob(b),
             },
         }))
     }

@@ -21,6 +21,9 @@ pub fn pg_type(t: ColumnType) -> Type {
         ColumnType::Timestamp => Type::TIMESTAMPTZ,
         ColumnType::Date => Type::DATE,
         ColumnType::Json => Type::JSONB,
+        ColumnType::Numeric => Type::NUMERIC,
+        ColumnType::Uuid => Type::UUID,
+        ColumnType::Bytea => Type::BYTEA,
     }
 }
 
@@ -35,6 +38,9 @@ pub fn sql_type(t: ColumnType) -> &'static str {
         ColumnType::Timestamp => "timestamptz",
         ColumnType::Date => "date",
         ColumnType::Json => "jsonb",
+        ColumnType::Numeric => "numeric",
+        ColumnType::Uuid => "uuid",
+        ColumnType::Bytea => "bytea",
     }
 }
 
@@ -80,6 +86,9 @@ impl ToSql for Cell<'_> {
                 Value::Boolean(b) => out.put_u8(u8::from(*b)),
                 Value::Timestamp(us) => out.put_i64(us.saturating_sub(PG_EPOCH_MICROS)),
                 Value::Date(d) => out.put_i32(d.saturating_sub(PG_EPOCH_DAYS)),
+                Value::Numeric(d) => put_numeric(d, out),
+                Value::Uuid(u) => out.put_slice(u),
+                Value::Bytes(b) => out.put_slice(b),
             },
         }
         Ok(IsNull::No)
@@ -92,4 +101,73 @@ impl ToSql for Cell<'_> {
     }
 
     to_sql_checked!();
+}
+
+/// A plain decimal (`idem_core::plain_decimal`'s output) in `numeric`'s
+/// binary form: digit count, weight, sign and display scale, then the
+/// digits in base 10000 with the point on a group boundary.
+fn put_numeric(plain: &str, out: &mut BytesMut) {
+    let (negative, unsigned) = match plain.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, plain),
+    };
+    let (int, frac) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    // Left-pad the integer part and right-pad the fraction to whole groups.
+    let int_pad = (4 - int.len() % 4) % 4;
+    let frac_pad = (4 - frac.len() % 4) % 4;
+    let digits: Vec<u8> = std::iter::repeat_n(0, int_pad)
+        .chain(int.bytes().map(|b| b - b'0'))
+        .chain(frac.bytes().map(|b| b - b'0'))
+        .chain(std::iter::repeat_n(0, frac_pad))
+        .collect();
+    let mut groups: Vec<i16> = digits
+        .chunks(4)
+        .map(|c| c.iter().fold(0i16, |acc, d| acc * 10 + i16::from(*d)))
+        .collect();
+    let mut weight = ((int.len() + int_pad) / 4) as i16 - 1;
+    let leading = groups.iter().take_while(|g| **g == 0).count();
+    groups.drain(..leading);
+    weight -= leading as i16;
+    while groups.last() == Some(&0) {
+        groups.pop();
+    }
+    if groups.is_empty() {
+        weight = 0;
+    }
+    out.put_i16(groups.len() as i16);
+    out.put_i16(weight);
+    out.put_u16(if negative && !groups.is_empty() {
+        0x4000
+    } else {
+        0
+    });
+    out.put_u16(frac.len() as u16);
+    for g in groups {
+        out.put_i16(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(plain: &str) -> Vec<i16> {
+        let mut out = BytesMut::new();
+        put_numeric(plain, &mut out);
+        out.chunks(2)
+            .map(|c| i16::from_be_bytes([c[0], c[1]]))
+            .collect()
+    }
+
+    #[test]
+    fn numeric_groups_align_on_the_point() {
+        // ndigits, weight, sign, dscale, digits...
+        assert_eq!(encoded("0"), [0, 0, 0, 0]);
+        assert_eq!(encoded("0.00"), [0, 0, 0, 2]);
+        assert_eq!(encoded("12.50"), [2, 0, 0, 2, 12, 5000]);
+        assert_eq!(encoded("-10000"), [1, 1, 0x4000, 0, 1]);
+        assert_eq!(encoded("0.0001"), [1, -1, 0, 4, 1]);
+        assert_eq!(encoded("0.00001"), [1, -2, 0, 5, 1000]);
+        assert_eq!(encoded("123456789.1"), [4, 2, 0, 1, 1, 2345, 6789, 1000]);
+    }
 }

@@ -55,6 +55,13 @@ fn json(v: &Value) -> serde_json::Value {
         Value::Boolean(b) => (*b).into(),
         Value::Timestamp(us) => (*us).into(),
         Value::Date(d) => (*d).into(),
+        // As the message carried them: exact text, UUID text, base64.
+        Value::Numeric(s) => s.clone().into(),
+        Value::Uuid(u) => uuid::Uuid::from_bytes(*u).to_string().into(),
+        Value::Bytes(b) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(b).into()
+        }
     }
 }
 
