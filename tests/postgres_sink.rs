@@ -556,3 +556,189 @@ async fn dedup_writes_each_message_id_once_within_the_retention() {
         pairs(&[("a", 1), ("a", 5), ("b", 1), ("c", 3)])
     );
 }
+
+/// A throwaway PostgreSQL cluster on its own port, serving a certificate
+/// for `localhost` signed by a CA made here: the positive side of
+/// `verify-full`, which the shared server's snakeoil certificate cannot give.
+struct TlsCluster {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl TlsCluster {
+    /// Run a server binary as `postgres` (initdb refuses root).
+    fn command(&self, tool: &str) -> std::process::Command {
+        let exe = self.bin.join(tool);
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            std::process::Command::new(exe)
+        }
+    }
+
+    fn start(cert_pem: &str, key_pem: &str) -> TlsCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's server binaries under /usr/lib/postgresql (scripts/postgres.sh)")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("an initdb under /usr/lib/postgresql/*/bin");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = TlsCluster {
+            dir: tempfile::tempdir().unwrap(),
+            bin,
+            port,
+        };
+        let root = cluster.dir.path();
+        let data = root.join("data");
+        std::fs::write(root.join("server.crt"), cert_pem).unwrap();
+        std::fs::write(root.join("server.key"), key_pem).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            root.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        // Harmless when not root: the files are ours already.
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres:"])
+            .arg(root)
+            .status();
+        let ok = cluster
+            .command("initdb")
+            .args(["--auth=trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "initdb: {ok:?}");
+        let opts = format!(
+            "-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key -c fsync=off",
+            dir = root.display()
+        );
+        let ok = cluster
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-w", "-l"])
+            .arg(root.join("log"))
+            .args(["-o", &opts, "start"])
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "pg_ctl start: {ok:?}\n{}",
+            std::fs::read_to_string(root.join("log")).unwrap_or_default()
+        );
+        cluster
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn sslmode_verify_full_accepts_a_certificate_from_the_ca_file() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let trusted = ca("Idem test CA");
+    let other = ca("Someone else's CA");
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &trusted)
+        .unwrap();
+    let cluster = TlsCluster::start(&server_cert.pem(), &server_key.serialize_pem());
+    let files = tempfile::tempdir().unwrap();
+    let ca_file = |name: &str, pem: String| {
+        let path = files.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let trusted_file = ca_file("trusted.pem", trusted.pem());
+    let other_file = ca_file("other.pem", other.pem());
+    let cfg = |host: &str, ca: &str| {
+        let mut cfg = sink_cfg("idem_tls", WriteMode::Append, &[]);
+        cfg.url = Secret::new(format!(
+            "postgres://postgres@{host}:{}/postgres",
+            cluster.port
+        ));
+        cfg.sslmode = SslMode::VerifyFull;
+        cfg.ca_file = Some(ca.to_string());
+        cfg
+    };
+
+    // The name on the certificate and a CA that signed it: connects,
+    // writes, and the connection is encrypted.
+    let sink = PostgresSink::new(cfg("localhost", &trusted_file), columns());
+    sink.prepare().await.unwrap();
+    let p = part("a");
+    let e = sink.open(&p).await.unwrap().epoch;
+    sink.commit(batch(&p, e, vec![rec(0, "a", 1)], 1))
+        .await
+        .unwrap();
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            cluster.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM idem_tls.t WHERE id = 'a'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE s.ssl AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the sink's connection is not encrypted");
+
+    // Another CA, or another name for the same server: refused, for good.
+    for (host, ca) in [("localhost", &other_file), ("127.0.0.1", &trusted_file)] {
+        let err = PostgresSink::new(cfg(host, ca), columns())
+            .prepare()
+            .await
+            .unwrap_err();
+        assert!(!err.is_retriable(), "{host} with {ca}: {err}");
+        let text = format!("{err:?}").to_lowercase();
+        assert!(text.contains("certificate"), "{host} with {ca}: {text}");
+    }
+}

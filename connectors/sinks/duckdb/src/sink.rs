@@ -307,7 +307,7 @@ impl ToSql for Cell<'_> {
                     return Ok(ToSqlOutput::Owned(
                         // DuckDB takes UUIDs as text and casts them.
                         duckdb::types::Value::Text(uuid::Uuid::from_bytes(*u).to_string()),
-                    ))
+                    ));
                 }
                 Value::Bytes(b) => ValueRef::Blob(b),
             },
