@@ -12,7 +12,7 @@ use idem_core::{
     Assignment, Batch, Mapper, Message, PartitionReader, PartitionRef, ReadStatus, Record, Sink,
     SinkError, Source, SourceError,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -23,6 +23,9 @@ use tracing::{debug, info, warn};
 
 /// Messages per read call, and per chunk sent to the committer.
 const READ_CHUNK: usize = 1024;
+
+/// Chunks of one partition mapped ahead of the one being sent.
+const MAPPING_AHEAD: usize = 2;
 
 /// Chunks in flight between a partition's reader and its committer: about
 /// one batch, so the next batch is read and mapped while the current one
@@ -450,8 +453,12 @@ async fn read_loop(
     tx: mpsc::Sender<Result<Vec<Item>, RunError>>,
     stop: CancellationToken,
 ) {
-    let mut msgs = Vec::with_capacity(READ_CHUNK);
+    // Chunks being mapped on the runtime's threads while the next is read,
+    // so a busy partition's parsing is not bound to one core; they leave
+    // in read order.
+    let mut mapping: VecDeque<tokio::task::JoinHandle<Vec<Item>>> = VecDeque::new();
     loop {
+        let mut msgs = Vec::with_capacity(READ_CHUNK);
         let status = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -464,9 +471,25 @@ async fn read_loop(
                 return;
             }
         };
+        // A short read means the source has caught up: hand over all that
+        // is mapped rather than hold it until more arrives.
+        let caught_up = msgs.len() < READ_CHUNK || status == ReadStatus::End;
         if !msgs.is_empty() {
             Stats::add(&conn.stats.read, msgs.len() as u64);
-            let items: Vec<Item> = msgs.drain(..).map(|m| map_message(&conn, m)).collect();
+            let conn = conn.clone();
+            mapping.push_back(tokio::spawn(async move {
+                msgs.into_iter().map(|m| map_message(&conn, m)).collect()
+            }));
+        }
+        while mapping.len() > MAPPING_AHEAD || (caught_up && !mapping.is_empty()) {
+            let Some(next) = mapping.pop_front() else {
+                break;
+            };
+            let items = match next.await {
+                Ok(items) => items,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => return, // the runtime is shutting down
+            };
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,

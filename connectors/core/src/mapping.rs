@@ -76,6 +76,135 @@ pub struct Mapper {
     /// No pointer is `""` or a prefix of another, so each field can be
     /// moved out of the parsed document instead of copied.
     disjoint: bool,
+    /// Every pointer (and the tombstone field) is a top-level field: the
+    /// document is read once, field by field, without building it.
+    flat: Option<Flat>,
+}
+
+/// Top-level field names: the columns', then the tombstone field's.
+struct Flat {
+    names: Vec<String>,
+    tombstone: Option<String>,
+}
+
+impl Flat {
+    fn new(columns: &[Column], tombstone: Option<&str>) -> Option<Flat> {
+        let top = |tokens: &[String]| match tokens {
+            [name] => Some(name.clone()),
+            _ => None,
+        };
+        let names = columns
+            .iter()
+            .map(|c| top(&c.tokens))
+            .collect::<Option<Vec<_>>>()?;
+        let tombstone = match tombstone {
+            Some(p) => Some(top(&tokens(p))?),
+            None => None,
+        };
+        Some(Flat { names, tombstone })
+    }
+
+    /// The columns' fields and whether the message is a tombstone; `None`
+    /// when the document is not an object (the general path handles it).
+    #[allow(clippy::type_complexity)]
+    fn parse(&self, raw: &[u8]) -> serde_json::Result<Option<(Vec<Option<Json>>, bool)>> {
+        let mut de = serde_json::Deserializer::from_slice(raw);
+        let picked = serde::de::DeserializeSeed::deserialize(FlatSeed(self), &mut de)?;
+        de.end()?;
+        Ok(picked)
+    }
+}
+
+struct FlatSeed<'a>(&'a Flat);
+
+/// Which of the wanted fields a key is.
+enum Slot {
+    Column(usize),
+    Tombstone,
+    Other,
+}
+
+struct KeySeed<'a>(&'a Flat);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = Slot;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Slot, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeySeed<'_> {
+    type Value = Slot;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Slot, E> {
+        Ok(match self.0.names.iter().position(|n| n == key) {
+            Some(i) => Slot::Column(i),
+            None if self.0.tombstone.as_deref() == Some(key) => Slot::Tombstone,
+            None => Slot::Other,
+        })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FlatSeed<'_> {
+    type Value = Option<(Vec<Option<Json>>, bool)>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FlatSeed<'_> {
+    type Value = Option<(Vec<Option<Json>>, bool)>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON document")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields: Vec<Option<Json>> = vec![None; self.0.names.len()];
+        let mut tombstone = false;
+        while let Some(slot) = map.next_key_seed(KeySeed(self.0))? {
+            // A repeated key: the last one wins, as in a parsed document.
+            match slot {
+                Slot::Column(i) => fields[i] = Some(map.next_value()?),
+                Slot::Tombstone => tombstone = map.next_value::<Json>()? == Json::Bool(true),
+                Slot::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some((fields, tombstone)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        // `null`: a tombstone with no fields.
+        Ok(Some((vec![None; self.0.names.len()], true)))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
 }
 
 /// Whether no pointer contains another (or the whole document).
@@ -100,23 +229,28 @@ impl Mapper {
     ) -> Self {
         let pointers: Vec<String> = columns.iter().map(ColumnConfig::pointer).collect();
         let refs: Vec<&str> = pointers.iter().map(String::as_str).collect();
+        let columns: Vec<Column> = columns
+            .iter()
+            .map(|c| {
+                let key = keys.contains(&c.name);
+                let pointer = c.pointer();
+                Column {
+                    name: c.name.clone(),
+                    tokens: tokens(&pointer),
+                    pointer,
+                    ty: c.ty,
+                    required: c.required || key,
+                    key,
+                }
+            })
+            .collect();
+        let disjoint = disjoint(&refs);
         Mapper {
-            disjoint: disjoint(&refs),
-            columns: columns
-                .iter()
-                .map(|c| {
-                    let key = keys.contains(&c.name);
-                    let pointer = c.pointer();
-                    Column {
-                        name: c.name.clone(),
-                        tokens: tokens(&pointer),
-                        pointer,
-                        ty: c.ty,
-                        required: c.required || key,
-                        key,
-                    }
-                })
-                .collect(),
+            flat: disjoint
+                .then(|| Flat::new(&columns, tombstone_field.as_deref()))
+                .flatten(),
+            disjoint,
+            columns,
             tombstone_field,
             deletes,
         }
@@ -132,26 +266,24 @@ impl Mapper {
                 "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
             ));
         };
-        let mut doc: Json = serde_json::from_slice(raw)
-            .map_err(|e| MapError::new(format!("not valid JSON: {e}")))?;
-        let op = if self.deletes && self.is_tombstone(&doc) {
+        let (fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
+            Some(Ok(Some(picked))) => picked,
+            // Not an object (or no flat plan): the general path decides.
+            Some(Ok(None)) | None => self.pick(raw)?,
+            Some(Err(e)) => return Err(MapError::new(format!("not valid JSON: {e}"))),
+        };
+        let op = if self.deletes && tombstone {
             Op::Delete
         } else {
             Op::Upsert
         };
         let mut values = Vec::with_capacity(self.columns.len());
-        for col in &self.columns {
+        for (col, field) in self.columns.iter().zip(fields) {
             if op == Op::Delete && !col.key {
                 values.push(Value::Null);
                 continue;
             }
-            let field = if self.disjoint {
-                lookup_mut(&mut doc, &col.tokens).map(Json::take)
-            } else {
-                lookup_mut(&mut doc, &col.tokens).map(|v| v.clone())
-            }
-            .filter(|v| !v.is_null());
-            let value = match field {
+            let value = match field.filter(|v| !v.is_null()) {
                 None if col.required => {
                     let what = if col.key {
                         "key column"
@@ -184,6 +316,26 @@ impl Mapper {
             op,
             values,
         })
+    }
+
+    /// The general path: parse the whole document, then follow each pointer.
+    fn pick(&self, raw: &[u8]) -> Result<(Vec<Option<Json>>, bool), MapError> {
+        let mut doc: Json = serde_json::from_slice(raw)
+            .map_err(|e| MapError::new(format!("not valid JSON: {e}")))?;
+        let tombstone = self.is_tombstone(&doc);
+        let fields = self
+            .columns
+            .iter()
+            .map(|col| {
+                let found = lookup_mut(&mut doc, &col.tokens);
+                if self.disjoint {
+                    found.map(Json::take)
+                } else {
+                    found.map(|v| v.clone())
+                }
+            })
+            .collect();
+        Ok((fields, tombstone))
     }
 
     fn is_tombstone(&self, doc: &Json) -> bool {
@@ -509,6 +661,48 @@ mod tests {
             let e = m.map(&msg(doc)).unwrap_err();
             assert!(e.reason.contains(expected), "{doc}: {e}");
         }
+    }
+
+    #[test]
+    fn the_flat_reader_agrees_with_the_general_path() {
+        let cols = [
+            col("id", ColumnType::Text, false),
+            col("n", ColumnType::Bigint, false),
+            col("doc", ColumnType::Json, false),
+        ];
+        let flat = Mapper::new(&cols, &["id".into()], true, Some("/gone".into()));
+        assert!(flat.flat.is_some());
+        let mut general = Mapper::new(&cols, &["id".into()], true, Some("/gone".into()));
+        general.flat = None;
+        for doc in [
+            r#"{"id":"a","n":1,"doc":{"x":[1,{"y":2}]},"other":[1,2,{"z":null}]}"#,
+            r#"{"id":"a","id":"b","n":2}"#,
+            r#"{"i\u0064":"esc","n":3}"#,
+            r#"{"id":"a","gone":true}"#,
+            r#"{"id":"a","gone":"true","n":4}"#,
+            r#"{"id":"a","n":null}"#,
+            r#"{"n":5}"#,
+            r#"{"id":"a","n":"x"}"#,
+            "null",
+            "[1,2]",
+            "\"text\"",
+            "7",
+            "{}",
+            r#"{"id":"a"} trailing"#,
+            r#"{"id":"a""#,
+            "",
+        ] {
+            let m = msg(doc);
+            assert_eq!(flat.map(&m), general.map(&m), "{doc}");
+        }
+        // Nested pointers, a whole-document column or a nested tombstone
+        // field take the general path.
+        let mut nested = col("city", ColumnType::Text, false);
+        nested.pointer = Some("/addr/city".into());
+        assert!(Mapper::new(&[nested], &[], false, None).flat.is_none());
+        assert!(mapper().flat.is_none());
+        let m = Mapper::new(&cols, &[], true, Some("/a/gone".into()));
+        assert!(m.flat.is_none());
     }
 
     #[test]
