@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 bash scripts/duckdb-lib.sh
 bash scripts/postgres.sh
+bash scripts/kafka.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

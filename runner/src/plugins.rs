@@ -7,6 +7,7 @@ use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig};
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig};
 use idem_sink_stdout::{StdoutSink, StdoutSinkConfig};
 use idem_source_file::{FileSource, FileSourceConfig};
+use idem_source_kafka::{KafkaSource, KafkaSourceConfig};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -16,6 +17,8 @@ use std::sync::Arc;
 pub enum SourceConfig {
     /// Newline-delimited JSON files.
     File(FileSourceConfig),
+    /// Kafka topics through a consumer group.
+    Kafka(KafkaSourceConfig),
 }
 
 /// `[connectors.NAME.sink]`, chosen by `type`.
@@ -37,6 +40,7 @@ impl Validate for SourceConfig {
     fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
         match self {
             SourceConfig::File(c) => c.validate(columns),
+            SourceConfig::Kafka(c) => c.validate(columns),
         }
     }
 }
@@ -55,6 +59,7 @@ impl SourceConfig {
     pub fn build(&self) -> Arc<dyn Source> {
         match self {
             SourceConfig::File(c) => Arc::new(FileSource::new(c.clone())),
+            SourceConfig::Kafka(c) => Arc::new(KafkaSource::new(c.clone())),
         }
     }
 
@@ -62,6 +67,7 @@ impl SourceConfig {
     pub fn is_bounded(&self) -> bool {
         match self {
             SourceConfig::File(c) => !c.follow,
+            SourceConfig::Kafka(_) => false,
         }
     }
 }

@@ -1,0 +1,373 @@
+//! A consumer group member. Kafka decides which partitions this runner
+//! reads; the sink decides where each one starts. Offsets committed to the
+//! group are advisory (for lag tools): correctness rests on the positions
+//! stored in the sink and on its epochs.
+
+use crate::config::{KafkaSourceConfig, StartAt, OWNED};
+use async_trait::async_trait;
+use idem_core::{Assignment, Message, PartitionReader, ReadStatus, Source, SourceError};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// Messages buffered per partition between the consumer and its reader.
+const PARTITION_BUFFER: usize = 8192;
+
+/// How long a librdkafka call that talks to the broker may block.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `topic/partition`, the name positions are stored under.
+pub fn partition_name(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+fn split_name(name: &str) -> Option<(&str, i32)> {
+    let (topic, p) = name.rsplit_once('/')?;
+    Some((topic, p.parse().ok()?))
+}
+
+/// Readers' inboxes, by partition name; shared with the rebalance callback.
+type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Message>>>>;
+
+struct Context {
+    assignments: mpsc::UnboundedSender<Assignment>,
+    inboxes: Inboxes,
+}
+
+impl ClientContext for Context {}
+
+fn names(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| partition_name(e.topic(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked = names(tpl);
+            // From now on nothing reaches their readers; the runner drops
+            // them. A commit in flight either lands before the new owner
+            // fences the partition or is refused by the sink's epoch.
+            if let Ok(mut inboxes) = self.inboxes.lock() {
+                for name in &revoked {
+                    inboxes.remove(name);
+                }
+            }
+            debug!(partitions = ?revoked, "partitions revoked");
+            let _ = self.assignments.send(Assignment::Revoked(revoked));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                // Nothing is fetched until the sink says where to start.
+                if let Err(e) = consumer.pause(tpl) {
+                    warn!(error = %e, "could not pause newly assigned partitions");
+                }
+                let assigned = names(tpl);
+                debug!(partitions = ?assigned, "partitions assigned");
+                let _ = self.assignments.send(Assignment::Assigned(assigned));
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Kafka topics read through a consumer group.
+pub struct KafkaSource {
+    cfg: KafkaSourceConfig,
+    /// Created on first use, so `idem check` and `idem status` build the
+    /// source without touching the broker; the group is joined only by
+    /// the first `next_assignment`.
+    client: std::sync::OnceLock<Result<Client, String>>,
+    subscribed: std::sync::atomic::AtomicBool,
+    poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+struct Client {
+    consumer: Arc<StreamConsumer<Context>>,
+    assignments: tokio::sync::Mutex<mpsc::UnboundedReceiver<Assignment>>,
+    inboxes: Inboxes,
+}
+
+fn setup(cfg: &KafkaSourceConfig, message: impl Into<String>) -> SourceError {
+    SourceError::Setup {
+        source_name: format!("kafka {}", cfg.brokers),
+        message: message.into(),
+    }
+}
+
+impl KafkaSource {
+    /// No I/O: the consumer is created on first use.
+    pub fn new(cfg: KafkaSourceConfig) -> Self {
+        KafkaSource {
+            cfg,
+            client: std::sync::OnceLock::new(),
+            subscribed: std::sync::atomic::AtomicBool::new(false),
+            poller: Mutex::new(None),
+        }
+    }
+
+    fn client(&self) -> Result<&Client, SourceError> {
+        self.client
+            .get_or_init(|| self.create())
+            .as_ref()
+            .map_err(|e| setup(&self.cfg, e.clone()))
+    }
+
+    fn create(&self) -> Result<Client, String> {
+        let cfg = &self.cfg;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inboxes: Inboxes = Arc::default();
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.group_id)
+            .set("client.id", &cfg.client_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set(
+                "auto.offset.reset",
+                match cfg.start {
+                    StartAt::Earliest => "earliest",
+                    StartAt::Latest => "latest",
+                },
+            );
+        for (k, v) in &cfg.properties {
+            debug_assert!(!OWNED.contains(&k.as_str()));
+            client.set(k, v.expose());
+        }
+        let consumer: StreamConsumer<Context> = client
+            .create_with_context(Context {
+                assignments: tx,
+                inboxes: inboxes.clone(),
+            })
+            .map_err(|e| format!("cannot create the consumer: {e}"))?;
+        Ok(Client {
+            consumer: Arc::new(consumer),
+            assignments: tokio::sync::Mutex::new(rx),
+            inboxes,
+        })
+    }
+
+    /// Join the group once.
+    fn subscribe(&self, client: &Client) -> Result<(), SourceError> {
+        use std::sync::atomic::Ordering;
+        if self.subscribed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
+        client.consumer.subscribe(&topics).map_err(|e| {
+            self.subscribed.store(false, Ordering::SeqCst);
+            setup(&self.cfg, format!("cannot subscribe to {topics:?}: {e}"))
+        })?;
+        self.ensure_polling(client);
+        Ok(())
+    }
+
+    /// One task drives the consumer (rebalances happen while it polls) and
+    /// hands each message to its partition's reader.
+    fn ensure_polling(&self, client: &Client) {
+        let Ok(mut poller) = self.poller.lock() else {
+            return;
+        };
+        if poller.is_some() {
+            return;
+        }
+        let consumer = client.consumer.clone();
+        let inboxes = client.inboxes.clone();
+        let limit = self.cfg.max_message_bytes;
+        *poller = Some(tokio::spawn(async move {
+            loop {
+                let msg = match consumer.recv().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let name = partition_name(msg.topic(), msg.partition());
+                let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
+                // No reader yet (or any more): it will be fetched again
+                // from the sink's position when one opens.
+                let Some(inbox) = inbox else { continue };
+                let Ok(offset) = u64::try_from(msg.offset()) else {
+                    continue;
+                };
+                let value = msg.payload().map(<[u8]>::to_vec);
+                let poison = value.as_ref().and_then(|v| {
+                    (v.len() > limit).then(|| {
+                        format!(
+                            "message of {} bytes is larger than max_message_bytes = {limit}",
+                            v.len()
+                        )
+                    })
+                });
+                let message = Message {
+                    offset,
+                    next_offset: offset + 1,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    value: if poison.is_some() { None } else { value },
+                    poison,
+                };
+                drop(msg);
+                if inbox.send(message).await.is_err() {
+                    debug!(partition = %name, "reader gone; message dropped");
+                }
+            }
+        }));
+    }
+
+    fn read_err(&self, partition: &str, e: KafkaError) -> SourceError {
+        SourceError::Read {
+            source_name: format!("kafka {}", self.cfg.brokers),
+            partition: partition.to_string(),
+            message: e.to_string(),
+            retriable: true,
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        if let Ok(mut poller) = self.poller.lock() {
+            if let Some(task) = poller.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+
+    async fn next_assignment(&self) -> Result<Option<Assignment>, SourceError> {
+        let client = self.client()?;
+        self.subscribe(client)?;
+        Ok(client.assignments.lock().await.recv().await)
+    }
+
+    async fn open(
+        &self,
+        partition: &str,
+        start: Option<u64>,
+    ) -> Result<Box<dyn PartitionReader>, SourceError> {
+        let (topic, p) = split_name(partition)
+            .ok_or_else(|| setup(&self.cfg, format!("`{partition}` is not topic/partition")))?;
+        let client = self.client()?;
+        let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
+        if let Ok(mut inboxes) = client.inboxes.lock() {
+            inboxes.insert(partition.to_string(), tx);
+        }
+        let offset = match (start, self.cfg.start) {
+            (Some(n), _) => Offset::Offset(i64::try_from(n).unwrap_or(i64::MAX)),
+            (None, StartAt::Earliest) => Offset::Beginning,
+            (None, StartAt::Latest) => Offset::End,
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, p);
+        // Right after an assignment the partition may not be ready to seek.
+        let mut attempt = 0;
+        loop {
+            match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
+                Ok(()) => break,
+                Err(e) if attempt < 50 => {
+                    attempt += 1;
+                    debug!(partition, error = %e, "seek not possible yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(self.read_err(partition, e)),
+            }
+        }
+        client
+            .consumer
+            .resume(&tpl)
+            .map_err(|e| self.read_err(partition, e))?;
+        Ok(Box::new(KafkaReader { inbox: rx }))
+    }
+
+    async fn ack(&self, partition: &str, next_offset: u64) -> Result<(), SourceError> {
+        let Some((topic, p)) = split_name(partition) else {
+            return Ok(());
+        };
+        let Ok(client) = self.client() else {
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        let offset = Offset::Offset(i64::try_from(next_offset).unwrap_or(i64::MAX));
+        if tpl.add_partition_offset(topic, p, offset).is_ok() {
+            // Advisory, for lag tools: a failure is logged, never fatal.
+            if let Err(e) = client.consumer.commit(&tpl, CommitMode::Async) {
+                debug!(partition, error = %e, "group offset commit failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn end_offset(&self, partition: &str) -> Option<u64> {
+        let (topic, p) = split_name(partition)?;
+        let consumer = self.client().ok()?.consumer.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_watermarks(&topic, p, BROKER_TIMEOUT)
+                .ok()
+                .and_then(|(_, high)| u64::try_from(high).ok())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+struct KafkaReader {
+    inbox: mpsc::Receiver<Message>,
+}
+
+#[async_trait]
+impl PartitionReader for KafkaReader {
+    async fn read(
+        &mut self,
+        max: usize,
+        out: &mut Vec<Message>,
+    ) -> Result<ReadStatus, SourceError> {
+        // `recv` is cancel-safe; an idle partition reports Idle each second
+        // so the runner can flush a lingering batch.
+        match tokio::time::timeout(Duration::from_secs(1), self.inbox.recv()).await {
+            Err(_) => Ok(ReadStatus::Idle),
+            // The partition was revoked: the runner is dropping this reader.
+            Ok(None) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(ReadStatus::Idle)
+            }
+            Ok(Some(first)) => {
+                out.push(first);
+                while out.len() < max {
+                    match self.inbox.try_recv() {
+                        Ok(m) => out.push(m),
+                        Err(_) => break,
+                    }
+                }
+                Ok(ReadStatus::Data)
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# A Kafka-API broker for the tests on 127.0.0.1:9092: tansu (crates.io),
+# no JVM, no docker. Reuses a broker that already answers there; otherwise
+# builds tansu once (about 12 minutes on 2 cores; the binary is cached in
+# ~/.cargo/bin) and starts it with its SQLite storage engine in
+# ~/.cache/idem/tansu. Idempotent. `scripts/kafka.sh stop` stops it.
+set -euo pipefail
+VERSION=0.6.0
+HOST=127.0.0.1
+PORT=9092
+DATA="${IDEM_KAFKA_DATA:-$HOME/.cache/idem/tansu}"
+BIN="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+PIDFILE="$DATA/tansu.pid"
+
+listening() { (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; }
+
+if [ "${1:-}" = stop ]; then
+  if [ -f "$PIDFILE" ] && kill "$(cat "$PIDFILE")" 2>/dev/null; then
+    for _ in $(seq 1 50); do listening || break; sleep 0.1; done
+    echo "kafka.sh: stopped tansu" >&2
+  fi
+  rm -f "$PIDFILE"
+  exit 0
+fi
+
+if listening; then
+  exit 0
+fi
+
+if ! [ -x "$BIN" ] || ! "$BIN" --version 2>/dev/null | grep -q "$VERSION"; then
+  if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || { echo "kafka.sh: tansu's build needs libclang-dev: sudo apt-get install libclang-dev" >&2; exit 1; }
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+  fi
+  echo "kafka.sh: building tansu $VERSION from crates.io (once; about 12 minutes)" >&2
+  cargo install "tansu@$VERSION" --locked --features dynostore,postgres,libsql --quiet
+fi
+
+mkdir -p "$DATA"
+cd "$DATA"
+echo "kafka.sh: starting tansu on $HOST:$PORT (data in $DATA)" >&2
+# Its in-memory engine loses end offsets; SQLite keeps them (and restarts).
+nohup "$BIN" broker \
+  --listener-url "tcp://$HOST:$PORT" \
+  --advertised-listener-url "tcp://$HOST:$PORT" \
+  --storage-engine "sqlite://tansu.db" \
+  >"$DATA/tansu.log" 2>&1 &
+echo $! >"$PIDFILE"
+for _ in $(seq 1 100); do
+  listening && exit 0
+  if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then break; fi
+  sleep 0.1
+done
+echo "kafka.sh: tansu did not start; its log:" >&2
+tail -n 20 "$DATA/tansu.log" >&2
+exit 1
