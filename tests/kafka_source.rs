@@ -110,6 +110,10 @@ type = "kafka"
 brokers = "{BROKERS}"
 topics = ["{topic}"]
 group_id = "{topic}_group"
+[connectors.k.source.properties]
+# A killed runner's partitions move after this long (Kafka's default: 45s).
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
 [connectors.k.sink]
 type = "postgres"
 url = "{url}"
@@ -202,5 +206,111 @@ async fn six_partitions_land_exactly_once_at_the_topics_end() {
     produce(&topic, 100_000..120_000).await;
     run_until(&cfg, &schema, 120_000).await;
     assert_eq!(count(&schema).await, (120_000, 120_000));
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
+}
+
+/// How each run of the crash test ended.
+fn ended_by(status: std::process::ExitStatus) -> &'static str {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(6) => "fail point (abort)",
+        Some(9) => "SIGKILL",
+        _ if status.success() => "clean exit",
+        _ => "error exit",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_random_and_at_fail_points_while_producing_every_event_lands_once() {
+    use rand::{Rng, SeedableRng};
+    const ROUNDS: usize = 24;
+    const PER_ROUND: i64 = 2_000;
+    let seed: u64 = std::env::var("IDEM_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rngs::StdRng::from_os_rng().random());
+    eprintln!("kafka crash test seed: {seed} (IDEM_CRASH_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let topic = fresh_topic("idem_crash", 6).await;
+    let schema = fresh_schema("kafka_crash");
+    let w = Workdir::new();
+    let cfg = w.write(
+        "k.toml",
+        &config(&topic, &schema).replace("max_records = 5000", "max_records = 300"),
+    );
+    let failpoints = ["after_write", "mid_write", "after_commit"];
+    let mut ends: HashMap<&str, usize> = HashMap::new();
+    let mut fired: HashMap<&str, usize> = HashMap::new();
+    for round in 0..ROUNDS {
+        let from = round as i64 * PER_ROUND;
+        // The producer keeps writing while the runner runs and dies.
+        let producing = tokio::spawn({
+            let topic = topic.clone();
+            async move { produce(&topic, from..from + PER_ROUND).await }
+        });
+        let mut cmd = idem();
+        cmd.arg("run")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let failpoint = (round % 2 == 1).then(|| failpoints[(round / 2) % failpoints.len()]);
+        if let Some(fp) = failpoint {
+            cmd.env(
+                "IDEM_FAILPOINTS",
+                format!("{fp}={}", rng.random_range(1..=4)),
+            );
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now()
+            + match failpoint {
+                Some(_) => Duration::from_secs(30),
+                // The previous run's partitions move after the session
+                // timeout (6 s): aim before, around and after it.
+                None => Duration::from_millis(rng.random_range(300..10_000)),
+            };
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                child.kill().unwrap();
+                break child.wait().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let how = ended_by(status);
+        *ends.entry(how).or_default() += 1;
+        if let (Some(fp), "fail point (abort)") = (failpoint, how) {
+            *fired.entry(fp).or_default() += 1;
+        }
+        producing.await.unwrap();
+    }
+    eprintln!("kafka crash: {ROUNDS} runs ended by {ends:?}; fail points fired {fired:?}");
+    let died = ends.get("SIGKILL").unwrap_or(&0) + ends.get("fail point (abort)").unwrap_or(&0);
+    assert!(died >= 20, "only {died} of {ROUNDS} runs died mid-way");
+    for fp in failpoints {
+        assert!(
+            fired.get(fp).copied().unwrap_or(0) > 0,
+            "fail point {fp} never fired"
+        );
+    }
+
+    let total = ROUNDS as i64 * PER_ROUND;
+    run_until(&cfg, &schema, total).await;
+    assert_eq!(
+        count(&schema).await,
+        (total, total),
+        "lost or duplicated events"
+    );
+    let sum: i64 = pg()
+        .await
+        .query_one(
+            &format!("SELECT sum(v)::bigint FROM \"{schema}\".events"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sum, (0..total).map(|i| i * 10).sum::<i64>());
     assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
 }

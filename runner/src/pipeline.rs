@@ -145,8 +145,12 @@ impl Connector {
         })
         .await
         .map_err(|e| self.sink_err(e))?;
-        let mut tasks: JoinSet<(String, Result<(), RunError>)> = JoinSet::new();
-        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut tasks: JoinSet<(String, u64, Result<(), RunError>)> = JoinSet::new();
+        // Partition -> (its task's number, its stop token). A partition
+        // revoked and assigned again can briefly have two tasks: the old one
+        // finishing its batch (the sink's epoch fences it if it is late).
+        let mut running: HashMap<String, (u64, CancellationToken)> = HashMap::new();
+        let mut spawned = 0u64;
         let mut assignments_done = false;
         let mut failure: Option<RunError> = None;
         loop {
@@ -162,17 +166,19 @@ impl Connector {
                     Ok(Some(Assignment::Assigned(parts))) => {
                         for p in parts {
                             let token = stop.child_token();
-                            running.insert(p.clone(), token.clone());
+                            spawned += 1;
+                            let id = spawned;
+                            running.insert(p.clone(), (id, token.clone()));
                             let me = self.clone();
                             tasks.spawn(async move {
                                 let r = me.run_partition(&p, token).await;
-                                (p, r)
+                                (p, id, r)
                             });
                         }
                     }
                     Ok(Some(Assignment::Revoked(parts))) => {
                         for p in parts {
-                            if let Some(t) = running.get(&p) {
+                            if let Some((_, t)) = running.get(&p) {
                                 t.cancel();
                             }
                         }
@@ -185,14 +191,16 @@ impl Connector {
                     }
                 },
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    let (partition, result) = match joined {
+                    let (partition, id, result) = match joined {
                         Ok(v) => v,
-                        Err(e) => (String::new(), Err(RunError::Task {
+                        Err(e) => (String::new(), 0, Err(RunError::Task {
                             connector: self.name.clone(),
                             message: e.to_string(),
                         })),
                     };
-                    running.remove(&partition);
+                    if running.get(&partition).is_some_and(|(mine, _)| *mine == id) {
+                        running.remove(&partition);
+                    }
                     match result {
                         Ok(()) => debug!(connector = %self.name, partition, "partition finished"),
                         Err(RunError::Sink { source: SinkError::Fenced { .. }, .. }) => {

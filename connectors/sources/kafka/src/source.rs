@@ -287,6 +287,17 @@ impl Source for KafkaSource {
         // Right after an assignment the partition may not be ready to seek.
         let mut attempt = 0;
         loop {
+            let still_ours = client
+                .inboxes
+                .lock()
+                .map(|i| i.contains_key(partition))
+                .unwrap_or(false);
+            if !still_ours {
+                // Revoked while opening: a reader that never yields; the
+                // runner drops it with the partition.
+                let (_, closed) = mpsc::channel(1);
+                return Ok(Box::new(KafkaReader { inbox: closed }));
+            }
             match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
                 Ok(()) => break,
                 Err(e) if attempt < 50 => {
