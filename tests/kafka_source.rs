@@ -314,3 +314,110 @@ async fn killed_at_random_and_at_fail_points_while_producing_every_event_lands_o
     assert_eq!(sum, (0..total).map(|i| i * 10).sum::<i64>());
     assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
 }
+
+/// `idem run` in the background, its log in `log`.
+fn spawn_runner(
+    cfg: &std::path::Path,
+    log: &std::path::Path,
+    failpoints: &str,
+) -> std::process::Child {
+    let mut cmd = idem();
+    cmd.arg("run")
+        .arg(cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if !failpoints.is_empty() {
+        cmd.env("IDEM_FAILPOINTS", failpoints);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_share_a_group_and_a_frozen_one_is_fenced() {
+    let topic = fresh_topic("idem_group", 6).await;
+    let schema = fresh_schema("kafka_group");
+    let w = Workdir::new();
+    let cfg = w.write(
+        "k.toml",
+        &config(&topic, &schema).replace("max_records = 5000", "max_records = 500"),
+    );
+    const TOTAL: i64 = 60_000;
+    produce(&topic, 0..20_000).await;
+    // The rest arrives while runners come, go and freeze.
+    let producing = tokio::spawn({
+        let topic = topic.clone();
+        async move {
+            for chunk in 0..20 {
+                let from = 20_000 + chunk * 2_000;
+                produce(&topic, from..from + 2_000).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+
+    let a = spawn_runner(&cfg, &w.path("a.log"), "");
+    // B freezes just before its second commit, holding a batch.
+    let b = spawn_runner(&cfg, &w.path("b.log"), "before_commit=2:stop");
+    let c = spawn_runner(&cfg, &w.path("c.log"), "");
+    let started = Instant::now();
+    while !is_stopped(b.id()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "runner B never reached its second commit:\n{}",
+            std::fs::read_to_string(w.path("b.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Kill one, add one: A's partitions move to the others.
+    let mut a = a;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let d = spawn_runner(&cfg, &w.path("d.log"), "");
+    // While B is frozen, a newer runner opens every partition, as it does
+    // once the group moves B's partitions away (a broker evicts a silent
+    // member after its session timeout; the test broker keeps a frozen
+    // member whose connection stays open, so the test opens them itself,
+    // with the same statement a runner's open runs).
+    pg().await
+        .batch_execute(&format!(
+            "UPDATE \"{schema}\".idem_offsets SET epoch = epoch + 1 WHERE connector = 'k'"
+        ))
+        .await
+        .unwrap();
+    // Past B's session timeout: on waking it rejoins the group.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(b.id(), "CONT");
+
+    producing.await.unwrap();
+    let started = Instant::now();
+    while count(&schema).await.0 < TOTAL && started.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, mut child) in [("B", b), ("C", c), ("D", d)] {
+        signal(child.id(), "TERM");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "runner {name} after SIGTERM: {status:?}");
+    }
+    let b_log = std::fs::read_to_string(w.path("b.log")).unwrap();
+    assert!(
+        b_log.contains("fenced by a newer runner"),
+        "the frozen runner's stale commit was not refused:\n{b_log}"
+    );
+    assert_eq!(
+        count(&schema).await,
+        (TOTAL, TOTAL),
+        "lost or duplicated events"
+    );
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
+}

@@ -742,3 +742,21 @@ async fn sslmode_verify_full_accepts_a_certificate_from_the_ca_file() {
         assert!(text.contains("certificate"), "{host} with {ca}: {text}");
     }
 }
+
+/// Runners started together on an empty database all create the same
+/// schema and tables: none may fail on the other's concurrent create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_starting_together_create_the_tables_once() {
+    for round in 0..5 {
+        let schema = fresh_schema(&format!("it_race{round}"));
+        let prepares: Vec<_> = (0..8)
+            .map(|_| {
+                let cfg = sink_cfg(&schema, WriteMode::Upsert, &["id"]);
+                tokio::spawn(async move { PostgresSink::new(cfg, columns()).prepare().await })
+            })
+            .collect();
+        for p in prepares {
+            p.await.unwrap().unwrap();
+        }
+    }
+}

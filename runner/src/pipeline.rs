@@ -7,7 +7,7 @@ use crate::plugins::ConnectorConfig;
 use crate::stats::Stats;
 use backon::{ExponentialBuilder, Retryable};
 use idem_config::{ErrorPolicy, Guarantee, RetryConfig};
-use idem_core::failpoint::{self, AFTER_COMMIT};
+use idem_core::failpoint::{self, AFTER_COMMIT, BEFORE_COMMIT};
 use idem_core::{
     Assignment, Batch, Mapper, Message, PartitionReader, PartitionRef, ReadStatus, Record, Sink,
     SinkError, Source, SourceError,
@@ -345,6 +345,7 @@ impl Connector {
             first_offset: range.0,
             next_offset: range.1,
         });
+        failpoint::hit(BEFORE_COMMIT);
         let started = Instant::now();
         let stats = retry_transient(&self.cfg.retry, &self.stats, "commit a batch", || {
             self.sink.commit(batch.clone())

@@ -1,7 +1,9 @@
 //! Named fail points for crash tests. `IDEM_FAILPOINTS="name=N,other=M"`
 //! makes the Nth hit of `name` abort the process on the spot, as a power
 //! loss would: no destructor runs, no buffer is flushed, nothing commits.
-//! Without the variable a fail point costs one atomic load.
+//! `name=N:stop` instead stops the process there (SIGSTOP) until a SIGCONT,
+//! as a long GC pause or a frozen VM would: the stale runner of a fencing
+//! test. Without the variable a fail point costs one atomic load.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,9 +15,16 @@ pub const AFTER_WRITE: &str = "after_write";
 pub const AFTER_COMMIT: &str = "after_commit";
 /// In the middle of the sink's bulk write of a batch.
 pub const MID_WRITE: &str = "mid_write";
+/// A batch is complete and about to be handed to the sink.
+pub const BEFORE_COMMIT: &str = "before_commit";
 
-fn points() -> &'static HashMap<String, AtomicU64> {
-    static POINTS: OnceLock<HashMap<String, AtomicU64>> = OnceLock::new();
+struct Point {
+    left: AtomicU64,
+    stop: bool,
+}
+
+fn points() -> &'static HashMap<String, Point> {
+    static POINTS: OnceLock<HashMap<String, Point>> = OnceLock::new();
     POINTS.get_or_init(|| {
         std::env::var("IDEM_FAILPOINTS")
             .map(|spec| parse(&spec))
@@ -23,12 +32,21 @@ fn points() -> &'static HashMap<String, AtomicU64> {
     })
 }
 
-fn parse(spec: &str) -> HashMap<String, AtomicU64> {
+fn parse(spec: &str) -> HashMap<String, Point> {
     spec.split(',')
         .filter_map(|item| {
             let (name, n) = item.trim().split_once('=').unwrap_or((item.trim(), "1"));
+            let (n, stop) = match n.trim().split_once(':') {
+                Some((n, "stop")) => (n, true),
+                Some(_) => return None,
+                None => (n.trim(), false),
+            };
             let n = n.trim().parse::<u64>().ok()?;
-            (!name.is_empty()).then(|| (name.to_string(), AtomicU64::new(n.max(1))))
+            let point = Point {
+                left: AtomicU64::new(n.max(1)),
+                stop,
+            };
+            (!name.is_empty()).then(|| (name.to_string(), point))
         })
         .collect()
 }
@@ -39,8 +57,16 @@ pub fn hit(name: &str) {
     if points.is_empty() {
         return;
     }
-    if let Some(left) = points.get(name) {
-        if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+    if let Some(point) = points.get(name) {
+        if point.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if point.stop {
+                eprintln!("idem: fail point `{name}` reached: stopping the process");
+                // The shell's `kill`: no unsafe code for a test-only path.
+                let _ = std::process::Command::new("sh")
+                    .args(["-c", &format!("kill -STOP {}", std::process::id())])
+                    .status();
+                return;
+            }
             eprintln!("idem: fail point `{name}` reached: aborting the process");
             std::process::abort();
         }
@@ -53,9 +79,13 @@ mod tests {
 
     #[test]
     fn parses_counts_and_defaults() {
-        let p = parse("after_write=3, after_commit ,bad=x");
-        assert_eq!(p["after_write"].load(Ordering::SeqCst), 3);
-        assert_eq!(p["after_commit"].load(Ordering::SeqCst), 1);
+        let p = parse("after_write=3, after_commit ,bad=x,before_commit=2:stop,odd=1:zz");
+        assert_eq!(p["after_write"].left.load(Ordering::SeqCst), 3);
+        assert!(!p["after_write"].stop);
+        assert_eq!(p["after_commit"].left.load(Ordering::SeqCst), 1);
+        assert_eq!(p["before_commit"].left.load(Ordering::SeqCst), 2);
+        assert!(p["before_commit"].stop);
         assert!(!p.contains_key("bad"));
+        assert!(!p.contains_key("odd"));
     }
 }

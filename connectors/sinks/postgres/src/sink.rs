@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
+use tokio_postgres::GenericClient;
 
 /// Names used in errors and SQL.
 pub(crate) struct Ctx {
@@ -351,7 +352,7 @@ impl PostgresSink {
         })
     }
 
-    async fn check_table(&self, client: &deadpool_postgres::Client) -> Result<(), PgError> {
+    async fn check_table(&self, client: &impl GenericClient) -> Result<(), PgError> {
         let ctx = &self.ctx;
         let mismatch = |detail: String| PgError::SchemaMismatch {
             server: ctx.server.clone(),
@@ -502,8 +503,22 @@ impl Sink for PostgresSink {
     }
 
     async fn prepare(&self) -> Result<(), SinkError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let ctx = &self.ctx;
+        // Runners starting together would race: `CREATE .. IF NOT EXISTS`
+        // is not safe against a concurrent create in PostgreSQL. One
+        // transaction under an advisory lock per schema serializes them.
+        let txn = client
+            .transaction()
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "begin", e))?;
+        txn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("idem ddl {}", self.cfg.schema)],
+        )
+        .await
+        .map_err(|e| ctx.sql(&ctx.table, "take the schema's DDL lock", e))?;
+        let client = &txn;
         if self.cfg.create {
             client
                 .batch_execute(&format!(
@@ -541,13 +556,16 @@ impl Sink for PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
-        self.check_table(&client).await?;
+        self.check_table(&**client).await?;
         if self.cfg.mode == WriteMode::Dedup {
             client
                 .batch_execute(&self.plan.create_ids)
                 .await
                 .map_err(|e| ctx.sql(&ctx.ids, "create the message id table", e))?;
         }
+        txn.commit()
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "commit the table definitions", e))?;
         Ok(())
     }
 
