@@ -421,3 +421,141 @@ async fn runners_share_a_group_and_a_frozen_one_is_fenced() {
     );
     assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn into_duckdb_a_backfill_stops_at_the_end_exactly_once() {
+    let topic = fresh_topic("idem_duck", 6).await;
+    produce(&topic, 0..100_000).await;
+    let w = Workdir::new();
+    let db = w.path("k.duckdb");
+    let cfg = config(&topic, "unused")
+        .replace(
+            &format!("group_id = \"{topic}_group\""),
+            &format!("group_id = \"{topic}_group\"\nstop_at_end = true"),
+        )
+        .replace(
+            &format!(
+                "type = \"postgres\"\nurl = \"{}\"\nschema = \"unused\"\ntable = \"events\"",
+                pg_url()
+            ),
+            &format!(
+                "type = \"duckdb\"\npath = \"{}\"\ntable = \"events\"",
+                db.display()
+            ),
+        );
+    assert!(
+        cfg.contains("duckdb") && cfg.contains("stop_at_end"),
+        "{cfg}"
+    );
+    let cfg = w.write("k.toml", &cfg);
+    // It finishes by itself at the end of every partition.
+    run_ok(idem().arg("run").arg(&cfg));
+    let conn = duck(&db);
+    assert_eq!(query_i64(&conn, "SELECT count(*) FROM events"), 100_000);
+    assert_eq!(
+        query_i64(&conn, "SELECT count(DISTINCT id) FROM events"),
+        100_000
+    );
+    let mut stmt = conn
+        .prepare("SELECT partition, next_offset FROM idem_offsets WHERE connector = 'k'")
+        .unwrap();
+    let stored: HashMap<String, i64> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    drop(stmt);
+    drop(conn);
+    assert_eq!(
+        stored,
+        end_offsets(&topic, 6),
+        "positions in the sink = the topic's end"
+    );
+
+    // Run again: nothing new, nothing written twice.
+    run_ok(idem().arg("run").arg(&cfg));
+    assert_eq!(
+        query_i64(&duck(&db), "SELECT count(*) FROM events"),
+        100_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_their_positions() {
+    let topic = fresh_topic("idem_poison", 2).await;
+    let producer: FutureProducer = client_config().create().unwrap();
+    let big = format!(r#"{{"id":9,"v":90,"pad":"{}"}}"#, "x".repeat(2000));
+    let sends: [(i32, Option<&[u8]>); 7] = [
+        (0, Some(br#"{"id":1,"v":10}"#)),
+        (0, Some(b"not json")),
+        (0, Some(br#"{"id":2,"v":20}"#)),
+        (1, Some(&[0xff, 0xfe, 0x00])),
+        (1, Some(big.as_bytes())),
+        (1, None),
+        (1, Some(br#"{"id":3,"v":30}"#)),
+    ];
+    for (partition, value) in sends {
+        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).partition(partition);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let schema = fresh_schema("kafka_poison");
+    let w = Workdir::new();
+    let dead = w.path("dead.jsonl");
+    let cfg = config(&topic, &schema)
+        .replace(
+            &format!("group_id = \"{topic}_group\""),
+            &format!("group_id = \"{topic}_group\"\nstop_at_end = true\nmax_message_bytes = 1000"),
+        )
+        .replace(
+            "[connectors.k]\n",
+            &format!("[connectors.k]\ndead_letter = \"{}\"\n", dead.display()),
+        );
+    let cfg = w.write("k.toml", &cfg);
+    run_ok(idem().arg("run").arg(&cfg));
+
+    let ids: Vec<i64> = pg()
+        .await
+        .query(
+            &format!("SELECT id FROM \"{schema}\".events ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1, 2, 3]);
+    let letters: Vec<(String, u64, String)> = std::fs::read_to_string(&dead)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["partition"].as_str().unwrap().to_string(),
+                v["offset"].as_u64().unwrap(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let at = |p: i32, o: u64| {
+        letters
+            .iter()
+            .find(|(lp, lo, _)| *lp == format!("{topic}/{p}") && *lo == o)
+            .map(|l| l.2.clone())
+            .unwrap_or_else(|| panic!("no dead letter for {p}/{o} in {letters:?}"))
+    };
+    assert!(at(0, 1).contains("not valid JSON"));
+    assert!(at(1, 0).contains("not valid JSON"));
+    assert!(at(1, 1).contains("larger than max_message_bytes"));
+    assert!(at(1, 2).contains("tombstone"));
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    // The partitions kept moving past their poison.
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 2));
+}

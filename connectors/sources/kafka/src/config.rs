@@ -28,6 +28,11 @@ pub struct KafkaSourceConfig {
     /// Start of a partition the sink holds no position for.
     #[serde(default)]
     pub start: StartAt,
+    /// Read each partition up to its end as of when it was opened, then
+    /// finish (`idem run` exits 0): a backfill, or a test. Meant for one
+    /// runner; a group keeps reading without it.
+    #[serde(default)]
+    pub stop_at_end: bool,
     /// Larger values go to the dead letters instead of being parsed.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,

@@ -94,6 +94,7 @@ pub struct KafkaSource {
     /// the first `next_assignment`.
     client: std::sync::OnceLock<Result<Client, String>>,
     subscribed: std::sync::atomic::AtomicBool,
+    assigned_once: std::sync::atomic::AtomicBool,
     poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -117,6 +118,7 @@ impl KafkaSource {
             cfg,
             client: std::sync::OnceLock::new(),
             subscribed: std::sync::atomic::AtomicBool::new(false),
+            assigned_once: std::sync::atomic::AtomicBool::new(false),
             poller: Mutex::new(None),
         }
     }
@@ -262,7 +264,16 @@ impl Source for KafkaSource {
     async fn next_assignment(&self) -> Result<Option<Assignment>, SourceError> {
         let client = self.client()?;
         self.subscribe(client)?;
-        Ok(client.assignments.lock().await.recv().await)
+        use std::sync::atomic::Ordering;
+        if self.cfg.stop_at_end && self.assigned_once.load(Ordering::SeqCst) {
+            // A backfill reads what it was first given, then finishes.
+            return Ok(None);
+        }
+        let next = client.assignments.lock().await.recv().await;
+        if matches!(next, Some(Assignment::Assigned(_))) {
+            self.assigned_once.store(true, Ordering::SeqCst);
+        }
+        Ok(next)
     }
 
     async fn open(
@@ -296,7 +307,11 @@ impl Source for KafkaSource {
                 // Revoked while opening: a reader that never yields; the
                 // runner drops it with the partition.
                 let (_, closed) = mpsc::channel(1);
-                return Ok(Box::new(KafkaReader { inbox: closed }));
+                return Ok(Box::new(KafkaReader {
+                    inbox: closed,
+                    next: 0,
+                    end: None,
+                }));
             }
             match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
                 Ok(()) => break,
@@ -312,7 +327,32 @@ impl Source for KafkaSource {
             .consumer
             .resume(&tpl)
             .map_err(|e| self.read_err(partition, e))?;
-        Ok(Box::new(KafkaReader { inbox: rx }))
+        // With stop_at_end: where this partition ends now.
+        let end = if self.cfg.stop_at_end {
+            let consumer = client.consumer.clone();
+            let t = topic.to_string();
+            let high = tokio::task::spawn_blocking(move || {
+                consumer.fetch_watermarks(&t, p, BROKER_TIMEOUT)
+            })
+            .await
+            .map_err(|e| setup(&self.cfg, format!("watermark lookup failed: {e}")))?
+            .map_err(|e| self.read_err(partition, e))?
+            .1;
+            Some(u64::try_from(high).unwrap_or(0))
+        } else {
+            None
+        };
+        let next = match (start, end) {
+            (Some(n), _) => n,
+            // Starting at `latest` with stop_at_end: already at the end.
+            (None, Some(high)) if self.cfg.start == StartAt::Latest => high,
+            (None, _) => 0,
+        };
+        Ok(Box::new(KafkaReader {
+            inbox: rx,
+            next,
+            end,
+        }))
     }
 
     async fn ack(&self, partition: &str, next_offset: u64) -> Result<(), SourceError> {
@@ -351,6 +391,10 @@ impl Source for KafkaSource {
 
 struct KafkaReader {
     inbox: mpsc::Receiver<Message>,
+    /// The offset after the last message handed out.
+    next: u64,
+    /// stop_at_end: the partition's end when it was opened.
+    end: Option<u64>,
 }
 
 #[async_trait]
@@ -360,9 +404,13 @@ impl PartitionReader for KafkaReader {
         max: usize,
         out: &mut Vec<Message>,
     ) -> Result<ReadStatus, SourceError> {
+        if self.end.is_some_and(|end| self.next >= end) {
+            return Ok(ReadStatus::End);
+        }
+        let before = out.len();
         // `recv` is cancel-safe; an idle partition reports Idle each second
         // so the runner can flush a lingering batch.
-        match tokio::time::timeout(Duration::from_secs(1), self.inbox.recv()).await {
+        let status = match tokio::time::timeout(Duration::from_secs(1), self.inbox.recv()).await {
             Err(_) => Ok(ReadStatus::Idle),
             // The partition was revoked: the runner is dropping this reader.
             Ok(None) => {
@@ -379,6 +427,16 @@ impl PartitionReader for KafkaReader {
                 }
                 Ok(ReadStatus::Data)
             }
+        };
+        if let Some(end) = self.end {
+            // Everything before `end`, and no further.
+            if let Some(past) = out[before..].iter().position(|m| m.offset >= end) {
+                out.truncate(before + past);
+            }
         }
+        if let Some(last) = out.last() {
+            self.next = self.next.max(last.next_offset);
+        }
+        status
     }
 }
