@@ -559,3 +559,96 @@ async fn poison_messages_are_dead_lettered_with_their_positions() {
     // The partitions kept moving past their poison.
     assert_eq!(positions(&schema).await, end_offsets(&topic, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_writes_repeated_ids_that_upsert_takes_once() {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let topic = format!("idem_produce_{}_{nanos}", std::process::id());
+    let out = run_ok(idem().args([
+        "produce",
+        &topic,
+        "--brokers",
+        BROKERS,
+        "--partitions",
+        "3",
+        "-n",
+        "5000",
+        "--duplicates",
+        "0.2",
+        "--malformed",
+        "2",
+    ]));
+    let said = text(&out.stderr);
+    let distinct: i64 = said
+        .split(" messages to ")
+        .nth(1)
+        .and_then(|rest| rest.split('(').nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no distinct count in: {said}"));
+    assert!(said.contains("wrote 5002 messages"), "{said}");
+    assert!(
+        distinct < 4500,
+        "the load tool wrote too few repeats: {said}"
+    );
+    let ends = end_offsets(&topic, 3);
+    assert_eq!(ends.values().sum::<i64>(), 5002);
+
+    let schema = fresh_schema("kafka_produce");
+    let w = Workdir::new();
+    let mut cfg = format!(
+        r#"
+[connectors.k]
+dead_letter = "{dead}"
+[connectors.k.source]
+type = "kafka"
+brokers = "{BROKERS}"
+topics = ["{topic}"]
+group_id = "{topic}_group"
+stop_at_end = true
+[connectors.k.sink]
+type = "postgres"
+url = "{url}"
+schema = "{schema}"
+table = "events"
+mode = "upsert"
+key = ["event_id"]
+"#,
+        dead = w.path("dead.jsonl").display(),
+        url = pg_url()
+    );
+    for (name, ty) in [
+        ("event_id", "text"),
+        ("user_id", "bigint"),
+        ("kind", "text"),
+        ("amount", "double"),
+        ("currency", "text"),
+        ("ok", "boolean"),
+        ("at", "timestamp"),
+        ("note", "text"),
+    ] {
+        cfg.push_str(&format!(
+            "[[connectors.k.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"
+        ));
+    }
+    let cfg = w.write("k.toml", &cfg);
+    let out = run_ok(idem().arg("run").arg(&cfg));
+    let rows: i64 = pg()
+        .await
+        .query_one(&format!("SELECT count(*) FROM \"{schema}\".events"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows,
+        distinct,
+        "one row per event id:\n{}",
+        text(&out.stdout)
+    );
+    let dead = std::fs::read_to_string(w.path("dead.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 2, "{dead}");
+    assert_eq!(positions(&schema).await, ends);
+}

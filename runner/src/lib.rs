@@ -6,4 +6,5 @@ pub mod deadletter;
 pub mod generate;
 pub mod pipeline;
 pub mod plugins;
+pub mod produce;
 pub mod stats;

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use idem::generate::{generate, GenerateOptions};
+use idem::produce::{produce, ProduceOptions};
 use idem::{app, plugins};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -75,6 +76,30 @@ enum Command {
         #[arg(short, long, default_value = "-")]
         out: PathBuf,
     },
+    /// Write the same generated events to a Kafka topic (idempotent
+    /// producer, keyed by event id).
+    Produce {
+        /// The topic.
+        topic: String,
+        /// Bootstrap brokers.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Create the topic with this many partitions if it does not exist.
+        #[arg(long)]
+        partitions: Option<i32>,
+        /// Number of events.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        count: u64,
+        /// Fraction of events that repeat an earlier event id, at a later offset.
+        #[arg(long, default_value_t = 0.05)]
+        duplicates: f64,
+        /// Malformed messages to mix in, for the dead letters.
+        #[arg(long, default_value_t = 5)]
+        malformed: u64,
+        /// Random seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -123,6 +148,39 @@ fn main() -> ExitCode {
             Ok(c) => runtime.block_on(app::status(c)),
             Err(code) => return code,
         },
+        Command::Produce {
+            topic,
+            brokers,
+            partitions,
+            count,
+            duplicates,
+            malformed,
+            seed,
+        } => {
+            let opts = ProduceOptions {
+                brokers,
+                topic,
+                partitions,
+                events: GenerateOptions {
+                    count,
+                    duplicates,
+                    malformed,
+                    seed,
+                },
+            };
+            runtime
+                .block_on(produce(&opts))
+                .with_context(|| format!("produce to {}", opts.topic))
+                .map(|(sent, distinct, elapsed)| {
+                    eprintln!(
+                        "idem: wrote {sent} messages to {} in {:.1}s ({distinct} distinct event ids, {malformed} malformed, {:.0} msg/s)",
+                        opts.topic,
+                        elapsed.as_secs_f64(),
+                        sent as f64 / elapsed.as_secs_f64().max(1e-9)
+                    );
+                    0
+                })
+        }
         Command::Generate {
             count,
             duplicates,
