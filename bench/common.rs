@@ -96,14 +96,19 @@ pub fn generate(idem: &str, data: &Path, events: usize) -> u64 {
 
 /// A one-connector config reading `data` into the sink described by `sink`.
 pub fn config(data: &Path, sink: &str, batch: usize) -> String {
+    let source = format!("type = \"file\"\npath = \"{}\"", data.display());
+    config_with_source(&source, sink, batch)
+}
+
+/// A one-connector config from `source` into `sink` with the 8 columns.
+pub fn config_with_source(source: &str, sink: &str, batch: usize) -> String {
     let mut config = format!(
         r#"
 [runner]
 progress_interval = "1h"
 [connectors.bench]
 [connectors.bench.source]
-type = "file"
-path = "{data}"
+{source}
 [connectors.bench.sink]
 {sink}
 [connectors.bench.batch]
@@ -111,7 +116,6 @@ max_records = {batch}
 max_bytes = 268435456
 linger = "1s"
 "#,
-        data = data.display(),
     );
     for (name, ty) in COLUMNS {
         config.push_str(&format!(
