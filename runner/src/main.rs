@@ -20,7 +20,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     version,
     about = "Move messages from a log into databases, object stores and warehouses, each exactly once.",
     long_about = "Idem runs connectors described in one TOML file. Each connector reads a source \
-        (files today, Kafka next) and writes a sink, committing every batch's effects together \
+        (files or Kafka topics) and writes a sink, committing every batch's effects together \
         with the source position, so a crash, a restart or a retry never loses or duplicates a \
         message.\n\nStart with:
   idem generate -n 10000 -o quickstart/events.jsonl
