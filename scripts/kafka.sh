@@ -28,10 +28,11 @@ if listening; then
 fi
 
 if ! [ -x "$BIN" ] || ! "$BIN" --version 2>/dev/null | grep -q "$VERSION"; then
-  if ! dpkg -s libclang-dev >/dev/null 2>&1; then
-    [ "$(id -u)" = 0 ] || { echo "kafka.sh: tansu's build needs libclang-dev: sudo apt-get install libclang-dev" >&2; exit 1; }
+  # Its build runs bindgen (libclang) and may run cmake for C dependencies.
+  if ! dpkg -s libclang-dev >/dev/null 2>&1 || ! command -v cmake >/dev/null; then
+    [ "$(id -u)" = 0 ] || { echo "kafka.sh: tansu's build needs libclang-dev and cmake: sudo apt-get install libclang-dev cmake" >&2; exit 1; }
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev cmake >/dev/null
   fi
   echo "kafka.sh: building tansu $VERSION from crates.io (once; about 12 minutes)" >&2
   cargo install "tansu@$VERSION" --locked --features dynostore,postgres,libsql --quiet
