@@ -652,3 +652,22 @@ key = ["event_id"]
     assert_eq!(dead.lines().count(), 2, "{dead}");
     assert_eq!(positions(&schema).await, ends);
 }
+
+#[tokio::test]
+async fn a_missing_broker_is_named_at_start() {
+    let schema = fresh_schema("kafka_down");
+    let w = Workdir::new();
+    let cfg = w.write(
+        "k.toml",
+        &config("nothing", &schema).replace(BROKERS, "127.0.0.1:1"),
+    );
+    let out = idem().arg("run").arg(&cfg).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no broker answered at 127.0.0.1:1") && err.contains("scripts/kafka.sh"),
+        "{err}"
+    );
+    // One clear error, not librdkafka's retry chatter.
+    assert!(err.lines().count() < 10, "{err}");
+}

@@ -43,7 +43,18 @@ struct Context {
     inboxes: Inboxes,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    // librdkafka reports every failed connection attempt, several times a
+    // second while a broker is down; the poller reports them once per
+    // change instead, and librdkafka's own lines stay at debug level.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        debug!(?level, facility = fac, "librdkafka: {message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        debug!(%error, "librdkafka: {reason}");
+    }
+}
 
 fn names(tpl: &TopicPartitionList) -> Vec<String> {
     tpl.elements()
@@ -167,10 +178,44 @@ impl KafkaSource {
     }
 
     /// Join the group once.
-    fn subscribe(&self, client: &Client) -> Result<(), SourceError> {
+    async fn subscribe(&self, client: &Client) -> Result<(), SourceError> {
         use std::sync::atomic::Ordering;
         if self.subscribed.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        // A broker that cannot be reached at start is a clear error, not
+        // a silent wait: librdkafka would retry forever.
+        let consumer = client.consumer.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            consumer.fetch_metadata(None, BROKER_TIMEOUT).map(|m| {
+                m.topics()
+                    .iter()
+                    .map(|t| t.name().to_string())
+                    .collect::<Vec<_>>()
+            })
+        });
+        let known = match metadata.await {
+            Ok(Ok(names)) => names,
+            Ok(Err(e)) => {
+                self.subscribed.store(false, Ordering::SeqCst);
+                return Err(setup(
+                    &self.cfg,
+                    format!(
+                        "no broker answered at {} within {}s ({e}); is Kafka running there? (for Idem's tests: bash scripts/kafka.sh)",
+                        self.cfg.brokers,
+                        BROKER_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            Err(e) => {
+                self.subscribed.store(false, Ordering::SeqCst);
+                return Err(setup(&self.cfg, format!("metadata lookup failed: {e}")));
+            }
+        };
+        for topic in self.cfg.topics.iter().filter(|t| !t.starts_with('^')) {
+            if !known.contains(topic) {
+                warn!(topic, brokers = %self.cfg.brokers, "topic does not exist (yet); waiting for it");
+            }
         }
         let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
         client.consumer.subscribe(&topics).map_err(|e| {
@@ -193,12 +238,28 @@ impl KafkaSource {
         let consumer = client.consumer.clone();
         let inboxes = client.inboxes.clone();
         let limit = self.cfg.max_message_bytes;
+        let brokers = self.cfg.brokers.clone();
         *poller = Some(tokio::spawn(async move {
+            // The last error reported, and when: the same error is repeated
+            // at most every 30 s while it lasts.
+            let mut reported: Option<(String, std::time::Instant)> = None;
             loop {
                 let msg = match consumer.recv().await {
-                    Ok(m) => m,
+                    Ok(m) => {
+                        if reported.take().is_some() {
+                            tracing::info!(brokers = %brokers, "kafka consumer recovered");
+                        }
+                        m
+                    }
                     Err(e) => {
-                        warn!(error = %e, "kafka consumer error");
+                        let text = e.to_string();
+                        let repeat = reported.as_ref().is_some_and(|(last, at)| {
+                            *last == text && at.elapsed() < Duration::from_secs(30)
+                        });
+                        if !repeat {
+                            warn!(brokers = %brokers, error = %text, "kafka consumer error; retrying");
+                            reported = Some((text, std::time::Instant::now()));
+                        }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
@@ -263,7 +324,7 @@ impl Source for KafkaSource {
 
     async fn next_assignment(&self) -> Result<Option<Assignment>, SourceError> {
         let client = self.client()?;
-        self.subscribe(client)?;
+        self.subscribe(client).await?;
         use std::sync::atomic::Ordering;
         if self.cfg.stop_at_end && self.assigned_once.load(Ordering::SeqCst) {
             // A backfill reads what it was first given, then finishes.
