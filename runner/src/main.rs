@@ -60,18 +60,8 @@ enum Command {
     },
     /// Write sample events (NDJSON, ~200 bytes each) for trying Idem out.
     Generate {
-        /// Number of events.
-        #[arg(short = 'n', long, default_value_t = 1000)]
-        count: u64,
-        /// Fraction of events that repeat an earlier event id (producer retries).
-        #[arg(long, default_value_t = 0.05)]
-        duplicates: f64,
-        /// Malformed lines to mix in, for the dead letters.
-        #[arg(long, default_value_t = 5)]
-        malformed: u64,
-        /// Random seed: the same seed writes the same file.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        events: EventArgs,
         /// Output file (`-` for stdout).
         #[arg(short, long, default_value = "-")]
         out: PathBuf,
@@ -87,19 +77,38 @@ enum Command {
         /// Create the topic with this many partitions if it does not exist.
         #[arg(long)]
         partitions: Option<i32>,
-        /// Number of events.
-        #[arg(short = 'n', long, default_value_t = 1000)]
-        count: u64,
-        /// Fraction of events that repeat an earlier event id, at a later offset.
-        #[arg(long, default_value_t = 0.05)]
-        duplicates: f64,
-        /// Malformed messages to mix in, for the dead letters.
-        #[arg(long, default_value_t = 5)]
-        malformed: u64,
-        /// Random seed.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        events: EventArgs,
     },
+}
+
+/// The generated events, for `generate` and `produce`.
+#[derive(clap::Args)]
+struct EventArgs {
+    /// Number of events.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    count: u64,
+    /// Fraction of events that repeat an earlier event id (a producer
+    /// retry), at a later position.
+    #[arg(long, default_value_t = 0.05)]
+    duplicates: f64,
+    /// Malformed messages to mix in, for the dead letters.
+    #[arg(long, default_value_t = 5)]
+    malformed: u64,
+    /// Random seed: the same seed writes the same events.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl From<&EventArgs> for GenerateOptions {
+    fn from(a: &EventArgs) -> Self {
+        GenerateOptions {
+            count: a.count,
+            duplicates: a.duplicates,
+            malformed: a.malformed,
+            seed: a.seed,
+        }
+    }
 }
 
 fn init_logs(format: LogFormat) {
@@ -152,21 +161,14 @@ fn main() -> ExitCode {
             topic,
             brokers,
             partitions,
-            count,
-            duplicates,
-            malformed,
-            seed,
+            events,
         } => {
+            let malformed = events.malformed;
             let opts = ProduceOptions {
                 brokers,
                 topic,
                 partitions,
-                events: GenerateOptions {
-                    count,
-                    duplicates,
-                    malformed,
-                    seed,
-                },
+                events: GenerateOptions::from(&events),
             };
             runtime
                 .block_on(produce(&opts))
@@ -181,19 +183,9 @@ fn main() -> ExitCode {
                     0
                 })
         }
-        Command::Generate {
-            count,
-            duplicates,
-            malformed,
-            seed,
-            out,
-        } => {
-            let opts = GenerateOptions {
-                count,
-                duplicates,
-                malformed,
-                seed,
-            };
+        Command::Generate { events, out } => {
+            let malformed = events.malformed;
+            let opts = GenerateOptions::from(&events);
             let written = if out.as_os_str() == "-" {
                 generate(&mut std::io::stdout().lock(), &opts)
             } else {
