@@ -489,15 +489,67 @@ impl PartitionReader for KafkaReader {
                 Ok(ReadStatus::Data)
             }
         };
+        // Never hand out a position twice or below where this reader
+        // started: a message fetched before the seek to the sink's position
+        // could otherwise slip in ahead of it.
+        let mut fresh = out.split_off(before);
+        let floor = self.next;
+        fresh.retain(|m| m.offset >= floor);
         if let Some(end) = self.end {
             // Everything before `end`, and no further.
-            if let Some(past) = out[before..].iter().position(|m| m.offset >= end) {
-                out.truncate(before + past);
+            if let Some(past) = fresh.iter().position(|m| m.offset >= end) {
+                fresh.truncate(past);
             }
         }
-        if let Some(last) = out.last() {
+        if let Some(last) = fresh.last() {
             self.next = self.next.max(last.next_offset);
         }
+        out.append(&mut fresh);
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(offset: u64) -> Message {
+        Message {
+            offset,
+            next_offset: offset + 1,
+            key: None,
+            value: Some(b"{}".to_vec()),
+            poison: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn readers_skip_what_precedes_their_start_and_stop_at_the_end() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut reader = KafkaReader {
+            inbox: rx,
+            next: 5,
+            end: Some(8),
+        };
+        for o in [3, 4, 5, 6, 5, 7, 8, 9] {
+            tx.send(msg(o)).await.unwrap();
+        }
+        let mut out = Vec::new();
+        assert_eq!(reader.read(3, &mut out).await.unwrap(), ReadStatus::Data);
+        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [5]);
+        let mut out = Vec::new();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        // 5 again is dropped; 8 and 9 are past the end.
+        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [6, 7]);
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::End);
+    }
+
+    #[test]
+    fn partition_names_round_trip() {
+        assert_eq!(
+            split_name(&partition_name("a.b-c", 12)),
+            Some(("a.b-c", 12))
+        );
+        assert_eq!(split_name("nopartition"), None);
     }
 }
