@@ -344,12 +344,29 @@ fn is_stopped(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runners_share_a_group_and_a_frozen_one_is_fenced() {
+    group_scenario("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_cooperative_sticky_assignment() {
+    group_scenario("\"partition.assignment.strategy\" = \"cooperative-sticky\"\n").await;
+}
+
+/// Three runners in one group: one killed, one added, one frozen mid-batch
+/// and fenced; then every event exactly once. `properties` are extra
+/// consumer settings.
+async fn group_scenario(properties: &str) {
     let topic = fresh_topic("idem_group", 6).await;
     let schema = fresh_schema("kafka_group");
     let w = Workdir::new();
     let cfg = w.write(
         "k.toml",
-        &config(&topic, &schema).replace("max_records = 5000", "max_records = 500"),
+        &config(&topic, &schema)
+            .replace("max_records = 5000", "max_records = 500")
+            .replace(
+                "\"heartbeat.interval.ms\" = \"1000\"\n",
+                &format!("\"heartbeat.interval.ms\" = \"1000\"\n{properties}"),
+            ),
     );
     const TOTAL: i64 = 60_000;
     produce(&topic, 0..20_000).await;
