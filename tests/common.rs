@@ -184,6 +184,7 @@ pub fn all_types() -> (Vec<ColumnConfig>, Record) {
             key: None,
             value: Some(json.into()),
             poison: None,
+            meta: Default::default(),
         })
         .unwrap();
     (cols, record)

@@ -688,3 +688,77 @@ async fn a_missing_broker_is_named_at_start() {
     // One clear error, not librdkafka's retry chatter.
     assert!(err.lines().count() < 10, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_timestamp_and_headers_map_to_columns() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let topic = fresh_topic("idem_meta", 1).await;
+    let producer: FutureProducer = client_config().create().unwrap();
+    for i in 0..3i64 {
+        let value = format!(r#"{{"id":{i},"v":{}}}"#, i * 10);
+        let key = format!("user-{i}");
+        let trace = format!("trace-{i}");
+        let record = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(&value)
+            .timestamp(1_767_225_600_000 + i * 1_500)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "trace",
+                value: Some(&trace),
+            }));
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let schema = fresh_schema("kafka_meta");
+    let w = Workdir::new();
+    let cfg = config(&topic, &schema).replace(
+        &format!("group_id = \"{topic}_group\""),
+        &format!("group_id = \"{topic}_group\"\nstop_at_end = true"),
+    ) + r#"[[connectors.k.columns]]
+name = "k"
+pointer = "@key"
+type = "text"
+[[connectors.k.columns]]
+name = "at"
+pointer = "@timestamp"
+type = "timestamp"
+[[connectors.k.columns]]
+name = "trace"
+pointer = "@header/trace"
+type = "text"
+required = true
+"#;
+    let cfg = w.write("k.toml", &cfg);
+    run_ok(idem().arg("run").arg(&cfg));
+    let rows: Vec<(i64, String, String, String)> = pg()
+        .await
+        .query(
+            &format!(
+                "SELECT id, k, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS'), trace FROM \"{schema}\".events ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let expected: Vec<(i64, String, String, String)> = (0..3)
+        .map(|i| {
+            (
+                i,
+                format!("user-{i}"),
+                format!(
+                    "2026-01-01 00:00:0{}.{}00",
+                    (i * 3) / 2,
+                    if i % 2 == 1 { 5 } else { 0 }
+                ),
+                format!("trace-{i}"),
+            )
+        })
+        .collect();
+    assert_eq!(rows, expected);
+}

@@ -356,6 +356,7 @@ async fn numerics_arrive_digit_for_digit() {
                     key: None,
                     value: Some(json.into_bytes()),
                     poison: None,
+                    meta: Default::default(),
                 })
                 .unwrap()
         })

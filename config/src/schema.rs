@@ -202,7 +202,8 @@ pub struct ColumnConfig {
     /// The column's name in the sink.
     pub name: String,
     /// JSON pointer (RFC 6901) to the field, e.g. `/user/id`; `""` is the
-    /// whole message. Default: `/NAME`.
+    /// whole message; `@key`, `@timestamp` and `@header/NAME` take the
+    /// message's key, timestamp or a header instead. Default: `/NAME`.
     #[serde(default)]
     pub pointer: Option<String>,
     /// The column's type.
@@ -330,10 +331,14 @@ impl<S, K> ConnectorConfig<S, K> {
                 ));
             }
             let p = col.pointer();
-            if !(p.is_empty() || p.starts_with('/')) {
+            let metadata = p == "@key"
+                || p == "@timestamp"
+                || p.strip_prefix("@header/")
+                    .is_some_and(|name| !name.is_empty());
+            if !(p.is_empty() || p.starts_with('/') || metadata) {
                 return Err(Invalid::new(
                     &["columns", &idx, "pointer"],
-                    format!("`{p}` is not a JSON pointer: it must be \"\" or start with `/`"),
+                    format!("`{p}` is neither a JSON pointer (\"\" or starting with `/`) nor one of @key, @timestamp, @header/NAME"),
                 ));
             }
         }

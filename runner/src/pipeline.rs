@@ -601,6 +601,7 @@ mod tests {
                     key: None,
                     value: Some(self.lines[i].clone()),
                     poison: None,
+                    meta: Default::default(),
                 });
             }
             self.at = end;

@@ -20,6 +20,6 @@ pub mod sql;
 
 pub use idem_config::Guarantee;
 pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};
-pub use message::{Message, PartitionRef};
+pub use message::{Message, Meta, PartitionRef};
 pub use sink::{Batch, CommitStats, Opened, Sink, SinkError, SinkInfo, StoredPosition};
 pub use source::{Assignment, PartitionReader, ReadStatus, Source, SourceError};

@@ -58,8 +58,35 @@ impl MapError {
     }
 }
 
+/// Where a column's value comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum Origin {
+    /// A JSON pointer into the value.
+    Doc,
+    /// `@key`: the message key, as UTF-8 text.
+    Key,
+    /// `@timestamp`: the source's timestamp of the message.
+    Timestamp,
+    /// `@header/NAME`: a header's value, as UTF-8 text.
+    Header(String),
+}
+
+impl Origin {
+    fn of(pointer: &str) -> Origin {
+        match pointer {
+            "@key" => Origin::Key,
+            "@timestamp" => Origin::Timestamp,
+            p => match p.strip_prefix("@header/") {
+                Some(name) => Origin::Header(name.to_string()),
+                None => Origin::Doc,
+            },
+        }
+    }
+}
+
 struct Column {
     name: String,
+    from: Origin,
     pointer: String,
     /// `pointer` split into unescaped tokens once, not on every message.
     tokens: Vec<String>,
@@ -81,9 +108,10 @@ pub struct Mapper {
     flat: Option<Flat>,
 }
 
-/// Top-level field names: the columns', then the tombstone field's.
+/// Top-level field names: the columns' (`None` for a column that is not
+/// read from the value), then the tombstone field's.
 struct Flat {
-    names: Vec<String>,
+    names: Vec<Option<String>>,
     tombstone: Option<String>,
 }
 
@@ -95,7 +123,10 @@ impl Flat {
         };
         let names = columns
             .iter()
-            .map(|c| top(&c.tokens))
+            .map(|c| match c.from {
+                Origin::Doc => top(&c.tokens).map(Some),
+                _ => Some(None),
+            })
             .collect::<Option<Vec<_>>>()?;
         let tombstone = match tombstone {
             Some(p) => Some(top(&tokens(p))?),
@@ -142,11 +173,13 @@ impl serde::de::Visitor<'_> for KeySeed<'_> {
     }
 
     fn visit_str<E>(self, key: &str) -> Result<Slot, E> {
-        Ok(match self.0.names.iter().position(|n| n == key) {
-            Some(i) => Slot::Column(i),
-            None if self.0.tombstone.as_deref() == Some(key) => Slot::Tombstone,
-            None => Slot::Other,
-        })
+        Ok(
+            match self.0.names.iter().position(|n| n.as_deref() == Some(key)) {
+                Some(i) => Slot::Column(i),
+                None if self.0.tombstone.as_deref() == Some(key) => Slot::Tombstone,
+                None => Slot::Other,
+            },
+        )
     }
 }
 
@@ -228,7 +261,12 @@ impl Mapper {
         tombstone_field: Option<String>,
     ) -> Self {
         let pointers: Vec<String> = columns.iter().map(ColumnConfig::pointer).collect();
-        let refs: Vec<&str> = pointers.iter().map(String::as_str).collect();
+        // Only pointers into the value can overlap.
+        let refs: Vec<&str> = pointers
+            .iter()
+            .map(String::as_str)
+            .filter(|p| Origin::of(p) == Origin::Doc)
+            .collect();
         let columns: Vec<Column> = columns
             .iter()
             .map(|c| {
@@ -236,6 +274,7 @@ impl Mapper {
                 let pointer = c.pointer();
                 Column {
                     name: c.name.clone(),
+                    from: Origin::of(&pointer),
                     tokens: tokens(&pointer),
                     pointer,
                     ty: c.ty,
@@ -266,12 +305,17 @@ impl Mapper {
                 "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
             ));
         };
-        let (fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
+        let (mut fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
             Some(Ok(Some(picked))) => picked,
             // Not an object (or no flat plan): the general path decides.
             Some(Ok(None)) | None => self.pick(raw)?,
             Some(Err(e)) => return Err(MapError::new(format!("not valid JSON: {e}"))),
         };
+        for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
+            if col.from != Origin::Doc {
+                *field = metadata(col, msg)?;
+            }
+        }
         let op = if self.deletes && tombstone {
             Op::Delete
         } else {
@@ -327,6 +371,9 @@ impl Mapper {
             .columns
             .iter()
             .map(|col| {
+                if col.from != Origin::Doc {
+                    return None;
+                }
                 let found = lookup_mut(&mut doc, &col.tokens);
                 if self.disjoint {
                     found.map(Json::take)
@@ -346,6 +393,35 @@ impl Mapper {
                 .and_then(|p| doc.pointer(p))
                 .is_some_and(|v| v == &Json::Bool(true))
     }
+}
+
+/// A column's value from the message's key, timestamp or a header.
+fn metadata(col: &Column, msg: &Message) -> Result<Option<Json>, MapError> {
+    let text = |what: &str, bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec())
+            .map(Json::String)
+            .map_err(|_| MapError::new(format!("column `{}`: {what} is not UTF-8", col.name)))
+    };
+    Ok(match &col.from {
+        Origin::Doc => None,
+        Origin::Key => match &msg.key {
+            Some(k) => Some(text("the message key", k)?),
+            None => None,
+        },
+        Origin::Timestamp => msg.meta.timestamp_ms.map(|ms| {
+            if col.ty == ColumnType::Timestamp {
+                chrono::DateTime::from_timestamp_millis(ms).map_or(Json::Null, |t| {
+                    Json::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                })
+            } else {
+                Json::from(ms)
+            }
+        }),
+        Origin::Header(name) => match msg.meta.headers.iter().rev().find(|(n, _)| n == name) {
+            Some((_, v)) => Some(text(&format!("header `{name}`"), v)?),
+            None => None,
+        },
+    })
 }
 
 /// RFC 6901 tokens of a pointer (`""` is the whole document).
@@ -539,6 +615,7 @@ mod tests {
             key: None,
             value: Some(v.as_bytes().to_vec()),
             poison: None,
+            meta: Default::default(),
         }
     }
 
@@ -703,6 +780,54 @@ mod tests {
         assert!(mapper().flat.is_none());
         let m = Mapper::new(&cols, &[], true, Some("/a/gone".into()));
         assert!(m.flat.is_none());
+    }
+
+    #[test]
+    fn key_timestamp_and_headers_map_to_columns() {
+        let mut key = col("k", ColumnType::Text, false);
+        key.pointer = Some("@key".into());
+        let mut at = col("at", ColumnType::Timestamp, false);
+        at.pointer = Some("@timestamp".into());
+        let mut ms = col("ms", ColumnType::Bigint, false);
+        ms.pointer = Some("@timestamp".into());
+        let mut trace = col("trace", ColumnType::Text, true);
+        trace.pointer = Some("@header/trace".into());
+        let cols = [col("id", ColumnType::Text, false), key, at, ms, trace];
+        let flat = Mapper::new(&cols, &[], false, None);
+        assert!(flat.flat.is_some());
+        let mut general = Mapper::new(&cols, &[], false, None);
+        general.flat = None;
+        let mut m = msg(r#"{"id":"a","k":"not this","trace":"nor this"}"#);
+        m.key = Some(b"user-7".to_vec());
+        m.meta.timestamp_ms = Some(1_500);
+        m.meta.headers = vec![
+            ("trace".into(), b"old".to_vec()),
+            ("trace".into(), b"t-1".to_vec()),
+        ];
+        for mapper in [&flat, &general] {
+            let r = mapper.map(&m).unwrap();
+            assert_eq!(
+                r.values,
+                [
+                    Value::Text("a".into()),
+                    Value::Text("user-7".into()),
+                    Value::Timestamp(1_500_000),
+                    Value::BigInt(1_500),
+                    Value::Text("t-1".into()),
+                ]
+            );
+        }
+        // A required header that is missing, a key that is not text.
+        let mut bare = msg(r#"{"id":"a"}"#);
+        let e = flat.map(&bare).unwrap_err();
+        assert!(
+            e.reason.contains("`trace`") && e.reason.contains("@header/trace"),
+            "{e}"
+        );
+        bare.meta.headers = vec![("trace".into(), b"t".to_vec())];
+        bare.key = Some(vec![0xff]);
+        let e = flat.map(&bare).unwrap_err();
+        assert!(e.reason.contains("key is not UTF-8"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,18 @@ pub struct Message {
     /// Set by the source when the message is unusable as read (too large,
     /// not UTF-8): it goes to the dead letters with this reason.
     pub poison: Option<String>,
+    /// What the source knows beside key and value (Kafka: timestamp and
+    /// headers); columns map it with `@timestamp` and `@header/NAME`.
+    pub meta: Meta,
+}
+
+/// A message's metadata beside key and value.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Meta {
+    /// Milliseconds since the Unix epoch, as the source stamped it.
+    pub timestamp_ms: Option<i64>,
+    /// In order; a name may repeat (the last one wins when mapped).
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl Message {

@@ -185,6 +185,7 @@ impl FileReader {
             key: None,
             value: Some(line),
             poison,
+            meta: Default::default(),
         });
     }
 }

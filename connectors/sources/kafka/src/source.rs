@@ -5,13 +5,13 @@
 
 use crate::config::{KafkaSourceConfig, StartAt, OWNED};
 use async_trait::async_trait;
-use idem_core::{Assignment, Message, PartitionReader, ReadStatus, Source, SourceError};
+use idem_core::{Assignment, Message, Meta, PartitionReader, ReadStatus, Source, SourceError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message as _;
+use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -281,12 +281,29 @@ impl KafkaSource {
                         )
                     })
                 });
+                let meta = Meta {
+                    timestamp_ms: msg.timestamp().to_millis(),
+                    headers: msg
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
                 let message = Message {
                     offset,
                     next_offset: offset + 1,
                     key: msg.key().map(<[u8]>::to_vec),
                     value: if poison.is_some() { None } else { value },
                     poison,
+                    meta,
                 };
                 drop(msg);
                 if inbox.send(message).await.is_err() {
@@ -520,6 +537,7 @@ mod tests {
             key: None,
             value: Some(b"{}".to_vec()),
             poison: None,
+            meta: Default::default(),
         }
     }
 
