@@ -12,14 +12,11 @@ DATA="${IDEM_KAFKA_DATA:-$HOME/.cache/idem/tansu}"
 BIN="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
 PIDFILE="$DATA/tansu.pid"
 
-listening() { (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; }
+# shellcheck source=scripts/server-lib.sh
+. "$(dirname "$0")/server-lib.sh"
 
 if [ "${1:-}" = stop ]; then
-  if [ -f "$PIDFILE" ] && kill "$(cat "$PIDFILE")" 2>/dev/null; then
-    for _ in $(seq 1 50); do listening || break; sleep 0.1; done
-    echo "kafka.sh: stopped tansu" >&2
-  fi
-  rm -f "$PIDFILE"
+  stop_server tansu
   exit 0
 fi
 
@@ -40,19 +37,8 @@ fi
 
 mkdir -p "$DATA"
 cd "$DATA"
-echo "kafka.sh: starting tansu on $HOST:$PORT (data in $DATA)" >&2
 # Its in-memory engine loses end offsets; SQLite keeps them (and restarts).
-nohup "$BIN" broker \
+start_server tansu "$BIN" broker \
   --listener-url "tcp://$HOST:$PORT" \
   --advertised-listener-url "tcp://$HOST:$PORT" \
-  --storage-engine "sqlite://tansu.db" \
-  >"$DATA/tansu.log" 2>&1 &
-echo $! >"$PIDFILE"
-for _ in $(seq 1 100); do
-  listening && exit 0
-  if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then break; fi
-  sleep 0.1
-done
-echo "kafka.sh: tansu did not start; its log:" >&2
-tail -n 20 "$DATA/tansu.log" >&2
-exit 1
+  --storage-engine "sqlite://tansu.db"

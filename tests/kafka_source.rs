@@ -98,39 +98,146 @@ fn end_offsets(topic: &str, partitions: i32) -> HashMap<String, i64> {
         .collect()
 }
 
-fn config(topic: &str, schema: &str) -> String {
-    format!(
-        r#"
+/// The offsets committed to the topic's group (`{topic}_group`).
+fn group_offsets(topic: &str, partitions: i32) -> HashMap<String, i64> {
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", format!("{topic}_group"))
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                other => panic!(
+                    "partition {} has no committed offset: {other:?}",
+                    e.partition()
+                ),
+            };
+            (format!("{topic}/{}", e.partition()), offset)
+        })
+        .collect()
+}
+
+/// Connector `k` reading `topic` in a group of its own; built up by the
+/// tests and written out by `toml`.
+struct Conf {
+    topic: String,
+    /// Extra lines of the source table (`stop_at_end = true`, ...).
+    source: String,
+    /// Extra librdkafka properties.
+    properties: String,
+    /// The sink table's lines.
+    sink: String,
+    /// Extra lines of the connector table (`dead_letter = ...`).
+    connector: String,
+    max_records: usize,
+    columns: String,
+}
+
+/// TOML for columns of the given names and types.
+fn columns(list: &[(&str, &str)]) -> String {
+    list.iter()
+        .map(|(name, ty)| format!("[[connectors.k.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"))
+        .collect()
+}
+
+impl Conf {
+    /// `{"id", "v"}` events into the PostgreSQL table `schema.events`.
+    fn new(topic: &str, schema: &str) -> Conf {
+        Conf {
+            topic: topic.to_string(),
+            source: String::new(),
+            properties: String::new(),
+            sink: format!(
+                "type = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\ntable = \"events\"\n",
+                pg_url()
+            ),
+            connector: String::new(),
+            max_records: 5000,
+            columns: columns(&[("id", "bigint"), ("v", "bigint")]),
+        }
+    }
+
+    fn source(mut self, line: &str) -> Conf {
+        self.source += &format!("{line}\n");
+        self
+    }
+
+    fn property(mut self, key: &str, value: &str) -> Conf {
+        self.properties += &format!("\"{key}\" = \"{value}\"\n");
+        self
+    }
+
+    fn sink(mut self, lines: &str) -> Conf {
+        self.sink = format!("{lines}\n");
+        self
+    }
+
+    fn sink_line(mut self, line: &str) -> Conf {
+        self.sink += &format!("{line}\n");
+        self
+    }
+
+    fn connector(mut self, line: &str) -> Conf {
+        self.connector += &format!("{line}\n");
+        self
+    }
+
+    fn max_records(mut self, n: usize) -> Conf {
+        self.max_records = n;
+        self
+    }
+
+    fn columns(mut self, toml: &str) -> Conf {
+        self.columns = toml.to_string();
+        self
+    }
+
+    fn more_columns(mut self, toml: &str) -> Conf {
+        self.columns += toml;
+        self
+    }
+
+    fn toml(&self) -> String {
+        let Conf {
+            topic,
+            source,
+            properties,
+            sink,
+            connector,
+            max_records,
+            columns,
+        } = self;
+        format!(
+            r#"
 [runner]
 progress_interval = "1s"
 shutdown_grace = "20s"
 [connectors.k]
-[connectors.k.source]
+{connector}[connectors.k.source]
 type = "kafka"
 brokers = "{BROKERS}"
 topics = ["{topic}"]
 group_id = "{topic}_group"
-[connectors.k.source.properties]
+{source}[connectors.k.source.properties]
 # A killed runner's partitions move after this long (Kafka's default: 45s).
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
-[connectors.k.sink]
-type = "postgres"
-url = "{url}"
-schema = "{schema}"
-table = "events"
-[connectors.k.batch]
-max_records = 5000
+{properties}[connectors.k.sink]
+{sink}[connectors.k.batch]
+max_records = {max_records}
 linger = "200ms"
-[[connectors.k.columns]]
-name = "id"
-type = "bigint"
-[[connectors.k.columns]]
-name = "v"
-type = "bigint"
-"#,
-        url = pg_url()
-    )
+{columns}"#
+        )
+    }
 }
 
 async fn count(schema: &str) -> (i64, i64) {
@@ -189,7 +296,7 @@ async fn six_partitions_land_exactly_once_at_the_topics_end() {
     let schema = fresh_schema("kafka_six");
     produce(&topic, 0..100_000).await;
     let w = Workdir::new();
-    let cfg = w.write("k.toml", &config(&topic, &schema));
+    let cfg = w.write("k.toml", &Conf::new(&topic, &schema).toml());
 
     run_until(&cfg, &schema, 100_000).await;
     assert_eq!(count(&schema).await, (100_000, 100_000));
@@ -199,6 +306,13 @@ async fn six_partitions_land_exactly_once_at_the_topics_end() {
         positions(&schema).await,
         ends,
         "positions in the sink = the topic's end"
+    );
+
+    // The group's offsets follow the sink's positions, for lag tools.
+    assert_eq!(
+        group_offsets(&topic, 6),
+        ends,
+        "offsets committed to the group"
     );
 
     // More events, a restart: it resumes from the sink's positions, not
@@ -236,7 +350,7 @@ async fn killed_at_random_and_at_fail_points_while_producing_every_event_lands_o
     let w = Workdir::new();
     let cfg = w.write(
         "k.toml",
-        &config(&topic, &schema).replace("max_records = 5000", "max_records = 300"),
+        &Conf::new(&topic, &schema).max_records(300).toml(),
     );
     let failpoints = ["after_write", "mid_write", "after_commit"];
     let mut ends: HashMap<&str, usize> = HashMap::new();
@@ -344,29 +458,28 @@ fn is_stopped(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runners_share_a_group_and_a_frozen_one_is_fenced() {
-    group_scenario("").await;
+    group_scenario(&[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_with_cooperative_sticky_assignment() {
-    group_scenario("\"partition.assignment.strategy\" = \"cooperative-sticky\"\n").await;
+    group_scenario(&[("partition.assignment.strategy", "cooperative-sticky")]).await;
 }
 
 /// Three runners in one group: one killed, one added, one frozen mid-batch
 /// and fenced; then every event exactly once. `properties` are extra
 /// consumer settings.
-async fn group_scenario(properties: &str) {
+async fn group_scenario(properties: &[(&str, &str)]) {
     let topic = fresh_topic("idem_group", 6).await;
     let schema = fresh_schema("kafka_group");
     let w = Workdir::new();
     let cfg = w.write(
         "k.toml",
-        &config(&topic, &schema)
-            .replace("max_records = 5000", "max_records = 500")
-            .replace(
-                "\"heartbeat.interval.ms\" = \"1000\"\n",
-                &format!("\"heartbeat.interval.ms\" = \"1000\"\n{properties}"),
-            ),
+        &properties
+            .iter()
+            .fold(Conf::new(&topic, &schema), |c, (k, v)| c.property(k, v))
+            .max_records(500)
+            .toml(),
     );
     const TOTAL: i64 = 60_000;
     produce(&topic, 0..20_000).await;
@@ -445,26 +558,16 @@ async fn into_duckdb_a_backfill_stops_at_the_end_exactly_once() {
     produce(&topic, 0..100_000).await;
     let w = Workdir::new();
     let db = w.path("k.duckdb");
-    let cfg = config(&topic, "unused")
-        .replace(
-            &format!("group_id = \"{topic}_group\""),
-            &format!("group_id = \"{topic}_group\"\nstop_at_end = true"),
-        )
-        .replace(
-            &format!(
-                "type = \"postgres\"\nurl = \"{}\"\nschema = \"unused\"\ntable = \"events\"",
-                pg_url()
-            ),
-            &format!(
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, "unused")
+            .source("stop_at_end = true")
+            .sink(&format!(
                 "type = \"duckdb\"\npath = \"{}\"\ntable = \"events\"",
                 db.display()
-            ),
-        );
-    assert!(
-        cfg.contains("duckdb") && cfg.contains("stop_at_end"),
-        "{cfg}"
+            ))
+            .toml(),
     );
-    let cfg = w.write("k.toml", &cfg);
     // It finishes by itself at the end of every partition.
     run_ok(idem().arg("run").arg(&cfg));
     let conn = duck(&db);
@@ -525,16 +628,14 @@ async fn poison_messages_are_dead_lettered_with_their_positions() {
     let schema = fresh_schema("kafka_poison");
     let w = Workdir::new();
     let dead = w.path("dead.jsonl");
-    let cfg = config(&topic, &schema)
-        .replace(
-            &format!("group_id = \"{topic}_group\""),
-            &format!("group_id = \"{topic}_group\"\nstop_at_end = true\nmax_message_bytes = 1000"),
-        )
-        .replace(
-            "[connectors.k]\n",
-            &format!("[connectors.k]\ndead_letter = \"{}\"\n", dead.display()),
-        );
-    let cfg = w.write("k.toml", &cfg);
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .source("max_message_bytes = 1000")
+            .connector(&format!("dead_letter = \"{}\"", dead.display()))
+            .toml(),
+    );
     run_ok(idem().arg("run").arg(&cfg));
 
     let ids: Vec<i64> = pg()
@@ -616,42 +717,28 @@ async fn the_load_tool_writes_repeated_ids_that_upsert_takes_once() {
 
     let schema = fresh_schema("kafka_produce");
     let w = Workdir::new();
-    let mut cfg = format!(
-        r#"
-[connectors.k]
-dead_letter = "{dead}"
-[connectors.k.source]
-type = "kafka"
-brokers = "{BROKERS}"
-topics = ["{topic}"]
-group_id = "{topic}_group"
-stop_at_end = true
-[connectors.k.sink]
-type = "postgres"
-url = "{url}"
-schema = "{schema}"
-table = "events"
-mode = "upsert"
-key = ["event_id"]
-"#,
-        dead = w.path("dead.jsonl").display(),
-        url = pg_url()
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .connector(&format!(
+                "dead_letter = \"{}\"",
+                w.path("dead.jsonl").display()
+            ))
+            .sink_line("mode = \"upsert\"")
+            .sink_line("key = [\"event_id\"]")
+            .columns(&columns(&[
+                ("event_id", "text"),
+                ("user_id", "bigint"),
+                ("kind", "text"),
+                ("amount", "double"),
+                ("currency", "text"),
+                ("ok", "boolean"),
+                ("at", "timestamp"),
+                ("note", "text"),
+            ]))
+            .toml(),
     );
-    for (name, ty) in [
-        ("event_id", "text"),
-        ("user_id", "bigint"),
-        ("kind", "text"),
-        ("amount", "double"),
-        ("currency", "text"),
-        ("ok", "boolean"),
-        ("at", "timestamp"),
-        ("note", "text"),
-    ] {
-        cfg.push_str(&format!(
-            "[[connectors.k.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"
-        ));
-    }
-    let cfg = w.write("k.toml", &cfg);
     let out = run_ok(idem().arg("run").arg(&cfg));
     let rows: i64 = pg()
         .await
@@ -676,7 +763,9 @@ async fn a_missing_broker_is_named_at_start() {
     let w = Workdir::new();
     let cfg = w.write(
         "k.toml",
-        &config("nothing", &schema).replace(BROKERS, "127.0.0.1:1"),
+        &Conf::new("nothing", &schema)
+            .toml()
+            .replace(BROKERS, "127.0.0.1:1"),
     );
     let out = idem().arg("run").arg(&cfg).output().unwrap();
     let err = text(&out.stderr);
@@ -714,10 +803,10 @@ async fn key_timestamp_and_headers_map_to_columns() {
     }
     let schema = fresh_schema("kafka_meta");
     let w = Workdir::new();
-    let cfg = config(&topic, &schema).replace(
-        &format!("group_id = \"{topic}_group\""),
-        &format!("group_id = \"{topic}_group\"\nstop_at_end = true"),
-    ) + r#"[[connectors.k.columns]]
+    let cfg = Conf::new(&topic, &schema)
+        .source("stop_at_end = true")
+        .more_columns(
+            r#"[[connectors.k.columns]]
 name = "k"
 pointer = "@key"
 type = "text"
@@ -730,7 +819,9 @@ name = "trace"
 pointer = "@header/trace"
 type = "text"
 required = true
-"#;
+"#,
+        )
+        .toml();
     let cfg = w.write("k.toml", &cfg);
     run_ok(idem().arg("run").arg(&cfg));
     let rows: Vec<(i64, String, String, String)> = pg()
@@ -787,23 +878,12 @@ async fn a_message_id_from_a_header_takes_effect_once() {
     }
     let schema = fresh_schema("kafka_msgid");
     let w = Workdir::new();
-    let cfg = format!(
-        r#"
-[connectors.k]
-[connectors.k.source]
-type = "kafka"
-brokers = "{BROKERS}"
-topics = ["{topic}"]
-group_id = "{topic}_group"
-stop_at_end = true
-[connectors.k.sink]
-type = "postgres"
-url = "{url}"
-schema = "{schema}"
-table = "events"
-mode = "dedup"
-key = ["mid"]
-[[connectors.k.columns]]
+    let cfg = Conf::new(&topic, &schema)
+        .source("stop_at_end = true")
+        .sink_line("mode = \"dedup\"")
+        .sink_line("key = [\"mid\"]")
+        .columns(
+            r#"[[connectors.k.columns]]
 name = "mid"
 pointer = "@header/message-id"
 type = "text"
@@ -811,8 +891,8 @@ type = "text"
 name = "v"
 type = "bigint"
 "#,
-        url = pg_url()
-    );
+        )
+        .toml();
     let cfg = w.write("k.toml", &cfg);
     run_ok(idem().arg("run").arg(&cfg));
     let rows: Vec<(String, i64)> = pg()
@@ -828,4 +908,121 @@ type = "bigint"
         .collect();
     // The first copy of each id wins; the later ones change nothing.
     assert_eq!(rows, pairs(&[("a", 1), ("b", 2), ("c", 4)]));
+}
+
+/// Wait until `log` says `n` partitions were opened.
+async fn wait_opened(log: &std::path::Path, n: usize) {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches("partition opened").count() >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{n} partitions never opened:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `start = "latest"`: a partition the sink has never seen starts at its
+/// end; once a position is committed, a restart resumes from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_latest_skips_the_past_and_resumes_from_the_sink() {
+    let topic = fresh_topic("idem_latest", 2).await;
+    produce(&topic, 0..1_000).await;
+    let schema = fresh_schema("kafka_latest");
+    let w = Workdir::new();
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .source("start = \"latest\"")
+            .toml(),
+    );
+    let log = w.path("run.log");
+    let mut child = idem()
+        .env("RUST_LOG", "info")
+        .arg("run")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_opened(&log, 2).await;
+    produce(&topic, 1_000..1_500).await;
+    let started = Instant::now();
+    while count(&schema).await.0 < 500 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        count(&schema).await,
+        (500, 500),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let min: i64 = pg()
+        .await
+        .query_one(&format!("SELECT min(id) FROM \"{schema}\".events"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(min, 1_000, "events from before the start were read");
+
+    // Written while it was down: read on restart, from the sink's position.
+    produce(&topic, 1_500..1_600).await;
+    run_until(&cfg, &schema, 600).await;
+    assert_eq!(count(&schema).await, (600, 600));
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 2));
+}
+
+/// A sink position the topic no longer holds (the topic was made anew)
+/// stops the runner with the partition, the position and the range; with
+/// `out_of_range = "earliest"` it goes on from the partition's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_outside_the_topic_is_an_error_unless_told_otherwise() {
+    let topic = fresh_topic("idem_range", 1).await;
+    produce(&topic, 0..100).await;
+    let schema = fresh_schema("kafka_range");
+    let w = Workdir::new();
+    let conf = Conf::new(&topic, &schema)
+        .source("stop_at_end = true")
+        .sink_line("mode = \"upsert\"")
+        .sink_line("key = [\"id\"]");
+    let cfg = w.write("k.toml", &conf.toml());
+    run_ok(idem().arg("run").arg(&cfg));
+    assert_eq!(count(&schema).await, (100, 100));
+    // As if the topic had been deleted and made anew with fewer messages.
+    pg().await
+        .batch_execute(&format!(
+            "UPDATE \"{schema}\".idem_offsets SET next_offset = 500 WHERE connector = 'k'"
+        ))
+        .await
+        .unwrap();
+    let out = idem().arg("run").arg(&cfg).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{topic}/0"))
+            && err.contains("position 500 is outside the partition's range 0..100")
+            && err.contains("out_of_range"),
+        "{err}"
+    );
+
+    produce(&topic, 100..110).await;
+    let cfg = w.write(
+        "k2.toml",
+        &conf.source("out_of_range = \"earliest\"").toml(),
+    );
+    let out = run_ok(idem().arg("run").arg(&cfg));
+    assert!(
+        text(&out.stderr).contains("going on from the oldest offset"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(count(&schema).await, (110, 110));
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 1));
 }

@@ -27,6 +27,10 @@ const READ_CHUNK: usize = 1024;
 /// Chunks of one partition mapped ahead of the one being sent.
 const MAPPING_AHEAD: usize = 2;
 
+/// How long a fenced partition waits before it is opened again, when the
+/// source still assigns it to this runner (longer than a rebalance takes).
+const REOPEN_AFTER_FENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Chunks in flight between a partition's reader and its committer: about
 /// one batch, so the next batch is read and mapped while the current one
 /// commits, and the reader blocks (backpressure) beyond that.
@@ -206,6 +210,32 @@ impl Connector {
                         Err(RunError::Sink { source: SinkError::Fenced { .. }, .. }) => {
                             Stats::add(&self.stats.fenced, 1);
                             warn!(connector = %self.name, partition, "partition fenced by a newer runner: dropped");
+                            // A group normally takes the partition away soon. If
+                            // it still names this runner after a pause, this
+                            // runner is its owner and opens it again; otherwise
+                            // nobody would read it until the next rebalance.
+                            if !assignments_done
+                                && !running.contains_key(&partition)
+                                && self.source.still_assigned(&partition)
+                            {
+                                let token = stop.child_token();
+                                spawned += 1;
+                                let id = spawned;
+                                running.insert(partition.clone(), (id, token.clone()));
+                                let me = self.clone();
+                                tasks.spawn(async move {
+                                    tokio::select! {
+                                        _ = token.cancelled() => return (partition, id, Ok(())),
+                                        _ = tokio::time::sleep(REOPEN_AFTER_FENCE) => {}
+                                    }
+                                    if !me.source.still_assigned(&partition) {
+                                        return (partition, id, Ok(()));
+                                    }
+                                    info!(connector = %me.name, partition, "the group still assigns this fenced partition here: opening it again");
+                                    let r = me.run_partition(&partition, token).await;
+                                    (partition, id, r)
+                                });
+                            }
                         }
                         Err(e) => {
                             // One partition's permanent error stops the connector:
@@ -237,6 +267,11 @@ impl Connector {
         })
         .await
         .map_err(|e| self.sink_err(e))?;
+        let reader = self
+            .source
+            .open(partition, opened.next_offset)
+            .await
+            .map_err(|e| self.source_err(e))?;
         info!(
             connector = %self.name,
             partition,
@@ -244,11 +279,6 @@ impl Connector {
             resume_at = ?opened.next_offset,
             "partition opened"
         );
-        let reader = self
-            .source
-            .open(partition, opened.next_offset)
-            .await
-            .map_err(|e| self.source_err(e))?;
         if let Some(o) = opened.next_offset {
             self.stats.set_position(partition, o);
         }

@@ -80,6 +80,16 @@ pub trait Source: Send + Sync {
     async fn end_offset(&self, _partition: &str) -> Option<u64> {
         None
     }
+
+    /// Whether this runner still holds `partition` by the source's own
+    /// account, after the sink fenced it. A group member whose partition a
+    /// newer runner opened normally loses it soon; one that keeps it (a
+    /// stale view that the group confirmed) opens it again. `false` for
+    /// sources without a group: two runners on one partition would take it
+    /// from each other forever.
+    fn still_assigned(&self, _partition: &str) -> bool {
+        false
+    }
 }
 
 /// Reads one partition in order.

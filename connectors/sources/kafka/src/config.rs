@@ -11,6 +11,22 @@ pub enum StartAt {
     Latest,
 }
 
+/// What to do when the sink's position for a partition is no longer in
+/// the topic: retention deleted it, or the topic was deleted and made
+/// anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutOfRange {
+    /// Stop with an error naming the partition, the position and the
+    /// topic's range: an operator decides.
+    #[default]
+    Fail,
+    /// Go on from the oldest message still in the partition.
+    Earliest,
+    /// Go on from the partition's end.
+    Latest,
+}
+
 /// `[connectors.NAME.source]` with `type = "kafka"`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +44,9 @@ pub struct KafkaSourceConfig {
     /// Start of a partition the sink holds no position for.
     #[serde(default)]
     pub start: StartAt,
+    /// When the sink's position is outside the partition's range.
+    #[serde(default)]
+    pub out_of_range: OutOfRange,
     /// Read each partition up to its end as of when it was opened, then
     /// finish (`idem run` exits 0): a backfill, or a test. Meant for one
     /// runner; a group keeps reading without it.

@@ -5,5 +5,5 @@
 mod config;
 mod source;
 
-pub use config::{KafkaSourceConfig, StartAt};
+pub use config::{KafkaSourceConfig, OutOfRange, StartAt};
 pub use source::{partition_name, KafkaSource};

@@ -3,7 +3,7 @@
 //! group are advisory (for lag tools): correctness rests on the positions
 //! stored in the sink and on its epochs.
 
-use crate::config::{KafkaSourceConfig, StartAt, OWNED};
+use crate::config::{KafkaSourceConfig, OutOfRange, StartAt, OWNED};
 use async_trait::async_trait;
 use idem_core::{Assignment, Message, Meta, PartitionReader, ReadStatus, Source, SourceError};
 use rdkafka::config::ClientConfig;
@@ -313,6 +313,63 @@ impl KafkaSource {
         }));
     }
 
+    /// The partition's first offset still held and its end.
+    async fn watermarks(
+        &self,
+        client: &Client,
+        topic: &str,
+        p: i32,
+    ) -> Result<(u64, u64), SourceError> {
+        let consumer = client.consumer.clone();
+        let t = topic.to_string();
+        let (low, high) =
+            tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&t, p, BROKER_TIMEOUT))
+                .await
+                .map_err(|e| setup(&self.cfg, format!("watermark lookup failed: {e}")))?
+                .map_err(|e| self.read_err(&partition_name(topic, p), e))?;
+        Ok((
+            u64::try_from(low).unwrap_or(0),
+            u64::try_from(high).unwrap_or(0),
+        ))
+    }
+
+    /// The sink's position `n` is not in `low..=high`.
+    fn out_of_range(
+        &self,
+        partition: &str,
+        n: u64,
+        low: u64,
+        high: u64,
+    ) -> Result<u64, SourceError> {
+        let why = if n < low {
+            format!(
+                "offsets {n}..{low} were deleted from the topic (retention) before they were written to the sink"
+            )
+        } else {
+            format!(
+                "the partition ends at {high}: the topic was probably deleted and made anew since"
+            )
+        };
+        match self.cfg.out_of_range {
+            OutOfRange::Fail => Err(SourceError::Read {
+                source_name: format!("kafka {}", self.cfg.brokers),
+                partition: partition.to_string(),
+                message: format!(
+                    "the sink's position {n} is outside the partition's range {low}..{high}: {why}; set out_of_range = \"earliest\" or \"latest\" in the source to go on from there"
+                ),
+                retriable: false,
+            }),
+            OutOfRange::Earliest => {
+                warn!(partition, position = n, low, high, "{why}; going on from the oldest offset held ({low}) as out_of_range = \"earliest\" says");
+                Ok(low)
+            }
+            OutOfRange::Latest => {
+                warn!(partition, position = n, low, high, "{why}; going on from the end ({high}) as out_of_range = \"latest\" says");
+                Ok(high)
+            }
+        }
+    }
+
     fn read_err(&self, partition: &str, e: KafkaError) -> SourceError {
         SourceError::Read {
             source_name: format!("kafka {}", self.cfg.brokers),
@@ -366,11 +423,19 @@ impl Source for KafkaSource {
         if let Ok(mut inboxes) = client.inboxes.lock() {
             inboxes.insert(partition.to_string(), tx);
         }
-        let offset = match (start, self.cfg.start) {
-            (Some(n), _) => Offset::Offset(i64::try_from(n).unwrap_or(i64::MAX)),
-            (None, StartAt::Earliest) => Offset::Beginning,
-            (None, StartAt::Latest) => Offset::End,
+        // Where the partition begins and ends now: a position outside that
+        // range was deleted (retention) or belongs to an older topic of the
+        // same name, and librdkafka would silently jump elsewhere.
+        let (low, high) = self.watermarks(client, topic, p).await?;
+        let from = match start {
+            Some(n) if n < low || n > high => self.out_of_range(partition, n, low, high)?,
+            Some(n) => n,
+            None => match self.cfg.start {
+                StartAt::Earliest => low,
+                StartAt::Latest => high,
+            },
         };
+        let offset = Offset::Offset(i64::try_from(from).unwrap_or(i64::MAX));
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, p);
         // Right after an assignment the partition may not be ready to seek.
@@ -405,27 +470,9 @@ impl Source for KafkaSource {
             .consumer
             .resume(&tpl)
             .map_err(|e| self.read_err(partition, e))?;
-        // With stop_at_end: where this partition ends now.
-        let end = if self.cfg.stop_at_end {
-            let consumer = client.consumer.clone();
-            let t = topic.to_string();
-            let high = tokio::task::spawn_blocking(move || {
-                consumer.fetch_watermarks(&t, p, BROKER_TIMEOUT)
-            })
-            .await
-            .map_err(|e| setup(&self.cfg, format!("watermark lookup failed: {e}")))?
-            .map_err(|e| self.read_err(partition, e))?
-            .1;
-            Some(u64::try_from(high).unwrap_or(0))
-        } else {
-            None
-        };
-        let next = match (start, end) {
-            (Some(n), _) => n,
-            // Starting at `latest` with stop_at_end: already at the end.
-            (None, Some(high)) if self.cfg.start == StartAt::Latest => high,
-            (None, _) => 0,
-        };
+        // With stop_at_end: read up to where this partition ends now.
+        let end = self.cfg.stop_at_end.then_some(high);
+        let next = from;
         Ok(Box::new(KafkaReader {
             inbox: rx,
             next,
@@ -451,19 +498,21 @@ impl Source for KafkaSource {
         Ok(())
     }
 
+    fn still_assigned(&self, partition: &str) -> bool {
+        // Revocation removes the inbox; an assignment (re)creates it.
+        self.client()
+            .ok()
+            .and_then(|c| c.inboxes.lock().ok().map(|i| i.contains_key(partition)))
+            .unwrap_or(false)
+    }
+
     async fn end_offset(&self, partition: &str) -> Option<u64> {
         let (topic, p) = split_name(partition)?;
-        let consumer = self.client().ok()?.consumer.clone();
-        let topic = topic.to_string();
-        tokio::task::spawn_blocking(move || {
-            consumer
-                .fetch_watermarks(&topic, p, BROKER_TIMEOUT)
-                .ok()
-                .and_then(|(_, high)| u64::try_from(high).ok())
-        })
-        .await
-        .ok()
-        .flatten()
+        let client = self.client().ok()?;
+        self.watermarks(client, topic, p)
+            .await
+            .ok()
+            .map(|(_, high)| high)
     }
 }
 
