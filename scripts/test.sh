@@ -8,6 +8,7 @@ bash scripts/deps.sh
 bash scripts/duckdb-lib.sh
 bash scripts/postgres.sh
 bash scripts/kafka.sh
+bash scripts/s3.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -11,6 +11,12 @@ use std::sync::Arc;
 pub fn idem() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
     cmd.env("RUST_LOG", "warn").env_remove("IDEM_FAILPOINTS");
+    // The test S3 store (scripts/s3.sh) takes any key; no instance
+    // metadata lookups on a machine that is not in a cloud.
+    cmd.env("AWS_ACCESS_KEY_ID", "idem-test")
+        .env("AWS_SECRET_ACCESS_KEY", "idem-test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
     cmd
 }
 

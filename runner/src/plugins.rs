@@ -5,6 +5,7 @@ use idem_config::{ColumnConfig, Invalid, Validate};
 use idem_core::{Sink, Source};
 use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig};
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig};
+use idem_sink_s3::{S3Sink, S3SinkConfig};
 use idem_sink_stdout::{StdoutSink, StdoutSinkConfig};
 use idem_source_file::{FileSource, FileSourceConfig};
 use idem_source_kafka::{KafkaSource, KafkaSourceConfig};
@@ -29,6 +30,8 @@ pub enum SinkConfig {
     Duckdb(DuckDbSinkConfig),
     /// PostgreSQL (exactly-once).
     Postgres(PostgresSinkConfig),
+    /// JSON lines objects in S3 or an S3-compatible store (exactly-once).
+    S3(S3SinkConfig),
     /// JSON lines on standard output (at-least-once; previews).
     Stdout(StdoutSinkConfig),
 }
@@ -50,6 +53,7 @@ impl Validate for SinkConfig {
         match self {
             SinkConfig::Duckdb(c) => c.validate(columns),
             SinkConfig::Postgres(c) => c.validate(columns),
+            SinkConfig::S3(c) => c.validate(columns),
             SinkConfig::Stdout(c) => c.validate(columns),
         }
     }
@@ -77,6 +81,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Duckdb(c) => Arc::new(DuckDbSink::new(c.clone(), columns.to_vec())),
             SinkConfig::Postgres(c) => Arc::new(PostgresSink::new(c.clone(), columns.to_vec())),
+            SinkConfig::S3(c) => Arc::new(S3Sink::new(c.clone(), columns)),
             SinkConfig::Stdout(c) => Arc::new(StdoutSink::new(c.clone(), columns)),
         }
     }
@@ -85,6 +90,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Duckdb(_) => "duckdb",
             SinkConfig::Postgres(_) => "postgres",
+            SinkConfig::S3(_) => "s3",
             SinkConfig::Stdout(_) => "stdout",
         }
     }

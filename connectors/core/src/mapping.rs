@@ -28,6 +28,32 @@ pub enum Value {
     Bytes(Vec<u8>),
 }
 
+impl Value {
+    /// The value as JSON, for sinks that write JSON: timestamps as
+    /// microseconds since the epoch, dates as days, numerics as their exact
+    /// text, UUIDs as text, bytes as base64.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Text(s) => s.clone().into(),
+            Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.clone().into()),
+            Value::BigInt(n) => (*n).into(),
+            Value::Integer(n) => (*n).into(),
+            Value::Double(x) => (*x).into(),
+            Value::Boolean(b) => (*b).into(),
+            Value::Timestamp(us) => (*us).into(),
+            Value::Date(d) => (*d).into(),
+            // As the message carried them: exact text, UUID text, base64.
+            Value::Numeric(s) => s.clone().into(),
+            Value::Uuid(u) => uuid::Uuid::from_bytes(*u).to_string().into(),
+            Value::Bytes(b) => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(b).into()
+            }
+        }
+    }
+}
+
 /// Insert/replace, or delete by key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use idem_config::{ColumnConfig, Guarantee, Invalid, Validate};
 use idem_core::{
-    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
+    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
 };
 use serde::Deserialize;
 use std::io::Write;
@@ -44,27 +44,6 @@ impl StdoutSink {
     }
 }
 
-fn json(v: &Value) -> serde_json::Value {
-    match v {
-        Value::Null => serde_json::Value::Null,
-        Value::Text(s) => s.clone().into(),
-        Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.clone().into()),
-        Value::BigInt(n) => (*n).into(),
-        Value::Integer(n) => (*n).into(),
-        Value::Double(x) => (*x).into(),
-        Value::Boolean(b) => (*b).into(),
-        Value::Timestamp(us) => (*us).into(),
-        Value::Date(d) => (*d).into(),
-        // As the message carried them: exact text, UUID text, base64.
-        Value::Numeric(s) => s.clone().into(),
-        Value::Uuid(u) => uuid::Uuid::from_bytes(*u).to_string().into(),
-        Value::Bytes(b) => {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.encode(b).into()
-        }
-    }
-}
-
 #[async_trait]
 impl Sink for StdoutSink {
     fn info(&self) -> SinkInfo {
@@ -92,7 +71,7 @@ impl Sink for StdoutSink {
         for rec in &batch.records {
             let mut obj = serde_json::Map::new();
             for (name, v) in self.names.iter().zip(&rec.values) {
-                obj.insert(name.clone(), json(v));
+                obj.insert(name.clone(), v.to_json());
             }
             if self.cfg.positions {
                 obj.insert(

@@ -1,0 +1,152 @@
+//! Object names and the manifest.
+
+use idem_core::PartitionRef;
+use serde::{Deserialize, Serialize};
+
+/// The manifest format this Idem writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// A partition's commit record: the only object Idem replaces, and only by
+/// a conditional write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub connector: String,
+    pub source: String,
+    pub partition: String,
+    /// The runner that owns the partition; a commit by an older one fails.
+    pub epoch: i64,
+    /// Where reading resumes; `None` until the first commit.
+    pub next_offset: Option<u64>,
+    /// Every committed object, in offset order: readers take exactly these.
+    pub objects: Vec<Entry>,
+}
+
+/// One committed object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: String,
+    /// The offsets it covers: `first_offset..next_offset` (messages sent to
+    /// the dead letters included).
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub records: u64,
+    /// Its size as stored.
+    pub bytes: u64,
+}
+
+/// Bytes outside `[A-Za-z0-9._-]` as `%XX`, so any partition name makes
+/// one path segment.
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `(topic, partition)` path segments: `orders/3` is topic `orders`,
+/// partition `3`; another name (a file) is the source's "topic" and the
+/// whole name as partition.
+fn segments(p: &PartitionRef) -> (String, String) {
+    match p.partition.rsplit_once('/') {
+        Some((t, n)) if !t.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (enc(t), n.to_string())
+        }
+        _ => (enc(&p.source), enc(&p.partition)),
+    }
+}
+
+/// Keys under `prefix` for one connector.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub prefix: String,
+    pub extension: &'static str,
+}
+
+impl Layout {
+    fn connector(&self, connector: &str) -> String {
+        format!("{}{}/", self.prefix, enc(connector))
+    }
+
+    /// Where a partition's data objects live (and nothing else).
+    pub fn data_prefix(&self, p: &PartitionRef) -> String {
+        let (t, n) = segments(p);
+        format!("{}topic={t}/partition={n}/", self.connector(&p.connector))
+    }
+
+    /// `…/topic=orders/partition=3/orders+3+00000000000000001200+7.jsonl.gz`:
+    /// the first offset it holds, zero-padded so names sort by offset, and
+    /// the epoch of the runner that wrote it, so a stale runner can never
+    /// overwrite an object the owner committed.
+    pub fn data_key(&self, p: &PartitionRef, first_offset: u64, epoch: i64) -> String {
+        let (t, n) = segments(p);
+        format!(
+            "{}{t}+{n}+{first_offset:020}+{epoch}.{}",
+            self.data_prefix(p),
+            self.extension
+        )
+    }
+
+    /// Where a connector's manifests live.
+    pub fn manifests_prefix(&self, connector: &str) -> String {
+        format!("{}_manifests/", self.connector(connector))
+    }
+
+    pub fn manifest_key(&self, p: &PartitionRef) -> String {
+        let (t, n) = segments(p);
+        format!(
+            "{}topic={t}/partition={n}.json",
+            self.manifests_prefix(&p.connector)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            prefix: "lake/".into(),
+            extension: "jsonl.gz",
+        }
+    }
+
+    #[test]
+    fn kafka_partitions_make_readable_keys_that_sort_by_offset() {
+        let p = PartitionRef::new("orders-sink", "kafka", "orders/3");
+        let l = layout();
+        assert_eq!(
+            l.data_key(&p, 1200, 7),
+            "lake/orders-sink/topic=orders/partition=3/orders+3+00000000000000001200+7.jsonl.gz"
+        );
+        assert!(l.data_key(&p, 999, 9) < l.data_key(&p, 1200, 1));
+        assert_eq!(
+            l.manifest_key(&p),
+            "lake/orders-sink/_manifests/topic=orders/partition=3.json"
+        );
+        assert!(l.data_key(&p, 0, 1).starts_with(&l.data_prefix(&p)));
+        assert!(!l.manifest_key(&p).starts_with(&l.data_prefix(&p)));
+    }
+
+    #[test]
+    fn other_names_are_one_escaped_segment() {
+        let p = PartitionRef::new("c", "file", "/data/in 1.jsonl");
+        let l = layout();
+        assert_eq!(
+            l.data_prefix(&p),
+            "lake/c/topic=file/partition=%2Fdata%2Fin%201.jsonl/"
+        );
+        // Two partitions never share a data prefix.
+        let q = PartitionRef::new("c", "file", "/data/in 10.jsonl");
+        assert!(!l.data_prefix(&q).starts_with(&l.data_prefix(&p)));
+        let k = PartitionRef::new("c", "kafka", "t/1");
+        let k10 = PartitionRef::new("c", "kafka", "t/10");
+        assert!(!l.data_prefix(&k10).starts_with(&l.data_prefix(&k)));
+    }
+}

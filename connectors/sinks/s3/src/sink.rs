@@ -1,0 +1,681 @@
+use crate::config::{Compression, S3SinkConfig};
+use crate::error::S3Error;
+use crate::keys::{Entry, Layout, Manifest, MANIFEST_FORMAT};
+use async_trait::async_trait;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use idem_config::{ColumnConfig, Guarantee};
+use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
+use idem_core::{
+    Batch, CommitStats, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
+};
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, OnceCell};
+use tracing::{debug, info, warn};
+
+/// A partition this runner opened: its epoch and the manifest as last
+/// written, with the ETag the next write must match.
+#[derive(Clone)]
+struct Owned {
+    etag: String,
+    manifest: Manifest,
+}
+
+pub struct S3Sink {
+    cfg: S3SinkConfig,
+    names: Vec<String>,
+    layout: Layout,
+    client: OnceCell<Client>,
+    owned: Mutex<HashMap<String, Owned>>,
+}
+
+/// How a request failed, for the caller to decide.
+enum Failure {
+    /// 412 (or 409 for a concurrent conditional write): another writer won.
+    Precondition,
+    NotFound,
+    Other(S3Error),
+}
+
+fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+fn key_of(p: &PartitionRef) -> String {
+    format!("{}\u{0}{}\u{0}{}", p.connector, p.source, p.partition)
+}
+
+impl S3Sink {
+    pub fn new(cfg: S3SinkConfig, columns: &[ColumnConfig]) -> Self {
+        let layout = Layout {
+            prefix: cfg.prefix.clone(),
+            extension: match cfg.compression {
+                Compression::None => "jsonl",
+                Compression::Gzip => "jsonl.gz",
+            },
+        };
+        S3Sink {
+            names: columns.iter().map(|c| c.name.clone()).collect(),
+            layout,
+            cfg,
+            client: OnceCell::new(),
+            owned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn store(&self) -> String {
+        match &self.cfg.endpoint {
+            Some(e) => format!("{e}/{}", self.cfg.bucket),
+            None => format!("s3://{}", self.cfg.bucket),
+        }
+    }
+
+    async fn client(&self) -> &Client {
+        self.client
+            .get_or_init(|| async {
+                let timeouts = aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(120))
+                    .build();
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .timeout_config(timeouts);
+                if let Some(r) = &self.cfg.region {
+                    loader = loader.region(aws_config::Region::new(r.clone()));
+                }
+                if let Some(e) = &self.cfg.endpoint {
+                    loader = loader.endpoint_url(e);
+                }
+                let shared = loader.load().await;
+                let mut b = aws_sdk_s3::config::Builder::from(&shared)
+                    .force_path_style(self.cfg.path_style);
+                if shared.region().is_none() {
+                    // S3-compatible stores rarely care; signing needs one.
+                    b = b.region(aws_config::Region::new("us-east-1"));
+                }
+                Client::from_conf(b.build())
+            })
+            .await
+    }
+
+    /// An SDK error as ours, keeping the store's message.
+    fn fail<E>(&self, op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> Failure
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let code = status(&e);
+        match code {
+            Some(412) => return Failure::Precondition,
+            Some(409) if e.code() == Some("ConditionalRequestConflict") => {
+                return Failure::Precondition
+            }
+            Some(404) if e.code() != Some("NoSuchBucket") => return Failure::NotFound,
+            _ => {}
+        }
+        let message = DisplayErrorContext(&e).to_string();
+        Failure::Other(match (code, e.code()) {
+            (None, _) if matches!(e, SdkError::DispatchFailure(_)) => S3Error::Unreachable {
+                store: self.store(),
+                message,
+            },
+            (_, Some("NoSuchBucket")) => S3Error::NoBucket {
+                store: self.store(),
+                bucket: self.cfg.bucket.clone(),
+            },
+            (Some(401 | 403), _) => S3Error::Denied {
+                store: self.store(),
+                bucket: self.cfg.bucket.clone(),
+                message,
+            },
+            (code, _) => S3Error::Request {
+                store: self.store(),
+                op,
+                key: key.to_string(),
+                message,
+                // No answer, a timeout, throttling or a server error.
+                retriable: code.is_none_or(|c| c >= 500 || c == 429 || c == 408),
+            },
+        })
+    }
+
+    /// An SDK error as ours, whatever it was.
+    fn req<E>(&self, op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let f = self.fail(op, key, e);
+        self.other(op, key, f)
+    }
+
+    fn other(&self, op: &'static str, key: &str, f: Failure) -> S3Error {
+        match f {
+            Failure::Other(e) => e,
+            Failure::Precondition => S3Error::Request {
+                store: self.store(),
+                op,
+                key: key.to_string(),
+                message: "precondition failed".into(),
+                retriable: true,
+            },
+            Failure::NotFound => S3Error::Request {
+                store: self.store(),
+                op,
+                key: key.to_string(),
+                message: "not found".into(),
+                retriable: false,
+            },
+        }
+    }
+
+    /// A partition's manifest and its ETag, if it has one.
+    async fn read_manifest(&self, key: &str) -> Result<Option<(String, Manifest)>, S3Error> {
+        let client = self.client().await;
+        let out = match client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                return match self.fail("get manifest", key, e) {
+                    Failure::NotFound => Ok(None),
+                    f => Err(self.other("get manifest", key, f)),
+                }
+            }
+        };
+        let etag = out.e_tag().unwrap_or_default().to_string();
+        let body = out.body.collect().await.map_err(|e| S3Error::Request {
+            store: self.store(),
+            op: "read manifest",
+            key: key.to_string(),
+            message: e.to_string(),
+            retriable: true,
+        })?;
+        let bad = |message: String| S3Error::BadManifest {
+            store: self.store(),
+            key: key.to_string(),
+            message,
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&body.into_bytes()).map_err(|e| bad(e.to_string()))?;
+        let found = v.get("format").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
+        if found > MANIFEST_FORMAT {
+            return Err(S3Error::FormatVersion {
+                store: self.store(),
+                key: key.to_string(),
+                found,
+                supported: MANIFEST_FORMAT,
+            });
+        }
+        let m: Manifest = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        Ok(Some((etag, m)))
+    }
+
+    /// Replace the manifest if it is still `etag` (or create it when
+    /// `etag` is `None`); the new ETag, or `Precondition` if another
+    /// writer got there first.
+    async fn write_manifest(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        m: &Manifest,
+    ) -> Result<String, Failure> {
+        let body = serde_json::to_vec_pretty(m)
+            .map_err(|e| Failure::Other(S3Error::Encode(e.to_string())))?;
+        let req = self
+            .client()
+            .await
+            .put_object()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .content_type("application/json")
+            .body(ByteStream::from(body));
+        let req = match etag {
+            Some(t) => req.if_match(t),
+            None => req.if_none_match("*"),
+        };
+        match req.send().await {
+            Ok(out) => Ok(out.e_tag().unwrap_or_default().to_string()),
+            Err(e) => Err(self.fail("put manifest", key, e)),
+        }
+    }
+
+    /// Every key under `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
+        let client = self.client().await;
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = client
+                .list_objects_v2()
+                .bucket(&self.cfg.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.req("list", prefix, e))?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(String::from)),
+            );
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), S3Error> {
+        match self
+            .client()
+            .await
+            .delete_object()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.fail("delete", key, e) {
+                Failure::NotFound => Ok(()),
+                f => Err(self.other("delete", key, f)),
+            },
+        }
+    }
+
+    /// After a crash or a stale runner: remove what no manifest names and
+    /// abort uploads that never completed, under the partition's prefix.
+    async fn recover(&self, p: &PartitionRef, m: Option<&Manifest>) -> Result<(), S3Error> {
+        let prefix = self.layout.data_prefix(p);
+        let named: HashSet<&str> = m
+            .map(|m| m.objects.iter().map(|o| o.key.as_str()).collect())
+            .unwrap_or_default();
+        let mut removed = 0;
+        for key in self.list(&prefix).await? {
+            if !named.contains(key.as_str()) {
+                self.delete(&key).await?;
+                removed += 1;
+            }
+        }
+        let client = self.client().await;
+        let uploads = client
+            .list_multipart_uploads()
+            .bucket(&self.cfg.bucket)
+            .prefix(&prefix)
+            .send()
+            .await
+            .map_err(|e| self.req("list multipart uploads", &prefix, e))?;
+        let mut aborted = 0;
+        for u in uploads.uploads() {
+            if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                // Another runner's upload fails on completion: it is stale.
+                if let Err(e) = client
+                    .abort_multipart_upload()
+                    .bucket(&self.cfg.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                {
+                    match self.fail("abort multipart upload", key, e) {
+                        Failure::NotFound => {}
+                        f => return Err(self.other("abort multipart upload", key, f)),
+                    }
+                }
+                aborted += 1;
+            }
+        }
+        if removed + aborted > 0 {
+            info!(partition = %p.partition, removed, aborted, "removed objects no manifest names (left by a crash or a stale runner)");
+        }
+        Ok(())
+    }
+
+    /// One record per line: the columns, then its position.
+    fn encode(&self, batch: &Batch) -> Result<Vec<Pending>, S3Error> {
+        let mut objects = Vec::new();
+        let mut lines: Vec<u8> = Vec::new();
+        let mut first = batch.first_offset;
+        let mut count = 0u64;
+        let close =
+            |lines: &mut Vec<u8>, first: u64, next: u64, count: u64| -> Result<Pending, S3Error> {
+                let raw = std::mem::take(lines);
+                let body = match self.cfg.compression {
+                    Compression::None => raw,
+                    Compression::Gzip => {
+                        let mut gz = flate2::write::GzEncoder::new(
+                            Vec::with_capacity(raw.len() / 4),
+                            flate2::Compression::default(),
+                        );
+                        gz.write_all(&raw)
+                            .and_then(|()| gz.finish())
+                            .map_err(|e| S3Error::Encode(e.to_string()))?
+                    }
+                };
+                Ok(Pending {
+                    key: self.layout.data_key(&batch.partition, first, batch.epoch),
+                    first_offset: first,
+                    next_offset: next,
+                    records: count,
+                    body,
+                })
+            };
+        for rec in &batch.records {
+            if count > 0
+                && (count as usize >= self.cfg.max_object_records
+                    || lines.len() >= self.cfg.max_object_bytes)
+            {
+                objects.push(close(&mut lines, first, rec.offset, count)?);
+                first = rec.offset;
+                count = 0;
+            }
+            let mut obj = serde_json::Map::with_capacity(self.names.len() + 2);
+            for (name, v) in self.names.iter().zip(&rec.values) {
+                obj.insert(name.clone(), v.to_json());
+            }
+            obj.insert(
+                "_idem_partition".into(),
+                batch.partition.partition.to_string().into(),
+            );
+            obj.insert("_idem_offset".into(), rec.offset.into());
+            serde_json::to_writer(&mut lines, &obj).map_err(|e| S3Error::Encode(e.to_string()))?;
+            lines.push(b'\n');
+            count += 1;
+        }
+        if count > 0 {
+            objects.push(close(&mut lines, first, batch.next_offset, count)?);
+        }
+        Ok(objects)
+    }
+
+    async fn upload(&self, o: &Pending) -> Result<(), S3Error> {
+        let client = self.client().await;
+        let content_type = match self.cfg.compression {
+            Compression::None => "application/x-ndjson",
+            Compression::Gzip => "application/gzip",
+        };
+        if o.body.len() <= self.cfg.part_bytes {
+            client
+                .put_object()
+                .bucket(&self.cfg.bucket)
+                .key(&o.key)
+                .content_type(content_type)
+                .body(ByteStream::from(o.body.clone()))
+                .send()
+                .await
+                .map_err(|e| self.req("put", &o.key, e))?;
+            failpoint::hit(MID_WRITE);
+            return Ok(());
+        }
+        let created = client
+            .create_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(&o.key)
+            .content_type(content_type)
+            .send()
+            .await
+            .map_err(|e| self.req("create multipart upload", &o.key, e))?;
+        let id = created.upload_id().unwrap_or_default().to_string();
+        let mut parts = Vec::new();
+        for (i, chunk) in o.body.chunks(self.cfg.part_bytes).enumerate() {
+            let n = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            let out = client
+                .upload_part()
+                .bucket(&self.cfg.bucket)
+                .key(&o.key)
+                .upload_id(&id)
+                .part_number(n)
+                .body(ByteStream::from(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| self.req("upload part", &o.key, e))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(n)
+                    .set_e_tag(out.e_tag().map(String::from))
+                    .build(),
+            );
+            failpoint::hit(MID_WRITE);
+        }
+        client
+            .complete_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(&o.key)
+            .upload_id(&id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.req("complete multipart upload", &o.key, e))?;
+        Ok(())
+    }
+
+    /// `prepare`'s check that the store refuses a second `If-None-Match: *`
+    /// write: without it, manifests cannot fence a stale runner.
+    async fn check_conditional_writes(&self) -> Result<(), S3Error> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let key = format!(
+            "{}_idem_probe/{}-{nanos}",
+            self.cfg.prefix,
+            std::process::id()
+        );
+        let client = self.client().await;
+        let put = || {
+            client
+                .put_object()
+                .bucket(&self.cfg.bucket)
+                .key(&key)
+                .if_none_match("*")
+                .body(ByteStream::from_static(b"probe"))
+                .send()
+        };
+        put().await.map_err(|e| self.req("put probe", &key, e))?;
+        let second = put().await;
+        self.delete(&key).await?;
+        match second {
+            Ok(_) => Err(S3Error::NoConditionalWrites {
+                store: self.store(),
+            }),
+            Err(e) => match self.fail("put probe", &key, e) {
+                Failure::Precondition => Ok(()),
+                f => Err(self.other("put probe", &key, f)),
+            },
+        }
+    }
+}
+
+/// An object encoded and not yet committed.
+struct Pending {
+    key: String,
+    first_offset: u64,
+    next_offset: u64,
+    records: u64,
+    body: Vec<u8>,
+}
+
+#[async_trait]
+impl Sink for S3Sink {
+    fn info(&self) -> SinkInfo {
+        SinkInfo {
+            guarantee: Guarantee::ExactlyOnce,
+            why: format!(
+                "objects are named by partition, first offset and epoch under {}{}; a partition's manifest, replaced only by a conditional write, names exactly the committed objects and the next offset, and recovery deletes any object it does not name",
+                self.store(),
+                if self.cfg.prefix.is_empty() { String::new() } else { format!("/{}", self.cfg.prefix) }
+            ),
+            key_columns: Vec::new(),
+            deletes: false,
+        }
+    }
+
+    async fn prepare(&self) -> Result<(), SinkError> {
+        let client = self.client().await;
+        if let Err(e) = client.head_bucket().bucket(&self.cfg.bucket).send().await {
+            let err = match self.fail("head bucket", &self.cfg.bucket, e) {
+                Failure::NotFound => S3Error::NoBucket {
+                    store: self.store(),
+                    bucket: self.cfg.bucket.clone(),
+                },
+                f => self.other("head bucket", &self.cfg.bucket, f),
+            };
+            return Err(err.into());
+        }
+        self.check_conditional_writes().await?;
+        Ok(())
+    }
+
+    async fn open(&self, p: &PartitionRef) -> Result<Opened, SinkError> {
+        let key = self.layout.manifest_key(p);
+        // Two runners opening at once: one write wins, the other reads the
+        // winner's manifest and goes one epoch higher.
+        for _ in 0..10 {
+            let current = self.read_manifest(&key).await?;
+            let (etag, mut m) = match current {
+                Some((etag, m)) => (Some(etag), m),
+                None => (
+                    None,
+                    Manifest {
+                        format: MANIFEST_FORMAT,
+                        connector: p.connector.to_string(),
+                        source: p.source.to_string(),
+                        partition: p.partition.to_string(),
+                        epoch: 0,
+                        next_offset: None,
+                        objects: Vec::new(),
+                    },
+                ),
+            };
+            m.epoch += 1;
+            m.format = MANIFEST_FORMAT;
+            match self.write_manifest(&key, etag.as_deref(), &m).await {
+                Ok(new_etag) => {
+                    self.recover(p, Some(&m)).await?;
+                    let opened = Opened {
+                        epoch: m.epoch,
+                        next_offset: m.next_offset,
+                    };
+                    self.owned.lock().await.insert(
+                        key_of(p),
+                        Owned {
+                            etag: new_etag,
+                            manifest: m,
+                        },
+                    );
+                    return Ok(opened);
+                }
+                Err(Failure::Precondition) => {
+                    debug!(partition = %p.partition, "another runner opened the partition at the same time; reading its manifest");
+                    continue;
+                }
+                Err(f) => return Err(self.other("put manifest", &key, f).into()),
+            }
+        }
+        Err(S3Error::Request {
+            store: self.store(),
+            op: "open",
+            key,
+            message: "lost 10 races for the manifest in a row".into(),
+            retriable: true,
+        }
+        .into())
+    }
+
+    async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
+        let p = &batch.partition;
+        let fenced = || SinkError::Fenced {
+            partition: p.partition.to_string(),
+            epoch: batch.epoch,
+        };
+        let Some(owned) = self.owned.lock().await.get(&key_of(p)).cloned() else {
+            return Err(fenced());
+        };
+        if owned.manifest.epoch != batch.epoch {
+            return Err(fenced());
+        }
+        let objects = self.encode(&batch)?;
+        for o in &objects {
+            self.upload(o).await?;
+        }
+        failpoint::hit(AFTER_WRITE);
+        let mut m = owned.manifest.clone();
+        m.next_offset = Some(batch.next_offset);
+        m.objects.extend(objects.iter().map(|o| Entry {
+            key: o.key.clone(),
+            first_offset: o.first_offset,
+            next_offset: o.next_offset,
+            records: o.records,
+            bytes: o.body.len() as u64,
+        }));
+        let key = self.layout.manifest_key(p);
+        let etag = match self.write_manifest(&key, Some(&owned.etag), &m).await {
+            Ok(etag) => etag,
+            Err(Failure::Precondition) => {
+                // Either a newer runner owns the partition, or this very
+                // write landed and only its answer was lost.
+                match self.read_manifest(&key).await? {
+                    Some((etag, now)) if now == m => etag,
+                    _ => {
+                        for o in &objects {
+                            if let Err(e) = self.delete(&o.key).await {
+                                warn!(key = %o.key, error = %e, "could not remove an object of a fenced commit; the owner's next recovery removes it");
+                            }
+                        }
+                        self.owned.lock().await.remove(&key_of(p));
+                        return Err(fenced());
+                    }
+                }
+            }
+            Err(f) => return Err(self.other("put manifest", &key, f).into()),
+        };
+        self.owned
+            .lock()
+            .await
+            .insert(key_of(p), Owned { etag, manifest: m });
+        Ok(CommitStats {
+            written: batch.records.len() as u64,
+            deduplicated: 0,
+        })
+    }
+
+    async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
+        let mut out = Vec::new();
+        for key in self.list(&self.layout.manifests_prefix(connector)).await? {
+            if let Some((_, m)) = self.read_manifest(&key).await? {
+                out.push(StoredPosition {
+                    source: m.source,
+                    partition: m.partition,
+                    next_offset: m.next_offset,
+                    epoch: m.epoch,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn describe(&self) -> Result<String, SinkError> {
+        Ok(format!(
+            "{}/{} (JSON lines{})",
+            self.store(),
+            self.cfg.prefix,
+            if self.cfg.compression == Compression::Gzip {
+                ", gzip"
+            } else {
+                ""
+            }
+        ))
+    }
+}

@@ -1,0 +1,43 @@
+//! The crash test (tests/crash.rs) against the S3 sink on the test store
+//! (scripts/s3.sh), a bucket per run: every message in exactly one object a
+//! manifest names, and no object outside them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod crash;
+mod s3util;
+
+use common::*;
+use crash::{crash, Landed};
+
+#[test]
+fn killed_at_random_and_at_fail_points_every_message_lands_in_exactly_one_named_object() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bucket = rt.block_on(s3util::fresh_bucket("crash"));
+    let w = Workdir::new();
+    // Small objects: batches of 100 split into several objects each.
+    let sink = s3util::sink_lines(&bucket, "compression = \"gzip\"\nmax_object_records = 40");
+    crash(&w, "append", &sink, || {
+        rt.block_on(async {
+            let l = s3util::landed(&bucket, "", "crash").await;
+            l.assert_only_named();
+            let rows = l
+                .lines
+                .iter()
+                .map(|v| {
+                    (
+                        v["id"].as_str().unwrap().to_string(),
+                        v["n"].as_i64().unwrap(),
+                        v["_idem_partition"].as_str().unwrap().to_string(),
+                        v["_idem_offset"].as_i64().unwrap(),
+                    )
+                })
+                .collect();
+            Landed {
+                rows,
+                positions: l.positions,
+            }
+        })
+    });
+}

@@ -1,0 +1,265 @@
+//! The S3 sink against the test store (scripts/s3.sh): objects named by a
+//! manifest, orphans removed on recovery, a stale runner fenced, clear
+//! errors for a missing bucket or store. Each test has its own bucket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod s3util;
+
+use common::*;
+use idem_core::{Sink, SinkError};
+use idem_sink_s3::{Compression, S3Sink, S3SinkConfig};
+use s3util::*;
+
+fn file_config(w: &Workdir, sink: &str) -> String {
+    format!(
+        r#"
+[connectors.lake]
+[connectors.lake.source]
+type = "file"
+path = "{glob}"
+[connectors.lake.sink]
+{sink}
+[connectors.lake.batch]
+max_records = 1000
+[[connectors.lake.columns]]
+name = "id"
+type = "text"
+[[connectors.lake.columns]]
+name = "n"
+type = "bigint"
+"#,
+        glob = w.path("in-*.jsonl").display()
+    )
+}
+
+fn lines(part: usize, range: std::ops::Range<usize>) -> String {
+    range
+        .map(|i| format!("{{\"id\":\"p{part}-{i}\",\"n\":{i}}}\n"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_lands_once_in_objects_the_manifests_name() {
+    let bucket = fresh_bucket("lands").await;
+    let w = Workdir::new();
+    for part in 0..2 {
+        w.append(&format!("in-{part}.jsonl"), &lines(part, 0..3000));
+    }
+    let cfg = w.write(
+        "lake.toml",
+        &file_config(
+            &w,
+            &sink_lines(
+                &bucket,
+                "prefix = \"raw/\"\ncompression = \"gzip\"\nmax_object_records = 400",
+            ),
+        ),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    // More input, a second run: it resumes from the manifests.
+    for part in 0..2 {
+        w.append(&format!("in-{part}.jsonl"), &lines(part, 3000..3500));
+    }
+    run_ok(idem().arg("run").arg(&cfg));
+
+    let l = landed(&bucket, "raw/", "lake").await;
+    l.assert_only_named();
+    assert_eq!(l.lines.len(), 7000);
+    let ids: std::collections::BTreeSet<&str> =
+        l.lines.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 7000, "a record in two objects");
+    for part in 0..2 {
+        let file = std::fs::canonicalize(w.path(&format!("in-{part}.jsonl"))).unwrap();
+        let len = std::fs::metadata(&file).unwrap().len() as i64;
+        assert_eq!(l.positions.get(&file.display().to_string()), Some(&len));
+    }
+    // 1000-record batches in objects of at most 400.
+    for m in &l.manifests {
+        for o in m["objects"].as_array().unwrap() {
+            assert!(o["records"].as_u64().unwrap() <= 400, "{o}");
+            let key = o["key"].as_str().unwrap();
+            assert!(
+                key.starts_with("raw/lake/topic=file/partition=") && key.ends_with(".jsonl.gz"),
+                "{key}"
+            );
+        }
+    }
+}
+
+fn cfg(bucket: &str) -> S3SinkConfig {
+    S3SinkConfig {
+        bucket: bucket.into(),
+        prefix: String::new(),
+        endpoint: Some(ENDPOINT.into()),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        compression: Compression::None,
+        max_object_records: 1_000_000,
+        max_object_bytes: 128 << 20,
+        part_bytes: 5 << 20,
+    }
+}
+
+fn set_test_credentials() {
+    // The sink reads credentials from the environment, as a runner would.
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "idem-test"),
+        ("AWS_SECRET_ACCESS_KEY", "idem-test"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        if std::env::var(k).is_err() {
+            std::env::set_var(k, v);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_runner_is_fenced_and_leaves_no_object_behind() {
+    set_test_credentials();
+    let bucket = fresh_bucket("fence").await;
+    let p = part("orders/0");
+    let old = S3Sink::new(cfg(&bucket), &columns());
+    old.prepare().await.unwrap();
+    let a = old.open(&p).await.unwrap();
+    assert_eq!((a.epoch, a.next_offset), (1, None));
+    old.commit(batch(&p, a.epoch, vec![rec(0, "a", 1), rec(1, "b", 2)], 2))
+        .await
+        .unwrap();
+
+    // A newer runner takes the partition (the old one is frozen).
+    let new = S3Sink::new(cfg(&bucket), &columns());
+    let b = new.open(&p).await.unwrap();
+    assert_eq!((b.epoch, b.next_offset), (2, Some(2)));
+    // The old runner wakes and commits: refused, its object removed.
+    let stale = old
+        .commit(batch(&p, a.epoch, vec![rec(2, "c", 3)], 3))
+        .await;
+    assert!(matches!(stale, Err(SinkError::Fenced { .. })), "{stale:?}");
+    new.commit(batch(
+        &p,
+        b.epoch,
+        vec![rec(2, "c", 30), rec(3, "d", 40)],
+        4,
+    ))
+    .await
+    .unwrap();
+
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    let got: Vec<(String, i64)> = l
+        .lines
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["v"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, pairs(&[("a", 1), ("b", 2), ("c", 30), ("d", 40)]));
+    assert_eq!(l.positions.get("orders/0"), Some(&4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_removes_what_a_crash_left_and_aborts_stale_uploads() {
+    set_test_credentials();
+    let bucket = fresh_bucket("recover").await;
+    let p = part("orders/1");
+    let sink = S3Sink::new(cfg(&bucket), &columns());
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    sink.commit(batch(&p, a.epoch, vec![rec(0, "a", 1)], 1))
+        .await
+        .unwrap();
+    // A crash after an upload, before the manifest named it; and a
+    // multipart upload never completed.
+    let prefix = "c/topic=orders/partition=1/";
+    let orphan = format!("{prefix}orders+1+00000000000000000001+1.jsonl");
+    put(&bucket, &orphan, b"{\"id\":\"x\"}\n").await;
+    let upload = client()
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key(format!("{prefix}orders+1+00000000000000000002+1.jsonl"))
+        .send()
+        .await
+        .unwrap();
+    assert!(upload.upload_id().is_some());
+
+    let restarted = S3Sink::new(cfg(&bucket), &columns());
+    let b = restarted.open(&p).await.unwrap();
+    assert_eq!((b.epoch, b.next_offset), (2, Some(1)));
+    assert!(
+        !keys(&bucket, prefix).await.contains(&orphan),
+        "orphan kept"
+    );
+    let open_uploads = client()
+        .list_multipart_uploads()
+        .bucket(&bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        open_uploads.uploads().is_empty(),
+        "stale upload not aborted"
+    );
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.lines.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_objects_go_up_in_parts_and_read_back_whole() {
+    set_test_credentials();
+    let bucket = fresh_bucket("multipart").await;
+    let p = part("big/0");
+    let sink = S3Sink::new(cfg(&bucket), &columns());
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    // About 12 MiB: three parts of at most 5 MiB.
+    let pad = "x".repeat(1000);
+    let records: Vec<_> = (0..12_000u64)
+        .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
+        .collect();
+    sink.commit(batch(&p, a.epoch, records, 12_000))
+        .await
+        .unwrap();
+    let l = landed(&bucket, "", "c").await;
+    assert_eq!(l.lines.len(), 12_000);
+    let bytes = l.manifests[0]["objects"][0]["bytes"].as_u64().unwrap();
+    assert!(bytes > 10 << 20, "{bytes}");
+    let sum: i64 = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).sum();
+    assert_eq!(sum, (0..12_000).sum::<i64>());
+}
+
+#[test]
+fn a_missing_bucket_or_store_is_named_at_start() {
+    let w = Workdir::new();
+    w.write("in-0.jsonl", &lines(0, 0..3));
+    let cfg = w.write(
+        "lake.toml",
+        &file_config(&w, &sink_lines("no-such-bucket-for-idem", "")),
+    );
+    let out = idem().arg("run").arg(&cfg).output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bucket `no-such-bucket-for-idem` does not exist"),
+        "{err}"
+    );
+
+    let cfg = w.write(
+        "lake2.toml",
+        &(file_config(&w, &sink_lines("b", "")).replace(ENDPOINT, "http://127.0.0.1:1")
+            + "[connectors.lake.retry]\nmax_attempts = 2\ninitial_backoff = \"100ms\"\n"),
+    );
+    let out = idem().arg("run").arg(&cfg).output().unwrap();
+    let err = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("no answer") && err.contains("scripts/s3.sh"),
+        "{err}"
+    );
+}
