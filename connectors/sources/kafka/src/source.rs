@@ -153,13 +153,18 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
-            .set(
-                "auto.offset.reset",
-                match cfg.start {
-                    StartAt::Earliest => "earliest",
-                    StartAt::Latest => "latest",
-                },
-            );
+            // Where a partition starts is the sink's position (or `start`),
+            // set by a seek. librdkafka may still apply its own reset after
+            // that seek (an answer to an offset query sent before it
+            // restarts the query), so its reset only ever goes back to the
+            // oldest offset: the reader drops what it already has and seeks
+            // again. A reset to the end would skip messages silently.
+            .set("auto.offset.reset", "earliest");
+        // librdkafka's own lines reach the log at debug level (with
+        // `debug = "..."` among the properties for its detailed traces).
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            client.set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+        }
         for (k, v) in &cfg.properties {
             debug_assert!(!OWNED.contains(&k.as_str()));
             client.set(k, v.expose());
@@ -454,6 +459,7 @@ impl Source for KafkaSource {
                     inbox: closed,
                     next: 0,
                     end: None,
+                    reseek: None,
                 }));
             }
             match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
@@ -477,6 +483,12 @@ impl Source for KafkaSource {
             inbox: rx,
             next,
             end,
+            reseek: Some(Reseek {
+                consumer: client.consumer.clone(),
+                topic: topic.to_string(),
+                partition: p,
+                last: None,
+            }),
         }))
     }
 
@@ -522,6 +534,36 @@ struct KafkaReader {
     next: u64,
     /// stop_at_end: the partition's end when it was opened.
     end: Option<u64>,
+    /// Seeks the partition back to `next` when it was moved behind it.
+    reseek: Option<Reseek>,
+}
+
+/// A partition fetched from behind its reader's position (librdkafka reset
+/// it after the reader's seek) is sent back there, at most once a second,
+/// rather than read again from the start and dropped message by message.
+struct Reseek {
+    consumer: Arc<StreamConsumer<Context>>,
+    topic: String,
+    partition: i32,
+    last: Option<std::time::Instant>,
+}
+
+impl Reseek {
+    fn to(&mut self, next: u64, seen: u64) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let offset = Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX));
+        // A zero timeout queues the seek without waiting for it.
+        let r = self
+            .consumer
+            .seek(&self.topic, self.partition, offset, Duration::ZERO);
+        debug!(topic = %self.topic, partition = self.partition, next, seen, result = ?r, "fetched from behind the reader's position; seeking back");
+    }
 }
 
 #[async_trait]
@@ -560,6 +602,11 @@ impl PartitionReader for KafkaReader {
         // could otherwise slip in ahead of it.
         let mut fresh = out.split_off(before);
         let floor = self.next;
+        if let (Some(first), Some(r)) = (fresh.first(), self.reseek.as_mut()) {
+            if first.offset < floor {
+                r.to(floor, first.offset);
+            }
+        }
         fresh.retain(|m| m.offset >= floor);
         if let Some(end) = self.end {
             // Everything before `end`, and no further.
@@ -597,6 +644,7 @@ mod tests {
             inbox: rx,
             next: 5,
             end: Some(8),
+            reseek: None,
         };
         for o in [3, 4, 5, 6, 5, 7, 8, 9] {
             tx.send(msg(o)).await.unwrap();
