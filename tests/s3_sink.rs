@@ -9,7 +9,7 @@ mod s3util;
 
 use common::*;
 use idem_core::{Sink, SinkError};
-use idem_sink_s3::{Compression, S3Sink, S3SinkConfig};
+use idem_sink_s3::{Format, S3Sink, S3SinkConfig};
 use s3util::*;
 
 fn file_config(w: &Workdir, sink: &str) -> String {
@@ -88,6 +88,118 @@ async fn every_record_lands_once_in_objects_the_manifests_name() {
     }
 }
 
+/// Events `i` of partition `part` on day `i / 800` after 2026-11-01 (hour
+/// `i % 24`): one file spans several days, and days change inside batches
+/// of 1,000.
+fn timed_lines(part: usize, range: std::ops::Range<usize>) -> String {
+    range
+        .map(|i| {
+            format!(
+                "{{\"id\":\"p{part}-{i}\",\"n\":{i},\"ts\":\"2026-11-{:02}T{:02}:30:00Z\"}}\n",
+                1 + i / 800,
+                i % 24
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_objects_by_record_day_read_back_as_the_source() {
+    let bucket = fresh_bucket("parquet").await;
+    let w = Workdir::new();
+    for part in 0..2 {
+        w.append(&format!("in-{part}.jsonl"), &timed_lines(part, 0..2500));
+    }
+    let sink = sink_lines(
+        &bucket,
+        "format = \"parquet\"\ntime_column = \"ts\"\nmax_object_records = 700",
+    );
+    let conf = file_config(&w, &sink)
+        + "[[connectors.lake.columns]]\nname = \"ts\"\ntype = \"timestamp\"\n";
+    let cfg = w.write("lake.toml", &conf);
+    run_ok(idem().arg("run").arg(&cfg));
+    for part in 0..2 {
+        w.append(&format!("in-{part}.jsonl"), &timed_lines(part, 2500..3000));
+    }
+    run_ok(idem().arg("run").arg(&cfg));
+
+    let l = landed(&bucket, "", "lake").await;
+    l.assert_only_named();
+    assert_eq!(l.lines.len(), 6000);
+    let mut seen = std::collections::BTreeSet::new();
+    for v in &l.lines {
+        let id = v["id"].as_str().unwrap();
+        let (part, i) = id[1..].split_once('-').unwrap();
+        let i: usize = i.parse().unwrap();
+        assert_eq!(v["n"].as_i64(), Some(i as i64), "{v}");
+        assert!(seen.insert((part.to_string(), i)), "{id} twice");
+    }
+    assert_eq!(seen.len(), 6000);
+    // Each object sits in its records' day, holds at most 700 records, and
+    // a new object starts where the day changes.
+    for m in &l.manifests {
+        for o in m["objects"].as_array().unwrap() {
+            let key = o["key"].as_str().unwrap();
+            assert!(key.ends_with(".parquet"), "{key}");
+            assert!(o["records"].as_u64().unwrap() <= 700, "{o}");
+            let rows = records(&bucket, key).await;
+            for r in &rows {
+                let i: usize = r["id"]
+                    .as_str()
+                    .unwrap()
+                    .split_once('-')
+                    .unwrap()
+                    .1
+                    .parse()
+                    .unwrap();
+                let day = format!("/dt=2026-11-{:02}/", 1 + i / 800);
+                assert!(key.contains(&day), "{i} in {key}");
+            }
+        }
+    }
+    let days: std::collections::BTreeSet<&str> = l
+        .named
+        .iter()
+        .filter_map(|k| k.split('/').find(|s| s.starts_with("dt=")))
+        .collect();
+    assert_eq!(
+        days.into_iter().collect::<Vec<_>>(),
+        [
+            "dt=2026-11-01",
+            "dt=2026-11-02",
+            "dt=2026-11-03",
+            "dt=2026-11-04"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_json_lines_rotate_on_bytes() {
+    let bucket = fresh_bucket("zstd").await;
+    let w = Workdir::new();
+    w.append("in-0.jsonl", &lines(0, 0..2000));
+    let cfg = w.write(
+        "lake.toml",
+        &file_config(
+            &w,
+            &sink_lines(&bucket, "compression = \"zstd\"\nmax_object_bytes = 4096"),
+        ),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    let l = landed(&bucket, "", "lake").await;
+    l.assert_only_named();
+    assert_eq!(l.lines.len(), 2000);
+    let objects = l.manifests[0]["objects"].as_array().unwrap();
+    // A record weighs 18 to 21 bytes by the sink's estimate: objects of
+    // about 4 KiB hold 196 to 228 records, and 2,000 records need at
+    // least 9 of them (without the limit: 2, one per 1,000-record batch).
+    assert!(objects.len() >= 9, "{} objects", objects.len());
+    for o in objects {
+        assert!(o["key"].as_str().unwrap().ends_with(".jsonl.zst"), "{o}");
+        assert!(o["records"].as_u64().unwrap() <= 228, "{o}");
+    }
+}
+
 fn cfg(bucket: &str) -> S3SinkConfig {
     S3SinkConfig {
         bucket: bucket.into(),
@@ -95,7 +207,10 @@ fn cfg(bucket: &str) -> S3SinkConfig {
         endpoint: Some(ENDPOINT.into()),
         region: Some("us-east-1".into()),
         path_style: true,
-        compression: Compression::None,
+        format: Format::Jsonl,
+        compression: None,
+        time_column: None,
+        time_partition: None,
         max_object_records: 1_000_000,
         max_object_bytes: 128 << 20,
         part_bytes: 5 << 20,

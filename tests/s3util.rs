@@ -62,8 +62,46 @@ pub async fn get(bucket: &str, key: &str) -> Vec<u8> {
             .read_to_end(&mut s)
             .unwrap();
         s
+    } else if key.ends_with(".zst") {
+        zstd::decode_all(&bytes[..]).unwrap()
     } else {
         bytes
+    }
+}
+
+/// An object's records as JSON values: its lines, or its Parquet rows.
+pub async fn records(bucket: &str, key: &str) -> Vec<serde_json::Value> {
+    let body = get(bucket, key).await;
+    if key.ends_with(".parquet") {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let reader = SerializedFileReader::new(bytes::Bytes::from(body)).unwrap();
+        reader
+            .get_row_iter(None)
+            .unwrap()
+            .map(|row| {
+                use parquet::record::Field;
+                let row = row.unwrap();
+                let obj = row.get_column_iter().map(|(name, f)| {
+                    let v = match f {
+                        Field::Null => serde_json::Value::Null,
+                        Field::Str(s) => s.clone().into(),
+                        Field::Long(n) => (*n).into(),
+                        Field::Int(n) => (*n).into(),
+                        Field::Double(x) => (*x).into(),
+                        Field::Bool(b) => (*b).into(),
+                        other => other.to_string().into(),
+                    };
+                    (name.clone(), v)
+                });
+                serde_json::Value::Object(obj.collect())
+            })
+            .collect()
+    } else {
+        String::from_utf8(body)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
@@ -147,11 +185,8 @@ pub async fn landed(bucket: &str, prefix: &str, connector: &str) -> S3Landed {
                 assert_eq!(first, e, "a gap or overlap before {key}");
             }
             expect_first = Some(o["next_offset"].as_u64().unwrap());
-            let body = get(bucket, &key).await;
-            let text = String::from_utf8(body).unwrap();
             let mut n = 0;
-            for line in text.lines() {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for v in records(bucket, &key).await {
                 assert_eq!(v["_idem_partition"].as_str(), Some(partition.as_str()));
                 let off = v["_idem_offset"].as_u64().unwrap();
                 assert!(

@@ -1,4 +1,4 @@
-use idem_config::{ColumnConfig, Invalid, Validate};
+use idem_config::{ColumnConfig, ColumnType, Invalid, Validate};
 use serde::Deserialize;
 
 /// `[connectors.NAME.sink]` with `type = "s3"`.
@@ -21,9 +21,22 @@ pub struct S3SinkConfig {
     /// name: what most S3-compatible stores want.
     #[serde(default)]
     pub path_style: bool,
-    /// `none` or `gzip` (`.jsonl.gz`).
+    /// `jsonl` (one JSON object per line) or `parquet`.
     #[serde(default)]
-    pub compression: Compression,
+    pub format: Format,
+    /// `none`, `gzip` or `zstd`: of the whole object for JSON lines
+    /// (`.jsonl.gz`, `.jsonl.zst`), of its pages for Parquet. Default:
+    /// `none` for JSON lines, `zstd` for Parquet.
+    #[serde(default)]
+    pub compression: Option<Compression>,
+    /// A `timestamp` or `date` column whose value puts each record in a
+    /// time folder (`dt=2026-11-24/`); an object never spans two.
+    #[serde(default)]
+    pub time_column: Option<String>,
+    /// `day` (`dt=YYYY-MM-DD/`, the default) or `hour`
+    /// (`dt=YYYY-MM-DD/hr=HH/`); needs `time_column`.
+    #[serde(default)]
+    pub time_partition: Option<TimePartition>,
     /// An object holds at most this many records (and the rest of a batch
     /// goes on in the next object).
     #[serde(default = "default_max_object_records")]
@@ -37,13 +50,41 @@ pub struct S3SinkConfig {
     pub part_bytes: usize,
 }
 
-/// Compression of the JSON lines objects.
+/// How records are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Compression {
+pub enum Format {
     #[default]
+    Jsonl,
+    Parquet,
+}
+
+/// Compression of JSON lines objects or of Parquet pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
     None,
     Gzip,
+    Zstd,
+}
+
+/// The width of a time folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimePartition {
+    #[default]
+    Day,
+    Hour,
+}
+
+impl S3SinkConfig {
+    /// The compression in effect.
+    pub fn compression(&self) -> Compression {
+        self.compression.unwrap_or(match self.format {
+            Format::Jsonl => Compression::None,
+            Format::Parquet => Compression::Zstd,
+        })
+    }
 }
 
 fn default_max_object_records() -> usize {
@@ -79,6 +120,33 @@ impl Validate for S3SinkConfig {
             return Err(Invalid::new(
                 &["columns"],
                 format!("`{}` is written by Idem itself", c.name),
+            ));
+        }
+        if let Some(t) = &self.time_column {
+            match columns.iter().find(|c| &c.name == t) {
+                None => {
+                    return Err(Invalid::new(
+                        &["time_column"],
+                        format!("`{t}` is not one of the connector's [[columns]]"),
+                    ))
+                }
+                Some(c) if !matches!(c.ty, ColumnType::Timestamp | ColumnType::Date) => {
+                    return Err(Invalid::new(
+                        &["time_column"],
+                        format!(
+                            "`{t}` is a {:?} column; it must be a timestamp or a date",
+                            c.ty
+                        )
+                        .to_lowercase(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.time_partition.is_some() && self.time_column.is_none() {
+            return Err(Invalid::new(
+                &["time_partition"],
+                "needs `time_column`: the timestamp or date column that picks the folder",
             ));
         }
         if self.max_object_records == 0 {

@@ -79,14 +79,21 @@ impl Layout {
         format!("{}topic={t}/partition={n}/", self.connector(&p.connector))
     }
 
-    /// `…/topic=orders/partition=3/orders+3+00000000000000001200+7.jsonl.gz`:
-    /// the first offset it holds, zero-padded so names sort by offset, and
-    /// the epoch of the runner that wrote it, so a stale runner can never
-    /// overwrite an object the owner committed.
-    pub fn data_key(&self, p: &PartitionRef, first_offset: u64, epoch: i64) -> String {
+    /// `…/topic=orders/partition=3/[dt=2026-11-24/]orders+3+00000000000000001200+7.jsonl.gz`:
+    /// the record-time folder if any (`bucket`), the first offset it
+    /// holds, zero-padded so names sort by offset, and the epoch of the
+    /// runner that wrote it, so a stale runner can never overwrite an
+    /// object the owner committed.
+    pub fn data_key(
+        &self,
+        p: &PartitionRef,
+        bucket: &str,
+        first_offset: u64,
+        epoch: i64,
+    ) -> String {
         let (t, n) = segments(p);
         format!(
-            "{}{t}+{n}+{first_offset:020}+{epoch}.{}",
+            "{}{bucket}{t}+{n}+{first_offset:020}+{epoch}.{}",
             self.data_prefix(p),
             self.extension
         )
@@ -122,15 +129,21 @@ mod tests {
         let p = PartitionRef::new("orders-sink", "kafka", "orders/3");
         let l = layout();
         assert_eq!(
-            l.data_key(&p, 1200, 7),
+            l.data_key(&p, "", 1200, 7),
             "lake/orders-sink/topic=orders/partition=3/orders+3+00000000000000001200+7.jsonl.gz"
         );
-        assert!(l.data_key(&p, 999, 9) < l.data_key(&p, 1200, 1));
+        assert_eq!(
+            l.data_key(&p, "dt=2026-11-24/", 1200, 7),
+            "lake/orders-sink/topic=orders/partition=3/dt=2026-11-24/orders+3+00000000000000001200+7.jsonl.gz"
+        );
+        assert!(l.data_key(&p, "", 999, 9) < l.data_key(&p, "", 1200, 1));
         assert_eq!(
             l.manifest_key(&p),
             "lake/orders-sink/_manifests/topic=orders/partition=3.json"
         );
-        assert!(l.data_key(&p, 0, 1).starts_with(&l.data_prefix(&p)));
+        assert!(l
+            .data_key(&p, "dt=x/", 0, 1)
+            .starts_with(&l.data_prefix(&p)));
         assert!(!l.manifest_key(&p).starts_with(&l.data_prefix(&p)));
     }
 

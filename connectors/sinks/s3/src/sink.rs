@@ -1,4 +1,5 @@
-use crate::config::{Compression, S3SinkConfig};
+use crate::config::{Compression, Format, S3SinkConfig};
+use crate::encode::Encoder;
 use crate::error::S3Error;
 use crate::keys::{Entry, Layout, Manifest, MANIFEST_FORMAT};
 use async_trait::async_trait;
@@ -13,7 +14,6 @@ use idem_core::{
     Batch, CommitStats, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
 };
 use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, OnceCell};
@@ -29,7 +29,7 @@ struct Owned {
 
 pub struct S3Sink {
     cfg: S3SinkConfig,
-    names: Vec<String>,
+    encoder: Encoder,
     layout: Layout,
     client: OnceCell<Client>,
     owned: Mutex<HashMap<String, Owned>>,
@@ -53,15 +53,13 @@ fn key_of(p: &PartitionRef) -> String {
 
 impl S3Sink {
     pub fn new(cfg: S3SinkConfig, columns: &[ColumnConfig]) -> Self {
+        let encoder = Encoder::new(&cfg, columns);
         let layout = Layout {
             prefix: cfg.prefix.clone(),
-            extension: match cfg.compression {
-                Compression::None => "jsonl",
-                Compression::Gzip => "jsonl.gz",
-            },
+            extension: encoder.extension(),
         };
         S3Sink {
-            names: columns.iter().map(|c| c.name.clone()).collect(),
+            encoder,
             layout,
             cfg,
             client: OnceCell::new(),
@@ -339,69 +337,43 @@ impl S3Sink {
         Ok(())
     }
 
-    /// One record per line: the columns, then its position.
+    /// The batch as objects: cut by count, size and record time, each
+    /// named by its first offset.
     fn encode(&self, batch: &Batch) -> Result<Vec<Pending>, S3Error> {
-        let mut objects = Vec::new();
-        let mut lines: Vec<u8> = Vec::new();
-        let mut first = batch.first_offset;
-        let mut count = 0u64;
-        let close =
-            |lines: &mut Vec<u8>, first: u64, next: u64, count: u64| -> Result<Pending, S3Error> {
-                let raw = std::mem::take(lines);
-                let body = match self.cfg.compression {
-                    Compression::None => raw,
-                    Compression::Gzip => {
-                        let mut gz = flate2::write::GzEncoder::new(
-                            Vec::with_capacity(raw.len() / 4),
-                            flate2::Compression::default(),
-                        );
-                        gz.write_all(&raw)
-                            .and_then(|()| gz.finish())
-                            .map_err(|e| S3Error::Encode(e.to_string()))?
-                    }
-                };
+        let cuts = self.encoder.cut(&batch.records);
+        // Each object covers the offsets up to the next one's first record
+        // (dead-lettered messages included), the first from the batch's
+        // start and the last to its end: the objects tile the batch.
+        let starts: Vec<u64> = cuts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match i {
+                0 => batch.first_offset,
+                _ => batch.records[c.range.start].offset,
+            })
+            .collect();
+        cuts.into_iter()
+            .enumerate()
+            .map(|(i, cut)| {
+                let first = starts[i];
+                let next = starts.get(i + 1).copied().unwrap_or(batch.next_offset);
+                let records = &batch.records[cut.range];
                 Ok(Pending {
-                    key: self.layout.data_key(&batch.partition, first, batch.epoch),
+                    key: self
+                        .layout
+                        .data_key(&batch.partition, &cut.bucket, first, batch.epoch),
                     first_offset: first,
                     next_offset: next,
-                    records: count,
-                    body,
+                    records: records.len() as u64,
+                    body: self.encoder.encode(&batch.partition.partition, records)?,
                 })
-            };
-        for rec in &batch.records {
-            if count > 0
-                && (count as usize >= self.cfg.max_object_records
-                    || lines.len() >= self.cfg.max_object_bytes)
-            {
-                objects.push(close(&mut lines, first, rec.offset, count)?);
-                first = rec.offset;
-                count = 0;
-            }
-            let mut obj = serde_json::Map::with_capacity(self.names.len() + 2);
-            for (name, v) in self.names.iter().zip(&rec.values) {
-                obj.insert(name.clone(), v.to_json());
-            }
-            obj.insert(
-                "_idem_partition".into(),
-                batch.partition.partition.to_string().into(),
-            );
-            obj.insert("_idem_offset".into(), rec.offset.into());
-            serde_json::to_writer(&mut lines, &obj).map_err(|e| S3Error::Encode(e.to_string()))?;
-            lines.push(b'\n');
-            count += 1;
-        }
-        if count > 0 {
-            objects.push(close(&mut lines, first, batch.next_offset, count)?);
-        }
-        Ok(objects)
+            })
+            .collect()
     }
 
     async fn upload(&self, o: &Pending) -> Result<(), S3Error> {
         let client = self.client().await;
-        let content_type = match self.cfg.compression {
-            Compression::None => "application/x-ndjson",
-            Compression::Gzip => "application/gzip",
-        };
+        let content_type = self.encoder.content_type();
         if o.body.len() <= self.cfg.part_bytes {
             client
                 .put_object()
@@ -667,15 +639,19 @@ impl Sink for S3Sink {
     }
 
     async fn describe(&self) -> Result<String, SinkError> {
+        let format = match self.cfg.format {
+            Format::Jsonl => "JSON lines",
+            Format::Parquet => "Parquet",
+        };
+        let compression = match self.cfg.compression() {
+            Compression::None => "uncompressed",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        };
         Ok(format!(
-            "{}/{} (JSON lines{})",
+            "{}/{} ({format}, {compression})",
             self.store(),
-            self.cfg.prefix,
-            if self.cfg.compression == Compression::Gzip {
-                ", gzip"
-            } else {
-                ""
-            }
+            self.cfg.prefix
         ))
     }
 }

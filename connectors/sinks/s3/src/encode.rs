@@ -1,0 +1,541 @@
+//! A batch's records as object bodies: how they are cut into objects
+//! (count, bytes, record time) and written (JSON lines or Parquet).
+
+use crate::config::{Compression, Format, S3SinkConfig, TimePartition};
+use crate::error::S3Error;
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float64Builder, Int32Builder,
+    Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use idem_config::{ColumnConfig, ColumnType};
+use idem_core::{Record, Value};
+use std::io::Write as _;
+use std::sync::Arc;
+
+/// The columns Idem adds to every record: where it came from.
+pub const PARTITION_COLUMN: &str = "_idem_partition";
+pub const OFFSET_COLUMN: &str = "_idem_offset";
+
+/// One object's worth of a batch: records `range` of it, in one time
+/// bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub range: std::ops::Range<usize>,
+    /// `dt=2026-11-24/` (or with `hr=13/`), empty without time partitions.
+    pub bucket: String,
+}
+
+pub struct Encoder {
+    format: Format,
+    compression: Compression,
+    columns: Vec<ColumnConfig>,
+    schema: Arc<Schema>,
+    max_records: usize,
+    max_bytes: usize,
+    time: Option<(usize, TimePartition)>,
+}
+
+impl Encoder {
+    pub fn new(cfg: &S3SinkConfig, columns: &[ColumnConfig]) -> Self {
+        let mut fields: Vec<Field> = columns
+            .iter()
+            .map(|c| Field::new(&c.name, arrow_type(c.ty), true))
+            .collect();
+        fields.push(Field::new(PARTITION_COLUMN, DataType::Utf8, false));
+        fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
+        let time = cfg.time_column.as_ref().and_then(|name| {
+            columns
+                .iter()
+                .position(|c| &c.name == name)
+                .map(|i| (i, cfg.time_partition.unwrap_or_default()))
+        });
+        Encoder {
+            format: cfg.format,
+            compression: cfg.compression(),
+            columns: columns.to_vec(),
+            schema: Arc::new(Schema::new(fields)),
+            max_records: cfg.max_object_records,
+            max_bytes: cfg.max_object_bytes,
+            time,
+        }
+    }
+
+    /// `jsonl`, `jsonl.gz`, `jsonl.zst` or `parquet`.
+    pub fn extension(&self) -> &'static str {
+        match (self.format, self.compression) {
+            (Format::Parquet, _) => "parquet",
+            (Format::Jsonl, Compression::None) => "jsonl",
+            (Format::Jsonl, Compression::Gzip) => "jsonl.gz",
+            (Format::Jsonl, Compression::Zstd) => "jsonl.zst",
+        }
+    }
+
+    pub fn content_type(&self) -> &'static str {
+        match (self.format, self.compression) {
+            (Format::Parquet, _) => "application/vnd.apache.parquet",
+            (Format::Jsonl, Compression::None) => "application/x-ndjson",
+            (Format::Jsonl, Compression::Gzip) => "application/gzip",
+            (Format::Jsonl, Compression::Zstd) => "application/zstd",
+        }
+    }
+
+    /// The record's time bucket, as a key segment.
+    fn bucket(&self, r: &Record) -> String {
+        let Some((i, unit)) = self.time else {
+            return String::new();
+        };
+        let micros = match r.values.get(i) {
+            Some(Value::Timestamp(us)) => Some(*us),
+            Some(Value::Date(days)) => Some(i64::from(*days) * 86_400_000_000),
+            _ => None,
+        };
+        let Some(t) = micros.and_then(chrono::DateTime::from_timestamp_micros) else {
+            // Hive's name for a missing partition value.
+            return "dt=__HIVE_DEFAULT_PARTITION__/".into();
+        };
+        match unit {
+            TimePartition::Day => t.format("dt=%Y-%m-%d/").to_string(),
+            TimePartition::Hour => t.format("dt=%Y-%m-%d/hr=%H/").to_string(),
+        }
+    }
+
+    /// Where objects end: after `max_object_records`, after about
+    /// `max_object_bytes`, and where the record time leaves its bucket.
+    /// Objects hold consecutive records, so each covers one offset range.
+    pub fn cut(&self, records: &[Record]) -> Vec<Cut> {
+        let mut cuts = Vec::new();
+        let mut start = 0;
+        let mut bytes = 0usize;
+        let mut bucket = String::new();
+        for (i, r) in records.iter().enumerate() {
+            let b = self.bucket(r);
+            if i > start
+                && (i - start >= self.max_records || bytes >= self.max_bytes || b != bucket)
+            {
+                cuts.push(Cut {
+                    range: start..i,
+                    bucket: std::mem::take(&mut bucket),
+                });
+                start = i;
+                bytes = 0;
+            }
+            if i == start {
+                bucket = b;
+            }
+            bytes += r.values.iter().map(approx_bytes).sum::<usize>();
+        }
+        if start < records.len() {
+            cuts.push(Cut {
+                range: start..records.len(),
+                bucket,
+            });
+        }
+        cuts
+    }
+
+    /// The object body for `records`, read from `partition`.
+    pub fn encode(&self, partition: &str, records: &[Record]) -> Result<Vec<u8>, S3Error> {
+        match self.format {
+            Format::Jsonl => self.compress(self.lines(partition, records)?),
+            Format::Parquet => self.parquet(partition, records),
+        }
+    }
+
+    /// One JSON object per line, keys in column order, then the position.
+    fn lines(&self, partition: &str, records: &[Record]) -> Result<Vec<u8>, S3Error> {
+        let enc = |e: serde_json::Error| S3Error::Encode(e.to_string());
+        // Keys are written once, already quoted.
+        let keys: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| serde_json::to_string(&c.name))
+            .collect::<Result<_, _>>()
+            .map_err(enc)?;
+        let tail = format!(
+            "\"{PARTITION_COLUMN}\":{},\"{OFFSET_COLUMN}\":",
+            serde_json::to_string(partition).map_err(enc)?
+        );
+        let mut out = Vec::new();
+        for r in records {
+            out.push(b'{');
+            for (k, v) in keys.iter().zip(&r.values) {
+                out.extend_from_slice(k.as_bytes());
+                out.push(b':');
+                serde_json::to_writer(&mut out, &v.to_json()).map_err(enc)?;
+                out.push(b',');
+            }
+            out.extend_from_slice(tail.as_bytes());
+            out.extend_from_slice(r.offset.to_string().as_bytes());
+            out.extend_from_slice(b"}\n");
+        }
+        Ok(out)
+    }
+
+    fn compress(&self, raw: Vec<u8>) -> Result<Vec<u8>, S3Error> {
+        let enc = |e: std::io::Error| S3Error::Encode(e.to_string());
+        match self.compression {
+            Compression::None => Ok(raw),
+            Compression::Gzip => {
+                let mut gz = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(raw.len() / 4),
+                    flate2::Compression::default(),
+                );
+                gz.write_all(&raw).map_err(enc)?;
+                gz.finish().map_err(enc)
+            }
+            Compression::Zstd => zstd::bulk::compress(&raw, 3).map_err(enc),
+        }
+    }
+
+    fn parquet(&self, partition: &str, records: &[Record]) -> Result<Vec<u8>, S3Error> {
+        use parquet::arrow::ArrowWriter;
+        use parquet::basic::{Compression as Pc, GzipLevel, ZstdLevel};
+        use parquet::file::properties::WriterProperties;
+        let enc = |e: &dyn std::fmt::Display| S3Error::Encode(e.to_string());
+        let mut arrays: Vec<ArrayRef> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| column(c, i, records))
+            .collect::<Result<_, _>>()?;
+        let mut parts =
+            StringBuilder::with_capacity(records.len(), records.len() * partition.len());
+        let mut offsets = Int64Builder::with_capacity(records.len());
+        for r in records {
+            parts.append_value(partition);
+            offsets.append_value(i64::try_from(r.offset).unwrap_or(i64::MAX));
+        }
+        arrays.push(Arc::new(parts.finish()));
+        arrays.push(Arc::new(offsets.finish()));
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| enc(&e))?;
+        let props = WriterProperties::builder()
+            .set_compression(match self.compression {
+                Compression::None => Pc::UNCOMPRESSED,
+                Compression::Gzip => Pc::GZIP(GzipLevel::default()),
+                Compression::Zstd => Pc::ZSTD(ZstdLevel::default()),
+            })
+            .set_created_by(format!("idem {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let mut out = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut out, self.schema.clone(), Some(props))
+            .map_err(|e| enc(&e))?;
+        w.write(&batch).map_err(|e| enc(&e))?;
+        w.close().map_err(|e| enc(&e))?;
+        Ok(out)
+    }
+}
+
+/// Parquet/Arrow type of a mapped column. Numerics and JSON stay text so
+/// no digit is rounded and any JSON survives; UUIDs are their usual text.
+fn arrow_type(t: ColumnType) -> DataType {
+    match t {
+        ColumnType::Text | ColumnType::Json | ColumnType::Numeric | ColumnType::Uuid => {
+            DataType::Utf8
+        }
+        ColumnType::Bigint => DataType::Int64,
+        ColumnType::Integer => DataType::Int32,
+        ColumnType::Double => DataType::Float64,
+        ColumnType::Boolean => DataType::Boolean,
+        ColumnType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        ColumnType::Date => DataType::Date32,
+        ColumnType::Bytea => DataType::Binary,
+    }
+}
+
+/// Column `i` of `records` as an Arrow array of `c`'s type.
+fn column(c: &ColumnConfig, i: usize, records: &[Record]) -> Result<ArrayRef, S3Error> {
+    let n = records.len();
+    let values = records
+        .iter()
+        .map(|r| r.values.get(i).unwrap_or(&Value::Null));
+    let mismatch = |v: &Value| {
+        S3Error::Encode(format!(
+            "column `{}` ({:?}) got a value of another type: {v:?}",
+            c.name, c.ty
+        ))
+    };
+    macro_rules! build {
+        ($builder:expr, $($pat:pat => $val:expr),+) => {{
+            let mut b = $builder;
+            for v in values {
+                match v {
+                    Value::Null => b.append_null(),
+                    $($pat => b.append_value($val),)+
+                    other => return Err(mismatch(other)),
+                }
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    Ok(match c.ty {
+        ColumnType::Text | ColumnType::Json | ColumnType::Numeric | ColumnType::Uuid => {
+            let mut b = StringBuilder::with_capacity(n, n * 16);
+            for v in values {
+                match v {
+                    Value::Null => b.append_null(),
+                    Value::Text(s) | Value::Json(s) | Value::Numeric(s) => b.append_value(s),
+                    Value::Uuid(u) => b.append_value(uuid_text(u)),
+                    other => return Err(mismatch(other)),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColumnType::Bigint => build!(Int64Builder::with_capacity(n), Value::BigInt(x) => *x),
+        ColumnType::Integer => build!(Int32Builder::with_capacity(n), Value::Integer(x) => *x),
+        ColumnType::Double => build!(Float64Builder::with_capacity(n), Value::Double(x) => *x),
+        ColumnType::Boolean => build!(BooleanBuilder::with_capacity(n), Value::Boolean(x) => *x),
+        ColumnType::Date => build!(Date32Builder::with_capacity(n), Value::Date(x) => *x),
+        ColumnType::Bytea => build!(BinaryBuilder::with_capacity(n, n * 16), Value::Bytes(x) => x),
+        ColumnType::Timestamp => {
+            let b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+            build!(b, Value::Timestamp(x) => *x)
+        }
+    })
+}
+
+fn uuid_text(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// About what a value weighs in an object, before compression.
+fn approx_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null => 4,
+        Value::Text(s) | Value::Json(s) | Value::Numeric(s) => s.len() + 2,
+        Value::Bytes(b) => b.len() * 4 / 3 + 2,
+        Value::Uuid(_) => 38,
+        Value::Boolean(_) => 5,
+        Value::Integer(_) | Value::Date(_) => 6,
+        Value::BigInt(_) | Value::Double(_) | Value::Timestamp(_) => 12,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem_core::Op;
+
+    fn cfg(extra: &str) -> S3SinkConfig {
+        let text = format!("bucket = \"b\"\n{extra}");
+        toml::from_str(&text).unwrap()
+    }
+
+    fn col(name: &str, ty: ColumnType) -> ColumnConfig {
+        ColumnConfig {
+            name: name.into(),
+            pointer: None,
+            ty,
+            required: false,
+        }
+    }
+
+    fn rec(offset: u64, values: Vec<Value>) -> Record {
+        Record {
+            offset,
+            op: Op::Upsert,
+            values,
+        }
+    }
+
+    const HOUR: i64 = 3_600_000_000;
+
+    #[test]
+    fn objects_end_at_the_count_the_size_and_the_day() {
+        let cols = [col("ts", ColumnType::Timestamp), col("s", ColumnType::Text)];
+        let day = 24 * HOUR;
+        let recs: Vec<Record> = (0..10)
+            .map(|i| {
+                let ts = if i < 7 { day * 20_000 } else { day * 20_001 };
+                rec(
+                    100 + i,
+                    vec![Value::Timestamp(ts), Value::Text("x".repeat(10))],
+                )
+            })
+            .collect();
+        let by_count = Encoder::new(&cfg("max_object_records = 4"), &cols);
+        let ranges: Vec<_> = by_count.cut(&recs).into_iter().map(|c| c.range).collect();
+        assert_eq!(ranges, vec![0..4, 4..8, 8..10]);
+
+        // Each record weighs 12 + 12 bytes: the third crosses 48.
+        let by_bytes = Encoder::new(&cfg("max_object_bytes = 48"), &cols);
+        let ranges: Vec<_> = by_bytes.cut(&recs).into_iter().map(|c| c.range).collect();
+        assert_eq!(ranges, vec![0..2, 2..4, 4..6, 6..8, 8..10]);
+
+        let by_day = Encoder::new(
+            &cfg("time_column = \"ts\"\ntime_partition = \"day\""),
+            &cols,
+        );
+        let cuts = by_day.cut(&recs);
+        assert_eq!(
+            cuts,
+            vec![
+                Cut {
+                    range: 0..7,
+                    bucket: "dt=2024-10-04/".into()
+                },
+                Cut {
+                    range: 7..10,
+                    bucket: "dt=2024-10-05/".into()
+                },
+            ]
+        );
+        let by_hour = Encoder::new(
+            &cfg("time_column = \"ts\"\ntime_partition = \"hour\""),
+            &cols,
+        );
+        let r = [rec(
+            0,
+            vec![Value::Timestamp(day * 20_000 + 13 * HOUR + 5), Value::Null],
+        )];
+        assert_eq!(by_hour.cut(&r)[0].bucket, "dt=2024-10-04/hr=13/");
+        let r = [rec(0, vec![Value::Null, Value::Null])];
+        assert_eq!(by_day.cut(&r)[0].bucket, "dt=__HIVE_DEFAULT_PARTITION__/");
+        assert!(by_day.cut(&[]).is_empty());
+    }
+
+    #[test]
+    fn records_going_back_in_time_start_a_new_object_each_time() {
+        let cols = [col("d", ColumnType::Date)];
+        let recs: Vec<Record> = [1, 2, 1, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| rec(i as u64, vec![Value::Date(*d)]))
+            .collect();
+        let e = Encoder::new(&cfg("time_column = \"d\""), &cols);
+        let ranges: Vec<_> = e.cut(&recs).into_iter().map(|c| c.range).collect();
+        assert_eq!(ranges, vec![0..1, 1..2, 2..4]);
+    }
+
+    #[test]
+    fn parquet_holds_every_value_with_its_type() {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{Date32Type, Float64Type, Int32Type, Int64Type};
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let cols = [
+            col("s", ColumnType::Text),
+            col("n", ColumnType::Bigint),
+            col("i", ColumnType::Integer),
+            col("f", ColumnType::Double),
+            col("b", ColumnType::Boolean),
+            col("ts", ColumnType::Timestamp),
+            col("d", ColumnType::Date),
+            col("j", ColumnType::Json),
+            col("m", ColumnType::Numeric),
+            col("u", ColumnType::Uuid),
+            col("x", ColumnType::Bytea),
+        ];
+        let full = vec![
+            Value::Text("héllo".into()),
+            Value::BigInt(-5_000_000_000),
+            Value::Integer(7),
+            Value::Double(0.25),
+            Value::Boolean(true),
+            Value::Timestamp(1_700_000_000_123_456),
+            Value::Date(19_000),
+            Value::Json("{\"a\":[1,2]}".into()),
+            Value::Numeric("12345678901234567890.000001".into()),
+            Value::Uuid([
+                0x67, 0xe5, 0x50, 0x44, 0x10, 0xb1, 0x42, 0x6f, 0x92, 0x47, 0xbb, 0x68, 0x0e, 0x5f,
+                0xe0, 0xc8,
+            ]),
+            Value::Bytes(vec![0, 255, 7]),
+        ];
+        let empty = vec![Value::Null; cols.len()];
+        for compression in ["none", "gzip", "zstd"] {
+            let e = Encoder::new(
+                &cfg(&format!(
+                    "format = \"parquet\"\ncompression = \"{compression}\""
+                )),
+                &cols,
+            );
+            assert_eq!(e.extension(), "parquet");
+            let body = e
+                .encode("orders/3", &[rec(41, full.clone()), rec(42, empty.clone())])
+                .unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body))
+                .unwrap()
+                .build()
+                .unwrap();
+            let batches: Vec<_> = reader.map(Result::unwrap).collect();
+            assert_eq!(batches.len(), 1);
+            let b = &batches[0];
+            assert_eq!(b.num_rows(), 2);
+            let text = |name: &str| {
+                b.column_by_name(name)
+                    .unwrap()
+                    .as_string::<i32>()
+                    .value(0)
+                    .to_string()
+            };
+            assert_eq!(text("s"), "héllo");
+            assert_eq!(text("j"), "{\"a\":[1,2]}");
+            assert_eq!(text("m"), "12345678901234567890.000001");
+            assert_eq!(text("u"), "67e55044-10b1-426f-9247-bb680e5fe0c8");
+            assert_eq!(text("_idem_partition"), "orders/3");
+            let col = |name: &str| b.column_by_name(name).unwrap().clone();
+            assert_eq!(
+                col("n").as_primitive::<Int64Type>().value(0),
+                -5_000_000_000
+            );
+            assert_eq!(col("i").as_primitive::<Int32Type>().value(0), 7);
+            assert_eq!(col("f").as_primitive::<Float64Type>().value(0), 0.25);
+            assert!(col("b").as_boolean().value(0));
+            assert_eq!(col("d").as_primitive::<Date32Type>().value(0), 19_000);
+            assert_eq!(col("x").as_binary::<i32>().value(0), &[0, 255, 7]);
+            let ts = col("ts");
+            assert_eq!(
+                ts.data_type(),
+                &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            );
+            assert_eq!(
+                ts.as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+                    .value(0),
+                1_700_000_000_123_456
+            );
+            let offsets = col("_idem_offset");
+            let offsets = offsets.as_primitive::<Int64Type>();
+            assert_eq!((offsets.value(0), offsets.value(1)), (41, 42));
+            for c in &cols {
+                assert!(col(&c.name).is_null(1), "{} of the empty record", c.name);
+            }
+        }
+    }
+
+    #[test]
+    fn json_lines_compress_and_read_back() {
+        use std::io::Read as _;
+        let cols = [col("s", ColumnType::Text)];
+        let recs = [
+            rec(5, vec![Value::Text("a".into())]),
+            rec(6, vec![Value::Null]),
+        ];
+        let expected = "{\"s\":\"a\",\"_idem_partition\":\"p\",\"_idem_offset\":5}\n{\"s\":null,\"_idem_partition\":\"p\",\"_idem_offset\":6}\n";
+        let plain = Encoder::new(&cfg(""), &cols);
+        assert_eq!(plain.extension(), "jsonl");
+        assert_eq!(
+            String::from_utf8(plain.encode("p", &recs).unwrap()).unwrap(),
+            expected
+        );
+        let gz = Encoder::new(&cfg("compression = \"gzip\""), &cols);
+        assert_eq!(gz.extension(), "jsonl.gz");
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(&gz.encode("p", &recs).unwrap()[..])
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, expected);
+        let zs = Encoder::new(&cfg("compression = \"zstd\""), &cols);
+        assert_eq!(zs.extension(), "jsonl.zst");
+        let raw = zstd::decode_all(&zs.encode("p", &recs).unwrap()[..]).unwrap();
+        assert_eq!(String::from_utf8(raw).unwrap(), expected);
+    }
+}
