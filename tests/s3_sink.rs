@@ -277,6 +277,51 @@ async fn a_stale_runner_is_fenced_and_leaves_no_object_behind() {
     assert_eq!(l.positions.get("orders/0"), Some(&4));
 }
 
+/// 16 runners open one partition at once: each gets its own epoch, and
+/// only the one with the highest can commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_sixteen_racing_openers_only_the_last_can_commit() {
+    set_test_credentials();
+    let bucket = fresh_bucket("race").await;
+    let p = part("orders/0");
+    let sinks: Vec<std::sync::Arc<S3Sink>> = (0..16)
+        .map(|_| std::sync::Arc::new(S3Sink::new(cfg(&bucket), &columns())))
+        .collect();
+    let mut opening = tokio::task::JoinSet::new();
+    for (i, s) in sinks.iter().enumerate() {
+        let (s, p) = (s.clone(), p.clone());
+        opening.spawn(async move { (i, s.open(&p).await.unwrap().epoch) });
+    }
+    let mut epochs: Vec<(usize, i64)> = opening.join_all().await;
+    epochs.sort_by_key(|(_, e)| *e);
+    assert_eq!(
+        epochs.iter().map(|(_, e)| *e).collect::<Vec<_>>(),
+        (1..=16).collect::<Vec<i64>>(),
+        "every opener its own epoch"
+    );
+    let mut won = Vec::new();
+    for (i, epoch) in &epochs {
+        let r = sinks[*i]
+            .commit(batch(
+                &p,
+                *epoch,
+                vec![rec(0, &format!("by{i}"), *epoch)],
+                1,
+            ))
+            .await;
+        match r {
+            Ok(_) => won.push(*epoch),
+            Err(SinkError::Fenced { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(won, vec![16], "only the newest epoch commits");
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.lines.len(), 1);
+    assert_eq!(l.lines[0]["v"].as_i64(), Some(16));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_removes_what_a_crash_left_and_aborts_stale_uploads() {
     set_test_credentials();

@@ -19,6 +19,9 @@ use std::time::Duration;
 use tokio::sync::{Mutex, OnceCell};
 use tracing::{debug, info, warn};
 
+/// Tries to win the manifest when several runners open a partition at once.
+const OPEN_ATTEMPTS: u32 = 40;
+
 /// A partition this runner opened: its epoch and the manifest as last
 /// written, with the ETag the next write must match.
 #[derive(Clone)]
@@ -514,7 +517,14 @@ impl Sink for S3Sink {
         let key = self.layout.manifest_key(p);
         // Two runners opening at once: one write wins, the other reads the
         // winner's manifest and goes one epoch higher.
-        for _ in 0..10 {
+        for attempt in 0..OPEN_ATTEMPTS {
+            if attempt > 0 {
+                // Spread racing openers out a little.
+                let jitter = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() % 20);
+                tokio::time::sleep(Duration::from_millis(u64::from(jitter) + 5)).await;
+            }
             let current = self.read_manifest(&key).await?;
             let (etag, mut m) = match current {
                 Some((etag, m)) => (Some(etag), m),
@@ -560,7 +570,7 @@ impl Sink for S3Sink {
             store: self.store(),
             op: "open",
             key,
-            message: "lost 10 races for the manifest in a row".into(),
+            message: format!("lost {OPEN_ATTEMPTS} races for the manifest in a row"),
             retriable: true,
         }
         .into())
