@@ -54,6 +54,26 @@ impl Value {
     }
 }
 
+impl Value {
+    /// Append [`Value::to_json`]'s text to `out`, without building a
+    /// `serde_json::Value` for the common scalar cases.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        match self {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Text(s) | Value::Numeric(s) => serde_json::to_writer(&mut *out, s.as_str())?,
+            Value::BigInt(n) | Value::Timestamp(n) => serde_json::to_writer(&mut *out, n)?,
+            Value::Integer(n) | Value::Date(n) => serde_json::to_writer(&mut *out, n)?,
+            // Through serde_json's own Value: non-finite doubles become null.
+            Value::Double(x) => serde_json::to_writer(&mut *out, &serde_json::Value::from(*x))?,
+            Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Json(_) | Value::Uuid(_) | Value::Bytes(_) => {
+                serde_json::to_writer(&mut *out, &self.to_json())?
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Insert/replace, or delete by key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -623,6 +643,34 @@ pub fn plain_decimal(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn write_json_writes_what_to_json_means() {
+        let values = [
+            Value::Null,
+            Value::Text("a \"quoted\" \u{e9}\n".into()),
+            Value::BigInt(-9_000_000_000),
+            Value::Integer(7),
+            Value::Double(0.1),
+            Value::Double(f64::NAN),
+            Value::Boolean(false),
+            Value::Timestamp(1_700_000_000_123_456),
+            Value::Date(-3),
+            Value::Json("{\"a\": [1, 2]}".into()),
+            Value::Numeric("-12.50".into()),
+            Value::Uuid([7; 16]),
+            Value::Bytes(vec![0, 1, 255]),
+        ];
+        for v in values {
+            let mut out = Vec::new();
+            v.write_json(&mut out).unwrap();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(&v.to_json()).unwrap(),
+                "{v:?}"
+            );
+        }
+    }
+
     use super::*;
 
     fn col(name: &str, ty: ColumnType, required: bool) -> ColumnConfig {

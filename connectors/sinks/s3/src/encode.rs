@@ -163,7 +163,7 @@ impl Encoder {
             for (k, v) in keys.iter().zip(&r.values) {
                 out.extend_from_slice(k.as_bytes());
                 out.push(b':');
-                serde_json::to_writer(&mut out, &v.to_json()).map_err(enc)?;
+                v.write_json(&mut out).map_err(enc)?;
                 out.push(b',');
             }
             out.extend_from_slice(tail.as_bytes());
