@@ -10,6 +10,7 @@
 //!
 //!     cargo bench -p idem --bench s3_load
 //!     IDEM_BENCH_EVENTS=200000 IDEM_BENCH_BATCH=50000 cargo bench -p idem --bench s3_load
+//!     IDEM_BENCH_PART_BYTES=67108864 cargo bench -p idem --bench s3_load   (one PUT per object)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -90,6 +91,8 @@ struct Phase {
 async fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
     let batch = env_usize("IDEM_BENCH_BATCH", 100_000);
+    // Objects above this go up in parts (the sink's default: 16 MiB).
+    let part_bytes = env_usize("IDEM_BENCH_PART_BYTES", 16 << 20);
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("events.jsonl");
@@ -115,7 +118,7 @@ async fn main() {
         ("idem run, Parquet (zstd)", "format = \"parquet\""),
     ] {
         let sink = format!(
-            "type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{ENDPOINT}\"\npath_style = true\n{extra}"
+            "type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{ENDPOINT}\"\npath_style = true\npart_bytes = {part_bytes}\n{extra}"
         );
         let cfg = dir.path().join("bench.toml");
         std::fs::write(&cfg, config(&data, &sink, batch)).expect("config");
@@ -193,7 +196,7 @@ async fn main() {
     let base = phases.last().map(|p| p.elapsed).unwrap_or_default();
     println!();
     println!(
-        "S3 load into {ENDPOINT} (moto): {events} events, {mb:.1} MB NDJSON, 8 columns; {} cores",
+        "S3 load into {ENDPOINT} (moto): {events} events, {mb:.1} MB NDJSON, 8 columns, part_bytes {part_bytes}; {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
