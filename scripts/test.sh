@@ -9,6 +9,7 @@ bash scripts/duckdb-lib.sh
 bash scripts/postgres.sh
 bash scripts/kafka.sh
 bash scripts/s3.sh
+bash scripts/s3s-fs.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -240,16 +240,6 @@ fn errors_fail_stops_at_the_bad_message_after_committing_what_came_before() {
     );
 }
 
-fn sigterm(pid: u32) {
-    // The shell's builtin `kill`: no dependency on procps.
-    let ok = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM {pid}");
-}
-
 fn count_rows(w: &Workdir) -> i64 {
     query_i64(&duck(&w.path("t.duckdb")), "SELECT count(*) FROM t")
 }
@@ -283,7 +273,7 @@ fn sigterm_in_follow_mode_commits_and_exits_zero_and_restart_resumes() {
         w.append("in.jsonl", &lines(50 + round * 50, 100 + round * 50));
         std::thread::sleep(Duration::from_millis(700));
         let started = Instant::now();
-        sigterm(child.id());
+        signal(child.id(), "TERM");
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),

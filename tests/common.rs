@@ -32,6 +32,16 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Send signal `name` (TERM, KILL, STOP...) with the shell's builtin
+/// `kill`: no unsafe code, no dependency on procps.
+pub fn signal(pid: u32, name: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("kill -{name} {pid}")])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{name} {pid}");
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

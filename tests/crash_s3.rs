@@ -17,11 +17,17 @@ fn killed_at_random_and_at_fail_points_every_message_lands_in_exactly_one_named_
     let bucket = rt.block_on(s3util::fresh_bucket("crash"));
     let w = Workdir::new();
     // Small objects: batches of 100 split into several objects each.
-    let sink = s3util::sink_lines(&bucket, "compression = \"gzip\"\nmax_object_records = 40");
+    // A manifest of at most 5 objects: segments are written and recovered
+    // under the crashes too.
+    let sink = s3util::sink_lines(
+        &bucket,
+        "compression = \"gzip\"\nmax_object_records = 40\nmanifest_max_objects = 5",
+    );
     crash(&w, "append", &sink, || {
         rt.block_on(async {
             let l = s3util::landed(&bucket, "", "crash").await;
             l.assert_only_named();
+            assert!(l.segments > 0, "no segment was written");
             let rows = l
                 .lines
                 .iter()

@@ -281,15 +281,6 @@ async fn run_until(cfg: &std::path::Path, schema: &str, want: i64) {
     assert!(status.success(), "idem run after SIGTERM: {status:?}");
 }
 
-/// The shell's builtin `kill`: no unsafe code, no dependency on procps.
-fn signal(pid: u32, name: &str) {
-    let ok = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -{name} {pid}")])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "kill -{name} {pid}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_partitions_land_exactly_once_at_the_topics_end() {
     let topic = fresh_topic("idem_six", 6).await;

@@ -34,6 +34,18 @@ type = "bigint"
     )
 }
 
+/// `lake.toml`: the two files into `bucket`, with `extra` sink keys.
+fn lake_config(w: &Workdir, bucket: &str, extra: &str) -> std::path::PathBuf {
+    w.write("lake.toml", &file_config(w, &sink_lines(bucket, extra)))
+}
+
+/// `range`'s records appended to `in-0.jsonl` and `in-1.jsonl`.
+fn add_lines(w: &Workdir, range: std::ops::Range<usize>) {
+    for part in 0..2 {
+        w.append(&format!("in-{part}.jsonl"), &lines(part, range.clone()));
+    }
+}
+
 fn lines(part: usize, range: std::ops::Range<usize>) -> String {
     range
         .map(|i| format!("{{\"id\":\"p{part}-{i}\",\"n\":{i}}}\n"))
@@ -44,32 +56,21 @@ fn lines(part: usize, range: std::ops::Range<usize>) -> String {
 async fn every_record_lands_once_in_objects_the_manifests_name() {
     let bucket = fresh_bucket("lands").await;
     let w = Workdir::new();
-    for part in 0..2 {
-        w.append(&format!("in-{part}.jsonl"), &lines(part, 0..3000));
-    }
-    let cfg = w.write(
-        "lake.toml",
-        &file_config(
-            &w,
-            &sink_lines(
-                &bucket,
-                "prefix = \"raw/\"\ncompression = \"gzip\"\nmax_object_records = 400",
-            ),
-        ),
+    add_lines(&w, 0..3000);
+    let cfg = lake_config(
+        &w,
+        &bucket,
+        "prefix = \"raw/\"\ncompression = \"gzip\"\nmax_object_records = 400",
     );
     run_ok(idem().arg("run").arg(&cfg));
     // More input, a second run: it resumes from the manifests.
-    for part in 0..2 {
-        w.append(&format!("in-{part}.jsonl"), &lines(part, 3000..3500));
-    }
+    add_lines(&w, 3000..3500);
     run_ok(idem().arg("run").arg(&cfg));
 
     let l = landed(&bucket, "raw/", "lake").await;
     l.assert_only_named();
     assert_eq!(l.lines.len(), 7000);
-    let ids: std::collections::BTreeSet<&str> =
-        l.lines.iter().map(|v| v["id"].as_str().unwrap()).collect();
-    assert_eq!(ids.len(), 7000, "a record in two objects");
+    assert_eq!(l.distinct_ids(), 7000, "a record in two objects");
     for part in 0..2 {
         let file = std::fs::canonicalize(w.path(&format!("in-{part}.jsonl"))).unwrap();
         let len = std::fs::metadata(&file).unwrap().len() as i64;
@@ -214,6 +215,7 @@ fn cfg(bucket: &str) -> S3SinkConfig {
         max_object_records: 1_000_000,
         max_object_bytes: 128 << 20,
         part_bytes: 5 << 20,
+        manifest_max_objects: 1000,
     }
 }
 
@@ -422,4 +424,267 @@ fn a_missing_bucket_or_store_is_named_at_start() {
         err.contains("no answer") && err.contains("scripts/s3.sh"),
         "{err}"
     );
+}
+
+/// s3s-fs checks request signatures: a wrong secret is named at start,
+/// before anything is read or written, without the secret in the message;
+/// the right one writes everything (to a store that cannot list multipart
+/// uploads, which recovery tolerates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_are_named_at_start() {
+    let bucket = fresh_bucket("fs-creds").await;
+    let w = Workdir::new();
+    w.write("in-0.jsonl", &lines(0, 0..500));
+    let cfg = lake_config(&w, &bucket, "");
+    for cmd in ["check", "run"] {
+        let out = idem()
+            .arg(cmd)
+            .arg(&cfg)
+            .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+            .output()
+            .unwrap();
+        // `check` reports on stdout, `run` on stderr.
+        let err = text(&out.stdout) + &text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(
+            err.contains(&format!("access to bucket `{bucket}` was refused"))
+                && err.contains("check the credentials"),
+            "{cmd}: {err}"
+        );
+        assert!(!err.contains("not-the-secret"), "the secret leaked: {err}");
+    }
+    assert_eq!(
+        keys(&bucket, "").await,
+        Default::default(),
+        "nothing written"
+    );
+
+    let out = idem()
+        .arg("run")
+        .arg(&cfg)
+        .env("AWS_SECRET_ACCESS_KEY", FS_SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = landed(&bucket, "", "lake").await;
+    got.assert_only_named();
+    assert_eq!((got.lines.len(), got.distinct_ids()), (500, 500));
+}
+
+/// A store that ignores conditional headers (S3 before 2024, some
+/// S3-compatible stores today) cannot fence a stale runner: Idem refuses it
+/// at start. Such a store is moto behind a proxy that drops `If-None-Match`
+/// and `If-Match` from every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_ignores_conditional_writes_is_refused_at_start() {
+    let bucket = fresh_bucket("nocond").await;
+    let proxy = proxy_without_conditions().await;
+    let w = Workdir::new();
+    w.write("in-0.jsonl", &lines(0, 0..10));
+    let cfg = w.write(
+        "lake.toml",
+        &file_config(&w, &sink_lines(&bucket, "")).replace(ENDPOINT, &proxy),
+    );
+    for cmd in ["check", "run"] {
+        let cfg = cfg.clone();
+        let out = tokio::task::spawn_blocking(move || idem().arg(cmd).arg(&cfg).output())
+            .await
+            .unwrap()
+            .unwrap();
+        let err = text(&out.stdout) + &text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(
+            err.contains("ignored `If-None-Match: *`")
+                && err.contains("lacks the conditional writes"),
+            "{cmd}: {err}"
+        );
+    }
+    // The probe cleans up after itself; no data or manifest was written.
+    assert_eq!(keys(&bucket, "").await, Default::default());
+}
+
+/// `http://127.0.0.1:PORT`: a proxy to moto that drops the conditional
+/// headers of each request (one request per connection).
+async fn proxy_without_conditions() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 8192];
+                let body = loop {
+                    let n = client.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break head.split_off(i + 4);
+                    }
+                };
+                let mut out = String::new();
+                for line in String::from_utf8_lossy(&head).split("\r\n") {
+                    let l = line.to_ascii_lowercase();
+                    let dropped = ["if-none-match:", "if-match:", "connection:"]
+                        .iter()
+                        .any(|h| l.starts_with(h));
+                    if !line.is_empty() && !dropped {
+                        out.push_str(line);
+                        out.push_str("\r\n");
+                    }
+                }
+                out.push_str("connection: close\r\n\r\n");
+                let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5000").await else {
+                    return;
+                };
+                if server.write_all(out.as_bytes()).await.is_ok()
+                    && server.write_all(&body).await.is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// The store stops mid-run and comes back with its data (s3s-fs keeps it on
+/// disk): the runner retries the batch it was writing, and every record
+/// lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restarted_mid_run_loses_and_repeats_nothing() {
+    let store_dir = Workdir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut store = start_s3s_fs(&store_dir.path("data"), port);
+    let bucket = fresh_bucket(&format!("fs{port}-restart")).await;
+
+    let w = Workdir::new();
+    add_lines(&w, 0..3000);
+    let cfg = w.write(
+        "lake.toml",
+        &(file_config(&w, &sink_lines(&bucket, "")).replace(
+            "type = \"file\"",
+            "type = \"file\"\nfollow = true\npoll_interval = \"50ms\"",
+        ) + "[connectors.lake.retry]\nmax_attempts = 0\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\n"),
+    );
+    let mut runner = idem()
+        .arg("run")
+        .arg(&cfg)
+        .env("AWS_SECRET_ACCESS_KEY", FS_SECRET_KEY)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let want = |w: &Workdir| {
+        (0..2)
+            .map(|p| {
+                let path = w.path(&format!("in-{p}.jsonl"));
+                let len = std::fs::metadata(&path).unwrap().len() as i64;
+                (path.display().to_string(), len)
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let caught_up = |want: std::collections::BTreeMap<String, i64>| {
+        let bucket = bucket.clone();
+        async move {
+            for _ in 0..600 {
+                if landed(&bucket, "", "lake").await.positions == want {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("positions never reached {want:?}");
+        }
+    };
+    caught_up(want(&w)).await;
+
+    // The store goes away while more arrives; the runner keeps retrying.
+    store.kill().unwrap();
+    store.wait().unwrap();
+    add_lines(&w, 3000..6000);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(runner.try_wait().unwrap().is_none(), "the runner gave up");
+    let mut store = start_s3s_fs(&store_dir.path("data"), port);
+    caught_up(want(&w)).await;
+
+    signal(runner.id(), "TERM");
+    let out = runner.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("no answer") || err.contains("retry"),
+        "the outage was not reported: {err}"
+    );
+    let got = landed(&bucket, "", "lake").await;
+    got.assert_only_named();
+    assert_eq!((got.lines.len(), got.distinct_ids()), (12_000, 12_000));
+    store.kill().unwrap();
+    let _ = store.wait();
+}
+
+/// A long history: the manifest keeps only the newest objects and names
+/// the older ones through segments; recovery keeps every object a segment
+/// names, removes a segment no manifest names, and leaves alone what a
+/// newer epoch wrote (a runner that is already stale must not delete its
+/// successor's work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_moves_to_segments_and_recovery_keeps_them() {
+    let bucket = fresh_bucket("segments").await;
+    let w = Workdir::new();
+    add_lines(&w, 0..5000);
+    let cfg = lake_config(
+        &w,
+        &bucket,
+        "max_object_records = 100\nmanifest_max_objects = 3",
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    let got = landed(&bucket, "", "lake").await;
+    got.assert_only_named();
+    assert_eq!(got.lines.len(), 10_000);
+    for m in &got.manifests {
+        let segments = m["segments"].as_array().unwrap();
+        // Batches of up to 1,000 records in objects of 100: at least five
+        // commits, each after the first moving the manifest's objects out.
+        assert!(segments.len() >= 2, "{m}");
+        assert!(m["objects"].as_array().unwrap().len() <= 12, "{m}");
+    }
+
+    // Plant a segment of epoch 1 that no manifest names, and a data object
+    // of an epoch newer than any runner so far.
+    let seg_key = got.manifests[0]["segments"][0]["key"].as_str().unwrap();
+    let stray_segment = format!(
+        "{}/{}-{}+1.json",
+        seg_key.rsplit_once('/').unwrap().0,
+        "9".repeat(20),
+        "9".repeat(20)
+    );
+    put(&bucket, &stray_segment, b"{}").await;
+    let data_key = got.manifests[0]["objects"][0]["key"].as_str().unwrap();
+    let (head, _) = data_key.rsplit_once('+').unwrap();
+    let newer = format!("{head}+999.jsonl");
+    put(&bucket, &newer, b"{}\n").await;
+
+    w.append("in-0.jsonl", &lines(0, 5000..6000));
+    run_ok(idem().arg("run").arg(&cfg));
+    let stored = keys(&bucket, "").await;
+    assert!(!stored.contains(&stray_segment), "a stray segment survived");
+    assert!(
+        stored.contains(&newer),
+        "a newer epoch's object was removed"
+    );
+    client()
+        .delete_object()
+        .bucket(&bucket)
+        .key(&newer)
+        .send()
+        .await
+        .unwrap();
+    let got = landed(&bucket, "", "lake").await;
+    got.assert_only_named();
+    assert_eq!((got.lines.len(), got.distinct_ids()), (11_000, 11_000));
 }

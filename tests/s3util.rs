@@ -1,4 +1,6 @@
-//! The test S3 store (scripts/s3.sh, moto_server on 127.0.0.1:5000): a
+//! The test S3 stores: moto_server on 127.0.0.1:5000 (scripts/s3.sh) for
+//! most tests, s3s-fs on 127.0.0.1:5001 (scripts/s3s-fs.sh), which checks
+//! credentials and keeps its data on disk, for buckets named `fs-*`. A
 //! bucket per test, and what Idem's manifests say landed.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,35 +10,97 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
 
 pub const ENDPOINT: &str = "http://127.0.0.1:5000";
+/// s3s-fs, and the one key it accepts (scripts/s3s-fs.sh).
+pub const FS_ENDPOINT: &str = "http://127.0.0.1:5001";
+pub const FS_ACCESS_KEY: &str = "idem-test";
+pub const FS_SECRET_KEY: &str = "idem-test-secret";
 
-pub fn client() -> Client {
-    let creds = aws_sdk_s3::config::Credentials::new("idem-test", "idem-test", None, None, "test");
+/// The store holding `bucket`, and the secret key it takes: `fs-*` on
+/// s3s-fs, `fsPORT-*` on a test's own s3s-fs at that port, others on moto.
+fn store_of(bucket: &str) -> (String, &'static str) {
+    let port = bucket
+        .strip_prefix("fs")
+        .and_then(|rest| rest.split_once('-'))
+        .map(|(port, _)| port);
+    match port {
+        Some("") => (FS_ENDPOINT.into(), FS_SECRET_KEY),
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => {
+            (format!("http://127.0.0.1:{p}"), FS_SECRET_KEY)
+        }
+        _ => (ENDPOINT.into(), "idem-test"),
+    }
+}
+
+/// A test's own s3s-fs (built by scripts/s3s-fs.sh) on `port`, keeping its
+/// buckets in `data`; it listens when this returns.
+pub fn start_s3s_fs(data: &std::path::Path, port: u16) -> std::process::Child {
+    std::fs::create_dir_all(data).unwrap();
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap()));
+    let mut child = std::process::Command::new(format!("{home}/bin/s3s-fs"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", FS_ACCESS_KEY, "--secret-key", FS_SECRET_KEY])
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("s3s-fs: install it with bash scripts/s3s-fs.sh");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("s3s-fs did not listen on {port}");
+}
+
+pub fn client_at(endpoint: &str, secret: &str) -> Client {
+    let creds = aws_sdk_s3::config::Credentials::new("idem-test", secret, None, None, "test");
     let conf = aws_sdk_s3::config::Builder::new()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
         .region(aws_sdk_s3::config::Region::new("us-east-1"))
-        .endpoint_url(ENDPOINT)
+        .endpoint_url(endpoint)
         .credentials_provider(creds)
         .force_path_style(true)
         .build();
     Client::from_conf(conf)
 }
 
-/// A bucket of its own.
+/// A client for the store that holds `bucket`.
+pub fn client_for(bucket: &str) -> Client {
+    let (endpoint, secret) = store_of(bucket);
+    client_at(&endpoint, secret)
+}
+
+/// A client for moto's store.
+pub fn client() -> Client {
+    client_at(ENDPOINT, "idem-test")
+}
+
+/// A bucket of its own; on s3s-fs when `prefix` starts with `fs-`.
 pub async fn fresh_bucket(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
     let bucket = format!("{prefix}-{}-{nanos}", std::process::id());
-    client()
+    let (endpoint, _) = store_of(&bucket);
+    client_for(&bucket)
         .create_bucket()
         .bucket(&bucket)
         .send()
         .await
         .unwrap_or_else(|e| {
             panic!(
-                "S3 store at {ENDPOINT}: {}; start it with bash scripts/s3.sh",
-                aws_sdk_s3::error::DisplayErrorContext(&e)
+                "S3 store at {endpoint}: {}; start it with bash scripts/{}",
+                aws_sdk_s3::error::DisplayErrorContext(&e),
+                if endpoint == ENDPOINT {
+                    "s3.sh"
+                } else {
+                    "s3s-fs.sh"
+                }
             )
         });
     bucket
@@ -44,11 +108,12 @@ pub async fn fresh_bucket(prefix: &str) -> String {
 
 /// `[connectors.NAME.sink]` lines for `bucket` on the test store.
 pub fn sink_lines(bucket: &str, extra: &str) -> String {
-    format!("type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{ENDPOINT}\"\npath_style = true\n{extra}")
+    let (endpoint, _) = store_of(bucket);
+    format!("type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\npath_style = true\n{extra}")
 }
 
 pub async fn get(bucket: &str, key: &str) -> Vec<u8> {
-    let out = client()
+    let out = client_for(bucket)
         .get_object()
         .bucket(bucket)
         .key(key)
@@ -106,7 +171,7 @@ pub async fn records(bucket: &str, key: &str) -> Vec<serde_json::Value> {
 }
 
 pub async fn put(bucket: &str, key: &str, body: &[u8]) {
-    client()
+    client_for(bucket)
         .put_object()
         .bucket(bucket)
         .key(key)
@@ -120,7 +185,7 @@ pub async fn keys(bucket: &str, prefix: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut token = None;
     loop {
-        let page = client()
+        let page = client_for(bucket)
             .list_objects_v2()
             .bucket(bucket)
             .prefix(prefix)
@@ -146,39 +211,58 @@ pub struct S3Landed {
     pub lines: Vec<serde_json::Value>,
     /// Partition -> next offset.
     pub positions: BTreeMap<String, i64>,
-    /// Keys the manifests name.
+    /// Keys the manifests name (data objects and segments).
     pub named: BTreeSet<String>,
-    /// Every data object under the connector's prefix.
+    /// Every data object and segment under the connector's prefix.
     pub stored: BTreeSet<String>,
     pub manifests: Vec<serde_json::Value>,
+    /// How many segments the manifests name.
+    pub segments: usize,
 }
 
 pub async fn landed(bucket: &str, prefix: &str, connector: &str) -> S3Landed {
     let root = format!("{prefix}{connector}/");
+    let manifests = format!("{root}_manifests/");
     let all = keys(bucket, &root).await;
-    let manifest_keys: Vec<&String> = all
-        .iter()
-        .filter(|k| k.starts_with(&format!("{root}_manifests/")))
-        .collect();
     let mut out = S3Landed {
         lines: Vec::new(),
         positions: BTreeMap::new(),
         named: BTreeSet::new(),
         stored: all
             .iter()
-            .filter(|k| !k.starts_with(&format!("{root}_manifests/")))
+            .filter(|k| !k.starts_with(&manifests))
             .cloned()
             .collect(),
         manifests: Vec::new(),
+        segments: 0,
     };
-    for mk in manifest_keys {
+    for mk in all.iter().filter(|k| k.starts_with(&manifests)) {
         let m: serde_json::Value = serde_json::from_slice(&get(bucket, mk).await).unwrap();
         let partition = m["partition"].as_str().unwrap().to_string();
         out.positions
             .insert(partition.clone(), m["next_offset"].as_i64().unwrap_or(-1));
+        // The committed objects: the segments' (in order), then the
+        // manifest's own.
+        let mut objects = Vec::new();
+        for s in m["segments"].as_array().into_iter().flatten() {
+            let key = s["key"].as_str().unwrap().to_string();
+            let seg: serde_json::Value = serde_json::from_slice(&get(bucket, &key).await).unwrap();
+            let inner = seg["objects"].as_array().unwrap().clone();
+            assert_eq!(Some(inner.len() as u64), s["objects"].as_u64(), "{key}");
+            assert_eq!(inner[0]["first_offset"], s["first_offset"], "{key}");
+            assert_eq!(
+                inner[inner.len() - 1]["next_offset"],
+                s["next_offset"],
+                "{key}"
+            );
+            objects.extend(inner);
+            assert!(out.named.insert(key), "a segment named twice");
+            out.segments += 1;
+        }
+        objects.extend(m["objects"].as_array().unwrap().iter().cloned());
         // The named objects tile the offsets they cover, in order.
         let mut expect_first: Option<u64> = None;
-        for o in m["objects"].as_array().unwrap() {
+        for o in &objects {
             let key = o["key"].as_str().unwrap().to_string();
             let first = o["first_offset"].as_u64().unwrap();
             if let Some(e) = expect_first {
@@ -212,8 +296,14 @@ pub async fn landed(bucket: &str, prefix: &str, connector: &str) -> S3Landed {
 }
 
 impl S3Landed {
-    /// Every stored data object is named by a manifest, and every named
-    /// object is stored.
+    /// How many distinct `id`s the records hold.
+    pub fn distinct_ids(&self) -> usize {
+        let ids: BTreeSet<&str> = self.lines.iter().filter_map(|v| v["id"].as_str()).collect();
+        ids.len()
+    }
+
+    /// Every stored data object and segment is named by a manifest, and
+    /// every named one is stored.
     pub fn assert_only_named(&self) {
         let extra: Vec<&String> = self.stored.difference(&self.named).collect();
         let missing: Vec<&String> = self.named.difference(&self.stored).collect();

@@ -48,6 +48,11 @@ pub struct S3SinkConfig {
     /// upload); at least 5 MiB, S3's smallest part.
     #[serde(default = "default_part_bytes")]
     pub part_bytes: usize,
+    /// The manifest lists at most about this many objects itself; older
+    /// ones move to an immutable segment object it names, so that a commit
+    /// rewrites a small manifest however long the partition's history.
+    #[serde(default = "default_manifest_max_objects")]
+    pub manifest_max_objects: usize,
 }
 
 /// How records are written.
@@ -97,6 +102,10 @@ fn default_max_object_bytes() -> usize {
 
 fn default_part_bytes() -> usize {
     16 * 1024 * 1024
+}
+
+fn default_manifest_max_objects() -> usize {
+    1000
 }
 
 /// S3's smallest part (but the last).
@@ -154,6 +163,12 @@ impl Validate for S3SinkConfig {
         }
         if self.max_object_bytes == 0 {
             return Err(Invalid::new(&["max_object_bytes"], "must be at least 1"));
+        }
+        if self.manifest_max_objects == 0 {
+            return Err(Invalid::new(
+                &["manifest_max_objects"],
+                "must be at least 1",
+            ));
         }
         if self.part_bytes < MIN_PART_BYTES {
             return Err(Invalid::new(

@@ -3,11 +3,13 @@
 use idem_core::PartitionRef;
 use serde::{Deserialize, Serialize};
 
-/// The manifest format this Idem writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format this Idem writes and reads. 2 added `segments`: an
+/// Idem that knows only 1 would take their objects for orphans.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// A partition's commit record: the only object Idem replaces, and only by
-/// a conditional write.
+/// a conditional write. The committed objects are those of `segments`, in
+/// order, then `objects`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -18,7 +20,30 @@ pub struct Manifest {
     pub epoch: i64,
     /// Where reading resumes; `None` until the first commit.
     pub next_offset: Option<u64>,
-    /// Every committed object, in offset order: readers take exactly these.
+    /// Older committed objects, listed in immutable segment objects so that
+    /// the manifest (rewritten on every commit) stays small.
+    #[serde(default)]
+    pub segments: Vec<SegmentRef>,
+    /// The newest committed objects, in offset order.
+    pub objects: Vec<Entry>,
+}
+
+/// A segment: committed objects moved out of the manifest, never changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    pub key: String,
+    /// The offsets its objects cover.
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub objects: u64,
+    pub records: u64,
+}
+
+/// A segment object's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub format: u32,
+    pub partition: String,
     pub objects: Vec<Entry>,
 }
 
@@ -59,6 +84,13 @@ fn segments(p: &PartitionRef) -> (String, String) {
         }
         _ => (enc(&p.source), enc(&p.partition)),
     }
+}
+
+/// The epoch in a data object's or a segment's name (`…+7.jsonl.gz`).
+pub fn key_epoch(key: &str) -> Option<i64> {
+    let name = key.rsplit('/').next()?;
+    let (_, tail) = name.rsplit_once('+')?;
+    tail.split('.').next()?.parse().ok()
 }
 
 /// Keys under `prefix` for one connector.
@@ -104,6 +136,30 @@ impl Layout {
         format!("{}_manifests/", self.connector(connector))
     }
 
+    /// Where a partition's segments live.
+    pub fn segments_prefix(&self, p: &PartitionRef) -> String {
+        let (t, n) = segments(p);
+        format!(
+            "{}_segments/topic={t}/partition={n}/",
+            self.connector(&p.connector)
+        )
+    }
+
+    /// A segment is named by the offsets it covers and, like a data
+    /// object, by the epoch of the runner that wrote it.
+    pub fn segment_key(
+        &self,
+        p: &PartitionRef,
+        first_offset: u64,
+        next_offset: u64,
+        epoch: i64,
+    ) -> String {
+        format!(
+            "{}{first_offset:020}-{next_offset:020}+{epoch}.json",
+            self.segments_prefix(p)
+        )
+    }
+
     pub fn manifest_key(&self, p: &PartitionRef) -> String {
         let (t, n) = segments(p);
         format!(
@@ -145,6 +201,19 @@ mod tests {
             .data_key(&p, "dt=x/", 0, 1)
             .starts_with(&l.data_prefix(&p)));
         assert!(!l.manifest_key(&p).starts_with(&l.data_prefix(&p)));
+        assert_eq!(
+            l.segment_key(&p, 0, 1200, 7),
+            "lake/orders-sink/_segments/topic=orders/partition=3/00000000000000000000-00000000000000001200+7.json"
+        );
+        assert!(!l.segment_key(&p, 0, 1, 1).starts_with(&l.data_prefix(&p)));
+        assert!(!l
+            .segment_key(&p, 0, 1, 1)
+            .starts_with(&l.manifests_prefix("orders-sink")));
+        assert_eq!(key_epoch(&l.segment_key(&p, 0, 1200, 7)), Some(7));
+        assert_eq!(key_epoch(&l.data_key(&p, "dt=x/", 1200, 12)), Some(12));
+        let dotted = PartitionRef::new("c", "kafka", "a.b+c/0");
+        assert_eq!(key_epoch(&l.data_key(&dotted, "", 5, 3)), Some(3));
+        assert_eq!(key_epoch("lake/c/topic=t/partition=0/notes.txt"), None);
     }
 
     #[test]

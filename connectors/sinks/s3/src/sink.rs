@@ -1,7 +1,7 @@
 use crate::config::{Compression, Format, S3SinkConfig};
 use crate::encode::Encoder;
 use crate::error::S3Error;
-use crate::keys::{Entry, Layout, Manifest, MANIFEST_FORMAT};
+use crate::keys::{key_epoch, Entry, Layout, Manifest, Segment, SegmentRef, MANIFEST_FORMAT};
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -14,6 +14,7 @@ use idem_core::{
     Batch, CommitStats, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
 };
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, OnceCell};
@@ -36,6 +37,8 @@ pub struct S3Sink {
     layout: Layout,
     client: OnceCell<Client>,
     owned: Mutex<HashMap<String, Owned>>,
+    /// The store answered "not implemented" to ListMultipartUploads.
+    no_upload_listing: AtomicBool,
 }
 
 /// How a request failed, for the caller to decide.
@@ -67,6 +70,7 @@ impl S3Sink {
             cfg,
             client: OnceCell::new(),
             owned: Mutex::new(HashMap::new()),
+            no_upload_listing: AtomicBool::new(false),
         }
     }
 
@@ -118,7 +122,14 @@ impl S3Sink {
             Some(404) if e.code() != Some("NoSuchBucket") => return Failure::NotFound,
             _ => {}
         }
-        let message = DisplayErrorContext(&e).to_string();
+        // The store's own code and message when it sent them (a HEAD has
+        // no body: then the status), else the whole chain (no answer).
+        let message = match (e.code(), e.message(), code) {
+            (Some(c), Some(m), _) => format!("{c}: {m}"),
+            (Some(c), None, _) => c.to_string(),
+            (None, _, Some(status)) => format!("HTTP {status}"),
+            _ => DisplayErrorContext(&e).to_string(),
+        };
         Failure::Other(match (code, e.code()) {
             (None, _) if matches!(e, SdkError::DispatchFailure(_)) => S3Error::Unreachable {
                 store: self.store(),
@@ -173,8 +184,8 @@ impl S3Sink {
         }
     }
 
-    /// A partition's manifest and its ETag, if it has one.
-    async fn read_manifest(&self, key: &str) -> Result<Option<(String, Manifest)>, S3Error> {
+    /// An object's bytes and ETag, if it exists.
+    async fn get(&self, op: &'static str, key: &str) -> Result<Option<(String, Vec<u8>)>, S3Error> {
         let client = self.client().await;
         let out = match client
             .get_object()
@@ -185,27 +196,34 @@ impl S3Sink {
         {
             Ok(o) => o,
             Err(e) => {
-                return match self.fail("get manifest", key, e) {
+                return match self.fail(op, key, e) {
                     Failure::NotFound => Ok(None),
-                    f => Err(self.other("get manifest", key, f)),
+                    f => Err(self.other(op, key, f)),
                 }
             }
         };
         let etag = out.e_tag().unwrap_or_default().to_string();
         let body = out.body.collect().await.map_err(|e| S3Error::Request {
             store: self.store(),
-            op: "read manifest",
+            op,
             key: key.to_string(),
             message: e.to_string(),
             retriable: true,
         })?;
+        Ok(Some((etag, body.into_bytes().to_vec())))
+    }
+
+    /// A partition's manifest and its ETag, if it has one.
+    async fn read_manifest(&self, key: &str) -> Result<Option<(String, Manifest)>, S3Error> {
+        let Some((etag, body)) = self.get("get manifest", key).await? else {
+            return Ok(None);
+        };
         let bad = |message: String| S3Error::BadManifest {
             store: self.store(),
             key: key.to_string(),
             message,
         };
-        let v: serde_json::Value =
-            serde_json::from_slice(&body.into_bytes()).map_err(|e| bad(e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
         let found = v.get("format").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
         if found > MANIFEST_FORMAT {
             return Err(S3Error::FormatVersion {
@@ -292,28 +310,114 @@ impl S3Sink {
         }
     }
 
-    /// After a crash or a stale runner: remove what no manifest names and
-    /// abort uploads that never completed, under the partition's prefix.
-    async fn recover(&self, p: &PartitionRef, m: Option<&Manifest>) -> Result<(), S3Error> {
+    /// A segment the manifest names.
+    async fn read_segment(&self, key: &str) -> Result<Segment, S3Error> {
+        let bad = |message: String| S3Error::BadManifest {
+            store: self.store(),
+            key: key.to_string(),
+            message,
+        };
+        let Some((_, body)) = self.get("get segment", key).await? else {
+            return Err(bad(
+                "the manifest names this segment but it is missing".into()
+            ));
+        };
+        serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
+    }
+
+    /// Move the manifest's objects into a new segment (written before the
+    /// manifest that names it).
+    async fn move_to_segment(
+        &self,
+        p: &PartitionRef,
+        epoch: i64,
+        m: &mut Manifest,
+    ) -> Result<(), S3Error> {
+        let (Some(first), Some(last)) = (m.objects.first(), m.objects.last()) else {
+            return Ok(());
+        };
+        let key = self
+            .layout
+            .segment_key(p, first.first_offset, last.next_offset, epoch);
+        let r = SegmentRef {
+            key: key.clone(),
+            first_offset: first.first_offset,
+            next_offset: last.next_offset,
+            objects: m.objects.len() as u64,
+            records: m.objects.iter().map(|o| o.records).sum(),
+        };
+        let segment = Segment {
+            format: MANIFEST_FORMAT,
+            partition: p.partition.to_string(),
+            objects: std::mem::take(&mut m.objects),
+        };
+        let body = serde_json::to_vec(&segment).map_err(|e| S3Error::Encode(e.to_string()))?;
+        self.client()
+            .await
+            .put_object()
+            .bucket(&self.cfg.bucket)
+            .key(&key)
+            .content_type("application/json")
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.req("put segment", &key, e))?;
+        m.segments.push(r);
+        Ok(())
+    }
+
+    /// After a crash or a stale runner: remove the data objects and
+    /// segments the manifest does not name, and abort uploads that never
+    /// completed, under the partition's prefix. Only what an epoch up to
+    /// the manifest's wrote is removed: a newer owner's work, should this
+    /// runner already be stale, is never touched.
+    async fn recover(&self, p: &PartitionRef, m: &Manifest) -> Result<(), S3Error> {
         let prefix = self.layout.data_prefix(p);
-        let named: HashSet<&str> = m
-            .map(|m| m.objects.iter().map(|o| o.key.as_str()).collect())
-            .unwrap_or_default();
+        let mut named: HashSet<String> = m.objects.iter().map(|o| o.key.clone()).collect();
+        for r in &m.segments {
+            named.extend(
+                self.read_segment(&r.key)
+                    .await?
+                    .objects
+                    .into_iter()
+                    .map(|o| o.key),
+            );
+        }
+        let segments: HashSet<&str> = m.segments.iter().map(|r| r.key.as_str()).collect();
+        let orphan = |key: &str, named: bool| !named && key_epoch(key).is_none_or(|e| e <= m.epoch);
         let mut removed = 0;
         for key in self.list(&prefix).await? {
-            if !named.contains(key.as_str()) {
+            if orphan(&key, named.contains(&key)) {
+                self.delete(&key).await?;
+                removed += 1;
+            }
+        }
+        for key in self.list(&self.layout.segments_prefix(p)).await? {
+            if orphan(&key, segments.contains(key.as_str())) {
                 self.delete(&key).await?;
                 removed += 1;
             }
         }
         let client = self.client().await;
-        let uploads = client
+        let uploads = match client
             .list_multipart_uploads()
             .bucket(&self.cfg.bucket)
             .prefix(&prefix)
             .send()
             .await
-            .map_err(|e| self.req("list multipart uploads", &prefix, e))?;
+        {
+            Ok(u) => u,
+            // Some S3-compatible stores cannot list uploads. Their parts are
+            // invisible to readers, only billed: say so once and go on.
+            Err(e) if status(&e) == Some(501) || e.code() == Some("NotImplemented") => {
+                if !self.no_upload_listing.swap(true, Ordering::Relaxed) {
+                    warn!(store = %self.store(), "the store cannot list multipart uploads: parts of uploads a crash interrupted stay stored (invisible to readers) until a lifecycle rule (AbortIncompleteMultipartUpload) removes them");
+                }
+                aws_sdk_s3::operation::list_multipart_uploads::ListMultipartUploadsOutput::builder()
+                    .build()
+            }
+            Err(e) => return Err(self.req("list multipart uploads", &prefix, e)),
+        };
         let mut aborted = 0;
         for u in uploads.uploads() {
             if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
@@ -537,6 +641,7 @@ impl Sink for S3Sink {
                         partition: p.partition.to_string(),
                         epoch: 0,
                         next_offset: None,
+                        segments: Vec::new(),
                         objects: Vec::new(),
                     },
                 ),
@@ -545,7 +650,7 @@ impl Sink for S3Sink {
             m.format = MANIFEST_FORMAT;
             match self.write_manifest(&key, etag.as_deref(), &m).await {
                 Ok(new_etag) => {
-                    self.recover(p, Some(&m)).await?;
+                    self.recover(p, &m).await?;
                     let opened = Opened {
                         epoch: m.epoch,
                         next_offset: m.next_offset,
@@ -592,8 +697,13 @@ impl Sink for S3Sink {
         for o in &objects {
             self.upload(o).await?;
         }
-        failpoint::hit(AFTER_WRITE);
         let mut m = owned.manifest.clone();
+        let mut written: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+        if m.objects.len() >= self.cfg.manifest_max_objects {
+            self.move_to_segment(p, batch.epoch, &mut m).await?;
+            written.extend(m.segments.last().map(|r| r.key.clone()));
+        }
+        failpoint::hit(AFTER_WRITE);
         m.next_offset = Some(batch.next_offset);
         m.objects.extend(objects.iter().map(|o| Entry {
             key: o.key.clone(),
@@ -611,9 +721,9 @@ impl Sink for S3Sink {
                 match self.read_manifest(&key).await? {
                     Some((etag, now)) if now == m => etag,
                     _ => {
-                        for o in &objects {
-                            if let Err(e) = self.delete(&o.key).await {
-                                warn!(key = %o.key, error = %e, "could not remove an object of a fenced commit; the owner's next recovery removes it");
+                        for key in &written {
+                            if let Err(e) = self.delete(key).await {
+                                warn!(key, error = %e, "could not remove an object of a fenced commit; the owner's next recovery removes it");
                             }
                         }
                         self.owned.lock().await.remove(&key_of(p));
