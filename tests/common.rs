@@ -46,6 +46,17 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A child process killed when the test ends, passed or not, so that a
+/// failing test leaves no runner or server behind.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Workdir {
     pub dir: tempfile::TempDir,
 }

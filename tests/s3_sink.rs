@@ -36,7 +36,21 @@ type = "bigint"
 
 /// `lake.toml`: the two files into `bucket`, with `extra` sink keys.
 fn lake_config(w: &Workdir, bucket: &str, extra: &str) -> std::path::PathBuf {
-    w.write("lake.toml", &file_config(w, &sink_lines(bucket, extra)))
+    lake_config_with(w, bucket, extra, &[])
+}
+
+/// The same with more `(name, type)` columns.
+fn lake_config_with(
+    w: &Workdir,
+    bucket: &str,
+    extra: &str,
+    columns: &[(&str, &str)],
+) -> std::path::PathBuf {
+    let mut conf = file_config(w, &sink_lines(bucket, extra));
+    for (name, ty) in columns {
+        conf += &format!("[[connectors.lake.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n");
+    }
+    w.write("lake.toml", &conf)
 }
 
 /// `range`'s records appended to `in-0.jsonl` and `in-1.jsonl`.
@@ -44,6 +58,12 @@ fn add_lines(w: &Workdir, range: std::ops::Range<usize>) {
     for part in 0..2 {
         w.append(&format!("in-{part}.jsonl"), &lines(part, range.clone()));
     }
+}
+
+/// `i` of a record whose id is `p{part}-{i}`.
+fn index_of(r: &serde_json::Value) -> usize {
+    let id = r["id"].as_str().unwrap();
+    id.split_once('-').unwrap().1.parse().unwrap()
 }
 
 fn lines(part: usize, range: std::ops::Range<usize>) -> String {
@@ -111,13 +131,12 @@ async fn parquet_objects_by_record_day_read_back_as_the_source() {
     for part in 0..2 {
         w.append(&format!("in-{part}.jsonl"), &timed_lines(part, 0..2500));
     }
-    let sink = sink_lines(
+    let cfg = lake_config_with(
+        &w,
         &bucket,
         "format = \"parquet\"\ntime_column = \"ts\"\nmax_object_records = 700",
+        &[("ts", "timestamp")],
     );
-    let conf = file_config(&w, &sink)
-        + "[[connectors.lake.columns]]\nname = \"ts\"\ntype = \"timestamp\"\n";
-    let cfg = w.write("lake.toml", &conf);
     run_ok(idem().arg("run").arg(&cfg));
     for part in 0..2 {
         w.append(&format!("in-{part}.jsonl"), &timed_lines(part, 2500..3000));
@@ -145,14 +164,7 @@ async fn parquet_objects_by_record_day_read_back_as_the_source() {
             assert!(o["records"].as_u64().unwrap() <= 700, "{o}");
             let rows = records(&bucket, key).await;
             for r in &rows {
-                let i: usize = r["id"]
-                    .as_str()
-                    .unwrap()
-                    .split_once('-')
-                    .unwrap()
-                    .1
-                    .parse()
-                    .unwrap();
+                let i = index_of(r);
                 let day = format!("/dt=2026-11-{:02}/", 1 + i / 800);
                 assert!(key.contains(&day), "{i} in {key}");
             }
@@ -212,6 +224,7 @@ fn cfg(bucket: &str) -> S3SinkConfig {
         compression: None,
         time_column: None,
         time_partition: None,
+        partition_column: None,
         max_object_records: 1_000_000,
         max_object_bytes: 128 << 20,
         part_bytes: 5 << 20,
@@ -561,7 +574,7 @@ async fn a_store_restarted_mid_run_loses_and_repeats_nothing() {
         .local_addr()
         .unwrap()
         .port();
-    let mut store = start_s3s_fs(&store_dir.path("data"), port);
+    let mut store = Reaped(start_s3s_fs(&store_dir.path("data"), port));
     let bucket = fresh_bucket(&format!("fs{port}-restart")).await;
 
     let w = Workdir::new();
@@ -573,13 +586,22 @@ async fn a_store_restarted_mid_run_loses_and_repeats_nothing() {
             "type = \"file\"\nfollow = true\npoll_interval = \"50ms\"",
         ) + "[connectors.lake.retry]\nmax_attempts = 0\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\n"),
     );
-    let mut runner = idem()
-        .arg("run")
-        .arg(&cfg)
-        .env("AWS_SECRET_ACCESS_KEY", FS_SECRET_KEY)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut runner = Reaped(
+        idem()
+            .arg("run")
+            .arg(&cfg)
+            .env("AWS_SECRET_ACCESS_KEY", FS_SECRET_KEY)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Drained as it comes, so that the runner never blocks on a full pipe.
+    let mut pipe = runner.0.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut err).unwrap();
+        err
+    });
     let want = |w: &Workdir| {
         (0..2)
             .map(|p| {
@@ -604,18 +626,18 @@ async fn a_store_restarted_mid_run_loses_and_repeats_nothing() {
     caught_up(want(&w)).await;
 
     // The store goes away while more arrives; the runner keeps retrying.
-    store.kill().unwrap();
-    store.wait().unwrap();
+    store.0.kill().unwrap();
+    store.0.wait().unwrap();
     add_lines(&w, 3000..6000);
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert!(runner.try_wait().unwrap().is_none(), "the runner gave up");
-    let mut store = start_s3s_fs(&store_dir.path("data"), port);
+    assert!(runner.0.try_wait().unwrap().is_none(), "the runner gave up");
+    let _store = Reaped(start_s3s_fs(&store_dir.path("data"), port));
     caught_up(want(&w)).await;
 
-    signal(runner.id(), "TERM");
-    let out = runner.wait_with_output().unwrap();
-    let err = text(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    signal(runner.0.id(), "TERM");
+    let status = runner.0.wait().unwrap();
+    let err = stderr.join().unwrap();
+    assert!(status.success(), "{err}");
     assert!(
         err.contains("no answer") || err.contains("retry"),
         "the outage was not reported: {err}"
@@ -623,8 +645,6 @@ async fn a_store_restarted_mid_run_loses_and_repeats_nothing() {
     let got = landed(&bucket, "", "lake").await;
     got.assert_only_named();
     assert_eq!((got.lines.len(), got.distinct_ids()), (12_000, 12_000));
-    store.kill().unwrap();
-    let _ = store.wait();
 }
 
 /// A long history: the manifest keeps only the newest objects and names
@@ -687,4 +707,59 @@ async fn a_long_history_moves_to_segments_and_recovery_keeps_them() {
     let got = landed(&bucket, "", "lake").await;
     got.assert_only_named();
     assert_eq!((got.lines.len(), got.distinct_ids()), (11_000, 11_000));
+}
+
+/// Records whose field and day alternate inside every batch: grouped into
+/// one object per folder and batch (not one per change), each object
+/// holding only its folder's records, every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_and_the_day_make_folders_and_records_are_grouped_into_them() {
+    let bucket = fresh_bucket("field").await;
+    let w = Workdir::new();
+    let countries = [Some("US"), Some("DE"), Some("a/b"), None];
+    for part in 0..2 {
+        let text: String = (0..3000)
+            .map(|i| {
+                let country = countries[i % 4].map_or("null".into(), |c| format!("\"{c}\""));
+                let day = 1 + (i / 4) % 2;
+                format!("{{\"id\":\"p{part}-{i}\",\"n\":{i},\"country\":{country},\"ts\":\"2026-11-{day:02}T10:00:00Z\"}}\n")
+            })
+            .collect();
+        w.write(&format!("in-{part}.jsonl"), &text);
+    }
+    let cfg = lake_config_with(
+        &w,
+        &bucket,
+        "compression = \"gzip\"\npartition_column = \"country\"\ntime_column = \"ts\"",
+        &[("country", "text"), ("ts", "timestamp")],
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+
+    let l = landed(&bucket, "", "lake").await;
+    l.assert_only_named();
+    assert_eq!((l.lines.len(), l.distinct_ids()), (6000, 6000));
+    let mut folders = std::collections::BTreeSet::new();
+    for m in &l.manifests {
+        let objects = m["objects"].as_array().unwrap();
+        // 8 folders per batch of 1,000; cut at every change it would be
+        // one object per record.
+        assert!(objects.len() <= 8 * 6, "{} objects", objects.len());
+        for o in objects {
+            let key = o["key"].as_str().unwrap();
+            for r in records(&bucket, key).await {
+                let country = match r["country"].as_str() {
+                    Some("a/b") => "a%2Fb",
+                    Some(c) => c,
+                    None => "__HIVE_DEFAULT_PARTITION__",
+                };
+                let i = index_of(&r);
+                let day = format!("2026-11-{:02}", 1 + (i / 4) % 2);
+                assert_eq!(r["ts"].as_str(), Some(&*format!("{day}T10:00:00.000000Z")));
+                let folder = format!("/country={country}/dt={day}/");
+                assert!(key.contains(&folder), "{r} in {key}");
+                folders.insert(folder);
+            }
+        }
+    }
+    assert_eq!(folders.len(), 8, "{folders:?}");
 }

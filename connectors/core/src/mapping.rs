@@ -29,9 +29,11 @@ pub enum Value {
 }
 
 impl Value {
-    /// The value as JSON, for sinks that write JSON: timestamps as
-    /// microseconds since the epoch, dates as days, numerics as their exact
-    /// text, UUIDs as text, bytes as base64.
+    /// The value as JSON, for sinks that write JSON: timestamps as RFC 3339
+    /// text in UTC with microseconds (`2026-11-24T10:00:00.000000Z`), dates
+    /// as `YYYY-MM-DD`, numerics as their exact text, UUIDs as text, bytes
+    /// as base64: what JSON readers (DuckDB, Spark, jq) take without a
+    /// schema.
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             Value::Null => serde_json::Value::Null,
@@ -41,8 +43,7 @@ impl Value {
             Value::Integer(n) => (*n).into(),
             Value::Double(x) => (*x).into(),
             Value::Boolean(b) => (*b).into(),
-            Value::Timestamp(us) => (*us).into(),
-            Value::Date(d) => (*d).into(),
+            Value::Timestamp(_) | Value::Date(_) => self.time_text().into(),
             // As the message carried them: exact text, UUID text, base64.
             Value::Numeric(s) => s.clone().into(),
             Value::Uuid(u) => uuid::Uuid::from_bytes(*u).to_string().into(),
@@ -55,14 +56,33 @@ impl Value {
 }
 
 impl Value {
+    /// A timestamp or date as text; empty for other values. Out-of-range
+    /// times (beyond year 262143) keep their number.
+    pub fn time_text(&self) -> String {
+        match self {
+            Value::Timestamp(us) => chrono::DateTime::from_timestamp_micros(*us).map_or_else(
+                || us.to_string(),
+                |t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            ),
+            Value::Date(d) => chrono::DateTime::from_timestamp(i64::from(*d) * 86_400, 0)
+                .map_or_else(|| d.to_string(), |t| t.format("%Y-%m-%d").to_string()),
+            _ => String::new(),
+        }
+    }
+
     /// Append [`Value::to_json`]'s text to `out`, without building a
     /// `serde_json::Value` for the common scalar cases.
     pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         match self {
             Value::Null => out.extend_from_slice(b"null"),
             Value::Text(s) | Value::Numeric(s) => serde_json::to_writer(&mut *out, s.as_str())?,
-            Value::BigInt(n) | Value::Timestamp(n) => serde_json::to_writer(&mut *out, n)?,
-            Value::Integer(n) | Value::Date(n) => serde_json::to_writer(&mut *out, n)?,
+            Value::BigInt(n) => serde_json::to_writer(&mut *out, n)?,
+            Value::Integer(n) => serde_json::to_writer(&mut *out, n)?,
+            Value::Timestamp(_) | Value::Date(_) => {
+                out.push(b'"');
+                out.extend_from_slice(self.time_text().as_bytes());
+                out.push(b'"');
+            }
             // Through serde_json's own Value: non-finite doubles become null.
             Value::Double(x) => serde_json::to_writer(&mut *out, &serde_json::Value::from(*x))?,
             Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
@@ -669,6 +689,11 @@ mod tests {
                 "{v:?}"
             );
         }
+        assert_eq!(
+            Value::Timestamp(1_700_000_000_123_456).to_json(),
+            "2023-11-14T22:13:20.123456Z"
+        );
+        assert_eq!(Value::Date(-3).to_json(), "1969-12-29");
     }
 
     use super::*;

@@ -33,6 +33,10 @@ pub struct S3SinkConfig {
     /// time folder (`dt=2026-11-24/`); an object never spans two.
     #[serde(default)]
     pub time_column: Option<String>,
+    /// A column whose value puts each record in a folder of its own
+    /// (`country=US/`, before any time folder); an object never spans two.
+    #[serde(default)]
+    pub partition_column: Option<String>,
     /// `day` (`dt=YYYY-MM-DD/`, the default) or `hour`
     /// (`dt=YYYY-MM-DD/hr=HH/`); needs `time_column`.
     #[serde(default)]
@@ -144,6 +148,35 @@ impl Validate for S3SinkConfig {
                         &["time_column"],
                         format!(
                             "`{t}` is a {:?} column; it must be a timestamp or a date",
+                            c.ty
+                        )
+                        .to_lowercase(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(f) = &self.partition_column {
+            match columns.iter().find(|c| &c.name == f) {
+                None => {
+                    return Err(Invalid::new(
+                        &["partition_column"],
+                        format!("`{f}` is not one of the connector's [[columns]]"),
+                    ))
+                }
+                Some(c)
+                    if matches!(
+                        c.ty,
+                        ColumnType::Json
+                            | ColumnType::Bytea
+                            | ColumnType::Double
+                            | ColumnType::Timestamp
+                    ) =>
+                {
+                    return Err(Invalid::new(
+                        &["partition_column"],
+                        format!(
+                            "`{f}` is a {:?} column; folders take text, integers, booleans, dates, uuids or numerics (for a timestamp use `time_column`)",
                             c.ty
                         )
                         .to_lowercase(),

@@ -1,5 +1,6 @@
-//! A batch's records as object bodies: how they are cut into objects
-//! (count, bytes, record time) and written (JSON lines or Parquet).
+//! A batch's records as object bodies: how they are grouped and cut into
+//! objects (folder by field and record time, count, bytes) and written
+//! (JSON lines or Parquet).
 
 use crate::config::{Compression, Format, S3SinkConfig, TimePartition};
 use crate::error::S3Error;
@@ -18,12 +19,16 @@ use std::sync::Arc;
 pub const PARTITION_COLUMN: &str = "_idem_partition";
 pub const OFFSET_COLUMN: &str = "_idem_offset";
 
-/// One object's worth of a batch: records `range` of it, in one time
-/// bucket.
+/// Hive's name for a missing partition value.
+const HIVE_NULL: &str = "__HIVE_DEFAULT_PARTITION__";
+
+/// One object's worth of a batch: the indexes of its records, in offset
+/// order, all in one folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
-    pub range: std::ops::Range<usize>,
-    /// `dt=2026-11-24/` (or with `hr=13/`), empty without time partitions.
+    pub records: Vec<usize>,
+    /// `country=US/dt=2026-11-24/` (field, then day or `hr=13/`), empty
+    /// without folders.
     pub bucket: String,
 }
 
@@ -35,6 +40,8 @@ pub struct Encoder {
     max_records: usize,
     max_bytes: usize,
     time: Option<(usize, TimePartition)>,
+    /// `partition_column`: its index and `name=` prefix.
+    field: Option<(usize, String)>,
 }
 
 impl Encoder {
@@ -51,7 +58,14 @@ impl Encoder {
                 .position(|c| &c.name == name)
                 .map(|i| (i, cfg.time_partition.unwrap_or_default()))
         });
+        let field = cfg.partition_column.as_ref().and_then(|name| {
+            columns
+                .iter()
+                .position(|c| &c.name == name)
+                .map(|i| (i, format!("{}=", crate::keys::enc(name))))
+        });
         Encoder {
+            field,
             format: cfg.format,
             compression: cfg.compression(),
             columns: columns.to_vec(),
@@ -81,62 +95,101 @@ impl Encoder {
         }
     }
 
-    /// The record's time bucket, as a key segment.
+    /// The record's folder, as key segments: the field's, then the time's.
     fn bucket(&self, r: &Record) -> String {
+        let mut out = String::new();
+        if let Some((i, prefix)) = &self.field {
+            out.push_str(prefix);
+            match r.values.get(*i) {
+                Some(Value::Null) | None => out.push_str(HIVE_NULL),
+                Some(v) => {
+                    let mut text = Vec::new();
+                    // Strings without their quotes; other values as JSON.
+                    let value = match v {
+                        Value::Text(t) | Value::Numeric(t) => t.clone(),
+                        v => match v.write_json(&mut text) {
+                            Ok(()) => String::from_utf8_lossy(&text).trim_matches('"').to_string(),
+                            Err(_) => HIVE_NULL.to_string(),
+                        },
+                    };
+                    out.push_str(&crate::keys::enc(&value));
+                }
+            }
+            out.push('/');
+        }
         let Some((i, unit)) = self.time else {
-            return String::new();
+            return out;
         };
         let micros = match r.values.get(i) {
             Some(Value::Timestamp(us)) => Some(*us),
             Some(Value::Date(days)) => Some(i64::from(*days) * 86_400_000_000),
             _ => None,
         };
-        let Some(t) = micros.and_then(chrono::DateTime::from_timestamp_micros) else {
-            // Hive's name for a missing partition value.
-            return "dt=__HIVE_DEFAULT_PARTITION__/".into();
-        };
-        match unit {
-            TimePartition::Day => t.format("dt=%Y-%m-%d/").to_string(),
-            TimePartition::Hour => t.format("dt=%Y-%m-%d/hr=%H/").to_string(),
+        match micros.and_then(chrono::DateTime::from_timestamp_micros) {
+            None => {
+                out.push_str("dt=");
+                out.push_str(HIVE_NULL);
+                out.push('/');
+            }
+            Some(t) => out.push_str(&match unit {
+                TimePartition::Day => t.format("dt=%Y-%m-%d/").to_string(),
+                TimePartition::Hour => t.format("dt=%Y-%m-%d/hr=%H/").to_string(),
+            }),
         }
+        out
     }
 
-    /// Where objects end: after `max_object_records`, after about
-    /// `max_object_bytes`, and where the record time leaves its bucket.
-    /// Objects hold consecutive records, so each covers one offset range.
+    /// The batch's objects: records grouped by folder (in the order the
+    /// folders first appear), each group in offset order and cut after
+    /// `max_object_records` or about `max_object_bytes`.
     pub fn cut(&self, records: &[Record]) -> Vec<Cut> {
-        let mut cuts = Vec::new();
-        let mut start = 0;
-        let mut bytes = 0usize;
-        let mut bucket = String::new();
-        for (i, r) in records.iter().enumerate() {
-            let b = self.bucket(r);
-            if i > start
-                && (i - start >= self.max_records || bytes >= self.max_bytes || b != bucket)
-            {
-                cuts.push(Cut {
-                    range: start..i,
-                    bucket: std::mem::take(&mut bucket),
-                });
-                start = i;
-                bytes = 0;
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        if self.field.is_none() && self.time.is_none() {
+            groups.push((String::new(), (0..records.len()).collect()));
+        } else {
+            let mut index: std::collections::HashMap<String, usize> = Default::default();
+            for (i, r) in records.iter().enumerate() {
+                let b = self.bucket(r);
+                let g = match index.get(&b) {
+                    Some(g) => *g,
+                    None => {
+                        index.insert(b.clone(), groups.len());
+                        groups.push((b, Vec::new()));
+                        groups.len() - 1
+                    }
+                };
+                groups[g].1.push(i);
             }
-            if i == start {
-                bucket = b;
-            }
-            bytes += r.values.iter().map(approx_bytes).sum::<usize>();
         }
-        if start < records.len() {
-            cuts.push(Cut {
-                range: start..records.len(),
-                bucket,
-            });
+        let mut cuts = Vec::new();
+        for (bucket, members) in groups {
+            let mut current = Vec::new();
+            let mut bytes = 0usize;
+            for i in members {
+                if !current.is_empty()
+                    && (current.len() >= self.max_records || bytes >= self.max_bytes)
+                {
+                    cuts.push(Cut {
+                        records: std::mem::take(&mut current),
+                        bucket: bucket.clone(),
+                    });
+                    bytes = 0;
+                }
+                current.push(i);
+                bytes += records[i].values.iter().map(approx_bytes).sum::<usize>();
+            }
+            if !current.is_empty() {
+                cuts.push(Cut {
+                    records: current,
+                    bucket,
+                });
+            }
         }
         cuts
     }
 
     /// The object body for `records`, read from `partition`.
-    pub fn encode(&self, partition: &str, records: &[Record]) -> Result<Vec<u8>, S3Error> {
+    pub fn encode(&self, partition: &str, records: &[&Record]) -> Result<Vec<u8>, S3Error> {
         match self.format {
             Format::Jsonl => self.compress(self.lines(partition, records)?),
             Format::Parquet => self.parquet(partition, records),
@@ -144,7 +197,7 @@ impl Encoder {
     }
 
     /// One JSON object per line, keys in column order, then the position.
-    fn lines(&self, partition: &str, records: &[Record]) -> Result<Vec<u8>, S3Error> {
+    fn lines(&self, partition: &str, records: &[&Record]) -> Result<Vec<u8>, S3Error> {
         let enc = |e: serde_json::Error| S3Error::Encode(e.to_string());
         // Keys are written once, already quoted.
         let keys: Vec<String> = self
@@ -189,7 +242,7 @@ impl Encoder {
         }
     }
 
-    fn parquet(&self, partition: &str, records: &[Record]) -> Result<Vec<u8>, S3Error> {
+    fn parquet(&self, partition: &str, records: &[&Record]) -> Result<Vec<u8>, S3Error> {
         use parquet::arrow::ArrowWriter;
         use parquet::basic::{Compression as Pc, GzipLevel, ZstdLevel};
         use parquet::file::properties::WriterProperties;
@@ -245,7 +298,7 @@ fn arrow_type(t: ColumnType) -> DataType {
 }
 
 /// Column `i` of `records` as an Arrow array of `c`'s type.
-fn column(c: &ColumnConfig, i: usize, records: &[Record]) -> Result<ArrayRef, S3Error> {
+fn column(c: &ColumnConfig, i: usize, records: &[&Record]) -> Result<ArrayRef, S3Error> {
     let n = records.len();
     let values = records
         .iter()
@@ -363,13 +416,17 @@ mod tests {
             })
             .collect();
         let by_count = Encoder::new(&cfg("max_object_records = 4"), &cols);
-        let ranges: Vec<_> = by_count.cut(&recs).into_iter().map(|c| c.range).collect();
-        assert_eq!(ranges, vec![0..4, 4..8, 8..10]);
+        assert_eq!(
+            objects(&by_count, &recs),
+            [vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
+        );
 
         // Each record weighs 12 + 12 bytes: the third crosses 48.
         let by_bytes = Encoder::new(&cfg("max_object_bytes = 48"), &cols);
-        let ranges: Vec<_> = by_bytes.cut(&recs).into_iter().map(|c| c.range).collect();
-        assert_eq!(ranges, vec![0..2, 2..4, 4..6, 6..8, 8..10]);
+        assert_eq!(
+            objects(&by_bytes, &recs),
+            [vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7], vec![8, 9]]
+        );
 
         let by_day = Encoder::new(
             &cfg("time_column = \"ts\"\ntime_partition = \"day\""),
@@ -380,11 +437,11 @@ mod tests {
             cuts,
             vec![
                 Cut {
-                    range: 0..7,
+                    records: (0..7).collect(),
                     bucket: "dt=2024-10-04/".into()
                 },
                 Cut {
-                    range: 7..10,
+                    records: (7..10).collect(),
                     bucket: "dt=2024-10-05/".into()
                 },
             ]
@@ -403,17 +460,75 @@ mod tests {
         assert!(by_day.cut(&[]).is_empty());
     }
 
+    fn objects(e: &Encoder, recs: &[Record]) -> Vec<Vec<usize>> {
+        e.cut(recs).into_iter().map(|c| c.records).collect()
+    }
+
     #[test]
-    fn records_going_back_in_time_start_a_new_object_each_time() {
+    fn records_going_back_in_time_join_their_days_object() {
         let cols = [col("d", ColumnType::Date)];
         let recs: Vec<Record> = [1, 2, 1, 1]
             .iter()
             .enumerate()
             .map(|(i, d)| rec(i as u64, vec![Value::Date(*d)]))
             .collect();
-        let e = Encoder::new(&cfg("time_column = \"d\""), &cols);
-        let ranges: Vec<_> = e.cut(&recs).into_iter().map(|c| c.range).collect();
-        assert_eq!(ranges, vec![0..1, 1..2, 2..4]);
+        let e = Encoder::new(&cfg("time_column = \"d\"\nmax_object_records = 2"), &cols);
+        let cuts = e.cut(&recs);
+        let got: Vec<(&str, &[usize])> = cuts
+            .iter()
+            .map(|c| (c.bucket.as_str(), c.records.as_slice()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("dt=1970-01-02/", &[0, 2][..]),
+                ("dt=1970-01-02/", &[3][..]),
+                ("dt=1970-01-03/", &[1][..]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_field_makes_folders_before_the_time() {
+        let cols = [col("country", ColumnType::Text), col("d", ColumnType::Date)];
+        let recs: Vec<Record> = [
+            (Value::Text("US".into()), 1),
+            (Value::Text("a/b c".into()), 1),
+            (Value::Null, 2),
+            (Value::Text("US".into()), 2),
+            (Value::Text("US".into()), 1),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c, d))| rec(i as u64, vec![c, Value::Date(d)]))
+        .collect();
+        let e = Encoder::new(
+            &cfg("partition_column = \"country\"\ntime_column = \"d\""),
+            &cols,
+        );
+        let got: Vec<(String, Vec<usize>)> = e
+            .cut(&recs)
+            .into_iter()
+            .map(|c| (c.bucket, c.records))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("country=US/dt=1970-01-02/".to_string(), vec![0, 4]),
+                ("country=a%2Fb%20c/dt=1970-01-02/".to_string(), vec![1]),
+                (
+                    "country=__HIVE_DEFAULT_PARTITION__/dt=1970-01-03/".to_string(),
+                    vec![2]
+                ),
+                ("country=US/dt=1970-01-03/".to_string(), vec![3]),
+            ]
+        );
+        let by_id = Encoder::new(
+            &cfg("partition_column = \"n\""),
+            &[col("n", ColumnType::Bigint)],
+        );
+        let r = [rec(0, vec![Value::BigInt(42)])];
+        assert_eq!(by_id.cut(&r)[0].bucket, "n=42/");
     }
 
     #[test]
@@ -460,7 +575,10 @@ mod tests {
             );
             assert_eq!(e.extension(), "parquet");
             let body = e
-                .encode("orders/3", &[rec(41, full.clone()), rec(42, empty.clone())])
+                .encode(
+                    "orders/3",
+                    &[&rec(41, full.clone()), &rec(42, empty.clone())],
+                )
                 .unwrap();
             let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body))
                 .unwrap()
@@ -515,10 +633,11 @@ mod tests {
     fn json_lines_compress_and_read_back() {
         use std::io::Read as _;
         let cols = [col("s", ColumnType::Text)];
-        let recs = [
+        let (a, b) = (
             rec(5, vec![Value::Text("a".into())]),
             rec(6, vec![Value::Null]),
-        ];
+        );
+        let recs = [&a, &b];
         let expected = "{\"s\":\"a\",\"_idem_partition\":\"p\",\"_idem_offset\":5}\n{\"s\":null,\"_idem_partition\":\"p\",\"_idem_offset\":6}\n";
         let plain = Encoder::new(&cfg(""), &cols);
         assert_eq!(plain.extension(), "jsonl");

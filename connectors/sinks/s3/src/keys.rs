@@ -51,8 +51,8 @@ pub struct Segment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub key: String,
-    /// The offsets it covers: `first_offset..next_offset` (messages sent to
-    /// the dead letters included).
+    /// Its records' offsets lie in `first_offset..next_offset`: its first
+    /// record's, to one past its last record's.
     pub first_offset: u64,
     pub next_offset: u64,
     pub records: u64,
@@ -62,7 +62,7 @@ pub struct Entry {
 
 /// Bytes outside `[A-Za-z0-9._-]` as `%XX`, so any partition name makes
 /// one path segment.
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {

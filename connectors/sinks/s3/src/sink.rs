@@ -444,35 +444,31 @@ impl S3Sink {
         Ok(())
     }
 
-    /// The batch as objects: cut by count, size and record time, each
-    /// named by its first offset.
+    /// The batch as objects: grouped by folder, cut by count and size,
+    /// each named by its first offset. An object's offsets lie in
+    /// `first_offset..next_offset` (its last record's plus one); with
+    /// folders, objects of one batch may interleave.
     fn encode(&self, batch: &Batch) -> Result<Vec<Pending>, S3Error> {
-        let cuts = self.encoder.cut(&batch.records);
-        // Each object covers the offsets up to the next one's first record
-        // (dead-lettered messages included), the first from the batch's
-        // start and the last to its end: the objects tile the batch.
-        let starts: Vec<u64> = cuts
-            .iter()
-            .enumerate()
-            .map(|(i, c)| match i {
-                0 => batch.first_offset,
-                _ => batch.records[c.range.start].offset,
-            })
-            .collect();
-        cuts.into_iter()
-            .enumerate()
-            .map(|(i, cut)| {
-                let first = starts[i];
-                let next = starts.get(i + 1).copied().unwrap_or(batch.next_offset);
-                let records = &batch.records[cut.range];
+        self.encoder
+            .cut(&batch.records)
+            .into_iter()
+            .map(|cut| {
+                let records: Vec<&idem_core::Record> =
+                    cut.records.iter().map(|&i| &batch.records[i]).collect();
+                let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                    return Err(S3Error::Encode("an empty object".into()));
+                };
                 Ok(Pending {
-                    key: self
-                        .layout
-                        .data_key(&batch.partition, &cut.bucket, first, batch.epoch),
-                    first_offset: first,
-                    next_offset: next,
+                    key: self.layout.data_key(
+                        &batch.partition,
+                        &cut.bucket,
+                        first.offset,
+                        batch.epoch,
+                    ),
+                    first_offset: first.offset,
+                    next_offset: last.offset + 1,
                     records: records.len() as u64,
-                    body: self.encoder.encode(&batch.partition.partition, records)?,
+                    body: self.encoder.encode(&batch.partition.partition, &records)?,
                 })
             })
             .collect()
