@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 bash scripts/duckdb-lib.sh
 bash scripts/postgres.sh
+bash scripts/redis.sh
 bash scripts/kafka.sh
 bash scripts/s3.sh
 bash scripts/s3s-fs.sh

@@ -1,0 +1,229 @@
+//! Ids in a redb file beside the runner: no server. Each call is one write
+//! transaction, made durable (fsync) before it returns. Expired ids are
+//! swept at open and then every `SWEEP_EVERY`.
+
+use crate::{now_ms, Claim, DedupError, DedupStore, Entry, Seen};
+use async_trait::async_trait;
+use redb::{Database, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `namespace \0 id` -> `expires_ms \t entry`.
+const IDS: TableDefinition<&str, &str> = TableDefinition::new("idem_dedup_ids");
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+pub struct EmbeddedDedupStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    namespace: String,
+    retention: Duration,
+    last_sweep: AtomicU64,
+}
+
+impl EmbeddedDedupStore {
+    /// Opens (or creates) the file at `path`; ids under `namespace`.
+    pub fn open(path: &Path, namespace: &str, retention: Duration) -> Result<Self, DedupError> {
+        let fail = |message: String| DedupError::Unavailable {
+            store: path.display().to_string(),
+            message,
+            retriable: false,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                fail("the file is open in another process: one runner per dedup file".into())
+            }
+            e => fail(e.to_string()),
+        })?;
+        let store = EmbeddedDedupStore {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+            namespace: namespace.to_string(),
+            retention,
+            last_sweep: AtomicU64::new(0),
+        };
+        store.write(|_| Ok(()))?;
+        Ok(store)
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}\0{id}", self.namespace)
+    }
+
+    fn fail(&self, e: impl std::fmt::Display) -> DedupError {
+        DedupError::Unavailable {
+            store: self.describe(),
+            message: e.to_string(),
+            retriable: false,
+        }
+    }
+
+    /// One durable write transaction over the ids table; sweeps expired
+    /// ids first when it is time.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut redb::Table<&str, &str>) -> Result<T, DedupError>,
+    ) -> Result<T, DedupError> {
+        let txn = self.db.begin_write().map_err(|e| self.fail(e))?;
+        let out = {
+            let mut table = txn.open_table(IDS).map_err(|e| self.fail(e))?;
+            let now = now_ms();
+            let last = self.last_sweep.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= SWEEP_EVERY.as_millis() as u64 {
+                self.last_sweep.store(now, Ordering::Relaxed);
+                table
+                    .retain(|_, v| expiry(v).is_none_or(|t| t > now))
+                    .map_err(|e| self.fail(e))?;
+            }
+            f(&mut table)?
+        };
+        txn.commit().map_err(|e| self.fail(e))?;
+        Ok(out)
+    }
+
+    fn expires(&self) -> u64 {
+        now_ms() + self.retention.as_millis() as u64
+    }
+
+    /// Runs `f` off the async threads: redb blocks on disk.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> Result<T, DedupError> + Send + 'static,
+    ) -> Result<T, DedupError> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| self.fail(e))?
+    }
+}
+
+fn expiry(v: &str) -> Option<u64> {
+    v.split_once('\t').and_then(|(t, _)| t.parse().ok())
+}
+
+/// The entry of a stored value, if it has not expired by `now`.
+fn live(v: &str, now: u64) -> Option<&str> {
+    let (t, e) = v.split_once('\t')?;
+    (t.parse::<u64>().ok()? > now).then_some(e)
+}
+
+#[async_trait]
+/// Behind an `Arc`, so that calls can run on the blocking pool.
+impl DedupStore for Arc<EmbeddedDedupStore> {
+    async fn reserve_distinct(
+        &self,
+        owner: &str,
+        claims: &[&Claim],
+    ) -> Result<Vec<Seen>, DedupError> {
+        let owner = owner.to_string();
+        let claims: Vec<Claim> = claims.iter().map(|c| (*c).clone()).collect();
+        self.blocking(move |s| {
+            let now = now_ms();
+            let expires = s.expires();
+            s.write(|t| {
+                let mut out = Vec::with_capacity(claims.len());
+                for c in &claims {
+                    let key = s.key(&c.id);
+                    let held = match t.get(key.as_str()).map_err(|e| s.fail(e))? {
+                        Some(v) => match live(v.value(), now) {
+                            Some(e) => {
+                                Some(Entry::parse(e).ok_or_else(|| DedupError::Corrupt {
+                                    store: s.describe(),
+                                    id: c.id.clone(),
+                                    value: e.to_string(),
+                                })?)
+                            }
+                            None => None,
+                        },
+                        None => None,
+                    };
+                    match held.and_then(|e| e.seen_by(&owner)) {
+                        Some(seen) => out.push(seen),
+                        None => {
+                            let v = format!("{expires}\t{}", Entry::reserved(&owner, c));
+                            t.insert(key.as_str(), v.as_str()).map_err(|e| s.fail(e))?;
+                            out.push(Seen::New);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    async fn confirm(&self, ids: &[&str]) -> Result<(), DedupError> {
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        self.blocking(move |s| {
+            let v = format!("{}\tD", s.expires());
+            s.write(|t| {
+                for id in &ids {
+                    t.insert(s.key(id).as_str(), v.as_str())
+                        .map_err(|e| s.fail(e))?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn take_over(&self, owner: &str, claims: &[&Claim]) -> Result<(), DedupError> {
+        let owner = owner.to_string();
+        let claims: Vec<Claim> = claims.iter().map(|c| (*c).clone()).collect();
+        self.blocking(move |s| {
+            let expires = s.expires();
+            s.write(|t| {
+                for c in &claims {
+                    let v = format!("{expires}\t{}", Entry::reserved(&owner, c));
+                    t.insert(s.key(&c.id).as_str(), v.as_str())
+                        .map_err(|e| s.fail(e))?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, owner: &str, ids: &[&str]) -> Result<(), DedupError> {
+        let owner = owner.to_string();
+        let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        self.blocking(move |s| {
+            s.write(|t| {
+                for id in &ids {
+                    let key = s.key(id);
+                    let mine = match t.get(key.as_str()).map_err(|e| s.fail(e))? {
+                        Some(v) => v
+                            .value()
+                            .split_once('\t')
+                            .and_then(|(_, e)| Entry::parse(e))
+                            .is_some_and(|e| matches!(e, Entry::Reserved(r) if r.owner == owner)),
+                        None => false,
+                    };
+                    if mine {
+                        t.remove(key.as_str()).map_err(|e| s.fail(e))?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    fn describe(&self) -> String {
+        EmbeddedDedupStore::describe(self)
+    }
+}
+
+impl EmbeddedDedupStore {
+    pub fn describe(&self) -> String {
+        format!("{} ({})", self.path.display(), self.namespace)
+    }
+}

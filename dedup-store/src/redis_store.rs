@@ -1,0 +1,266 @@
+//! Ids in Redis: one key per id, `idem:{namespace}:{id}`, holding `D` or
+//! the reservation, with the retention as its TTL. A batch is one round
+//! trip: a script reserves what is free and returns what is held.
+//!
+//! Redis keeps ids in memory (and on disk only if it is configured to): a
+//! restarted Redis without persistence has forgotten every id. Idem checks
+//! a marker key on every call and reports the loss (`DedupError` with
+//! `retriable = false`) rather than treating every id as new in silence.
+
+use crate::{Claim, DedupError, DedupStore, Entry, Seen};
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+
+/// Reserves free (or expired, or `owner`'s own) ids and returns, per key,
+/// `""` when reserved now or the value that holds it. Fails with
+/// `IDEM_LOST` when the namespace's marker is gone.
+/// KEYS: marker, ids...; ARGV: ttl ms, owner prefix, value per id.
+const RESERVE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('IDEM_LOST')
+end
+local out = {}
+local ttl = ARGV[1]
+local mine = ARGV[2]
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if (not v) or v:sub(1, #mine) == mine then
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ttl)
+    out[i - 1] = ''
+  else
+    out[i - 1] = v
+  end
+end
+return out
+"#;
+
+/// Deletes ids still reserved by the owner. KEYS: ids; ARGV: owner prefix.
+const RELEASE: &str = r#"
+local mine = ARGV[1]
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v and v:sub(1, #mine) == mine then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return 0
+"#;
+
+pub struct RedisDedupStore {
+    conn: ConnectionManager,
+    url: String,
+    namespace: String,
+    retention: Duration,
+    reserve: redis::Script,
+    release: redis::Script,
+}
+
+impl RedisDedupStore {
+    /// Connects to `url` (`redis://[:password@]host:port[/db]`;
+    /// `rediss://` for TLS) and keeps ids under `idem:{namespace}:`. The
+    /// namespace's marker is created if absent: a first start, or a store
+    /// that lost its data, which `check_marker` tells apart.
+    pub async fn connect(
+        url: &str,
+        namespace: &str,
+        retention: Duration,
+    ) -> Result<Self, DedupError> {
+        let shown = redact(url);
+        let client = redis::Client::open(url).map_err(|e| unavailable(&shown, &e))?;
+        let fail = |e: redis::RedisError| {
+            let mut err = unavailable(&shown, &e);
+            if let DedupError::Unavailable { message, .. } = &mut err {
+                message.push_str(
+                    "; is Redis running there? (for Idem's tests: bash scripts/redis.sh)",
+                );
+            }
+            err
+        };
+        let conn = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
+            .await
+            .map_err(|_| DedupError::Unavailable {
+                store: shown.clone(),
+                message: "no answer within 10 s; is Redis running there? (for Idem's tests: bash scripts/redis.sh)".into(),
+                retriable: true,
+            })?
+            .map_err(fail)?;
+        Ok(RedisDedupStore {
+            conn,
+            url: shown,
+            namespace: namespace.to_string(),
+            retention,
+            reserve: redis::Script::new(RESERVE),
+            release: redis::Script::new(RELEASE),
+        })
+    }
+
+    fn key(&self, id: &str) -> String {
+        // The braces keep a namespace's keys in one Redis Cluster slot.
+        format!("idem:{{{}}}:{id}", self.namespace)
+    }
+
+    /// The key whose absence means the store lost its ids.
+    fn marker(&self) -> String {
+        format!("idem:{{{}}}:_marker", self.namespace)
+    }
+
+    /// Write the marker if it is missing; `true` if it was there. A
+    /// missing marker with ids recorded before means the store lost them.
+    pub async fn ensure_marker(&self) -> Result<bool, DedupError> {
+        let mut conn = self.conn.clone();
+        let created: bool = redis::cmd("SET")
+            .arg(self.marker())
+            .arg("1")
+            .arg("NX")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?
+            .is_some();
+        Ok(!created)
+    }
+
+    /// SET each key to its value with the retention as TTL, pipelined.
+    async fn set_all(
+        &self,
+        pairs: impl Iterator<Item = (String, String)>,
+    ) -> Result<(), DedupError> {
+        let mut pipe = redis::pipe();
+        for (key, value) in pairs {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(self.retention.as_millis() as u64)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))
+    }
+
+    fn err(&self, e: &redis::RedisError) -> DedupError {
+        if e.to_string().contains("IDEM_LOST") {
+            return DedupError::Unavailable {
+                store: self.describe(),
+                message: "the store lost its ids (Redis restarted without persistence, or was flushed): ids recorded before are forgotten, so repeats of messages processed before now are not recognised".into(),
+                retriable: false,
+            };
+        }
+        unavailable(&self.describe(), e)
+    }
+}
+
+/// `redis://:secret@host` without the secret.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn unavailable(store: &str, e: &redis::RedisError) -> DedupError {
+    DedupError::Unavailable {
+        store: store.to_string(),
+        message: e.to_string(),
+        // Refused connections, timeouts, a Redis loading its data: wait.
+        retriable: e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+            ),
+    }
+}
+
+#[async_trait]
+impl DedupStore for RedisDedupStore {
+    async fn reserve_distinct(
+        &self,
+        owner: &str,
+        claims: &[&Claim],
+    ) -> Result<Vec<Seen>, DedupError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.reserve.prepare_invoke();
+        inv.key(self.marker());
+        for c in claims {
+            inv.key(self.key(&c.id));
+        }
+        inv.arg(self.retention.as_millis() as u64);
+        inv.arg(owner_prefix(owner));
+        for c in claims {
+            inv.arg(Entry::reserved(owner, c));
+        }
+        let mut conn = self.conn.clone();
+        let held: Vec<String> = inv
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+        claims
+            .iter()
+            .zip(held)
+            .map(|(c, v)| {
+                if v.is_empty() {
+                    return Ok(Seen::New);
+                }
+                match Entry::parse(&v) {
+                    // The script never leaves an id of ours reserved.
+                    Some(e) => Ok(e.seen_by(owner).unwrap_or(Seen::New)),
+                    None => Err(DedupError::Corrupt {
+                        store: self.describe(),
+                        id: c.id.clone(),
+                        value: v,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    async fn confirm(&self, ids: &[&str]) -> Result<(), DedupError> {
+        self.set_all(ids.iter().map(|id| (self.key(id), "D".to_string())))
+            .await
+    }
+
+    async fn take_over(&self, owner: &str, claims: &[&Claim]) -> Result<(), DedupError> {
+        self.set_all(
+            claims
+                .iter()
+                .map(|c| (self.key(&c.id), Entry::reserved(owner, c))),
+        )
+        .await
+    }
+
+    async fn release(&self, owner: &str, ids: &[&str]) -> Result<(), DedupError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.release.prepare_invoke();
+        for id in ids {
+            inv.key(self.key(id));
+        }
+        inv.arg(owner_prefix(owner));
+        let mut conn = self.conn.clone();
+        inv.invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(&e))
+    }
+
+    fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (idem:{{{}}})", self.url, self.namespace)
+    }
+}
+
+/// How every value `owner` reserves starts, for the scripts.
+fn owner_prefix(owner: &str) -> String {
+    format!("R\t{owner}\t")
+}
