@@ -71,7 +71,7 @@ impl Place {
                 Arc::new(store.clone())
             }
             Kind::Redis => {
-                let s = RedisDedupStore::connect(&redis_url(), &self.namespace, retention)
+                let s = RedisDedupStore::connect(&redis_url(), None, &self.namespace, retention)
                     .await
                     .unwrap_or_else(|e| panic!("{e}"));
                 s.ensure_marker().await.unwrap();
@@ -331,7 +331,7 @@ async fn the_embedded_store_keeps_ids_across_a_reopen_and_refuses_a_second_proce
 #[tokio::test]
 async fn a_redis_that_lost_its_ids_is_reported_not_trusted() {
     let namespace = fresh_schema("lost");
-    let s = RedisDedupStore::connect(&redis_url(), &namespace, HOUR)
+    let s = RedisDedupStore::connect(&redis_url(), None, &namespace, HOUR)
         .await
         .unwrap();
     assert!(
@@ -358,7 +358,8 @@ async fn a_redis_that_lost_its_ids_is_reported_not_trusted() {
 
 #[tokio::test]
 async fn a_missing_redis_is_named_with_how_to_start_it() {
-    let err = match RedisDedupStore::connect("redis://:hunter2@127.0.0.1:1", "ns", HOUR).await {
+    let err = match RedisDedupStore::connect("redis://:hunter2@127.0.0.1:1", None, "ns", HOUR).await
+    {
         Ok(_) => panic!("connected to nothing"),
         Err(e) => e.to_string(),
     };
@@ -367,4 +368,103 @@ async fn a_missing_redis_is_named_with_how_to_start_it() {
         "{err}"
     );
     assert!(!err.contains("hunter2"), "the password leaked: {err}");
+}
+
+/// Redis over TLS with a password (a private `redis-server`, Debian's
+/// build, on a port of its own): the conformance lifecycle passes with the
+/// CA file; another CA, a wrong password, or plain TCP are refused with
+/// messages that keep the password out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_password() {
+    use rcgen::{CertificateParams, KeyPair};
+    let ca = test_ca;
+    let (trusted, other) = (ca("Idem test CA"), ca("Someone else's CA"));
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &trusted)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let (cert_file, key_file) = (
+        file("cert.pem", cert.pem()),
+        file("key.pem", key.serialize_pem()),
+    );
+    let (trusted_file, other_file) = (
+        file("ca.pem", trusted.pem()),
+        file("other.pem", other.pem()),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = Reaped(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert_file)
+            .arg("--tls-key-file")
+            .arg(&key_file)
+            .arg("--tls-ca-cert-file")
+            .arg(&trusted_file)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                "s3cret",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/redis.sh installs it)"),
+    );
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = |pw: &str| format!("rediss://:{pw}@localhost:{port}");
+
+    let s = RedisDedupStore::connect(&url("s3cret"), Some(&trusted_file), "tls", HOUR)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.ensure_marker().await.unwrap();
+    assert_eq!(
+        s.reserve("r", &claims(&["a", "a"])).await.unwrap(),
+        [Seen::New, Seen::Repeat]
+    );
+    s.confirm(&["a"]).await.unwrap();
+    assert_eq!(s.reserve("q", &claims(&["a"])).await.unwrap(), [Seen::Done]);
+
+    let refused = |r: Result<RedisDedupStore, idem_dedup_store::DedupError>| match r {
+        Ok(_) => panic!("connected"),
+        Err(e) => e.to_string(),
+    };
+    let err =
+        refused(RedisDedupStore::connect(&url("s3cret"), Some(&other_file), "tls", HOUR).await);
+    assert!(err.contains("certificate"), "{err}");
+    assert!(!err.contains("s3cret"), "the password leaked: {err}");
+    let err =
+        refused(RedisDedupStore::connect(&url("wrong-pw"), Some(&trusted_file), "tls", HOUR).await);
+    assert!(!err.contains("wrong-pw"), "the password leaked: {err}");
+    assert!(
+        err.to_lowercase().contains("pass") || err.to_lowercase().contains("auth"),
+        "{err}"
+    );
 }

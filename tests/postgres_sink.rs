@@ -660,15 +660,8 @@ impl Drop for TlsCluster {
 
 #[tokio::test]
 async fn sslmode_verify_full_accepts_a_certificate_from_the_ca_file() {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let ca = |name: &str| {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-    };
+    use rcgen::{CertificateParams, KeyPair};
+    let ca = test_ca;
     let trusted = ca("Idem test CA");
     let other = ca("Someone else's CA");
     let server_key = KeyPair::generate().unwrap();

@@ -58,26 +58,56 @@ pub struct RedisDedupStore {
 
 impl RedisDedupStore {
     /// Connects to `url` (`redis://[:password@]host:port[/db]`;
-    /// `rediss://` for TLS) and keeps ids under `idem:{namespace}:`. The
-    /// namespace's marker is created if absent: a first start, or a store
-    /// that lost its data, which `check_marker` tells apart.
+    /// `rediss://` for TLS, verified against the system's roots or against
+    /// `ca_file`, a PEM file, when given) and keeps ids under
+    /// `idem:{namespace}:`.
     pub async fn connect(
         url: &str,
+        ca_file: Option<&std::path::Path>,
         namespace: &str,
         retention: Duration,
     ) -> Result<Self, DedupError> {
         let shown = redact(url);
-        let client = redis::Client::open(url).map_err(|e| unavailable(&shown, &e))?;
+        // The binary links two rustls providers (ring, and aws-lc through
+        // the AWS SDK); redis's TLS takes the process default: pick one.
+        // An error means one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = match ca_file {
+            None => redis::Client::open(url).map_err(|e| unavailable(&shown, &e))?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| DedupError::Unavailable {
+                    store: shown.clone(),
+                    message: format!("cannot read the CA file {}: {e}", path.display()),
+                    retriable: false,
+                })?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(url, certs).map_err(|e| unavailable(&shown, &e))?
+            }
+        };
         let fail = |e: redis::RedisError| {
             let mut err = unavailable(&shown, &e);
             if let DedupError::Unavailable { message, .. } = &mut err {
-                message.push_str(
-                    "; is Redis running there? (for Idem's tests: bash scripts/redis.sh)",
-                );
+                if e.is_connection_refusal() || e.is_io_error() && !message.contains("certificate")
+                {
+                    message.push_str(
+                        "; is Redis running there? (for Idem's tests: bash scripts/redis.sh)",
+                    );
+                }
             }
             err
         };
-        let conn = tokio::time::timeout(Duration::from_secs(10), ConnectionManager::new(client))
+        // Fail fast at start (a wrong certificate or password does not get
+        // better); the runner's own retries cover outages later.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            ConnectionManager::new_with_config(client, config),
+        )
             .await
             .map_err(|_| DedupError::Unavailable {
                 store: shown.clone(),
