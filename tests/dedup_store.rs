@@ -114,6 +114,11 @@ const HOUR: Duration = Duration::from_secs(3600);
 async fn lifecycle(kind: Kind) {
     let place = Place::new(kind, HOUR);
     let s = place.open(HOUR).await;
+    // Empty calls (a batch of repeats only) are no-ops, not errors.
+    assert_eq!(s.reserve("r1", &[]).await.unwrap(), []);
+    s.confirm(&[]).await.unwrap();
+    s.take_over("r1", &[]).await.unwrap();
+    s.release("r1", &[]).await.unwrap();
     let batch = claims(&["a", "b", "a", "c"]);
     assert_eq!(
         s.reserve("r1", &batch).await.unwrap(),

@@ -157,6 +157,9 @@ impl DedupStore for Arc<EmbeddedDedupStore> {
     }
 
     async fn confirm(&self, ids: &[&str]) -> Result<(), DedupError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
         self.blocking(move |s| {
             let v = format!("{}\tD", s.expires());
@@ -172,6 +175,9 @@ impl DedupStore for Arc<EmbeddedDedupStore> {
     }
 
     async fn take_over(&self, owner: &str, claims: &[&Claim]) -> Result<(), DedupError> {
+        if claims.is_empty() {
+            return Ok(());
+        }
         let owner = owner.to_string();
         let claims: Vec<Claim> = claims.iter().map(|c| (*c).clone()).collect();
         self.blocking(move |s| {
@@ -189,6 +195,9 @@ impl DedupStore for Arc<EmbeddedDedupStore> {
     }
 
     async fn release(&self, owner: &str, ids: &[&str]) -> Result<(), DedupError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let owner = owner.to_string();
         let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
         self.blocking(move |s| {

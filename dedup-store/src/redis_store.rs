@@ -156,13 +156,18 @@ impl RedisDedupStore {
         pairs: impl Iterator<Item = (String, String)>,
     ) -> Result<(), DedupError> {
         let mut pipe = redis::pipe();
+        let mut any = false;
         for (key, value) in pairs {
+            any = true;
             pipe.cmd("SET")
                 .arg(key)
                 .arg(value)
                 .arg("PX")
                 .arg(self.retention.as_millis() as u64)
                 .ignore();
+        }
+        if !any {
+            return Ok(());
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn)
