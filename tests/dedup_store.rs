@@ -24,10 +24,18 @@ enum Kind {
     Memory,
     Embedded,
     Redis,
+    /// Redis reserving through its Lua script (the path for Redis < 7.0).
+    RedisScript,
     Postgres,
 }
 
-const KINDS: [Kind; 4] = [Kind::Memory, Kind::Embedded, Kind::Redis, Kind::Postgres];
+const KINDS: [Kind; 5] = [
+    Kind::Memory,
+    Kind::Embedded,
+    Kind::Redis,
+    Kind::RedisScript,
+    Kind::Postgres,
+];
 
 /// Where one test's stores live: two handles on the same ids (two
 /// connections, or the same file) for races.
@@ -70,10 +78,14 @@ impl Place {
                 });
                 Arc::new(store.clone())
             }
-            Kind::Redis => {
-                let s = RedisDedupStore::connect(&redis_url(), None, &self.namespace, retention)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+            Kind::Redis | Kind::RedisScript => {
+                let mut s =
+                    RedisDedupStore::connect(&redis_url(), None, &self.namespace, retention)
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}"));
+                if matches!(self.kind, Kind::RedisScript) {
+                    s = s.reserving_by_script();
+                }
                 s.ensure_marker().await.unwrap();
                 Arc::new(s)
             }

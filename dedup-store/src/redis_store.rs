@@ -10,6 +10,7 @@
 use crate::{Claim, DedupError, DedupStore, Entry, Seen};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Reserves free (or expired, or `owner`'s own) ids and returns, per key,
@@ -54,6 +55,8 @@ pub struct RedisDedupStore {
     retention: Duration,
     reserve: redis::Script,
     release: redis::Script,
+    /// The server lacks `SET .. NX GET` (before 7.0): reserve by script.
+    script_only: AtomicBool,
 }
 
 impl RedisDedupStore {
@@ -121,8 +124,16 @@ impl RedisDedupStore {
             namespace: namespace.to_string(),
             retention,
             reserve: redis::Script::new(RESERVE),
+            script_only: AtomicBool::new(false),
             release: redis::Script::new(RELEASE),
         })
+    }
+
+    /// Reserve through the Lua script, as with a Redis before 7.0 (for
+    /// tests of that path).
+    pub fn reserving_by_script(self) -> Self {
+        self.script_only.store(true, Ordering::Relaxed);
+        self
     }
 
     fn key(&self, id: &str) -> String {
@@ -148,6 +159,84 @@ impl RedisDedupStore {
             .map_err(|e| self.err(&e))?
             .is_some();
         Ok(!created)
+    }
+
+    /// One pipeline: the marker's check, then `SET id reservation NX PX
+    /// ttl GET` per claim, which reserves a free id and returns what holds
+    /// a taken one (`None`: reserved now).
+    async fn reserve_pipelined(
+        &self,
+        owner: &str,
+        claims: &[&Claim],
+    ) -> Result<Vec<Option<String>>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(self.marker());
+        for c in claims {
+            pipe.cmd("SET")
+                .arg(self.key(&c.id))
+                .arg(Entry::reserved(owner, c))
+                .arg("NX")
+                .arg("PX")
+                .arg(self.retention.as_millis() as u64)
+                .arg("GET");
+        }
+        let mut conn = self.conn.clone();
+        let (marker, held): (i64, Vec<Option<String>>) = {
+            let mut out: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            let first = out.remove(0);
+            let marker = redis::from_redis_value(first)?;
+            let held = out
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<_, _>>()?;
+            (marker, held)
+        };
+        if marker == 0 {
+            // As the script would have said it.
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "IDEM_LOST",
+            )));
+        }
+        Ok(held)
+    }
+
+    /// What each claim found (`None`: reserved now). The owner's own
+    /// older reservations are moved to the claims' positions.
+    async fn seen(
+        &self,
+        owner: &str,
+        claims: &[&Claim],
+        held: Vec<Option<String>>,
+    ) -> Result<Vec<Seen>, DedupError> {
+        let mut out = Vec::with_capacity(claims.len());
+        let mut mine = Vec::new();
+        for (c, v) in claims.iter().zip(held) {
+            let Some(v) = v else {
+                out.push(Seen::New);
+                continue;
+            };
+            match Entry::parse(&v) {
+                Some(e) => match e.seen_by(owner) {
+                    Some(seen) => out.push(seen),
+                    None => {
+                        mine.push(*c);
+                        out.push(Seen::New);
+                    }
+                },
+                None => {
+                    return Err(DedupError::Corrupt {
+                        store: self.describe(),
+                        id: c.id.clone(),
+                        value: v,
+                    })
+                }
+            }
+        }
+        if !mine.is_empty() {
+            self.take_over(owner, &mine).await?;
+        }
+        Ok(out)
     }
 
     /// SET each key to its value with the retention as TTL, pipelined.
@@ -221,6 +310,20 @@ impl DedupStore for RedisDedupStore {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
+        if !self.script_only.load(Ordering::Relaxed) {
+            match self.reserve_pipelined(owner, claims).await {
+                Err(e)
+                    if e.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                        && e.to_string().to_lowercase().contains("syntax") =>
+                {
+                    // Redis before 7.0: no `SET .. NX GET`.
+                    self.script_only.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(self.err(&e)),
+                Ok(held) => return self.seen(owner, claims, held).await,
+            }
+        }
         let mut inv = self.reserve.prepare_invoke();
         inv.key(self.marker());
         for c in claims {
@@ -236,24 +339,11 @@ impl DedupStore for RedisDedupStore {
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.err(&e))?;
-        claims
-            .iter()
-            .zip(held)
-            .map(|(c, v)| {
-                if v.is_empty() {
-                    return Ok(Seen::New);
-                }
-                match Entry::parse(&v) {
-                    // The script never leaves an id of ours reserved.
-                    Some(e) => Ok(e.seen_by(owner).unwrap_or(Seen::New)),
-                    None => Err(DedupError::Corrupt {
-                        store: self.describe(),
-                        id: c.id.clone(),
-                        value: v,
-                    }),
-                }
-            })
-            .collect()
+        let held = held
+            .into_iter()
+            .map(|v| if v.is_empty() { None } else { Some(v) })
+            .collect();
+        self.seen(owner, claims, held).await
     }
 
     async fn confirm(&self, ids: &[&str]) -> Result<(), DedupError> {
