@@ -1,6 +1,7 @@
 //! Ids in Redis: one key per id, `idem:{namespace}:{id}`, holding `D` or
 //! the reservation, with the retention as its TTL. A batch is one round
-//! trip: a script reserves what is free and returns what is held.
+//! trip: a pipeline of `SET .. NX PX .. GET` reserves what is free and
+//! returns what holds the rest (a Lua script does it on Redis before 7.0).
 //!
 //! Redis keeps ids in memory (and on disk only if it is configured to): a
 //! restarted Redis without persistence has forgotten every id. Idem checks
@@ -388,4 +389,16 @@ impl DedupStore for RedisDedupStore {
 /// How every value `owner` reserves starts, for the scripts.
 fn owner_prefix(owner: &str) -> String {
     format!("R\t{owner}\t")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redact("rediss://user:p@ss@h:6380"), "rediss://***@h:6380");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
 }
