@@ -485,3 +485,66 @@ async fn redis_over_tls_with_a_password() {
         "{err}"
     );
 }
+
+/// A private Redis without persistence, restarted under a connected store:
+/// calls fail as retriable while it is down, then the restarted (empty)
+/// server is reported as having lost its ids, not trusted; acknowledged,
+/// the store goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let start = || {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/redis.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Reaped(child)
+    };
+    let mut server = start();
+    let url = format!("redis://127.0.0.1:{port}");
+    let s = RedisDedupStore::connect(&url, None, "restart", HOUR)
+        .await
+        .unwrap();
+    s.ensure_marker().await.unwrap();
+    s.reserve("r", &claims(&["a"])).await.unwrap();
+    s.confirm(&["a"]).await.unwrap();
+
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    let down = s.reserve("r", &claims(&["a"])).await.unwrap_err();
+    assert!(down.is_retriable(), "{down}");
+
+    let _server = start();
+    // The connection comes back; the ids do not, and that is said.
+    let mut lost = None;
+    for _ in 0..50 {
+        match s.reserve("r", &claims(&["a"])).await {
+            Err(e) if !e.is_retriable() => {
+                lost = Some(e);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(seen) => panic!("an emptied store answered {seen:?}"),
+        }
+    }
+    let lost = lost.expect("the loss was never reported");
+    assert!(lost.to_string().contains("lost its ids"), "{lost}");
+    assert!(!s.ensure_marker().await.unwrap());
+    // "a" is forgotten: that is what the loss means.
+    assert_eq!(s.reserve("r", &claims(&["a"])).await.unwrap(), [Seen::New]);
+}
