@@ -59,14 +59,66 @@ impl Value {
     /// A timestamp or date as text; empty for other values. Out-of-range
     /// times (beyond year 262143) keep their number.
     pub fn time_text(&self) -> String {
-        match self {
-            Value::Timestamp(us) => chrono::DateTime::from_timestamp_micros(*us).map_or_else(
-                || us.to_string(),
-                |t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        let mut out = Vec::with_capacity(27);
+        self.write_time(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// [`Value::time_text`] appended to `out`: digits written by hand,
+    /// since JSON sinks write one per record and a format string costs
+    /// more than the rest of the record.
+    fn write_time(&self, out: &mut Vec<u8>) {
+        use chrono::{Datelike as _, Timelike as _};
+        fn digits(out: &mut Vec<u8>, n: u32, width: usize) {
+            let mut buf = [b'0'; 6];
+            let mut n = n;
+            for i in (0..width).rev() {
+                buf[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            out.extend_from_slice(&buf[..width]);
+        }
+        let (t, with_time) = match self {
+            Value::Timestamp(us) => (chrono::DateTime::from_timestamp_micros(*us), true),
+            Value::Date(d) => (
+                chrono::DateTime::from_timestamp(i64::from(*d) * 86_400, 0),
+                false,
             ),
-            Value::Date(d) => chrono::DateTime::from_timestamp(i64::from(*d) * 86_400, 0)
-                .map_or_else(|| d.to_string(), |t| t.format("%Y-%m-%d").to_string()),
-            _ => String::new(),
+            _ => return,
+        };
+        let Some(t) = t else {
+            // Beyond chrono's range (about 262,000 years): the number.
+            match self {
+                Value::Timestamp(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                Value::Date(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                _ => {}
+            }
+            return;
+        };
+        if !(0..=9999).contains(&t.year()) {
+            let f = if with_time {
+                "%Y-%m-%dT%H:%M:%S%.6fZ"
+            } else {
+                "%Y-%m-%d"
+            };
+            out.extend_from_slice(t.format(f).to_string().as_bytes());
+            return;
+        }
+        digits(out, t.year() as u32, 4);
+        out.push(b'-');
+        digits(out, t.month(), 2);
+        out.push(b'-');
+        digits(out, t.day(), 2);
+        if with_time {
+            out.push(b'T');
+            digits(out, t.hour(), 2);
+            out.push(b':');
+            digits(out, t.minute(), 2);
+            out.push(b':');
+            digits(out, t.second(), 2);
+            out.push(b'.');
+            digits(out, t.timestamp_subsec_micros(), 6);
+            out.push(b'Z');
         }
     }
 
@@ -80,7 +132,7 @@ impl Value {
             Value::Integer(n) => serde_json::to_writer(&mut *out, n)?,
             Value::Timestamp(_) | Value::Date(_) => {
                 out.push(b'"');
-                out.extend_from_slice(self.time_text().as_bytes());
+                self.write_time(out);
                 out.push(b'"');
             }
             // Through serde_json's own Value: non-finite doubles become null.
@@ -694,6 +746,32 @@ mod tests {
             "2023-11-14T22:13:20.123456Z"
         );
         assert_eq!(Value::Date(-3).to_json(), "1969-12-29");
+    }
+
+    #[test]
+    fn times_written_by_hand_match_chrono() {
+        let mut us: i64 = -62_135_596_800_000_000; // 0001-01-01
+        let step = 7_919_003_333_331; // about 3 months and odd microseconds
+        while us < 253_402_300_799_999_999 {
+            let want = chrono::DateTime::from_timestamp_micros(us)
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string();
+            assert_eq!(Value::Timestamp(us).time_text(), want);
+            us += step;
+        }
+        for d in [-719_162, -1, 0, 59, 60, 11_016, 19_000, 2_932_896] {
+            let want = chrono::DateTime::from_timestamp(i64::from(d) * 86_400, 0)
+                .unwrap()
+                .format("%Y-%m-%d")
+                .to_string();
+            assert_eq!(Value::Date(d).time_text(), want, "{d}");
+        }
+        // Before year 0 and past 9999: chrono's own format.
+        assert!(Value::Timestamp(-70_000_000_000_000_000)
+            .time_text()
+            .starts_with('-'));
+        assert!(Value::Date(3_000_000).time_text().starts_with('+'));
     }
 
     use super::*;
