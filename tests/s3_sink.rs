@@ -730,7 +730,7 @@ async fn a_field_and_the_day_make_folders_and_records_are_grouped_into_them() {
     let cfg = lake_config_with(
         &w,
         &bucket,
-        "compression = \"gzip\"\npartition_column = \"country\"\ntime_column = \"ts\"",
+        "compression = \"gzip\"\npartition_column = \"country\"\ntime_column = \"ts\"\nmanifest_max_objects = 3",
         &[("country", "text"), ("ts", "timestamp")],
     );
     run_ok(idem().arg("run").arg(&cfg));

@@ -32,7 +32,8 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentRef {
     pub key: String,
-    /// The offsets its objects cover.
+    /// Its objects' offsets lie in `first_offset..next_offset` (the lowest
+    /// first offset to the highest next offset).
     pub first_offset: u64,
     pub next_offset: u64,
     pub objects: u64,

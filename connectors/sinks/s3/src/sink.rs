@@ -310,6 +310,26 @@ impl S3Sink {
         }
     }
 
+    /// Whether `m` names the object `o` (in its own list or in the segment
+    /// covering `o`'s first offset).
+    async fn names(&self, m: &Manifest, o: Option<&Pending>) -> Result<bool, S3Error> {
+        let Some(o) = o else {
+            return Ok(false);
+        };
+        if m.objects.iter().any(|e| e.key == o.key) {
+            return Ok(true);
+        }
+        for r in &m.segments {
+            if r.first_offset <= o.first_offset && o.first_offset < r.next_offset {
+                let seg = self.read_segment(&r.key).await?;
+                if seg.objects.iter().any(|e| e.key == o.key) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// A segment the manifest names.
     async fn read_segment(&self, key: &str) -> Result<Segment, S3Error> {
         let bad = |message: String| S3Error::BadManifest {
@@ -333,16 +353,19 @@ impl S3Sink {
         epoch: i64,
         m: &mut Manifest,
     ) -> Result<(), S3Error> {
-        let (Some(first), Some(last)) = (m.objects.first(), m.objects.last()) else {
+        // With folders, objects of a batch interleave: the range is the
+        // lowest first offset to the highest next offset.
+        let (Some(first), Some(next)) = (
+            m.objects.iter().map(|o| o.first_offset).min(),
+            m.objects.iter().map(|o| o.next_offset).max(),
+        ) else {
             return Ok(());
         };
-        let key = self
-            .layout
-            .segment_key(p, first.first_offset, last.next_offset, epoch);
+        let key = self.layout.segment_key(p, first, next, epoch);
         let r = SegmentRef {
             key: key.clone(),
-            first_offset: first.first_offset,
-            next_offset: last.next_offset,
+            first_offset: first,
+            next_offset: next,
             objects: m.objects.len() as u64,
             records: m.objects.iter().map(|o| o.records).sum(),
         };
@@ -714,8 +737,19 @@ impl Sink for S3Sink {
             Err(Failure::Precondition) => {
                 // Either a newer runner owns the partition, or this very
                 // write landed and only its answer was lost.
-                match self.read_manifest(&key).await? {
+                let now = self.read_manifest(&key).await?;
+                match now {
                     Some((etag, now)) if now == m => etag,
+                    Some((_, now)) if self.names(&now, objects.first()).await? => {
+                        // This write landed, then a newer runner opened the
+                        // partition from it: the batch is committed, and
+                        // its objects are the new owner's to keep.
+                        self.owned.lock().await.remove(&key_of(p));
+                        return Ok(CommitStats {
+                            written: batch.records.len() as u64,
+                            deduplicated: 0,
+                        });
+                    }
                     _ => {
                         for key in &written {
                             if let Err(e) = self.delete(key).await {
