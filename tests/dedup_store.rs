@@ -300,6 +300,35 @@ async fn namespaces(kind: Kind) {
     assert_eq!(s2.reserve("r", &claims(&["n"])).await.unwrap(), [Seen::New]);
 }
 
+/// Positions for sinks without their own: each open fences the one
+/// before; a fenced save stores nothing; namespaces are apart.
+async fn positions(kind: Kind) {
+    let place = Place::new(kind, HOUR);
+    let (a, b) = (place.open(HOUR).await, place.open(HOUR).await);
+    assert_eq!(a.positions().await.unwrap(), []);
+    let first = a.open_position("orders/0").await.unwrap();
+    assert_eq!(first.next_offset, None, "{kind:?}");
+    assert!(a.save_position("orders/0", first.epoch, 10).await.unwrap());
+    let second = b.open_position("orders/0").await.unwrap();
+    assert!(second.epoch > first.epoch, "{kind:?}");
+    assert_eq!(second.next_offset, Some(10), "{kind:?}");
+    // The first runner is fenced: its save is refused and changes nothing.
+    assert!(!a.save_position("orders/0", first.epoch, 99).await.unwrap());
+    assert!(b.save_position("orders/0", second.epoch, 20).await.unwrap());
+    // A partition never opened cannot be saved to.
+    assert!(!a.save_position("orders/1", 1, 5).await.unwrap());
+    b.open_position("orders/1").await.unwrap();
+    let all = a.positions().await.unwrap();
+    let names: Vec<&str> = all.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(names, ["orders/0", "orders/1"], "{kind:?}");
+    assert_eq!(all[0].1.next_offset, Some(20), "{kind:?}");
+    assert_eq!(all[1].1.next_offset, None, "{kind:?}");
+    if !matches!(kind, Kind::Memory) {
+        let other = Place::new(kind, HOUR).open(HOUR).await;
+        assert_eq!(other.positions().await.unwrap(), [], "{kind:?}");
+    }
+}
+
 macro_rules! suite {
     ($($name:ident),+) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,7 +341,7 @@ macro_rules! suite {
 }
 
 mod every_store {
-    suite!(lifecycle, expiry, big_batch, race, namespaces);
+    suite!(lifecycle, expiry, big_batch, race, namespaces, positions);
     use super::KINDS;
 }
 

@@ -2,9 +2,9 @@
 //! transaction, made durable (fsync) before it returns. Expired ids are
 //! swept at open and then every `SWEEP_EVERY`.
 
-use crate::{now_ms, Claim, DedupError, DedupStore, Entry, Seen};
+use crate::{now_ms, Claim, DedupError, DedupStore, Entry, Seen, StoredPosition};
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +12,8 @@ use std::time::Duration;
 
 /// `namespace \0 id` -> `expires_ms \t entry`.
 const IDS: TableDefinition<&str, &str> = TableDefinition::new("idem_dedup_ids");
+/// `namespace \0 partition` -> `epoch \t next` (no expiry).
+const POSITIONS: TableDefinition<&str, &str> = TableDefinition::new("idem_positions");
 const SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 pub struct EmbeddedDedupStore {
@@ -228,6 +230,100 @@ impl DedupStore for Arc<EmbeddedDedupStore> {
 
     fn describe(&self) -> String {
         EmbeddedDedupStore::describe(self)
+    }
+
+    async fn open_position(&self, partition: &str) -> Result<StoredPosition, DedupError> {
+        let key = self.key(partition);
+        self.blocking(move |s| {
+            s.positions_write(|t| {
+                let old = match t.get(key.as_str()).map_err(|e| s.fail(e))? {
+                    Some(v) => Some(s.decode_position(&key, v.value())?),
+                    None => None,
+                };
+                let p = StoredPosition {
+                    epoch: old.map_or(0, |p| p.epoch) + 1,
+                    next_offset: old.and_then(|p| p.next_offset),
+                };
+                t.insert(key.as_str(), p.encode().as_str())
+                    .map_err(|e| s.fail(e))?;
+                Ok(p)
+            })
+        })
+        .await
+    }
+
+    async fn save_position(
+        &self,
+        partition: &str,
+        epoch: i64,
+        next_offset: u64,
+    ) -> Result<bool, DedupError> {
+        let key = self.key(partition);
+        self.blocking(move |s| {
+            s.positions_write(|t| {
+                let current = match t.get(key.as_str()).map_err(|e| s.fail(e))? {
+                    Some(v) => Some(s.decode_position(&key, v.value())?),
+                    None => None,
+                };
+                if current.map(|p| p.epoch) != Some(epoch) {
+                    return Ok(false);
+                }
+                let p = StoredPosition {
+                    epoch,
+                    next_offset: Some(next_offset),
+                };
+                t.insert(key.as_str(), p.encode().as_str())
+                    .map_err(|e| s.fail(e))?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn positions(&self) -> Result<Vec<(String, StoredPosition)>, DedupError> {
+        self.blocking(move |s| {
+            let txn = s.db.begin_read().map_err(|e| s.fail(e))?;
+            let t = match txn.open_table(POSITIONS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(s.fail(e)),
+            };
+            let prefix = s.key("");
+            let mut out = Vec::new();
+            for row in t.range(prefix.as_str()..).map_err(|e| s.fail(e))? {
+                let (k, v) = row.map_err(|e| s.fail(e))?;
+                let Some(partition) = k.value().strip_prefix(prefix.as_str()) else {
+                    break;
+                };
+                out.push((partition.to_string(), s.decode_position(k.value(), v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl EmbeddedDedupStore {
+    /// One durable write transaction over the positions table.
+    fn positions_write<T>(
+        &self,
+        f: impl FnOnce(&mut redb::Table<&str, &str>) -> Result<T, DedupError>,
+    ) -> Result<T, DedupError> {
+        let txn = self.db.begin_write().map_err(|e| self.fail(e))?;
+        let out = {
+            let mut table = txn.open_table(POSITIONS).map_err(|e| self.fail(e))?;
+            f(&mut table)?
+        };
+        txn.commit().map_err(|e| self.fail(e))?;
+        Ok(out)
+    }
+
+    fn decode_position(&self, key: &str, v: &str) -> Result<StoredPosition, DedupError> {
+        StoredPosition::decode(v).ok_or_else(|| DedupError::Corrupt {
+            store: self.describe(),
+            id: format!("position of {}", key.replace('\0', ":")),
+            value: v.to_string(),
+        })
     }
 }
 

@@ -38,6 +38,11 @@ pub enum DedupError {
         message: String,
         retriable: bool,
     },
+    /// The store forgot ids it had recorded (a Redis restarted without
+    /// persistence, or flushed): repeats of earlier messages are not
+    /// recognised until [`DedupStore::accept_loss`].
+    #[error("dedup store {store}: the store lost its ids (restarted without persistence, or flushed): ids recorded before are forgotten, so repeats of messages processed before now are not recognised")]
+    Lost { store: String },
     /// The store holds something Idem did not write.
     #[error("dedup store {store}: id `{id}` holds `{value}`, which Idem cannot read")]
     Corrupt {
@@ -51,7 +56,7 @@ impl DedupError {
     pub fn is_retriable(&self) -> bool {
         match self {
             DedupError::Unavailable { retriable, .. } => *retriable,
-            DedupError::Corrupt { .. } => false,
+            DedupError::Corrupt { .. } | DedupError::Lost { .. } => false,
         }
     }
 }
@@ -82,6 +87,32 @@ pub struct Reservation {
     /// The message that made it.
     pub partition: String,
     pub offset: u64,
+}
+
+/// A partition's fencing epoch and position, as a dedup store keeps them
+/// for sinks without their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPosition {
+    pub epoch: i64,
+    pub next_offset: Option<u64>,
+}
+
+impl StoredPosition {
+    /// `epoch\tnext` (next empty when none), as Redis and redb keep it.
+    fn encode(&self) -> String {
+        match self.next_offset {
+            Some(n) => format!("{}\t{n}", self.epoch),
+            None => format!("{}\t", self.epoch),
+        }
+    }
+
+    fn decode(s: &str) -> Option<StoredPosition> {
+        let (e, n) = s.split_once('\t')?;
+        Some(StoredPosition {
+            epoch: e.parse().ok()?,
+            next_offset: if n.is_empty() { None } else { Some(n.parse().ok()?) },
+        })
+    }
 }
 
 /// What [`DedupStore::reserve`] found for one claim.
@@ -135,6 +166,29 @@ pub trait DedupStore: Send + Sync {
     /// How long an id is remembered after its last reservation or
     /// confirmation.
     fn retention(&self) -> Duration;
+
+    /// Fence `partition` for a new runner: bump its epoch and return it
+    /// with the stored position. For sinks that keep no position of their
+    /// own (HTTP). Positions never expire.
+    async fn open_position(&self, partition: &str) -> Result<StoredPosition, DedupError>;
+
+    /// Store `next_offset` for `partition` if `epoch` is still its epoch;
+    /// `false` (nothing stored) when a newer runner opened it.
+    async fn save_position(
+        &self,
+        partition: &str,
+        epoch: i64,
+        next_offset: u64,
+    ) -> Result<bool, DedupError>;
+
+    /// Every stored position in the namespace, by partition.
+    async fn positions(&self) -> Result<Vec<(String, StoredPosition)>, DedupError>;
+
+    /// After a reported loss of ids ([`DedupError::Lost`]): accept it and
+    /// go on recording from now.
+    async fn accept_loss(&self) -> Result<(), DedupError> {
+        Ok(())
+    }
 
     /// Where the ids live, for messages: `redis://127.0.0.1:6379 (idem:orders)`.
     fn describe(&self) -> String;
@@ -216,6 +270,7 @@ impl Entry {
 pub struct MemoryDedupStore {
     retention: Duration,
     state: Mutex<HashMap<String, (u64, Entry)>>,
+    positions: Mutex<HashMap<String, StoredPosition>>,
 }
 
 impl MemoryDedupStore {
@@ -223,6 +278,7 @@ impl MemoryDedupStore {
         MemoryDedupStore {
             retention,
             state: Mutex::new(HashMap::new()),
+            positions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -298,6 +354,39 @@ impl DedupStore for MemoryDedupStore {
 
     fn describe(&self) -> String {
         "memory".into()
+    }
+
+    async fn open_position(&self, partition: &str) -> Result<StoredPosition, DedupError> {
+        let mut st = self.positions.lock().await;
+        let p = st.entry(partition.to_string()).or_insert(StoredPosition {
+            epoch: 0,
+            next_offset: None,
+        });
+        p.epoch += 1;
+        Ok(*p)
+    }
+
+    async fn save_position(
+        &self,
+        partition: &str,
+        epoch: i64,
+        next_offset: u64,
+    ) -> Result<bool, DedupError> {
+        let mut st = self.positions.lock().await;
+        match st.get_mut(partition) {
+            Some(p) if p.epoch == epoch => {
+                p.next_offset = Some(next_offset);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn positions(&self) -> Result<Vec<(String, StoredPosition)>, DedupError> {
+        let st = self.positions.lock().await;
+        let mut out: Vec<_> = st.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 }
 

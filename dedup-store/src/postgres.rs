@@ -4,7 +4,7 @@
 //! it took; the rest are read back (a second round trip only when the
 //! batch holds duplicates). Expired rows are swept every `SWEEP_EVERY`.
 
-use crate::{now_ms, Claim, DedupError, DedupStore, Reservation, Seen};
+use crate::{now_ms, Claim, DedupError, DedupStore, Reservation, Seen, StoredPosition};
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use std::collections::HashMap;
@@ -17,6 +17,8 @@ pub struct PostgresDedupStore {
     pool: Pool,
     /// `schema.table`, quoted.
     table: String,
+    /// `schema.table_positions`, quoted: positions for sinks without their own.
+    positions: String,
     shown: String,
     namespace: String,
     retention: Duration,
@@ -41,6 +43,7 @@ impl PostgresDedupStore {
         let store = PostgresDedupStore {
             pool,
             table: format!("{}.{}", quote(schema), quote(table)),
+            positions: format!("{}.{}", quote(schema), quote(&format!("{table}_positions"))),
             shown: shown.to_string(),
             namespace: namespace.to_string(),
             retention,
@@ -58,9 +61,16 @@ impl PostgresDedupStore {
                  \"offset\" bigint,
                  expires_at timestamptz NOT NULL,
                  PRIMARY KEY (namespace, id));
-             CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);",
+             CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);
+             CREATE TABLE IF NOT EXISTS {p} (
+                 namespace text NOT NULL,
+                 \"partition\" text NOT NULL,
+                 epoch bigint NOT NULL,
+                 next_offset bigint,
+                 PRIMARY KEY (namespace, \"partition\"));",
             schema = quote(schema),
             t = store.table,
+            p = store.positions,
             idx = quote(&format!("{table}_expires_at")),
         );
         // Runners starting together on one database: one creates.
@@ -291,5 +301,68 @@ impl DedupStore for PostgresDedupStore {
 
     fn describe(&self) -> String {
         format!("{} {} ({})", self.shown, self.table, self.namespace)
+    }
+
+    async fn open_position(&self, partition: &str) -> Result<StoredPosition, DedupError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO {p} AS t (namespace, \"partition\", epoch) VALUES ($1, $2, 1)
+             ON CONFLICT (namespace, \"partition\") DO UPDATE SET epoch = t.epoch + 1
+             RETURNING epoch, next_offset",
+            p = self.positions
+        );
+        let row = client
+            .query_one(&sql, &[&self.namespace, &partition])
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(StoredPosition {
+            epoch: row.get(0),
+            next_offset: row.get::<_, Option<i64>>(1).map(|o| o.max(0) as u64),
+        })
+    }
+
+    async fn save_position(
+        &self,
+        partition: &str,
+        epoch: i64,
+        next_offset: u64,
+    ) -> Result<bool, DedupError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "UPDATE {p} SET next_offset = $4 WHERE namespace = $1 AND \"partition\" = $2 AND epoch = $3",
+            p = self.positions
+        );
+        let n = client
+            .execute(
+                &sql,
+                &[&self.namespace, &partition, &epoch, &offset_sql(next_offset)],
+            )
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(n == 1)
+    }
+
+    async fn positions(&self) -> Result<Vec<(String, StoredPosition)>, DedupError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT \"partition\", epoch, next_offset FROM {p} WHERE namespace = $1 ORDER BY 1",
+            p = self.positions
+        );
+        let rows = client
+            .query(&sql, &[&self.namespace])
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    StoredPosition {
+                        epoch: r.get(1),
+                        next_offset: r.get::<_, Option<i64>>(2).map(|o| o.max(0) as u64),
+                    },
+                )
+            })
+            .collect())
     }
 }

@@ -8,7 +8,7 @@
 //! a marker key on every call and reports the loss (`DedupError` with
 //! `retriable = false`) rather than treating every id as new in silence.
 
-use crate::{Claim, DedupError, DedupStore, Entry, Seen};
+use crate::{Claim, DedupError, DedupStore, Entry, Seen, StoredPosition};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +49,31 @@ end
 return 0
 "#;
 
+/// Bumps a partition's epoch. KEYS: positions hash; ARGV: partition.
+const OPEN_POSITION: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+local epoch, nxt = 0, ''
+if v then
+  local t = string.find(v, '\t', 1, true)
+  epoch = tonumber(v:sub(1, t - 1))
+  nxt = v:sub(t + 1)
+end
+epoch = epoch + 1
+redis.call('HSET', KEYS[1], ARGV[1], epoch .. '\t' .. nxt)
+return epoch .. '\t' .. nxt
+"#;
+
+/// Stores a position if the epoch is current. KEYS: positions hash;
+/// ARGV: partition, epoch, next offset. Returns 1, or 0 when fenced.
+const SAVE_POSITION: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local t = string.find(v, '\t', 1, true)
+if v:sub(1, t - 1) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\t' .. ARGV[3])
+return 1
+"#;
+
 pub struct RedisDedupStore {
     conn: ConnectionManager,
     url: String,
@@ -56,6 +81,8 @@ pub struct RedisDedupStore {
     retention: Duration,
     reserve: redis::Script,
     release: redis::Script,
+    open_position: redis::Script,
+    save_position: redis::Script,
     /// The server lacks `SET .. NX GET` (before 7.0): reserve by script.
     script_only: AtomicBool,
 }
@@ -127,6 +154,8 @@ impl RedisDedupStore {
             reserve: redis::Script::new(RESERVE),
             script_only: AtomicBool::new(false),
             release: redis::Script::new(RELEASE),
+            open_position: redis::Script::new(OPEN_POSITION),
+            save_position: redis::Script::new(SAVE_POSITION),
         })
     }
 
@@ -140,6 +169,11 @@ impl RedisDedupStore {
     fn key(&self, id: &str) -> String {
         // The braces keep a namespace's keys in one Redis Cluster slot.
         format!("idem:{{{}}}:{id}", self.namespace)
+    }
+
+    /// The hash of the namespace's positions (no TTL).
+    fn positions_key(&self) -> String {
+        format!("idem:{{{}}}:_positions", self.namespace)
     }
 
     /// The key whose absence means the store lost its ids.
@@ -267,10 +301,8 @@ impl RedisDedupStore {
 
     fn err(&self, e: &redis::RedisError) -> DedupError {
         if e.to_string().contains("IDEM_LOST") {
-            return DedupError::Unavailable {
+            return DedupError::Lost {
                 store: self.describe(),
-                message: "the store lost its ids (Redis restarted without persistence, or was flushed): ids recorded before are forgotten, so repeats of messages processed before now are not recognised".into(),
-                retriable: false,
             };
         }
         unavailable(&self.describe(), e)
@@ -383,6 +415,66 @@ impl DedupStore for RedisDedupStore {
 
     fn describe(&self) -> String {
         format!("{} (idem:{{{}}})", self.url, self.namespace)
+    }
+
+    async fn open_position(&self, partition: &str) -> Result<StoredPosition, DedupError> {
+        let mut conn = self.conn.clone();
+        let v: String = self
+            .open_position
+            .key(self.positions_key())
+            .arg(partition)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+        self.decode_position(partition, &v)
+    }
+
+    async fn save_position(
+        &self,
+        partition: &str,
+        epoch: i64,
+        next_offset: u64,
+    ) -> Result<bool, DedupError> {
+        let mut conn = self.conn.clone();
+        let saved: i64 = self
+            .save_position
+            .key(self.positions_key())
+            .arg(partition)
+            .arg(epoch)
+            .arg(next_offset)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+        Ok(saved == 1)
+    }
+
+    async fn positions(&self) -> Result<Vec<(String, StoredPosition)>, DedupError> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(self.positions_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(&e))?;
+        let mut out = all
+            .into_iter()
+            .map(|(k, v)| Ok((k.clone(), self.decode_position(&k, &v)?)))
+            .collect::<Result<Vec<_>, DedupError>>()?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn accept_loss(&self) -> Result<(), DedupError> {
+        self.ensure_marker().await.map(|_| ())
+    }
+}
+
+impl RedisDedupStore {
+    fn decode_position(&self, partition: &str, v: &str) -> Result<StoredPosition, DedupError> {
+        StoredPosition::decode(v).ok_or_else(|| DedupError::Corrupt {
+            store: self.describe(),
+            id: format!("position of {partition}"),
+            value: v.to_string(),
+        })
     }
 }
 
