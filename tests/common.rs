@@ -156,6 +156,7 @@ pub fn rec(offset: u64, id: &str, v: i64) -> Record {
         offset,
         op: Op::Upsert,
         values: vec![Value::Text(id.into()), Value::BigInt(v)],
+        id: None,
     }
 }
 
@@ -164,6 +165,7 @@ pub fn del(offset: u64, id: &str) -> Record {
         offset,
         op: Op::Delete,
         values: vec![Value::Text(id.into()), Value::Null],
+        id: None,
     }
 }
 

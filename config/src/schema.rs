@@ -80,6 +80,11 @@ pub struct ConnectorConfig<S, K> {
     /// Retries of transient sink errors.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Deduplicate by message id before the sink: two copies of one id
+    /// anywhere in the stream take effect once. Off unless this section is
+    /// present; the HTTP sink always uses it (embedded by default).
+    #[serde(default)]
+    pub dedup: Option<DedupConfig>,
     /// Where messages come from.
     pub source: S,
     /// Where they go.
@@ -193,6 +198,186 @@ fn default_initial_backoff() -> Duration {
 
 fn default_max_backoff() -> Duration {
     Duration::from_secs(30)
+}
+
+/// `[connectors.NAME.dedup]`: where message ids come from and where the
+/// processed ones are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// The message id: `@position` (partition and offset: only catches
+    /// replays), `@key`, `@header/NAME`, or a JSON pointer into the value
+    /// such as `/event_id`. A message without one goes to the dead letters.
+    #[serde(default = "default_dedup_id")]
+    pub id: String,
+    /// Where processed ids are kept.
+    #[serde(default)]
+    pub store: DedupStoreKind,
+    /// `embedded`: the file. Default: `NAME.dedup.redb` in the working
+    /// directory.
+    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    pub path: Option<String>,
+    /// `redis`: `redis://[:password@]host:port[/db]` or `rediss://` (TLS);
+    /// `postgres`: a connection string. `${VAR}` keeps passwords out.
+    #[serde(default)]
+    pub url: Option<crate::Secret>,
+    /// `redis` over TLS: a PEM file of the CA to trust (default: the
+    /// system's roots).
+    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    pub ca_file: Option<String>,
+    /// `postgres`: the schema and table of the ids (positions go to
+    /// `TABLE_positions`).
+    #[serde(default = "default_dedup_schema")]
+    pub schema: String,
+    #[serde(default = "default_dedup_table")]
+    pub table: String,
+    /// How long an id is remembered. Copies further apart than this are
+    /// both processed: keep it longer than the source's retention.
+    #[serde(default = "default_dedup_retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// Ids are kept per namespace. Default: the connector's name.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// When the store reports it lost its ids (a Redis restarted without
+    /// persistence): `fail` stops the connector; `warn` logs, accepts the
+    /// loss and goes on (copies of earlier messages are not recognised).
+    #[serde(default)]
+    pub on_loss: OnLoss,
+}
+
+fn default_dedup_id() -> String {
+    "@position".into()
+}
+
+fn default_dedup_schema() -> String {
+    "public".into()
+}
+
+fn default_dedup_table() -> String {
+    "idem_dedup".into()
+}
+
+fn default_dedup_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            id: default_dedup_id(),
+            store: DedupStoreKind::default(),
+            path: None,
+            url: None,
+            ca_file: None,
+            schema: default_dedup_schema(),
+            table: default_dedup_table(),
+            retention: default_dedup_retention(),
+            namespace: None,
+            on_loss: OnLoss::default(),
+        }
+    }
+}
+
+/// Where a connector's processed ids are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupStoreKind {
+    /// A redb file beside the runner: no server, one runner.
+    #[default]
+    Embedded,
+    Redis,
+    Postgres,
+}
+
+/// What to do when the dedup store lost its ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLoss {
+    #[default]
+    Fail,
+    Warn,
+}
+
+/// Where a message's id comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdSource {
+    Position,
+    Key,
+    Header(String),
+    Pointer(String),
+}
+
+impl DedupConfig {
+    /// The parsed `id`.
+    pub fn id_source(&self) -> Result<IdSource, Invalid> {
+        let id = self.id.as_str();
+        match id {
+            "@position" => Ok(IdSource::Position),
+            "@key" => Ok(IdSource::Key),
+            _ => {
+                if let Some(name) = id.strip_prefix("@header/").filter(|n| !n.is_empty()) {
+                    Ok(IdSource::Header(name.to_string()))
+                } else if id.starts_with('/') {
+                    Ok(IdSource::Pointer(id.to_string()))
+                } else {
+                    Err(Invalid::new(
+                        &["dedup", "id"],
+                        format!("`{id}` is none of @position, @key, @header/NAME or a JSON pointer (starting with `/`)"),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        self.id_source()?;
+        let needs_url = matches!(self.store, DedupStoreKind::Redis | DedupStoreKind::Postgres);
+        if needs_url && self.url.is_none() {
+            return Err(Invalid::new(
+                &["dedup", "url"],
+                "is required with store = \"redis\" or \"postgres\"",
+            ));
+        }
+        if !needs_url && self.url.is_some() {
+            return Err(Invalid::new(
+                &["dedup", "url"],
+                "is only used with store = \"redis\" or \"postgres\"",
+            ));
+        }
+        if self.path.is_some() && self.store != DedupStoreKind::Embedded {
+            return Err(Invalid::new(
+                &["dedup", "path"],
+                "is only used with store = \"embedded\"",
+            ));
+        }
+        if self.ca_file.is_some() && self.store != DedupStoreKind::Redis {
+            return Err(Invalid::new(
+                &["dedup", "ca_file"],
+                "is only used with store = \"redis\"",
+            ));
+        }
+        if self.retention.is_zero() {
+            return Err(Invalid::new(
+                &["dedup", "retention"],
+                "must be longer than zero (e.g. \"7d\")",
+            ));
+        }
+        if let Some(ns) = &self.namespace {
+            if ns.is_empty() || ns.contains(['\t', '{', '}']) {
+                return Err(Invalid::new(
+                    &["dedup", "namespace"],
+                    "must be non-empty, without tabs or braces",
+                ));
+            }
+        }
+        for (key, value) in [("schema", &self.schema), ("table", &self.table)] {
+            crate::check_ident(key, value).map_err(|mut e| {
+                e.key.insert(0, "dedup".into());
+                e
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// `[[connectors.NAME.columns]]`: one column of the sink's table.
@@ -341,6 +526,9 @@ impl<S, K> ConnectorConfig<S, K> {
                     format!("`{p}` is neither a JSON pointer (\"\" or starting with `/`) nor one of @key, @timestamp, @header/NAME"),
                 ));
             }
+        }
+        if let Some(d) = &self.dedup {
+            d.validate()?;
         }
         if let Some(p) = &self.tombstone_field {
             if !p.starts_with('/') {

@@ -27,6 +27,12 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     for c in &connectors {
         let info = c.sink.info();
         info!(connector = %c.name, guarantee = %info.guarantee, why = %info.why, "starting");
+        if let Some(line) = dedup_line(c).await {
+            match line {
+                Ok(l) => info!(connector = %c.name, "{l}"),
+                Err(e) => anyhow::bail!("connector `{}`: {e}", c.name),
+            }
+        }
     }
     let stop = CancellationToken::new();
     let started = Instant::now();
@@ -165,6 +171,16 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
             }
             Ok(c) => {
                 let info = c.sink.info();
+                if let Some(line) = dedup_line(&c).await {
+                    match line {
+                        Ok(l) => println!("  {name}: {l}"),
+                        Err(e) => {
+                            println!("✗ {name}: {e}");
+                            ok = false;
+                            continue;
+                        }
+                    }
+                }
                 let prepared = c.sink.prepare().await;
                 match prepared {
                     Ok(()) => {
@@ -186,6 +202,30 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
         }
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// What the dedup stage of `c` rests on, once its store is open; `None`
+/// without one.
+async fn dedup_line(c: &Connector) -> Option<Result<String, String>> {
+    use idem_dedup_store::DedupStore;
+    let stage = c.dedup.as_ref()?;
+    let d = stage.store.config();
+    if let Err(e) = stage.store.get().await {
+        return Some(Err(format!("dedup store: {e}")));
+    }
+    let mut line = format!(
+        "dedup: ids from {} in {}, remembered for {}",
+        d.id,
+        stage.store.describe(),
+        humantime::format_duration(d.retention)
+    );
+    if d.store == idem_config::DedupStoreKind::Embedded && !c.cfg.source.is_bounded() {
+        line.push_str("; the embedded store is this runner's own file: with more than one runner reading the same source, use store = \"redis\" or \"postgres\"");
+    }
+    if d.id == "@position" {
+        line.push_str("; ids are positions, so copies at other offsets are not recognised: set dedup.id to the messages' own id");
+    }
+    Some(Ok(line))
 }
 
 /// `idem status CONFIG`: committed positions as each sink stores them.

@@ -30,6 +30,25 @@ impl DeadLetter {
     }
 }
 
+impl idem_core::Rejects for DeadLetterFile {
+    fn reject(
+        &self,
+        partition: &PartitionRef,
+        offset: u64,
+        reason: String,
+        raw: Vec<u8>,
+    ) -> std::io::Result<()> {
+        self.write(
+            partition,
+            &[DeadLetter {
+                offset,
+                reason,
+                raw: Some(raw),
+            }],
+        )
+    }
+}
+
 #[derive(Serialize)]
 struct Line<'a> {
     connector: &'a str,

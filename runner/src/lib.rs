@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod deadletter;
+pub mod dedup;
 pub mod generate;
 pub mod pipeline;
 pub mod plugins;

@@ -3,7 +3,9 @@
 //! applied to every batch.
 
 use crate::deadletter::{DeadLetter, DeadLetterFile};
-use crate::plugins::ConnectorConfig;
+use crate::dedup::{Ids, LazyStore, Stage};
+use idem_dedup_store::DedupStore;
+use crate::plugins::{ConnectorConfig, SinkContext};
 use crate::stats::Stats;
 use backon::{ExponentialBuilder, Retryable};
 use idem_config::{ErrorPolicy, Guarantee, RetryConfig};
@@ -76,6 +78,15 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("connector `{connector}`: {source}{advice}")]
+    Dedup {
+        connector: String,
+        #[source]
+        source: idem_dedup_store::DedupError,
+        advice: &'static str,
+    },
+    #[error("connector `{connector}`: dedup: {message}")]
+    DedupConfig { connector: String, message: String },
     #[error("connector `{connector}`: task failed: {message}")]
     Task { connector: String, message: String },
 }
@@ -87,14 +98,47 @@ pub struct Connector {
     pub source: Arc<dyn Source>,
     pub sink: Arc<dyn Sink>,
     pub mapper: Mapper,
-    pub dead_letters: DeadLetterFile,
+    pub dead_letters: Arc<DeadLetterFile>,
+    /// Where message ids come from, when the connector deduplicates or
+    /// its sink needs them.
+    pub ids: Option<Ids>,
+    /// The dedup stage before each commit.
+    pub dedup: Option<Stage>,
     pub stats: Stats,
 }
 
 impl Connector {
     /// Build from config without I/O; refuse a guarantee the sink cannot give.
     pub fn build(name: &str, cfg: ConnectorConfig) -> Result<Connector, RunError> {
-        let sink = cfg.sink.build(&cfg.columns);
+        let dl_path = cfg
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{name}.deadletter.jsonl"));
+        let dead_letters = Arc::new(DeadLetterFile::new(dl_path.into()));
+        let dedup_cfg = cfg
+            .dedup
+            .clone()
+            .or_else(|| cfg.sink.needs_store().then(Default::default));
+        let (ids, store) = match dedup_cfg {
+            None => (None, None),
+            Some(d) => {
+                let source = d.id_source().map_err(|e| RunError::DedupConfig {
+                    connector: name.into(),
+                    message: e.message,
+                })?;
+                (
+                    Some(Ids::new(name, source)),
+                    Some(Arc::new(LazyStore::new(name, d))),
+                )
+            }
+        };
+        let ctx = SinkContext {
+            store: store
+                .clone()
+                .map(|s| s as Arc<dyn idem_dedup_store::DedupStore>),
+            rejects: dead_letters.clone(),
+        };
+        let sink = cfg.sink.build(&cfg.columns, ctx);
         let info = sink.info();
         if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
             return Err(RunError::Guarantee {
@@ -111,16 +155,19 @@ impl Connector {
             info.deletes,
             cfg.tombstone_field.clone(),
         );
-        let dl_path = cfg
-            .dead_letter
-            .clone()
-            .unwrap_or_else(|| format!("{name}.deadletter.jsonl"));
+        let dedup = store.map(|store| Stage {
+            on_loss: store.config().on_loss,
+            store,
+            connector: name.into(),
+        });
         Ok(Connector {
             name: name.into(),
             source: cfg.source.build(),
             sink,
             mapper,
-            dead_letters: DeadLetterFile::new(dl_path.into()),
+            dead_letters,
+            ids,
+            dedup,
             stats: Stats::default(),
             cfg,
         })
@@ -130,6 +177,18 @@ impl Connector {
         RunError::Sink {
             connector: self.name.clone(),
             source,
+        }
+    }
+
+    fn dedup_err(&self, source: idem_dedup_store::DedupError) -> RunError {
+        let advice = match source {
+            idem_dedup_store::DedupError::Lost { .. } => ". The connector stops (dedup.on_loss = \"fail\"): restart it with on_loss = \"warn\" to accept the loss and go on, or restore the store's data first",
+            _ => "",
+        };
+        RunError::Dedup {
+            connector: self.name.clone(),
+            source,
+            advice,
         }
     }
 
@@ -283,7 +342,13 @@ impl Connector {
             self.stats.set_position(partition, o);
         }
         let (tx, rx) = mpsc::channel(channel_chunks(self.cfg.batch.max_records));
-        let reading = tokio::spawn(read_loop(self.clone(), reader, tx, stop.clone()));
+        let reading = tokio::spawn(read_loop(
+            self.clone(),
+            Arc::from(partition),
+            reader,
+            tx,
+            stop.clone(),
+        ));
         let result = self.commit_loop(&pref, opened.epoch, rx).await;
         reading.abort();
         result
@@ -367,35 +432,77 @@ impl Connector {
                 path: self.dead_letters.path().display().to_string(),
                 source,
             })?;
-        let records = taken.records.len() as u64;
+        let mut records = taken.records;
+        let mut skipped = 0;
+        let mut reserved = None;
+        if let Some(stage) = &self.dedup {
+            let f = retry_transient(&self.cfg.retry, &self.stats, "reserve message ids", || {
+                stage.filter(&pref.partition, epoch, range.0, records.clone())
+            })
+            .await
+            .map_err(|e| self.dedup_err(e))?;
+            records = f.kept;
+            skipped = f.skipped;
+            reserved = Some((f.owner, f.confirm));
+        }
+        let n_records = records.len() as u64;
         let batch = Arc::new(Batch {
             partition: pref.clone(),
             epoch,
-            records: taken.records,
+            records,
             first_offset: range.0,
             next_offset: range.1,
         });
         failpoint::hit(BEFORE_COMMIT);
         let started = Instant::now();
-        let stats = retry_transient(&self.cfg.retry, &self.stats, "commit a batch", || {
+        let committed = retry_transient(&self.cfg.retry, &self.stats, "commit a batch", || {
             self.sink.commit(batch.clone())
         })
-        .await
-        .map_err(|e| self.sink_err(e))?;
+        .await;
+        let stats = match committed {
+            Ok(s) => s,
+            Err(e) => {
+                if let (Some(stage), Some((owner, _))) = (&self.dedup, &reserved) {
+                    // Given up: the ids are free again (a crash leaves them
+                    // reserved instead; the next owner resolves them).
+                    let ids: Vec<&str> = batch.records.iter().filter_map(|r| r.id.as_deref()).collect();
+                    if let Err(re) = stage.store.release(owner, &ids).await {
+                        warn!(connector = %self.name, partition = %pref.partition, error = %re, "could not release the batch's message ids");
+                    }
+                }
+                return Err(self.sink_err(e));
+            }
+        };
         failpoint::hit(AFTER_COMMIT);
+        if let (Some(stage), Some((_, confirm))) = (&self.dedup, &reserved) {
+            let ids: Vec<&str> = confirm.iter().map(String::as_str).collect();
+            // Advisory: an unconfirmed reservation behind a committed
+            // position already reads as done (see Stage::filter).
+            if let Err(e) = retry_transient(&self.cfg.retry, &self.stats, "confirm message ids", || {
+                stage.store.confirm(&ids)
+            })
+            .await
+            {
+                warn!(connector = %self.name, partition = %pref.partition, error = %e, "could not confirm the batch's message ids; later copies are still recognised by position");
+            }
+        }
         debug!(
             connector = %self.name,
             partition = %pref.partition,
             first_offset = range.0,
             next_offset = range.1,
-            records,
+            records = n_records,
+            skipped,
             dead = taken.dead.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "batch committed"
         );
         Stats::add(&self.stats.written, stats.written);
-        Stats::add(&self.stats.deduplicated, stats.deduplicated);
-        Stats::add(&self.stats.dead_lettered, taken.dead.len() as u64);
+        Stats::add(&self.stats.deduplicated, stats.deduplicated + skipped);
+        Stats::add(
+            &self.stats.dead_lettered,
+            taken.dead.len() as u64 + stats.rejected,
+        );
         Stats::add(&self.stats.batches, 1);
         self.stats.set_position(&pref.partition, range.1);
         if let Err(e) = self.source.ack(&pref.partition, range.1).await {
@@ -464,10 +571,17 @@ impl Pending {
     }
 }
 
-fn map_message(conn: &Connector, msg: Message) -> Item {
+fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
     let failure = match &msg.poison {
         Some(reason) => Err(reason.clone()),
         None => conn.mapper.map(&msg).map_err(|e| e.reason),
+    };
+    let failure = match (failure, &conn.ids) {
+        (Ok(mut record), Some(ids)) => ids.of(partition, &msg).map(|id| {
+            record.id = Some(id);
+            record
+        }),
+        (other, _) => other,
     };
     match failure {
         Ok(record) => Item::Row {
@@ -488,6 +602,7 @@ fn map_message(conn: &Connector, msg: Message) -> Item {
 
 async fn read_loop(
     conn: Arc<Connector>,
+    partition: Arc<str>,
     mut reader: Box<dyn PartitionReader>,
     tx: mpsc::Sender<Result<Vec<Item>, RunError>>,
     stop: CancellationToken,
@@ -516,8 +631,9 @@ async fn read_loop(
         if !msgs.is_empty() {
             Stats::add(&conn.stats.read, msgs.len() as u64);
             let conn = conn.clone();
+            let partition = partition.clone();
             mapping.push_back(tokio::spawn(async move {
-                msgs.into_iter().map(|m| map_message(&conn, m)).collect()
+                msgs.into_iter().map(|m| map_message(&conn, &partition, m)).collect()
             }));
         }
         while mapping.len() > MAPPING_AHEAD || (caught_up && !mapping.is_empty()) {
@@ -541,17 +657,35 @@ async fn read_loop(
     }
 }
 
+/// An error that says whether trying again can help.
+pub trait Retriable {
+    fn is_retriable(&self) -> bool;
+}
+
+impl Retriable for SinkError {
+    fn is_retriable(&self) -> bool {
+        SinkError::is_retriable(self)
+    }
+}
+
+impl Retriable for idem_dedup_store::DedupError {
+    fn is_retriable(&self) -> bool {
+        idem_dedup_store::DedupError::is_retriable(self)
+    }
+}
+
 /// Capped exponential backoff with jitter on transient errors; permanent
 /// errors (and `Fenced`) return at once.
-pub async fn retry_transient<T, F, Fut>(
+pub async fn retry_transient<T, E, F, Fut>(
     cfg: &RetryConfig,
     stats: &Stats,
     what: &str,
     f: F,
-) -> Result<T, SinkError>
+) -> Result<T, E>
 where
+    E: Retriable + std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, SinkError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let attempts = if cfg.max_attempts == 0 {
         usize::MAX
@@ -566,8 +700,8 @@ where
         .with_max_times(attempts);
     f.retry(policy)
         .sleep(tokio::time::sleep)
-        .when(SinkError::is_retriable)
-        .notify(|e: &SinkError, delay: Duration| {
+        .when(E::is_retriable)
+        .notify(|e: &E, delay: Duration| {
             Stats::add(&stats.retries, 1);
             warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "failed to {what}; retrying");
         })
@@ -691,6 +825,7 @@ mod tests {
             Ok(CommitStats {
                 written: batch.records.len() as u64,
                 deduplicated: 0,
+                rejected: 0,
             })
         }
         async fn positions(&self, _c: &str) -> Result<Vec<StoredPosition>, SinkError> {

@@ -3,7 +3,10 @@
 
 use idem_config::{ColumnConfig, Invalid, Validate};
 use idem_core::{Sink, Source};
+use idem_core::Rejects;
+use idem_dedup_store::DedupStore;
 use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig};
+use idem_sink_http::{HttpSink, HttpSinkConfig};
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig};
 use idem_sink_s3::{S3Sink, S3SinkConfig};
 use idem_sink_stdout::{StdoutSink, StdoutSinkConfig};
@@ -28,6 +31,9 @@ pub enum SourceConfig {
 pub enum SinkConfig {
     /// DuckDB, embedded (exactly-once).
     Duckdb(DuckDbSinkConfig),
+    /// Each message sent to an HTTP endpoint with an idempotency key
+    /// (exactly-once with a receiver that honours the key).
+    Http(HttpSinkConfig),
     /// PostgreSQL (exactly-once).
     Postgres(PostgresSinkConfig),
     /// JSON lines objects in S3 or an S3-compatible store (exactly-once).
@@ -52,6 +58,7 @@ impl Validate for SinkConfig {
     fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
         match self {
             SinkConfig::Duckdb(c) => c.validate(columns),
+            SinkConfig::Http(c) => c.validate(columns),
             SinkConfig::Postgres(c) => c.validate(columns),
             SinkConfig::S3(c) => c.validate(columns),
             SinkConfig::Stdout(c) => c.validate(columns),
@@ -76,10 +83,29 @@ impl SourceConfig {
     }
 }
 
+/// What a sink may need from the runner beside its config.
+pub struct SinkContext {
+    /// The connector's dedup store (present when [`SinkConfig::needs_store`]).
+    pub store: Option<Arc<dyn DedupStore>>,
+    /// The connector's dead letters.
+    pub rejects: Arc<dyn Rejects>,
+}
+
 impl SinkConfig {
-    pub fn build(&self, columns: &[ColumnConfig]) -> Arc<dyn Sink> {
+    /// Whether the sink keeps its positions in the dedup store (which is
+    /// then always on, embedded unless configured).
+    pub fn needs_store(&self) -> bool {
+        matches!(self, SinkConfig::Http(_))
+    }
+
+    pub fn build(&self, columns: &[ColumnConfig], ctx: SinkContext) -> Arc<dyn Sink> {
         match self {
             SinkConfig::Duckdb(c) => Arc::new(DuckDbSink::new(c.clone(), columns.to_vec())),
+            SinkConfig::Http(c) => match ctx.store {
+                Some(store) => Arc::new(HttpSink::new(c.clone(), columns, store, ctx.rejects)),
+                // Connector::build always gives it one.
+                None => unreachable!("the http sink is built with a dedup store"),
+            },
             SinkConfig::Postgres(c) => Arc::new(PostgresSink::new(c.clone(), columns.to_vec())),
             SinkConfig::S3(c) => Arc::new(S3Sink::new(c.clone(), columns)),
             SinkConfig::Stdout(c) => Arc::new(StdoutSink::new(c.clone(), columns)),
@@ -89,6 +115,7 @@ impl SinkConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkConfig::Duckdb(_) => "duckdb",
+            SinkConfig::Http(_) => "http",
             SinkConfig::Postgres(_) => "postgres",
             SinkConfig::S3(_) => "s3",
             SinkConfig::Stdout(_) => "stdout",

@@ -21,5 +21,5 @@ pub mod sql;
 pub use idem_config::Guarantee;
 pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};
 pub use message::{Message, Meta, PartitionRef};
-pub use sink::{Batch, CommitStats, Opened, Sink, SinkError, SinkInfo, StoredPosition};
+pub use sink::{Batch, CommitStats, Opened, Rejects, Sink, SinkError, SinkInfo, StoredPosition};
 pub use source::{Assignment, PartitionReader, ReadStatus, Source, SourceError};

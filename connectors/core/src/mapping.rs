@@ -159,6 +159,9 @@ pub struct Record {
     pub offset: u64,
     pub op: Op,
     pub values: Vec<Value>,
+    /// The message id, when the connector deduplicates (or its sink needs
+    /// one, as an HTTP idempotency key).
+    pub id: Option<String>,
 }
 
 /// Why a message could not become a row.
@@ -477,6 +480,7 @@ impl Mapper {
             offset: msg.offset,
             op,
             values,
+            id: None,
         })
     }
 

@@ -56,6 +56,8 @@ pub struct CommitStats {
     /// Records that changed nothing because an equal or newer version of
     /// their key was already there, or came later in the same batch.
     pub deduplicated: u64,
+    /// Records the destination refused for good, handed to [`Rejects`].
+    pub rejected: u64,
 }
 
 /// A sink error. Every sink maps its own error enum into this one, keeping
@@ -103,4 +105,18 @@ pub trait Sink: Send + Sync {
 
     /// One line on what the sink holds now (e.g. a table's row count).
     async fn describe(&self) -> Result<String, SinkError>;
+}
+
+/// Where a sink puts records its destination refused for good (an HTTP
+/// 4xx): the dead letters, made durable before the call returns, so the
+/// batch's position is stored only after them.
+pub trait Rejects: Send + Sync {
+    /// `raw` is what was sent (the request body).
+    fn reject(
+        &self,
+        partition: &PartitionRef,
+        offset: u64,
+        reason: String,
+        raw: Vec<u8>,
+    ) -> std::io::Result<()>;
 }

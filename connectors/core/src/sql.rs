@@ -311,6 +311,7 @@ mod tests {
             offset: 0,
             op,
             values: vec![Value::Text(k.into())],
+            id: None,
         };
         assert!(unique_upserts(
             &[rec("a", Op::Upsert), rec("b", Op::Upsert)],

@@ -388,6 +388,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     Ok(Outcome::Committed(CommitStats {
         written,
         deduplicated: total.saturating_sub(written),
+        rejected: 0,
     }))
 }
 

@@ -18,4 +18,4 @@ mod tls;
 
 pub use config::{PostgresSinkConfig, SslMode};
 pub use error::PgError;
-pub use sink::PostgresSink;
+pub use sink::{pool_for, PostgresSink};

@@ -484,6 +484,7 @@ impl PostgresSink {
         Ok(Some(CommitStats {
             written,
             deduplicated: total.saturating_sub(written),
+            rejected: 0,
         }))
     }
 }
@@ -602,4 +603,32 @@ impl Sink for PostgresSink {
             ctx.table, ctx.server
         ))
     }
+}
+
+/// A small pool on `url` (its own `sslmode`; certificates unverified as
+/// with `sslmode = "require"`) and the server's name without password, for
+/// other parts of Idem that keep state in PostgreSQL (the dedup store).
+pub fn pool_for(url: &str, size: usize) -> Result<(Pool, String), String> {
+    let mut pg = url
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("invalid PostgreSQL URL: {e}"))?;
+    let shown = server_name(&pg);
+    pg.connect_timeout(std::time::Duration::from_secs(10));
+    pg.options("-c client_min_messages=warning");
+    if pg.get_application_name().is_none() {
+        pg.application_name("idem");
+    }
+    let tls = tls::connector(SslMode::Require, None)?;
+    let manager = Manager::from_config(
+        pg,
+        tls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok((pool, shown))
 }

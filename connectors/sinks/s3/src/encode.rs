@@ -397,6 +397,7 @@ mod tests {
             offset,
             op: Op::Upsert,
             values,
+            id: None,
         }
     }
 

@@ -748,6 +748,7 @@ impl Sink for S3Sink {
                         return Ok(CommitStats {
                             written: batch.records.len() as u64,
                             deduplicated: 0,
+                            rejected: 0,
                         });
                     }
                     _ => {
@@ -770,6 +771,7 @@ impl Sink for S3Sink {
         Ok(CommitStats {
             written: batch.records.len() as u64,
             deduplicated: 0,
+            rejected: 0,
         })
     }
 

@@ -96,6 +96,7 @@ impl Sink for StdoutSink {
         Ok(CommitStats {
             written: batch.records.len() as u64,
             deduplicated: 0,
+            rejected: 0,
         })
     }
 

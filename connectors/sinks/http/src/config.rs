@@ -1,0 +1,164 @@
+use idem_config::{ColumnConfig, Invalid, Validate};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// `[connectors.NAME.sink]` with `type = "http"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// Where requests go: `http://` or `https://`.
+    #[serde(deserialize_with = "idem_config::interp::string")]
+    pub url: String,
+    /// `POST` (default) or `PUT`.
+    #[serde(default)]
+    pub method: Method,
+    /// `message`: one request per message, its columns as a JSON object,
+    /// with the message id as the idempotency key (exactly-once with a
+    /// receiver that honours the key). `array`: one request per batch, a
+    /// JSON array whose elements carry their id in `_idem_id`
+    /// (at-least-once: a replay may group messages differently, so the
+    /// receiver must deduplicate elements by `_idem_id`).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Headers sent with every request (`${VAR}` expands).
+    #[serde(default, deserialize_with = "expanded_map")]
+    pub headers: BTreeMap<String, String>,
+    /// The header that carries the message id.
+    #[serde(default = "default_idempotency_header")]
+    pub idempotency_header: String,
+    /// An environment variable holding a bearer token, sent as
+    /// `Authorization: Bearer ...` (never logged).
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+    /// One request's time limit, connection included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Tries of one request on 408, 409, 425, 429, 5xx, timeouts and
+    /// connection errors before the batch fails as retriable (the runner
+    /// then retries the batch under `[retry]`).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// The first delay between tries (doubled each time, with jitter, up
+    /// to `max_backoff`); a `Retry-After` answer overrides it.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Requests in flight at once within a batch (`mode = "message"`).
+    /// 1 keeps the partition's order; more is faster but the receiver may
+    /// see messages out of order.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    #[default]
+    Post,
+    Put,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Message,
+    Array,
+}
+
+fn expanded_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    BTreeMap::<String, String>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| {
+            idem_config::interpolate(&v, |name| std::env::var(name).ok())
+                .map(|v| (k, v))
+                .map_err(serde::de::Error::custom)
+        })
+        .collect()
+}
+
+fn default_idempotency_header() -> String {
+    "Idempotency-Key".into()
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_attempts() -> u32 {
+    6
+}
+
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+
+impl Validate for HttpSinkConfig {
+    fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
+        if columns.is_empty() {
+            return Err(Invalid::new(
+                &[],
+                "the http sink needs [[columns]]: they make each request's JSON body",
+            ));
+        }
+        let scheme_ok = self.url.starts_with("http://") || self.url.starts_with("https://");
+        if !scheme_ok || reqwest::Url::parse(&self.url).is_err() {
+            return Err(Invalid::new(
+                &["url"],
+                format!("`{}` is not an http:// or https:// URL", self.url),
+            ));
+        }
+        for name in self.headers.keys().chain([&self.idempotency_header]) {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(Invalid::new(
+                    &["headers"],
+                    format!("`{name}` is not a valid header name"),
+                ));
+            }
+        }
+        for (name, value) in &self.headers {
+            if reqwest::header::HeaderValue::from_str(value).is_err() {
+                return Err(Invalid::new(
+                    &["headers", name],
+                    "is not a valid header value",
+                ));
+            }
+        }
+        if let Some(var) = &self.bearer_token_env {
+            if var.is_empty() {
+                return Err(Invalid::new(
+                    &["bearer_token_env"],
+                    "names no environment variable",
+                ));
+            }
+        }
+        if self.max_attempts == 0 {
+            return Err(Invalid::new(&["max_attempts"], "must be at least 1"));
+        }
+        if self.concurrency == 0 {
+            return Err(Invalid::new(&["concurrency"], "must be at least 1"));
+        }
+        if self.timeout.is_zero() {
+            return Err(Invalid::new(&["timeout"], "must be longer than zero"));
+        }
+        if self.initial_backoff > self.max_backoff {
+            return Err(Invalid::new(
+                &["initial_backoff"],
+                "is larger than max_backoff",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,411 @@
+//! The dedup stage: each message's id, the store of processed ids, and the
+//! step before every commit that drops messages whose id already took
+//! effect (docs/dedup.md has the states and the reasoning).
+
+use async_trait::async_trait;
+use idem_config::{DedupConfig, DedupStoreKind, IdSource, OnLoss};
+use idem_core::{Message, Record};
+use idem_dedup_store::{
+    Claim, DedupError, DedupStore, EmbeddedDedupStore, PostgresDedupStore, RedisDedupStore, Seen,
+    StoredPosition,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use tracing::{debug, warn};
+
+/// How a connector names its messages.
+pub struct Ids {
+    source: IdSource,
+    connector: String,
+}
+
+impl Ids {
+    pub fn new(connector: &str, source: IdSource) -> Self {
+        Ids {
+            source,
+            connector: connector.to_string(),
+        }
+    }
+
+    /// The id of `msg` in `partition`, or why it has none.
+    pub fn of(&self, partition: &str, msg: &Message) -> Result<String, String> {
+        let text = |what: &str, bytes: &[u8]| {
+            std::str::from_utf8(bytes)
+                .map(str::to_string)
+                .map_err(|_| format!("message id: {what} is not UTF-8"))
+        };
+        let id = match &self.source {
+            IdSource::Position => {
+                return Ok(format!("{}/{partition}@{}", self.connector, msg.offset))
+            }
+            IdSource::Key => match &msg.key {
+                Some(k) => text("the key", k)?,
+                None => return Err("message id: the message has no key (dedup.id = \"@key\")".into()),
+            },
+            IdSource::Header(name) => match msg.meta.headers.iter().rev().find(|(n, _)| n == name) {
+                Some((_, v)) => text(&format!("header `{name}`"), v)?,
+                None => return Err(format!("message id: no header `{name}` (dedup.id = \"@header/{name}\")")),
+            },
+            IdSource::Pointer(p) => {
+                let Some(raw) = msg.value.as_deref() else {
+                    return Err(format!("message id: a tombstone has no field `{p}`"));
+                };
+                let doc: serde_json::Value = serde_json::from_slice(raw)
+                    .map_err(|e| format!("message id: not valid JSON: {e}"))?;
+                match doc.pointer(p) {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Number(n)) => n.to_string(),
+                    Some(serde_json::Value::Null) | None => {
+                        return Err(format!("message id: field `{p}` is missing or null"))
+                    }
+                    Some(other) => {
+                        return Err(format!(
+                            "message id: field `{p}` holds {}, expected a string or a number",
+                            kind(other)
+                        ))
+                    }
+                }
+            }
+        };
+        if id.is_empty() {
+            return Err("message id: empty".into());
+        }
+        Ok(id)
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+        _ => "a value",
+    }
+}
+
+/// The configured store, opened on first use (config building does no
+/// I/O). Shared by the dedup stage and by a sink that keeps its positions
+/// there (HTTP).
+pub struct LazyStore {
+    cfg: DedupConfig,
+    namespace: String,
+    /// The embedded store's file.
+    path: String,
+    shown: String,
+    cell: OnceCell<Arc<dyn DedupStore>>,
+}
+
+impl LazyStore {
+    pub fn new(connector: &str, cfg: DedupConfig) -> Self {
+        let namespace = cfg.namespace.clone().unwrap_or_else(|| connector.to_string());
+        let path = cfg
+            .path
+            .clone()
+            .unwrap_or_else(|| format!("{connector}.dedup.redb"));
+        let shown = match cfg.store {
+            DedupStoreKind::Embedded => format!("embedded {path}"),
+            DedupStoreKind::Redis => "redis".into(),
+            DedupStoreKind::Postgres => "postgres".into(),
+        };
+        LazyStore {
+            cfg,
+            namespace,
+            path,
+            shown,
+            cell: OnceCell::new(),
+        }
+    }
+
+    pub fn config(&self) -> &DedupConfig {
+        &self.cfg
+    }
+
+    /// The store, opened now if it was not.
+    pub async fn get(&self) -> Result<&Arc<dyn DedupStore>, DedupError> {
+        self.cell.get_or_try_init(|| self.open()).await
+    }
+
+    async fn open(&self) -> Result<Arc<dyn DedupStore>, DedupError> {
+        let c = &self.cfg;
+        let url = || c.url.as_ref().map(|u| u.expose().to_string()).unwrap_or_default();
+        Ok(match c.store {
+            DedupStoreKind::Embedded => {
+                let store =
+                    EmbeddedDedupStore::open(Path::new(&self.path), &self.namespace, c.retention)?;
+                Arc::new(Arc::new(store))
+            }
+            DedupStoreKind::Redis => {
+                let store = RedisDedupStore::connect(
+                    &url(),
+                    c.ca_file.as_deref().map(Path::new),
+                    &self.namespace,
+                    c.retention,
+                )
+                .await?;
+                if !store.ensure_marker().await? {
+                    debug!(store = %store.describe(), "new dedup namespace");
+                }
+                Arc::new(store)
+            }
+            DedupStoreKind::Postgres => {
+                let (pool, shown) =
+                    idem_sink_postgres::pool_for(&url(), 4).map_err(|message| {
+                        DedupError::Unavailable {
+                            store: "postgres".into(),
+                            message,
+                            retriable: false,
+                        }
+                    })?;
+                Arc::new(
+                    PostgresDedupStore::open(
+                        pool,
+                        &shown,
+                        &c.schema,
+                        &c.table,
+                        &self.namespace,
+                        c.retention,
+                    )
+                    .await?,
+                )
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl DedupStore for LazyStore {
+    async fn reserve_distinct(&self, owner: &str, claims: &[&Claim]) -> Result<Vec<Seen>, DedupError> {
+        self.get().await?.reserve_distinct(owner, claims).await
+    }
+    async fn confirm(&self, ids: &[&str]) -> Result<(), DedupError> {
+        self.get().await?.confirm(ids).await
+    }
+    async fn take_over(&self, owner: &str, claims: &[&Claim]) -> Result<(), DedupError> {
+        self.get().await?.take_over(owner, claims).await
+    }
+    async fn release(&self, owner: &str, ids: &[&str]) -> Result<(), DedupError> {
+        self.get().await?.release(owner, ids).await
+    }
+    fn retention(&self) -> Duration {
+        self.cfg.retention
+    }
+    fn describe(&self) -> String {
+        match self.cell.get() {
+            Some(s) => s.describe(),
+            None => self.shown.clone(),
+        }
+    }
+    async fn open_position(&self, partition: &str) -> Result<StoredPosition, DedupError> {
+        self.get().await?.open_position(partition).await
+    }
+    async fn save_position(&self, partition: &str, epoch: i64, next_offset: u64) -> Result<bool, DedupError> {
+        self.get().await?.save_position(partition, epoch, next_offset).await
+    }
+    async fn positions(&self) -> Result<Vec<(String, StoredPosition)>, DedupError> {
+        self.get().await?.positions().await
+    }
+    async fn accept_loss(&self) -> Result<(), DedupError> {
+        self.get().await?.accept_loss().await
+    }
+}
+
+/// What the stage decided for one batch.
+pub struct Filtered {
+    /// The records to commit: their ids are reserved for `owner`.
+    pub kept: Vec<Record>,
+    /// Records dropped: their id took effect (or is being made) elsewhere.
+    pub skipped: u64,
+    /// Ids to confirm once the batch is committed: the kept ones, and
+    /// reservations this batch found committed earlier in its partition.
+    pub confirm: Vec<String>,
+    pub owner: String,
+}
+
+/// The dedup stage of one connector.
+pub struct Stage {
+    pub store: Arc<LazyStore>,
+    pub on_loss: OnLoss,
+    pub connector: String,
+}
+
+impl Stage {
+    /// The owner of one attempt at one batch: a retry of the same batch is
+    /// the same owner (its reservations are its own); any other batch,
+    /// earlier epoch or other partition is not.
+    pub fn owner(partition: &str, epoch: i64, first_offset: u64) -> String {
+        format!("{}@{epoch}#{first_offset}", partition.replace('\t', " "))
+    }
+
+    /// Reserve the batch's ids and keep the records whose effect is this
+    /// batch's to make.
+    ///
+    /// A reservation found from another owner is resolved without waiting:
+    /// - same partition, offset before this batch: that batch committed
+    ///   (positions only move past committed batches): done, confirm it;
+    /// - same partition, offset in or after this batch: an attempt that
+    ///   never committed (a crashed runner, an older epoch): redo it;
+    /// - another partition: that partition's batch commits it, or, if it
+    ///   never does, that partition is read again from before it and its
+    ///   next owner redoes it; either way this copy is a duplicate.
+    pub async fn filter(
+        &self,
+        partition: &str,
+        epoch: i64,
+        first_offset: u64,
+        records: Vec<Record>,
+    ) -> Result<Filtered, DedupError> {
+        let owner = Self::owner(partition, epoch, first_offset);
+        let claims: Vec<Claim> = records
+            .iter()
+            .map(|r| Claim::new(r.id.clone().unwrap_or_default(), partition, r.offset))
+            .collect();
+        let seen = match self.store.reserve(&owner, &claims).await {
+            Err(DedupError::Lost { store }) if self.on_loss == OnLoss::Warn => {
+                warn!(connector = %self.connector, store, "the dedup store lost its ids: copies of messages processed before now will not be recognised and take effect again; going on (on_loss = \"warn\")");
+                self.store.accept_loss().await?;
+                self.store.reserve(&owner, &claims).await?
+            }
+            other => other?,
+        };
+        let mut kept = Vec::with_capacity(records.len());
+        let mut confirm = Vec::with_capacity(records.len());
+        let mut redo: Vec<&Claim> = Vec::new();
+        let mut skipped = 0u64;
+        let mut take = Vec::with_capacity(records.len());
+        for (i, s) in seen.iter().enumerate() {
+            let c = &claims[i];
+            let keep = match s {
+                Seen::New => true,
+                Seen::Repeat | Seen::Done => false,
+                Seen::Pending(r) if r.partition == partition && r.offset < first_offset => {
+                    confirm.push(c.id.clone());
+                    false
+                }
+                Seen::Pending(r) if r.partition == partition => {
+                    debug!(connector = %self.connector, partition, id = %c.id, by = %r.owner, "redoing a reservation that never committed");
+                    redo.push(c);
+                    true
+                }
+                Seen::Pending(r) => {
+                    debug!(connector = %self.connector, partition, id = %c.id, held_by = %r.partition, at = r.offset, "a copy of a message another partition is committing: skipped");
+                    false
+                }
+            };
+            take.push(keep);
+            if keep {
+                confirm.push(c.id.clone());
+            } else {
+                skipped += 1;
+            }
+        }
+        self.store.take_over(&owner, &redo).await?;
+        for (rec, keep) in records.into_iter().zip(take) {
+            if keep {
+                kept.push(rec);
+            }
+        }
+        Ok(Filtered {
+            kept,
+            skipped,
+            confirm,
+            owner,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idem_core::{Meta, Op};
+    use idem_dedup_store::MemoryDedupStore;
+
+    fn msg(offset: u64, value: &str) -> Message {
+        Message {
+            offset,
+            next_offset: offset + 1,
+            key: Some(b"k1".to_vec()),
+            value: Some(value.as_bytes().to_vec()),
+            poison: None,
+            meta: Meta {
+                timestamp_ms: None,
+                headers: vec![("event-id".into(), b"h1".to_vec())],
+            },
+        }
+    }
+
+    #[test]
+    fn ids_come_from_where_the_config_says() {
+        let m = msg(7, r#"{"id": "a1", "n": 42, "o": {}}"#);
+        let of = |s: IdSource| Ids::new("c", s).of("t/0", &m);
+        assert_eq!(of(IdSource::Position).unwrap(), "c/t/0@7");
+        assert_eq!(of(IdSource::Key).unwrap(), "k1");
+        assert_eq!(of(IdSource::Header("event-id".into())).unwrap(), "h1");
+        assert_eq!(of(IdSource::Pointer("/id".into())).unwrap(), "a1");
+        assert_eq!(of(IdSource::Pointer("/n".into())).unwrap(), "42");
+        let missing = of(IdSource::Pointer("/nope".into())).unwrap_err();
+        assert!(missing.contains("`/nope` is missing"), "{missing}");
+        let object = of(IdSource::Pointer("/o".into())).unwrap_err();
+        assert!(object.contains("an object"), "{object}");
+        let header = of(IdSource::Header("other".into())).unwrap_err();
+        assert!(header.contains("no header `other`"), "{header}");
+        let bad = Ids::new("c", IdSource::Pointer("/id".into())).of("p", &msg(1, "nope"));
+        assert!(bad.unwrap_err().contains("not valid JSON"));
+    }
+
+    fn rec(offset: u64, id: &str) -> Record {
+        Record {
+            offset,
+            op: Op::Upsert,
+            values: vec![],
+            id: Some(id.into()),
+        }
+    }
+
+    fn stage(store: Arc<dyn DedupStore>) -> (Stage, Arc<dyn DedupStore>) {
+        // The stage needs a LazyStore; fill its cell with the given store.
+        let lazy = LazyStore::new("c", DedupConfig::default());
+        let _ = lazy.cell.set(store.clone());
+        (
+            Stage {
+                store: Arc::new(lazy),
+                on_loss: OnLoss::Fail,
+                connector: "c".into(),
+            },
+            store,
+        )
+    }
+
+    fn offsets(f: &Filtered) -> Vec<u64> {
+        f.kept.iter().map(|r| r.offset).collect()
+    }
+
+    #[tokio::test]
+    async fn copies_anywhere_take_effect_once_and_dead_attempts_are_redone() {
+        let (st, store) = stage(Arc::new(MemoryDedupStore::new(Duration::from_secs(60))));
+        // Two copies of `a` in one batch: one kept.
+        let f = st.filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")]).await.unwrap();
+        assert_eq!((offsets(&f), f.skipped), (vec![0, 1], 1));
+        // Retried (same batch, same owner): kept again, nothing skipped.
+        let f = st.filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")]).await.unwrap();
+        assert_eq!(offsets(&f), [0, 1]);
+        // The runner crashed before committing: the next epoch redoes them.
+        let f = st.filter("p", 2, 0, vec![rec(0, "a"), rec(1, "b")]).await.unwrap();
+        assert_eq!(offsets(&f), [0, 1]);
+        // That batch committed but was never confirmed; a later copy of `a`
+        // in the same partition finds a reservation behind it: done.
+        let f = st.filter("p", 2, 2, vec![rec(5, "a"), rec(6, "c")]).await.unwrap();
+        assert_eq!((offsets(&f), f.skipped), (vec![6], 1));
+        assert!(f.confirm.contains(&"a".to_string()));
+        store.confirm(&["c"]).await.unwrap();
+        // A copy in another partition, while `p` holds `d` unconfirmed:
+        // skipped (p commits it, or p's next owner redoes it).
+        st.filter("p", 2, 7, vec![rec(7, "d")]).await.unwrap();
+        let f = st.filter("q", 1, 0, vec![rec(0, "d"), rec(1, "c"), rec(2, "e")]).await.unwrap();
+        assert_eq!((offsets(&f), f.skipped), (vec![2], 2));
+        // p replayed from before `d` under a new epoch: redone there.
+        let f = st.filter("p", 3, 7, vec![rec(7, "d")]).await.unwrap();
+        assert_eq!(offsets(&f), [7]);
+    }
+}

@@ -1,0 +1,361 @@
+//! The HTTP sink and the dedup stage against a receiver on 127.0.0.1
+//! (tests/receiver.rs) and real Redis: delivery through faults, refusals
+//! to the dead letters, the bearer token and headers, copies of an id
+//! never sent twice (in one batch, across batches and across runs), a
+//! missing receiver named, and a Redis that lost its ids stopping the
+//! connector or not, as configured.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod receiver;
+
+use common::*;
+use receiver::{Faults, Receiver};
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+fn config(w: &Workdir, url: &str, sink_extra: &str, dedup: &str) -> std::path::PathBuf {
+    w.write(
+        "http.toml",
+        &format!(
+            r#"
+[connectors.orders]
+dead_letter = "{dl}"
+
+[connectors.orders.source]
+type = "file"
+path = "{glob}"
+
+[connectors.orders.sink]
+type = "http"
+url = "{url}"
+timeout = "300ms"
+initial_backoff = "5ms"
+max_backoff = "50ms"
+{sink_extra}
+
+[connectors.orders.dedup]
+id = "/id"
+{dedup}
+
+[connectors.orders.batch]
+max_records = 50
+linger = "10ms"
+
+[connectors.orders.retry]
+initial_backoff = "10ms"
+max_backoff = "100ms"
+max_attempts = 3
+
+[[connectors.orders.columns]]
+name = "id"
+type = "text"
+required = true
+
+[[connectors.orders.columns]]
+name = "n"
+type = "bigint"
+
+[[connectors.orders.columns]]
+name = "reject"
+type = "boolean"
+"#,
+            dl = w.path("dead.jsonl").display(),
+            glob = w.path("in-*.jsonl").display(),
+        ),
+    )
+}
+
+/// `count` events `{prefix}-{i}` with n = i; every 10th is refused by the
+/// receiver; every 7th is followed by a copy of an earlier id.
+fn events(prefix: &str, count: usize) -> (String, BTreeMap<String, i64>, usize) {
+    let mut out = String::new();
+    let mut expected = BTreeMap::new();
+    let mut refused = 0;
+    for i in 0..count {
+        let id = format!("{prefix}-{i}");
+        let reject = i % 10 == 9;
+        out.push_str(&format!(
+            "{{\"id\":\"{id}\",\"n\":{i},\"reject\":{reject}}}\n"
+        ));
+        if reject {
+            refused += 1;
+        } else {
+            expected.insert(id, i as i64);
+        }
+        if i % 7 == 6 {
+            // A copy of an earlier id, with another value: the first wins.
+            let j = i / 2;
+            out.push_str(&format!(
+                "{{\"id\":\"{prefix}-{j}\",\"n\":-1,\"reject\":false}}\n"
+            ));
+        }
+    }
+    (out, expected, refused)
+}
+
+fn effects(r: &Receiver) -> BTreeMap<String, i64> {
+    let log = r.log();
+    let mut out = BTreeMap::new();
+    for (key, body) in &log.effects {
+        assert_eq!(Some(key.as_str()), body["id"].as_str());
+        let old = out.insert(key.clone(), body["n"].as_i64().unwrap());
+        assert!(old.is_none(), "two effects for {key}");
+    }
+    out
+}
+
+#[test]
+fn every_message_has_one_effect_through_faults_and_copies_are_never_sent_twice() {
+    let w = Workdir::new();
+    let r = Receiver::start(Faults::some(), Some("s3cret-token"));
+    let cfg = config(
+        &w,
+        &r.url,
+        "bearer_token_env = \"IDEM_TEST_HTTP_TOKEN\"\nheaders = { \"X-Test\" = \"${IDEM_TEST_HEADER}\" }\nconcurrency = 4",
+        &format!("path = \"{}\"", w.path("ids.redb").display()),
+    );
+    let (a, mut expected, refused_a) = events("a", 600);
+    w.write("in-0.jsonl", &a);
+    let (b, expected_b, refused_b) = events("b", 400);
+    w.write("in-1.jsonl", &b);
+    expected.extend(expected_b);
+    let run = || {
+        let out = run_ok(
+            idem()
+                .env("IDEM_TEST_HTTP_TOKEN", "s3cret-token")
+                .env("IDEM_TEST_HEADER", "from-env")
+                .arg("run")
+                .arg(&cfg),
+        );
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(!all.contains("s3cret-token"), "the token leaked: {all}");
+        all
+    };
+    let summary = run();
+    assert_eq!(effects(&r), expected, "one effect per id, the first copy's value");
+    {
+        let log = r.log();
+        assert!(
+            log.faults.values().sum::<u64>() > 10,
+            "faults: {:?}",
+            log.faults
+        );
+        assert_eq!(log.x_test.iter().collect::<Vec<_>>(), ["from-env"]);
+        // Copies of an id are not sent: apart from retries of faulted
+        // requests, each id is asked for once.
+        let mut asked: BTreeMap<&str, u64> = BTreeMap::new();
+        for (k, _) in &log.requests {
+            *asked.entry(k).or_default() += 1;
+        }
+        let faulted: u64 = log.faults.values().sum();
+        let resent: u64 = asked.values().map(|n| n - 1).sum();
+        assert!(
+            resent <= faulted,
+            "{resent} requests repeated an id, only {faulted} were faulted: copies were sent"
+        );
+    }
+    // Refusals are dead letters with the reason, the body and the position.
+    let dl = std::fs::read_to_string(w.path("dead.jsonl")).unwrap();
+    let letters: Vec<serde_json::Value> = dl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), refused_a + refused_b, "{dl}");
+    for l in &letters {
+        let reason = l["reason"].as_str().unwrap();
+        assert!(reason.contains("HTTP 422"), "{reason}");
+        assert!(reason.contains("this event is refused"), "{reason}");
+        let raw: serde_json::Value = serde_json::from_str(l["raw"].as_str().unwrap()).unwrap();
+        assert_eq!(raw["reject"], true);
+        assert!(l["offset"].as_u64().is_some());
+    }
+    assert!(summary.contains("dead-lettered"), "{summary}");
+
+    // A second run with copies of every earlier id and some new ones:
+    // only the new ones are sent.
+    let before = r.log().requests.len();
+    let (again, _, _) = events("a", 600);
+    w.append("in-0.jsonl", &again);
+    w.append("in-1.jsonl", "{\"id\":\"c-1\",\"n\":1,\"reject\":false}\n");
+    run();
+    let log = r.log();
+    let new: Vec<&str> = log.requests[before..]
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert!(
+        new.iter().all(|k| *k == "c-1"),
+        "ids confirmed in an earlier run were sent again: {:?}",
+        &new[..new.len().min(10)]
+    );
+    assert!(new.contains(&"c-1"));
+}
+
+#[test]
+fn check_says_what_the_guarantee_rests_on() {
+    let w = Workdir::new();
+    let r = Receiver::start(Faults::none(), None);
+    let cfg = config(&w, &r.url, "", &format!("path = \"{}\"", w.path("ids.redb").display()));
+    let out = run_ok(idem().arg("check").arg(&cfg));
+    let s = text(&out.stdout);
+    assert!(s.contains("exactly-once"), "{s}");
+    assert!(s.contains("Idempotency-Key"), "{s}");
+    assert!(s.contains("honour"), "{s}");
+    assert!(s.contains("dedup: ids from /id"), "{s}");
+    // Array mode is at-least-once, and exactly-once is refused.
+    let cfg = config(&w, &r.url, "mode = \"array\"", "");
+    let out = idem().arg("check").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    let s = text(&out.stdout);
+    assert!(s.contains("_idem_id"), "{s}");
+}
+
+#[test]
+fn a_missing_receiver_is_named_and_nothing_is_lost() {
+    let w = Workdir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/events");
+    let cfg = config(
+        &w,
+        &url,
+        "max_attempts = 2",
+        &format!("path = \"{}\"", w.path("ids.redb").display()),
+    );
+    let (a, expected, _) = events("a", 50);
+    w.write("in-0.jsonl", &a);
+    let out = idem().arg("run").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&url), "{err}");
+    assert!(err.contains("is the receiver running?"), "{err}");
+    // Started later on that port, the receiver gets everything.
+    let listener_free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    assert!(listener_free);
+    let r = Receiver::start(Faults::none(), None);
+    let cfg = config(
+        &w,
+        &r.url,
+        "",
+        &format!("path = \"{}\"", w.path("ids.redb").display()),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    assert_eq!(effects(&r), expected);
+}
+
+/// A private Redis without persistence holds the ids and is restarted
+/// under a running connector: with on_loss = "fail" the connector stops
+/// before sending anything more and says what the loss means; with "warn"
+/// it says so and goes on, and the receiver's keys keep the effects single.
+#[test]
+fn a_redis_restarted_mid_run_stops_the_connector_or_not_as_configured() {
+    for on_loss in ["fail", "warn"] {
+        redis_restarted_mid_run(on_loss);
+    }
+}
+
+fn redis_restarted_mid_run(on_loss: &str) {
+    let w = Workdir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = || {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(w.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (bash scripts/redis.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Reaped(child)
+    };
+    let r = Receiver::start(Faults::none(), None);
+    let dedup = format!(
+        "store = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\non_loss = \"{on_loss}\""
+    );
+    let cfg = config(&w, &r.url, "", &dedup);
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        "type = \"file\"",
+        "type = \"file\"\nfollow = true\npoll_interval = \"50ms\"",
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let (a, expected, _) = events("a", 100);
+    w.write("in-0.jsonl", &a);
+    let server = redis();
+    let stderr = w.path("stderr.log");
+    let mut runner = Reaped(
+        idem()
+            .arg("run")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        for _ in 0..400 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: {}", std::fs::read_to_string(&stderr).unwrap());
+    };
+    wait_for("first events", &|| effects(&r).len() == expected.len());
+    assert_eq!(effects(&r), expected);
+
+    drop(server);
+    let _server = redis();
+    let before = r.log().requests.len();
+    // A copy of an earlier id and a new one, after the loss.
+    w.append(
+        "in-0.jsonl",
+        "{\"id\":\"a-1\",\"n\":5,\"reject\":false}\n{\"id\":\"z\",\"n\":7,\"reject\":false}\n",
+    );
+    if on_loss == "fail" {
+        let mut status = None;
+        for _ in 0..400 {
+            status = runner.0.try_wait().unwrap();
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = status.expect("the runner did not stop");
+        assert!(!status.success());
+        let err = std::fs::read_to_string(&stderr).unwrap();
+        assert!(err.contains("lost its ids"), "{err}");
+        assert!(err.contains("on_loss = \"warn\""), "{err}");
+        assert_eq!(r.log().requests.len(), before, "sent after the ids were lost");
+    } else {
+        wait_for("the new event", &|| effects(&r).contains_key("z"));
+        let err = std::fs::read_to_string(&stderr).unwrap();
+        assert!(err.contains("lost its ids"), "{err}");
+        assert!(err.contains("will not be recognised"), "{err}");
+        // The copy of a-1 was sent again (its id was forgotten); the
+        // receiver's key kept its effect single.
+        let log = r.log();
+        assert!(log.requests[before..].iter().any(|(k, _)| k == "a-1"));
+        drop(log);
+        let mut want = expected.clone();
+        want.insert("z".into(), 7);
+        assert_eq!(effects(&r), want);
+        signal(runner.0.id(), "TERM");
+        assert!(runner.0.wait().unwrap().success());
+    }
+}
