@@ -135,7 +135,11 @@ fn every_message_has_one_effect_through_faults_and_copies_are_never_sent_twice()
         all
     };
     let summary = run();
-    assert_eq!(effects(&r), expected, "one effect per id, the first copy's value");
+    assert_eq!(
+        effects(&r),
+        expected,
+        "one effect per id, the first copy's value"
+    );
     {
         let log = r.log();
         assert!(
@@ -198,7 +202,12 @@ fn every_message_has_one_effect_through_faults_and_copies_are_never_sent_twice()
 fn check_says_what_the_guarantee_rests_on() {
     let w = Workdir::new();
     let r = Receiver::start(Faults::none(), None);
-    let cfg = config(&w, &r.url, "", &format!("path = \"{}\"", w.path("ids.redb").display()));
+    let cfg = config(
+        &w,
+        &r.url,
+        "",
+        &format!("path = \"{}\"", w.path("ids.redb").display()),
+    );
     let out = run_ok(idem().arg("check").arg(&cfg));
     let s = text(&out.stdout);
     assert!(s.contains("exactly-once"), "{s}");
@@ -285,9 +294,8 @@ fn redis_restarted_mid_run(on_loss: &str) {
         Reaped(child)
     };
     let r = Receiver::start(Faults::none(), None);
-    let dedup = format!(
-        "store = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\non_loss = \"{on_loss}\""
-    );
+    let dedup =
+        format!("store = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\non_loss = \"{on_loss}\"");
     let cfg = config(&w, &r.url, "", &dedup);
     let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
         "type = \"file\"",
@@ -341,7 +349,11 @@ fn redis_restarted_mid_run(on_loss: &str) {
         let err = std::fs::read_to_string(&stderr).unwrap();
         assert!(err.contains("lost its ids"), "{err}");
         assert!(err.contains("on_loss = \"warn\""), "{err}");
-        assert_eq!(r.log().requests.len(), before, "sent after the ids were lost");
+        assert_eq!(
+            r.log().requests.len(),
+            before,
+            "sent after the ids were lost"
+        );
     } else {
         wait_for("the new event", &|| effects(&r).contains_key("z"));
         let err = std::fs::read_to_string(&stderr).unwrap();

@@ -169,7 +169,11 @@ async fn handle(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
         }
         if fires(f.throttle_429_every, 3, n) {
             *log.faults.entry(429).or_default() += 1;
-            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], "slow down")
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "0")],
+                "slow down",
+            )
                 .into_response();
         }
         if log.applied.insert(key.clone()) {

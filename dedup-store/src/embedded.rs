@@ -295,7 +295,10 @@ impl DedupStore for Arc<EmbeddedDedupStore> {
                 let Some(partition) = k.value().strip_prefix(prefix.as_str()) else {
                     break;
                 };
-                out.push((partition.to_string(), s.decode_position(k.value(), v.value())?));
+                out.push((
+                    partition.to_string(),
+                    s.decode_position(k.value(), v.value())?,
+                ));
             }
             Ok(out)
         })

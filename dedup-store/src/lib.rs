@@ -110,7 +110,11 @@ impl StoredPosition {
         let (e, n) = s.split_once('\t')?;
         Some(StoredPosition {
             epoch: e.parse().ok()?,
-            next_offset: if n.is_empty() { None } else { Some(n.parse().ok()?) },
+            next_offset: if n.is_empty() {
+                None
+            } else {
+                Some(n.parse().ok()?)
+            },
         })
     }
 }

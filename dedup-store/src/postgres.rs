@@ -335,7 +335,12 @@ impl DedupStore for PostgresDedupStore {
         let n = client
             .execute(
                 &sql,
-                &[&self.namespace, &partition, &epoch, &offset_sql(next_offset)],
+                &[
+                    &self.namespace,
+                    &partition,
+                    &epoch,
+                    &offset_sql(next_offset),
+                ],
             )
             .await
             .map_err(|e| self.err(&e))?;

@@ -42,12 +42,20 @@ impl Ids {
             }
             IdSource::Key => match &msg.key {
                 Some(k) => text("the key", k)?,
-                None => return Err("message id: the message has no key (dedup.id = \"@key\")".into()),
+                None => {
+                    return Err("message id: the message has no key (dedup.id = \"@key\")".into())
+                }
             },
-            IdSource::Header(name) => match msg.meta.headers.iter().rev().find(|(n, _)| n == name) {
-                Some((_, v)) => text(&format!("header `{name}`"), v)?,
-                None => return Err(format!("message id: no header `{name}` (dedup.id = \"@header/{name}\")")),
-            },
+            IdSource::Header(name) => {
+                match msg.meta.headers.iter().rev().find(|(n, _)| n == name) {
+                    Some((_, v)) => text(&format!("header `{name}`"), v)?,
+                    None => {
+                        return Err(format!(
+                            "message id: no header `{name}` (dedup.id = \"@header/{name}\")"
+                        ))
+                    }
+                }
+            }
             IdSource::Pointer(p) => {
                 let Some(raw) = msg.value.as_deref() else {
                     return Err(format!("message id: a tombstone has no field `{p}`"));
@@ -99,7 +107,10 @@ pub struct LazyStore {
 
 impl LazyStore {
     pub fn new(connector: &str, cfg: DedupConfig) -> Self {
-        let namespace = cfg.namespace.clone().unwrap_or_else(|| connector.to_string());
+        let namespace = cfg
+            .namespace
+            .clone()
+            .unwrap_or_else(|| connector.to_string());
         let path = cfg
             .path
             .clone()
@@ -129,7 +140,12 @@ impl LazyStore {
 
     async fn open(&self) -> Result<Arc<dyn DedupStore>, DedupError> {
         let c = &self.cfg;
-        let url = || c.url.as_ref().map(|u| u.expose().to_string()).unwrap_or_default();
+        let url = || {
+            c.url
+                .as_ref()
+                .map(|u| u.expose().to_string())
+                .unwrap_or_default()
+        };
         Ok(match c.store {
             DedupStoreKind::Embedded => {
                 let store =
@@ -150,14 +166,13 @@ impl LazyStore {
                 Arc::new(store)
             }
             DedupStoreKind::Postgres => {
-                let (pool, shown) =
-                    idem_sink_postgres::pool_for(&url(), 4).map_err(|message| {
-                        DedupError::Unavailable {
-                            store: "postgres".into(),
-                            message,
-                            retriable: false,
-                        }
-                    })?;
+                let (pool, shown) = idem_sink_postgres::pool_for(&url(), 4).map_err(|message| {
+                    DedupError::Unavailable {
+                        store: "postgres".into(),
+                        message,
+                        retriable: false,
+                    }
+                })?;
                 Arc::new(
                     PostgresDedupStore::open(
                         pool,
@@ -176,7 +191,11 @@ impl LazyStore {
 
 #[async_trait]
 impl DedupStore for LazyStore {
-    async fn reserve_distinct(&self, owner: &str, claims: &[&Claim]) -> Result<Vec<Seen>, DedupError> {
+    async fn reserve_distinct(
+        &self,
+        owner: &str,
+        claims: &[&Claim],
+    ) -> Result<Vec<Seen>, DedupError> {
         self.get().await?.reserve_distinct(owner, claims).await
     }
     async fn confirm(&self, ids: &[&str]) -> Result<(), DedupError> {
@@ -200,8 +219,16 @@ impl DedupStore for LazyStore {
     async fn open_position(&self, partition: &str) -> Result<StoredPosition, DedupError> {
         self.get().await?.open_position(partition).await
     }
-    async fn save_position(&self, partition: &str, epoch: i64, next_offset: u64) -> Result<bool, DedupError> {
-        self.get().await?.save_position(partition, epoch, next_offset).await
+    async fn save_position(
+        &self,
+        partition: &str,
+        epoch: i64,
+        next_offset: u64,
+    ) -> Result<bool, DedupError> {
+        self.get()
+            .await?
+            .save_position(partition, epoch, next_offset)
+            .await
     }
     async fn positions(&self) -> Result<Vec<(String, StoredPosition)>, DedupError> {
         self.get().await?.positions().await
@@ -385,24 +412,39 @@ mod tests {
     async fn copies_anywhere_take_effect_once_and_dead_attempts_are_redone() {
         let (st, store) = stage(Arc::new(MemoryDedupStore::new(Duration::from_secs(60))));
         // Two copies of `a` in one batch: one kept.
-        let f = st.filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")]).await.unwrap();
+        let f = st
+            .filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")])
+            .await
+            .unwrap();
         assert_eq!((offsets(&f), f.skipped), (vec![0, 1], 1));
         // Retried (same batch, same owner): kept again, nothing skipped.
-        let f = st.filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")]).await.unwrap();
+        let f = st
+            .filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")])
+            .await
+            .unwrap();
         assert_eq!(offsets(&f), [0, 1]);
         // The runner crashed before committing: the next epoch redoes them.
-        let f = st.filter("p", 2, 0, vec![rec(0, "a"), rec(1, "b")]).await.unwrap();
+        let f = st
+            .filter("p", 2, 0, vec![rec(0, "a"), rec(1, "b")])
+            .await
+            .unwrap();
         assert_eq!(offsets(&f), [0, 1]);
         // That batch committed but was never confirmed; a later copy of `a`
         // in the same partition finds a reservation behind it: done.
-        let f = st.filter("p", 2, 2, vec![rec(5, "a"), rec(6, "c")]).await.unwrap();
+        let f = st
+            .filter("p", 2, 2, vec![rec(5, "a"), rec(6, "c")])
+            .await
+            .unwrap();
         assert_eq!((offsets(&f), f.skipped), (vec![6], 1));
         assert!(f.confirm.contains(&"a".to_string()));
         store.confirm(&["c"]).await.unwrap();
         // A copy in another partition, while `p` holds `d` unconfirmed:
         // skipped (p commits it, or p's next owner redoes it).
         st.filter("p", 2, 7, vec![rec(7, "d")]).await.unwrap();
-        let f = st.filter("q", 1, 0, vec![rec(0, "d"), rec(1, "c"), rec(2, "e")]).await.unwrap();
+        let f = st
+            .filter("q", 1, 0, vec![rec(0, "d"), rec(1, "c"), rec(2, "e")])
+            .await
+            .unwrap();
         assert_eq!((offsets(&f), f.skipped), (vec![2], 2));
         // p replayed from before `d` under a new epoch: redone there.
         let f = st.filter("p", 3, 7, vec![rec(7, "d")]).await.unwrap();

@@ -4,7 +4,6 @@
 
 use crate::deadletter::{DeadLetter, DeadLetterFile};
 use crate::dedup::{Ids, LazyStore, Stage};
-use idem_dedup_store::DedupStore;
 use crate::plugins::{ConnectorConfig, SinkContext};
 use crate::stats::Stats;
 use backon::{ExponentialBuilder, Retryable};
@@ -14,6 +13,7 @@ use idem_core::{
     Assignment, Batch, Mapper, Message, PartitionReader, PartitionRef, ReadStatus, Record, Sink,
     SinkError, Source, SourceError,
 };
+use idem_dedup_store::DedupStore;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -465,7 +465,11 @@ impl Connector {
                 if let (Some(stage), Some((owner, _))) = (&self.dedup, &reserved) {
                     // Given up: the ids are free again (a crash leaves them
                     // reserved instead; the next owner resolves them).
-                    let ids: Vec<&str> = batch.records.iter().filter_map(|r| r.id.as_deref()).collect();
+                    let ids: Vec<&str> = batch
+                        .records
+                        .iter()
+                        .filter_map(|r| r.id.as_deref())
+                        .collect();
                     if let Err(re) = stage.store.release(owner, &ids).await {
                         warn!(connector = %self.name, partition = %pref.partition, error = %re, "could not release the batch's message ids");
                     }
@@ -478,10 +482,11 @@ impl Connector {
             let ids: Vec<&str> = confirm.iter().map(String::as_str).collect();
             // Advisory: an unconfirmed reservation behind a committed
             // position already reads as done (see Stage::filter).
-            if let Err(e) = retry_transient(&self.cfg.retry, &self.stats, "confirm message ids", || {
-                stage.store.confirm(&ids)
-            })
-            .await
+            if let Err(e) =
+                retry_transient(&self.cfg.retry, &self.stats, "confirm message ids", || {
+                    stage.store.confirm(&ids)
+                })
+                .await
             {
                 warn!(connector = %self.name, partition = %pref.partition, error = %e, "could not confirm the batch's message ids; later copies are still recognised by position");
             }
@@ -633,7 +638,9 @@ async fn read_loop(
             let conn = conn.clone();
             let partition = partition.clone();
             mapping.push_back(tokio::spawn(async move {
-                msgs.into_iter().map(|m| map_message(&conn, &partition, m)).collect()
+                msgs.into_iter()
+                    .map(|m| map_message(&conn, &partition, m))
+                    .collect()
             }));
         }
         while mapping.len() > MAPPING_AHEAD || (caught_up && !mapping.is_empty()) {

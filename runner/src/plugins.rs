@@ -2,8 +2,8 @@
 //! Adding a source or sink means a variant here and a crate beside the others.
 
 use idem_config::{ColumnConfig, Invalid, Validate};
-use idem_core::{Sink, Source};
 use idem_core::Rejects;
+use idem_core::{Sink, Source};
 use idem_dedup_store::DedupStore;
 use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig};
 use idem_sink_http::{HttpSink, HttpSinkConfig};

@@ -161,7 +161,10 @@ impl HttpSink {
     /// One request, tried up to `max_attempts` times while the answer says
     /// a retry can help.
     async fn send(&self, key: &str, body: &[u8]) -> Result<Outcome, HttpError> {
-        let client = self.client.as_ref().map_err(|e| HttpError::Client(e.clone()))?;
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| HttpError::Client(e.clone()))?;
         let token = self
             .token
             .as_ref()
@@ -194,7 +197,9 @@ impl HttpSink {
                     let wait = retry_after(resp.headers());
                     (format!("HTTP {status}"), wait)
                 }
-                Err(e) if e.is_timeout() => (format!("no answer within {:?}", self.cfg.timeout), None),
+                Err(e) if e.is_timeout() => {
+                    (format!("no answer within {:?}", self.cfg.timeout), None)
+                }
                 Err(e) if e.is_connect() || e.is_request() || e.is_body() => (
                     format!("{}; is the receiver running?", error_chain(&e)),
                     None,
@@ -231,7 +236,11 @@ impl HttpSink {
             end -= 1;
         }
         let body = body[..end].trim();
-        let mut reason = format!("{} {} refused it: HTTP {status}", self.method(), self.cfg.url);
+        let mut reason = format!(
+            "{} {} refused it: HTTP {status}",
+            self.method(),
+            self.cfg.url
+        );
         if status.is_redirection() {
             reason.push_str("; redirects are not followed: point url at the final address");
         }
@@ -242,7 +251,13 @@ impl HttpSink {
         reason
     }
 
-    fn reject(&self, p: &PartitionRef, offset: u64, reason: String, raw: Vec<u8>) -> Result<(), SinkError> {
+    fn reject(
+        &self,
+        p: &PartitionRef,
+        offset: u64,
+        reason: String,
+        raw: Vec<u8>,
+    ) -> Result<(), SinkError> {
         self.rejects
             .reject(p, offset, reason, raw)
             .map_err(|e| SinkError::Permanent(Box::new(e)))
@@ -266,8 +281,10 @@ impl HttpSink {
                 (rec.offset, body, outcome)
             }));
         }
+        // Unordered: a slow request holds one slot, not the ones behind it.
+        // With concurrency = 1 requests still go one by one, in order.
         let answered: Vec<_> = stream::iter(sends)
-            .buffered(self.cfg.concurrency)
+            .buffer_unordered(self.cfg.concurrency)
             .collect()
             .await;
         let mut stats = CommitStats::default();
@@ -296,14 +313,24 @@ impl HttpSink {
         let body = serde_json::Value::Array(items).to_string().into_bytes();
         let key = format!(
             "{}/{}@{}-{}",
-            batch.partition.connector, batch.partition.partition, batch.first_offset, batch.next_offset
+            batch.partition.connector,
+            batch.partition.partition,
+            batch.first_offset,
+            batch.next_offset
         );
         match self.send(&key, &body).await? {
             Outcome::Delivered => stats.written = batch.records.len() as u64,
             Outcome::Refused(reason) => {
                 for rec in &batch.records {
-                    let one = serde_json::Value::Object(self.body(rec, true)).to_string().into_bytes();
-                    self.reject(&batch.partition, rec.offset, format!("{reason} (the whole array)"), one)?;
+                    let one = serde_json::Value::Object(self.body(rec, true))
+                        .to_string()
+                        .into_bytes();
+                    self.reject(
+                        &batch.partition,
+                        rec.offset,
+                        format!("{reason} (the whole array)"),
+                        one,
+                    )?;
                 }
                 stats.rejected = batch.records.len() as u64;
             }
@@ -329,8 +356,7 @@ fn position_key(p: &PartitionRef) -> String {
 /// 408 Request Timeout, 409 Conflict (the same key in flight), 425 Too
 /// Early, 429 Too Many Requests and 5xx may pass on a later try.
 fn retriable(status: StatusCode) -> bool {
-    status.is_server_error()
-        || matches!(status.as_u16(), 408 | 409 | 425 | 429)
+    status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 425 | 429)
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -340,7 +366,10 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Between half and all of `d`, so that runners do not retry in step.
@@ -419,7 +448,11 @@ impl Sink for HttpSink {
         failpoint::hit(AFTER_WRITE);
         let saved = self
             .store
-            .save_position(&position_key(&batch.partition), batch.epoch, batch.next_offset)
+            .save_position(
+                &position_key(&batch.partition),
+                batch.epoch,
+                batch.next_offset,
+            )
             .await
             .map_err(HttpError::from)?;
         if !saved {
@@ -473,7 +506,10 @@ mod tests {
             HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap(),
         );
         let d = retry_after(&h).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
     }
