@@ -1017,3 +1017,53 @@ async fn a_position_outside_the_topic_is_an_error_unless_told_otherwise() {
     assert_eq!(count(&schema).await, (110, 110));
     assert_eq!(positions(&schema).await, end_offsets(&topic, 1));
 }
+
+/// `idem check` (and `idem run`) warn when a topic keeps messages longer
+/// than the dedup store remembers ids: a replay of older messages would
+/// repeat their effects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_when_a_topic_outlives_the_dedup_retention() {
+    let w = Workdir::new();
+    for (ms, says) in [
+        ("2592000000", "keeps messages for 30days"),
+        ("-1", "keeps messages forever"),
+        ("3600000", ""),
+    ] {
+        let topic = format!("retention_{}_{}", std::process::id(), ms.replace('-', "m"));
+        let admin: AdminClient<DefaultClientContext> = client_config().create().unwrap();
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("retention.ms", ms)],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .unwrap();
+        for r in created {
+            r.unwrap();
+        }
+        let dedup = format!(
+            "[connectors.k.dedup]\nid = \"/id\"\nretention = \"1d\"\npath = \"{}\"",
+            w.path("ids.redb").display()
+        );
+        let sink = format!(
+            "type = \"duckdb\"\npath = \"{}\"\ntable = \"events\"",
+            w.path("k.duckdb").display()
+        );
+        let cfg = w.write(
+            "k.toml",
+            &Conf::new(&topic, "unused")
+                .connector(&dedup)
+                .sink(&sink)
+                .toml(),
+        );
+        let out = run_ok(idem().arg("check").arg(&cfg));
+        let s = text(&out.stdout);
+        assert!(s.contains("dedup: ids from /id"), "{s}");
+        if says.is_empty() {
+            assert!(!s.contains("longer than dedup.retention"), "{s}");
+        } else {
+            assert!(s.contains(&format!("topic `{topic}` {says}")), "{s}");
+            assert!(s.contains("longer than dedup.retention (1day)"), "{s}");
+        }
+    }
+}

@@ -29,7 +29,12 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
         info!(connector = %c.name, guarantee = %info.guarantee, why = %info.why, "starting");
         if let Some(line) = dedup_line(c).await {
             match line {
-                Ok(l) => info!(connector = %c.name, "{l}"),
+                Ok((l, warnings)) => {
+                    info!(connector = %c.name, "{l}");
+                    for w in warnings {
+                        warn!(connector = %c.name, "{w}");
+                    }
+                }
                 Err(e) => anyhow::bail!("connector `{}`: {e}", c.name),
             }
         }
@@ -173,7 +178,12 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                 let info = c.sink.info();
                 if let Some(line) = dedup_line(&c).await {
                     match line {
-                        Ok(l) => println!("  {name}: {l}"),
+                        Ok((l, warnings)) => {
+                            println!("  {name}: {l}");
+                            for w in warnings {
+                                println!("    warning: {w}");
+                            }
+                        }
                         Err(e) => {
                             println!("✗ {name}: {e}");
                             ok = false;
@@ -204,28 +214,43 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
     Ok(if ok { 0 } else { 1 })
 }
 
-/// What the dedup stage of `c` rests on, once its store is open; `None`
-/// without one.
-async fn dedup_line(c: &Connector) -> Option<Result<String, String>> {
+/// What the dedup stage of `c` rests on, once its store is open, and what
+/// weakens it; `None` without one.
+async fn dedup_line(c: &Connector) -> Option<Result<(String, Vec<String>), String>> {
     use idem_dedup_store::DedupStore;
     let stage = c.dedup.as_ref()?;
     let d = stage.store.config();
     if let Err(e) = stage.store.get().await {
         return Some(Err(format!("dedup store: {e}")));
     }
-    let mut line = format!(
-        "dedup: ids from {} in {}, remembered for {}",
+    let kept = humantime::format_duration(d.retention);
+    let line = format!(
+        "dedup: ids from {} in {}, remembered for {kept}",
         d.id,
         stage.store.describe(),
-        humantime::format_duration(d.retention)
     );
+    let mut warnings = Vec::new();
     if d.store == idem_config::DedupStoreKind::Embedded && !c.cfg.source.is_bounded() {
-        line.push_str("; the embedded store is this runner's own file: with more than one runner reading the same source, use store = \"redis\" or \"postgres\"");
+        warnings.push("the embedded dedup store is this runner's own file: with more than one runner reading the same source, use store = \"redis\" or \"postgres\"".to_string());
+    }
+    for (topic, source_keeps) in c.source.retention().await {
+        let longer = match source_keeps {
+            Some(None) => Some("forever".to_string()),
+            Some(Some(t)) if t > d.retention => {
+                Some(format!("for {}", humantime::format_duration(t)))
+            }
+            _ => None,
+        };
+        if let Some(t) = longer {
+            warnings.push(format!(
+                "topic `{topic}` keeps messages {t}, longer than dedup.retention ({kept}): a replay of messages older than {kept} (an offset reset, a new group, a backfill) would repeat their effects; set dedup.retention to at least the topic's retention"
+            ));
+        }
     }
     if d.id == "@position" {
-        line.push_str("; ids are positions, so copies at other offsets are not recognised: set dedup.id to the messages' own id");
+        warnings.push("dedup.id is the position: copies of a message at other offsets are not recognised; set it to the messages' own id".to_string());
     }
-    Some(Ok(line))
+    Some(Ok((line, warnings)))
 }
 
 /// `idem status CONFIG`: committed positions as each sink stores them.

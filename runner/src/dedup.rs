@@ -240,8 +240,8 @@ impl DedupStore for LazyStore {
 
 /// What the stage decided for one batch.
 pub struct Filtered {
-    /// The records to commit: their ids are reserved for `owner`.
-    pub kept: Vec<Record>,
+    /// Per record: commit it (its id is reserved for `owner`) or drop it.
+    pub keep: Vec<bool>,
     /// Records dropped: their id took effect (or is being made) elsewhere.
     pub skipped: u64,
     /// Ids to confirm once the batch is committed: the kept ones, and
@@ -281,12 +281,15 @@ impl Stage {
         partition: &str,
         epoch: i64,
         first_offset: u64,
-        records: Vec<Record>,
+        records: &[Record],
     ) -> Result<Filtered, DedupError> {
-        let owner = Self::owner(partition, epoch, first_offset);
+        // Claims name the connector too: connectors that share a namespace
+        // share ids, never partitions.
+        let place = format!("{}:{partition}", self.connector);
+        let owner = Self::owner(&place, epoch, first_offset);
         let claims: Vec<Claim> = records
             .iter()
-            .map(|r| Claim::new(r.id.clone().unwrap_or_default(), partition, r.offset))
+            .map(|r| Claim::new(r.id.clone().unwrap_or_default(), place.as_str(), r.offset))
             .collect();
         let seen = match self.store.reserve(&owner, &claims).await {
             Err(DedupError::Lost { store }) if self.on_loss == OnLoss::Warn => {
@@ -296,21 +299,19 @@ impl Stage {
             }
             other => other?,
         };
-        let mut kept = Vec::with_capacity(records.len());
+        let mut keep = Vec::with_capacity(records.len());
         let mut confirm = Vec::with_capacity(records.len());
         let mut redo: Vec<&Claim> = Vec::new();
         let mut skipped = 0u64;
-        let mut take = Vec::with_capacity(records.len());
-        for (i, s) in seen.iter().enumerate() {
-            let c = &claims[i];
-            let keep = match s {
+        for (c, s) in claims.iter().zip(&seen) {
+            let kept = match s {
                 Seen::New => true,
                 Seen::Repeat | Seen::Done => false,
-                Seen::Pending(r) if r.partition == partition && r.offset < first_offset => {
+                Seen::Pending(r) if r.partition == place && r.offset < first_offset => {
                     confirm.push(c.id.clone());
                     false
                 }
-                Seen::Pending(r) if r.partition == partition => {
+                Seen::Pending(r) if r.partition == place => {
                     debug!(connector = %self.connector, partition, id = %c.id, by = %r.owner, "redoing a reservation that never committed");
                     redo.push(c);
                     true
@@ -320,21 +321,16 @@ impl Stage {
                     false
                 }
             };
-            take.push(keep);
-            if keep {
+            keep.push(kept);
+            if kept {
                 confirm.push(c.id.clone());
             } else {
                 skipped += 1;
             }
         }
         self.store.take_over(&owner, &redo).await?;
-        for (rec, keep) in records.into_iter().zip(take) {
-            if keep {
-                kept.push(rec);
-            }
-        }
         Ok(Filtered {
-            kept,
+            keep,
             skipped,
             confirm,
             owner,
@@ -404,50 +400,49 @@ mod tests {
         )
     }
 
-    fn offsets(f: &Filtered) -> Vec<u64> {
-        f.kept.iter().map(|r| r.offset).collect()
+    /// Offsets of the records the stage keeps.
+    async fn kept(
+        st: &Stage,
+        partition: &str,
+        epoch: i64,
+        first: u64,
+        records: Vec<Record>,
+    ) -> (Vec<u64>, Filtered) {
+        let f = st.filter(partition, epoch, first, &records).await.unwrap();
+        let offsets = records
+            .iter()
+            .zip(&f.keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| r.offset)
+            .collect();
+        (offsets, f)
     }
 
     #[tokio::test]
     async fn copies_anywhere_take_effect_once_and_dead_attempts_are_redone() {
         let (st, store) = stage(Arc::new(MemoryDedupStore::new(Duration::from_secs(60))));
+        let abc = || vec![rec(0, "a"), rec(1, "b"), rec(2, "a")];
         // Two copies of `a` in one batch: one kept.
-        let f = st
-            .filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")])
-            .await
-            .unwrap();
-        assert_eq!((offsets(&f), f.skipped), (vec![0, 1], 1));
-        // Retried (same batch, same owner): kept again, nothing skipped.
-        let f = st
-            .filter("p", 1, 0, vec![rec(0, "a"), rec(1, "b"), rec(2, "a")])
-            .await
-            .unwrap();
-        assert_eq!(offsets(&f), [0, 1]);
+        let (kept_now, f) = kept(&st, "p", 1, 0, abc()).await;
+        assert_eq!((kept_now, f.skipped), (vec![0, 1], 1));
+        // Retried (same batch, same owner): kept again.
+        assert_eq!(kept(&st, "p", 1, 0, abc()).await.0, [0, 1]);
         // The runner crashed before committing: the next epoch redoes them.
-        let f = st
-            .filter("p", 2, 0, vec![rec(0, "a"), rec(1, "b")])
-            .await
-            .unwrap();
-        assert_eq!(offsets(&f), [0, 1]);
+        let ab = vec![rec(0, "a"), rec(1, "b")];
+        assert_eq!(kept(&st, "p", 2, 0, ab).await.0, [0, 1]);
         // That batch committed but was never confirmed; a later copy of `a`
         // in the same partition finds a reservation behind it: done.
-        let f = st
-            .filter("p", 2, 2, vec![rec(5, "a"), rec(6, "c")])
-            .await
-            .unwrap();
-        assert_eq!((offsets(&f), f.skipped), (vec![6], 1));
+        let (kept_now, f) = kept(&st, "p", 2, 2, vec![rec(5, "a"), rec(6, "c")]).await;
+        assert_eq!((kept_now, f.skipped), (vec![6], 1));
         assert!(f.confirm.contains(&"a".to_string()));
         store.confirm(&["c"]).await.unwrap();
         // A copy in another partition, while `p` holds `d` unconfirmed:
         // skipped (p commits it, or p's next owner redoes it).
-        st.filter("p", 2, 7, vec![rec(7, "d")]).await.unwrap();
-        let f = st
-            .filter("q", 1, 0, vec![rec(0, "d"), rec(1, "c"), rec(2, "e")])
-            .await
-            .unwrap();
-        assert_eq!((offsets(&f), f.skipped), (vec![2], 2));
+        kept(&st, "p", 2, 7, vec![rec(7, "d")]).await;
+        let dce = vec![rec(0, "d"), rec(1, "c"), rec(2, "e")];
+        let (kept_now, f) = kept(&st, "q", 1, 0, dce).await;
+        assert_eq!((kept_now, f.skipped), (vec![2], 2));
         // p replayed from before `d` under a new epoch: redone there.
-        let f = st.filter("p", 3, 7, vec![rec(7, "d")]).await.unwrap();
-        assert_eq!(offsets(&f), [7]);
+        assert_eq!(kept(&st, "p", 3, 7, vec![rec(7, "d")]).await.0, [7]);
     }
 }

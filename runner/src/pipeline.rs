@@ -437,11 +437,12 @@ impl Connector {
         let mut reserved = None;
         if let Some(stage) = &self.dedup {
             let f = retry_transient(&self.cfg.retry, &self.stats, "reserve message ids", || {
-                stage.filter(&pref.partition, epoch, range.0, records.clone())
+                stage.filter(&pref.partition, epoch, range.0, &records)
             })
             .await
             .map_err(|e| self.dedup_err(e))?;
-            records = f.kept;
+            let mut keep = f.keep.iter();
+            records.retain(|_| keep.next().copied().unwrap_or(true));
             skipped = f.skipped;
             reserved = Some((f.owner, f.confirm));
         }

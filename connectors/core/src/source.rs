@@ -81,6 +81,13 @@ pub trait Source: Send + Sync {
         None
     }
 
+    /// How long the source keeps messages, per topic (or stream) it can
+    /// name: `Some(None)` for forever, `None` when it cannot tell. The
+    /// dedup stage warns when its own retention is shorter.
+    async fn retention(&self) -> Vec<(String, Option<Option<std::time::Duration>>)> {
+        Vec::new()
+    }
+
     /// Whether this runner still holds `partition` by the source's own
     /// account, after the sink fenced it. A group member whose partition a
     /// newer runner opened normally loses it soon; one that keeps it (a

@@ -6,6 +6,8 @@
 use crate::config::{KafkaSourceConfig, OutOfRange, StartAt, OWNED};
 use async_trait::async_trait;
 use idem_core::{Assignment, Message, Meta, PartitionReader, ReadStatus, Source, SourceError};
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -516,6 +518,59 @@ impl Source for KafkaSource {
             .ok()
             .and_then(|c| c.inboxes.lock().ok().map(|i| i.contains_key(partition)))
             .unwrap_or(false)
+    }
+
+    async fn retention(&self) -> Vec<(String, Option<Option<Duration>>)> {
+        let topics: Vec<&String> = self
+            .cfg
+            .topics
+            .iter()
+            .filter(|t| !t.starts_with('^'))
+            .collect();
+        if topics.is_empty() {
+            return Vec::new();
+        }
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &self.cfg.brokers);
+        for (k, v) in &self.cfg.properties {
+            // Security settings apply; consumer-only ones would be noise.
+            if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+                client.set(k, v.expose());
+            }
+        }
+        let admin: AdminClient<DefaultClientContext> = match client.create() {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "no admin client for the topics' retention");
+                return topics.iter().map(|t| (t.to_string(), None)).collect();
+            }
+        };
+        let specs: Vec<ResourceSpecifier> = topics
+            .iter()
+            .map(|t| ResourceSpecifier::Topic(t.as_str()))
+            .collect();
+        let opts = AdminOptions::new().request_timeout(Some(BROKER_TIMEOUT));
+        let answers = match admin.describe_configs(&specs, &opts).await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "the broker did not describe the topics");
+                Vec::new()
+            }
+        };
+        topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let ms = answers
+                    .get(i)
+                    .and_then(|a| a.as_ref().ok())
+                    .and_then(|r| r.get("retention.ms"))
+                    .and_then(|e| e.value.as_deref())
+                    .and_then(|v| v.parse::<i64>().ok());
+                let retention = ms.map(|ms| u64::try_from(ms).ok().map(Duration::from_millis));
+                (t.to_string(), retention)
+            })
+            .collect()
     }
 
     async fn end_offset(&self, partition: &str) -> Option<u64> {
