@@ -371,3 +371,84 @@ fn redis_restarted_mid_run(on_loss: &str) {
         assert!(runner.0.wait().unwrap().success());
     }
 }
+
+/// The dedup stage in front of a table sink (DuckDB, append mode): copies
+/// of an id in one batch, across batches, across partitions and across
+/// runs leave one row; a message without an id is a dead letter that says
+/// so.
+#[test]
+fn the_dedup_stage_works_in_front_of_a_table_sink() {
+    let w = Workdir::new();
+    let cfg = w.write(
+        "duck.toml",
+        &format!(
+            r#"
+[connectors.t]
+dead_letter = "{dl}"
+[connectors.t.source]
+type = "file"
+path = "{glob}"
+[connectors.t.sink]
+type = "duckdb"
+path = "{db}"
+table = "t"
+[connectors.t.dedup]
+id = "/uid"
+path = "{ids}"
+[connectors.t.batch]
+max_records = 3
+linger = "10ms"
+[[connectors.t.columns]]
+name = "uid"
+type = "text"
+[[connectors.t.columns]]
+name = "v"
+type = "bigint"
+"#,
+            dl = w.path("dead.jsonl").display(),
+            glob = w.path("in-*.jsonl").display(),
+            db = w.path("t.duckdb").display(),
+            ids = w.path("ids.redb").display(),
+        ),
+    );
+    let line = |uid: &str, v: i64| format!("{{\"uid\":\"{uid}\",\"v\":{v}}}\n");
+    // In-0: u1 twice in one batch, u2 again two batches later, one line
+    // without uid. In-1: u1 and u3, u3 twice.
+    let in0 = [
+        line("u1", 1),
+        line("u1", 2),
+        line("u2", 3),
+        line("u4", 4),
+        "{\"v\":5}\n".to_string(),
+        line("u5", 6),
+        line("u2", 7),
+    ]
+    .concat();
+    w.write("in-0.jsonl", &in0);
+    w.write(
+        "in-1.jsonl",
+        &[line("u1", 8), line("u3", 9), line("u3", 10)].concat(),
+    );
+    let out = run_ok(idem().arg("run").arg(&cfg));
+    let summary = text(&out.stdout);
+    let ids = || {
+        let db = duck(&w.path("t.duckdb"));
+        let mut stmt = db.prepare("SELECT uid FROM t ORDER BY uid").unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(), ["u1", "u2", "u3", "u4", "u5"], "{summary}");
+    assert!(summary.contains("4 deduplicated"), "{summary}");
+    let dl = std::fs::read_to_string(w.path("dead.jsonl")).unwrap();
+    assert_eq!(dl.lines().count(), 1, "{dl}");
+    assert!(
+        dl.contains("message id: field `/uid` is missing or null"),
+        "{dl}"
+    );
+    // Copies in a later run are recognised too.
+    w.append("in-1.jsonl", &[line("u4", 11), line("u6", 12)].concat());
+    run_ok(idem().arg("run").arg(&cfg));
+    assert_eq!(ids(), ["u1", "u2", "u3", "u4", "u5", "u6"]);
+}
