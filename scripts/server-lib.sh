@@ -2,6 +2,10 @@
 # `listening`, `stop_server NAME`, `start_server NAME CMD...`. The caller
 # sets HOST, PORT, DATA (its folder) and PIDFILE.
 
+# DATA made absolute: servers run from it (see start_server).
+mkdir -p "$DATA"
+DATA="$(cd "$DATA" && pwd)"
+
 listening() { (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; }
 
 # Stop the server this script started, if it runs.
@@ -19,7 +23,10 @@ start_server() {
   local name="$1"
   shift
   echo "$(basename "$0"): starting $name on $HOST:$PORT" >&2
-  nohup "$@" >"$DATA/$name.log" 2>&1 &
+  # From DATA, not from the caller's folder: a server outlives the checkout
+  # that started it, and some (s3s-fs) fail once their working directory
+  # is deleted. The subshell execs the server, so $! is its pid.
+  (cd "$DATA" && exec nohup "$@" >"$DATA/$name.log" 2>&1) &
   echo $! >"$PIDFILE"
   for _ in $(seq 1 100); do
     listening && return 0
