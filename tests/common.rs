@@ -57,6 +57,35 @@ impl Drop for Reaped {
     }
 }
 
+/// A port nothing listens on now, for a server of the test's own.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private `redis-server` on `port` without persistence (a restart
+/// forgets everything), data in `dir`; waits until it accepts connections.
+pub fn private_redis(port: u16, dir: &Path) -> Reaped {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (bash scripts/redis.sh installs it)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Reaped(child)
+}
+
 pub struct Workdir {
     pub dir: tempfile::TempDir,
 }

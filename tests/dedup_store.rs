@@ -444,11 +444,7 @@ async fn redis_over_tls_with_a_password() {
         file("ca.pem", trusted.pem()),
         file("other.pem", other.pem()),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let _server = Reaped(
         std::process::Command::new("redis-server")
             .args([
@@ -522,28 +518,8 @@ async fn redis_over_tls_with_a_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_redis_is_noticed() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let start = || {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/redis.sh installs it)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Reaped(child)
-    };
+    let port = free_port();
+    let start = || private_redis(port, dir.path());
     let mut server = start();
     let url = format!("redis://127.0.0.1:{port}");
     let s = RedisDedupStore::connect(&url, None, "restart", HOUR)

@@ -225,11 +225,7 @@ fn check_says_what_the_guarantee_rests_on() {
 #[test]
 fn a_missing_receiver_is_named_and_nothing_is_lost() {
     let w = Workdir::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}/events");
     let cfg = config(
         &w,
@@ -271,28 +267,8 @@ fn a_redis_restarted_mid_run_stops_the_connector_or_not_as_configured() {
 
 fn redis_restarted_mid_run(on_loss: &str) {
     let w = Workdir::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let redis = || {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(w.dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (bash scripts/redis.sh installs it)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Reaped(child)
-    };
+    let port = free_port();
+    let redis = || private_redis(port, w.dir.path());
     let r = Receiver::start(Faults::none(), None);
     let dedup =
         format!("store = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\non_loss = \"{on_loss}\"");

@@ -593,11 +593,7 @@ impl TlsCluster {
             .filter(|b| b.join("initdb").exists())
             .max()
             .expect("an initdb under /usr/lib/postgresql/*/bin");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let cluster = TlsCluster {
             dir: tempfile::tempdir().unwrap(),
             bin,

@@ -569,11 +569,7 @@ async fn proxy_without_conditions() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restarted_mid_run_loses_and_repeats_nothing() {
     let store_dir = Workdir::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut store = Reaped(start_s3s_fs(&store_dir.path("data"), port));
     let bucket = fresh_bucket(&format!("fs{port}-restart")).await;
 

@@ -164,6 +164,22 @@ pub struct Record {
     pub id: Option<String>,
 }
 
+impl Record {
+    /// The row as a JSON object keyed by `names` (the columns, in order),
+    /// with room for `extra` more fields.
+    pub fn to_json_object(
+        &self,
+        names: &[String],
+        extra: usize,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let mut obj = serde_json::Map::with_capacity(names.len() + extra);
+        for (name, v) in names.iter().zip(&self.values) {
+            obj.insert(name.clone(), v.to_json());
+        }
+        obj
+    }
+}
+
 /// Why a message could not become a row.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]

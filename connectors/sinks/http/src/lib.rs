@@ -146,10 +146,7 @@ impl HttpSink {
     }
 
     fn body(&self, rec: &Record, with_id: bool) -> serde_json::Map<String, serde_json::Value> {
-        let mut obj = serde_json::Map::with_capacity(self.names.len() + 1);
-        for (name, v) in self.names.iter().zip(&rec.values) {
-            obj.insert(name.clone(), v.to_json());
-        }
+        let mut obj = rec.to_json_object(&self.names, 1);
         if with_id {
             if let Some(id) = &rec.id {
                 obj.insert("_idem_id".into(), id.clone().into());
@@ -310,7 +307,7 @@ impl HttpSink {
             .iter()
             .map(|r| serde_json::Value::Object(self.body(r, true)))
             .collect();
-        let body = serde_json::Value::Array(items).to_string().into_bytes();
+        let body = serde_json::to_vec(&items).map_err(|e| SinkError::Permanent(Box::new(e)))?;
         let key = format!(
             "{}/{}@{}-{}",
             batch.partition.connector,
@@ -321,10 +318,8 @@ impl HttpSink {
         match self.send(&key, &body).await? {
             Outcome::Delivered => stats.written = batch.records.len() as u64,
             Outcome::Refused(reason) => {
-                for rec in &batch.records {
-                    let one = serde_json::Value::Object(self.body(rec, true))
-                        .to_string()
-                        .into_bytes();
+                for (rec, item) in batch.records.iter().zip(&items) {
+                    let one = item.to_string().into_bytes();
                     self.reject(
                         &batch.partition,
                         rec.offset,

@@ -69,10 +69,7 @@ impl Sink for StdoutSink {
     async fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitStats, SinkError> {
         let mut out = String::new();
         for rec in &batch.records {
-            let mut obj = serde_json::Map::new();
-            for (name, v) in self.names.iter().zip(&rec.values) {
-                obj.insert(name.clone(), v.to_json());
-            }
+            let mut obj = rec.to_json_object(&self.names, 3);
             if self.cfg.positions {
                 obj.insert(
                     "_idem_partition".into(),
