@@ -11,6 +11,8 @@ use std::sync::Arc;
 pub fn idem() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
     cmd.env("RUST_LOG", "warn").env_remove("IDEM_FAILPOINTS");
+    // Tests run many idem side by side: each admin API on a port of its own.
+    cmd.env("IDEM_ADMIN_LISTEN", "127.0.0.1:0");
     // The test S3 store (scripts/s3.sh) takes any key; no instance
     // metadata lookups on a machine that is not in a cloud.
     cmd.env("AWS_ACCESS_KEY_ID", "idem-test")
@@ -257,4 +259,57 @@ pub fn test_ca(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A TCP proxy the test can cut: while down it closes every connection it
+/// carries and refuses new ones, as an unreachable server does.
+pub struct TcpProxy {
+    pub port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl TcpProxy {
+    pub fn start(target: &str) -> TcpProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicBool::new(true));
+        let live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let (up2, live2, target) = (up.clone(), live.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut l = live2.lock().unwrap();
+                l.push(client.try_clone().unwrap());
+                l.push(server.try_clone().unwrap());
+                drop(l);
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        TcpProxy { port, up, live }
+    }
+
+    /// Cut every connection and refuse new ones (`false`), or accept again.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for s in self.live.lock().unwrap().drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }

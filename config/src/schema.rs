@@ -35,6 +35,13 @@ pub struct RunnerConfig {
     /// before abandoning them (an abandoned batch is re-read on restart).
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Log levels, `RUST_LOG` syntax (e.g. `"info,idem_sink_postgres=debug"`);
+    /// `RUST_LOG` in the environment wins.
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// The admin HTTP server: health, metrics, connector control.
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 impl Default for RunnerConfig {
@@ -42,8 +49,56 @@ impl Default for RunnerConfig {
         RunnerConfig {
             progress_interval: default_progress_interval(),
             shutdown_grace: default_shutdown_grace(),
+            log: default_log(),
+            admin: AdminConfig::default(),
         }
     }
+}
+
+fn default_log() -> String {
+    "info".into()
+}
+
+/// `[runner.admin]`: the admin HTTP server of `idem run`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `false` runs without it (no health checks, no metrics).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address and port; loopback by default so nothing is exposed by
+    /// accident. Port 0 picks a free one (logged at start).
+    #[serde(
+        default = "default_admin_listen",
+        deserialize_with = "crate::interp::string"
+    )]
+    pub listen: String,
+    /// Environment variable holding a bearer token. When set, every request
+    /// that changes state (pause, resume, restart, reload) must carry it;
+    /// health and metrics stay open for probes and scrapers.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: default_admin_listen(),
+            token_env: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The admin server's address unless the config names another.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9898";
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.into()
 }
 
 fn default_progress_interval() -> Duration {
@@ -55,7 +110,7 @@ fn default_shutdown_grace() -> Duration {
 }
 
 /// `[connectors.NAME]`: one source, one sink, and how to move between them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig<S, K> {
     /// The delivery guarantee this connector requires. Start fails, saying
@@ -440,6 +495,19 @@ impl<S: Validate, K: Validate> Config<S, K> {
             return Err(Invalid::new(
                 &["runner", "progress_interval"],
                 "must be longer than zero (e.g. \"5s\")",
+            ));
+        }
+        if self.runner.admin.enabled
+            && self
+                .runner
+                .admin
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(Invalid::new(
+                &["runner", "admin", "listen"],
+                "must be an IP address and port, e.g. \"127.0.0.1:9898\" (\"0.0.0.0:9898\" listens on every interface)",
             ));
         }
         if self.connectors.is_empty() {

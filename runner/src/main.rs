@@ -53,10 +53,15 @@ enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
-    /// Print the positions each connector's sink has committed, the source's end and the lag.
+    /// Show each connector's state, committed positions, source end and lag:
+    /// from the admin API of the idem running CONFIG if one answers, else as
+    /// the sinks store them. Exits 1 when a running connector is not ready.
     Status {
         /// The TOML config file.
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// A running idem's admin API (default: the config's runner.admin.listen).
+        #[arg(long)]
+        url: Option<String>,
     },
     /// Write sample events (NDJSON, ~200 bytes each) for trying Idem out.
     Generate {
@@ -111,9 +116,15 @@ impl From<&EventArgs> for GenerateOptions {
     }
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// `RUST_LOG` wins over the config's `[runner] log`.
+fn init_logs(format: LogFormat, configured: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let wanted = configured.unwrap_or("info");
+        tracing_subscriber::EnvFilter::try_new(wanted).unwrap_or_else(|e| {
+            eprintln!("idem: runner.log = {wanted:?} is not a log filter ({e}); using \"info\"");
+            tracing_subscriber::EnvFilter::new("info")
+        })
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -133,7 +144,25 @@ fn load(path: &std::path::Path) -> Result<plugins::Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // Commands that read a config log at its `[runner] log` levels.
+    let config = match &cli.command {
+        Command::Run { config } | Command::Check { config } => match load(config) {
+            Ok(c) => Some(c),
+            Err(code) => return code,
+        },
+        Command::Status {
+            config: Some(config),
+            ..
+        } => match load(config) {
+            Ok(c) => Some(c),
+            Err(code) => return code,
+        },
+        _ => None,
+    };
+    init_logs(
+        cli.log_format,
+        config.as_ref().map(|c| c.runner.log.as_str()),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -145,18 +174,15 @@ fn main() -> ExitCode {
         }
     };
     let result: anyhow::Result<i32> = match cli.command {
-        Command::Run { config } => match load(&config) {
-            Ok(c) => runtime.block_on(app::run(c)),
-            Err(code) => return code,
+        Command::Run { config: path } => match config {
+            Some(c) => runtime.block_on(app::run(c, &path)),
+            None => return ExitCode::from(2),
         },
-        Command::Check { config } => match load(&config) {
-            Ok(c) => runtime.block_on(app::check(c)),
-            Err(code) => return code,
+        Command::Check { .. } => match config {
+            Some(c) => runtime.block_on(app::check(c)),
+            None => return ExitCode::from(2),
         },
-        Command::Status { config } => match load(&config) {
-            Ok(c) => runtime.block_on(app::status(c)),
-            Err(code) => return code,
-        },
+        Command::Status { url, .. } => runtime.block_on(app::status(config, url)),
         Command::Produce {
             topic,
             brokers,

@@ -5,7 +5,7 @@
 use crate::deadletter::{DeadLetter, DeadLetterFile};
 use crate::dedup::{Ids, LazyStore, Stage};
 use crate::plugins::{ConnectorConfig, SinkContext};
-use crate::stats::Stats;
+use crate::stats::{Committed, Stats};
 use backon::{ExponentialBuilder, Retryable};
 use idem_config::{ErrorPolicy, Guarantee, RetryConfig};
 use idem_core::failpoint::{self, AFTER_COMMIT, BEFORE_COMMIT};
@@ -104,12 +104,23 @@ pub struct Connector {
     pub ids: Option<Ids>,
     /// The dedup stage before each commit.
     pub dedup: Option<Stage>,
-    pub stats: Stats,
+    /// Counters; shared with the connector's supervisor, so they outlive
+    /// a restart.
+    pub stats: Arc<Stats>,
 }
 
 impl Connector {
     /// Build from config without I/O; refuse a guarantee the sink cannot give.
     pub fn build(name: &str, cfg: ConnectorConfig) -> Result<Connector, RunError> {
+        Connector::build_with(name, cfg, Arc::new(Stats::default()))
+    }
+
+    /// [`Connector::build`], counting into `stats`.
+    pub fn build_with(
+        name: &str,
+        cfg: ConnectorConfig,
+        stats: Arc<Stats>,
+    ) -> Result<Connector, RunError> {
         let dl_path = cfg
             .dead_letter
             .clone()
@@ -168,7 +179,7 @@ impl Connector {
             dead_letters,
             ids,
             dedup,
-            stats: Stats::default(),
+            stats,
             cfg,
         })
     }
@@ -208,6 +219,7 @@ impl Connector {
         })
         .await
         .map_err(|e| self.sink_err(e))?;
+        self.stats.set_prepared(true);
         let mut tasks: JoinSet<(String, u64, Result<(), RunError>)> = JoinSet::new();
         // Partition -> (its task's number, its stop token). A partition
         // revoked and assigned again can briefly have two tasks: the old one
@@ -267,7 +279,7 @@ impl Connector {
                     match result {
                         Ok(()) => debug!(connector = %self.name, partition, "partition finished"),
                         Err(RunError::Sink { source: SinkError::Fenced { .. }, .. }) => {
-                            Stats::add(&self.stats.fenced, 1);
+                            self.stats.fenced(&partition);
                             warn!(connector = %self.name, partition, "partition fenced by a newer runner: dropped");
                             // A group normally takes the partition away soon. If
                             // it still names this runner after a pause, this
@@ -321,16 +333,24 @@ impl Connector {
     ) -> Result<(), RunError> {
         let pref = PartitionRef::new(&self.name, self.source.name(), partition);
         let retry = &self.cfg.retry;
-        let opened = retry_transient(retry, &self.stats, "open the partition", || {
-            self.sink.open(&pref)
-        })
-        .await
-        .map_err(|e| self.sink_err(e))?;
-        let reader = self
-            .source
-            .open(partition, opened.next_offset)
+        // Counted as opening until the reader is positioned: readiness waits.
+        self.stats.opening(true);
+        let opened = async {
+            let opened = retry_transient(retry, &self.stats, "open the partition", || {
+                self.sink.open(&pref)
+            })
             .await
-            .map_err(|e| self.source_err(e))?;
+            .map_err(|e| self.sink_err(e))?;
+            let reader = self
+                .source
+                .open(partition, opened.next_offset)
+                .await
+                .map_err(|e| self.source_err(e))?;
+            Ok::<_, RunError>((opened, reader))
+        }
+        .await;
+        self.stats.opening(false);
+        let (opened, reader) = opened?;
         info!(
             connector = %self.name,
             partition,
@@ -460,6 +480,7 @@ impl Connector {
             self.sink.commit(batch.clone())
         })
         .await;
+        let commit_elapsed = started.elapsed();
         let stats = match committed {
             Ok(s) => s,
             Err(e) => {
@@ -500,17 +521,17 @@ impl Connector {
             records = n_records,
             skipped,
             dead = taken.dead.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = commit_elapsed.as_millis() as u64,
             "batch committed"
         );
-        Stats::add(&self.stats.written, stats.written);
-        Stats::add(&self.stats.deduplicated, stats.deduplicated + skipped);
-        Stats::add(
-            &self.stats.dead_lettered,
-            taken.dead.len() as u64 + stats.rejected,
-        );
-        Stats::add(&self.stats.batches, 1);
-        self.stats.set_position(&pref.partition, range.1);
+        self.stats.committed(Committed {
+            partition: &pref.partition,
+            written: stats.written,
+            deduplicated: stats.deduplicated + skipped,
+            dead_lettered: taken.dead.len() as u64 + stats.rejected,
+            next_offset: range.1,
+            elapsed: commit_elapsed,
+        });
         if let Err(e) = self.source.ack(&pref.partition, range.1).await {
             // Advisory: the sink holds the position that counts.
             warn!(connector = %self.name, partition = %pref.partition, error = %e, "ack to the source failed");
@@ -635,7 +656,7 @@ async fn read_loop(
         // is mapped rather than hold it until more arrives.
         let caught_up = msgs.len() < READ_CHUNK || status == ReadStatus::End;
         if !msgs.is_empty() {
-            Stats::add(&conn.stats.read, msgs.len() as u64);
+            conn.stats.read(&partition, msgs.len() as u64);
             let conn = conn.clone();
             let partition = partition.clone();
             mapping.push_back(tokio::spawn(async move {
@@ -706,14 +727,22 @@ where
         .with_factor(2.0)
         .with_jitter()
         .with_max_times(attempts);
-    f.retry(policy)
+    let result = f
+        .retry(policy)
         .sleep(tokio::time::sleep)
         .when(E::is_retriable)
         .notify(|e: &E, delay: Duration| {
-            Stats::add(&stats.retries, 1);
+            stats.retrying(&format!("failed to {what}: {e}"));
             warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "failed to {what}; retrying");
         })
-        .await
+        .await;
+    match &result {
+        Ok(_) => stats.succeeded(),
+        Err(e) => {
+            stats.error(&format!("failed to {what}: {e}"));
+        }
+    }
+    result
 }
 
 #[cfg(test)]
