@@ -105,6 +105,7 @@ async fn readyz(State(p): State<Arc<Process>>) -> Response {
 async fn metrics(State(p): State<Arc<Process>>) -> Response {
     // Lag is read from the sources now, so a scrape sees the current end.
     for c in p.connectors() {
+        c.refresh_metrics();
         p.refresh_source_ends(&c).await;
     }
     (

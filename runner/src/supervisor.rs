@@ -173,11 +173,21 @@ impl Supervised {
 
     /// Push the state to the metrics and wake whoever waits on changes.
     fn publish(&self, state: State) {
+        self.publish_metrics(state);
+        self.changed.notify_waiters();
+    }
+
+    fn publish_metrics(&self, state: State) {
         let ready = self.readiness_in(state).ready;
         self.stats
             .metrics()
             .set_state(&self.name, state.as_str(), ready);
-        self.changed.notify_waiters();
+    }
+
+    /// Bring the state and readiness gauges up to date (readiness also
+    /// moves without a state change: a partition opens, a retry starts).
+    pub fn refresh_metrics(&self) {
+        self.publish_metrics(self.state());
     }
 
     /// Ready: running with its sink prepared, every partition open and no
