@@ -553,3 +553,77 @@ async fn sigterm_mid_load_exits_zero_and_a_restart_loses_and_duplicates_nothing(
     assert!(again.0.wait().unwrap().success());
     assert_eq!(counts(&schema, "big").await, (n as i64, n as i64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
+    let w = Workdir::new();
+    let schema = fresh_schema("admin_verify");
+    let pg_url = pg_url();
+    let mut plain = lines("a", 0..300);
+    plain.push_str("{\"id\":\"broken\n");
+    w.write("plain.jsonl", &plain);
+    // Keys repeat: the upsert table keeps each key's last message.
+    let keyed: String = (0..300)
+        .map(|i| format!("{{\"id\":\"k-{}\",\"n\":{i}}}\n", i % 40))
+        .collect();
+    w.write("keyed.jsonl", &keyed);
+    let bounded = |name: &str| {
+        connector(&w, name, &schema, &pg_url, "").replace("follow = true", "follow = false")
+    };
+    let cfg = w.write(
+        "c.toml",
+        &(bounded("plain")
+            + &bounded("keyed").replace(
+                "table = \"keyed\"",
+                "table = \"keyed\"\nmode = \"upsert\"\nkey = [\"id\"]",
+            )),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    let verify = || idem().arg("verify").arg(&cfg).output().unwrap();
+    let out = verify();
+    let stdout = text_of(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text_of(&out.stderr));
+    assert!(
+        stdout.contains("✓ plain: 301 messages (1 dead-lettered), 300 rows: every message took effect exactly once"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("✓ keyed: 300 messages (0 dead-lettered), 40 rows"),
+        "{stdout}"
+    );
+
+    // Plant a copy, a loss and a row no message explains; one lost key.
+    let db = pg().await;
+    let t = format!("\"{schema}\".\"plain\"");
+    for sql in [
+        format!("INSERT INTO {t} SELECT * FROM {t} WHERE id = 'a-17'"),
+        format!("DELETE FROM {t} WHERE id = 'a-99'"),
+        format!("INSERT INTO {t} SELECT id || '-x', n, _idem_partition, _idem_offset + 1 FROM {t} WHERE id = 'a-5'"),
+        format!("DELETE FROM \"{schema}\".\"keyed\" WHERE id = 'k-3'"),
+    ] {
+        db.execute(&sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let out = verify();
+    let stdout = text_of(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("✗ plain: 301 messages (1 dead-lettered), 301 rows: 3 findings"),
+        "{stdout}"
+    );
+    let a17 = lines("a", 0..17).len();
+    let a99 = lines("a", 0..99).len();
+    let a5 = lines("a", 0..5).len();
+    let plain_path = w.path("plain.jsonl").display().to_string();
+    for line in [
+        format!("duplicated: {plain_path}@{a17}: 2 rows"),
+        format!("missing: {plain_path}@{a99} (from {plain_path}@{a99}): no row"),
+        format!(
+            "unexplained row: a row from {plain_path}@{}: no mapped message there",
+            a5 + 1
+        ),
+        "✗ keyed: 300 messages (0 dead-lettered), 39 rows: 1 findings".to_string(),
+        "missing: key \"k-3\"".to_string(),
+    ] {
+        assert!(stdout.contains(&line), "missing {line:?} in\n{stdout}");
+    }
+}

@@ -11,3 +11,4 @@ pub mod plugins;
 pub mod produce;
 pub mod stats;
 pub mod supervisor;
+pub mod verify;

@@ -63,6 +63,16 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Audit each connector's sink against its source, up to the committed
+    /// positions: every message exactly once, no row without a message.
+    /// Exits 1 on any finding.
+    Verify {
+        /// The TOML config file.
+        config: PathBuf,
+        /// Only this connector.
+        #[arg(long)]
+        connector: Option<String>,
+    },
     /// Write sample events (NDJSON, ~200 bytes each) for trying Idem out.
     Generate {
         #[command(flatten)]
@@ -146,10 +156,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that read a config log at its `[runner] log` levels.
     let config = match &cli.command {
-        Command::Run { config } | Command::Check { config } => match load(config) {
-            Ok(c) => Some(c),
-            Err(code) => return code,
-        },
+        Command::Run { config } | Command::Check { config } | Command::Verify { config, .. } => {
+            match load(config) {
+                Ok(c) => Some(c),
+                Err(code) => return code,
+            }
+        }
         Command::Status {
             config: Some(config),
             ..
@@ -183,6 +195,10 @@ fn main() -> ExitCode {
             None => return ExitCode::from(2),
         },
         Command::Status { url, .. } => runtime.block_on(app::status(config, url)),
+        Command::Verify { connector, .. } => match config {
+            Some(c) => runtime.block_on(idem::verify::verify(c, connector)),
+            None => return ExitCode::from(2),
+        },
         Command::Produce {
             topic,
             brokers,

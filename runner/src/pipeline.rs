@@ -598,7 +598,7 @@ impl Pending {
     }
 }
 
-fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
+pub(crate) fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
     let failure = match &msg.poison {
         Some(reason) => Err(reason.clone()),
         None => conn.mapper.map(&msg).map_err(|e| e.reason),

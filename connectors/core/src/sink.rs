@@ -105,6 +105,13 @@ pub trait Sink: Send + Sync {
 
     /// One line on what the sink holds now (e.g. a table's row count).
     async fn describe(&self) -> Result<String, SinkError>;
+
+    /// The source position (partition, offset) every row was written from,
+    /// one entry per row, for `idem verify`; `None` when this sink cannot
+    /// list its rows.
+    async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
+        Ok(None)
+    }
 }
 
 /// Where a sink puts records its destination refused for good (an HTTP

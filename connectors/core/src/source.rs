@@ -69,6 +69,13 @@ pub trait Source: Send + Sync {
         start: Option<u64>,
     ) -> Result<Box<dyn PartitionReader>, SourceError>;
 
+    /// Read `partition` from its first retained message, for an audit
+    /// (`idem verify`): no group membership, nothing acknowledged. The
+    /// default opens it as [`Source::open`] does with no position.
+    async fn open_audit(&self, partition: &str) -> Result<Box<dyn PartitionReader>, SourceError> {
+        self.open(partition, None).await
+    }
+
     /// Tell the source that everything before `next_offset` is committed in
     /// the sink. Advisory (lag tools): correctness never depends on it.
     async fn ack(&self, _partition: &str, _next_offset: u64) -> Result<(), SourceError> {

@@ -472,4 +472,27 @@ impl Sink for DuckDbSink {
             })
             .await?)
     }
+
+    async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
+        Ok(Some(
+            self.with_conn(|conn, plan| {
+                let ctx = &plan.ctx;
+                let sql = format!(
+                    "SELECT {}, {} FROM main.{}",
+                    idem_core::sql::POS_PARTITION,
+                    idem_core::sql::POS_OFFSET,
+                    q(&ctx.table)
+                );
+                let list = |conn: &Connection| -> duckdb::Result<Vec<(String, u64)>> {
+                    let mut stmt = conn.prepare(&sql)?;
+                    let rows = stmt.query_map([], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+                    })?;
+                    rows.collect()
+                };
+                list(conn).map_err(|e| ctx.sql(&ctx.table, "list row positions", e))
+            })
+            .await?,
+        ))
+    }
 }

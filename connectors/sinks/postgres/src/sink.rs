@@ -603,6 +603,28 @@ impl Sink for PostgresSink {
             ctx.table, ctx.server
         ))
     }
+
+    async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
+        let client = self.client().await?;
+        let ctx = &self.ctx;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {}, {} FROM {}",
+                    idem_core::sql::POS_PARTITION,
+                    idem_core::sql::POS_OFFSET,
+                    ctx.table
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "list row positions", e))?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+                .collect(),
+        ))
+    }
 }
 
 /// A small pool on `url` (its own `sslmode`; certificates unverified as
