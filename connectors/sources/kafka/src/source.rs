@@ -109,6 +109,14 @@ pub struct KafkaSource {
     subscribed: std::sync::atomic::AtomicBool,
     assigned_once: std::sync::atomic::AtomicBool,
     poller: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The private consumer `idem verify` reads through.
+    audit: tokio::sync::OnceCell<Audit>,
+}
+
+struct Audit {
+    source: Arc<KafkaSource>,
+    /// Partitions assigned to it so far.
+    assigned: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 struct Client {
@@ -133,6 +141,7 @@ impl KafkaSource {
             subscribed: std::sync::atomic::AtomicBool::new(false),
             assigned_once: std::sync::atomic::AtomicBool::new(false),
             poller: Mutex::new(None),
+            audit: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -494,6 +503,62 @@ impl Source for KafkaSource {
         }))
     }
 
+    /// A private consumer group of one (a fresh group id, nothing ever
+    /// committed): it is assigned every partition and leaves the
+    /// connector's group alone. One per source, shared by its partitions.
+    async fn open_audit(&self, partition: &str) -> Result<Box<dyn PartitionReader>, SourceError> {
+        let (topic, p) = split_name(partition)
+            .ok_or_else(|| setup(&self.cfg, format!("`{partition}` is not topic/partition")))?;
+        let audit = self
+            .audit
+            .get_or_init(|| async {
+                let mut cfg = self.cfg.clone();
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                cfg.group_id = format!("{}-verify-{}-{nanos}", cfg.group_id, std::process::id());
+                cfg.stop_at_end = true;
+                Audit {
+                    source: Arc::new(KafkaSource::new(cfg)),
+                    assigned: tokio::sync::Mutex::new(std::collections::HashSet::new()),
+                }
+            })
+            .await;
+        {
+            let mut assigned = audit.assigned.lock().await;
+            while !assigned.contains(partition) {
+                let next =
+                    tokio::time::timeout(Duration::from_secs(60), audit.source.next_assignment())
+                        .await
+                        .map_err(|_| {
+                            setup(
+                                &self.cfg,
+                                format!(
+                                    "the audit's consumer was not assigned {partition} within 60 s"
+                                ),
+                            )
+                        })??;
+                match next {
+                    Some(Assignment::Assigned(parts)) => assigned.extend(parts),
+                    Some(Assignment::Revoked(_)) => {}
+                    None => {
+                        return Err(setup(
+                            &self.cfg,
+                            format!("the audit's consumer was not assigned {partition}"),
+                        ))
+                    }
+                }
+            }
+        }
+        let source = audit.source.clone();
+        let (low, _) = source.watermarks(source.client()?, topic, p).await?;
+        let reader = source.open(partition, Some(low)).await?;
+        Ok(Box::new(AuditReader {
+            _source: source,
+            reader,
+        }))
+    }
+
     async fn ack(&self, partition: &str, next_offset: u64) -> Result<(), SourceError> {
         let Some((topic, p)) = split_name(partition) else {
             return Ok(());
@@ -618,6 +683,23 @@ impl Reseek {
             .consumer
             .seek(&self.topic, self.partition, offset, Duration::ZERO);
         debug!(topic = %self.topic, partition = self.partition, next, seen, result = ?r, "fetched from behind the reader's position; seeking back");
+    }
+}
+
+/// A reader that keeps its private consumer alive.
+struct AuditReader {
+    _source: Arc<KafkaSource>,
+    reader: Box<dyn PartitionReader>,
+}
+
+#[async_trait]
+impl PartitionReader for AuditReader {
+    async fn read(
+        &mut self,
+        max: usize,
+        out: &mut Vec<Message>,
+    ) -> Result<ReadStatus, SourceError> {
+        self.reader.read(max, out).await
     }
 }
 
