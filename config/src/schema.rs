@@ -124,6 +124,9 @@ pub struct ConnectorConfig<S, K> {
     /// bytes). Default: `NAME.deadletter.jsonl` in the working directory.
     #[serde(default, deserialize_with = "crate::interp::opt_string")]
     pub dead_letter: Option<String>,
+    /// Where dead letters go when not a file (a table, a topic), and a cap.
+    #[serde(default)]
+    pub dead_letters: DeadLettersConfig,
     /// JSON pointer of a boolean field that marks a message as a delete
     /// (a tombstone). Messages with a null value are tombstones too. Only
     /// used by sinks with `delete_on_tombstone = true`.
@@ -147,6 +150,43 @@ pub struct ConnectorConfig<S, K> {
     /// How a JSON message becomes a row: one entry per column.
     #[serde(default)]
     pub columns: Vec<ColumnConfig>,
+}
+
+/// `[connectors.NAME.dead_letters]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    #[serde(default)]
+    pub destination: DeadLetterDestination,
+    /// The file (`destination = "file"`); `dead_letter = "..."` is the same.
+    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    pub path: Option<String>,
+    /// The table (`destination = "table"`), in the sink's schema.
+    /// Default: `NAME_dead_letters`.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// The topic (`destination = "topic"`), on the source's brokers.
+    /// Default: `NAME.dead-letters`.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Stop the connector when more than this many messages would be
+    /// dead-lettered by one run (0: no cap). A flood of dead letters usually
+    /// means the input or the mapping is wrong, not a few bad messages.
+    #[serde(default)]
+    pub max: u64,
+}
+
+/// Where dead letters go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterDestination {
+    /// JSON lines in a file, synced before the batch commits.
+    #[default]
+    File,
+    /// Rows in a table of the sink's PostgreSQL database, keyed by position.
+    Table,
+    /// Messages on a Kafka topic of the source's brokers.
+    Topic,
 }
 
 /// The guarantee a connector requires (and a sink declares).
@@ -597,6 +637,44 @@ impl<S, K> ConnectorConfig<S, K> {
         }
         if let Some(d) = &self.dedup {
             d.validate()?;
+        }
+        let dl = &self.dead_letters;
+        let only = |key: &str, set: bool, dest: &str| {
+            if set {
+                Err(Invalid::new(
+                    &["dead_letters", key],
+                    format!("is only used with destination = \"{dest}\""),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        only(
+            "path",
+            dl.path.is_some() && dl.destination != DeadLetterDestination::File,
+            "file",
+        )?;
+        only(
+            "table",
+            dl.table.is_some() && dl.destination != DeadLetterDestination::Table,
+            "table",
+        )?;
+        only(
+            "topic",
+            dl.topic.is_some() && dl.destination != DeadLetterDestination::Topic,
+            "topic",
+        )?;
+        if self.dead_letter.is_some()
+            && (dl.path.is_some() || dl.destination != DeadLetterDestination::File)
+        {
+            return Err(Invalid::new(
+                &["dead_letter"],
+                "is the same as [dead_letters] path; keep one of them",
+            ));
+        }
+        if let Some(t) = &dl.table {
+            crate::check_ident(t, t)
+                .map_err(|e| Invalid::new(&["dead_letters", "table"], e.message))?;
         }
         if let Some(p) = &self.tombstone_field {
             if !p.starts_with('/') {

@@ -217,7 +217,7 @@ impl Process {
             "written": s.written,
             "deduplicated": s.deduplicated,
             "dead_lettered": s.dead_lettered,
-            "dead_letters": current.as_ref().map(|c| c.dead_letters.path().display().to_string()),
+            "dead_letters": current.as_ref().map(|c| c.dead_letters.describe()),
             "batches": s.batches,
             "retries": s.retries,
             "fenced": s.fenced,
@@ -469,7 +469,7 @@ async fn print_summary(connectors: &[Arc<Supervised>], elapsed: Duration, descri
         }
         let Some(c) = sup.current() else { continue };
         if s.dead_lettered > 0 {
-            println!("    dead letters: {}", c.dead_letters.path().display());
+            println!("    dead letters: {}", c.dead_letters.describe());
         }
         println!("    positions: {}", format_positions(&s.positions));
         if describe {

@@ -1,8 +1,12 @@
-//! The dead-letter file: one JSON line per message that could not be
-//! mapped, with its position, the reason and the raw bytes. Written and
-//! synced before the batch that skips the message commits, so a committed
+//! Dead letters: messages that could not be decoded, mapped or delivered,
+//! with their position, the reason, its class and the raw bytes. Written
+//! (and durable) before the batch that skips them commits, so a committed
 //! position never hides a lost message. A crash between the two can repeat a
-//! dead letter (at-least-once); its position tells the copies apart.
+//! dead letter; its position tells the copies apart (the table destination
+//! keeps one row per position).
+//!
+//! Destinations: a JSON lines file (default), a table in the sink's
+//! PostgreSQL database, or a topic on the source's Kafka brokers.
 
 use base64::Engine;
 use idem_core::{Message, PartitionRef};
@@ -12,40 +16,47 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Why a message is a dead letter, for grouping and alerting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Larger than the source's limit, or unreadable.
+    Poison,
+    /// Not JSON, or a field missing or of the wrong type for its column.
+    Mapping,
+    /// No message id where `[dedup] id` says.
+    MessageId,
+    /// The destination refused it for good (an HTTP 4xx).
+    Refused,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Poison => "poison",
+            ErrorClass::Mapping => "mapping",
+            ErrorClass::MessageId => "message_id",
+            ErrorClass::Refused => "refused",
+        }
+    }
+}
+
 /// A message that goes to the dead letters.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub offset: u64,
+    pub class: ErrorClass,
     pub reason: String,
     pub raw: Option<Vec<u8>>,
 }
 
 impl DeadLetter {
-    pub fn new(msg: &Message, reason: String) -> Self {
+    pub fn new(msg: &Message, class: ErrorClass, reason: String) -> Self {
         DeadLetter {
             offset: msg.offset,
+            class,
             reason,
             raw: msg.value.clone(),
         }
-    }
-}
-
-impl idem_core::Rejects for DeadLetterFile {
-    fn reject(
-        &self,
-        partition: &PartitionRef,
-        offset: u64,
-        reason: String,
-        raw: Vec<u8>,
-    ) -> std::io::Result<()> {
-        self.write(
-            partition,
-            &[DeadLetter {
-                offset,
-                reason,
-                raw: Some(raw),
-            }],
-        )
     }
 }
 
@@ -56,6 +67,7 @@ struct Line<'a> {
     partition: &'a str,
     offset: u64,
     reason: &'a str,
+    error_class: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,6 +109,7 @@ impl DeadLetterFile {
                 partition: &partition.partition,
                 offset: dl.offset,
                 reason: &dl.reason,
+                error_class: dl.class.as_str(),
                 raw: text.and_then(Result::ok),
                 raw_base64: match (&dl.raw, text) {
                     (Some(bytes), Some(Err(_))) => {
@@ -132,6 +145,283 @@ impl DeadLetterFile {
     }
 }
 
+/// A dead-letter write that failed, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write dead letters to {to}: {message}")]
+pub struct DeadLetterError {
+    pub to: String,
+    pub message: String,
+    pub retriable: bool,
+}
+
+impl crate::pipeline::Retriable for DeadLetterError {
+    fn is_retriable(&self) -> bool {
+        self.retriable
+    }
+}
+
+/// Rows in `schema.table` of the sink's PostgreSQL database, one per
+/// position: a repeated dead letter changes nothing.
+pub struct DeadLetterTable {
+    url: idem_config::Secret,
+    table: String,
+    shown: String,
+    pool: tokio::sync::OnceCell<deadpool_postgres::Pool>,
+}
+
+/// Messages on a Kafka topic: key `partition@offset`, the raw bytes as
+/// value, the rest in `idem.*` headers.
+pub struct DeadLetterTopic {
+    brokers: String,
+    topic: String,
+    producer: std::sync::OnceLock<Result<rdkafka::producer::FutureProducer, String>>,
+    /// Security settings of the source, reused by the producer.
+    properties: Vec<(String, String)>,
+}
+
+/// Where a connector's dead letters go.
+pub enum DeadLetters {
+    File(DeadLetterFile),
+    Table(DeadLetterTable),
+    Topic(DeadLetterTopic),
+}
+
+impl DeadLetters {
+    /// From the connector's config, without I/O.
+    pub fn build(name: &str, cfg: &crate::plugins::ConnectorConfig) -> Result<DeadLetters, String> {
+        use crate::plugins::{SinkConfig, SourceConfig};
+        use idem_config::DeadLetterDestination as D;
+        let dl = &cfg.dead_letters;
+        Ok(match dl.destination {
+            D::File => DeadLetters::File(DeadLetterFile::new(
+                dl.path
+                    .clone()
+                    .or_else(|| cfg.dead_letter.clone())
+                    .unwrap_or_else(|| format!("{name}.deadletter.jsonl"))
+                    .into(),
+            )),
+            D::Table => {
+                let SinkConfig::Postgres(pg) = &cfg.sink else {
+                    return Err(format!(
+                        "dead_letters.destination = \"table\" writes into the sink's PostgreSQL database, but this connector's sink is {}; use \"file\"",
+                        cfg.sink.kind()
+                    ));
+                };
+                let table = dl
+                    .table
+                    .clone()
+                    .unwrap_or_else(|| format!("{name}_dead_letters").replace('-', "_"));
+                DeadLetters::Table(DeadLetterTable {
+                    url: pg.url.clone(),
+                    shown: format!("table {}.{table}", pg.schema),
+                    table: format!("\"{}\".\"{table}\"", pg.schema),
+                    pool: tokio::sync::OnceCell::new(),
+                })
+            }
+            D::Topic => {
+                let SourceConfig::Kafka(k) = &cfg.source else {
+                    return Err("dead_letters.destination = \"topic\" writes to the source's Kafka brokers, but this connector's source is not Kafka; use \"file\"".into());
+                };
+                DeadLetters::Topic(DeadLetterTopic {
+                    brokers: k.brokers.clone(),
+                    topic: dl
+                        .topic
+                        .clone()
+                        .unwrap_or_else(|| format!("{name}.dead-letters")),
+                    producer: std::sync::OnceLock::new(),
+                    properties: k
+                        .properties
+                        .iter()
+                        .filter(|(key, _)| {
+                            key.starts_with("security.")
+                                || key.starts_with("sasl.")
+                                || key.starts_with("ssl.")
+                        })
+                        .map(|(key, v)| (key.clone(), v.expose().to_string()))
+                        .collect(),
+                })
+            }
+        })
+    }
+
+    /// Where they go, for logs and the summary.
+    pub fn describe(&self) -> String {
+        match self {
+            DeadLetters::File(f) => f.path.display().to_string(),
+            DeadLetters::Table(t) => t.shown.clone(),
+            DeadLetters::Topic(t) => format!("topic {} on {}", t.topic, t.brokers),
+        }
+    }
+
+    /// Make `letters` of `partition` durable.
+    pub async fn write(
+        &self,
+        partition: &PartitionRef,
+        letters: &[DeadLetter],
+    ) -> Result<(), DeadLetterError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let fail = |message: String, retriable: bool| DeadLetterError {
+            to: self.describe(),
+            message,
+            retriable,
+        };
+        match self {
+            // One small fsync'd append: not worth a blocking thread.
+            DeadLetters::File(f) => f
+                .write(partition, letters)
+                .map_err(|e| fail(e.to_string(), false)),
+            DeadLetters::Table(t) => t.write(partition, letters).await.map_err(|e| fail(e, true)),
+            DeadLetters::Topic(t) => t.write(partition, letters).await.map_err(|e| fail(e, true)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl idem_core::Rejects for DeadLetters {
+    async fn reject(
+        &self,
+        partition: &PartitionRef,
+        offset: u64,
+        reason: String,
+        raw: Vec<u8>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let letter = DeadLetter {
+            offset,
+            class: ErrorClass::Refused,
+            reason,
+            raw: Some(raw),
+        };
+        Ok(self.write(partition, &[letter]).await?)
+    }
+}
+
+impl DeadLetterTable {
+    async fn write(&self, p: &PartitionRef, letters: &[DeadLetter]) -> Result<(), String> {
+        let pool = self
+            .pool
+            .get_or_try_init(|| async {
+                let (pool, _) = idem_sink_postgres::pool_for(self.url.expose(), 2)?;
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                client
+                    .batch_execute(&format!(
+                        "CREATE TABLE IF NOT EXISTS {} (
+                            connector text NOT NULL,
+                            source text NOT NULL,
+                            partition text NOT NULL,
+                            \"offset\" bigint NOT NULL,
+                            error_class text NOT NULL,
+                            reason text NOT NULL,
+                            raw bytea,
+                            at timestamptz NOT NULL DEFAULT now(),
+                            PRIMARY KEY (connector, partition, \"offset\"))",
+                        self.table
+                    ))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(pool)
+            })
+            .await?;
+        let mut client = pool.get().await.map_err(|e| e.to_string())?;
+        let tx = client.transaction().await.map_err(|e| e.to_string())?;
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO {} (connector, source, partition, \"offset\", error_class, reason, raw)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                self.table
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+        for dl in letters {
+            let offset = i64::try_from(dl.offset).unwrap_or(i64::MAX);
+            tx.execute(
+                &insert,
+                &[
+                    &&*p.connector,
+                    &&*p.source,
+                    &&*p.partition,
+                    &offset,
+                    &dl.class.as_str(),
+                    &dl.reason,
+                    &dl.raw,
+                ],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        tx.commit().await.map_err(|e| e.to_string())
+    }
+}
+
+impl DeadLetterTopic {
+    async fn write(&self, p: &PartitionRef, letters: &[DeadLetter]) -> Result<(), String> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let producer = self
+            .producer
+            .get_or_init(|| {
+                let mut c = rdkafka::ClientConfig::new();
+                c.set("bootstrap.servers", &self.brokers)
+                    .set("enable.idempotence", "true")
+                    .set("message.timeout.ms", "30000");
+                for (k, v) in &self.properties {
+                    c.set(k, v);
+                }
+                c.create().map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let mut sends = Vec::with_capacity(letters.len());
+        for dl in letters {
+            let key = format!("{}@{}", p.partition, dl.offset);
+            let offset = dl.offset.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "idem.connector",
+                    value: Some(&*p.connector),
+                })
+                .insert(Header {
+                    key: "idem.partition",
+                    value: Some(&*p.partition),
+                })
+                .insert(Header {
+                    key: "idem.offset",
+                    value: Some(offset.as_str()),
+                })
+                .insert(Header {
+                    key: "idem.error_class",
+                    value: Some(dl.class.as_str()),
+                })
+                .insert(Header {
+                    key: "idem.reason",
+                    value: Some(dl.reason.as_str()),
+                });
+            let mut record = FutureRecord::<String, Vec<u8>>::to(&self.topic)
+                .key(&key)
+                .headers(headers);
+            if let Some(raw) = &dl.raw {
+                record = record.payload(raw);
+            }
+            // Queued (copied) now; the delivery reports come back below.
+            let delivery = producer
+                .send_result(record)
+                .map_err(|(e, _)| e.to_string())?;
+            sends.push(async move {
+                match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e.to_string()),
+                    Err(_) => Err("the producer was dropped".to_string()),
+                }
+            });
+        }
+        for r in futures_util::future::join_all(sends).await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,11 +436,13 @@ mod tests {
             &[
                 DeadLetter {
                     offset: 10,
+                    class: ErrorClass::Mapping,
                     reason: "bad".into(),
                     raw: Some(b"{oops".to_vec()),
                 },
                 DeadLetter {
                     offset: 20,
+                    class: ErrorClass::Poison,
                     reason: "utf8".into(),
                     raw: Some(vec![0xff, 0x00]),
                 },
@@ -166,6 +458,7 @@ mod tests {
         assert_eq!(lines[0]["offset"], 10);
         assert_eq!(lines[0]["partition"], "/x.jsonl");
         assert_eq!(lines[0]["reason"], "bad");
+        assert_eq!(lines[0]["error_class"], "mapping");
         assert_eq!(lines[0]["raw"], "{oops");
         assert_eq!(lines[1]["raw_base64"], "/wA=");
         assert!(lines[1].get("raw").is_none());

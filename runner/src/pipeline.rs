@@ -2,7 +2,7 @@
 //! (reader -> bounded channel -> batcher/committer), the commit protocol
 //! applied to every batch.
 
-use crate::deadletter::{DeadLetter, DeadLetterFile};
+use crate::deadletter::{DeadLetter, DeadLetterError, DeadLetters, ErrorClass};
 use crate::dedup::{Ids, LazyStore, Stage};
 use crate::plugins::{ConnectorConfig, SinkContext};
 use crate::stats::{Committed, Stats};
@@ -71,12 +71,20 @@ pub enum RunError {
         offset: u64,
         reason: String,
     },
-    #[error("connector `{connector}`: cannot write dead letters to {path}: {source}")]
+    #[error("connector `{connector}`: {source}")]
     DeadLetter {
         connector: String,
-        path: String,
         #[source]
-        source: std::io::Error,
+        source: DeadLetterError,
+    },
+    #[error("connector `{connector}`: {message}")]
+    DeadLetterConfig { connector: String, message: String },
+    #[error("connector `{connector}`: {partition} offset {offset}: more than dead_letters.max = {max} messages dead-lettered in this run; the input or the mapping looks wrong. Nothing from this batch on is committed: fix the cause (see the dead letters) or raise dead_letters.max, then restart")]
+    TooManyDeadLetters {
+        connector: String,
+        partition: String,
+        offset: u64,
+        max: u64,
     },
     #[error("connector `{connector}`: {source}{advice}")]
     Dedup {
@@ -98,7 +106,7 @@ pub struct Connector {
     pub source: Arc<dyn Source>,
     pub sink: Arc<dyn Sink>,
     pub mapper: Mapper,
-    pub dead_letters: Arc<DeadLetterFile>,
+    pub dead_letters: Arc<DeadLetters>,
     /// Where message ids come from, when the connector deduplicates or
     /// its sink needs them.
     pub ids: Option<Ids>,
@@ -121,11 +129,12 @@ impl Connector {
         cfg: ConnectorConfig,
         stats: Arc<Stats>,
     ) -> Result<Connector, RunError> {
-        let dl_path = cfg
-            .dead_letter
-            .clone()
-            .unwrap_or_else(|| format!("{name}.deadletter.jsonl"));
-        let dead_letters = Arc::new(DeadLetterFile::new(dl_path.into()));
+        let dead_letters = Arc::new(DeadLetters::build(name, &cfg).map_err(|message| {
+            RunError::DeadLetterConfig {
+                connector: name.into(),
+                message,
+            }
+        })?);
         let dedup_cfg = cfg
             .dedup
             .clone()
@@ -445,13 +454,26 @@ impl Connector {
             return Ok(());
         };
         let taken = std::mem::take(pending);
-        self.dead_letters
-            .write(pref, &taken.dead)
-            .map_err(|source| RunError::DeadLetter {
-                connector: self.name.clone(),
-                path: self.dead_letters.path().display().to_string(),
-                source,
-            })?;
+        let max = self.cfg.dead_letters.max;
+        if max > 0 && !taken.dead.is_empty() {
+            let so_far = self.stats.snapshot().dead_lettered;
+            if so_far + taken.dead.len() as u64 > max {
+                return Err(RunError::TooManyDeadLetters {
+                    connector: self.name.clone(),
+                    partition: pref.partition.to_string(),
+                    offset: taken.dead[0].offset,
+                    max,
+                });
+            }
+        }
+        retry_transient(&self.cfg.retry, &self.stats, "write dead letters", || {
+            self.dead_letters.write(pref, &taken.dead)
+        })
+        .await
+        .map_err(|source| RunError::DeadLetter {
+            connector: self.name.clone(),
+            source,
+        })?;
         let mut records = taken.records;
         let mut skipped = 0;
         let mut reserved = None;
@@ -600,14 +622,20 @@ impl Pending {
 
 pub(crate) fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
     let failure = match &msg.poison {
-        Some(reason) => Err(reason.clone()),
-        None => conn.mapper.map(&msg).map_err(|e| e.reason),
+        Some(reason) => Err((ErrorClass::Poison, reason.clone())),
+        None => conn
+            .mapper
+            .map(&msg)
+            .map_err(|e| (ErrorClass::Mapping, e.reason)),
     };
     let failure = match (failure, &conn.ids) {
-        (Ok(mut record), Some(ids)) => ids.of(partition, &msg).map(|id| {
-            record.id = Some(id);
-            record
-        }),
+        (Ok(mut record), Some(ids)) => ids
+            .of(partition, &msg)
+            .map(|id| {
+                record.id = Some(id);
+                record
+            })
+            .map_err(|reason| (ErrorClass::MessageId, reason)),
         (other, _) => other,
     };
     match failure {
@@ -616,13 +644,13 @@ pub(crate) fn map_message(conn: &Connector, partition: &str, msg: Message) -> It
             next_offset: msg.next_offset,
             bytes: msg.size(),
         },
-        Err(reason) if conn.cfg.errors == ErrorPolicy::Fail => Item::Fatal {
+        Err((_, reason)) if conn.cfg.errors == ErrorPolicy::Fail => Item::Fatal {
             offset: msg.offset,
             reason,
         },
-        Err(reason) => Item::Dead {
+        Err((class, reason)) => Item::Dead {
             next_offset: msg.next_offset,
-            letter: DeadLetter::new(&msg, reason),
+            letter: DeadLetter::new(&msg, class, reason),
         },
     }
 }
@@ -987,7 +1015,7 @@ required = true
         assert_eq!(*sink.commits.lock().unwrap(), [(0, 4, 2)]);
         let s = conn.stats.snapshot();
         assert_eq!((s.read, s.written, s.dead_lettered), (4, 2, 2));
-        let dl = std::fs::read_to_string(conn.dead_letters.path()).unwrap();
+        let dl = std::fs::read_to_string(conn.dead_letters.describe()).unwrap();
         assert_eq!(dl.lines().count(), 2);
     }
 }

@@ -117,13 +117,15 @@ pub trait Sink: Send + Sync {
 /// Where a sink puts records its destination refused for good (an HTTP
 /// 4xx): the dead letters, made durable before the call returns, so the
 /// batch's position is stored only after them.
+#[async_trait]
 pub trait Rejects: Send + Sync {
-    /// `raw` is what was sent (the request body).
-    fn reject(
+    /// `raw` is what was sent (the request body). An error means the dead
+    /// letter may not be durable: the batch must not commit.
+    async fn reject(
         &self,
         partition: &PartitionRef,
         offset: u64,
         reason: String,
         raw: Vec<u8>,
-    ) -> std::io::Result<()>;
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }

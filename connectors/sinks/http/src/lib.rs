@@ -248,16 +248,18 @@ impl HttpSink {
         reason
     }
 
-    fn reject(
+    async fn reject(
         &self,
         p: &PartitionRef,
         offset: u64,
         reason: String,
         raw: Vec<u8>,
     ) -> Result<(), SinkError> {
+        // Retried with the batch: nothing is stored before the dead letter is.
         self.rejects
             .reject(p, offset, reason, raw)
-            .map_err(|e| SinkError::Permanent(Box::new(e)))
+            .await
+            .map_err(SinkError::Transient)
     }
 
     async fn commit_messages(&self, batch: &Batch) -> Result<CommitStats, SinkError> {
@@ -289,7 +291,7 @@ impl HttpSink {
             match outcome.map_err(SinkError::from)? {
                 Outcome::Delivered => stats.written += 1,
                 Outcome::Refused(reason) => {
-                    self.reject(&batch.partition, offset, reason, body)?;
+                    self.reject(&batch.partition, offset, reason, body).await?;
                     stats.rejected += 1;
                 }
             }
@@ -325,7 +327,8 @@ impl HttpSink {
                         rec.offset,
                         format!("{reason} (the whole array)"),
                         one,
-                    )?;
+                    )
+                    .await?;
                 }
                 stats.rejected = batch.records.len() as u64;
             }
