@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// Messages per read call, and per chunk sent to the committer.
 const READ_CHUNK: usize = 1024;
@@ -55,6 +55,15 @@ pub enum RunError {
     #[error("connector `{connector}`: sink: {source}")]
     Sink {
         connector: String,
+        #[source]
+        source: SinkError,
+    },
+    #[error("connector `{connector}`: {partition}: the batch of offsets {first_offset}..{next_offset} did not commit (its position is not stored: it is read again on restart): {source}")]
+    Commit {
+        connector: String,
+        partition: String,
+        first_offset: u64,
+        next_offset: u64,
         #[source]
         source: SinkError,
     },
@@ -254,8 +263,10 @@ impl Connector {
                             let id = spawned;
                             running.insert(p.clone(), (id, token.clone()));
                             let me = self.clone();
+                            // Every line logged for this partition names it.
+                            let span = info_span!("partition", connector = %self.name, partition = %p);
                             tasks.spawn(async move {
-                                let r = me.run_partition(&p, token).await;
+                                let r = me.run_partition(&p, token).instrument(span).await;
                                 (p, id, r)
                             });
                         }
@@ -312,7 +323,8 @@ impl Connector {
                                         return (partition, id, Ok(()));
                                     }
                                     info!(connector = %me.name, partition, "the group still assigns this fenced partition here: opening it again");
-                                    let r = me.run_partition(&partition, token).await;
+                                    let span = info_span!("partition", connector = %me.name, partition = %partition);
+                                    let r = me.run_partition(&partition, token).instrument(span).await;
                                     (partition, id, r)
                                 });
                             }
@@ -518,7 +530,18 @@ impl Connector {
                         warn!(connector = %self.name, partition = %pref.partition, error = %re, "could not release the batch's message ids");
                     }
                 }
-                return Err(self.sink_err(e));
+                return Err(match e {
+                    // Fencing is handled by partition; other errors say
+                    // which batch could not commit.
+                    SinkError::Fenced { .. } => self.sink_err(e),
+                    e => RunError::Commit {
+                        connector: self.name.clone(),
+                        partition: pref.partition.to_string(),
+                        first_offset: range.0,
+                        next_offset: range.1,
+                        source: e,
+                    },
+                });
             }
         };
         failpoint::hit(AFTER_COMMIT);
