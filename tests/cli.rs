@@ -112,6 +112,16 @@ fn config_mistakes_name_file_line_and_key() {
             "key `connectors.t.columns.1.type`",
             "no unbounded DECIMAL",
         ),
+        (
+            format!("{good}\n[connectors.t.dead_letters]\ntable = \"rejects\"\n"),
+            "key `connectors.t.dead_letters.table`",
+            "only used with destination = \"table\"",
+        ),
+        (
+            format!("[runner.admin]\nlisten = \"localhost\"\n{good}"),
+            "key `runner.admin.listen`",
+            "must be an IP address and port",
+        ),
     ];
     for (cfg, key, what) in cases {
         let path = w.write("bad.toml", &cfg);

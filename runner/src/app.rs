@@ -513,6 +513,7 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                     Ok(()) => {
                         println!("✓ {name}: {} (required: {required})", info.guarantee);
                         println!("    why: {}", info.why);
+                        println!("    dead letters: {}", c.dead_letters.describe());
                         let positions = c
                             .sink
                             .positions(&name)

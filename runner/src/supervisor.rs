@@ -379,7 +379,7 @@ impl Supervised {
             .map_err(|e| e.to_string())?;
         let c = Arc::new(c);
         let info = c.sink.info();
-        info!(connector = %c.name, guarantee = %info.guarantee, why = %info.why, "starting");
+        info!(connector = %c.name, guarantee = %info.guarantee, why = %info.why, dead_letters = %c.dead_letters.describe(), "starting");
         if let Some(line) = crate::app::dedup_line(&c).await {
             let (l, warnings) = line.map_err(|e| format!("connector `{}`: {e}", c.name))?;
             info!(connector = %c.name, "{l}");
