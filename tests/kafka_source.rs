@@ -701,6 +701,79 @@ async fn poison_messages_are_dead_lettered_with_their_positions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_to_a_topic_carry_position_reason_and_class() {
+    use rdkafka::message::{Headers, Message};
+    let topic = fresh_topic("idem_dlq_src", 1).await;
+    let dlq = fresh_topic("idem_dlq", 1).await;
+    let producer: FutureProducer = client_config().create().unwrap();
+    for value in [
+        &br#"{"id":1,"v":10}"#[..],
+        b"not json",
+        br#"{"id":2,"v":"twenty"}"#,
+        br#"{"id":3,"v":30}"#,
+    ] {
+        producer
+            .send(
+                FutureRecord::<[u8], [u8]>::to(&topic).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let schema = fresh_schema("kafka_dlq");
+    let w = Workdir::new();
+    let cfg = w.write(
+        "k.toml",
+        &(Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .toml()
+            + &format!(
+                "[connectors.k.dead_letters]\ndestination = \"topic\"\ntopic = \"{dlq}\"\n"
+            )),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    assert_eq!(count(&schema).await, (2, 2));
+
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", format!("{dlq}_reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < 2 && Instant::now() < deadline {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let header = |name: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == name))
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        got.push((
+            String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            m.payload().unwrap_or_default().to_vec(),
+            header("idem.offset"),
+            header("idem.error_class"),
+            header("idem.reason"),
+            header("idem.connector"),
+        ));
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, format!("{topic}/0@1"));
+    assert_eq!(got[0].1, b"not json");
+    assert_eq!((got[0].2.as_str(), got[0].3.as_str()), ("1", "mapping"));
+    assert!(got[0].4.contains("not valid JSON"), "{got:?}");
+    assert_eq!(got[0].5, "k");
+    assert_eq!(got[1].0, format!("{topic}/0@2"));
+    assert!(got[1].4.contains("v"), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_tool_writes_repeated_ids_that_upsert_takes_once() {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
