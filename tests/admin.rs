@@ -358,9 +358,7 @@ async fn metrics_count_what_was_sent_and_pause_and_resume_lose_nothing() {
         "{stdout}"
     );
 
-    signal(child.0.id(), "TERM");
-    let status = child.0.wait().unwrap();
-    assert!(status.success(), "SIGTERM exits 0: {status}");
+    stop_cleanly(&mut child);
     // Stopped: `status` falls back to the positions in the sink.
     let out = idem()
         .env_remove("IDEM_ADMIN_LISTEN")
@@ -371,6 +369,13 @@ async fn metrics_count_what_was_sent_and_pause_and_resume_lose_nothing() {
     let stdout = text_of(&out.stdout);
     assert!(stdout.contains("no running idem answers"), "{stdout}");
     assert!(stdout.contains(&size.to_string()), "{stdout}");
+}
+
+/// SIGTERM, which must exit 0.
+fn stop_cleanly(child: &mut Reaped) {
+    signal(child.0.id(), "TERM");
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status}");
 }
 
 fn text_of(b: &[u8]) -> String {
@@ -430,8 +435,7 @@ async fn readiness_follows_the_sink_going_away_and_coming_back() {
     api.until("/connectors/ev", "all committed", |v| committed(v) == size)
         .await;
     assert_eq!(counts(&schema, "ev").await, (sent as i64, sent as i64));
-    signal(child.0.id(), "TERM");
-    assert!(child.0.wait().unwrap().success());
+    stop_cleanly(&mut child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,8 +521,7 @@ async fn reload_restarts_only_what_changed_and_refuses_a_bad_file() {
     .await;
     assert_eq!(counts(&schema, "a").await, (150, 150));
     assert_eq!(counts(&schema, "b").await, (150, 150));
-    signal(child.0.id(), "TERM");
-    assert!(child.0.wait().unwrap().success());
+    stop_cleanly(&mut child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
