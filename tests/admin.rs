@@ -720,3 +720,46 @@ async fn dead_letters_go_to_a_table_once_per_position_and_a_cap_stops_a_flood() 
         "the batch with the second dead letter committed: {rows}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reopens_the_embedded_dedup_store_the_last_run_held() {
+    let w = Workdir::new();
+    let schema = fresh_schema("admin_restart_dedup");
+    let port = free_port();
+    let mut input = lines("e", 0..200);
+    input.push_str(&lines("e", 0..50)); // copies: dropped by the dedup stage
+    w.write("ids.jsonl", &input);
+    let dedup = format!(
+        "[connectors.ids.dedup]\nid = \"/id\"\npath = \"{}\"\n",
+        w.path("ids.redb").display()
+    );
+    let cfg = w.write(
+        "c.toml",
+        &(admin_section(port, false) + &connector(&w, "ids", &schema, &pg_url(), &dedup)),
+    );
+    let mut child = start(&cfg);
+    let api = Api::new(port);
+    api.up(&mut child).await;
+    let mut size = input.len() as u64;
+    api.until("/connectors/ids", "committed", |v| committed(v) == size)
+        .await;
+    for round in 0..3 {
+        let (code, body) = api.post("/connectors/ids/restart", None).await;
+        assert_eq!(code, 202, "{body}");
+        api.until("/connectors/ids", "running again", |v| {
+            v["state"] == "running" && v["ready"] == true
+        })
+        .await;
+        let more = lines("e", 200 + round * 10..210 + round * 10) + &lines("e", 0..5);
+        w.append("ids.jsonl", &more);
+        size += more.len() as u64;
+        api.until("/connectors/ids", "committed after restart", |v| {
+            committed(v) == size
+        })
+        .await;
+    }
+    assert_eq!(counts(&schema, "ids").await, (230, 230));
+    let v = api.json("/connectors/ids").await;
+    assert_eq!(v["deduplicated"], 65, "{v}");
+    stop_cleanly(&mut child);
+}

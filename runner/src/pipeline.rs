@@ -355,7 +355,7 @@ impl Connector {
         let pref = PartitionRef::new(&self.name, self.source.name(), partition);
         let retry = &self.cfg.retry;
         // Counted as opening until the reader is positioned: readiness waits.
-        self.stats.opening(true);
+        let opening = self.stats.opening();
         let opened = async {
             let opened = retry_transient(retry, &self.stats, "open the partition", || {
                 self.sink.open(&pref)
@@ -370,7 +370,7 @@ impl Connector {
             Ok::<_, RunError>((opened, reader))
         }
         .await;
-        self.stats.opening(false);
+        drop(opening);
         let (opened, reader) = opened?;
         info!(
             connector = %self.name,

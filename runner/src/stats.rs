@@ -267,6 +267,15 @@ impl Snapshot {
     }
 }
 
+/// A partition being opened; see [`Stats::opening`].
+pub struct Opening<'a>(&'a AtomicUsize);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What one committed batch did.
 pub struct Committed<'a> {
     pub partition: &'a str,
@@ -423,13 +432,11 @@ impl Stats {
         self.prepared.load(Ordering::Relaxed)
     }
 
-    /// A partition starts (`true`) or ends (`false`) opening.
-    pub fn opening(&self, starts: bool) {
-        if starts {
-            self.opening.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.opening.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// A partition starts opening; it is open when the guard drops (also
+    /// when its task is aborted, so readiness never waits on a dead task).
+    pub fn opening(&self) -> Opening<'_> {
+        self.opening.fetch_add(1, Ordering::Relaxed);
+        Opening(&self.opening)
     }
 
     pub fn partitions_opening(&self) -> usize {

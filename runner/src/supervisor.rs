@@ -298,6 +298,8 @@ impl Supervised {
                 continue;
             }
             self.lock().failure = None;
+            // A failure being retried when it last stopped is history now.
+            self.stats.succeeded();
             self.set_state(State::Starting);
             let conn = match self.start(&cfg).await {
                 Ok(c) => c,
@@ -375,6 +377,16 @@ impl Supervised {
 
     /// Build the connector and say what it guarantees.
     async fn start(&self, cfg: &ConnectorConfig) -> Result<Arc<Connector>, String> {
+        // Drop the previous connector first: its embedded dedup store (one
+        // process per file) must be closed before the new one opens it.
+        // Its last tasks (a reader being aborted) let go within moments.
+        let previous = self.lock().current.take();
+        if let Some(old) = previous {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let c = Connector::build_with(&self.name, cfg.clone(), self.stats.clone())
             .map_err(|e| e.to_string())?;
         let c = Arc::new(c);
