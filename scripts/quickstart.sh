@@ -16,6 +16,9 @@ rm -f quickstart/idem.duckdb quickstart/idem.duckdb.wal quickstart/deadletter.js
 "$idem" check config/examples/quickstart.toml
 "$idem" run config/examples/quickstart.toml
 echo
+echo "Prove it: every line of the file took effect exactly once in the table:"
+"$idem" verify config/examples/quickstart.toml
+echo
 echo "Run it again: every position is already committed, nothing changes:"
 "$idem" run config/examples/quickstart.toml 2>/dev/null
 echo

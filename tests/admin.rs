@@ -603,6 +603,11 @@ async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
         format!("DELETE FROM {t} WHERE id = 'a-99'"),
         format!("INSERT INTO {t} SELECT id || '-x', n, _idem_partition, _idem_offset + 1 FROM {t} WHERE id = 'a-5'"),
         format!("DELETE FROM \"{schema}\".\"keyed\" WHERE id = 'k-3'"),
+        // k-5's row points at its first message, not its last.
+        format!(
+            "UPDATE \"{schema}\".\"keyed\" SET _idem_offset = {} WHERE id = 'k-5'",
+            keyed.lines().take(5).map(|l| l.len() + 1).sum::<usize>()
+        ),
     ] {
         db.execute(&sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
@@ -624,8 +629,9 @@ async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
             "unexplained row: a row from {plain_path}@{}: no mapped message there",
             a5 + 1
         ),
-        "✗ keyed: 300 messages (0 dead-lettered), 39 rows: 1 findings".to_string(),
+        "✗ keyed: 300 messages (0 dead-lettered), 39 rows: 2 findings".to_string(),
         "missing: key \"k-3\"".to_string(),
+        "stale row: key \"k-5\": the row holds".to_string(),
     ] {
         assert!(stdout.contains(&line), "missing {line:?} in\n{stdout}");
     }

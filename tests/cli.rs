@@ -220,6 +220,25 @@ fn bad_lines_go_to_the_dead_letters_and_the_run_goes_on() {
         query_i64(&db, "SELECT next_offset FROM idem_offsets"),
         input.len() as i64
     );
+    drop(db);
+    // The audit agrees: the copy of `a` left one row, the bad lines none.
+    let out = run_ok(idem().arg("verify").arg(&cfg));
+    let verdict = text(&out.stdout);
+    assert!(
+        verdict.contains(
+            "✓ t: 6 messages (3 dead-lettered), 2 rows: every message took effect exactly once"
+        ),
+        "{verdict}"
+    );
+    // A row no message explains fails it.
+    let db = duckdb::Connection::open(w.path("t.duckdb")).unwrap();
+    db.execute_batch("INSERT INTO t SELECT 'z', n, _idem_partition, 1 FROM t LIMIT 1")
+        .unwrap();
+    drop(db);
+    let out = idem().arg("verify").arg(&cfg).output().unwrap();
+    let verdict = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{verdict}");
+    assert!(verdict.contains("unexplained row: a row from"), "{verdict}");
 }
 
 #[test]
