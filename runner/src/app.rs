@@ -696,11 +696,12 @@ fn print_api_status(url: &str, v: &serde_json::Value) -> i32 {
     }
 }
 
-/// Committed positions as each sink stores them.
+/// Committed positions as each sink stores them (no idem runs: every
+/// connector is `stopped`).
 async fn status_from_sinks(config: Config) -> anyhow::Result<i32> {
     println!(
-        "{:<20} {:<8} {:>14} {:>14} {:>12} {:>6}  partition",
-        "connector", "source", "next offset", "source end", "lag", "epoch"
+        "{:<20} {:<10} {:>14} {:>14} {:>12} {:>6}  partition",
+        "connector", "state", "committed", "source end", "lag", "epoch"
     );
     for (name, cfg) in config.connectors {
         let c = Connector::build(&name, cfg)?;
@@ -713,9 +714,9 @@ async fn status_from_sinks(config: Config) -> anyhow::Result<i32> {
             let show = |o: Option<u64>| o.map_or("-".to_string(), |o| o.to_string());
             let lag = end.map(|e| e.saturating_sub(p.next_offset.unwrap_or(0)));
             println!(
-                "{:<20} {:<8} {:>14} {:>14} {:>12} {:>6}  {}",
+                "{:<20} {:<10} {:>14} {:>14} {:>12} {:>6}  {}",
                 name,
-                p.source,
+                "stopped",
                 show(p.next_offset),
                 show(end),
                 show(lag),
