@@ -34,6 +34,17 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Whether process `pid` is stopped (SIGSTOP, or a `:stop` fail point).
+pub fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
 /// Send signal `name` (TERM, KILL, STOP...) with the shell's builtin
 /// `kill`: no unsafe code, no dependency on procps.
 pub fn signal(pid: u32, name: &str) {

@@ -9,8 +9,8 @@ mod common;
 
 use common::*;
 use idem_dedup_store::{
-    Claim, DedupStore, EmbeddedDedupStore, MemoryDedupStore, PostgresDedupStore, RedisDedupStore,
-    Reservation, Seen,
+    Claim, DedupError, DedupStore, EmbeddedDedupStore, MemoryDedupStore, PostgresDedupStore,
+    RedisDedupStore, Reservation, Seen,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -386,6 +386,7 @@ async fn a_redis_that_lost_its_ids_is_reported_not_trusted() {
     );
     assert!(s.ensure_marker().await.unwrap());
     s.reserve("r", &claims(&["a"])).await.unwrap();
+    let epoch = s.open_position("p").await.unwrap().epoch;
     // What a restart without persistence (or FLUSHDB) does to the marker.
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -397,6 +398,11 @@ async fn a_redis_that_lost_its_ids_is_reported_not_trusted() {
     let err = s.reserve("r", &claims(&["b"])).await.unwrap_err();
     assert!(!err.is_retriable(), "{err}");
     assert!(err.to_string().contains("lost its ids"), "{err}");
+    // Positions went with the ids: a loss, not a newer owner (fenced).
+    let err = s.save_position("p", epoch, 5).await.unwrap_err();
+    assert!(matches!(err, DedupError::Lost { .. }), "{err}");
+    let err = s.open_position("p").await.unwrap_err();
+    assert!(matches!(err, DedupError::Lost { .. }), "{err}");
     // Acknowledged (the marker written again), it goes on.
     assert!(!s.ensure_marker().await.unwrap());
     assert_eq!(s.reserve("r", &claims(&["b"])).await.unwrap(), [Seen::New]);

@@ -320,7 +320,12 @@ fn redis_restarted_mid_run(on_loss: &str) {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let status = status.expect("the runner did not stop");
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "the runner did not stop:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        });
         assert!(!status.success());
         let err = std::fs::read_to_string(&stderr).unwrap();
         assert!(err.contains("lost its ids"), "{err}");
@@ -345,6 +350,63 @@ fn redis_restarted_mid_run(on_loss: &str) {
         assert_eq!(effects(&r), want);
         signal(runner.0.id(), "TERM");
         assert!(runner.0.wait().unwrap().success());
+    }
+}
+
+/// Redis loses its data while a batch is in flight: its ids were reserved
+/// before, its position is saved after. The loss is reported as a loss (not
+/// as a newer owner fencing the partition): "fail" stops the connector;
+/// "warn" reads the partition again from the start and the receiver's keys
+/// keep one effect per id.
+#[test]
+fn a_redis_lost_between_a_batchs_reservation_and_its_position() {
+    for on_loss in ["fail", "warn"] {
+        let w = Workdir::new();
+        let port = free_port();
+        let r = Receiver::start(Faults::none(), None);
+        let dedup = format!(
+            "store = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\non_loss = \"{on_loss}\""
+        );
+        let cfg = config(&w, &r.url, "", &dedup);
+        let (a, expected, _) = events("a", 100);
+        w.write("in-0.jsonl", &a);
+        let server = private_redis(port, w.dir.path());
+        let stderr = w.path("stderr.log");
+        // Stopped (SIGSTOP) right after the first request is answered.
+        let mut runner = Reaped(
+            idem()
+                .env("IDEM_FAILPOINTS", "mid_write=1:stop")
+                .arg("run")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&stderr).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let pid = runner.0.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !is_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never reached mid_write"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(server);
+        let _server = private_redis(port, w.dir.path());
+        signal(pid, "CONT");
+        let status = runner.0.wait().unwrap();
+        let err = std::fs::read_to_string(&stderr).unwrap();
+        assert!(!err.contains("fenced"), "a loss is not a fence: {err}");
+        assert!(err.contains("lost its ids"), "{err}");
+        if on_loss == "fail" {
+            assert!(!status.success(), "{err}");
+            assert!(err.contains("on_loss = \"warn\""), "{err}");
+        } else {
+            assert!(status.success(), "{err}");
+            assert!(err.contains("read again from the source's start"), "{err}");
+            assert_eq!(effects(&r), expected);
+        }
     }
 }
 

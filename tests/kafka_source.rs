@@ -468,16 +468,6 @@ fn spawn_runner(
     cmd.spawn().unwrap()
 }
 
-fn is_stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('T'))
-        })
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runners_share_a_group_and_a_frozen_one_is_fenced() {
     group_scenario(&[]).await;

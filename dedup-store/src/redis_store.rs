@@ -49,9 +49,14 @@ end
 return 0
 "#;
 
-/// Bumps a partition's epoch. KEYS: positions hash; ARGV: partition.
+/// Bumps a partition's epoch. KEYS: marker, positions hash; ARGV:
+/// partition. A missing marker is a lost store (`IDEM_LOST`), not a
+/// partition never seen.
 const OPEN_POSITION: &str = r#"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('IDEM_LOST')
+end
+local v = redis.call('HGET', KEYS[2], ARGV[1])
 local epoch, nxt = 0, ''
 if v then
   local t = string.find(v, '\t', 1, true)
@@ -59,18 +64,23 @@ if v then
   nxt = v:sub(t + 1)
 end
 epoch = epoch + 1
-redis.call('HSET', KEYS[1], ARGV[1], epoch .. '\t' .. nxt)
+redis.call('HSET', KEYS[2], ARGV[1], epoch .. '\t' .. nxt)
 return epoch .. '\t' .. nxt
 "#;
 
-/// Stores a position if the epoch is current. KEYS: positions hash;
-/// ARGV: partition, epoch, next offset. Returns 1, or 0 when fenced.
+/// Stores a position if the epoch is current. KEYS: marker, positions
+/// hash; ARGV: partition, epoch, next offset. Returns 1, or 0 when fenced;
+/// `IDEM_LOST` when the store lost its data (a position gone with it is
+/// not a newer owner's doing).
 const SAVE_POSITION: &str = r#"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('IDEM_LOST')
+end
+local v = redis.call('HGET', KEYS[2], ARGV[1])
 if not v then return 0 end
 local t = string.find(v, '\t', 1, true)
 if v:sub(1, t - 1) ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\t' .. ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '\t' .. ARGV[3])
 return 1
 "#;
 
@@ -421,6 +431,7 @@ impl DedupStore for RedisDedupStore {
         let mut conn = self.conn.clone();
         let v: String = self
             .open_position
+            .key(self.marker())
             .key(self.positions_key())
             .arg(partition)
             .invoke_async(&mut conn)
@@ -438,6 +449,7 @@ impl DedupStore for RedisDedupStore {
         let mut conn = self.conn.clone();
         let saved: i64 = self
             .save_position
+            .key(self.marker())
             .key(self.positions_key())
             .arg(partition)
             .arg(epoch)

@@ -7,7 +7,7 @@ use crate::dedup::{Ids, LazyStore, Stage};
 use crate::plugins::{ConnectorConfig, SinkContext};
 use crate::stats::{Committed, Stats};
 use backon::{ExponentialBuilder, Retryable};
-use idem_config::{ErrorPolicy, Guarantee, RetryConfig};
+use idem_config::{ErrorPolicy, Guarantee, OnLoss, RetryConfig};
 use idem_core::failpoint::{self, AFTER_COMMIT, BEFORE_COMMIT};
 use idem_core::{
     Assignment, Batch, Mapper, Message, PartitionReader, PartitionRef, ReadStatus, Record, Sink,
@@ -106,6 +106,14 @@ pub enum RunError {
     DedupConfig { connector: String, message: String },
     #[error("connector `{connector}`: task failed: {message}")]
     Task { connector: String, message: String },
+    /// The dedup store lost the partition's position with its ids, and
+    /// `on_loss = "warn"` accepts it: the partition opens again (a new
+    /// epoch, from the source's start).
+    #[error("connector `{connector}`: {partition}: the dedup store lost this partition's position; opening it again")]
+    Reopen {
+        connector: String,
+        partition: String,
+    },
 }
 
 /// Everything a connector's tasks share.
@@ -298,6 +306,21 @@ impl Connector {
                     }
                     match result {
                         Ok(()) => debug!(connector = %self.name, partition, "partition finished"),
+                        // Not `assignments_done`: a bounded source has handed out all
+                        // its partitions, and this one must still finish.
+                        Err(RunError::Reopen { .. }) if !stop.is_cancelled() && !running.contains_key(&partition) => {
+                            let token = stop.child_token();
+                            spawned += 1;
+                            let id = spawned;
+                            running.insert(partition.clone(), (id, token.clone()));
+                            let me = self.clone();
+                            let span = info_span!("partition", connector = %self.name, partition = %partition);
+                            tasks.spawn(async move {
+                                let r = me.run_partition(&partition, token).instrument(span).await;
+                                (partition, id, r)
+                            });
+                        }
+                        Err(RunError::Reopen { .. }) => {}
                         Err(RunError::Sink { source: SinkError::Fenced { .. }, .. }) => {
                             self.stats.fenced(&partition);
                             warn!(connector = %self.name, partition, "partition fenced by a newer runner: dropped");
@@ -517,6 +540,24 @@ impl Connector {
         let commit_elapsed = started.elapsed();
         let stats = match committed {
             Ok(s) => s,
+            Err(e) if lost_store(&e).is_some() => {
+                // The store lost its data between this batch's reservation
+                // and its position: its ids and positions are gone alike.
+                let store = lost_store(&e).unwrap_or_default();
+                let Some(stage) = self.dedup.as_ref().filter(|s| s.on_loss == OnLoss::Warn) else {
+                    return Err(self.dedup_err(idem_dedup_store::DedupError::Lost { store }));
+                };
+                warn!(connector = %self.name, partition = %pref.partition, store, "the dedup store lost its ids and this partition's position: copies of messages processed before now will not be recognised; the partition is read again from the source's start and the receiver's idempotency keys keep repeated effects single (on_loss = \"warn\")");
+                stage
+                    .store
+                    .accept_loss()
+                    .await
+                    .map_err(|e| self.dedup_err(e))?;
+                return Err(RunError::Reopen {
+                    connector: self.name.clone(),
+                    partition: pref.partition.to_string(),
+                });
+            }
             Err(e) => {
                 if let (Some(stage), Some((owner, _))) = (&self.dedup, &reserved) {
                     // Given up: the ids are free again (a crash leaves them
@@ -735,6 +776,24 @@ async fn read_loop(
             return;
         }
     }
+}
+
+/// The store a sink error says lost its data, if it says so (a dedup
+/// store keeping a sink's positions).
+fn lost_store(e: &SinkError) -> Option<String> {
+    let (SinkError::Permanent(b) | SinkError::Transient(b)) = e else {
+        return None;
+    };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(b.as_ref());
+    while let Some(err) = cur {
+        if let Some(idem_dedup_store::DedupError::Lost { store }) =
+            err.downcast_ref::<idem_dedup_store::DedupError>()
+        {
+            return Some(store.clone());
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// An error that says whether trying again can help.
