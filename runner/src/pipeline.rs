@@ -246,16 +246,11 @@ impl Connector {
         .await
         .map_err(|e| self.sink_err(e))?;
         self.stats.set_prepared(true);
-        let mut tasks: JoinSet<(String, u64, Result<(), RunError>)> = JoinSet::new();
-        // Partition -> (its task's number, its stop token). A partition
-        // revoked and assigned again can briefly have two tasks: the old one
-        // finishing its batch (the sink's epoch fences it if it is late).
-        let mut running: HashMap<String, (u64, CancellationToken)> = HashMap::new();
-        let mut spawned = 0u64;
+        let mut parts = PartitionTasks::default();
         let mut assignments_done = false;
         let mut failure: Option<RunError> = None;
         loop {
-            if assignments_done && tasks.is_empty() {
+            if assignments_done && parts.tasks.is_empty() {
                 break;
             }
             tokio::select! {
@@ -264,24 +259,14 @@ impl Connector {
                     assignments_done = true;
                 }
                 next = self.source.next_assignment(), if !assignments_done => match next {
-                    Ok(Some(Assignment::Assigned(parts))) => {
-                        for p in parts {
-                            let token = stop.child_token();
-                            spawned += 1;
-                            let id = spawned;
-                            running.insert(p.clone(), (id, token.clone()));
-                            let me = self.clone();
-                            // Every line logged for this partition names it.
-                            let span = info_span!("partition", connector = %self.name, partition = %p);
-                            tasks.spawn(async move {
-                                let r = me.run_partition(&p, token).instrument(span).await;
-                                (p, id, r)
-                            });
+                    Ok(Some(Assignment::Assigned(list))) => {
+                        for p in list {
+                            parts.start(&self, p, &stop, false);
                         }
                     }
-                    Ok(Some(Assignment::Revoked(parts))) => {
-                        for p in parts {
-                            if let Some((_, t)) = running.get(&p) {
+                    Ok(Some(Assignment::Revoked(list))) => {
+                        for p in list {
+                            if let Some((_, t)) = parts.running.get(&p) {
                                 t.cancel();
                             }
                         }
@@ -293,7 +278,7 @@ impl Connector {
                         stop.cancel();
                     }
                 },
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(joined) = parts.tasks.join_next(), if !parts.tasks.is_empty() => {
                     let (partition, id, result) = match joined {
                         Ok(v) => v,
                         Err(e) => (String::new(), 0, Err(RunError::Task {
@@ -301,24 +286,16 @@ impl Connector {
                             message: e.to_string(),
                         })),
                     };
-                    if running.get(&partition).is_some_and(|(mine, _)| *mine == id) {
-                        running.remove(&partition);
+                    if parts.running.get(&partition).is_some_and(|(mine, _)| *mine == id) {
+                        parts.running.remove(&partition);
                     }
+                    let free = !parts.running.contains_key(&partition);
                     match result {
                         Ok(()) => debug!(connector = %self.name, partition, "partition finished"),
                         // Not `assignments_done`: a bounded source has handed out all
                         // its partitions, and this one must still finish.
-                        Err(RunError::Reopen { .. }) if !stop.is_cancelled() && !running.contains_key(&partition) => {
-                            let token = stop.child_token();
-                            spawned += 1;
-                            let id = spawned;
-                            running.insert(partition.clone(), (id, token.clone()));
-                            let me = self.clone();
-                            let span = info_span!("partition", connector = %self.name, partition = %partition);
-                            tasks.spawn(async move {
-                                let r = me.run_partition(&partition, token).instrument(span).await;
-                                (partition, id, r)
-                            });
+                        Err(RunError::Reopen { .. }) if !stop.is_cancelled() && free => {
+                            parts.start(&self, partition, &stop, false);
                         }
                         Err(RunError::Reopen { .. }) => {}
                         Err(RunError::Sink { source: SinkError::Fenced { .. }, .. }) => {
@@ -328,28 +305,8 @@ impl Connector {
                             // it still names this runner after a pause, this
                             // runner is its owner and opens it again; otherwise
                             // nobody would read it until the next rebalance.
-                            if !assignments_done
-                                && !running.contains_key(&partition)
-                                && self.source.still_assigned(&partition)
-                            {
-                                let token = stop.child_token();
-                                spawned += 1;
-                                let id = spawned;
-                                running.insert(partition.clone(), (id, token.clone()));
-                                let me = self.clone();
-                                tasks.spawn(async move {
-                                    tokio::select! {
-                                        _ = token.cancelled() => return (partition, id, Ok(())),
-                                        _ = tokio::time::sleep(REOPEN_AFTER_FENCE) => {}
-                                    }
-                                    if !me.source.still_assigned(&partition) {
-                                        return (partition, id, Ok(()));
-                                    }
-                                    info!(connector = %me.name, partition, "the group still assigns this fenced partition here: opening it again");
-                                    let span = info_span!("partition", connector = %me.name, partition = %partition);
-                                    let r = me.run_partition(&partition, token).instrument(span).await;
-                                    (partition, id, r)
-                                });
+                            if !assignments_done && free && self.source.still_assigned(&partition) {
+                                parts.start(&self, partition, &stop, true);
                             }
                         }
                         Err(e) => {
@@ -623,6 +580,52 @@ impl Connector {
             warn!(connector = %self.name, partition = %pref.partition, error = %e, "ack to the source failed");
         }
         Ok(())
+    }
+}
+
+/// The partition tasks of one run of a connector.
+#[derive(Default)]
+struct PartitionTasks {
+    tasks: JoinSet<(String, u64, Result<(), RunError>)>,
+    /// Partition -> (its task's number, its stop token). A partition
+    /// revoked and assigned again can briefly have two tasks: the old one
+    /// finishing its batch (the sink's epoch fences it if it is late).
+    running: HashMap<String, (u64, CancellationToken)>,
+    spawned: u64,
+}
+
+impl PartitionTasks {
+    /// Read and commit `partition` until `stop`. `after_fence`: first wait
+    /// [`REOPEN_AFTER_FENCE`], and open it only if the source still assigns
+    /// it to this runner.
+    fn start(
+        &mut self,
+        conn: &Arc<Connector>,
+        partition: String,
+        stop: &CancellationToken,
+        after_fence: bool,
+    ) {
+        let token = stop.child_token();
+        self.spawned += 1;
+        let id = self.spawned;
+        self.running.insert(partition.clone(), (id, token.clone()));
+        let me = conn.clone();
+        // Every line logged for this partition names it.
+        let span = info_span!("partition", connector = %conn.name, partition = %partition);
+        self.tasks.spawn(async move {
+            if after_fence {
+                tokio::select! {
+                    _ = token.cancelled() => return (partition, id, Ok(())),
+                    _ = tokio::time::sleep(REOPEN_AFTER_FENCE) => {}
+                }
+                if !me.source.still_assigned(&partition) {
+                    return (partition, id, Ok(()));
+                }
+                info!(connector = %me.name, partition, "the group still assigns this fenced partition here: opening it again");
+            }
+            let r = me.run_partition(&partition, token).instrument(span).await;
+            (partition, id, r)
+        });
     }
 }
 
