@@ -10,8 +10,8 @@
 //! - no row is left that no message explains (a position that holds no
 //!   message, a dead-lettered one, or one past the committed position).
 //!
-//! Any finding exits 1. It reads the whole range into memory: about 100
-//! bytes per row and per message id.
+//! Any finding exits 1. It holds the whole range in memory (about 0.9 KB
+//! per message with a DuckDB table: 850 MiB for a million).
 
 use crate::pipeline::{map_message, Connector, Item};
 use crate::plugins::{Config, SinkConfig};
