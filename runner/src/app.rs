@@ -435,9 +435,10 @@ async fn progress_loop(process: Arc<Process>, every: Duration) {
         tick.tick().await;
         for c in process.connectors() {
             let now = c.stats.snapshot();
-            let (t0, before) = last
-                .remove(&c.name)
-                .unwrap_or_else(|| (Instant::now() - every, Snapshot::default()));
+            let (t0, before) = last.remove(&c.name).unwrap_or_else(|| {
+                let now = Instant::now();
+                (now.checked_sub(every).unwrap_or(now), Snapshot::default())
+            });
             let state = c.state();
             if matches!(state, State::Running | State::Starting) {
                 let secs = t0.elapsed().as_secs_f64().max(1e-3);

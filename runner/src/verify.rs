@@ -242,6 +242,9 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
                 }
             }
         }
+        // Nothing retained below the committed position: every row of the
+        // partition is older than what the source keeps.
+        first.entry(p.partition.clone()).or_insert(end);
     }
     // The message that should hold each identity's row: the first or the
     // last of its copies (across partitions, any partition's last).
