@@ -57,6 +57,16 @@ fn duckdb_sink(w: &Workdir) -> String {
 #[test]
 fn every_example_config_checks_and_prints_its_guarantee() {
     let w = Workdir::new();
+    // The input files the examples read (check refuses a missing one).
+    for input in [
+        "data/orders-1.jsonl",
+        "payments/p.jsonl",
+        "quickstart/events.jsonl",
+        "data/users-1.jsonl",
+    ] {
+        std::fs::create_dir_all(w.path(input).parent().unwrap()).unwrap();
+        w.write(input, "");
+    }
     let mut seen = 0;
     for entry in std::fs::read_dir(repo_root().join("config/examples")).unwrap() {
         let path = entry.unwrap().path();
@@ -163,7 +173,9 @@ fn exactly_once_is_refused_on_a_sink_that_cannot_give_it() {
     let cfg = w.write("c.toml", &connector(&w, "", "type = \"stdout\""));
     let out = idem().arg("run").arg(&cfg).output().unwrap();
     let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    // A config mistake: refused before anything starts, with the file.
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("c.toml:2:"), "{err}");
     assert!(
         err.contains("requires exactly-once")
             && err.contains("at-least-once")

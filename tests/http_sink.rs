@@ -202,6 +202,7 @@ fn every_message_has_one_effect_through_faults_and_copies_are_never_sent_twice()
 fn check_says_what_the_guarantee_rests_on() {
     let w = Workdir::new();
     let r = Receiver::start(Faults::none(), None);
+    w.write("in-1.jsonl", "");
     let cfg = config(
         &w,
         &r.url,
@@ -217,8 +218,9 @@ fn check_says_what_the_guarantee_rests_on() {
     // Array mode is at-least-once, and exactly-once is refused.
     let cfg = config(&w, &r.url, "mode = \"array\"", "");
     let out = idem().arg("check").arg(&cfg).output().unwrap();
-    assert!(!out.status.success());
-    let s = text(&out.stdout);
+    // A config mistake, refused before anything starts.
+    assert_eq!(out.status.code(), Some(2));
+    let s = text(&out.stderr);
     assert!(s.contains("_idem_id"), "{s}");
 }
 

@@ -56,6 +56,14 @@ pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     from_env(&raw).map_err(serde::de::Error::custom)
 }
 
+/// Like [`string`], for a URL that may carry credentials (a password, a
+/// token parameter): they are registered with [`crate::redact`].
+pub fn url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = string(d)?;
+    crate::redact::register_url(&value);
+    Ok(value)
+}
+
 /// serde `deserialize_with` for optional strings that may hold `${VAR}`.
 pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Option::<String>::deserialize(d)?
@@ -65,6 +73,7 @@ pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::
 
 /// A secret (password, token, URL with credentials). Interpolated like any
 /// string; `Debug` and `Display` print `***`, so it never reaches a log.
+/// The credentials inside a URL are registered with [`crate::redact`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -92,7 +101,11 @@ impl fmt::Display for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        string(d).map(Secret)
+        // A URL's password and secret parameters are hidden from every
+        // output from now on (see `redact`).
+        let value = string(d)?;
+        crate::redact::register_url(&value);
+        Ok(Secret(value))
     }
 }
 

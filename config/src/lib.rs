@@ -8,13 +8,17 @@
 mod error;
 pub use error::Invalid;
 pub mod interp;
+pub mod redact;
 mod schema;
 mod table;
 
 pub use error::ConfigError;
 pub use interp::{interpolate, Secret};
 pub use schema::*;
-pub use table::{check_ident, validate_write, WriteMode};
+pub use table::{
+    check_column_name, check_ident, check_postgres_name, validate_write, WriteMode,
+    POSTGRES_MAX_NAME,
+};
 
 use serde::de::DeserializeOwned;
 use std::path::Path;
@@ -56,6 +60,14 @@ where
         return Err(error::from_invalid(path, text, invalid));
     }
     Ok(config)
+}
+
+/// Locate a mistake found after parsing (by a check that looks at this
+/// machine: a missing input file, say): `invalid.key` is from the root,
+/// e.g. `["connectors", "orders", "source", "path"]`.
+pub fn invalid_at(path: &Path, invalid: Invalid) -> ConfigError {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    error::from_invalid(path, &text, invalid)
 }
 
 #[cfg(test)]

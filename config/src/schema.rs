@@ -470,6 +470,9 @@ impl DedupConfig {
                 e.key.insert(0, "dedup".into());
                 e
             })?;
+            if self.store == DedupStoreKind::Postgres {
+                crate::check_postgres_name(&["dedup", key], value)?;
+            }
         }
         Ok(())
     }
@@ -582,6 +585,15 @@ impl<S: Validate, K: Validate> Config<S, K> {
                 ));
             }
             c.validate_common().map_err(|e| at(&[], e))?;
+            if c.dead_letters.destination == DeadLetterDestination::Table
+                && c.dead_letters.table.is_none()
+            {
+                crate::check_postgres_name(
+                    &["dead_letters", "destination"],
+                    &default_dead_letter_table(name),
+                )
+                .map_err(|e| at(&[], e))?;
+            }
             c.source
                 .validate(&c.columns)
                 .map_err(|e| at(&["source"], e))?;
@@ -616,6 +628,9 @@ impl<S, K> ConnectorConfig<S, K> {
                     &["columns", &idx, "name"],
                     "a column name must be non-empty and not start with `_idem_` (reserved)",
                 ));
+            }
+            if let Err(msg) = crate::check_column_name(&col.name) {
+                return Err(Invalid::new(&["columns", &idx, "name"], msg));
             }
             if !seen.insert(col.name.as_str()) {
                 return Err(Invalid::new(
@@ -675,6 +690,8 @@ impl<S, K> ConnectorConfig<S, K> {
         if let Some(t) = &dl.table {
             crate::check_ident(t, t)
                 .map_err(|e| Invalid::new(&["dead_letters", "table"], e.message))?;
+            // The table lives in the PostgreSQL sink's schema.
+            crate::check_postgres_name(&["dead_letters", "table"], t)?;
         }
         if let Some(p) = &self.tombstone_field {
             if !p.starts_with('/') {
@@ -686,4 +703,10 @@ impl<S, K> ConnectorConfig<S, K> {
         }
         Ok(())
     }
+}
+
+/// The dead-letter table of connector `name` when `dead_letters.table` is
+/// not set.
+pub fn default_dead_letter_table(name: &str) -> String {
+    format!("{name}_dead_letters").replace('-', "_")
 }

@@ -36,6 +36,37 @@ pub fn check_ident(key: &str, value: &str) -> Result<(), Invalid> {
     }
 }
 
+/// PostgreSQL keeps the first 63 bytes of a name (NAMEDATALEN - 1) and
+/// silently drops the rest, so two long names could become one table.
+pub const POSTGRES_MAX_NAME: usize = 63;
+
+/// Refuse a name PostgreSQL would truncate.
+pub fn check_postgres_name(key: &[&str], value: &str) -> Result<(), Invalid> {
+    if value.len() > POSTGRES_MAX_NAME {
+        return Err(Invalid::new(
+            key,
+            format!(
+                "`{value}` is {} bytes; PostgreSQL keeps only the first {POSTGRES_MAX_NAME} bytes of a name",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A column name is free-form (it is always quoted, an embedded `"`
+/// doubled), but it must be printable: no control characters, and no NUL,
+/// which no SQL engine stores.
+pub fn check_column_name(value: &str) -> Result<(), String> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "column name {value:?} holds the control character {:?}",
+            c
+        ));
+    }
+    Ok(())
+}
+
 /// Check `mode` with its `key`, `version` and `delete_on_tombstone` against
 /// the mapped `columns`. Keys of errors are relative to the sink section.
 pub fn validate_write(

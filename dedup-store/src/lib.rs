@@ -21,7 +21,7 @@ mod redis_store;
 
 pub use embedded::EmbeddedDedupStore;
 pub use postgres::PostgresDedupStore;
-pub use redis_store::RedisDedupStore;
+pub use redis_store::{check_url as check_redis_url, RedisDedupStore};
 
 use async_trait::async_trait;
 use std::collections::HashMap;

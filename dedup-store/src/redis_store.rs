@@ -320,6 +320,25 @@ impl RedisDedupStore {
 }
 
 /// `redis://:secret@host` without the secret.
+/// Whether `url` can name a Redis server, without connecting; the
+/// message never repeats the URL (it may hold a password).
+pub fn check_url(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo;
+    if !(url.starts_with("redis://")
+        || url.starts_with("rediss://")
+        || url.starts_with("redis+unix://")
+        || url.starts_with("unix://"))
+    {
+        return Err("not a Redis URL: it must start with redis:// (or rediss:// for TLS), e.g. redis://:PASSWORD@127.0.0.1:6379/0".into());
+    }
+    url.into_connection_info().map(|_| ()).map_err(|e| {
+        format!(
+            "not a Redis URL: {}",
+            e.detail().unwrap_or("it does not parse")
+        )
+    })
+}
+
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),

@@ -3,7 +3,11 @@
 //!
 //! Reads are open (probes and scrapers carry no secrets); with
 //! `[runner.admin] token_env` set, every request that changes state must
-//! carry `Authorization: Bearer <token>`.
+//! carry `Authorization: Bearer <token>`. Requests that change state are
+//! refused from a web page of another origin (a foreign `Origin` or
+//! `Sec-Fetch-Site`, or a form's content type), so a browser on the same
+//! host cannot be made to pause or reload Idem. Every answer passes through
+//! [`idem_config::redact`].
 
 use crate::app::Process;
 use crate::supervisor::{Command, Refused};
@@ -26,7 +30,8 @@ pub fn router(process: Arc<Process>, token: Option<String>) -> Router {
         .layer(middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
-        ));
+        ))
+        .layer(middleware::from_fn(refuse_cross_origin));
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
@@ -35,7 +40,59 @@ pub fn router(process: Arc<Process>, token: Option<String>) -> Router {
         .route("/connectors", get(connectors))
         .route("/connectors/{name}", get(connector))
         .merge(control)
+        .layer(middleware::map_response(hide_secrets))
         .with_state(process)
+}
+
+/// Answers name sinks and errors, which may hold credentials.
+async fn hide_secrets(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 << 20).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let shown = match std::str::from_utf8(&bytes) {
+        Ok(text) => match idem_config::redact::text(text) {
+            std::borrow::Cow::Borrowed(_) => bytes,
+            std::borrow::Cow::Owned(t) => t.into(),
+        },
+        Err(_) => bytes,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(shown))
+}
+
+/// A browser sends `Origin` (and `Sec-Fetch-Site`) with a cross-origin
+/// POST, and may send one without any preflight when its content type is a
+/// form's or text: such requests are refused. curl and scripts send none.
+async fn refuse_cross_origin(headers: HeaderMap, request: Request, next: Next) -> Response {
+    let value = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = value(header::HOST).unwrap_or("");
+    let foreign_origin = value(header::ORIGIN).is_some_and(|origin| {
+        origin
+            .split_once("://")
+            .is_none_or(|(_, authority)| !authority.eq_ignore_ascii_case(host))
+    });
+    let foreign_site = value(header::HeaderName::from_static("sec-fetch-site"))
+        .is_some_and(|site| site != "same-origin" && site != "none");
+    let form = value(header::CONTENT_TYPE).is_some_and(|ct| {
+        let ct = ct.to_ascii_lowercase();
+        !ct.starts_with("application/json")
+    });
+    if foreign_origin || foreign_site {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": "requests that change state are refused from another origin (a web page); send them from curl or a script"})),
+        )
+            .into_response();
+    }
+    if form {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({"error": "send no body, or Content-Type: application/json"})),
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 async fn require_token(
@@ -48,8 +105,10 @@ async fn require_token(
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            // The scheme is case-insensitive (RFC 9110, 11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim_start());
         if !same(given.as_bytes(), expected.as_bytes()) {
             return (
                 StatusCode::UNAUTHORIZED,

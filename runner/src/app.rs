@@ -274,7 +274,10 @@ async fn bind_admin(
     let token = match &admin.token_env {
         None => None,
         Some(var) => match std::env::var(var) {
-            Ok(t) if !t.is_empty() => Some(t),
+            Ok(t) if !t.is_empty() => {
+                idem_config::redact::register(&t);
+                Some(t)
+            }
             _ => anyhow::bail!(
                 "runner.admin.token_env names the environment variable {var}, which is not set: set it to the admin API's bearer token, or remove token_env"
             ),
@@ -460,11 +463,11 @@ async fn progress_loop(process: Arc<Process>, every: Duration) {
 }
 
 async fn print_summary(connectors: &[Arc<Supervised>], elapsed: Duration, describe: bool) {
-    println!("idem: finished in {:.1}s", elapsed.as_secs_f64());
+    crate::say!("idem: finished in {:.1}s", elapsed.as_secs_f64());
     for sup in connectors {
         let s = sup.stats.snapshot();
         let rate = s.committed() as f64 / elapsed.as_secs_f64().max(1e-3);
-        println!(
+        crate::say!(
             "  {}: {} read -> {} written, {} deduplicated, {} dead-lettered ({rate:.0} msg/s, {} batches, {} retries{})",
             sup.name,
             s.read,
@@ -476,17 +479,17 @@ async fn print_summary(connectors: &[Arc<Supervised>], elapsed: Duration, descri
             if s.fenced > 0 { format!(", {} partitions fenced", s.fenced) } else { String::new() },
         );
         if let Some(f) = sup.failure() {
-            println!("    failed: {}", f.message);
+            crate::say!("    failed: {}", f.message);
         }
         let Some(c) = sup.current() else { continue };
         if s.dead_lettered > 0 {
-            println!("    dead letters: {}", c.dead_letters.describe());
+            crate::say!("    dead letters: {}", c.dead_letters.describe());
         }
-        println!("    positions: {}", format_positions(&s.positions));
+        crate::say!("    positions: {}", format_positions(&s.positions));
         if describe {
             match c.sink.describe().await {
-                Ok(d) => println!("    sink: {d}"),
-                Err(e) => println!("    sink: cannot describe: {e}"),
+                Ok(d) => crate::say!("    sink: {d}"),
+                Err(e) => crate::say!("    sink: cannot describe: {e}"),
             }
         }
     }
@@ -499,7 +502,7 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
         let required = cfg.guarantee;
         match Connector::build(&name, cfg) {
             Err(e) => {
-                println!("✗ {name}: {e}");
+                crate::say!("✗ {name}: {e}");
                 ok = false;
             }
             Ok(c) => {
@@ -507,13 +510,13 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                 if let Some(line) = dedup_line(&c).await {
                     match line {
                         Ok((l, warnings)) => {
-                            println!("  {name}: {l}");
+                            crate::say!("  {name}: {l}");
                             for w in warnings {
-                                println!("    warning: {w}");
+                                crate::say!("    warning: {w}");
                             }
                         }
                         Err(e) => {
-                            println!("✗ {name}: {e}");
+                            crate::say!("✗ {name}: {e}");
                             ok = false;
                             continue;
                         }
@@ -522,18 +525,18 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                 let prepared = c.sink.prepare().await;
                 match prepared {
                     Ok(()) => {
-                        println!("✓ {name}: {} (required: {required})", info.guarantee);
-                        println!("    why: {}", info.why);
-                        println!("    dead letters: {}", c.dead_letters.describe());
+                        crate::say!("✓ {name}: {} (required: {required})", info.guarantee);
+                        crate::say!("    why: {}", info.why);
+                        crate::say!("    dead letters: {}", c.dead_letters.describe());
                         let positions = c
                             .sink
                             .positions(&name)
                             .await
                             .with_context(|| format!("connector {name}: read positions"))?;
-                        println!("    committed partitions: {}", positions.len());
+                        crate::say!("    committed partitions: {}", positions.len());
                     }
                     Err(e) => {
-                        println!("✗ {name}: {} sink: {e}", c.cfg.sink.kind());
+                        crate::say!("✗ {name}: {} sink: {e}", c.cfg.sink.kind());
                         ok = false;
                     }
                 }
@@ -621,7 +624,7 @@ pub async fn status(config: Option<Config>, url: Option<String>) -> anyhow::Resu
     let Some(config) = config else {
         anyhow::bail!("give a config file, or --url of a running idem's admin API");
     };
-    println!("no running idem answers for this config: positions as the sinks store them");
+    crate::say!("no running idem answers for this config: positions as the sinks store them");
     status_from_sinks(config).await
 }
 
@@ -646,13 +649,17 @@ async fn fetch_status(url: &str) -> Result<serde_json::Value, String> {
 /// Print the table; 0 when every connector is ready, 1 otherwise (so
 /// scripts can use it as a check).
 fn print_api_status(url: &str, v: &serde_json::Value) -> i32 {
-    println!(
+    crate::say!(
         "idem at {url} running {}",
         v["config"].as_str().unwrap_or("?")
     );
-    println!(
+    crate::say!(
         "{:<20} {:<10} {:>14} {:>14} {:>12}  partition",
-        "connector", "state", "committed", "source end", "lag"
+        "connector",
+        "state",
+        "committed",
+        "source end",
+        "lag"
     );
     let mut all_ready = true;
     let empty = Vec::new();
@@ -662,13 +669,15 @@ fn print_api_status(url: &str, v: &serde_json::Value) -> i32 {
         let num = |x: &serde_json::Value| x.as_u64().map_or("-".to_string(), |n| n.to_string());
         let parts = c["partitions"].as_array().unwrap_or(&empty);
         if parts.is_empty() {
-            println!(
+            crate::say!(
                 "{name:<20} {state:<10} {:>14} {:>14} {:>12}  -",
-                "-", "-", "-"
+                "-",
+                "-",
+                "-"
             );
         }
         for p in parts {
-            println!(
+            crate::say!(
                 "{name:<20} {state:<10} {:>14} {:>14} {:>12}  {}",
                 num(&p["committed"]),
                 num(&p["source_end"]),
@@ -678,13 +687,13 @@ fn print_api_status(url: &str, v: &serde_json::Value) -> i32 {
         }
         if c["ready"].as_bool() != Some(true) {
             all_ready = false;
-            println!(
+            crate::say!(
                 "  {name}: not ready: {}",
                 c["reason"].as_str().unwrap_or("unknown")
             );
         }
         if let Some(e) = c["last_error"]["message"].as_str() {
-            println!(
+            crate::say!(
                 "  {name}: last error at {}: {e}",
                 c["last_error"]["at"].as_str().unwrap_or("?")
             );
@@ -700,9 +709,14 @@ fn print_api_status(url: &str, v: &serde_json::Value) -> i32 {
 /// Committed positions as each sink stores them (no idem runs: every
 /// connector is `stopped`).
 async fn status_from_sinks(config: Config) -> anyhow::Result<i32> {
-    println!(
+    crate::say!(
         "{:<20} {:<10} {:>14} {:>14} {:>12} {:>6}  partition",
-        "connector", "state", "committed", "source end", "lag", "epoch"
+        "connector",
+        "state",
+        "committed",
+        "source end",
+        "lag",
+        "epoch"
     );
     for (name, cfg) in config.connectors {
         let c = Connector::build(&name, cfg)?;
@@ -714,7 +728,7 @@ async fn status_from_sinks(config: Config) -> anyhow::Result<i32> {
             let end = c.source.end_offset(&p.partition).await;
             let show = |o: Option<u64>| o.map_or("-".to_string(), |o| o.to_string());
             let lag = end.map(|e| e.saturating_sub(p.next_offset.unwrap_or(0)));
-            println!(
+            crate::say!(
                 "{:<20} {:<10} {:>14} {:>14} {:>12} {:>6}  {}",
                 name,
                 "stopped",

@@ -40,6 +40,15 @@ impl ErrorClass {
     }
 }
 
+/// A reason as stored with a dead letter: secrets (a URL's password in an
+/// error) hidden, like every output.
+fn redact(reason: String) -> String {
+    match idem_config::redact::text(&reason) {
+        std::borrow::Cow::Borrowed(_) => reason,
+        std::borrow::Cow::Owned(shown) => shown,
+    }
+}
+
 /// A message that goes to the dead letters.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -54,7 +63,7 @@ impl DeadLetter {
         DeadLetter {
             offset: msg.offset,
             class,
-            reason,
+            reason: redact(reason),
             raw: msg.value.clone(),
         }
     }
@@ -130,19 +139,58 @@ impl DeadLetterFile {
             if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            *guard = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+            use std::os::unix::fs::OpenOptionsExt;
+            // Dead letters hold raw payloads: readable by their owner only.
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true)
+                .mode(0o600)
+                .open(&self.path)?;
+            let cut = cut_partial_record(&file)?;
+            if cut > 0 {
+                tracing::warn!(path = %self.path.display(), bytes = cut, "the dead-letter file ended in a partial record (an earlier crash or a full disk); removed it");
+            }
+            *guard = Some(file);
         }
         let file = guard
             .as_mut()
             .ok_or_else(|| std::io::Error::other("dead-letter file not open"))?;
-        file.write_all(&buf)?;
-        file.sync_data()
+        let before = file.metadata()?.len();
+        if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
+            // A full disk (or any failure) part-way: cut back to the last
+            // whole record, so the retry appends whole lines after it.
+            let _ = file.set_len(before);
+            return Err(e);
+        }
+        Ok(())
     }
+}
+
+/// Truncate `file` after its last newline; returns the bytes removed. A
+/// crash or ENOSPC in the middle of an append leaves such a tail.
+fn cut_partial_record(file: &File) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(part, start)?;
+        if let Some(i) = part.iter().rposition(|&b| b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                file.set_len(keep)?;
+            }
+            return Ok(len - keep);
+        }
+        end = start;
+    }
+    if len > 0 {
+        file.set_len(0)?;
+    }
+    Ok(len)
 }
 
 /// A dead-letter write that failed, and whether trying again can help.
@@ -210,11 +258,15 @@ impl DeadLetters {
                 let table = dl
                     .table
                     .clone()
-                    .unwrap_or_else(|| format!("{name}_dead_letters").replace('-', "_"));
+                    .unwrap_or_else(|| idem_config::default_dead_letter_table(name));
                 DeadLetters::Table(DeadLetterTable {
                     url: pg.url.clone(),
                     shown: format!("table {}.{table}", pg.schema),
-                    table: format!("\"{}\".\"{table}\"", pg.schema),
+                    table: format!(
+                        "{}.{}",
+                        idem_core::sql::q(&pg.schema),
+                        idem_core::sql::q(&table)
+                    ),
                     pool: tokio::sync::OnceCell::new(),
                 })
             }
@@ -290,7 +342,7 @@ impl idem_core::Rejects for DeadLetters {
         let letter = DeadLetter {
             offset,
             class: ErrorClass::Refused,
-            reason,
+            reason: redact(reason),
             raw: Some(raw),
         };
         Ok(self.write(partition, &[letter]).await?)
@@ -462,5 +514,58 @@ mod tests {
         assert_eq!(lines[0]["raw"], "{oops");
         assert_eq!(lines[1]["raw_base64"], "/wA=");
         assert!(lines[1].get("raw").is_none());
+    }
+
+    #[test]
+    fn a_partial_record_left_by_a_crash_is_cut_and_the_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dl.jsonl");
+        // One whole record, then half of one (a crash mid-append).
+        std::fs::write(&path, "{\"offset\":1}\n{\"connector\":\"c\",\"par").unwrap();
+        let f = DeadLetterFile::new(path.clone());
+        let p = PartitionRef::new("c", "file", "/x.jsonl");
+        let letter = DeadLetter {
+            offset: 7,
+            class: ErrorClass::Mapping,
+            reason: "bad".into(),
+            raw: Some(b"{oops".to_vec()),
+        };
+        f.write(&p, &[letter]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let offsets: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["offset"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(offsets, [1, 7], "{text}");
+        // Only a partial record: the file is emptied before appending.
+        let lone = dir.path().join("lone.jsonl");
+        std::fs::write(&lone, "{\"con").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&lone)
+            .unwrap();
+        assert_eq!(cut_partial_record(&file).unwrap(), 5);
+        assert_eq!(std::fs::metadata(&lone).unwrap().len(), 0);
+        // A new file holds raw payloads: owner only.
+        let fresh = dir.path().join("new.jsonl");
+        DeadLetterFile::new(fresh.clone())
+            .write(
+                &p,
+                &[DeadLetter {
+                    offset: 1,
+                    class: ErrorClass::Poison,
+                    reason: "x".into(),
+                    raw: None,
+                }],
+            )
+            .unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

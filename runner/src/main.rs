@@ -131,14 +131,16 @@ fn init_logs(format: LogFormat, configured: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let wanted = configured.unwrap_or("info");
         tracing_subscriber::EnvFilter::try_new(wanted).unwrap_or_else(|e| {
-            eprintln!("idem: runner.log = {wanted:?} is not a log filter ({e}); using \"info\"");
+            idem::say_err!(
+                "idem: runner.log = {wanted:?} is not a log filter ({e}); using \"info\""
+            );
             tracing_subscriber::EnvFilter::new("info")
         })
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(idem::output::RedactedStderr);
     match format {
         LogFormat::Human => builder.with_target(false).init(),
         LogFormat::Json => builder.json().init(),
@@ -147,17 +149,26 @@ fn init_logs(format: LogFormat, configured: Option<&str>) {
 
 fn load(path: &std::path::Path) -> Result<plugins::Config, ExitCode> {
     plugins::load(path).map_err(|e| {
-        eprintln!("idem: invalid config: {e}");
+        idem::say_err!("idem: invalid config: {e}");
         ExitCode::from(2)
     })
 }
 
 fn main() -> ExitCode {
+    // Files Idem creates (DuckDB databases and their WAL, the embedded
+    // dedup store, dead letters) hold raw payloads: owner only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     // Commands that read a config log at its `[runner] log` levels.
     let config = match &cli.command {
         Command::Run { config } | Command::Check { config } | Command::Verify { config, .. } => {
-            match load(config) {
+            match load(config).and_then(|c| {
+                idem::preflight::check(config, &c).map_err(|e| {
+                    idem::say_err!("idem: invalid config: {e}");
+                    ExitCode::from(2)
+                })?;
+                Ok(c)
+            }) {
                 Ok(c) => Some(c),
                 Err(code) => return code,
             }
@@ -181,7 +192,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("idem: cannot start the async runtime: {e}");
+            idem::say_err!("idem: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -216,7 +227,7 @@ fn main() -> ExitCode {
                 .block_on(produce(&opts))
                 .with_context(|| format!("produce to {}", opts.topic))
                 .map(|(sent, distinct, elapsed)| {
-                    eprintln!(
+                    idem::say_err!(
                         "idem: wrote {sent} messages to {} in {:.1}s ({distinct} distinct event ids, {malformed} malformed, {:.0} msg/s)",
                         opts.topic,
                         elapsed.as_secs_f64(),
@@ -242,7 +253,7 @@ fn main() -> ExitCode {
                 .with_context(|| format!("write {}", out.display()))
                 .map(|(lines, distinct)| {
                     if out.as_os_str() != "-" {
-                        eprintln!(
+                        idem::say_err!(
                             "idem: wrote {lines} lines to {} ({distinct} distinct event ids, {malformed} malformed)",
                             out.display()
                         );
@@ -256,7 +267,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
-            eprintln!("idem: {e:#}");
+            idem::say_err!("idem: {e:#}");
             ExitCode::from(1)
         }
     }

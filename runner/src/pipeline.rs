@@ -6,12 +6,11 @@ use crate::deadletter::{DeadLetter, DeadLetterError, DeadLetters, ErrorClass};
 use crate::dedup::{Ids, LazyStore, Stage};
 use crate::plugins::{ConnectorConfig, SinkContext};
 use crate::stats::{Committed, Stats};
-use backon::{ExponentialBuilder, Retryable};
 use idem_config::{ErrorPolicy, Guarantee, OnLoss, RetryConfig};
 use idem_core::failpoint::{self, AFTER_COMMIT, BEFORE_COMMIT};
 use idem_core::{
-    Assignment, Batch, Mapper, Message, PartitionReader, PartitionRef, ReadStatus, Record, Sink,
-    SinkError, Source, SourceError,
+    Assignment, Batch, CommitStats, Mapper, Message, PartitionReader, PartitionRef, ReadStatus,
+    Record, Sink, SinkError, Source, SourceError,
 };
 use idem_dedup_store::DedupStore;
 use std::collections::{HashMap, VecDeque};
@@ -114,6 +113,22 @@ pub enum RunError {
         connector: String,
         partition: String,
     },
+}
+
+impl RunError {
+    /// Whether more tries could have cleared it (a transient error of the
+    /// sink, source, dead letters or dedup store).
+    pub fn retriable(&self) -> bool {
+        match self {
+            RunError::Sink { source, .. } | RunError::Commit { source, .. } => {
+                source.is_retriable()
+            }
+            RunError::Source { source, .. } => source.is_retriable(),
+            RunError::DeadLetter { source, .. } => Retriable::is_retriable(source),
+            RunError::Dedup { source, .. } => source.is_retriable(),
+            _ => false,
+        }
+    }
 }
 
 /// Everything a connector's tasks share.
@@ -240,11 +255,18 @@ impl Connector {
     /// or a permanent error.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), RunError> {
         let retry = self.cfg.retry.clone();
-        retry_transient(&retry, &self.stats, "prepare the sink", || {
+        let prepared = retry_transient(&retry, &self.stats, "prepare the sink", &stop, || {
             self.sink.prepare()
         })
-        .await
-        .map_err(|e| self.sink_err(e))?;
+        .await;
+        match prepared {
+            Ok(()) => {}
+            Err(e) if stop.is_cancelled() && e.is_retriable() => {
+                warn!(connector = %self.name, error = %e, "stopped while retrying to prepare the sink");
+                return Ok(());
+            }
+            Err(e) => return Err(self.sink_err(e)),
+        }
         self.stats.set_prepared(true);
         let mut parts = PartitionTasks::default();
         let mut assignments_done = false;
@@ -337,7 +359,7 @@ impl Connector {
         // Counted as opening until the reader is positioned: readiness waits.
         let opening = self.stats.opening();
         let opened = async {
-            let opened = retry_transient(retry, &self.stats, "open the partition", || {
+            let opened = retry_transient(retry, &self.stats, "open the partition", &stop, || {
                 self.sink.open(&pref)
             })
             .await
@@ -370,7 +392,7 @@ impl Connector {
             tx,
             stop.clone(),
         ));
-        let result = self.commit_loop(&pref, opened.epoch, rx).await;
+        let result = self.commit_loop(&pref, opened.epoch, rx, &stop).await;
         reading.abort();
         result
     }
@@ -381,6 +403,7 @@ impl Connector {
         pref: &PartitionRef,
         epoch: i64,
         mut rx: mpsc::Receiver<Result<Vec<Item>, RunError>>,
+        stop: &CancellationToken,
     ) -> Result<(), RunError> {
         let batching = &self.cfg.batch;
         let mut pending = Pending::default();
@@ -398,7 +421,7 @@ impl Connector {
                     Some(Ok(items)) => {
                         for item in items {
                             if let Item::Fatal { offset, reason } = item {
-                                self.flush(pref, epoch, &mut pending).await?;
+                                self.flush(pref, epoch, &mut pending, stop).await?;
                                 return Err(RunError::BadMessage {
                                     connector: self.name.clone(),
                                     partition: pref.partition.to_string(),
@@ -413,22 +436,22 @@ impl Connector {
                             if pending.records.len() >= batching.max_records
                                 || pending.bytes >= batching.max_bytes
                             {
-                                self.flush(pref, epoch, &mut pending).await?;
+                                self.flush(pref, epoch, &mut pending, stop).await?;
                                 deadline = None;
                             }
                         }
                     }
                     Some(Err(e)) => {
-                        self.flush(pref, epoch, &mut pending).await?;
+                        self.flush(pref, epoch, &mut pending, stop).await?;
                         return Err(e);
                     }
                     None => {
                         // Reader finished (end of input, or stop): commit the rest.
-                        return self.flush(pref, epoch, &mut pending).await;
+                        return self.flush(pref, epoch, &mut pending, stop).await;
                     }
                 },
                 _ = linger => {
-                    self.flush(pref, epoch, &mut pending).await?;
+                    self.flush(pref, epoch, &mut pending, stop).await?;
                     deadline = None;
                 }
             }
@@ -441,6 +464,7 @@ impl Connector {
         pref: &PartitionRef,
         epoch: i64,
         pending: &mut Pending,
+        stop: &CancellationToken,
     ) -> Result<(), RunError> {
         let Some(range) = pending.range else {
             return Ok(());
@@ -458,9 +482,13 @@ impl Connector {
                 });
             }
         }
-        retry_transient(&self.cfg.retry, &self.stats, "write dead letters", || {
-            self.dead_letters.write(pref, &taken.dead)
-        })
+        retry_transient(
+            &self.cfg.retry,
+            &self.stats,
+            "write dead letters",
+            stop,
+            || self.dead_letters.write(pref, &taken.dead),
+        )
         .await
         .map_err(|source| RunError::DeadLetter {
             connector: self.name.clone(),
@@ -470,9 +498,13 @@ impl Connector {
         let mut skipped = 0;
         let mut reserved = None;
         if let Some(stage) = &self.dedup {
-            let f = retry_transient(&self.cfg.retry, &self.stats, "reserve message ids", || {
-                stage.filter(&pref.partition, epoch, range.0, &records)
-            })
+            let f = retry_transient(
+                &self.cfg.retry,
+                &self.stats,
+                "reserve message ids",
+                stop,
+                || stage.filter(&pref.partition, epoch, range.0, &records),
+            )
             .await
             .map_err(|e| self.dedup_err(e))?;
             let mut keep = f.keep.iter();
@@ -490,10 +522,7 @@ impl Connector {
         });
         failpoint::hit(BEFORE_COMMIT);
         let started = Instant::now();
-        let committed = retry_transient(&self.cfg.retry, &self.stats, "commit a batch", || {
-            self.sink.commit(batch.clone())
-        })
-        .await;
+        let committed = self.commit_isolating(batch.clone(), stop).await;
         let commit_elapsed = started.elapsed();
         let stats = match committed {
             Ok(s) => s,
@@ -547,11 +576,14 @@ impl Connector {
             let ids: Vec<&str> = confirm.iter().map(String::as_str).collect();
             // Advisory: an unconfirmed reservation behind a committed
             // position already reads as done (see Stage::filter).
-            if let Err(e) =
-                retry_transient(&self.cfg.retry, &self.stats, "confirm message ids", || {
-                    stage.store.confirm(&ids)
-                })
-                .await
+            if let Err(e) = retry_transient(
+                &self.cfg.retry,
+                &self.stats,
+                "confirm message ids",
+                stop,
+                || stage.store.confirm(&ids),
+            )
+            .await
             {
                 warn!(connector = %self.name, partition = %pref.partition, error = %e, "could not confirm the batch's message ids; later copies are still recognised by position");
             }
@@ -580,6 +612,106 @@ impl Connector {
             warn!(connector = %self.name, partition = %pref.partition, error = %e, "ack to the source failed");
         }
         Ok(())
+    }
+
+    /// Step 3 for `batch`. When the sink refuses data in it
+    /// ([`SinkError::Refused`]), the batch is split in halves until each
+    /// refused record stands alone; those go to the dead letters with the
+    /// sink's reason, and the rest commits in order, each piece with the
+    /// position after it, so no message is stuck behind a bad one.
+    async fn commit_isolating(
+        &self,
+        batch: Arc<Batch>,
+        stop: &CancellationToken,
+    ) -> Result<CommitStats, SinkError> {
+        let first = retry_transient(&self.cfg.retry, &self.stats, "commit a batch", stop, || {
+            self.sink.commit(batch.clone())
+        })
+        .await;
+        let reason = match first {
+            Err(SinkError::Refused(e)) if !batch.records.is_empty() => e,
+            other => return other,
+        };
+        let pref = &batch.partition;
+        warn!(connector = %self.name, partition = %pref.partition, first_offset = batch.first_offset, next_offset = batch.next_offset, error = %reason, "the sink refused data in this batch: finding the message(s) it refuses");
+        let names: Vec<String> = self.cfg.columns.iter().map(|c| c.name.clone()).collect();
+        let mut total = CommitStats::default();
+        let mut pieces =
+            VecDeque::from([(batch.records.clone(), batch.first_offset, batch.next_offset)]);
+        while let Some((records, first_offset, next_offset)) = pieces.pop_front() {
+            let piece = Arc::new(Batch {
+                partition: pref.clone(),
+                epoch: batch.epoch,
+                records,
+                first_offset,
+                next_offset,
+            });
+            let committed = retry_transient(
+                &self.cfg.retry,
+                &self.stats,
+                "commit part of a batch",
+                stop,
+                || self.sink.commit(piece.clone()),
+            )
+            .await;
+            let refused = match committed {
+                Ok(s) => {
+                    total.written += s.written;
+                    total.deduplicated += s.deduplicated;
+                    total.rejected += s.rejected;
+                    continue;
+                }
+                Err(SinkError::Refused(e)) if !piece.records.is_empty() => e,
+                Err(e) => return Err(e),
+            };
+            let mut records = piece.records.clone();
+            if records.len() > 1 {
+                let right = records.split_off(records.len() / 2);
+                let middle = right[0].offset;
+                pieces.push_front((right, middle, next_offset));
+                pieces.push_front((records, first_offset, middle));
+                continue;
+            }
+            // The one record the sink refuses: a dead letter, then its
+            // position commits alone.
+            let max = self.cfg.dead_letters.max;
+            if max > 0 && self.stats.snapshot().dead_lettered + total.rejected + 1 > max {
+                return Err(SinkError::Permanent(Box::new(
+                    RunError::TooManyDeadLetters {
+                        connector: self.name.clone(),
+                        partition: pref.partition.to_string(),
+                        offset: records[0].offset,
+                        max,
+                    },
+                )));
+            }
+            let raw = serde_json::to_vec(&records[0].to_json_object(&names, 0)).ok();
+            let letter = DeadLetter {
+                offset: records[0].offset,
+                class: ErrorClass::Refused,
+                reason: idem_config::redact::text(&format!("refused by the sink: {refused}"))
+                    .into_owned(),
+                raw,
+            };
+            warn!(connector = %self.name, partition = %pref.partition, offset = letter.offset, reason = %letter.reason, "dead-lettered a message the sink refuses");
+            retry_transient(
+                &self.cfg.retry,
+                &self.stats,
+                "write dead letters",
+                stop,
+                || self.dead_letters.write(pref, std::slice::from_ref(&letter)),
+            )
+            .await
+            .map_err(|e| SinkError::Permanent(Box::new(e)))?;
+            total.rejected += 1;
+            // Its position goes with the next piece (they are contiguous),
+            // or alone when it was the last.
+            match pieces.front_mut() {
+                Some(next) => next.1 = first_offset,
+                None => pieces.push_front((Vec::new(), first_offset, next_offset)),
+            }
+        }
+        Ok(total)
     }
 }
 
@@ -623,8 +755,21 @@ impl PartitionTasks {
                 }
                 info!(connector = %me.name, partition, "the group still assigns this fenced partition here: opening it again");
             }
-            let r = me.run_partition(&partition, token).instrument(span).await;
-            (partition, id, r)
+            let r = me
+                .clone()
+                .run_partition(&partition, token.clone())
+                .instrument(span)
+                .await;
+            match r {
+                // Stopped (shutdown, pause, revoked) while an operation was
+                // being retried: abandoned, not failed. Nothing past the
+                // last commit counts as done; it is read again.
+                Err(e) if token.is_cancelled() && e.retriable() => {
+                    warn!(connector = %me.name, partition, error = %e, "stopped while retrying: what did not commit is read again on the next start");
+                    (partition, id, Ok(()))
+                }
+                r => (partition, id, r),
+            }
         });
     }
 }
@@ -693,7 +838,13 @@ pub(crate) fn map_message(conn: &Connector, partition: &str, msg: Message) -> It
         None => conn
             .mapper
             .map(&msg)
-            .map_err(|e| (ErrorClass::Mapping, e.reason)),
+            .map_err(|e| (ErrorClass::Mapping, e.reason))
+            .and_then(|record| {
+                conn.sink
+                    .check_record(&record)
+                    .map(|()| record)
+                    .map_err(|reason| (ErrorClass::Mapping, reason))
+            }),
     };
     let failure = match (failure, &conn.ids) {
         (Ok(mut record), Some(ids)) => ids
@@ -816,39 +967,58 @@ impl Retriable for idem_dedup_store::DedupError {
     }
 }
 
+/// The delay before retry `n` (0 for the first): `initial_backoff * 2^n`
+/// capped at `max_backoff`, then jittered down to between half and all of
+/// it, so that runners do not retry in step and the cap always holds.
+pub fn backoff_delay(cfg: &RetryConfig, n: u32) -> Duration {
+    use rand::{Rng, SeedableRng};
+    let grown = cfg
+        .initial_backoff
+        .saturating_mul(2u32.saturating_pow(n.min(31)));
+    grown
+        .min(cfg.max_backoff)
+        .mul_f64(rand::rngs::SmallRng::from_os_rng().random_range(0.5..=1.0))
+}
+
 /// Capped exponential backoff with jitter on transient errors; permanent
-/// errors (and `Fenced`) return at once.
+/// errors (and `Fenced`) return at once. `stop` ends a backoff at once:
+/// the last error is returned, and the caller, seeing `stop` cancelled,
+/// abandons the operation instead of failing (see `RunError::retriable`).
 pub async fn retry_transient<T, E, F, Fut>(
     cfg: &RetryConfig,
     stats: &Stats,
     what: &str,
-    f: F,
+    stop: &CancellationToken,
+    mut f: F,
 ) -> Result<T, E>
 where
     E: Retriable + std::fmt::Display,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let attempts = if cfg.max_attempts == 0 {
-        usize::MAX
-    } else {
-        cfg.max_attempts.saturating_sub(1)
+    let mut tries: usize = 0;
+    let result = loop {
+        tries += 1;
+        match f().await {
+            Ok(v) => break Ok(v),
+            Err(e) => {
+                let more = cfg.max_attempts == 0 || tries < cfg.max_attempts;
+                if !e.is_retriable() || !more || stop.is_cancelled() {
+                    break Err(e);
+                }
+                let delay = backoff_delay(cfg, (tries - 1) as u32);
+                stats.retrying(&format!("failed to {what}: {e}"));
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "failed to {what}; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => {
+                        info!(error = %e, "stopping: no more tries to {what}");
+                        break Err(e);
+                    }
+                }
+            }
+        }
     };
-    let policy = ExponentialBuilder::default()
-        .with_min_delay(cfg.initial_backoff)
-        .with_max_delay(cfg.max_backoff)
-        .with_factor(2.0)
-        .with_jitter()
-        .with_max_times(attempts);
-    let result = f
-        .retry(policy)
-        .sleep(tokio::time::sleep)
-        .when(E::is_retriable)
-        .notify(|e: &E, delay: Duration| {
-            stats.retrying(&format!("failed to {what}: {e}"));
-            warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "failed to {what}; retrying");
-        })
-        .await;
     match &result {
         Ok(_) => stats.succeeded(),
         Err(e) => {
@@ -930,6 +1100,8 @@ mod tests {
         attempts: AtomicUsize,
         transient_failures: AtomicUsize,
         permanent: bool,
+        /// Ids whose records make a commit fail as refused data.
+        refuse: Vec<i64>,
     }
 
     #[derive(Debug, thiserror::Error)]
@@ -959,6 +1131,13 @@ mod tests {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             if self.permanent {
                 return Err(SinkError::Permanent(Box::new(Simulated)));
+            }
+            if batch
+                .records
+                .iter()
+                .any(|r| matches!(r.values[0], idem_core::Value::BigInt(id) if self.refuse.contains(&id)))
+            {
+                return Err(SinkError::Refused(Box::new(Simulated)));
             }
             if self
                 .transient_failures
@@ -1044,6 +1223,91 @@ required = true
         let s = conn.stats.snapshot();
         assert_eq!((s.read, s.written, s.batches), (25, 25, 3));
         assert_eq!(s.positions.get("p"), Some(&25));
+    }
+
+    #[tokio::test]
+    async fn refused_records_are_isolated_dead_lettered_and_the_rest_commits() {
+        let sink = Arc::new(MemSink {
+            refuse: vec![3, 4, 17],
+            ..Default::default()
+        });
+        let conn = connector(sink.clone(), lines(25), "max_records = 20\nlinger = \"1h\"");
+        run_partition(&conn).await.unwrap();
+        let commits = sink.commits.lock().unwrap().clone();
+        // Every offset is covered once, in order, by the committed pieces.
+        let mut at = 0;
+        let mut rows = 0;
+        for &(first, next, n) in &commits {
+            assert_eq!(first, at, "{commits:?}");
+            assert!(next > first || n == 0, "{commits:?}");
+            at = next;
+            rows += n;
+        }
+        assert_eq!((at, rows), (25, 22), "{commits:?}");
+        let s = conn.stats.snapshot();
+        assert_eq!((s.written, s.dead_lettered), (22, 3));
+        let DeadLetters::File(f) = &*conn.dead_letters else {
+            panic!("file dead letters")
+        };
+        let text = std::fs::read_to_string(f.path()).unwrap();
+        let letters: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let offsets: Vec<u64> = letters
+            .iter()
+            .map(|l| l["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, [3, 4, 17]);
+        assert_eq!(letters[0]["error_class"], "refused");
+        assert!(letters[0]["reason"].as_str().unwrap().contains("simulated"));
+        assert_eq!(letters[0]["raw"], "{\"id\":3}");
+    }
+
+    #[test]
+    fn backoff_grows_and_never_passes_its_cap_jitter_included() {
+        let cfg = RetryConfig {
+            max_attempts: 0,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(20),
+        };
+        for n in 0..200 {
+            let d = backoff_delay(&cfg, n);
+            assert!(d <= cfg.max_backoff, "retry {n}: {d:?}");
+            let uncapped = Duration::from_millis(100).saturating_mul(1 << n.min(20));
+            assert!(d >= uncapped.min(cfg.max_backoff) / 2, "retry {n}: {d:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_a_backoff_at_once() {
+        let cfg = RetryConfig {
+            max_attempts: 0,
+            initial_backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(30),
+        };
+        let stats = Stats::default();
+        let stop = CancellationToken::new();
+        let tries = AtomicUsize::new(0);
+        let stopper = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stopper.cancel();
+        });
+        let started = Instant::now();
+        let r: Result<(), SinkError> = retry_transient(&cfg, &stats, "commit", &stop, || {
+            tries.fetch_add(1, Ordering::SeqCst);
+            async { Err(SinkError::Transient(Box::new(Simulated))) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+        // Paused time: the stop came after 1 s, not after the 15-30 s backoff.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -392,7 +392,8 @@ impl Stats {
     /// An error worth remembering (the connector's last error).
     pub fn error(&self, error: &str) -> Event {
         let e = Event {
-            message: error.to_string(),
+            // Shown by the admin API and `idem status`: secrets hidden.
+            message: idem_config::redact::text(error).into_owned(),
             at: SystemTime::now(),
         };
         let secs =

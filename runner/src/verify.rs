@@ -102,7 +102,7 @@ pub async fn verify(config: Config, only: Option<String>) -> anyhow::Result<i32>
         let c = Connector::build(&name, cfg)?;
         match audit(&c).await? {
             None => {
-                println!(
+                crate::say!(
                     "✗ {name}: a {} sink cannot be audited yet (verify reads the rows of postgres and duckdb sinks)",
                     c.cfg.sink.kind()
                 );
@@ -130,10 +130,10 @@ fn report(name: &str, f: &Findings) -> bool {
         String::new()
     };
     if f.count() == 0 {
-        println!("✓ {name}: {summary}: every message took effect exactly once{retained}");
+        crate::say!("✓ {name}: {summary}: every message took effect exactly once{retained}");
         return true;
     }
-    println!("✗ {name}: {summary}: {} findings{retained}", f.count());
+    crate::say!("✗ {name}: {summary}: {} findings{retained}", f.count());
     for (what, list) in [
         ("missing", &f.missing),
         ("duplicated", &f.duplicated),
@@ -141,10 +141,10 @@ fn report(name: &str, f: &Findings) -> bool {
         ("stale row", &f.stale),
     ] {
         for line in list.iter().take(20) {
-            println!("    {what}: {line}");
+            crate::say!("    {what}: {line}");
         }
         if list.len() > 20 {
-            println!("    ... and {} more {what}", list.len() - 20);
+            crate::say!("    ... and {} more {what}", list.len() - 20);
         }
     }
     false

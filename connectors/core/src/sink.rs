@@ -74,6 +74,12 @@ pub enum SinkError {
     /// Bad credentials, missing table, schema mismatch: retrying cannot help.
     #[error("{0}")]
     Permanent(Box<dyn std::error::Error + Send + Sync>),
+    /// The target refused a value of the batch (out of its range, against
+    /// a constraint): the same batch will fail again, but the runner splits
+    /// it until the refused records stand alone, dead-letters them with
+    /// this reason and commits the rest.
+    #[error("{0}")]
+    Refused(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl SinkError {
@@ -99,6 +105,15 @@ pub trait Sink: Send + Sync {
     /// Step 3: effects and `batch.next_offset` durable together, or nothing.
     /// The batch is shared so a retry re-sends it whole without a copy.
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError>;
+
+    /// Whether the target can store `record`; `Err(reason)` sends it to the
+    /// dead letters when it is mapped (a NUL character PostgreSQL text
+    /// cannot hold, a date out of the target's range), before it can fail
+    /// a batch. Values the sink cannot judge in advance surface as
+    /// [`SinkError::Refused`] at commit.
+    fn check_record(&self, _record: &Record) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Committed positions of `connector`, for `idem status`.
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError>;

@@ -24,9 +24,10 @@ pub fn offset_from_sql(stored: i64) -> u64 {
     u64::try_from(stored).unwrap_or(0)
 }
 
-/// Quote an identifier (validated as plain at config time).
+/// Quote an identifier: wrapped in `"`, an embedded `"` doubled, so any
+/// name (column names are free-form) is one identifier and never SQL.
 pub fn q(ident: &str) -> String {
-    format!("\"{ident}\"")
+    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// `a.k1 = b.k1 AND a.k2 = b.k2 ...`
@@ -303,6 +304,17 @@ mod tests {
         assert_eq!(changed("n", "o", &["x"]), r#"n."x" IS DISTINCT FROM o."x""#);
         let cols = vec!["a".to_string(), "x".to_string()];
         assert_eq!(updates(&cols, &keys), r#""x" = excluded."x""#);
+    }
+
+    #[test]
+    fn quoting_doubles_embedded_quotes() {
+        assert_eq!(q("plain"), r#""plain""#);
+        assert_eq!(q(r#"a"b"#), r#""a""b""#);
+        let hostile = r#"a" text); COMMIT; CREATE TABLE pwned(i int); --"#;
+        let quoted = q(hostile);
+        // Inside the outer quotes every `"` comes in pairs: one identifier.
+        let inner = &quoted[1..quoted.len() - 1];
+        assert!(inner.replace("\"\"", "").find('"').is_none(), "{quoted}");
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub enum DuckDbError {
         found: i32,
         supported: i32,
     },
+    #[error("duckdb: {path} is not a DuckDB database: {why}")]
+    NotADatabase { path: String, why: String },
     #[error("duckdb: the database is not open (the sink did not start)")]
     NotPrepared,
     #[error("duckdb: worker thread failed: {0}")]
@@ -47,9 +49,20 @@ impl DuckDbError {
         match self {
             DuckDbError::Sql { source, .. } | DuckDbError::Open { source, .. } => {
                 let msg = source.to_string();
-                ["Conflict", "IO Error", "Could not set lock", "Interrupted"]
-                    .iter()
-                    .any(|s| msg.contains(s))
+                // An I/O error about what the file is will not pass.
+                let about_the_file = [
+                    "not a valid DuckDB database",
+                    "Is a directory",
+                    "Permission denied",
+                    "created with an older, unsupported version",
+                    "newer version of DuckDB",
+                ]
+                .iter()
+                .any(|s| msg.contains(s));
+                !about_the_file
+                    && ["Conflict", "IO Error", "Could not set lock", "Interrupted"]
+                        .iter()
+                        .any(|s| msg.contains(s))
             }
             DuckDbError::Worker(_) => true,
             _ => false,

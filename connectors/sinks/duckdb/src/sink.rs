@@ -239,6 +239,12 @@ impl Inner {
                     source: Box::new(duckdb::Error::ToSqlConversionFailure(Box::new(e))),
                 })?;
             }
+            if path.is_dir() {
+                return Err(DuckDbError::NotADatabase {
+                    path: self.cfg.path.clone(),
+                    why: "it is a directory; give the path of a database file".into(),
+                });
+            }
             let conn = Connection::open(path).map_err(|source| DuckDbError::Open {
                 path: self.cfg.path.clone(),
                 source: Box::new(source),

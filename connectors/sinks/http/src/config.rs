@@ -7,8 +7,9 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
-    /// Where requests go: `http://` or `https://`.
-    #[serde(deserialize_with = "idem_config::interp::string")]
+    /// Where requests go: `http://` or `https://`. A password in it is
+    /// sent, never printed.
+    #[serde(deserialize_with = "idem_config::interp::url")]
     pub url: String,
     /// `POST` (default) or `PUT`.
     #[serde(default)]
@@ -75,6 +76,16 @@ fn expanded_map<'de, D: serde::Deserializer<'de>>(
         .into_iter()
         .map(|(k, v)| {
             idem_config::interpolate(&v, |name| std::env::var(name).ok())
+                .inspect(|v| {
+                    // Credentials in headers are sent, never printed.
+                    let name = k.to_ascii_lowercase();
+                    if ["auth", "token", "key", "secret", "cookie", "password"]
+                        .iter()
+                        .any(|s| name.contains(s))
+                    {
+                        idem_config::redact::register(v);
+                    }
+                })
                 .map(|v| (k, v))
                 .map_err(serde::de::Error::custom)
         })

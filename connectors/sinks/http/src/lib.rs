@@ -106,7 +106,10 @@ impl HttpSink {
     ) -> Self {
         let token = match &cfg.bearer_token_env {
             None => Ok(None),
-            Some(var) => std::env::var(var).map(Some).map_err(|_| var.clone()),
+            Some(var) => std::env::var(var)
+                .inspect(|t| idem_config::redact::register(t))
+                .map(Some)
+                .map_err(|_| var.clone()),
         };
         let client = Self::client(&cfg);
         HttpSink {

@@ -52,6 +52,53 @@ pub fn reported_type(t: ColumnType) -> &'static str {
     }
 }
 
+/// The earliest `date` PostgreSQL stores (4714-11-24 BC), in days since
+/// 1970-01-01; later limits lie beyond what the mapping parses.
+const MIN_DATE_DAYS: i32 = -2_440_588;
+/// The earliest `timestamptz` (4714-11-24 00:00 UTC BC), in microseconds
+/// since 1970-01-01.
+const MIN_TIMESTAMP_MICROS: i64 = -210_866_803_200_000_000;
+
+/// Why PostgreSQL would refuse `v` in column `name`, before it fails a
+/// whole `COPY`: a NUL character (text and jsonb cannot hold one), a date or
+/// timestamp before 4714 BC.
+pub fn refusal(name: &str, v: &Value) -> Option<String> {
+    let why = match v {
+        Value::Text(s) if s.contains('\0') => {
+            "holds a NUL character (\\u0000), which PostgreSQL text cannot store"
+        }
+        Value::Json(s) if json_has_nul(s) => {
+            "holds a NUL character (\\u0000), which PostgreSQL jsonb cannot store"
+        }
+        Value::Date(d) if *d < MIN_DATE_DAYS => {
+            "is a date before 4714-11-24 BC, the earliest PostgreSQL stores"
+        }
+        Value::Timestamp(us) if *us < MIN_TIMESTAMP_MICROS => {
+            "is a timestamp before 4714-11-24 BC, the earliest PostgreSQL stores"
+        }
+        _ => return None,
+    };
+    Some(format!("column `{name}` {why}"))
+}
+
+/// Whether JSON text holds `\u0000` (an escaped backslash followed by
+/// `u0000` does not count).
+fn json_has_nul(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if b.get(i + 1) == Some(&b'u') && b.get(i + 2..i + 6) == Some(b"0000") {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    s.contains('\0')
+}
+
 /// One cell of a `COPY` row.
 #[derive(Debug)]
 pub enum Cell<'a> {
@@ -157,6 +204,21 @@ mod tests {
         out.chunks(2)
             .map(|c| i16::from_be_bytes([c[0], c[1]]))
             .collect()
+    }
+
+    #[test]
+    fn values_postgresql_cannot_store_are_named() {
+        assert!(refusal("c", &Value::Text("a\0b".into()))
+            .unwrap()
+            .contains("`c` holds a NUL"));
+        assert!(refusal("c", &Value::Text("a\\u0000".into())).is_none());
+        assert!(refusal("j", &Value::Json(r#"{"a":"x\u0000"}"#.into())).is_some());
+        assert!(refusal("j", &Value::Json(r#"{"a":"x\\u0000"}"#.into())).is_none());
+        assert!(refusal("d", &Value::Date(MIN_DATE_DAYS)).is_none());
+        assert!(refusal("d", &Value::Date(MIN_DATE_DAYS - 1)).is_some());
+        assert!(refusal("t", &Value::Timestamp(MIN_TIMESTAMP_MICROS)).is_none());
+        assert!(refusal("t", &Value::Timestamp(MIN_TIMESTAMP_MICROS - 1)).is_some());
+        assert!(refusal("n", &Value::BigInt(i64::MIN)).is_none());
     }
 
     #[test]

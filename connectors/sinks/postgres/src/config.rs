@@ -1,4 +1,6 @@
-use idem_config::{check_ident, ColumnConfig, Invalid, Secret, Validate, WriteMode};
+use idem_config::{
+    check_ident, check_postgres_name, ColumnConfig, Invalid, Secret, Validate, WriteMode,
+};
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -107,6 +109,20 @@ impl Validate for PostgresSinkConfig {
         }
         check_ident("table", &self.table)?;
         check_ident("offsets_table", &self.offsets_table)?;
+        for (key, value) in [
+            ("schema", &self.schema),
+            ("table", &self.table),
+            ("offsets_table", &self.offsets_table),
+        ] {
+            check_postgres_name(&[key], value)?;
+        }
+        if self.mode == WriteMode::Dedup {
+            // Its ids live beside it in `idem_ids_<table>`.
+            check_postgres_name(&["table"], &ids_table(&self.table))?;
+        }
+        for (i, c) in columns.iter().enumerate() {
+            check_postgres_name(&[], &c.name).map_err(|e| Invalid::column(i, "name", e.message))?;
+        }
         if let Err(e) = self.url.expose().parse::<tokio_postgres::Config>() {
             return Err(Invalid::new(&["url"], format!("not a PostgreSQL URL: {e}")));
         }
@@ -133,4 +149,9 @@ impl Validate for PostgresSinkConfig {
             columns,
         )
     }
+}
+
+/// The table of a `mode = "dedup"` sink's message ids, in the sink's schema.
+pub fn ids_table(table: &str) -> String {
+    format!("idem_ids_{table}")
 }

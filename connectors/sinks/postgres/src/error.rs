@@ -127,9 +127,26 @@ impl PgError {
     }
 }
 
+impl PgError {
+    /// Whether the server refused a value of the batch (SQLSTATE class 22,
+    /// data exception; 23, a constraint; 54000, a value too large for an
+    /// index): the batch is split to find it.
+    pub fn is_data(&self) -> bool {
+        match self {
+            PgError::Sql { source, .. } => source.code().is_some_and(|c| {
+                let c = c.code();
+                c.starts_with("22") || c.starts_with("23") || c == "54000"
+            }),
+            _ => false,
+        }
+    }
+}
+
 impl From<PgError> for SinkError {
     fn from(e: PgError) -> Self {
-        if e.is_retriable() {
+        if e.is_data() {
+            SinkError::Refused(Box::new(e))
+        } else if e.is_retriable() {
             SinkError::Transient(Box::new(e))
         } else {
             SinkError::Permanent(Box::new(e))

@@ -11,7 +11,7 @@ use idem_config::{ColumnConfig, WriteMode};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::sql::{self, q, DELETE_FLAG};
 use idem_core::{
-    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
+    Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo, StoredPosition,
 };
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -208,7 +208,7 @@ impl PostgresSink {
             ids: format!(
                 "{}.{}",
                 q(&cfg.schema),
-                q(&format!("idem_ids_{}", cfg.table))
+                q(&crate::config::ids_table(&cfg.table))
             ),
         };
         let pool = parsed.map_err(|e| e.to_string()).and_then(|mut pg| {
@@ -491,6 +491,15 @@ impl PostgresSink {
 
 #[async_trait]
 impl Sink for PostgresSink {
+    fn check_record(&self, record: &Record) -> Result<(), String> {
+        for (c, v) in self.columns.iter().zip(&record.values) {
+            if let Some(why) = crate::cell::refusal(&c.name, v) {
+                return Err(why);
+            }
+        }
+        Ok(())
+    }
+
     fn info(&self) -> SinkInfo {
         let cfg = &self.cfg;
         sql::table_sink_info(

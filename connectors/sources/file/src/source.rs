@@ -129,14 +129,21 @@ impl Source for FileSource {
                 false,
             ));
         }
+        let identity = file
+            .metadata()
+            .await
+            .map(|m| FileId::of(&m))
+            .map_err(|e| err(format!("cannot stat: {e}"), true))?;
         file.seek(SeekFrom::Start(start))
             .await
             .map_err(|e| err(format!("cannot seek to {start}: {e}"), true))?;
         Ok(Box::new(FileReader {
             partition: partition.into(),
             reader: BufReader::with_capacity(256 * 1024, file),
+            identity,
             offset: start,
             line: Vec::new(),
+            line_len: 0,
             follow: self.config.follow,
             poll_interval: self.config.poll_interval,
             max_line_bytes: self.config.max_line_bytes,
@@ -144,36 +151,70 @@ impl Source for FileSource {
     }
 }
 
+/// Which file a path names: a file replaced under the same name (a
+/// rotation by rename, or a new file written over it) has another one.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+}
+
 struct FileReader {
     partition: String,
     reader: BufReader<tokio::fs::File>,
-    /// Offset of the first byte of `line`.
+    /// The file opened; followed, the path must keep naming it.
+    identity: FileId,
+    /// Offset of the first byte of the line being read.
     offset: u64,
-    /// The line being read; kept across calls so a cancelled or partial
-    /// read loses nothing.
+    /// The line being read, at most `max_line_bytes + 2` bytes of it (a
+    /// longer line is dead-lettered, so the rest need not be held); kept
+    /// across calls so a cancelled or partial read loses nothing.
     line: Vec<u8>,
+    /// Bytes of the line on disk so far, newline included.
+    line_len: u64,
     follow: bool,
     poll_interval: std::time::Duration,
     max_line_bytes: usize,
 }
 
 impl FileReader {
-    /// Turn the complete line in `self.line` (`len` bytes on disk) into a
-    /// message, or skip it when blank.
-    fn take_line(&mut self, len: u64, out: &mut Vec<Message>) {
+    fn error(&self, message: String, retriable: bool) -> SourceError {
+        SourceError::Read {
+            source_name: NAME.into(),
+            partition: self.partition.clone(),
+            message,
+            retriable,
+        }
+    }
+
+    /// Turn the complete line in `self.line` into a message, or skip it
+    /// when blank.
+    fn take_line(&mut self, out: &mut Vec<Message>) {
         let offset = self.offset;
-        self.offset += len;
+        let on_disk = std::mem::take(&mut self.line_len);
+        self.offset += on_disk;
+        let whole = self.line.len() as u64 == on_disk;
         let mut line = std::mem::take(&mut self.line);
         while matches!(line.last(), Some(b'\n' | b'\r')) {
             line.pop();
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if whole && line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
-        let poison = (line.len() > self.max_line_bytes).then(|| {
+        let poison = (!whole || line.len() > self.max_line_bytes).then(|| {
             let reason = format!(
                 "line of {} bytes exceeds max_line_bytes = {}",
-                line.len(),
+                if whole { line.len() as u64 } else { on_disk },
                 self.max_line_bytes
             );
             line.truncate(self.max_line_bytes);
@@ -188,6 +229,50 @@ impl FileReader {
             meta: Default::default(),
         });
     }
+
+    /// Following, at the end of the file: refuse a file that shrank below
+    /// what was read, or a path that now names another file. Either way
+    /// the lines past the position are not those the position counted.
+    /// A deleted file is fine (nothing more will come to it).
+    async fn check_still_the_same(&self) -> Result<(), SourceError> {
+        let read_to = self.offset + self.line_len;
+        let opened = self
+            .reader
+            .get_ref()
+            .metadata()
+            .await
+            .map_err(|e| self.error(format!("cannot stat: {e}"), true))?;
+        if opened.len() < read_to {
+            return Err(self.error(
+                format!(
+                    "the file was truncated to {} bytes while being followed, below the {read_to} bytes read (committed up to {}): \
+                     lines appended now would be read from the wrong place. Idem does not follow truncation \
+                     (copytruncate rotation); write new data to new files instead",
+                    opened.len(),
+                    self.offset
+                ),
+                false,
+            ));
+        }
+        match tokio::fs::metadata(&self.partition).await {
+            Ok(now) if FileId::of(&now) != self.identity => Err(self.error(
+                format!(
+                    "another file now has this name (renamed, or written over) while it was followed, after {read_to} bytes of the old one: \
+                     Idem does not follow rotation by rename; write new data to new files (e.g. dated names) and delete old ones once committed"
+                ),
+                false,
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Add `bytes` to the line being read: counted whole, kept up to what a
+/// dead letter of an over-long line needs.
+fn keep(line: &mut Vec<u8>, line_len: &mut u64, max_line_bytes: usize, bytes: &[u8]) {
+    *line_len += bytes.len() as u64;
+    let room = (max_line_bytes + 2).saturating_sub(line.len());
+    line.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
 #[async_trait]
@@ -199,41 +284,45 @@ impl PartitionReader for FileReader {
     ) -> Result<ReadStatus, SourceError> {
         let before = out.len();
         while out.len() - before < max {
-            let start_len = self.line.len();
-            let n = self
-                .reader
-                .read_until(b'\n', &mut self.line)
-                .await
-                .map_err(|e| SourceError::Read {
-                    source_name: NAME.into(),
-                    partition: self.partition.clone(),
-                    message: format!("read failed at byte {}: {e}", self.offset),
-                    retriable: true,
-                })?;
-            if n == 0 {
+            let buf = match self.reader.fill_buf().await {
+                Ok(buf) => buf,
+                Err(e) => {
+                    let at = self.offset + self.line_len;
+                    return Err(self.error(format!("read failed at byte {at}: {e}"), true));
+                }
+            };
+            if buf.is_empty() {
                 // End of the file as it is now.
                 if out.len() > before {
                     return Ok(ReadStatus::Data);
                 }
                 if self.follow {
+                    self.check_still_the_same().await?;
                     // A partial last line waits for its newline.
                     tokio::time::sleep(self.poll_interval).await;
                     return Ok(ReadStatus::Idle);
                 }
-                if !self.line.is_empty() {
-                    let len = self.line.len() as u64;
-                    self.take_line(len, out);
+                if self.line_len > 0 {
+                    self.take_line(out);
                     if out.len() > before {
                         return Ok(ReadStatus::Data);
                     }
                 }
                 return Ok(ReadStatus::End);
             }
-            if self.line.last() == Some(&b'\n') {
-                let len = self.line.len() as u64;
-                self.take_line(len, out);
-            } else {
-                debug_assert!(self.line.len() > start_len);
+            let (used, complete) = match memchr::memchr(b'\n', buf) {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            keep(
+                &mut self.line,
+                &mut self.line_len,
+                self.max_line_bytes,
+                &buf[..used],
+            );
+            self.reader.consume(used);
+            if complete {
+                self.take_line(out);
             }
         }
         Ok(ReadStatus::Data)
@@ -326,6 +415,75 @@ mod tests {
         assert!(
             matches!(second, Some(Assignment::Assigned(v)) if v.len() == 1 && v[0].ends_with("b.jsonl"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_huge_line_is_counted_whole_but_held_only_in_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        // Longer than the reader's 256 KiB buffer: read in many pieces.
+        let huge = format!("{{\"a\":\"{}\"}}\n{{}}\n", "x".repeat(1 << 20));
+        std::fs::write(&p, &huge).unwrap();
+        let src = FileSource::new(config(p.to_str().unwrap(), false));
+        let mut r = src.open(p.to_str().unwrap(), None).await.unwrap();
+        let mut out = Vec::new();
+        while out.len() < 2 && r.read(1, &mut out).await.unwrap() == ReadStatus::Data {}
+        assert_eq!(out.len(), 2);
+        let first_len = (huge.len() - 3) as u64;
+        assert_eq!((out[0].offset, out[0].next_offset), (0, first_len));
+        assert_eq!(out[1].offset, first_len);
+        assert_eq!(out[0].value.as_ref().unwrap().len(), 20);
+        let reason = out[0].poison.as_deref().unwrap();
+        assert!(
+            reason.contains(&format!("line of {first_len} bytes")),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn following_a_truncated_or_replaced_file_stops_with_the_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, "{\"a\":1}\n{\"a\":2}\n").unwrap();
+        let pattern = dir.path().join("*.jsonl");
+        let src = FileSource::new(config(pattern.to_str().unwrap(), true));
+        let mut r = src.open(p.to_str().unwrap(), None).await.unwrap();
+        let mut out = Vec::new();
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
+        // Truncated in place (copytruncate), then written again.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let err = r.read(10, &mut out).await.unwrap_err();
+        assert!(!err.is_retriable());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("truncated to 0 bytes") && msg.contains("16 bytes read"),
+            "{msg}"
+        );
+
+        // Renamed away and a new file under the old name.
+        std::fs::write(&p, "{\"a\":1}\n").unwrap();
+        let mut r = src.open(p.to_str().unwrap(), None).await.unwrap();
+        let mut out = Vec::new();
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        std::fs::rename(&p, dir.path().join("a.jsonl.1")).unwrap();
+        std::fs::write(&p, "{\"b\":1}\n{\"b\":2}\n").unwrap();
+        let msg = r.read(10, &mut out).await.unwrap_err().to_string();
+        assert!(msg.contains("another file now has this name"), "{msg}");
+
+        // Deleted once read: nothing more comes, and that is no error.
+        let q = dir.path().join("q.jsonl");
+        std::fs::write(&q, "{}\n").unwrap();
+        let mut r = src.open(q.to_str().unwrap(), None).await.unwrap();
+        let mut out = Vec::new();
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        std::fs::remove_file(&q).unwrap();
+        assert_eq!(r.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
     }
 
     #[tokio::test]
