@@ -462,8 +462,28 @@ async fn progress_loop(process: Arc<Process>, every: Duration) {
     }
 }
 
+/// The process's peak resident memory so far (Linux: `VmHWM`).
+fn peak_memory_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
 async fn print_summary(connectors: &[Arc<Supervised>], elapsed: Duration, describe: bool) {
-    crate::say!("idem: finished in {:.1}s", elapsed.as_secs_f64());
+    match peak_memory_mib() {
+        Some(mib) => crate::say!(
+            "idem: finished in {:.1}s, peak memory {mib} MiB",
+            elapsed.as_secs_f64()
+        ),
+        None => crate::say!("idem: finished in {:.1}s", elapsed.as_secs_f64()),
+    }
     for sup in connectors {
         let s = sup.stats.snapshot();
         let rate = s.committed() as f64 / elapsed.as_secs_f64().max(1e-3);

@@ -820,6 +820,9 @@ impl Pending {
                 next_offset,
             } => {
                 let o = letter.offset;
+                // Dead letters hold their raw bytes until the batch: they
+                // count toward max_bytes too.
+                self.bytes += letter.raw.as_ref().map_or(0, Vec::len) + letter.reason.len();
                 self.dead.push(letter);
                 (o, next_offset)
             }
@@ -884,12 +887,17 @@ async fn read_loop(
     // so a busy partition's parsing is not bound to one core; they leave
     // in read order.
     let mut mapping: VecDeque<tokio::task::JoinHandle<Vec<Item>>> = VecDeque::new();
+    // Read-ahead is bounded in bytes as well as in messages: a chunk holds
+    // about a quarter of `max_bytes`, sized from the messages seen so far,
+    // so 1 MB messages travel a few at a time instead of 1,024.
+    let chunk_bytes = (conn.cfg.batch.max_bytes / 4).max(1);
+    let mut chunk = 1;
     loop {
-        let mut msgs = Vec::with_capacity(READ_CHUNK);
+        let mut msgs = Vec::with_capacity(chunk);
         let status = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = reader.read(READ_CHUNK, &mut msgs) => r,
+            r = reader.read(chunk, &mut msgs) => r,
         };
         let status = match status {
             Ok(s) => s,
@@ -900,8 +908,11 @@ async fn read_loop(
         };
         // A short read means the source has caught up: hand over all that
         // is mapped rather than hold it until more arrives.
-        let caught_up = msgs.len() < READ_CHUNK || status == ReadStatus::End;
+        let caught_up = msgs.len() < chunk || status == ReadStatus::End;
         if !msgs.is_empty() {
+            let bytes: usize = msgs.iter().map(Message::size).sum::<usize>().max(1);
+            let per_message = bytes.div_ceil(msgs.len());
+            chunk = (chunk_bytes / per_message).clamp(1, READ_CHUNK);
             conn.stats.read(&partition, msgs.len() as u64);
             let conn = conn.clone();
             let partition = partition.clone();

@@ -35,6 +35,12 @@ pub struct DuckDbSinkConfig {
     /// it to bound the CPU a sidecar takes.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// DuckDB's memory limit (its `memory_limit` setting, e.g. "512MB",
+    /// "2GB"): the cache of table blocks it keeps beside Idem's own
+    /// bounded buffers. Default: 1GB; DuckDB's own default is 80% of the
+    /// machine's memory, too much for a sidecar.
+    #[serde(default = "default_memory_limit")]
+    pub memory_limit: String,
     /// The table holding each partition's committed position and epoch.
     #[serde(default = "default_offsets_table")]
     pub offsets_table: String,
@@ -42,6 +48,10 @@ pub struct DuckDbSinkConfig {
 
 fn default_create() -> bool {
     true
+}
+
+fn default_memory_limit() -> String {
+    "1GB".into()
 }
 
 fn default_offsets_table() -> String {
@@ -52,6 +62,22 @@ impl Validate for DuckDbSinkConfig {
     fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
         check_ident("table", &self.table)?;
         check_ident("offsets_table", &self.offsets_table)?;
+        let limit = self.memory_limit.trim();
+        let digits = limit
+            .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+            .trim();
+        let unit = limit[digits.len()..].trim().to_ascii_uppercase();
+        if digits.parse::<f64>().map_or(true, |n| n <= 0.0)
+            || !["B", "KB", "MB", "GB", "TB", "KIB", "MIB", "GIB", "TIB"].contains(&unit.as_str())
+        {
+            return Err(Invalid::new(
+                &["memory_limit"],
+                format!(
+                    "`{}` is not a size such as \"512MB\" or \"2GB\"",
+                    self.memory_limit
+                ),
+            ));
+        }
         if self.threads == Some(0) {
             return Err(Invalid::new(&["threads"], "must be at least 1"));
         }

@@ -249,6 +249,12 @@ impl Inner {
                 path: self.cfg.path.clone(),
                 source: Box::new(source),
             })?;
+            // Validated as a number and a unit: no quote can reach here.
+            conn.execute_batch(&format!(
+                "SET memory_limit = '{}'",
+                self.cfg.memory_limit.trim()
+            ))
+            .map_err(|e| self.plan.ctx.sql(&self.cfg.table, "set memory_limit", e))?;
             if let Some(n) = self.cfg.threads {
                 conn.execute_batch(&format!("SET threads = {n}"))
                     .map_err(|e| self.plan.ctx.sql(&self.cfg.table, "set threads", e))?;
