@@ -20,6 +20,7 @@ fn sink_cfg(w: &Workdir, mode: Mode, key: &[&str]) -> DuckDbSinkConfig {
         create: true,
         offsets_table: "idem_offsets".into(),
         threads: Some(1),
+        memory_limit: "1GB".into(),
     }
 }
 
