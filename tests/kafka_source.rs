@@ -564,6 +564,62 @@ async fn group_scenario(properties: &[(&str, &str)]) {
     assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
 }
 
+/// A backfill in the group of runners that were killed a moment ago
+/// (members that hold partitions until their session times out) reads
+/// every partition to its end, not only the ones the group leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_reads_every_partition_while_the_group_holds_some() {
+    let topic = fresh_topic("idem_backfill", 6).await;
+    let schema = fresh_schema("kafka_backfill");
+    produce(&topic, 0..30_000).await;
+    let w = Workdir::new();
+    let live = w.write("live.toml", &Conf::new(&topic, &schema).max_records(500).toml());
+    // Two group members, frozen before their second commit, then killed.
+    let members: Vec<Reaped> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            Reaped(spawn_runner(
+                &live,
+                &w.path(&format!("{n}.log")),
+                "before_commit=2:stop",
+            ))
+        })
+        .collect();
+    let started = Instant::now();
+    while !members.iter().all(|m| is_stopped(m.0.id())) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the group members never reached their second commit:\n{}",
+            std::fs::read_to_string(w.path("a.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(members);
+    let backfill = w.write(
+        "backfill.toml",
+        &Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .max_records(500)
+            .toml(),
+    );
+    let out = run_ok(idem().env("RUST_LOG", "info").arg("run").arg(&backfill));
+    // It took every partition itself: the group (which, on a broker that
+    // keeps the dead members until their session times out, would hand it
+    // only the rest) is not joined.
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("outside the consumer group") && log.contains("partitions=6"),
+        "{log}"
+    );
+    assert_eq!(
+        count(&schema).await,
+        (30_000, 30_000),
+        "the backfill finished early: {}",
+        text(&out.stdout)
+    );
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn into_duckdb_a_backfill_stops_at_the_end_exactly_once() {
     let topic = fresh_topic("idem_duck", 6).await;

@@ -70,9 +70,27 @@ impl DuckDbError {
     }
 }
 
+impl DuckDbError {
+    /// Whether DuckDB refused a value of the batch (a constraint, a cast, a
+    /// value out of range): the batch is split to find it.
+    pub fn is_data(&self) -> bool {
+        match self {
+            DuckDbError::Sql { source, .. } => {
+                let msg = source.to_string();
+                ["Constraint Error", "Conversion Error", "Out of Range Error"]
+                    .iter()
+                    .any(|s| msg.contains(s))
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<DuckDbError> for SinkError {
     fn from(e: DuckDbError) -> Self {
-        if e.is_retriable() {
+        if e.is_data() {
+            SinkError::Refused(Box::new(e))
+        } else if e.is_retriable() {
             SinkError::Transient(Box::new(e))
         } else {
             SinkError::Permanent(Box::new(e))

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Messages buffered per partition between the consumer and its reader.
 const PARTITION_BUFFER: usize = 8192;
@@ -206,7 +206,10 @@ impl KafkaSource {
             consumer.fetch_metadata(None, BROKER_TIMEOUT).map(|m| {
                 m.topics()
                     .iter()
-                    .map(|t| t.name().to_string())
+                    .map(|t| {
+                        let ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+                        (t.name().to_string(), ids)
+                    })
                     .collect::<Vec<_>>()
             })
         });
@@ -228,8 +231,13 @@ impl KafkaSource {
                 return Err(setup(&self.cfg, format!("metadata lookup failed: {e}")));
             }
         };
+        if self.cfg.stop_at_end {
+            return self.assign_all(client, &known).inspect_err(|_| {
+                self.subscribed.store(false, Ordering::SeqCst);
+            });
+        }
         for topic in self.cfg.topics.iter().filter(|t| !t.starts_with('^')) {
-            if !known.contains(topic) {
+            if !known.iter().any(|(name, _)| name == topic) {
                 warn!(topic, brokers = %self.cfg.brokers, "topic does not exist (yet); waiting for it");
             }
         }
@@ -238,6 +246,66 @@ impl KafkaSource {
             self.subscribed.store(false, Ordering::SeqCst);
             setup(&self.cfg, format!("cannot subscribe to {topics:?}: {e}"))
         })?;
+        self.ensure_polling(client);
+        Ok(())
+    }
+
+    /// A backfill (`stop_at_end`) reads every partition of its topics to
+    /// its end, so it does not join the group: members that still hold
+    /// partitions there (a runner killed a moment ago, until its session
+    /// times out) would leave it only the rest, and it would finish early.
+    /// It assigns them all itself, paused until the sink gives each one's
+    /// position; the sink's epochs fence as always.
+    fn assign_all(&self, client: &Client, known: &[(String, Vec<i32>)]) -> Result<(), SourceError> {
+        let mut wanted: Vec<(&str, i32)> = Vec::new();
+        for topic in &self.cfg.topics {
+            let matching: Vec<&(String, Vec<i32>)> = match topic.strip_prefix('^') {
+                Some(_) => {
+                    let re = regex::Regex::new(topic)
+                        .map_err(|e| setup(&self.cfg, format!("topic pattern `{topic}`: {e}")))?;
+                    known.iter().filter(|(name, _)| re.is_match(name)).collect()
+                }
+                None => known.iter().filter(|(name, _)| name == topic).collect(),
+            };
+            if matching.is_empty() {
+                return Err(setup(
+                    &self.cfg,
+                    format!("stop_at_end: no topic `{topic}` exists on {}; a backfill reads what exists now", self.cfg.brokers),
+                ));
+            }
+            for (name, ids) in matching {
+                wanted.extend(ids.iter().map(|&p| (name.as_str(), p)));
+            }
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p) in &wanted {
+            tpl.add_partition(topic, *p);
+        }
+        let fail = |what: &str, e: KafkaError| {
+            setup(
+                &self.cfg,
+                format!(
+                    "stop_at_end: cannot {what} {} partitions: {e}",
+                    wanted.len()
+                ),
+            )
+        };
+        client
+            .consumer
+            .assign(&tpl)
+            .map_err(|e| fail("assign", e))?;
+        client.consumer.pause(&tpl).map_err(|e| fail("pause", e))?;
+        info!(
+            partitions = wanted.len(),
+            "stop_at_end: reading every partition of the topics, outside the consumer group"
+        );
+        let _ = client
+            .consumer
+            .context()
+            .assignments
+            .send(Assignment::Assigned(names(&tpl)));
         self.ensure_polling(client);
         Ok(())
     }
