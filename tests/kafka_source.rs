@@ -573,7 +573,10 @@ async fn a_backfill_reads_every_partition_while_the_group_holds_some() {
     let schema = fresh_schema("kafka_backfill");
     produce(&topic, 0..30_000).await;
     let w = Workdir::new();
-    let live = w.write("live.toml", &Conf::new(&topic, &schema).max_records(500).toml());
+    let live = w.write(
+        "live.toml",
+        &Conf::new(&topic, &schema).max_records(500).toml(),
+    );
     // Two group members, frozen before their second commit, then killed.
     let members: Vec<Reaped> = ["a", "b"]
         .iter()

@@ -113,14 +113,31 @@ pub fn sink_lines(bucket: &str, extra: &str) -> String {
 }
 
 pub async fn get(bucket: &str, key: &str) -> Vec<u8> {
-    let out = client_for(bucket)
-        .get_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("get {key}: {e:?}"));
-    let bytes = out.body.collect().await.unwrap().into_bytes().to_vec();
+    // s3s-fs replaces an object's body (written aside, then renamed) and
+    // its stored checksum in two steps, so a read racing a replacement (a
+    // manifest, polled while the runner commits) can pair the new body with
+    // the old checksum: the SDK then reports a checksum mismatch. Such a
+    // read is tried again; S3 itself replaces both at once. Objects holding
+    // data are never replaced with other bytes (their names carry the
+    // writer's epoch and first offset; a retried PUT sends the same bytes).
+    let mut tries = 0;
+    let bytes = loop {
+        tries += 1;
+        let out = client_for(bucket)
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("get {key}: {e:?}"));
+        match out.body.collect().await {
+            Ok(body) => break body.into_bytes().to_vec(),
+            Err(e) if tries < 20 && format!("{e:?}").contains("ChecksumMismatch") => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("get {key}: {e:?}"),
+        }
+    };
     if key.ends_with(".gz") {
         let mut s = Vec::new();
         flate2::read::GzDecoder::new(&bytes[..])

@@ -636,8 +636,14 @@ impl Connector {
         warn!(connector = %self.name, partition = %pref.partition, first_offset = batch.first_offset, next_offset = batch.next_offset, error = %reason, "the sink refused data in this batch: finding the message(s) it refuses");
         let names: Vec<String> = self.cfg.columns.iter().map(|c| c.name.clone()).collect();
         let mut total = CommitStats::default();
-        let mut pieces =
-            VecDeque::from([(batch.records.clone(), batch.first_offset, batch.next_offset)]);
+        // The whole batch was just refused: start from its halves.
+        let mut pieces = VecDeque::new();
+        split_in_halves(
+            &mut pieces,
+            batch.records.clone(),
+            batch.first_offset,
+            batch.next_offset,
+        );
         while let Some((records, first_offset, next_offset)) = pieces.pop_front() {
             let piece = Arc::new(Batch {
                 partition: pref.clone(),
@@ -664,14 +670,20 @@ impl Connector {
                 Err(SinkError::Refused(e)) if !piece.records.is_empty() => e,
                 Err(e) => return Err(e),
             };
-            let mut records = piece.records.clone();
-            if records.len() > 1 {
-                let right = records.split_off(records.len() / 2);
-                let middle = right[0].offset;
-                pieces.push_front((right, middle, next_offset));
-                pieces.push_front((records, first_offset, middle));
+            if piece.records.len() > 1 {
+                let mut halves = VecDeque::new();
+                split_in_halves(
+                    &mut halves,
+                    piece.records.clone(),
+                    first_offset,
+                    next_offset,
+                );
+                while let Some(half) = halves.pop_back() {
+                    pieces.push_front(half);
+                }
                 continue;
             }
+            let records = &piece.records;
             // The one record the sink refuses: a dead letter, then its
             // position commits alone.
             let max = self.cfg.dead_letters.max;
@@ -713,6 +725,24 @@ impl Connector {
         }
         Ok(total)
     }
+}
+
+/// `records` (covering offsets `first..next`) as two contiguous pieces
+/// appended to `pieces`, or as one when it holds a single record.
+fn split_in_halves(
+    pieces: &mut VecDeque<(Vec<Record>, u64, u64)>,
+    mut records: Vec<Record>,
+    first: u64,
+    next: u64,
+) {
+    if records.len() < 2 {
+        pieces.push_back((records, first, next));
+        return;
+    }
+    let right = records.split_off(records.len() / 2);
+    let middle = right[0].offset;
+    pieces.push_back((records, first, middle));
+    pieces.push_back((right, middle, next));
 }
 
 /// The partition tasks of one run of a connector.
