@@ -589,7 +589,9 @@ async fn a_backfill_reads_every_partition_while_the_group_holds_some() {
         })
         .collect();
     let started = Instant::now();
-    while !members.iter().all(|m| is_stopped(m.0.id())) {
+    // At least one holds a batch, frozen; the group may have given the
+    // other nothing yet.
+    while !members.iter().any(|m| is_stopped(m.0.id())) {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the group members never reached their second commit:\n{}",
