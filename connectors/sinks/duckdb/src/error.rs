@@ -68,9 +68,7 @@ impl DuckDbError {
             _ => false,
         }
     }
-}
 
-impl DuckDbError {
     /// Whether DuckDB refused a value of the batch (a constraint, a cast, a
     /// value out of range): the batch is split to find it.
     pub fn is_data(&self) -> bool {

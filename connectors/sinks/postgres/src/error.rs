@@ -125,9 +125,7 @@ impl PgError {
             _ => false,
         }
     }
-}
 
-impl PgError {
     /// Whether the server refused a value of the batch (SQLSTATE class 22,
     /// data exception; 23, a constraint; 54000, a value too large for an
     /// index): the batch is split to find it.
