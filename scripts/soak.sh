@@ -29,12 +29,28 @@ for s in "${sinks[@]}"; do
 done
 
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+bins="$(mktemp -d)"
+trap 'rm -rf "$log" "$bins"' EXIT
+# Build once and run copies: a build while the soak runs (it takes long)
+# cannot replace the binaries underneath it.
+tests=()
+for s in "${sinks[@]}"; do tests+=(--test "crash_$s"); done
+cargo build --locked -p idem --bin idem
+cp target/debug/idem "$bins/idem"
+cargo test --locked -p idem "${tests[@]}" --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("crash_"):
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+' "$bins"
 status=0
 for s in "${sinks[@]}"; do
   echo "== soak: $s, $kills kills per mode" >&2
   started=$(date +%s)
-  if ! IDEM_CRASH_KILLS="$kills" cargo test --locked -p idem --test "crash_$s" -- --nocapture --test-threads 1 2>&1 \
+  echo "     Running crash_$s" >>"$log"
+  if ! IDEM_BIN="$bins/idem" IDEM_CRASH_KILLS="$kills" "$bins/crash_$s" --nocapture --test-threads 1 2>&1 \
       | tee -a "$log" | grep -E "^SOAK|crash test seed|panicked|test result" >&2; then
     status=1
   fi

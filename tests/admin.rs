@@ -113,9 +113,19 @@ impl Api {
     }
 
     async fn post(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        self.post_with(path, &headers).await
+    }
+
+    async fn post_with(&self, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
         let mut req = self.http.post(format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let r = req.send().await.unwrap();
         let code = r.status().as_u16();
@@ -284,6 +294,34 @@ async fn metrics_count_what_was_sent_and_pause_and_resume_lose_nothing() {
         .post("/connectors/nope/pause", Some("s3cret-token"))
         .await;
     assert_eq!(code, 404, "{body}");
+    // A web page cannot drive it: a foreign origin or site is refused
+    // before the token is looked at, and so is a form's content type. The
+    // scheme is case-insensitive; the API's own origin passes.
+    let auth = ("authorization", "Bearer s3cret-token");
+    let own = format!("http://127.0.0.1:{port}");
+    for (headers, want) in [
+        (vec![auth, ("origin", "http://evil.example")], 403),
+        (vec![("origin", "http://evil.example")], 403),
+        (vec![auth, ("sec-fetch-site", "cross-site")], 403),
+        (
+            vec![auth, ("content-type", "application/x-www-form-urlencoded")],
+            415,
+        ),
+        (vec![auth, ("content-type", "text/plain")], 415),
+        (vec![("authorization", "bearer s3cret-token")], 404),
+        (
+            vec![
+                auth,
+                ("origin", own.as_str()),
+                ("content-type", "application/json"),
+            ],
+            404,
+        ),
+        (vec![auth, ("sec-fetch-site", "same-origin")], 404),
+    ] {
+        let (code, body) = api.post_with("/connectors/nope/pause", &headers).await;
+        assert_eq!(code, want, "{headers:?}: {body}");
+    }
     let (code, body) = api
         .post("/connectors/pay/resume", Some("s3cret-token"))
         .await;

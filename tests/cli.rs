@@ -332,6 +332,16 @@ fn sigterm_in_follow_mode_commits_and_exits_zero_and_restart_resumes() {
     }
     let db = duck(&w.path("t.duckdb"));
     assert_eq!(query_i64(&db, "SELECT count(DISTINCT id) FROM t"), 150);
+    drop(db);
+    // The audit of a followed file reads up to the committed position and
+    // ends: lines past it are not waited for (it used to fail after 30 s).
+    w.append("in.jsonl", &lines(150, 160));
+    let out = run_ok(idem().arg("verify").arg(&cfg));
+    let verdict = text(&out.stdout);
+    assert!(
+        verdict.contains("✓ t: 150 messages") && verdict.contains("exactly once"),
+        "{verdict}"
+    );
 }
 
 #[test]

@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 pub fn idem() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_idem"));
+    // IDEM_BIN: a copy of the binary (scripts/soak.sh), so a build during a
+    // long run cannot replace it underneath.
+    let bin = std::env::var_os("IDEM_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_idem").into());
+    let mut cmd = Command::new(bin);
     cmd.env("RUST_LOG", "warn").env_remove("IDEM_FAILPOINTS");
     // Tests run many idem side by side: each admin API on a port of its own.
     cmd.env("IDEM_ADMIN_LISTEN", "127.0.0.1:0");

@@ -146,26 +146,40 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
                 format!("{fp}={}", rng.random_range(1..=6)),
             );
         }
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        // Each commit logs "batch committed" at debug: random kills aim at
+        // the commits, not only at the start-up before them.
+        cmd.env("RUST_LOG", "warn,idem::connector::commit=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
         let started = Instant::now();
         let mut child = cmd.spawn().expect("spawn idem");
+        let first_commit = watch_first_commit(child.stderr.take().expect("stderr"));
         let status = match failpoint {
             Some(_) => child.wait().expect("wait"),
             None => {
-                let aim = rng.random_range(5..(typical.as_millis() as u64 * 4 / 5).max(6));
-                let deadline = started + Duration::from_millis(aim);
+                // One kill in four lands anywhere in the start-up (opening,
+                // recovering); the rest after the first commit, within as
+                // long again, while batches are being written.
+                let early = rng.random_bool(0.25);
+                let early_aim = rng.random_range(5..(typical.as_millis() as u64 * 4 / 5).max(6));
+                let late_share: f64 = rng.random_range(0.0..1.0);
+                let mut deadline = early.then(|| started + Duration::from_millis(early_aim));
                 loop {
                     if let Some(s) = child.try_wait().expect("try_wait") {
                         // It finished first: aim within its latest duration.
                         typical = started.elapsed();
                         break s;
                     }
-                    if Instant::now() >= deadline {
+                    if deadline.is_none() {
+                        if let Ok(at) = first_commit.try_recv() {
+                            deadline = Some(at + (at - started).mul_f64(late_share));
+                        }
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
                         child.kill().expect("SIGKILL");
                         break child.wait().expect("wait");
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
         };
@@ -245,4 +259,22 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
     eprintln!(
         "SOAK mode={mode} rounds={ran} kills={killed} failpoints={by_failpoint:?} messages={produced} malformed={malformed} rows={rows} result=exact"
     );
+}
+
+/// Drain the child's log on a thread (so it never blocks on a full pipe)
+/// and send the moment its first batch committed.
+fn watch_first_commit(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<Instant> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains("batch committed") {
+                let _ = tx.send(Instant::now());
+                sent = true;
+            }
+        }
+    });
+    rx
 }

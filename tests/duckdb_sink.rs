@@ -21,6 +21,7 @@ fn sink_cfg(w: &Workdir, mode: Mode, key: &[&str]) -> DuckDbSinkConfig {
         offsets_table: "idem_offsets".into(),
         threads: Some(1),
         memory_limit: "1GB".into(),
+        checkpoint_threshold: "256MB".into(),
     }
 }
 

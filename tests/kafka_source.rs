@@ -529,16 +529,24 @@ async fn group_scenario(properties: &[(&str, &str)]) {
     // once the group moves B's partitions away (a broker evicts a silent
     // member after its session timeout; the test broker keeps a frozen
     // member whose connection stays open, so the test opens them itself,
-    // with the same statement a runner's open runs).
-    pg().await
-        .batch_execute(&format!(
-            "UPDATE \"{schema}\".idem_offsets SET epoch = epoch + 1 WHERE connector = 'k'"
-        ))
-        .await
-        .unwrap();
+    // with the same statement a runner's open runs). The statement may
+    // wait for a row B locked before it froze: it runs beside the wake-up,
+    // not before it, or each would wait for the other.
+    let fence = tokio::spawn({
+        let schema = schema.clone();
+        async move {
+            pg().await
+                .batch_execute(&format!(
+                    "UPDATE \"{schema}\".idem_offsets SET epoch = epoch + 1 WHERE connector = 'k'"
+                ))
+                .await
+                .unwrap();
+        }
+    });
     // Past B's session timeout: on waking it rejoins the group.
     tokio::time::sleep(Duration::from_secs(8)).await;
     signal(b.id(), "CONT");
+    fence.await.unwrap();
 
     producing.await.unwrap();
     let started = Instant::now();

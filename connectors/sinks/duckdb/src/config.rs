@@ -41,6 +41,12 @@ pub struct DuckDbSinkConfig {
     /// machine's memory, too much for a sidecar.
     #[serde(default = "default_memory_limit")]
     pub memory_limit: String,
+    /// The write-ahead log size at which DuckDB checkpoints (its
+    /// `checkpoint_threshold`). Default: 256MB. DuckDB's own 16MB
+    /// checkpoints every few batches of large values, and each checkpoint
+    /// re-reads and holds the blocks it rewrites.
+    #[serde(default = "default_checkpoint_threshold")]
+    pub checkpoint_threshold: String,
     /// The table holding each partition's committed position and epoch.
     #[serde(default = "default_offsets_table")]
     pub offsets_table: String,
@@ -54,6 +60,10 @@ fn default_memory_limit() -> String {
     "1GB".into()
 }
 
+fn default_checkpoint_threshold() -> String {
+    "256MB".into()
+}
+
 fn default_offsets_table() -> String {
     "idem_offsets".into()
 }
@@ -62,22 +72,8 @@ impl Validate for DuckDbSinkConfig {
     fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
         check_ident("table", &self.table)?;
         check_ident("offsets_table", &self.offsets_table)?;
-        let limit = self.memory_limit.trim();
-        let digits = limit
-            .trim_end_matches(|c: char| c.is_ascii_alphabetic())
-            .trim();
-        let unit = limit[digits.len()..].trim().to_ascii_uppercase();
-        if digits.parse::<f64>().map_or(true, |n| n <= 0.0)
-            || !["B", "KB", "MB", "GB", "TB", "KIB", "MIB", "GIB", "TIB"].contains(&unit.as_str())
-        {
-            return Err(Invalid::new(
-                &["memory_limit"],
-                format!(
-                    "`{}` is not a size such as \"512MB\" or \"2GB\"",
-                    self.memory_limit
-                ),
-            ));
-        }
+        check_size("memory_limit", &self.memory_limit)?;
+        check_size("checkpoint_threshold", &self.checkpoint_threshold)?;
         if self.threads == Some(0) {
             return Err(Invalid::new(&["threads"], "must be at least 1"));
         }
@@ -107,5 +103,53 @@ impl Validate for DuckDbSinkConfig {
             self.delete_on_tombstone,
             columns,
         )
+    }
+}
+
+/// A DuckDB size setting: a positive number and a unit. Only such values
+/// are spliced into `SET`, so no quote can reach the statement.
+fn check_size(key: &str, value: &str) -> Result<(), Invalid> {
+    let size = value.trim();
+    let digits = size
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .trim();
+    let unit = size[digits.len()..].trim().to_ascii_uppercase();
+    if digits
+        .parse::<f64>()
+        .map_or(true, |n| !(n > 0.0 && n.is_finite()))
+        || !["B", "KB", "MB", "GB", "TB", "KIB", "MIB", "GIB", "TIB"].contains(&unit.as_str())
+    {
+        return Err(Invalid::new(
+            &[key],
+            format!("`{value}` is not a size such as \"512MB\" or \"2GB\""),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_size;
+
+    #[test]
+    fn sizes_need_a_positive_number_and_a_unit() {
+        for ok in ["1GB", "512MB", " 2 gib ", "0.5GB", "100B"] {
+            assert!(check_size("memory_limit", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "GB",
+            "0MB",
+            "-1GB",
+            "1",
+            "1XB",
+            "1GB'; DROP TABLE t; --",
+            "infGB",
+            "NaNMB",
+        ] {
+            let e = check_size("checkpoint_threshold", bad).unwrap_err();
+            assert!(e.message.contains("is not a size"), "{bad}: {}", e.message);
+            assert_eq!(e.key, ["checkpoint_threshold"]);
+        }
     }
 }

@@ -104,6 +104,23 @@ impl Source for FileSource {
         partition: &str,
         start: Option<u64>,
     ) -> Result<Box<dyn PartitionReader>, SourceError> {
+        self.open_reader(partition, start, self.config.follow).await
+    }
+
+    /// An audit reads to the end as it is now, followed or not: waiting for
+    /// lines past the committed position would never end.
+    async fn open_audit(&self, partition: &str) -> Result<Box<dyn PartitionReader>, SourceError> {
+        self.open_reader(partition, None, false).await
+    }
+}
+
+impl FileSource {
+    async fn open_reader(
+        &self,
+        partition: &str,
+        start: Option<u64>,
+        follow: bool,
+    ) -> Result<Box<dyn PartitionReader>, SourceError> {
         let path = PathBuf::from(partition);
         let err = |message: String, retriable: bool| SourceError::Read {
             source_name: NAME.into(),
@@ -144,7 +161,7 @@ impl Source for FileSource {
             offset: start,
             line: Vec::new(),
             line_len: 0,
-            follow: self.config.follow,
+            follow,
             poll_interval: self.config.poll_interval,
             max_line_bytes: self.config.max_line_bytes,
         }))
