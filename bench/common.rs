@@ -130,7 +130,7 @@ linger = "1s"
 pub fn run_idem(idem: &str, config: &Path) -> (Duration, u64, Vec<f64>) {
     let (elapsed, peak, out) = run_measured(
         Command::new(idem)
-            .env("RUST_LOG", "warn,idem::pipeline=debug")
+            .env("RUST_LOG", "warn,idem::connector=debug")
             .args(["--log-format", "json", "run"])
             .arg(config),
     );

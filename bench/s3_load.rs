@@ -123,7 +123,7 @@ async fn main() {
         let cfg = dir.path().join("bench.toml");
         std::fs::write(&cfg, config(&data, &sink, batch)).expect("config");
         let mut cmd = std::process::Command::new(idem);
-        cmd.env("RUST_LOG", "warn,idem::pipeline=debug")
+        cmd.env("RUST_LOG", "warn,idem::connector=debug")
             .args(["--log-format", "json", "run"])
             .arg(&cfg);
         for (k, v) in CREDENTIALS {

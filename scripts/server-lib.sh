@@ -18,7 +18,8 @@ stop_server() {
 }
 
 # Start CMD in the background, logging to $DATA/NAME.log; wait until it
-# listens (10 s at most) or show its log and fail.
+# listens (START_TRIES tenths of a second, 10 s by default) or show its
+# log and fail.
 start_server() {
   local name="$1"
   shift
@@ -28,7 +29,7 @@ start_server() {
   # is deleted. The subshell execs the server, so $! is its pid.
   (cd "$DATA" && exec nohup "$@" >"$DATA/$name.log" 2>&1) &
   echo $! >"$PIDFILE"
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 "${START_TRIES:-100}"); do
     listening && return 0
     if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then break; fi
     sleep 0.1

@@ -14,6 +14,8 @@ bash scripts/s3s-fs.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
+echo "== import cycles between files" >&2
+python3 scripts/check-cycles.py
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test" >&2

@@ -9,7 +9,7 @@
 //! host cannot be made to pause or reload Idem. Every answer passes through
 //! [`idem_config::redact`].
 
-use crate::app::Process;
+use crate::process::Process;
 use crate::supervisor::{Command, Refused};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};

@@ -202,7 +202,7 @@ pub struct DeadLetterError {
     pub retriable: bool,
 }
 
-impl crate::pipeline::Retriable for DeadLetterError {
+impl crate::retry::Retriable for DeadLetterError {
     fn is_retriable(&self) -> bool {
         self.retriable
     }
@@ -236,8 +236,10 @@ pub enum DeadLetters {
 
 impl DeadLetters {
     /// From the connector's config, without I/O.
-    pub fn build(name: &str, cfg: &crate::plugins::ConnectorConfig) -> Result<DeadLetters, String> {
-        use crate::plugins::{SinkConfig, SourceConfig};
+    pub fn build(
+        name: &str,
+        cfg: &crate::registry::ConnectorConfig,
+    ) -> Result<DeadLetters, String> {
         use idem_config::DeadLetterDestination as D;
         let dl = &cfg.dead_letters;
         Ok(match dl.destination {
@@ -249,7 +251,7 @@ impl DeadLetters {
                     .into(),
             )),
             D::Table => {
-                let SinkConfig::Postgres(pg) = &cfg.sink else {
+                let Some(pg) = cfg.sink.postgres() else {
                     return Err(format!(
                         "dead_letters.destination = \"table\" writes into the sink's PostgreSQL database, but this connector's sink is {}; use \"file\"",
                         cfg.sink.kind()
@@ -260,7 +262,7 @@ impl DeadLetters {
                     .clone()
                     .unwrap_or_else(|| idem_config::default_dead_letter_table(name));
                 DeadLetters::Table(DeadLetterTable {
-                    url: pg.url.clone(),
+                    url: pg.url,
                     shown: format!("table {}.{table}", pg.schema),
                     table: format!(
                         "{}.{}",
@@ -271,26 +273,17 @@ impl DeadLetters {
                 })
             }
             D::Topic => {
-                let SourceConfig::Kafka(k) = &cfg.source else {
+                let Some(k) = cfg.source.kafka() else {
                     return Err("dead_letters.destination = \"topic\" writes to the source's Kafka brokers, but this connector's source is not Kafka; use \"file\"".into());
                 };
                 DeadLetters::Topic(DeadLetterTopic {
-                    brokers: k.brokers.clone(),
+                    brokers: k.brokers,
                     topic: dl
                         .topic
                         .clone()
                         .unwrap_or_else(|| format!("{name}.dead-letters")),
                     producer: std::sync::OnceLock::new(),
-                    properties: k
-                        .properties
-                        .iter()
-                        .filter(|(key, _)| {
-                            key.starts_with("security.")
-                                || key.starts_with("sasl.")
-                                || key.starts_with("ssl.")
-                        })
-                        .map(|(key, v)| (key.clone(), v.expose().to_string()))
-                        .collect(),
+                    properties: k.properties,
                 })
             }
         })
@@ -354,7 +347,7 @@ impl DeadLetterTable {
         let pool = self
             .pool
             .get_or_try_init(|| async {
-                let (pool, _) = idem_sink_postgres::pool_for(self.url.expose(), 2)?;
+                let (pool, _) = idem_postgres::pool_for(self.url.expose(), 2)?;
                 let client = pool.get().await.map_err(|e| e.to_string())?;
                 client
                     .batch_execute(&format!(

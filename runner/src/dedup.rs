@@ -166,7 +166,7 @@ impl LazyStore {
                 Arc::new(store)
             }
             DedupStoreKind::Postgres => {
-                let (pool, shown) = idem_sink_postgres::pool_for(&url(), 4).map_err(|message| {
+                let (pool, shown) = idem_postgres::pool_for(&url(), 4).map_err(|message| {
                     DedupError::Unavailable {
                         store: "postgres".into(),
                         message,
@@ -248,6 +248,17 @@ pub struct Filtered {
     /// reservations this batch found committed earlier in its partition.
     pub confirm: Vec<String>,
     pub owner: String,
+}
+
+impl Filtered {
+    /// The records to commit, of the batch `records` it was decided for.
+    pub fn kept(&self, records: Vec<Record>) -> Vec<Record> {
+        let mut keep = self.keep.iter();
+        records
+            .into_iter()
+            .filter(|_| keep.next().copied().unwrap_or(true))
+            .collect()
+    }
 }
 
 /// The dedup stage of one connector.
@@ -336,6 +347,47 @@ impl Stage {
             owner,
         })
     }
+}
+
+/// What the dedup `stage` in front of `source` rests on, once its store is
+/// open, and what weakens it: a line and its warnings.
+pub async fn describe(
+    stage: &Stage,
+    source: &dyn idem_core::Source,
+    bounded: bool,
+) -> Result<(String, Vec<String>), String> {
+    let d = stage.store.config();
+    if let Err(e) = stage.store.get().await {
+        return Err(format!("dedup store: {e}"));
+    }
+    let kept = humantime::format_duration(d.retention);
+    let line = format!(
+        "dedup: ids from {} in {}, remembered for {kept}",
+        d.id,
+        stage.store.describe(),
+    );
+    let mut warnings = Vec::new();
+    if d.store == idem_config::DedupStoreKind::Embedded && !bounded {
+        warnings.push("the embedded dedup store is this runner's own file: with more than one runner reading the same source, use store = \"redis\" or \"postgres\"".to_string());
+    }
+    for (topic, source_keeps) in source.retention().await {
+        let longer = match source_keeps {
+            Some(None) => Some("forever".to_string()),
+            Some(Some(t)) if t > d.retention => {
+                Some(format!("for {}", humantime::format_duration(t)))
+            }
+            _ => None,
+        };
+        if let Some(t) = longer {
+            warnings.push(format!(
+                "topic `{topic}` keeps messages {t}, longer than dedup.retention ({kept}): a replay of messages older than {kept} (an offset reset, a new group, a backfill) would repeat their effects; set dedup.retention to at least the topic's retention"
+            ));
+        }
+    }
+    if d.id == "@position" {
+        warnings.push("dedup.id is the position: copies of a message at other offsets are not recognised; set it to the messages' own id".to_string());
+    }
+    Ok((line, warnings))
 }
 
 #[cfg(test)]

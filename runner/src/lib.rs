@@ -3,14 +3,18 @@
 
 pub mod admin;
 pub mod app;
+pub mod commands;
+pub mod connector;
 pub mod deadletter;
 pub mod dedup;
 pub mod generate;
 pub mod output;
-pub mod pipeline;
-pub mod plugins;
 pub mod preflight;
+pub mod process;
 pub mod produce;
+pub mod registry;
+pub mod report;
+pub mod retry;
 pub mod stats;
 pub mod supervisor;
 pub mod verify;

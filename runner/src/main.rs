@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use idem::generate::{generate, GenerateOptions};
 use idem::produce::{produce, ProduceOptions};
-use idem::{app, plugins};
+use idem::{app, commands, registry};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -147,8 +147,8 @@ fn init_logs(format: LogFormat, configured: Option<&str>) {
     }
 }
 
-fn load(path: &std::path::Path) -> Result<plugins::Config, ExitCode> {
-    plugins::load(path).map_err(|e| {
+fn load(path: &std::path::Path) -> Result<registry::Config, ExitCode> {
+    registry::load(path).map_err(|e| {
         idem::say_err!("idem: invalid config: {e}");
         ExitCode::from(2)
     })
@@ -202,10 +202,10 @@ fn main() -> ExitCode {
             None => return ExitCode::from(2),
         },
         Command::Check { .. } => match config {
-            Some(c) => runtime.block_on(app::check(c)),
+            Some(c) => runtime.block_on(commands::check(c)),
             None => return ExitCode::from(2),
         },
-        Command::Status { url, .. } => runtime.block_on(app::status(config, url)),
+        Command::Status { url, .. } => runtime.block_on(commands::status(config, url)),
         Command::Verify { connector, .. } => match config {
             Some(c) => runtime.block_on(idem::verify::verify(c, connector)),
             None => return ExitCode::from(2),

@@ -4,8 +4,8 @@
 //! No network. A failure is a config mistake (exit 2), with file, line and
 //! key, never a connector failing a minute into the run.
 
-use crate::pipeline::Connector;
-use crate::plugins::{Config, SourceConfig};
+use crate::connector::Connector;
+use crate::registry::Config;
 use idem_config::{ConfigError, DeadLetterDestination, DedupStoreKind, Invalid};
 use std::path::Path;
 
@@ -20,21 +20,10 @@ pub fn check(path: &Path, config: &Config) -> Result<(), ConfigError> {
         if let Err(e) = Connector::build(name, cfg.clone()) {
             return Err(at(&[], e.to_string()));
         }
-        if let SourceConfig::File(f) = &cfg.source {
-            let matched = glob::glob(&f.path)
-                .map(|paths| paths.flatten().any(|p| p.is_file()))
-                .unwrap_or(false);
-            if !matched && !f.follow {
-                return Err(at(
-                    &["source", "path"],
-                    format!(
-                        "no file matches `{}` (relative paths start from the working directory {})",
-                        f.path,
-                        std::env::current_dir()
-                            .map_or_else(|_| "?".into(), |d| d.display().to_string())
-                    ),
-                ));
-            }
+        if let Err(e) = cfg.source.preflight() {
+            let mut key = vec!["source"];
+            key.extend(e.key.iter().map(String::as_str));
+            return Err(at(&key, e.message));
         }
         if cfg.dead_letters.destination == DeadLetterDestination::File {
             let (key, file) = match (&cfg.dead_letters.path, &cfg.dead_letter) {

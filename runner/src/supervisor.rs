@@ -4,8 +4,8 @@
 //! in-flight batches commit, then the source and sink are dropped, so every
 //! transition keeps the commit protocol's guarantees.
 
-use crate::pipeline::Connector;
-use crate::plugins::ConnectorConfig;
+use crate::connector::Connector;
+use crate::registry::ConnectorConfig;
 use crate::stats::{Event, Stats};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -392,7 +392,7 @@ impl Supervised {
         let c = Arc::new(c);
         let info = c.sink.info();
         info!(connector = %c.name, guarantee = %info.guarantee, why = %info.why, dead_letters = %c.dead_letters.describe(), "starting");
-        if let Some(line) = crate::app::dedup_line(&c).await {
+        if let Some(line) = c.dedup_line().await {
             let (l, warnings) = line.map_err(|e| format!("connector `{}`: {e}", c.name))?;
             info!(connector = %c.name, "{l}");
             for w in warnings {
@@ -407,7 +407,7 @@ impl Supervised {
     /// `false` when it stopped on an error (the connector is then failed).
     async fn stop_run(
         &self,
-        run: &mut tokio::task::JoinHandle<Result<(), crate::pipeline::RunError>>,
+        run: &mut tokio::task::JoinHandle<Result<(), crate::connector::RunError>>,
         shutdown: &Shutdown,
     ) -> bool {
         tokio::select! {
@@ -437,7 +437,7 @@ impl Supervised {
 
     fn abandon(
         &self,
-        run: &tokio::task::JoinHandle<Result<(), crate::pipeline::RunError>>,
+        run: &tokio::task::JoinHandle<Result<(), crate::connector::RunError>>,
         shutdown: &Shutdown,
     ) {
         warn!(connector = %self.name, grace_ms = shutdown.grace.as_millis() as u64, "in-flight batch abandoned after the shutdown grace period; it will be read again");

@@ -13,8 +13,8 @@
 //! Any finding exits 1. It holds the whole range in memory (about 0.9 KB
 //! per message with a DuckDB table: 850 MiB for a million).
 
-use crate::pipeline::{map_message, Connector, Item};
-use crate::plugins::{Config, SinkConfig};
+use crate::connector::{map_message, Connector, Item};
+use crate::registry::Config;
 use anyhow::Context;
 use idem_config::WriteMode;
 use idem_core::{Op, ReadStatus};
@@ -41,14 +41,11 @@ fn expectation(c: &Connector) -> Expect {
             .filter_map(|k| c.cfg.columns.iter().position(|col| &col.name == k))
             .collect::<Vec<_>>()
     };
-    let (mode, key, version) = match &c.cfg.sink {
-        SinkConfig::Postgres(s) => (s.mode, s.key.clone(), s.version.is_some()),
-        SinkConfig::Duckdb(s) => (s.mode, s.key.clone(), s.version.is_some()),
-        _ => (WriteMode::Append, Vec::new(), false),
-    };
-    match mode {
-        WriteMode::Upsert => Expect::LatestPerKey(cols(&key), !version),
-        WriteMode::Dedup => Expect::FirstPerKey(cols(&key)),
+    // The sink says which rows its messages leave.
+    let rows = c.sink.info().rows;
+    match rows.mode {
+        WriteMode::Upsert => Expect::LatestPerKey(cols(&rows.key), !rows.versioned),
+        WriteMode::Dedup => Expect::FirstPerKey(cols(&rows.key)),
         WriteMode::Append if c.dedup.is_some() => Expect::FirstPerId,
         WriteMode::Append => Expect::EachMessage,
     }

@@ -14,6 +14,7 @@
 pub mod failpoint;
 pub mod mapping;
 mod message;
+pub mod registry;
 mod sink;
 mod source;
 pub mod sql;
@@ -21,5 +22,7 @@ pub mod sql;
 pub use idem_config::Guarantee;
 pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};
 pub use message::{Message, Meta, PartitionRef};
-pub use sink::{Batch, CommitStats, Opened, Rejects, Sink, SinkError, SinkInfo, StoredPosition};
+pub use sink::{
+    Batch, CommitStats, Opened, Rejects, RowShape, Sink, SinkError, SinkInfo, StoredPosition,
+};
 pub use source::{Assignment, PartitionReader, ReadStatus, Source, SourceError};

@@ -1,6 +1,6 @@
 use crate::{PartitionRef, Record};
 use async_trait::async_trait;
-use idem_config::Guarantee;
+use idem_config::{Guarantee, WriteMode};
 use std::sync::Arc;
 
 /// What a sink declares about itself once configured.
@@ -14,6 +14,31 @@ pub struct SinkInfo {
     pub key_columns: Vec<String>,
     /// Whether tombstones delete rows (otherwise they are not recognised).
     pub deletes: bool,
+    /// Which rows the messages leave, for `idem verify`.
+    pub rows: RowShape,
+}
+
+/// Which rows a sink's messages leave: one per message (append), or one
+/// per key holding its last (upsert) or first (dedup) message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowShape {
+    pub mode: WriteMode,
+    /// The key columns of upsert and dedup.
+    pub key: Vec<String>,
+    /// Upsert with a version column: the row holds the key's largest
+    /// version, not always its last message.
+    pub versioned: bool,
+}
+
+impl RowShape {
+    /// Every message is a row of its own.
+    pub fn append() -> RowShape {
+        RowShape {
+            mode: WriteMode::Append,
+            key: Vec::new(),
+            versioned: false,
+        }
+    }
 }
 
 /// A partition opened (fenced) in the sink.
@@ -80,6 +105,11 @@ pub enum SinkError {
     /// this reason and commits the rest.
     #[error("{0}")]
     Refused(Box<dyn std::error::Error + Send + Sync>),
+    /// The store holding this sink's positions lost its data (a dedup
+    /// store restarted empty): the positions and the message ids kept with
+    /// them are gone alike. The runner applies the connector's `on_loss`.
+    #[error("{store} lost its data: the positions it kept for this sink are gone")]
+    PositionsLost { store: String },
 }
 
 impl SinkError {
@@ -126,6 +156,14 @@ pub trait Sink: Send + Sync {
     /// list its rows.
     async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
         Ok(None)
+    }
+
+    /// Called once when the run ends with no batch in flight. Everything
+    /// committed is already durable; this only leaves the destination tidy
+    /// for the next start (DuckDB folds its write-ahead log into the file,
+    /// so the next open does not replay it into memory).
+    async fn close(&self) -> Result<(), SinkError> {
+        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 //! detection. Both dialects quote identifiers with `"` and know
 //! `IS DISTINCT FROM` and `INSERT .. ON CONFLICT`.
 
-use crate::{Op, Record, SinkInfo, Value};
+use crate::{Op, Record, RowShape, SinkInfo, Value};
 use idem_config::{ColumnConfig, ColumnType, Guarantee, WriteMode};
 use std::collections::HashSet;
 
@@ -121,6 +121,11 @@ pub fn table_sink_info(
         why,
         key_columns: required,
         deletes,
+        rows: RowShape {
+            mode,
+            key: key.to_vec(),
+            versioned: version.is_some(),
+        },
     }
 }
 

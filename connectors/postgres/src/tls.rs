@@ -2,7 +2,7 @@
 //! `prefer` and `require` encrypt without checking the certificate;
 //! `verify-full` checks it against `ca_file` and the host name.
 
-use crate::config::SslMode;
+use crate::SslMode;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;

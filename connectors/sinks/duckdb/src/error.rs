@@ -95,3 +95,21 @@ impl From<DuckDbError> for SinkError {
         }
     }
 }
+
+/// Names used in errors and SQL.
+pub(crate) struct Ctx {
+    pub path: String,
+    pub table: String,
+    pub offsets_table: String,
+}
+
+impl Ctx {
+    pub(crate) fn sql(&self, table: &str, what: &str, source: duckdb::Error) -> DuckDbError {
+        DuckDbError::Sql {
+            path: self.path.clone(),
+            table: table.to_string(),
+            what: what.to_string(),
+            source: Box::new(source),
+        }
+    }
+}

@@ -16,3 +16,22 @@ mod sink;
 pub use config::{DuckDbSinkConfig, Mode};
 pub use error::DuckDbError;
 pub use sink::DuckDbSink;
+
+/// The `duckdb` sink's registry entry.
+pub struct DuckDbKind;
+
+impl idem_core::registry::SinkKind for DuckDbKind {
+    const NAME: &'static str = "duckdb";
+    type Config = DuckDbSinkConfig;
+
+    fn build(
+        cfg: &DuckDbSinkConfig,
+        columns: &[idem_config::ColumnConfig],
+        _ctx: idem_core::registry::SinkContext,
+    ) -> Result<std::sync::Arc<dyn idem_core::Sink>, String> {
+        Ok(std::sync::Arc::new(DuckDbSink::new(
+            cfg.clone(),
+            columns.to_vec(),
+        )))
+    }
+}

@@ -2,8 +2,7 @@
 //! (connector, source, partition) with the next offset to read and the
 //! epoch of the runner that owns the partition.
 
-use crate::error::DuckDbError;
-use crate::sink::Ctx;
+use crate::error::{Ctx, DuckDbError};
 use duckdb::{params, Connection};
 use idem_core::sql::{self, q};
 use idem_core::{Opened, PartitionRef, StoredPosition};

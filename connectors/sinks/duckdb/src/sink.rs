@@ -1,7 +1,7 @@
 //! The write path: one DuckDB transaction per batch.
 
 use crate::config::{DuckDbSinkConfig, Mode};
-use crate::error::DuckDbError;
+use crate::error::{Ctx, DuckDbError};
 use crate::recover;
 use async_trait::async_trait;
 use duckdb::types::{TimeUnit, ToSqlOutput, ValueRef};
@@ -16,24 +16,6 @@ use std::sync::{Arc, Mutex};
 
 const STAGE: &str = "_idem_stage";
 const LATEST: &str = "_idem_latest";
-
-/// Names used in errors and SQL.
-pub(crate) struct Ctx {
-    pub path: String,
-    pub table: String,
-    pub offsets_table: String,
-}
-
-impl Ctx {
-    pub(crate) fn sql(&self, table: &str, what: &str, source: duckdb::Error) -> DuckDbError {
-        DuckDbError::Sql {
-            path: self.path.clone(),
-            table: table.to_string(),
-            what: what.to_string(),
-            source: Box::new(source),
-        }
-    }
-}
 
 /// Statements derived once from the config.
 struct Plan {
@@ -250,11 +232,13 @@ impl Inner {
                 source: Box::new(source),
             })?;
             // Validated as a number and a unit: no quote can reach here.
-            conn.execute_batch(&format!(
-                "SET memory_limit = '{}'",
-                self.cfg.memory_limit.trim()
-            ))
-            .map_err(|e| self.plan.ctx.sql(&self.cfg.table, "set memory_limit", e))?;
+            for (setting, value) in [
+                ("memory_limit", &self.cfg.memory_limit),
+                ("checkpoint_threshold", &self.cfg.checkpoint_threshold),
+            ] {
+                conn.execute_batch(&format!("SET {setting} = '{}'", value.trim()))
+                    .map_err(|e| self.plan.ctx.sql(&self.cfg.table, setting, e))?;
+            }
             if let Some(n) = self.cfg.threads {
                 conn.execute_batch(&format!("SET threads = {n}"))
                     .map_err(|e| self.plan.ctx.sql(&self.cfg.table, "set threads", e))?;
@@ -506,5 +490,23 @@ impl Sink for DuckDbSink {
             })
             .await?,
         ))
+    }
+
+    async fn close(&self) -> Result<(), SinkError> {
+        Ok(self
+            .blocking(|inner| {
+                let guard = inner
+                    .conn
+                    .lock()
+                    .map_err(|_| DuckDbError::Worker("connection lock poisoned".into()))?;
+                // Never prepared (a run that opened nothing): nothing to fold.
+                let Some(conn) = guard.as_ref() else {
+                    return Ok(());
+                };
+                let ctx = &inner.plan.ctx;
+                conn.execute_batch("CHECKPOINT")
+                    .map_err(|e| ctx.sql(&ctx.table, "checkpoint", e))
+            })
+            .await?)
     }
 }

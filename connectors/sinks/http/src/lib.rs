@@ -71,6 +71,9 @@ impl HttpError {
 
 impl From<HttpError> for SinkError {
     fn from(e: HttpError) -> Self {
+        if let HttpError::Store(DedupError::Lost { store }) = e {
+            return SinkError::PositionsLost { store };
+        }
         if e.is_retriable() {
             SinkError::Transient(Box::new(e))
         } else {
@@ -414,6 +417,7 @@ impl Sink for HttpSink {
             why,
             key_columns: Vec::new(),
             deletes: false,
+            rows: idem_core::RowShape::append(),
         }
     }
 
@@ -489,6 +493,35 @@ impl Sink for HttpSink {
             self.cfg.url,
             self.store.describe()
         ))
+    }
+}
+
+/// The `http` sink's registry entry.
+pub struct HttpKind;
+
+impl idem_core::registry::SinkKind for HttpKind {
+    const NAME: &'static str = "http";
+    type Config = HttpSinkConfig;
+
+    fn build(
+        cfg: &HttpSinkConfig,
+        columns: &[ColumnConfig],
+        ctx: idem_core::registry::SinkContext,
+    ) -> Result<Arc<dyn Sink>, String> {
+        let store = ctx
+            .store
+            .ok_or("the http sink keeps its positions in the dedup store, and none was given")?;
+        Ok(Arc::new(HttpSink::new(
+            cfg.clone(),
+            columns,
+            store,
+            ctx.rejects,
+        )))
+    }
+
+    /// Its positions live in the dedup store beside the message ids.
+    fn needs_store(_cfg: &HttpSinkConfig) -> bool {
+        true
     }
 }
 

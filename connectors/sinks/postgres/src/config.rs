@@ -59,16 +59,7 @@ pub struct PostgresSinkConfig {
     pub ca_file: Option<String>,
 }
 
-/// How the connection uses TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    Disable,
-    #[default]
-    Prefer,
-    Require,
-    VerifyFull,
-}
+pub use idem_postgres::SslMode;
 
 fn default_schema() -> String {
     "public".into()

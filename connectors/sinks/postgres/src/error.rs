@@ -151,3 +151,26 @@ impl From<PgError> for SinkError {
         }
     }
 }
+
+/// Names used in errors and SQL.
+pub(crate) struct Ctx {
+    /// `postgres://user@host:port/db`, never the password.
+    pub server: String,
+    /// `"schema"."table"`
+    pub table: String,
+    /// `"schema"."offsets_table"`
+    pub offsets: String,
+    /// `"schema"."idem_ids_table"`: message ids of `dedup` mode.
+    pub ids: String,
+}
+
+impl Ctx {
+    pub(crate) fn sql(&self, table: &str, what: &str, source: tokio_postgres::Error) -> PgError {
+        PgError::Sql {
+            server: self.server.clone(),
+            table: table.to_string(),
+            what: what.to_string(),
+            source: Box::new(source),
+        }
+    }
+}

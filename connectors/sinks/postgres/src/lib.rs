@@ -14,8 +14,33 @@ mod config;
 mod error;
 mod recover;
 mod sink;
-mod tls;
 
 pub use config::{PostgresSinkConfig, SslMode};
 pub use error::PgError;
-pub use sink::{pool_for, PostgresSink};
+pub use sink::PostgresSink;
+
+/// The `postgres` sink's registry entry.
+pub struct PostgresKind;
+
+impl idem_core::registry::SinkKind for PostgresKind {
+    const NAME: &'static str = "postgres";
+    type Config = PostgresSinkConfig;
+
+    fn build(
+        cfg: &PostgresSinkConfig,
+        columns: &[idem_config::ColumnConfig],
+        _ctx: idem_core::registry::SinkContext,
+    ) -> Result<std::sync::Arc<dyn idem_core::Sink>, String> {
+        Ok(std::sync::Arc::new(PostgresSink::new(
+            cfg.clone(),
+            columns.to_vec(),
+        )))
+    }
+
+    fn postgres(cfg: &PostgresSinkConfig) -> Option<idem_core::registry::PostgresTarget> {
+        Some(idem_core::registry::PostgresTarget {
+            url: cfg.url.clone(),
+            schema: cfg.schema.clone(),
+        })
+    }
+}

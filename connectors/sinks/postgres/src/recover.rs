@@ -2,8 +2,7 @@
 //! (connector, source, partition) with the next offset to read and the
 //! epoch of the runner that owns the partition.
 
-use crate::error::PgError;
-use crate::sink::Ctx;
+use crate::error::{Ctx, PgError};
 use idem_core::sql;
 use idem_core::{Opened, PartitionRef, StoredPosition};
 use tokio_postgres::GenericClient;

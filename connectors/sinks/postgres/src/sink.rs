@@ -2,9 +2,8 @@
 
 use crate::cell::{pg_type, reported_type, sql_type, Cell};
 use crate::config::{PostgresSinkConfig, SslMode};
-use crate::error::PgError;
+use crate::error::{Ctx, PgError};
 use crate::recover;
-use crate::tls;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_config::{ColumnConfig, WriteMode};
@@ -13,35 +12,13 @@ use idem_core::sql::{self, q, DELETE_FLAG};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo, StoredPosition,
 };
+use idem_postgres::server_name;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
-
-/// Names used in errors and SQL.
-pub(crate) struct Ctx {
-    /// `postgres://user@host:port/db`, never the password.
-    pub server: String,
-    /// `"schema"."table"`
-    pub table: String,
-    /// `"schema"."offsets_table"`
-    pub offsets: String,
-    /// `"schema"."idem_ids_table"`: message ids of `dedup` mode.
-    pub ids: String,
-}
-
-impl Ctx {
-    pub(crate) fn sql(&self, table: &str, what: &str, source: tokio_postgres::Error) -> PgError {
-        PgError::Sql {
-            server: self.server.clone(),
-            table: table.to_string(),
-            what: what.to_string(),
-            source: Box::new(source),
-        }
-    }
-}
 
 /// Statements derived once from the config.
 struct Plan {
@@ -63,23 +40,6 @@ struct Plan {
     create_ids: String,
     purge_ids: String,
     key_idx: Vec<usize>,
-}
-
-fn server_name(cfg: &tokio_postgres::Config) -> String {
-    let host = cfg
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "postgres://{}@{host}:{port}/{}",
-        cfg.get_user().unwrap_or(""),
-        cfg.get_dbname().unwrap_or("")
-    )
 }
 
 impl Plan {
@@ -226,7 +186,7 @@ impl PostgresSink {
                 SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
                 SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
             });
-            let tls = tls::connector(cfg.sslmode, cfg.ca_file.as_deref())?;
+            let tls = idem_postgres::tls_connector(cfg.sslmode, cfg.ca_file.as_deref())?;
             let manager = Manager::from_config(
                 pg,
                 tls,
@@ -634,32 +594,4 @@ impl Sink for PostgresSink {
                 .collect(),
         ))
     }
-}
-
-/// A small pool on `url` (its own `sslmode`; certificates unverified as
-/// with `sslmode = "require"`) and the server's name without password, for
-/// other parts of Idem that keep state in PostgreSQL (the dedup store).
-pub fn pool_for(url: &str, size: usize) -> Result<(Pool, String), String> {
-    let mut pg = url
-        .parse::<tokio_postgres::Config>()
-        .map_err(|e| format!("invalid PostgreSQL URL: {e}"))?;
-    let shown = server_name(&pg);
-    pg.connect_timeout(std::time::Duration::from_secs(10));
-    pg.options("-c client_min_messages=warning");
-    if pg.get_application_name().is_none() {
-        pg.application_name("idem");
-    }
-    let tls = tls::connector(SslMode::Require, None)?;
-    let manager = Manager::from_config(
-        pg,
-        tls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    let pool = Pool::builder(manager)
-        .max_size(size)
-        .build()
-        .map_err(|e| e.to_string())?;
-    Ok((pool, shown))
 }

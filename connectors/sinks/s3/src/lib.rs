@@ -14,3 +14,19 @@ pub use encode::{OFFSET_COLUMN, PARTITION_COLUMN};
 pub use error::S3Error;
 pub use keys::{Entry, Manifest, MANIFEST_FORMAT};
 pub use sink::S3Sink;
+
+/// The `s3` sink's registry entry.
+pub struct S3Kind;
+
+impl idem_core::registry::SinkKind for S3Kind {
+    const NAME: &'static str = "s3";
+    type Config = S3SinkConfig;
+
+    fn build(
+        cfg: &S3SinkConfig,
+        columns: &[idem_config::ColumnConfig],
+        _ctx: idem_core::registry::SinkContext,
+    ) -> Result<std::sync::Arc<dyn idem_core::Sink>, String> {
+        Ok(std::sync::Arc::new(S3Sink::new(cfg.clone(), columns)))
+    }
+}

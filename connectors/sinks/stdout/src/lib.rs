@@ -52,6 +52,7 @@ impl Sink for StdoutSink {
             why: "stdout cannot store positions: a restart prints every message again".into(),
             key_columns: Vec::new(),
             deletes: false,
+            rows: idem_core::RowShape::append(),
         }
     }
 
@@ -103,5 +104,21 @@ impl Sink for StdoutSink {
 
     async fn describe(&self) -> Result<String, SinkError> {
         Ok("stdout".into())
+    }
+}
+
+/// The `stdout` sink's registry entry.
+pub struct StdoutKind;
+
+impl idem_core::registry::SinkKind for StdoutKind {
+    const NAME: &'static str = "stdout";
+    type Config = StdoutSinkConfig;
+
+    fn build(
+        cfg: &StdoutSinkConfig,
+        columns: &[ColumnConfig],
+        _ctx: idem_core::registry::SinkContext,
+    ) -> Result<std::sync::Arc<dyn Sink>, String> {
+        Ok(std::sync::Arc::new(StdoutSink::new(cfg.clone(), columns)))
     }
 }

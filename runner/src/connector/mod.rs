@@ -1,0 +1,342 @@
+//! One connector at run time: assignments in, one task pair per partition
+//! (reader -> bounded channel -> batcher/committer), the commit protocol
+//! applied to every batch.
+//!
+//! - `mod.rs`: the connector, its run loop over assignments, and the
+//!   partition tasks.
+//! - `partition.rs`: one partition: open, read and map, batch.
+//! - `commit.rs`: one batch through the protocol's steps.
+
+mod commit;
+mod error;
+mod partition;
+#[cfg(test)]
+mod tests;
+
+pub use error::RunError;
+pub use partition::{map_message, Item};
+
+use crate::deadletter::DeadLetters;
+use crate::dedup::{Ids, LazyStore, Stage};
+use crate::registry::ConnectorConfig;
+use crate::retry::retry_transient;
+use crate::stats::Stats;
+use idem_config::Guarantee;
+use idem_core::registry::SinkContext;
+use idem_core::{Assignment, Mapper, Sink, SinkError, Source, SourceError};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// How long a fenced partition waits before it is opened again, when the
+/// source still assigns it to this runner (longer than a rebalance takes).
+const REOPEN_AFTER_FENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How a partition's task ended, when it ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionEnd {
+    /// Its input ended, or it was stopped, with every batch it read
+    /// committed or left to be read again.
+    Finished,
+    /// A newer runner took it: the sink's epoch moved.
+    Fenced,
+    /// The store holding its positions lost them, and `on_loss = "warn"`
+    /// accepts that: it opens again, from the source's start.
+    Reopen,
+}
+
+/// Everything a connector's tasks share.
+pub struct Connector {
+    pub name: String,
+    pub cfg: ConnectorConfig,
+    pub source: Arc<dyn Source>,
+    pub sink: Arc<dyn Sink>,
+    pub mapper: Mapper,
+    pub dead_letters: Arc<DeadLetters>,
+    /// Where message ids come from, when the connector deduplicates or
+    /// its sink needs them.
+    pub ids: Option<Ids>,
+    /// The dedup stage before each commit.
+    pub dedup: Option<Stage>,
+    /// Counters; shared with the connector's supervisor, so they outlive
+    /// a restart.
+    pub stats: Arc<Stats>,
+}
+
+impl Connector {
+    /// What its dedup stage rests on, once its store is open, and what
+    /// weakens it; `None` without one.
+    pub async fn dedup_line(&self) -> Option<Result<(String, Vec<String>), String>> {
+        let stage = self.dedup.as_ref()?;
+        Some(
+            crate::dedup::describe(stage, self.source.as_ref(), self.cfg.source.is_bounded()).await,
+        )
+    }
+
+    /// Build from config without I/O; refuse a guarantee the sink cannot give.
+    pub fn build(name: &str, cfg: ConnectorConfig) -> Result<Connector, RunError> {
+        Connector::build_with(name, cfg, Arc::new(Stats::default()))
+    }
+
+    /// [`Connector::build`], counting into `stats`.
+    pub fn build_with(
+        name: &str,
+        cfg: ConnectorConfig,
+        stats: Arc<Stats>,
+    ) -> Result<Connector, RunError> {
+        let dead_letters = Arc::new(DeadLetters::build(name, &cfg).map_err(|message| {
+            RunError::DeadLetterConfig {
+                connector: name.into(),
+                message,
+            }
+        })?);
+        let dedup_cfg = cfg
+            .dedup
+            .clone()
+            .or_else(|| cfg.sink.needs_store().then(Default::default));
+        let (ids, store) = match dedup_cfg {
+            None => (None, None),
+            Some(d) => {
+                let source = d.id_source().map_err(|e| RunError::DedupConfig {
+                    connector: name.into(),
+                    message: e.message,
+                })?;
+                (
+                    Some(Ids::new(name, source)),
+                    Some(Arc::new(LazyStore::new(name, d))),
+                )
+            }
+        };
+        let ctx = SinkContext {
+            store: store
+                .clone()
+                .map(|s| s as Arc<dyn idem_dedup_store::DedupStore>),
+            rejects: dead_letters.clone(),
+        };
+        let sink = cfg
+            .sink
+            .build(&cfg.columns, ctx)
+            .map_err(|message| RunError::Build {
+                connector: name.into(),
+                sink: cfg.sink.kind(),
+                message,
+            })?;
+        let info = sink.info();
+        if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
+            return Err(RunError::Guarantee {
+                connector: name.into(),
+                sink: cfg.sink.kind(),
+                required: cfg.guarantee,
+                given: info.guarantee,
+                why: info.why,
+            });
+        }
+        let mapper = Mapper::new(
+            &cfg.columns,
+            &info.key_columns,
+            info.deletes,
+            cfg.tombstone_field.clone(),
+        );
+        let dedup = store.map(|store| Stage {
+            on_loss: store.config().on_loss,
+            store,
+            connector: name.into(),
+        });
+        Ok(Connector {
+            name: name.into(),
+            source: cfg.source.build(),
+            sink,
+            mapper,
+            dead_letters,
+            ids,
+            dedup,
+            stats,
+            cfg,
+        })
+    }
+
+    fn sink_err(&self, source: SinkError) -> RunError {
+        RunError::Sink {
+            connector: self.name.clone(),
+            source,
+        }
+    }
+
+    fn dedup_err(&self, source: idem_dedup_store::DedupError) -> RunError {
+        let advice = match source {
+            idem_dedup_store::DedupError::Lost { .. } => ". The connector stops (dedup.on_loss = \"fail\"): restart it with on_loss = \"warn\" to accept the loss and go on, or restore the store's data first",
+            _ => "",
+        };
+        RunError::Dedup {
+            connector: self.name.clone(),
+            source,
+            advice,
+        }
+    }
+
+    fn source_err(&self, source: SourceError) -> RunError {
+        RunError::Source {
+            connector: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Run until the source is exhausted (batch mode), `stop` is cancelled,
+    /// or a permanent error.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), RunError> {
+        let retry = self.cfg.retry.clone();
+        let prepared = retry_transient(&retry, &self.stats, "prepare the sink", &stop, || {
+            self.sink.prepare()
+        })
+        .await;
+        match prepared {
+            Ok(()) => {}
+            Err(e) if stop.is_cancelled() && e.is_retriable() => {
+                warn!(connector = %self.name, error = %e, "stopped while retrying to prepare the sink");
+                return Ok(());
+            }
+            Err(e) => return Err(self.sink_err(e)),
+        }
+        self.stats.set_prepared(true);
+        let mut parts = PartitionTasks::default();
+        let mut assignments_done = false;
+        let mut failure: Option<RunError> = None;
+        loop {
+            if assignments_done && parts.tasks.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled(), if !assignments_done => {
+                    // Partition tasks see the same token and finish their batch.
+                    assignments_done = true;
+                }
+                next = self.source.next_assignment(), if !assignments_done => match next {
+                    Ok(Some(Assignment::Assigned(list))) => {
+                        for p in list {
+                            parts.start(&self, p, &stop, false);
+                        }
+                    }
+                    Ok(Some(Assignment::Revoked(list))) => {
+                        for p in list {
+                            if let Some((_, t)) = parts.running.get(&p) {
+                                t.cancel();
+                            }
+                        }
+                    }
+                    Ok(None) => assignments_done = true,
+                    Err(e) => {
+                        failure = Some(self.source_err(e));
+                        assignments_done = true;
+                        stop.cancel();
+                    }
+                },
+                Some(joined) = parts.tasks.join_next(), if !parts.tasks.is_empty() => {
+                    let (partition, id, result) = match joined {
+                        Ok(v) => v,
+                        Err(e) => (String::new(), 0, Err(RunError::Task {
+                            connector: self.name.clone(),
+                            message: e.to_string(),
+                        })),
+                    };
+                    if parts.running.get(&partition).is_some_and(|(mine, _)| *mine == id) {
+                        parts.running.remove(&partition);
+                    }
+                    let free = !parts.running.contains_key(&partition);
+                    match result {
+                        Ok(PartitionEnd::Finished) => debug!(connector = %self.name, partition, "partition finished"),
+                        // Not `assignments_done`: a bounded source has handed out all
+                        // its partitions, and this one must still finish.
+                        Ok(PartitionEnd::Reopen) if !stop.is_cancelled() && free => {
+                            parts.start(&self, partition, &stop, false);
+                        }
+                        Ok(PartitionEnd::Reopen) => {}
+                        Ok(PartitionEnd::Fenced) => {
+                            self.stats.fenced(&partition);
+                            warn!(connector = %self.name, partition, "partition fenced by a newer runner: dropped");
+                            // A group normally takes the partition away soon. If
+                            // it still names this runner after a pause, this
+                            // runner is its owner and opens it again; otherwise
+                            // nobody would read it until the next rebalance.
+                            if !assignments_done && free && self.source.still_assigned(&partition) {
+                                parts.start(&self, partition, &stop, true);
+                            }
+                        }
+                        Err(e) => {
+                            // One partition's permanent error stops the connector:
+                            // the others commit what they have and stop too.
+                            if failure.is_none() {
+                                failure = Some(e);
+                            }
+                            stop.cancel();
+                        }
+                    }
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The partition tasks of one run of a connector.
+#[derive(Default)]
+struct PartitionTasks {
+    tasks: JoinSet<(String, u64, Result<PartitionEnd, RunError>)>,
+    /// Partition -> (its task's number, its stop token). A partition
+    /// revoked and assigned again can briefly have two tasks: the old one
+    /// finishing its batch (the sink's epoch fences it if it is late).
+    running: HashMap<String, (u64, CancellationToken)>,
+    spawned: u64,
+}
+
+impl PartitionTasks {
+    /// Read and commit `partition` until `stop`. `after_fence`: first wait
+    /// [`REOPEN_AFTER_FENCE`], and open it only if the source still assigns
+    /// it to this runner.
+    fn start(
+        &mut self,
+        conn: &Arc<Connector>,
+        partition: String,
+        stop: &CancellationToken,
+        after_fence: bool,
+    ) {
+        let token = stop.child_token();
+        self.spawned += 1;
+        let id = self.spawned;
+        self.running.insert(partition.clone(), (id, token.clone()));
+        let me = conn.clone();
+        // Every line logged for this partition names it.
+        let span = info_span!("partition", connector = %conn.name, partition = %partition);
+        self.tasks.spawn(async move {
+            if after_fence {
+                tokio::select! {
+                    _ = token.cancelled() => return (partition, id, Ok(PartitionEnd::Finished)),
+                    _ = tokio::time::sleep(REOPEN_AFTER_FENCE) => {}
+                }
+                if !me.source.still_assigned(&partition) {
+                    return (partition, id, Ok(PartitionEnd::Finished));
+                }
+                info!(connector = %me.name, partition, "the group still assigns this fenced partition here: opening it again");
+            }
+            let r = me
+                .clone()
+                .run_partition(&partition, token.clone())
+                .instrument(span)
+                .await;
+            match r {
+                // Stopped (shutdown, pause, revoked) while an operation was
+                // being retried: abandoned, not failed. Nothing past the
+                // last commit counts as done; it is read again.
+                Err(e) if token.is_cancelled() && e.retriable() => {
+                    warn!(connector = %me.name, partition, error = %e, "stopped while retrying: what did not commit is read again on the next start");
+                    (partition, id, Ok(PartitionEnd::Finished))
+                }
+                r => (partition, id, r),
+            }
+        });
+    }
+}

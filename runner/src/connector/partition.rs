@@ -1,0 +1,326 @@
+//! One partition: open it in the sink, read and map its messages ahead of
+//! the committer, and cut batches by count, bytes and linger.
+
+use super::{Connector, PartitionEnd, RunError};
+use crate::deadletter::{DeadLetter, ErrorClass};
+use crate::retry::retry_transient;
+use idem_config::ErrorPolicy;
+use idem_core::{Message, PartitionReader, PartitionRef, ReadStatus, Record, SinkError};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Messages per read call, and per chunk sent to the committer.
+const READ_CHUNK: usize = 1024;
+
+/// Chunks of one partition mapped ahead of the one being sent.
+const MAPPING_AHEAD: usize = 2;
+
+/// Chunks in flight between a partition's reader and its committer: about
+/// one batch, so the next batch is read and mapped while the current one
+/// commits, and the reader blocks (backpressure) beyond that.
+fn channel_chunks(max_records: usize) -> usize {
+    (max_records / READ_CHUNK + 1).clamp(2, 1024)
+}
+
+impl Connector {
+    /// Open `partition` (fence it, find its position), then read, batch
+    /// and commit it until its input ends, `stop`, or an error.
+    pub(super) async fn run_partition(
+        self: Arc<Self>,
+        partition: &str,
+        stop: CancellationToken,
+    ) -> Result<PartitionEnd, RunError> {
+        let pref = PartitionRef::new(&self.name, self.source.name(), partition);
+        let retry = &self.cfg.retry;
+        // Counted as opening until the reader is positioned: readiness waits.
+        let opening = self.stats.opening();
+        let opened = async {
+            let opened =
+                match retry_transient(retry, &self.stats, "open the partition", &stop, || {
+                    self.sink.open(&pref)
+                })
+                .await
+                {
+                    Ok(opened) => opened,
+                    // A newer runner opened it meanwhile.
+                    Err(SinkError::Fenced { .. }) => return Ok(None),
+                    Err(e) => return Err(self.sink_err(e)),
+                };
+            let reader = self
+                .source
+                .open(partition, opened.next_offset)
+                .await
+                .map_err(|e| self.source_err(e))?;
+            Ok::<_, RunError>(Some((opened, reader)))
+        }
+        .await;
+        drop(opening);
+        let Some((opened, reader)) = opened? else {
+            return Ok(PartitionEnd::Fenced);
+        };
+        info!(
+            connector = %self.name,
+            partition,
+            epoch = opened.epoch,
+            resume_at = ?opened.next_offset,
+            "partition opened"
+        );
+        if let Some(o) = opened.next_offset {
+            self.stats.set_position(partition, o);
+        }
+        let (tx, rx) = mpsc::channel(channel_chunks(self.cfg.batch.max_records));
+        let reading = tokio::spawn(read_loop(
+            self.clone(),
+            Arc::from(partition),
+            reader,
+            tx,
+            stop.clone(),
+        ));
+        let result = self.commit_loop(&pref, opened.epoch, rx, &stop).await;
+        reading.abort();
+        result
+    }
+
+    /// Batch what the reader sends; commit on size, bytes or linger.
+    async fn commit_loop(
+        &self,
+        pref: &PartitionRef,
+        epoch: i64,
+        mut rx: mpsc::Receiver<Result<Vec<Item>, RunError>>,
+        stop: &CancellationToken,
+    ) -> Result<PartitionEnd, RunError> {
+        let batching = &self.cfg.batch;
+        let mut pending = Pending::default();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let linger = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                chunk = rx.recv() => match chunk {
+                    Some(Ok(items)) => {
+                        for item in items {
+                            if let Item::Fatal { offset, reason } = item {
+                                if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                                    return Ok(end);
+                                }
+                                return Err(RunError::BadMessage {
+                                    connector: self.name.clone(),
+                                    partition: pref.partition.to_string(),
+                                    offset,
+                                    reason,
+                                });
+                            }
+                            if pending.is_empty() {
+                                deadline = Some(Instant::now() + batching.linger);
+                            }
+                            pending.push(item);
+                            if pending.records.len() >= batching.max_records
+                                || pending.bytes >= batching.max_bytes
+                            {
+                                if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                                    return Ok(end);
+                                }
+                                deadline = None;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                            return Ok(end);
+                        }
+                        return Err(e);
+                    }
+                    None => {
+                        // Reader finished (end of input, or stop): commit the rest.
+                        let end = self.flush(pref, epoch, &mut pending, stop).await?;
+                        return Ok(end.unwrap_or(PartitionEnd::Finished));
+                    }
+                },
+                _ = linger => {
+                    if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                        return Ok(end);
+                    }
+                    deadline = None;
+                }
+            }
+        }
+    }
+}
+
+/// What the reader hands the committer, in partition order.
+pub enum Item {
+    Row {
+        record: Record,
+        next_offset: u64,
+        bytes: usize,
+    },
+    Dead {
+        letter: DeadLetter,
+        next_offset: u64,
+    },
+    /// A bad message under `errors = "fail"`.
+    Fatal { offset: u64, reason: String },
+}
+
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) records: Vec<Record>,
+    pub(super) dead: Vec<DeadLetter>,
+    bytes: usize,
+    /// First offset covered and the next offset after the last.
+    pub(super) range: Option<(u64, u64)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.range.is_none()
+    }
+
+    fn push(&mut self, item: Item) {
+        let (offset, next) = match item {
+            Item::Row {
+                record,
+                next_offset,
+                bytes,
+            } => {
+                let o = record.offset;
+                self.bytes += bytes;
+                self.records.push(record);
+                (o, next_offset)
+            }
+            Item::Dead {
+                letter,
+                next_offset,
+            } => {
+                let o = letter.offset;
+                // Dead letters hold their raw bytes until the batch: they
+                // count toward max_bytes too.
+                self.bytes += letter.raw.as_ref().map_or(0, Vec::len) + letter.reason.len();
+                self.dead.push(letter);
+                (o, next_offset)
+            }
+            Item::Fatal { .. } => return,
+        };
+        self.range = Some(match self.range {
+            Some((first, _)) => (first, next),
+            None => (offset, next),
+        });
+    }
+}
+
+pub fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
+    let failure = match &msg.poison {
+        Some(reason) => Err((ErrorClass::Poison, reason.clone())),
+        None => conn
+            .mapper
+            .map(&msg)
+            .map_err(|e| (ErrorClass::Mapping, e.reason))
+            .and_then(|record| {
+                conn.sink
+                    .check_record(&record)
+                    .map(|()| record)
+                    .map_err(|reason| (ErrorClass::Mapping, reason))
+            }),
+    };
+    let failure = match (failure, &conn.ids) {
+        (Ok(mut record), Some(ids)) => ids
+            .of(partition, &msg)
+            .map(|id| {
+                record.id = Some(id);
+                record
+            })
+            .map_err(|reason| (ErrorClass::MessageId, reason)),
+        (other, _) => other,
+    };
+    match failure {
+        Ok(record) => Item::Row {
+            record,
+            next_offset: msg.next_offset,
+            bytes: msg.size(),
+        },
+        Err((_, reason)) if conn.cfg.errors == ErrorPolicy::Fail => Item::Fatal {
+            offset: msg.offset,
+            reason,
+        },
+        Err((class, reason)) => Item::Dead {
+            next_offset: msg.next_offset,
+            letter: DeadLetter::new(&msg, class, reason),
+        },
+    }
+}
+
+async fn read_loop(
+    conn: Arc<Connector>,
+    partition: Arc<str>,
+    mut reader: Box<dyn PartitionReader>,
+    tx: mpsc::Sender<Result<Vec<Item>, RunError>>,
+    stop: CancellationToken,
+) {
+    // Chunks being mapped on the runtime's threads while the next is read,
+    // so a busy partition's parsing is not bound to one core; they leave
+    // in read order.
+    let mut mapping: VecDeque<tokio::task::JoinHandle<Vec<Item>>> = VecDeque::new();
+    // Read-ahead is bounded in bytes as well as in messages: a chunk holds
+    // about a quarter of `max_bytes`, sized from the messages seen so far,
+    // so 1 MB messages travel a few at a time instead of 1,024.
+    let chunk_bytes = (conn.cfg.batch.max_bytes / 4).max(1);
+    let mut chunk = 1;
+    loop {
+        let mut msgs = Vec::with_capacity(chunk);
+        let status = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = reader.read(chunk, &mut msgs) => r,
+        };
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(conn.source_err(e))).await;
+                return;
+            }
+        };
+        // A short read means the source has caught up: hand over all that
+        // is mapped rather than hold it until more arrives.
+        let caught_up = msgs.len() < chunk || status == ReadStatus::End;
+        if !msgs.is_empty() {
+            let bytes: usize = msgs.iter().map(Message::size).sum::<usize>().max(1);
+            let per_message = bytes.div_ceil(msgs.len());
+            chunk = (chunk_bytes / per_message).clamp(1, READ_CHUNK);
+            conn.stats.read(&partition, msgs.len() as u64);
+            let conn = conn.clone();
+            let partition = partition.clone();
+            mapping.push_back(tokio::spawn(async move {
+                msgs.into_iter()
+                    .map(|m| map_message(&conn, &partition, m))
+                    .collect()
+            }));
+        }
+        while mapping.len() > MAPPING_AHEAD || (caught_up && !mapping.is_empty()) {
+            let Some(next) = mapping.pop_front() else {
+                break;
+            };
+            let items = match next.await {
+                Ok(items) => items,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => return, // the runtime is shutting down
+            };
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                sent = tx.send(Ok(items)) => if sent.is_err() { return },
+            }
+        }
+        if status == ReadStatus::End {
+            return;
+        }
+    }
+}

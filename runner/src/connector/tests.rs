@@ -1,0 +1,292 @@
+//! The pipeline against in-memory sources and sinks.
+use super::*;
+use async_trait::async_trait;
+use idem_core::{
+    Batch, CommitStats, Message, Opened, PartitionReader, PartitionRef, ReadStatus, StoredPosition,
+};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// One partition `p`: line i at offset i.
+struct MemSource {
+    lines: Vec<Vec<u8>>,
+}
+
+#[async_trait]
+impl Source for MemSource {
+    fn name(&self) -> &str {
+        "mem"
+    }
+    async fn next_assignment(&self) -> Result<Option<Assignment>, SourceError> {
+        Ok(Some(Assignment::Assigned(vec!["p".into()])))
+    }
+    async fn open(
+        &self,
+        _partition: &str,
+        start: Option<u64>,
+    ) -> Result<Box<dyn PartitionReader>, SourceError> {
+        Ok(Box::new(MemReader {
+            lines: self.lines.clone(),
+            at: start.unwrap_or(0) as usize,
+        }))
+    }
+}
+
+struct MemReader {
+    lines: Vec<Vec<u8>>,
+    at: usize,
+}
+
+#[async_trait]
+impl PartitionReader for MemReader {
+    async fn read(
+        &mut self,
+        max: usize,
+        out: &mut Vec<Message>,
+    ) -> Result<ReadStatus, SourceError> {
+        if self.at >= self.lines.len() {
+            return Ok(ReadStatus::End);
+        }
+        let end = (self.at + max).min(self.lines.len());
+        for i in self.at..end {
+            out.push(Message {
+                offset: i as u64,
+                next_offset: i as u64 + 1,
+                key: None,
+                value: Some(self.lines[i].clone()),
+                poison: None,
+                meta: Default::default(),
+            });
+        }
+        self.at = end;
+        Ok(ReadStatus::Data)
+    }
+}
+
+#[derive(Default)]
+struct MemSink {
+    /// (first_offset, next_offset, records) per successful commit.
+    commits: Mutex<Vec<(u64, u64, usize)>>,
+    attempts: AtomicUsize,
+    transient_failures: AtomicUsize,
+    permanent: bool,
+    /// Ids whose records make a commit fail as refused data.
+    refuse: Vec<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("simulated")]
+struct Simulated;
+
+#[async_trait]
+impl Sink for MemSink {
+    fn info(&self) -> idem_core::SinkInfo {
+        idem_core::SinkInfo {
+            guarantee: Guarantee::ExactlyOnce,
+            why: "memory".into(),
+            key_columns: vec![],
+            deletes: false,
+            rows: idem_core::RowShape::append(),
+        }
+    }
+    async fn prepare(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn open(&self, _p: &PartitionRef) -> Result<Opened, SinkError> {
+        Ok(Opened {
+            epoch: 1,
+            next_offset: None,
+        })
+    }
+    async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.permanent {
+            return Err(SinkError::Permanent(Box::new(Simulated)));
+        }
+        if batch.records.iter().any(
+            |r| matches!(r.values[0], idem_core::Value::BigInt(id) if self.refuse.contains(&id)),
+        ) {
+            return Err(SinkError::Refused(Box::new(Simulated)));
+        }
+        if self
+            .transient_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(SinkError::Transient(Box::new(Simulated)));
+        }
+        self.commits.lock().unwrap().push((
+            batch.first_offset,
+            batch.next_offset,
+            batch.records.len(),
+        ));
+        Ok(CommitStats {
+            written: batch.records.len() as u64,
+            deduplicated: 0,
+            rejected: 0,
+        })
+    }
+    async fn positions(&self, _c: &str) -> Result<Vec<StoredPosition>, SinkError> {
+        Ok(vec![])
+    }
+    async fn describe(&self) -> Result<String, SinkError> {
+        Ok("memory".into())
+    }
+}
+
+fn connector(sink: Arc<MemSink>, lines: Vec<Vec<u8>>, batch: &str) -> Arc<Connector> {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let text = format!(
+        r#"
+[connectors.t]
+dead_letter = "{}"
+[connectors.t.source]
+type = "file"
+path = "unused"
+[connectors.t.sink]
+type = "stdout"
+[connectors.t.batch]
+{batch}
+[connectors.t.retry]
+initial_backoff = "1ms"
+max_backoff = "2ms"
+max_attempts = 4
+[[connectors.t.columns]]
+name = "id"
+type = "bigint"
+required = true
+"#,
+        dir.join("dl.jsonl").display()
+    );
+    let cfg: crate::registry::Config =
+        idem_config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+    let (name, mut c) = cfg.connectors.into_iter().next().unwrap();
+    c.guarantee = Guarantee::AtLeastOnce;
+    let mut conn = Connector::build(&name, c).unwrap();
+    conn.source = Arc::new(MemSource { lines });
+    conn.sink = sink;
+    Arc::new(conn)
+}
+
+fn lines(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{{\"id\":{i}}}").into_bytes())
+        .collect()
+}
+
+async fn run_partition(conn: &Arc<Connector>) -> Result<PartitionEnd, RunError> {
+    conn.clone()
+        .run_partition("p", CancellationToken::new())
+        .await
+}
+
+#[tokio::test]
+async fn batches_close_at_max_records_and_cover_every_offset() {
+    let sink = Arc::new(MemSink::default());
+    let conn = connector(sink.clone(), lines(25), "max_records = 10\nlinger = \"1h\"");
+    run_partition(&conn).await.unwrap();
+    assert_eq!(
+        *sink.commits.lock().unwrap(),
+        [(0, 10, 10), (10, 20, 10), (20, 25, 5)]
+    );
+    let s = conn.stats.snapshot();
+    assert_eq!((s.read, s.written, s.batches), (25, 25, 3));
+    assert_eq!(s.positions.get("p"), Some(&25));
+}
+
+#[tokio::test]
+async fn refused_records_are_isolated_dead_lettered_and_the_rest_commits() {
+    let sink = Arc::new(MemSink {
+        refuse: vec![3, 4, 17],
+        ..Default::default()
+    });
+    let conn = connector(sink.clone(), lines(25), "max_records = 20\nlinger = \"1h\"");
+    run_partition(&conn).await.unwrap();
+    let commits = sink.commits.lock().unwrap().clone();
+    // Every offset is covered once, in order, by the committed pieces.
+    let mut at = 0;
+    let mut rows = 0;
+    for &(first, next, n) in &commits {
+        assert_eq!(first, at, "{commits:?}");
+        assert!(next > first || n == 0, "{commits:?}");
+        at = next;
+        rows += n;
+    }
+    assert_eq!((at, rows), (25, 22), "{commits:?}");
+    let s = conn.stats.snapshot();
+    assert_eq!((s.written, s.dead_lettered), (22, 3));
+    let DeadLetters::File(f) = &*conn.dead_letters else {
+        panic!("file dead letters")
+    };
+    let text = std::fs::read_to_string(f.path()).unwrap();
+    let letters: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let offsets: Vec<u64> = letters
+        .iter()
+        .map(|l| l["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [3, 4, 17]);
+    assert_eq!(letters[0]["error_class"], "refused");
+    assert!(letters[0]["reason"].as_str().unwrap().contains("simulated"));
+    assert_eq!(letters[0]["raw"], "{\"id\":3}");
+}
+
+#[tokio::test]
+async fn batches_close_at_max_bytes() {
+    let sink = Arc::new(MemSink::default());
+    // Each line is 8 bytes: {"id":N}
+    let conn = connector(sink.clone(), lines(10), "max_bytes = 24\nlinger = \"1h\"");
+    run_partition(&conn).await.unwrap();
+    let sizes: Vec<usize> = sink.commits.lock().unwrap().iter().map(|c| c.2).collect();
+    assert_eq!(sizes, [3, 3, 3, 1]);
+}
+
+#[tokio::test]
+async fn transient_errors_resend_the_whole_batch() {
+    let sink = Arc::new(MemSink::default());
+    sink.transient_failures.store(2, Ordering::SeqCst);
+    let conn = connector(sink.clone(), lines(5), "max_records = 100");
+    run_partition(&conn).await.unwrap();
+    assert_eq!(*sink.commits.lock().unwrap(), [(0, 5, 5)]);
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(conn.stats.snapshot().retries, 2);
+}
+
+#[tokio::test]
+async fn transient_errors_give_up_after_max_attempts() {
+    let sink = Arc::new(MemSink::default());
+    sink.transient_failures.store(100, Ordering::SeqCst);
+    let conn = connector(sink.clone(), lines(5), "max_records = 100");
+    assert!(run_partition(&conn).await.is_err());
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 4);
+    assert!(sink.commits.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn permanent_errors_are_not_retried() {
+    let sink = Arc::new(MemSink {
+        permanent: true,
+        ..MemSink::default()
+    });
+    let conn = connector(sink.clone(), lines(5), "max_records = 100");
+    let err = run_partition(&conn).await.unwrap_err();
+    assert!(err.to_string().contains("simulated"), "{err}");
+    assert_eq!(sink.attempts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn dead_letters_advance_the_position_without_a_row() {
+    let sink = Arc::new(MemSink::default());
+    let mut input = lines(4);
+    input[1] = b"nope".to_vec();
+    input[3] = b"{\"id\":\"x\"}".to_vec();
+    let conn = connector(sink.clone(), input, "max_records = 100");
+    run_partition(&conn).await.unwrap();
+    assert_eq!(*sink.commits.lock().unwrap(), [(0, 4, 2)]);
+    let s = conn.stats.snapshot();
+    assert_eq!((s.read, s.written, s.dead_lettered), (4, 2, 2));
+    let dl = std::fs::read_to_string(conn.dead_letters.describe()).unwrap();
+    assert_eq!(dl.lines().count(), 2);
+}
