@@ -524,12 +524,12 @@ async fn one_mb_messages_and_a_huge_line_run_in_bounded_memory() {
         let peak = peak_mib(&stdout);
         println!("{name}: 200 messages of 1 MB, peak memory {peak} MiB");
         // Before read-ahead was bounded in bytes: 432 MiB. A batch is 16 MB
-        // (max_bytes), read-ahead about four of those. DuckDB's figure is
-        // its own block cache (memory_limit) and is only reported here: it
-        // grows with the table's size (see docs/sinks/duckdb.md).
-        if name == "postgres" {
-            assert!(peak < 250, "{name}: peak memory {peak} MiB");
-        }
+        // (max_bytes), read-ahead about four of those. DuckDB adds its own
+        // cache and checkpoints: 1,176 MiB with its default 16MB
+        // checkpoint_threshold, about 480 with Idem's 256MB; it grows with
+        // the table (see docs/sinks/duckdb.md).
+        let bound = if name == "postgres" { 250 } else { 800 };
+        assert!(peak < bound, "{name}: peak memory {peak} MiB");
     }
 
     // One 300 MB line: dead-lettered as too long, never held whole.
