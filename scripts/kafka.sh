@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# A Kafka-API broker for the tests on 127.0.0.1:9092: tansu (crates.io),
-# no JVM, no docker. Reuses a broker that already answers there; otherwise
-# builds tansu once (about 12 minutes on 2 cores; the binary is cached in
-# ~/.cargo/bin) and starts it with its SQLite storage engine in
-# ~/.cache/idem/tansu. Idempotent. `scripts/kafka.sh stop` stops it.
+# Apache Kafka for the tests on 127.0.0.1:9092: one KRaft node (broker and
+# controller, the controller on the next port), no docker. The jars come
+# from Maven Central once (`mvn dependency:copy-dependencies` of a small pom
+# written to ~/.cache/idem/kafka-VERSION, about 15 s); the storage is
+# formatted once; the JVM gets a bounded heap. Reuses a broker that already
+# answers there. Idempotent. `scripts/kafka.sh stop` stops it.
 set -euo pipefail
-VERSION=0.6.0
+VERSION=4.4.0
 HOST=127.0.0.1
-PORT=9092
-DATA="${IDEM_KAFKA_DATA:-$HOME/.cache/idem/tansu}"
-BIN="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
-PIDFILE="$DATA/tansu.pid"
+PORT="${IDEM_KAFKA_PORT:-9092}"
+CONTROLLER_PORT=$((PORT + 1))
+HOME_DIR="$HOME/.cache/idem/kafka-$VERSION"
+DATA="${IDEM_KAFKA_DATA:-$HOME/.cache/idem/kafka-data-$PORT}"
+PIDFILE="$DATA/kafka.pid"
+HEAP="${IDEM_KAFKA_HEAP:-768m}"
 
 # shellcheck source=scripts/server-lib.sh
 . "$(dirname "$0")/server-lib.sh"
 
 if [ "${1:-}" = stop ]; then
-  stop_server tansu
+  stop_server kafka
   exit 0
 fi
 
@@ -24,21 +27,79 @@ if listening; then
   exit 0
 fi
 
-if ! [ -x "$BIN" ] || ! "$BIN" --version 2>/dev/null | grep -q "$VERSION"; then
-  # Its build runs bindgen (libclang) and may run cmake for C dependencies.
-  if ! dpkg -s libclang-dev >/dev/null 2>&1 || ! command -v cmake >/dev/null; then
-    [ "$(id -u)" = 0 ] || { echo "kafka.sh: tansu's build needs libclang-dev and cmake: sudo apt-get install libclang-dev cmake" >&2; exit 1; }
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev cmake >/dev/null
-  fi
-  echo "kafka.sh: building tansu $VERSION from crates.io (once; about 12 minutes)" >&2
-  cargo install "tansu@$VERSION" --locked --features dynostore,postgres,libsql --quiet
+# Java 17+ and Maven: from Debian when missing.
+if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "kafka.sh: Apache Kafka needs Java 17+ and Maven: sudo apt-get install openjdk-17-jre-headless maven" >&2; exit 1; }
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
 fi
 
-mkdir -p "$DATA"
-cd "$DATA"
-# Its in-memory engine loses end offsets; SQLite keeps them (and restarts).
-start_server tansu "$BIN" broker \
-  --listener-url "tcp://$HOST:$PORT" \
-  --advertised-listener-url "tcp://$HOST:$PORT" \
-  --storage-engine "sqlite://tansu.db"
+if ! [ -f "$HOME_DIR/libs/kafka_2.13-$VERSION.jar" ]; then
+  echo "kafka.sh: fetching Apache Kafka $VERSION from Maven Central into $HOME_DIR (once)" >&2
+  mkdir -p "$HOME_DIR"
+  cat >"$HOME_DIR/pom.xml" <<EOF
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>idem.test</groupId>
+  <artifactId>kafka-server</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$VERSION</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$VERSION</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>2.25.5</version></dependency>
+  </dependencies>
+</project>
+EOF
+  rm -rf "$HOME_DIR/libs.tmp"
+  (cd "$HOME_DIR" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DoutputDirectory=libs.tmp -DincludeScope=runtime >&2)
+  rm -rf "$HOME_DIR/libs"
+  mv "$HOME_DIR/libs.tmp" "$HOME_DIR/libs"
+fi
+
+cat >"$DATA/log4j2.properties" <<EOF
+status = error
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.out.ref = out
+logger.kafka.name = kafka.server.KafkaRaftServer
+logger.kafka.level = info
+EOF
+
+cat >"$DATA/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$DATA/logs
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=6
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=6
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+EOF
+
+java_cmd=(java "-Xms256m" "-Xmx$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+  -Djava.awt.headless=true "-Dlog4j2.configurationFile=$DATA/log4j2.properties"
+  -cp "$HOME_DIR/libs/*")
+
+if ! [ -f "$DATA/logs/meta.properties" ]; then
+  cluster="$("${java_cmd[@]}" kafka.tools.StorageTool random-uuid)"
+  "${java_cmd[@]}" kafka.tools.StorageTool format --ignore-formatted \
+    -t "$cluster" -c "$DATA/server.properties" >/dev/null
+fi
+
+# A JVM takes a few seconds to listen: wait up to 60 s.
+START_TRIES=600 start_server kafka "${java_cmd[@]}" kafka.Kafka "$DATA/server.properties"

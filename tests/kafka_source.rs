@@ -526,10 +526,9 @@ async fn group_scenario(properties: &[(&str, &str)]) {
     a.wait().unwrap();
     let d = spawn_runner(&cfg, &w.path("d.log"), "");
     // While B is frozen, a newer runner opens every partition, as it does
-    // once the group moves B's partitions away (a broker evicts a silent
-    // member after its session timeout; the test broker keeps a frozen
-    // member whose connection stays open, so the test opens them itself,
-    // with the same statement a runner's open runs). The statement may
+    // once the group moves B's partitions away (the broker evicts a silent
+    // member after its session timeout; the test opens them itself at
+    // once, with the same statement a runner's open runs). The statement may
     // wait for a row B locked before it froze: it runs beside the wake-up,
     // not before it, or each would wait for the other.
     let fence = tokio::spawn({
