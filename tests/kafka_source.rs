@@ -1229,3 +1229,137 @@ async fn check_warns_when_a_topic_outlives_the_dedup_retention() {
         }
     }
 }
+
+/// Transactions of a transactional producer on `topic` (3 partitions):
+/// each writes `per_tx` events spread over the partitions and is
+/// committed, or aborted when `aborts(tx)`. Returns the ids committed.
+fn produce_transactions(
+    topic: &str,
+    txs: std::ops::Range<i64>,
+    per_tx: i64,
+    aborts: impl Fn(i64) -> bool,
+) -> Vec<i64> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = client_config()
+        .set("transactional.id", format!("{topic}-tx"))
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let t = Duration::from_secs(30);
+    producer.init_transactions(t).unwrap();
+    let mut committed = Vec::new();
+    for tx in txs {
+        producer.begin_transaction().unwrap();
+        let ids: Vec<i64> = (tx * per_tx..(tx + 1) * per_tx).collect();
+        for &i in &ids {
+            let key = i.to_string();
+            let value = format!(r#"{{"id":{i},"v":{}}}"#, i * 10);
+            let record = BaseRecord::to(topic)
+                .key(&key)
+                .payload(&value)
+                .partition((i % 3) as i32);
+            let mut record = Some(record);
+            while let Some(r) = record.take() {
+                if let Err((_, r)) = producer.send(r) {
+                    producer.poll(Duration::from_millis(10));
+                    record = Some(r);
+                }
+            }
+        }
+        // Sent for real before the abort: it then has something to undo.
+        producer.flush(t).unwrap();
+        if aborts(tx) {
+            producer.abort_transaction(t).unwrap();
+        } else {
+            producer.commit_transaction(t).unwrap();
+            committed.extend(ids);
+        }
+    }
+    committed
+}
+
+/// A transactional producer commits some transactions and aborts others,
+/// interleaved over three partitions, while runners are killed at random:
+/// the table holds exactly the committed events, once, and the positions
+/// step over the transactions' markers to the partitions' ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_committed_land_once_and_aborted_never() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = rand::rngs::StdRng::from_os_rng().random();
+    eprintln!("transactions test seed: {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let topic = fresh_topic("idem_tx", 3).await;
+    let schema = fresh_schema("kafka_tx");
+    let w = Workdir::new();
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema).max_records(200).toml(),
+    );
+    const ROUNDS: i64 = 6;
+    const TXS: i64 = 20;
+    const PER_TX: i64 = 50;
+    let mut committed = Vec::new();
+    let mut killed = 0;
+    for round in 0..ROUNDS {
+        let producing = tokio::task::spawn_blocking({
+            let topic = topic.clone();
+            // One transaction in three is aborted.
+            move || {
+                produce_transactions(&topic, round * TXS..(round + 1) * TXS, PER_TX, |tx| {
+                    tx % 3 == 1
+                })
+            }
+        });
+        let mut child = idem()
+            .arg("run")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..4_000))).await;
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        child.wait().unwrap();
+        committed.extend(producing.await.unwrap());
+    }
+    assert!(killed >= ROUNDS - 1, "only {killed} runs were killed");
+    // One last transaction over every partition, read by the final run: a
+    // reader moves over markers once it has read a message of its own.
+    let topic2 = topic.clone();
+    committed.extend(
+        tokio::task::spawn_blocking(move || {
+            produce_transactions(&topic2, ROUNDS * TXS..ROUNDS * TXS + 1, PER_TX, |_| false)
+        })
+        .await
+        .unwrap(),
+    );
+    let want = committed.len() as i64;
+    // Transactions 1, 4, 7, ... of the first 120 were aborted: 40 of them.
+    assert_eq!(want, (ROUNDS * TXS + 1 - 40) * PER_TX);
+    run_until(&cfg, &schema, want).await;
+    assert_eq!(
+        count(&schema).await,
+        (want, want),
+        "lost, aborted or duplicated events"
+    );
+    let sum: i64 = pg()
+        .await
+        .query_one(
+            &format!("SELECT sum(id)::bigint FROM \"{schema}\".events"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        sum,
+        committed.iter().sum::<i64>(),
+        "not the committed events"
+    );
+    // The last record of each partition is a commit marker: the position
+    // steps over it, so the lag reads 0.
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 3));
+}

@@ -223,11 +223,14 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
                         );
                     }
                     Item::Dead { .. } | Item::Fatal { .. } => f.dead += 1,
+                    Item::Skip { .. } => {}
                 }
             }
             match status {
                 ReadStatus::End => break,
-                ReadStatus::Data => progress = std::time::Instant::now(),
+                ReadStatus::Data | ReadStatus::Skipped { .. } => {
+                    progress = std::time::Instant::now()
+                }
                 ReadStatus::Idle => {
                     anyhow::ensure!(
                         progress.elapsed() < std::time::Duration::from_secs(30),

@@ -19,6 +19,11 @@ pub enum ReadStatus {
     Idle,
     /// The partition is finished (batch mode): nothing more will come.
     End,
+    /// No message, but the partition's position moved from `from` to `to`
+    /// over offsets that hold none a reader may see (Kafka transaction
+    /// markers, aborted transactions' records): committing `to` loses
+    /// nothing, and without it the position would stay short of the end.
+    Skipped { from: u64, to: u64 },
 }
 
 /// A source error, with where it happened and whether retrying can help.

@@ -169,6 +169,9 @@ pub enum Item {
     },
     /// A bad message under `errors = "fail"`.
     Fatal { offset: u64, reason: String },
+    /// Offsets holding no message (see `ReadStatus::Skipped`): the
+    /// position moves over them with the next commit.
+    Skip { offset: u64, next_offset: u64 },
 }
 
 #[derive(Default)]
@@ -208,6 +211,10 @@ impl Pending {
                 self.dead.push(letter);
                 (o, next_offset)
             }
+            Item::Skip {
+                offset,
+                next_offset,
+            } => (offset, next_offset),
             Item::Fatal { .. } => return,
         };
         self.range = Some(match self.range {
@@ -302,6 +309,15 @@ async fn read_loop(
                 msgs.into_iter()
                     .map(|m| map_message(&conn, &partition, m))
                     .collect()
+            }));
+        }
+        if let ReadStatus::Skipped { from, to } = status {
+            // In read order, behind the chunks being mapped.
+            mapping.push_back(tokio::spawn(async move {
+                vec![Item::Skip {
+                    offset: from,
+                    next_offset: to,
+                }]
             }));
         }
         while mapping.len() > MAPPING_AHEAD || (caught_up && !mapping.is_empty()) {

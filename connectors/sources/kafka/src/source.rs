@@ -38,7 +38,38 @@ fn split_name(name: &str) -> Option<(&str, i32)> {
 }
 
 /// Readers' inboxes, by partition name; shared with the rebalance callback.
-type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Message>>>>;
+type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
+
+/// How long the poller waits for a message before it reports positions.
+const IDLE_POSITIONS: Duration = Duration::from_millis(500);
+
+/// Send each reader its partition's consumer position (see [`Inbound`]).
+/// A full inbox is skipped: its reader has messages to read first.
+async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for e in positions.elements() {
+        let Offset::Offset(o) = e.offset() else {
+            continue;
+        };
+        let Ok(o) = u64::try_from(o) else { continue };
+        let name = partition_name(e.topic(), e.partition());
+        let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
+        if let Some(inbox) = inbox {
+            let _ = inbox.try_send(Inbound::Position(o));
+        }
+    }
+}
+
+/// What the polling task hands a partition's reader, in order.
+enum Inbound {
+    Message(Message),
+    /// The consumer's position in the partition while the poller holds no
+    /// message: every message before it was handed over already, so any
+    /// gap up to it holds none (transaction markers, aborted records).
+    Position(u64),
+}
 
 struct Context {
     assignments: mpsc::UnboundedSender<Assignment>,
@@ -328,7 +359,17 @@ impl KafkaSource {
             // at most every 30 s while it lasts.
             let mut reported: Option<(String, std::time::Instant)> = None;
             loop {
-                let msg = match consumer.recv().await {
+                // Half a second without a message: the poller holds none,
+                // so each partition's position tells its reader whether
+                // offsets past its last message hold nothing to read.
+                let received = match tokio::time::timeout(IDLE_POSITIONS, consumer.recv()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        send_positions(&consumer, &inboxes).await;
+                        continue;
+                    }
+                };
+                let msg = match received {
                     Ok(m) => {
                         if reported.take().is_some() {
                             tracing::info!(brokers = %brokers, "kafka consumer recovered");
@@ -390,7 +431,7 @@ impl KafkaSource {
                     meta,
                 };
                 drop(msg);
-                if inbox.send(message).await.is_err() {
+                if inbox.send(Inbound::Message(message)).await.is_err() {
                     debug!(partition = %name, "reader gone; message dropped");
                 }
             }
@@ -539,6 +580,8 @@ impl Source for KafkaSource {
                     next: 0,
                     end: None,
                     reseek: None,
+                    position: None,
+                    live: false,
                 }));
             }
             match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
@@ -568,6 +611,8 @@ impl Source for KafkaSource {
                 partition: p,
                 last: None,
             }),
+            position: None,
+            live: false,
         }))
     }
 
@@ -717,13 +762,17 @@ impl Source for KafkaSource {
 }
 
 struct KafkaReader {
-    inbox: mpsc::Receiver<Message>,
+    inbox: mpsc::Receiver<Inbound>,
     /// The offset after the last message handed out.
     next: u64,
     /// stop_at_end: the partition's end when it was opened.
     end: Option<u64>,
     /// Seeks the partition back to `next` when it was moved behind it.
     reseek: Option<Reseek>,
+    /// The consumer's position the poller last reported, not yet looked at.
+    position: Option<u64>,
+    /// This reader has handed out a message.
+    live: bool,
 }
 
 /// A partition fetched from behind its reader's position (librdkafka reset
@@ -781,6 +830,17 @@ impl PartitionReader for KafkaReader {
         if self.end.is_some_and(|end| self.next >= end) {
             return Ok(ReadStatus::End);
         }
+        // Only once this reader had a message of its own: the consumer's
+        // position then belongs to this reader's fetch, not to an earlier
+        // assignment of the partition (which could be ahead of it).
+        if let Some(to) = self.position.take().filter(|_| self.live) {
+            // Never past the end a backfill stops at.
+            let to = self.end.map_or(to, |end| to.min(end));
+            if to > self.next {
+                let from = std::mem::replace(&mut self.next, to);
+                return Ok(ReadStatus::Skipped { from, to });
+            }
+        }
         let before = out.len();
         // `recv` is cancel-safe; an idle partition reports Idle each second
         // so the runner can flush a lingering batch.
@@ -792,14 +852,25 @@ impl PartitionReader for KafkaReader {
                 Ok(ReadStatus::Idle)
             }
             Ok(Some(first)) => {
-                out.push(first);
-                while out.len() < max {
-                    match self.inbox.try_recv() {
-                        Ok(m) => out.push(m),
-                        Err(_) => break,
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    match item {
+                        Inbound::Message(m) => out.push(m),
+                        // Looked at on the next call, after these messages.
+                        Inbound::Position(p) => {
+                            self.position = Some(p);
+                            break;
+                        }
+                    }
+                    if out.len() < max {
+                        next = self.inbox.try_recv().ok();
                     }
                 }
-                Ok(ReadStatus::Data)
+                Ok(if out.len() > before {
+                    ReadStatus::Data
+                } else {
+                    ReadStatus::Idle
+                })
             }
         };
         // Never hand out a position twice or below where this reader
@@ -821,6 +892,7 @@ impl PartitionReader for KafkaReader {
         }
         if let Some(last) = fresh.last() {
             self.next = self.next.max(last.next_offset);
+            self.live = true;
         }
         out.append(&mut fresh);
         status
@@ -850,9 +922,11 @@ mod tests {
             next: 5,
             end: Some(8),
             reseek: None,
+            position: None,
+            live: false,
         };
         for o in [3, 4, 5, 6, 5, 7, 8, 9] {
-            tx.send(msg(o)).await.unwrap();
+            tx.send(Inbound::Message(msg(o))).await.unwrap();
         }
         let mut out = Vec::new();
         assert_eq!(reader.read(3, &mut out).await.unwrap(), ReadStatus::Data);
@@ -861,6 +935,47 @@ mod tests {
         assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
         // 5 again is dropped; 8 and 9 are past the end.
         assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [6, 7]);
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::End);
+    }
+
+    #[tokio::test]
+    async fn positions_move_a_reader_over_markers_once_it_read_a_message() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut reader = KafkaReader {
+            inbox: rx,
+            next: 10,
+            end: Some(20),
+            reseek: None,
+            position: None,
+            live: false,
+        };
+        let mut out = Vec::new();
+        // Before any message of its own: a position may be an earlier
+        // assignment's, ahead of this reader; it is not followed.
+        tx.send(Inbound::Position(15)).await.unwrap();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
+        assert_eq!(reader.read(0, &mut out).await.unwrap(), ReadStatus::Idle);
+        // A message, then a commit marker at 11 and a position past it.
+        tx.send(Inbound::Message(msg(10))).await.unwrap();
+        tx.send(Inbound::Position(12)).await.unwrap();
+        tx.send(Inbound::Message(msg(12))).await.unwrap();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [10]);
+        assert_eq!(
+            reader.read(10, &mut out).await.unwrap(),
+            ReadStatus::Skipped { from: 11, to: 12 }
+        );
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        // A position behind the reader is ignored; one past the end stops
+        // at the end.
+        tx.send(Inbound::Position(5)).await.unwrap();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
+        tx.send(Inbound::Position(99)).await.unwrap();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
+        assert_eq!(
+            reader.read(10, &mut out).await.unwrap(),
+            ReadStatus::Skipped { from: 13, to: 20 }
+        );
         assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::End);
     }
 
