@@ -34,9 +34,12 @@ fn killed_at_random_and_at_fail_points_every_message_id_has_exactly_one_effect()
         r#"type = "http"
 url = "{}"
 timeout = "150ms"
+concurrency = 4
+
+[connectors.crash.retry]
 initial_backoff = "5ms"
 max_backoff = "50ms"
-concurrency = 4
+max_attempts = 30
 
 [connectors.crash.dedup]
 id = "/id"

@@ -178,7 +178,6 @@ path = "{src}"
 [connectors.h.sink]
 type = "http"
 url = "{url}"
-max_attempts = 1
 headers = {{ "X-Api-Key" = "T0ken-in-header" }}
 
 [connectors.h.dedup]

@@ -32,8 +32,6 @@ path = "{glob}"
 type = "http"
 url = "{url}"
 timeout = "300ms"
-initial_backoff = "5ms"
-max_backoff = "50ms"
 {sink_extra}
 
 [connectors.orders.dedup]
@@ -45,9 +43,9 @@ max_records = 50
 linger = "10ms"
 
 [connectors.orders.retry]
-initial_backoff = "10ms"
-max_backoff = "100ms"
-max_attempts = 3
+initial_backoff = "5ms"
+max_backoff = "50ms"
+max_attempts = {attempts}
 
 [[connectors.orders.columns]]
 name = "id"
@@ -64,6 +62,9 @@ type = "boolean"
 "#,
             dl = w.path("dead.jsonl").display(),
             glob = w.path("in-*.jsonl").display(),
+            // The receiver fails requests on purpose: one retry policy
+            // tries each batch (only its unanswered requests) this often.
+            attempts = 20,
         ),
     )
 }
@@ -222,6 +223,54 @@ fn check_says_what_the_guarantee_rests_on() {
     assert_eq!(out.status.code(), Some(2));
     let s = text(&out.stderr);
     assert!(s.contains("_idem_id"), "{s}");
+    // The sink's own retry keys moved to [retry]: refused with where to.
+    for key in [
+        "max_attempts = 6",
+        "initial_backoff = \"1s\"",
+        "max_backoff = \"9s\"",
+    ] {
+        let cfg = config(&w, &r.url, key, "");
+        let out = idem().arg("check").arg(&cfg).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{key}");
+        let s = text(&out.stderr);
+        let name = key.split(' ').next().unwrap();
+        assert!(s.contains(&format!("connectors.orders.sink.{name}")), "{s}");
+        assert!(s.contains("[connectors.NAME.retry]"), "{s}");
+    }
+}
+
+/// One retry policy: a batch whose requests partly failed is tried again
+/// with only the requests not yet answered, so a message delivered once is
+/// never sent again within a run, and every failure costs one request.
+#[test]
+fn a_retried_batch_sends_only_what_was_not_answered() {
+    let w = Workdir::new();
+    let r = Receiver::start(
+        Faults {
+            error_500_every: 5,
+            ..Faults::none()
+        },
+        None,
+    );
+    let cfg = config(
+        &w,
+        &r.url,
+        "",
+        &format!("path = \"{}\"", w.path("ids.redb").display()),
+    );
+    let (a, expected, refused) = events("a", 300);
+    w.write("in-0.jsonl", &a);
+    run_ok(idem().arg("run").arg(&cfg));
+    assert_eq!(effects(&r), expected);
+    let log = r.log();
+    let failed: u64 = log.faults.values().sum();
+    assert!(failed > 10, "the receiver failed only {failed} requests");
+    // Each key: one request answered for good (delivered or refused), plus
+    // one per failure. Re-sending what was delivered would add more.
+    let keys: std::collections::HashSet<&str> =
+        log.requests.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys.len(), expected.len() + refused);
+    assert_eq!(log.requests.len() as u64, keys.len() as u64 + failed);
 }
 
 #[test]
@@ -232,9 +281,15 @@ fn a_missing_receiver_is_named_and_nothing_is_lost() {
     let cfg = config(
         &w,
         &url,
-        "max_attempts = 2",
+        "",
         &format!("path = \"{}\"", w.path("ids.redb").display()),
     );
+    let written = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        written.replace("max_attempts = 20", "max_attempts = 2"),
+    )
+    .unwrap();
     let (a, expected, _) = events("a", 50);
     w.write("in-0.jsonl", &a);
     let out = idem().arg("run").arg(&cfg).output().unwrap();

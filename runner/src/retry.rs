@@ -13,11 +13,20 @@ use tracing::{info, warn};
 /// An error that says whether trying again can help.
 pub trait Retriable {
     fn is_retriable(&self) -> bool;
+
+    /// The least the next try should wait, when the other side said so.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl Retriable for SinkError {
     fn is_retriable(&self) -> bool {
         SinkError::is_retriable(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        SinkError::retry_after(self)
     }
 }
 
@@ -66,7 +75,10 @@ where
                 if !e.is_retriable() || !more || stop.is_cancelled() {
                     break Err(e);
                 }
-                let delay = backoff_delay(cfg, (tries - 1) as u32);
+                // A destination that said when to call again is not
+                // called sooner.
+                let delay =
+                    backoff_delay(cfg, (tries - 1) as u32).max(e.retry_after().unwrap_or_default());
                 stats.retrying(&format!("failed to {what}: {e}"));
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "failed to {what}; retrying");
                 tokio::select! {

@@ -96,6 +96,13 @@ pub enum SinkError {
     /// Connection reset, timeout, lock conflict: the whole batch is retried.
     #[error("{0} (transient; will retry)")]
     Transient(Box<dyn std::error::Error + Send + Sync>),
+    /// Transient, and the destination said when to call again (HTTP 429 or
+    /// 503 with `Retry-After`): the retry waits at least that long.
+    #[error("{source} (transient; will retry in {}s or later)", retry_after.as_secs())]
+    Busy {
+        retry_after: std::time::Duration,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Bad credentials, missing table, schema mismatch: retrying cannot help.
     #[error("{0}")]
     Permanent(Box<dyn std::error::Error + Send + Sync>),
@@ -114,7 +121,15 @@ pub enum SinkError {
 
 impl SinkError {
     pub fn is_retriable(&self) -> bool {
-        matches!(self, SinkError::Transient(_))
+        matches!(self, SinkError::Transient(_) | SinkError::Busy { .. })
+    }
+
+    /// How long the destination asked to be left alone, if it said.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            SinkError::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 }
 

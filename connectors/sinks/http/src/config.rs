@@ -35,17 +35,14 @@ pub struct HttpSinkConfig {
     /// One request's time limit, connection included.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
-    /// Tries of one request on 408, 409, 425, 429, 5xx, timeouts and
-    /// connection errors before the batch fails as retriable (the runner
-    /// then retries the batch under `[retry]`).
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// The first delay between tries (doubled each time, with jitter, up
-    /// to `max_backoff`); a `Retry-After` answer overrides it.
-    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
-    pub initial_backoff: Duration,
-    #[serde(default = "default_max_backoff", with = "humantime_serde")]
-    pub max_backoff: Duration,
+    /// Moved to `[connectors.NAME.retry]`: one retry policy governs every
+    /// request and batch. Kept only to say so at start.
+    #[serde(default)]
+    max_attempts: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    initial_backoff: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    max_backoff: Option<serde::de::IgnoredAny>,
     /// Requests in flight at once within a batch (`mode = "message"`).
     /// 1 keeps the partition's order; more is faster but the receiver may
     /// see messages out of order.
@@ -100,18 +97,6 @@ fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-fn default_max_attempts() -> u32 {
-    6
-}
-
-fn default_initial_backoff() -> Duration {
-    Duration::from_millis(200)
-}
-
-fn default_max_backoff() -> Duration {
-    Duration::from_secs(30)
-}
-
 fn default_concurrency() -> usize {
     8
 }
@@ -155,20 +140,23 @@ impl Validate for HttpSinkConfig {
                 ));
             }
         }
-        if self.max_attempts == 0 {
-            return Err(Invalid::new(&["max_attempts"], "must be at least 1"));
+        for (key, set) in [
+            ("max_attempts", self.max_attempts.is_some()),
+            ("initial_backoff", self.initial_backoff.is_some()),
+            ("max_backoff", self.max_backoff.is_some()),
+        ] {
+            if set {
+                return Err(Invalid::new(
+                    &[key],
+                    format!("the http sink's retries moved to the connector's [retry] table: write `{key} = ...` under [connectors.NAME.retry] (one retry policy now governs each request and each batch, and a stop interrupts its waits)"),
+                ));
+            }
         }
         if self.concurrency == 0 {
             return Err(Invalid::new(&["concurrency"], "must be at least 1"));
         }
         if self.timeout.is_zero() {
             return Err(Invalid::new(&["timeout"], "must be longer than zero"));
-        }
-        if self.initial_backoff > self.max_backoff {
-            return Err(Invalid::new(
-                &["initial_backoff"],
-                "is larger than max_backoff",
-            ));
         }
         Ok(())
     }
