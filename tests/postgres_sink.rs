@@ -1,16 +1,22 @@
-//! PostgreSQL sink against a real server (scripts/postgres.sh): modes,
-//! types, the version guard, tombstones, fencing, recovery, schema checks,
-//! atomicity, and a connection killed mid-run. Each test has its own schema.
+//! PostgreSQL sink against a real server (scripts/postgres.sh): the
+//! table-sink conformance suite (tests/table_suite.rs), then what only
+//! PostgreSQL has: numerics, dedup mode, TLS, a missing server, a connection
+//! killed mid-run. Each test has its own schema.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod table_suite;
 
+use async_trait::async_trait;
 use common::*;
+use idem_config::ColumnConfig;
 use idem_config::{ColumnType, Secret, WriteMode};
-use idem_core::{Sink, SinkError};
+use idem_core::Sink;
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig, SslMode};
+use std::sync::Arc;
 use std::time::Duration;
+use table_suite::{TableTarget, TypesRow};
 
 fn sink_cfg(schema: &str, mode: WriteMode, key: &[&str]) -> PostgresSinkConfig {
     PostgresSinkConfig {
@@ -45,208 +51,89 @@ async fn rows(schema: &str, table: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
-#[tokio::test]
-async fn append_commits_rows_and_position_and_recovers_them() {
-    let schema = fresh_schema("it_append");
-    let p = part("a");
-    let sink = PostgresSink::new(sink_cfg(&schema, WriteMode::Append, &[]), columns());
-    sink.prepare().await.unwrap();
-    let opened = sink.open(&p).await.unwrap();
-    assert_eq!((opened.epoch, opened.next_offset), (1, None));
-    let stats = sink
-        .commit(batch(&p, 1, vec![rec(0, "x", 1), rec(10, "x", 2)], 20))
-        .await
-        .unwrap();
-    assert_eq!((stats.written, stats.deduplicated), (2, 0));
-    assert!(sink.describe().await.unwrap().contains("holds 2 rows"));
-    // A restart: a new sink, the epoch moves on, the position comes back.
-    let again = PostgresSink::new(sink_cfg(&schema, WriteMode::Append, &[]), columns());
-    again.prepare().await.unwrap();
-    let opened = again.open(&p).await.unwrap();
-    assert_eq!((opened.epoch, opened.next_offset), (2, Some(20)));
-    let pos = again.positions("c").await.unwrap();
-    assert_eq!(
-        (pos[0].partition.as_str(), pos[0].next_offset),
-        ("a", Some(20))
-    );
-    assert_eq!(rows(&schema, "t").await, pairs(&[("x", 1), ("x", 2)]));
+struct PgTarget {
+    schema: String,
 }
 
-#[tokio::test]
-async fn a_fenced_runner_cannot_commit() {
-    let schema = fresh_schema("it_fence");
-    let p = part("a");
-    let runner_a = PostgresSink::new(sink_cfg(&schema, WriteMode::Append, &[]), columns());
-    runner_a.prepare().await.unwrap();
-    let a = runner_a.open(&p).await.unwrap();
-    runner_a
-        .commit(batch(&p, a.epoch, vec![rec(0, "a", 1)], 5))
-        .await
-        .unwrap();
-    // Runner B takes the partition over (its own pool, as another process).
-    let runner_b = PostgresSink::new(sink_cfg(&schema, WriteMode::Append, &[]), columns());
-    let b = runner_b.open(&p).await.unwrap();
-    assert!(b.epoch > a.epoch);
-    let err = runner_a
-        .commit(batch(&p, a.epoch, vec![rec(5, "stale", 9)], 9))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, SinkError::Fenced { .. }), "{err}");
-    assert!(!err.is_retriable());
-    assert_eq!(rows(&schema, "t").await, pairs(&[("a", 1)]));
-    assert_eq!(runner_b.open(&p).await.unwrap().next_offset, Some(5));
+#[async_trait]
+impl TableTarget for PgTarget {
+    fn new(name: &str) -> Self {
+        PgTarget {
+            schema: fresh_schema(&format!("it_{}", &name[..name.len().min(12)])),
+        }
+    }
+
+    fn sink(
+        &self,
+        table: &str,
+        mode: WriteMode,
+        key: &[&str],
+        version: Option<&str>,
+        create: bool,
+        columns: Vec<ColumnConfig>,
+    ) -> Arc<dyn Sink> {
+        let mut cfg = sink_cfg(&self.schema, mode, key);
+        cfg.table = table.into();
+        cfg.version = version.map(str::to_string);
+        cfg.create = create;
+        Arc::new(PostgresSink::new(cfg, columns))
+    }
+
+    /// Its own pool, as another process.
+    fn second_runner(&self, _first: &Arc<dyn Sink>, table: &str) -> Arc<dyn Sink> {
+        self.sink(table, WriteMode::Append, &[], None, true, columns())
+    }
+
+    async fn execute(&self, sql: &str) {
+        pg().await
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{}\"; {sql}",
+                self.schema
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn rows(&self, table: &str) -> Vec<(String, i64)> {
+        rows(&self.schema, table).await
+    }
+
+    fn type_names(&self) -> (&'static str, &'static str) {
+        ("text", "bigint")
+    }
+
+    fn table(&self, name: &str) -> String {
+        format!("\"{}\".\"{name}\"", self.schema)
+    }
+
+    async fn types_row(&self) -> TypesRow {
+        let row = pg()
+            .await
+            .query_one(
+                &format!(
+                    "SELECT t, b, i, d, ok, (extract(epoch FROM at) * 1000000)::bigint, day::text, doc->>'t', u::text, raw FROM \"{}\".types",
+                    self.schema
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+            row.get(6),
+            row.get(7),
+            row.get(8),
+            row.get(9),
+        )
+    }
 }
 
-#[tokio::test]
-async fn upsert_keeps_the_newest_and_never_lets_a_replay_win() {
-    let schema = fresh_schema("it_upsert");
-    let p = part("a");
-    let sink = PostgresSink::new(sink_cfg(&schema, WriteMode::Upsert, &["id"]), columns());
-    sink.prepare().await.unwrap();
-    let e = sink.open(&p).await.unwrap().epoch;
-    let s = sink
-        .commit(batch(
-            &p,
-            e,
-            vec![rec(0, "a", 1), rec(1, "b", 1), rec(2, "a", 2)],
-            3,
-        ))
-        .await
-        .unwrap();
-    assert_eq!((s.written, s.deduplicated), (2, 1));
-    let s = sink
-        .commit(batch(&p, e, vec![rec(0, "a", 1)], 3))
-        .await
-        .unwrap();
-    assert_eq!(
-        (s.written, s.deduplicated),
-        (0, 1),
-        "a replay changes nothing"
-    );
-    let s = sink
-        .commit(batch(&p, e, vec![rec(7, "b", 1)], 8))
-        .await
-        .unwrap();
-    assert_eq!(
-        (s.written, s.deduplicated),
-        (0, 1),
-        "an identical message changes nothing"
-    );
-    let s = sink
-        .commit(batch(
-            &p,
-            e,
-            vec![del(8, "a"), del(9, "b"), rec(10, "b", 5)],
-            11,
-        ))
-        .await
-        .unwrap();
-    assert_eq!(s.written, 2);
-    assert_eq!(rows(&schema, "t").await, pairs(&[("b", 5)]));
-}
-
-#[tokio::test]
-async fn upsert_with_a_version_column_ignores_older_events() {
-    let schema = fresh_schema("it_version");
-    let p = part("a");
-    let mut cfg = sink_cfg(&schema, WriteMode::Upsert, &["id"]);
-    cfg.version = Some("v".into());
-    let sink = PostgresSink::new(cfg, columns());
-    sink.prepare().await.unwrap();
-    let e = sink.open(&p).await.unwrap().epoch;
-    sink.commit(batch(&p, e, vec![rec(0, "a", 10)], 1))
-        .await
-        .unwrap();
-    let s = sink
-        .commit(batch(&p, e, vec![rec(1, "a", 5)], 2))
-        .await
-        .unwrap();
-    assert_eq!(s.written, 0);
-    sink.commit(batch(&p, e, vec![rec(2, "b", 9), rec(3, "b", 3)], 4))
-        .await
-        .unwrap();
-    assert_eq!(rows(&schema, "t").await, pairs(&[("a", 10), ("b", 9)]));
-}
-
-#[tokio::test]
-async fn a_failed_batch_leaves_neither_rows_nor_position() {
-    let schema = fresh_schema("it_atomic");
-    let client = pg().await;
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA \"{schema}\";
-             CREATE TABLE \"{schema}\".t (id text, v bigint CHECK (v < 100), _idem_partition text NOT NULL, _idem_offset bigint NOT NULL)"
-        ))
-        .await
-        .unwrap();
-    let p = part("a");
-    let mut cfg = sink_cfg(&schema, WriteMode::Append, &[]);
-    cfg.create = false;
-    let sink = PostgresSink::new(cfg, columns());
-    sink.prepare().await.unwrap();
-    let e = sink.open(&p).await.unwrap().epoch;
-    sink.commit(batch(&p, e, vec![rec(0, "ok", 1)], 1))
-        .await
-        .unwrap();
-    let err = sink
-        .commit(batch(&p, e, vec![rec(1, "x", 2), rec(2, "y", 500)], 3))
-        .await
-        .unwrap_err();
-    assert!(
-        !err.is_retriable(),
-        "a constraint violation is permanent: {err}"
-    );
-    assert!(err.to_string().contains("check constraint"), "{err}");
-    assert_eq!(sink.open(&p).await.unwrap().next_offset, Some(1));
-    assert_eq!(rows(&schema, "t").await, pairs(&[("ok", 1)]));
-}
-
-#[tokio::test]
-async fn existing_tables_are_checked_before_the_first_write() {
-    let schema = fresh_schema("it_check");
-    pg().await
-        .batch_execute(&format!(
-            "CREATE SCHEMA \"{schema}\";
-             CREATE TABLE \"{schema}\".t (id text PRIMARY KEY, v text, _idem_partition text, _idem_offset bigint);
-             CREATE TABLE \"{schema}\".nokey (id text, v bigint, _idem_partition text, _idem_offset bigint)"
-        ))
-        .await
-        .unwrap();
-    let err = PostgresSink::new(sink_cfg(&schema, WriteMode::Upsert, &["id"]), columns())
-        .prepare()
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("column `v` is text") && err.contains("bigint"),
-        "{err}"
-    );
-
-    let mut cfg = sink_cfg(&schema, WriteMode::Append, &[]);
-    cfg.table = "missing".into();
-    cfg.create = false;
-    let err = PostgresSink::new(cfg, columns())
-        .prepare()
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("missing") && err.contains("does not exist"),
-        "{err}"
-    );
-
-    let mut cfg = sink_cfg(&schema, WriteMode::Upsert, &["id"]);
-    cfg.table = "nokey".into();
-    let err = PostgresSink::new(cfg, columns())
-        .prepare()
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("PRIMARY KEY (id)") && err.contains("none"),
-        "{err}"
-    );
-}
+table_suite!(PgTarget);
 
 #[tokio::test]
 async fn a_missing_server_is_named_and_retriable() {
@@ -264,60 +151,6 @@ async fn a_missing_server_is_named_and_retriable() {
         "{text}"
     );
     assert!(!text.contains("secret-pw"), "the password leaked: {text}");
-}
-
-#[tokio::test]
-async fn every_column_type_round_trips() {
-    let schema = fresh_schema("it_types");
-    let p = part("a");
-    let (cols, record) = all_types();
-    let mut cfg = sink_cfg(&schema, WriteMode::Append, &[]);
-    cfg.table = "types".into();
-    let sink = PostgresSink::new(cfg, cols);
-    sink.prepare().await.unwrap();
-    let e = sink.open(&p).await.unwrap().epoch;
-    sink.commit(batch(&p, e, vec![record], 1)).await.unwrap();
-    let row = pg()
-        .await
-        .query_one(
-            &format!(
-                "SELECT t, b, i, d, ok, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), day::text, doc->>'t' FROM \"{schema}\".types"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    let got: (String, i64, i32, f64, bool, String, String, String) = (
-        row.get(0),
-        row.get(1),
-        row.get(2),
-        row.get(3),
-        row.get(4),
-        row.get(5),
-        row.get(6),
-        row.get(7),
-    );
-    assert_eq!(
-        got,
-        (
-            "hé".into(),
-            9007199254740993,
-            -7,
-            2.5,
-            false,
-            "2026-03-01 08:00:00.123456".into(),
-            "1969-12-31".into(),
-            "hé".into()
-        )
-    );
-    let row = pg()
-        .await
-        .query_one(&format!("SELECT u::text, raw FROM \"{schema}\".types"), &[])
-        .await
-        .unwrap();
-    let (u, raw): (String, Vec<u8>) = (row.get(0), row.get(1));
-    assert_eq!(u, "67e55044-10b1-426f-9247-bb680e5fe0c8");
-    assert_eq!(raw, [0u8, 1, 2, 255]);
 }
 
 /// Numerics go in through their binary form, written by Idem: compare each

@@ -1,0 +1,304 @@
+//! The conformance suite every table sink passes, written once: append and
+//! recovery, fencing, upsert (the later offset wins, replays and identical
+//! copies change nothing, tombstones delete), a version column, a batch
+//! that fails leaving neither rows nor position, checks of existing tables,
+//! and every column type. A sink's test file implements [`TableTarget`] and
+//! instantiates the suite with `table_suite!(Target)`; the crash harness
+//! (tests/crash.rs) is its other half.
+
+use crate::common::*;
+use async_trait::async_trait;
+use idem_config::{ColumnConfig, WriteMode};
+use idem_core::{Sink, SinkError};
+use std::sync::Arc;
+
+/// One sink's database for one test, and a reader of it that is not the
+/// sink.
+#[async_trait]
+pub trait TableTarget: Send + Sync {
+    /// A target of its own (a fresh file or schema) for test `name`.
+    fn new(name: &str) -> Self;
+    /// A sink writing to `table` of it.
+    fn sink(
+        &self,
+        table: &str,
+        mode: WriteMode,
+        key: &[&str],
+        version: Option<&str>,
+        create: bool,
+        columns: Vec<ColumnConfig>,
+    ) -> Arc<dyn Sink>;
+    /// Another runner on the same table: a sink of its own where the
+    /// database allows two writers, else `first` (DuckDB locks its file
+    /// to one process).
+    fn second_runner(&self, first: &Arc<dyn Sink>, table: &str) -> Arc<dyn Sink>;
+    /// Statements in the target's own dialect (tables made by hand). The
+    /// sinks of a test are dropped before: DuckDB locks its file.
+    async fn execute(&self, sql: &str);
+    /// `(id, v)` of `table`, ordered, read by the target's own client.
+    async fn rows(&self, table: &str) -> Vec<(String, i64)>;
+    /// How the target names the types of text and bigint columns.
+    fn type_names(&self) -> (&'static str, &'static str);
+    /// A table name as written in `execute`'s statements.
+    fn table(&self, name: &str) -> String;
+    /// The row of table `types` (see `common::all_types`) as
+    /// (t, b, i, d, ok, at in µs since the epoch, day, doc's t, u, raw).
+    async fn types_row(&self) -> TypesRow;
+}
+
+pub type TypesRow = (
+    String,
+    i64,
+    i32,
+    f64,
+    bool,
+    i64,
+    String,
+    String,
+    String,
+    Vec<u8>,
+);
+
+pub async fn append_commits_rows_and_position_and_recovers_them<T: TableTarget>(t: T) {
+    let p = part("a");
+    let sink = t.sink("t", WriteMode::Append, &[], None, true, columns());
+    sink.prepare().await.unwrap();
+    let opened = sink.open(&p).await.unwrap();
+    assert_eq!((opened.epoch, opened.next_offset), (1, None));
+    let stats = sink
+        .commit(batch(&p, 1, vec![rec(0, "x", 1), rec(10, "x", 2)], 20))
+        .await
+        .unwrap();
+    assert_eq!((stats.written, stats.deduplicated), (2, 0));
+    assert!(sink.describe().await.unwrap().contains("holds 2 rows"));
+    drop(sink);
+    // A restart: a new sink, the epoch moves on, the position comes back.
+    let again = t.sink("t", WriteMode::Append, &[], None, true, columns());
+    again.prepare().await.unwrap();
+    let opened = again.open(&p).await.unwrap();
+    assert_eq!((opened.epoch, opened.next_offset), (2, Some(20)));
+    let pos = again.positions("c").await.unwrap();
+    assert_eq!(pos.len(), 1);
+    assert_eq!(
+        (pos[0].partition.as_str(), pos[0].next_offset),
+        ("a", Some(20))
+    );
+    drop(again);
+    assert_eq!(t.rows("t").await, pairs(&[("x", 1), ("x", 2)]));
+}
+
+pub async fn a_fenced_runner_cannot_commit<T: TableTarget>(t: T) {
+    let p = part("a");
+    let runner_a = t.sink("t", WriteMode::Append, &[], None, true, columns());
+    runner_a.prepare().await.unwrap();
+    let a = runner_a.open(&p).await.unwrap();
+    runner_a
+        .commit(batch(&p, a.epoch, vec![rec(0, "a", 1)], 5))
+        .await
+        .unwrap();
+    // Runner B takes the partition over.
+    let runner_b = t.second_runner(&runner_a, "t");
+    let b = runner_b.open(&p).await.unwrap();
+    assert!(b.epoch > a.epoch);
+    let err = runner_a
+        .commit(batch(&p, a.epoch, vec![rec(5, "stale", 9)], 9))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SinkError::Fenced { .. }), "{err}");
+    assert!(!err.is_retriable());
+    // The new owner goes on from the committed position.
+    assert_eq!(runner_b.open(&p).await.unwrap().next_offset, Some(5));
+    drop((runner_a, runner_b));
+    assert_eq!(t.rows("t").await, pairs(&[("a", 1)]));
+}
+
+pub async fn upsert_keeps_the_newest_and_never_lets_a_replay_win<T: TableTarget>(t: T) {
+    let p = part("a");
+    let sink = t.sink("t", WriteMode::Upsert, &["id"], None, true, columns());
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    // In one batch the later offset of a key wins.
+    let s = sink
+        .commit(batch(
+            &p,
+            e,
+            vec![rec(0, "a", 1), rec(1, "b", 1), rec(2, "a", 2)],
+            3,
+        ))
+        .await
+        .unwrap();
+    assert_eq!((s.written, s.deduplicated), (2, 1));
+    // A replay of older offsets changes nothing.
+    let s = sink
+        .commit(batch(&p, e, vec![rec(0, "a", 1)], 3))
+        .await
+        .unwrap();
+    assert_eq!((s.written, s.deduplicated), (0, 1));
+    // A newer message with the same content is a duplicate too.
+    let s = sink
+        .commit(batch(&p, e, vec![rec(7, "b", 1)], 8))
+        .await
+        .unwrap();
+    assert_eq!((s.written, s.deduplicated), (0, 1));
+    // A tombstone deletes; a later upsert in the same batch recreates.
+    let s = sink
+        .commit(batch(
+            &p,
+            e,
+            vec![del(8, "a"), del(9, "b"), rec(10, "b", 5)],
+            11,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(s.written, 2);
+    drop(sink);
+    assert_eq!(t.rows("t").await, pairs(&[("b", 5)]));
+}
+
+pub async fn upsert_with_a_version_column_ignores_older_events<T: TableTarget>(t: T) {
+    let p = part("a");
+    let sink = t.sink("t", WriteMode::Upsert, &["id"], Some("v"), true, columns());
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    sink.commit(batch(&p, e, vec![rec(0, "a", 10)], 1))
+        .await
+        .unwrap();
+    // Later in the log but older by version: refused.
+    let s = sink
+        .commit(batch(&p, e, vec![rec(1, "a", 5)], 2))
+        .await
+        .unwrap();
+    assert_eq!(s.written, 0);
+    // Within a batch the larger version wins whatever the order.
+    sink.commit(batch(&p, e, vec![rec(2, "b", 9), rec(3, "b", 3)], 4))
+        .await
+        .unwrap();
+    drop(sink);
+    assert_eq!(t.rows("t").await, pairs(&[("a", 10), ("b", 9)]));
+}
+
+pub async fn a_failed_batch_leaves_neither_rows_nor_position<T: TableTarget>(t: T) {
+    let (text, bigint) = t.type_names();
+    // A table made by hand with a constraint the second row breaks.
+    t.execute(&format!(
+        "CREATE TABLE {} (id {text}, v {bigint} CHECK (v < 100), _idem_partition {text} NOT NULL, _idem_offset {bigint} NOT NULL)",
+        t.table("t")
+    ))
+    .await;
+    let p = part("a");
+    let sink = t.sink("t", WriteMode::Append, &[], None, false, columns());
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    sink.commit(batch(&p, e, vec![rec(0, "ok", 1)], 1))
+        .await
+        .unwrap();
+    let err = sink
+        .commit(batch(&p, e, vec![rec(1, "x", 2), rec(2, "y", 500)], 3))
+        .await
+        .unwrap_err();
+    assert!(
+        !err.is_retriable(),
+        "a constraint violation is permanent: {err}"
+    );
+    assert!(
+        err.to_string().to_lowercase().contains("constraint"),
+        "{err}"
+    );
+    assert_eq!(sink.open(&p).await.unwrap().next_offset, Some(1));
+    drop(sink);
+    assert_eq!(t.rows("t").await, pairs(&[("ok", 1)]));
+}
+
+pub async fn existing_tables_are_checked_before_the_first_write<T: TableTarget>(t: T) {
+    let (text, bigint) = t.type_names();
+    t.execute(&format!(
+        "CREATE TABLE {} (id {text} PRIMARY KEY, v {text}, _idem_partition {text}, _idem_offset {bigint})",
+        t.table("t")
+    ))
+    .await;
+    t.execute(&format!(
+        "CREATE TABLE {} (id {text}, v {bigint}, _idem_partition {text}, _idem_offset {bigint})",
+        t.table("nokey")
+    ))
+    .await;
+    let err = t
+        .sink("t", WriteMode::Upsert, &["id"], None, true, columns())
+        .prepare()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("column `v` is {text}")) && err.contains(bigint),
+        "{err}"
+    );
+    let err = t
+        .sink("missing", WriteMode::Append, &[], None, false, columns())
+        .prepare()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing") && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = t
+        .sink("nokey", WriteMode::Upsert, &["id"], None, true, columns())
+        .prepare()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("PRIMARY KEY (id)") && err.contains("none"),
+        "{err}"
+    );
+}
+
+pub async fn every_column_type_round_trips<T: TableTarget>(t: T) {
+    let p = part("a");
+    let (cols, record) = all_types();
+    let sink = t.sink("types", WriteMode::Append, &[], None, true, cols);
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    sink.commit(batch(&p, e, vec![record], 1)).await.unwrap();
+    drop(sink);
+    assert_eq!(
+        t.types_row().await,
+        (
+            "hé".into(),
+            9007199254740993,
+            -7,
+            2.5,
+            false,
+            1_772_352_000_123_456, // 2026-03-01T08:00:00.123456Z
+            "1969-12-31".into(),
+            "hé".into(),
+            "67e55044-10b1-426f-9247-bb680e5fe0c8".into(),
+            vec![0u8, 1, 2, 255],
+        )
+    );
+}
+
+/// One `#[tokio::test]` per case of the suite, against `$target`.
+#[macro_export]
+macro_rules! table_suite {
+    ($target:ty) => {
+        $crate::table_suite!(@cases $target;
+            append_commits_rows_and_position_and_recovers_them,
+            a_fenced_runner_cannot_commit,
+            upsert_keeps_the_newest_and_never_lets_a_replay_win,
+            upsert_with_a_version_column_ignores_older_events,
+            a_failed_batch_leaves_neither_rows_nor_position,
+            existing_tables_are_checked_before_the_first_write,
+            every_column_type_round_trips,
+        );
+    };
+    (@cases $target:ty; $($case:ident,)*) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                use $crate::table_suite::TableTarget;
+                $crate::table_suite::$case(<$target>::new(stringify!($case))).await;
+            }
+        )*
+    };
+}
