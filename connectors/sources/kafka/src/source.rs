@@ -582,6 +582,7 @@ impl Source for KafkaSource {
                     reseek: None,
                     position: None,
                     live: false,
+                    idle_reads: 0,
                 }));
             }
             match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
@@ -613,6 +614,7 @@ impl Source for KafkaSource {
             }),
             position: None,
             live: false,
+            idle_reads: 0,
         }))
     }
 
@@ -773,6 +775,8 @@ struct KafkaReader {
     position: Option<u64>,
     /// This reader has handed out a message.
     live: bool,
+    /// Reads that timed out with nothing.
+    idle_reads: u32,
 }
 
 /// A partition fetched from behind its reader's position (librdkafka reset
@@ -830,22 +834,48 @@ impl PartitionReader for KafkaReader {
         if self.end.is_some_and(|end| self.next >= end) {
             return Ok(ReadStatus::End);
         }
-        // Only once this reader had a message of its own: the consumer's
-        // position then belongs to this reader's fetch, not to an earlier
-        // assignment of the partition (which could be ahead of it).
-        if let Some(to) = self.position.take().filter(|_| self.live) {
-            // Never past the end a backfill stops at.
-            let to = self.end.map_or(to, |end| to.min(end));
-            if to > self.next {
-                let from = std::mem::replace(&mut self.next, to);
-                return Ok(ReadStatus::Skipped { from, to });
+        match self.position.take() {
+            // Once this reader had a message of its own, the consumer's
+            // position belongs to this reader's fetch: what lies between
+            // its last message and that position holds nothing to read.
+            Some(to) if self.live => {
+                // Never past the end a backfill stops at.
+                let to = self.end.map_or(to, |end| to.min(end));
+                if to > self.next {
+                    let from = std::mem::replace(&mut self.next, to);
+                    return Ok(ReadStatus::Skipped { from, to });
+                }
             }
+            // Before it, a position elsewhere than the reader's start means
+            // the consumer fetches from elsewhere: an earlier assignment's
+            // position, or librdkafka's own offset lookup answered after the
+            // reader's seek. Send it back to where the reader starts.
+            Some(at) if at != self.next => {
+                if let Some(r) = self.reseek.as_mut() {
+                    r.to(self.next, at);
+                }
+            }
+            _ => {}
         }
         let before = out.len();
         // `recv` is cancel-safe; an idle partition reports Idle each second
         // so the runner can flush a lingering batch.
         let status = match tokio::time::timeout(Duration::from_secs(1), self.inbox.recv()).await {
-            Err(_) => Ok(ReadStatus::Idle),
+            Err(_) => {
+                // A backfill that knows messages wait before its end, and
+                // has had none for 10 s: its fetch may have been moved
+                // where there is nothing (see above); send it back.
+                self.idle_reads += 1;
+                if !self.live
+                    && self.end.is_some_and(|end| self.next < end)
+                    && self.idle_reads.is_multiple_of(10)
+                {
+                    if let Some(r) = self.reseek.as_mut() {
+                        r.to(self.next, self.next);
+                    }
+                }
+                Ok(ReadStatus::Idle)
+            }
             // The partition was revoked: the runner is dropping this reader.
             Ok(None) => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -924,6 +954,7 @@ mod tests {
             reseek: None,
             position: None,
             live: false,
+            idle_reads: 0,
         };
         for o in [3, 4, 5, 6, 5, 7, 8, 9] {
             tx.send(Inbound::Message(msg(o))).await.unwrap();
@@ -948,6 +979,7 @@ mod tests {
             reseek: None,
             position: None,
             live: false,
+            idle_reads: 0,
         };
         let mut out = Vec::new();
         // Before any message of its own: a position may be an earlier
