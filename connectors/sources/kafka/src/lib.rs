@@ -2,11 +2,21 @@
 //! protocol spreads partitions over runners; each partition starts where
 //! the sink says, and the sink's epochs fence a runner that lost it.
 
+//!
+//! - `config.rs`: the `[connectors.NAME.source]` section;
+//! - `source.rs`: the source: subscribe or assign, open partitions at the
+//!   sink's positions, acks, audits, lag;
+//! - `consumer.rs`: librdkafka's side: rebalances, the polling task;
+//! - `reader.rs`: one partition's reader.
+
 mod config;
+mod consumer;
+mod reader;
 mod source;
 
 pub use config::{KafkaSourceConfig, OutOfRange, StartAt};
-pub use source::{partition_name, KafkaSource};
+pub use consumer::partition_name;
+pub use source::KafkaSource;
 
 /// The `kafka` source's registry entry.
 pub struct KafkaKind;

@@ -4,18 +4,16 @@
 //! stored in the sink and on its epochs.
 
 use crate::config::{KafkaSourceConfig, OutOfRange, StartAt, OWNED};
+use crate::consumer::{names, partition_name, poll, split_name, Context, Inboxes};
+use crate::reader::{AuditReader, KafkaReader, Reseek};
 use async_trait::async_trait;
-use idem_core::{Assignment, Message, Meta, PartitionReader, ReadStatus, Source, SourceError};
+use idem_core::{Assignment, PartitionReader, Source, SourceError};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::HashMap;
+use rdkafka::{Offset, TopicPartitionList};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -26,109 +24,6 @@ const PARTITION_BUFFER: usize = 8192;
 
 /// How long a librdkafka call that talks to the broker may block.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `topic/partition`, the name positions are stored under.
-pub fn partition_name(topic: &str, partition: i32) -> String {
-    format!("{topic}/{partition}")
-}
-
-fn split_name(name: &str) -> Option<(&str, i32)> {
-    let (topic, p) = name.rsplit_once('/')?;
-    Some((topic, p.parse().ok()?))
-}
-
-/// Readers' inboxes, by partition name; shared with the rebalance callback.
-type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
-
-/// How long the poller waits for a message before it reports positions.
-const IDLE_POSITIONS: Duration = Duration::from_millis(500);
-
-/// Send each reader its partition's consumer position (see [`Inbound`]).
-/// A full inbox is skipped: its reader has messages to read first.
-async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes) {
-    let Ok(positions) = consumer.position() else {
-        return;
-    };
-    for e in positions.elements() {
-        let Offset::Offset(o) = e.offset() else {
-            continue;
-        };
-        let Ok(o) = u64::try_from(o) else { continue };
-        let name = partition_name(e.topic(), e.partition());
-        let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
-        if let Some(inbox) = inbox {
-            let _ = inbox.try_send(Inbound::Position(o));
-        }
-    }
-}
-
-/// What the polling task hands a partition's reader, in order.
-enum Inbound {
-    Message(Message),
-    /// The consumer's position in the partition while the poller holds no
-    /// message: every message before it was handed over already, so any
-    /// gap up to it holds none (transaction markers, aborted records).
-    Position(u64),
-}
-
-struct Context {
-    assignments: mpsc::UnboundedSender<Assignment>,
-    inboxes: Inboxes,
-}
-
-impl ClientContext for Context {
-    // librdkafka reports every failed connection attempt, several times a
-    // second while a broker is down; the poller reports them once per
-    // change instead, and librdkafka's own lines stay at debug level.
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        debug!(?level, facility = fac, "librdkafka: {message}");
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        debug!(%error, "librdkafka: {reason}");
-    }
-}
-
-fn names(tpl: &TopicPartitionList) -> Vec<String> {
-    tpl.elements()
-        .iter()
-        .map(|e| partition_name(e.topic(), e.partition()))
-        .collect()
-}
-
-impl ConsumerContext for Context {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let revoked = names(tpl);
-            // From now on nothing reaches their readers; the runner drops
-            // them. A commit in flight either lands before the new owner
-            // fences the partition or is refused by the sink's epoch.
-            if let Ok(mut inboxes) = self.inboxes.lock() {
-                for name in &revoked {
-                    inboxes.remove(name);
-                }
-            }
-            debug!(partitions = ?revoked, "partitions revoked");
-            let _ = self.assignments.send(Assignment::Revoked(revoked));
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                // Nothing is fetched until the sink says where to start.
-                if let Err(e) = consumer.pause(tpl) {
-                    warn!(error = %e, "could not pause newly assigned partitions");
-                }
-                let assigned = names(tpl);
-                debug!(partitions = ?assigned, "partitions assigned");
-                let _ = self.assignments.send(Assignment::Assigned(assigned));
-            }
-            Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
-            Rebalance::Revoke(_) => {}
-        }
-    }
-}
 
 /// Kafka topics read through a consumer group.
 pub struct KafkaSource {
@@ -354,88 +249,7 @@ impl KafkaSource {
         let inboxes = client.inboxes.clone();
         let limit = self.cfg.max_message_bytes;
         let brokers = self.cfg.brokers.clone();
-        *poller = Some(tokio::spawn(async move {
-            // The last error reported, and when: the same error is repeated
-            // at most every 30 s while it lasts.
-            let mut reported: Option<(String, std::time::Instant)> = None;
-            loop {
-                // Half a second without a message: the poller holds none,
-                // so each partition's position tells its reader whether
-                // offsets past its last message hold nothing to read.
-                let received = match tokio::time::timeout(IDLE_POSITIONS, consumer.recv()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        send_positions(&consumer, &inboxes).await;
-                        continue;
-                    }
-                };
-                let msg = match received {
-                    Ok(m) => {
-                        if reported.take().is_some() {
-                            tracing::info!(brokers = %brokers, "kafka consumer recovered");
-                        }
-                        m
-                    }
-                    Err(e) => {
-                        let text = e.to_string();
-                        let repeat = reported.as_ref().is_some_and(|(last, at)| {
-                            *last == text && at.elapsed() < Duration::from_secs(30)
-                        });
-                        if !repeat {
-                            warn!(brokers = %brokers, error = %text, "kafka consumer error; retrying");
-                            reported = Some((text, std::time::Instant::now()));
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                };
-                let name = partition_name(msg.topic(), msg.partition());
-                let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
-                // No reader yet (or any more): it will be fetched again
-                // from the sink's position when one opens.
-                let Some(inbox) = inbox else { continue };
-                let Ok(offset) = u64::try_from(msg.offset()) else {
-                    continue;
-                };
-                let value = msg.payload().map(<[u8]>::to_vec);
-                let poison = value.as_ref().and_then(|v| {
-                    (v.len() > limit).then(|| {
-                        format!(
-                            "message of {} bytes is larger than max_message_bytes = {limit}",
-                            v.len()
-                        )
-                    })
-                });
-                let meta = Meta {
-                    timestamp_ms: msg.timestamp().to_millis(),
-                    headers: msg
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_string(),
-                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                };
-                let message = Message {
-                    offset,
-                    next_offset: offset + 1,
-                    key: msg.key().map(<[u8]>::to_vec),
-                    value: if poison.is_some() { None } else { value },
-                    poison,
-                    meta,
-                };
-                drop(msg);
-                if inbox.send(Inbound::Message(message)).await.is_err() {
-                    debug!(partition = %name, "reader gone; message dropped");
-                }
-            }
-        }));
+        *poller = Some(tokio::spawn(poll(consumer, inboxes, limit, brokers)));
     }
 
     /// The partition's first offset still held and its end.
@@ -575,15 +389,7 @@ impl Source for KafkaSource {
                 // Revoked while opening: a reader that never yields; the
                 // runner drops it with the partition.
                 let (_, closed) = mpsc::channel(1);
-                return Ok(Box::new(KafkaReader {
-                    inbox: closed,
-                    next: 0,
-                    end: None,
-                    reseek: None,
-                    position: None,
-                    live: false,
-                    idle_reads: 0,
-                }));
+                return Ok(Box::new(KafkaReader::new(closed, 0, None, None)));
             }
             match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
                 Ok(()) => break,
@@ -602,20 +408,8 @@ impl Source for KafkaSource {
         // With stop_at_end: read up to where this partition ends now.
         let end = self.cfg.stop_at_end.then_some(high);
         let next = from;
-        Ok(Box::new(KafkaReader {
-            inbox: rx,
-            next,
-            end,
-            reseek: Some(Reseek {
-                consumer: client.consumer.clone(),
-                topic: topic.to_string(),
-                partition: p,
-                last: None,
-            }),
-            position: None,
-            live: false,
-            idle_reads: 0,
-        }))
+        let reseek = Reseek::new(client.consumer.clone(), topic, p);
+        Ok(Box::new(KafkaReader::new(rx, next, end, Some(reseek))))
     }
 
     /// A private consumer group of one (a fresh group id, nothing ever
@@ -668,10 +462,7 @@ impl Source for KafkaSource {
         let source = audit.source.clone();
         let (low, _) = source.watermarks(source.client()?, topic, p).await?;
         let reader = source.open(partition, Some(low)).await?;
-        Ok(Box::new(AuditReader {
-            _source: source,
-            reader,
-        }))
+        Ok(Box::new(AuditReader::new(source, reader)))
     }
 
     async fn ack(&self, partition: &str, next_offset: u64) -> Result<(), SourceError> {
@@ -760,263 +551,5 @@ impl Source for KafkaSource {
             .await
             .ok()
             .map(|(_, high)| high)
-    }
-}
-
-struct KafkaReader {
-    inbox: mpsc::Receiver<Inbound>,
-    /// The offset after the last message handed out.
-    next: u64,
-    /// stop_at_end: the partition's end when it was opened.
-    end: Option<u64>,
-    /// Seeks the partition back to `next` when it was moved behind it.
-    reseek: Option<Reseek>,
-    /// The consumer's position the poller last reported, not yet looked at.
-    position: Option<u64>,
-    /// This reader has handed out a message.
-    live: bool,
-    /// Reads that timed out with nothing.
-    idle_reads: u32,
-}
-
-/// A partition fetched from behind its reader's position (librdkafka reset
-/// it after the reader's seek) is sent back there, at most once a second,
-/// rather than read again from the start and dropped message by message.
-struct Reseek {
-    consumer: Arc<StreamConsumer<Context>>,
-    topic: String,
-    partition: i32,
-    last: Option<std::time::Instant>,
-}
-
-impl Reseek {
-    fn to(&mut self, next: u64, seen: u64) {
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.last = Some(std::time::Instant::now());
-        let offset = Offset::Offset(i64::try_from(next).unwrap_or(i64::MAX));
-        // A zero timeout queues the seek without waiting for it.
-        let r = self
-            .consumer
-            .seek(&self.topic, self.partition, offset, Duration::ZERO);
-        debug!(topic = %self.topic, partition = self.partition, next, seen, result = ?r, "fetched from behind the reader's position; seeking back");
-    }
-}
-
-/// A reader that keeps its private consumer alive.
-struct AuditReader {
-    _source: Arc<KafkaSource>,
-    reader: Box<dyn PartitionReader>,
-}
-
-#[async_trait]
-impl PartitionReader for AuditReader {
-    async fn read(
-        &mut self,
-        max: usize,
-        out: &mut Vec<Message>,
-    ) -> Result<ReadStatus, SourceError> {
-        self.reader.read(max, out).await
-    }
-}
-
-#[async_trait]
-impl PartitionReader for KafkaReader {
-    async fn read(
-        &mut self,
-        max: usize,
-        out: &mut Vec<Message>,
-    ) -> Result<ReadStatus, SourceError> {
-        if self.end.is_some_and(|end| self.next >= end) {
-            return Ok(ReadStatus::End);
-        }
-        match self.position.take() {
-            // Once this reader had a message of its own, the consumer's
-            // position belongs to this reader's fetch: what lies between
-            // its last message and that position holds nothing to read.
-            Some(to) if self.live => {
-                // Never past the end a backfill stops at.
-                let to = self.end.map_or(to, |end| to.min(end));
-                if to > self.next {
-                    let from = std::mem::replace(&mut self.next, to);
-                    return Ok(ReadStatus::Skipped { from, to });
-                }
-            }
-            // Before it, a position elsewhere than the reader's start means
-            // the consumer fetches from elsewhere: an earlier assignment's
-            // position, or librdkafka's own offset lookup answered after the
-            // reader's seek. Send it back to where the reader starts.
-            Some(at) if at != self.next => {
-                if let Some(r) = self.reseek.as_mut() {
-                    r.to(self.next, at);
-                }
-            }
-            _ => {}
-        }
-        let before = out.len();
-        // `recv` is cancel-safe; an idle partition reports Idle each second
-        // so the runner can flush a lingering batch.
-        let status = match tokio::time::timeout(Duration::from_secs(1), self.inbox.recv()).await {
-            Err(_) => {
-                // A backfill that knows messages wait before its end, and
-                // has had none for 10 s: its fetch may have been moved
-                // where there is nothing (see above); send it back.
-                self.idle_reads += 1;
-                if !self.live
-                    && self.end.is_some_and(|end| self.next < end)
-                    && self.idle_reads.is_multiple_of(10)
-                {
-                    if let Some(r) = self.reseek.as_mut() {
-                        r.to(self.next, self.next);
-                    }
-                }
-                Ok(ReadStatus::Idle)
-            }
-            // The partition was revoked: the runner is dropping this reader.
-            Ok(None) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Ok(ReadStatus::Idle)
-            }
-            Ok(Some(first)) => {
-                let mut next = Some(first);
-                while let Some(item) = next.take() {
-                    match item {
-                        Inbound::Message(m) => out.push(m),
-                        // Looked at on the next call, after these messages.
-                        Inbound::Position(p) => {
-                            self.position = Some(p);
-                            break;
-                        }
-                    }
-                    if out.len() < max {
-                        next = self.inbox.try_recv().ok();
-                    }
-                }
-                Ok(if out.len() > before {
-                    ReadStatus::Data
-                } else {
-                    ReadStatus::Idle
-                })
-            }
-        };
-        // Never hand out a position twice or below where this reader
-        // started: a message fetched before the seek to the sink's position
-        // could otherwise slip in ahead of it.
-        let mut fresh = out.split_off(before);
-        let floor = self.next;
-        if let (Some(first), Some(r)) = (fresh.first(), self.reseek.as_mut()) {
-            if first.offset < floor {
-                r.to(floor, first.offset);
-            }
-        }
-        fresh.retain(|m| m.offset >= floor);
-        if let Some(end) = self.end {
-            // Everything before `end`, and no further.
-            if let Some(past) = fresh.iter().position(|m| m.offset >= end) {
-                fresh.truncate(past);
-            }
-        }
-        if let Some(last) = fresh.last() {
-            self.next = self.next.max(last.next_offset);
-            self.live = true;
-        }
-        out.append(&mut fresh);
-        status
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(offset: u64) -> Message {
-        Message {
-            offset,
-            next_offset: offset + 1,
-            key: None,
-            value: Some(b"{}".to_vec()),
-            poison: None,
-            meta: Default::default(),
-        }
-    }
-
-    #[tokio::test]
-    async fn readers_skip_what_precedes_their_start_and_stop_at_the_end() {
-        let (tx, rx) = mpsc::channel(16);
-        let mut reader = KafkaReader {
-            inbox: rx,
-            next: 5,
-            end: Some(8),
-            reseek: None,
-            position: None,
-            live: false,
-            idle_reads: 0,
-        };
-        for o in [3, 4, 5, 6, 5, 7, 8, 9] {
-            tx.send(Inbound::Message(msg(o))).await.unwrap();
-        }
-        let mut out = Vec::new();
-        assert_eq!(reader.read(3, &mut out).await.unwrap(), ReadStatus::Data);
-        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [5]);
-        let mut out = Vec::new();
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
-        // 5 again is dropped; 8 and 9 are past the end.
-        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [6, 7]);
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::End);
-    }
-
-    #[tokio::test]
-    async fn positions_move_a_reader_over_markers_once_it_read_a_message() {
-        let (tx, rx) = mpsc::channel(16);
-        let mut reader = KafkaReader {
-            inbox: rx,
-            next: 10,
-            end: Some(20),
-            reseek: None,
-            position: None,
-            live: false,
-            idle_reads: 0,
-        };
-        let mut out = Vec::new();
-        // Before any message of its own: a position may be an earlier
-        // assignment's, ahead of this reader; it is not followed.
-        tx.send(Inbound::Position(15)).await.unwrap();
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
-        assert_eq!(reader.read(0, &mut out).await.unwrap(), ReadStatus::Idle);
-        // A message, then a commit marker at 11 and a position past it.
-        tx.send(Inbound::Message(msg(10))).await.unwrap();
-        tx.send(Inbound::Position(12)).await.unwrap();
-        tx.send(Inbound::Message(msg(12))).await.unwrap();
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
-        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [10]);
-        assert_eq!(
-            reader.read(10, &mut out).await.unwrap(),
-            ReadStatus::Skipped { from: 11, to: 12 }
-        );
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
-        // A position behind the reader is ignored; one past the end stops
-        // at the end.
-        tx.send(Inbound::Position(5)).await.unwrap();
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
-        tx.send(Inbound::Position(99)).await.unwrap();
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
-        assert_eq!(
-            reader.read(10, &mut out).await.unwrap(),
-            ReadStatus::Skipped { from: 13, to: 20 }
-        );
-        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::End);
-    }
-
-    #[test]
-    fn partition_names_round_trip() {
-        assert_eq!(
-            split_name(&partition_name("a.b-c", 12)),
-            Some(("a.b-c", 12))
-        );
-        assert_eq!(split_name("nopartition"), None);
     }
 }

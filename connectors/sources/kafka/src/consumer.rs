@@ -1,0 +1,222 @@
+//! The librdkafka side of the source: the client context (rebalances
+//! hand assignments to the runner and close inboxes), the one task that
+//! polls the consumer and hands each message to its partition's reader,
+//! and partition names.
+
+use idem_core::{Assignment, Message, Meta};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// `topic/partition`, the name positions are stored under.
+pub fn partition_name(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+pub(crate) fn split_name(name: &str) -> Option<(&str, i32)> {
+    let (topic, p) = name.rsplit_once('/')?;
+    Some((topic, p.parse().ok()?))
+}
+
+/// Readers' inboxes, by partition name; shared with the rebalance callback.
+pub(crate) type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
+
+/// How long the poller waits for a message before it reports positions.
+const IDLE_POSITIONS: Duration = Duration::from_millis(500);
+
+/// Send each reader its partition's consumer position (see [`Inbound`]).
+/// A full inbox is skipped: its reader has messages to read first.
+async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for e in positions.elements() {
+        let Offset::Offset(o) = e.offset() else {
+            continue;
+        };
+        let Ok(o) = u64::try_from(o) else { continue };
+        let name = partition_name(e.topic(), e.partition());
+        let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
+        if let Some(inbox) = inbox {
+            let _ = inbox.try_send(Inbound::Position(o));
+        }
+    }
+}
+
+/// What the polling task hands a partition's reader, in order.
+pub(crate) enum Inbound {
+    Message(Message),
+    /// The consumer's position in the partition while the poller holds no
+    /// message: every message before it was handed over already, so any
+    /// gap up to it holds none (transaction markers, aborted records).
+    Position(u64),
+}
+
+pub(crate) struct Context {
+    pub(crate) assignments: mpsc::UnboundedSender<Assignment>,
+    pub(crate) inboxes: Inboxes,
+}
+
+impl ClientContext for Context {
+    // librdkafka reports every failed connection attempt, several times a
+    // second while a broker is down; the poller reports them once per
+    // change instead, and librdkafka's own lines stay at debug level.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        debug!(?level, facility = fac, "librdkafka: {message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        debug!(%error, "librdkafka: {reason}");
+    }
+}
+
+pub(crate) fn names(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| partition_name(e.topic(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked = names(tpl);
+            // From now on nothing reaches their readers; the runner drops
+            // them. A commit in flight either lands before the new owner
+            // fences the partition or is refused by the sink's epoch.
+            if let Ok(mut inboxes) = self.inboxes.lock() {
+                for name in &revoked {
+                    inboxes.remove(name);
+                }
+            }
+            debug!(partitions = ?revoked, "partitions revoked");
+            let _ = self.assignments.send(Assignment::Revoked(revoked));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                // Nothing is fetched until the sink says where to start.
+                if let Err(e) = consumer.pause(tpl) {
+                    warn!(error = %e, "could not pause newly assigned partitions");
+                }
+                let assigned = names(tpl);
+                debug!(partitions = ?assigned, "partitions assigned");
+                let _ = self.assignments.send(Assignment::Assigned(assigned));
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Drive the consumer (rebalances happen while it polls) and hand each
+/// message to its partition's reader; report positions when idle.
+pub(crate) async fn poll(
+    consumer: Arc<StreamConsumer<Context>>,
+    inboxes: Inboxes,
+    limit: usize,
+    brokers: String,
+) {
+    // The last error reported, and when: the same error is repeated
+    // at most every 30 s while it lasts.
+    let mut reported: Option<(String, std::time::Instant)> = None;
+    loop {
+        // Half a second without a message: the poller holds none,
+        // so each partition's position tells its reader whether
+        // offsets past its last message hold nothing to read.
+        let received = match tokio::time::timeout(IDLE_POSITIONS, consumer.recv()).await {
+            Ok(r) => r,
+            Err(_) => {
+                send_positions(&consumer, &inboxes).await;
+                continue;
+            }
+        };
+        let msg = match received {
+            Ok(m) => {
+                if reported.take().is_some() {
+                    tracing::info!(brokers = %brokers, "kafka consumer recovered");
+                }
+                m
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let repeat = reported.as_ref().is_some_and(|(last, at)| {
+                    *last == text && at.elapsed() < Duration::from_secs(30)
+                });
+                if !repeat {
+                    warn!(brokers = %brokers, error = %text, "kafka consumer error; retrying");
+                    reported = Some((text, std::time::Instant::now()));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let name = partition_name(msg.topic(), msg.partition());
+        let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
+        // No reader yet (or any more): it will be fetched again
+        // from the sink's position when one opens.
+        let Some(inbox) = inbox else { continue };
+        let Ok(offset) = u64::try_from(msg.offset()) else {
+            continue;
+        };
+        let value = msg.payload().map(<[u8]>::to_vec);
+        let poison = value.as_ref().and_then(|v| {
+            (v.len() > limit).then(|| {
+                format!(
+                    "message of {} bytes is larger than max_message_bytes = {limit}",
+                    v.len()
+                )
+            })
+        });
+        let meta = Meta {
+            timestamp_ms: msg.timestamp().to_millis(),
+            headers: msg
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let message = Message {
+            offset,
+            next_offset: offset + 1,
+            key: msg.key().map(<[u8]>::to_vec),
+            value: if poison.is_some() { None } else { value },
+            poison,
+            meta,
+        };
+        drop(msg);
+        if inbox.send(Inbound::Message(message)).await.is_err() {
+            debug!(partition = %name, "reader gone; message dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_round_trip() {
+        assert_eq!(
+            split_name(&partition_name("a.b-c", 12)),
+            Some(("a.b-c", 12))
+        );
+        assert_eq!(split_name("nopartition"), None);
+    }
+}
