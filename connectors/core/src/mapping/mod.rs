@@ -1,0 +1,290 @@
+//! JSON message -> typed row, by the connector's `[[columns]]`. A message
+//! that does not fit is a [`MapError`] naming the column and the value; the
+//! runner sends it to the dead letters with its position.
+//!
+//! - `value.rs`: typed cells, records, and the conversion of a JSON value
+//!   to a column's type;
+//! - `flat.rs`: the one-pass reader of documents whose columns are all
+//!   top-level fields.
+
+mod flat;
+#[cfg(test)]
+mod tests;
+mod value;
+
+pub use value::{plain_decimal, Op, Record, Value};
+
+use crate::Message;
+use flat::{disjoint, Flat};
+use idem_config::{ColumnConfig, ColumnType};
+use serde_json::Value as Json;
+use value::convert;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct MapError {
+    pub reason: String,
+}
+
+impl MapError {
+    fn new(reason: impl Into<String>) -> Self {
+        MapError {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where a column's value comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum Origin {
+    /// A JSON pointer into the value.
+    Doc,
+    /// `@key`: the message key, as UTF-8 text.
+    Key,
+    /// `@timestamp`: the source's timestamp of the message.
+    Timestamp,
+    /// `@header/NAME`: a header's value, as UTF-8 text.
+    Header(String),
+}
+
+impl Origin {
+    fn of(pointer: &str) -> Origin {
+        match pointer {
+            "@key" => Origin::Key,
+            "@timestamp" => Origin::Timestamp,
+            p => match p.strip_prefix("@header/") {
+                Some(name) => Origin::Header(name.to_string()),
+                None => Origin::Doc,
+            },
+        }
+    }
+}
+
+struct Column {
+    name: String,
+    from: Origin,
+    pointer: String,
+    /// `pointer` split into unescaped tokens once, not on every message.
+    tokens: Vec<String>,
+    ty: ColumnType,
+    required: bool,
+    key: bool,
+}
+
+/// Maps messages to rows for one connector.
+pub struct Mapper {
+    columns: Vec<Column>,
+    tombstone_field: Option<String>,
+    deletes: bool,
+    /// No pointer is `""` or a prefix of another, so each field can be
+    /// moved out of the parsed document instead of copied.
+    disjoint: bool,
+    /// Every pointer (and the tombstone field) is a top-level field: the
+    /// document is read once, field by field, without building it.
+    flat: Option<Flat>,
+}
+
+impl Mapper {
+    /// `keys` are always required; with `deletes`, null values and messages
+    /// whose `tombstone_field` is `true` become [`Op::Delete`].
+    pub fn new(
+        columns: &[ColumnConfig],
+        keys: &[String],
+        deletes: bool,
+        tombstone_field: Option<String>,
+    ) -> Self {
+        let pointers: Vec<String> = columns.iter().map(ColumnConfig::pointer).collect();
+        // Only pointers into the value can overlap.
+        let refs: Vec<&str> = pointers
+            .iter()
+            .map(String::as_str)
+            .filter(|p| Origin::of(p) == Origin::Doc)
+            .collect();
+        let columns: Vec<Column> = columns
+            .iter()
+            .map(|c| {
+                let key = keys.contains(&c.name);
+                let pointer = c.pointer();
+                Column {
+                    name: c.name.clone(),
+                    from: Origin::of(&pointer),
+                    tokens: tokens(&pointer),
+                    pointer,
+                    ty: c.ty,
+                    required: c.required || key,
+                    key,
+                }
+            })
+            .collect();
+        let disjoint = disjoint(&refs);
+        Mapper {
+            flat: disjoint
+                .then(|| Flat::new(&columns, tombstone_field.as_deref()))
+                .flatten(),
+            disjoint,
+            columns,
+            tombstone_field,
+            deletes,
+        }
+    }
+
+    pub fn column_names(&self) -> impl Iterator<Item = &str> {
+        self.columns.iter().map(|c| c.name.as_str())
+    }
+
+    pub fn map(&self, msg: &Message) -> Result<Record, MapError> {
+        let Some(raw) = msg.value.as_deref() else {
+            return Err(MapError::new(
+                "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
+            ));
+        };
+        let (mut fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
+            Some(Ok(Some(picked))) => picked,
+            // Not an object (or no flat plan): the general path decides.
+            Some(Ok(None)) | None => self.pick(raw)?,
+            Some(Err(e)) => return Err(MapError::new(format!("not valid JSON: {e}"))),
+        };
+        for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
+            if col.from != Origin::Doc {
+                *field = metadata(col, msg)?;
+            }
+        }
+        let op = if self.deletes && tombstone {
+            Op::Delete
+        } else {
+            Op::Upsert
+        };
+        let mut values = Vec::with_capacity(self.columns.len());
+        for (col, field) in self.columns.iter().zip(fields) {
+            if op == Op::Delete && !col.key {
+                values.push(Value::Null);
+                continue;
+            }
+            let value = match field.filter(|v| !v.is_null()) {
+                None if col.required => {
+                    let what = if col.key {
+                        "key column"
+                    } else {
+                        "required column"
+                    };
+                    return Err(MapError::new(format!(
+                        "{what} `{}`: field `{}` is missing or null",
+                        col.name, col.pointer
+                    )));
+                }
+                None => Value::Null,
+                Some(v) => match convert(v, col.ty) {
+                    Ok(value) => value,
+                    Err((v, expected)) => {
+                        return Err(MapError::new(format!(
+                            "column `{}` ({:?}): field `{}` holds {}, expected {expected}",
+                            col.name,
+                            col.ty,
+                            col.pointer,
+                            preview(&v)
+                        )))
+                    }
+                },
+            };
+            values.push(value);
+        }
+        Ok(Record {
+            offset: msg.offset,
+            op,
+            values,
+            id: None,
+        })
+    }
+
+    /// The general path: parse the whole document, then follow each pointer.
+    fn pick(&self, raw: &[u8]) -> Result<(Vec<Option<Json>>, bool), MapError> {
+        let mut doc: Json = serde_json::from_slice(raw)
+            .map_err(|e| MapError::new(format!("not valid JSON: {e}")))?;
+        let tombstone = self.is_tombstone(&doc);
+        let fields = self
+            .columns
+            .iter()
+            .map(|col| {
+                if col.from != Origin::Doc {
+                    return None;
+                }
+                let found = lookup_mut(&mut doc, &col.tokens);
+                if self.disjoint {
+                    found.map(Json::take)
+                } else {
+                    found.map(|v| v.clone())
+                }
+            })
+            .collect();
+        Ok((fields, tombstone))
+    }
+
+    fn is_tombstone(&self, doc: &Json) -> bool {
+        doc.is_null()
+            || self
+                .tombstone_field
+                .as_deref()
+                .and_then(|p| doc.pointer(p))
+                .is_some_and(|v| v == &Json::Bool(true))
+    }
+}
+
+/// A column's value from the message's key, timestamp or a header.
+fn metadata(col: &Column, msg: &Message) -> Result<Option<Json>, MapError> {
+    let text = |what: &str, bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec())
+            .map(Json::String)
+            .map_err(|_| MapError::new(format!("column `{}`: {what} is not UTF-8", col.name)))
+    };
+    Ok(match &col.from {
+        Origin::Doc => None,
+        Origin::Key => match &msg.key {
+            Some(k) => Some(text("the message key", k)?),
+            None => None,
+        },
+        Origin::Timestamp => msg.meta.timestamp_ms.map(|ms| {
+            if col.ty == ColumnType::Timestamp {
+                chrono::DateTime::from_timestamp_millis(ms).map_or(Json::Null, |t| {
+                    Json::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                })
+            } else {
+                Json::from(ms)
+            }
+        }),
+        Origin::Header(name) => match msg.meta.headers.iter().rev().find(|(n, _)| n == name) {
+            Some((_, v)) => Some(text(&format!("header `{name}`"), v)?),
+            None => None,
+        },
+    })
+}
+
+/// RFC 6901 tokens of a pointer (`""` is the whole document).
+fn tokens(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+/// `serde_json::Value::pointer_mut` with the pointer already split.
+fn lookup_mut<'a>(doc: &'a mut Json, tokens: &[String]) -> Option<&'a mut Json> {
+    tokens.iter().try_fold(doc, |target, token| match target {
+        Json::Object(map) => map.get_mut(token),
+        Json::Array(list) => token.parse::<usize>().ok().and_then(|i| list.get_mut(i)),
+        _ => None,
+    })
+}
+
+fn preview(v: &Json) -> String {
+    let mut s = v.to_string();
+    if s.len() > 80 {
+        let mut cut = 77;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}

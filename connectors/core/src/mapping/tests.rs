@@ -1,0 +1,381 @@
+//! Mapping messages to rows.
+#[test]
+fn write_json_writes_what_to_json_means() {
+    let values = [
+        Value::Null,
+        Value::Text("a \"quoted\" \u{e9}\n".into()),
+        Value::BigInt(-9_000_000_000),
+        Value::Integer(7),
+        Value::Double(0.1),
+        Value::Double(f64::NAN),
+        Value::Boolean(false),
+        Value::Timestamp(1_700_000_000_123_456),
+        Value::Date(-3),
+        Value::Json("{\"a\": [1, 2]}".into()),
+        Value::Numeric("-12.50".into()),
+        Value::Uuid([7; 16]),
+        Value::Bytes(vec![0, 1, 255]),
+    ];
+    for v in values {
+        let mut out = Vec::new();
+        v.write_json(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            serde_json::to_string(&v.to_json()).unwrap(),
+            "{v:?}"
+        );
+    }
+    assert_eq!(
+        Value::Timestamp(1_700_000_000_123_456).to_json(),
+        "2023-11-14T22:13:20.123456Z"
+    );
+    assert_eq!(Value::Date(-3).to_json(), "1969-12-29");
+}
+
+#[test]
+fn times_written_by_hand_match_chrono() {
+    let mut us: i64 = -62_135_596_800_000_000; // 0001-01-01
+    let step = 7_919_003_333_331; // about 3 months and odd microseconds
+    while us < 253_402_300_799_999_999 {
+        let want = chrono::DateTime::from_timestamp_micros(us)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
+        assert_eq!(Value::Timestamp(us).time_text(), want);
+        us += step;
+    }
+    for d in [-719_162, -1, 0, 59, 60, 11_016, 19_000, 2_932_896] {
+        let want = chrono::DateTime::from_timestamp(i64::from(d) * 86_400, 0)
+            .unwrap()
+            .format("%Y-%m-%d")
+            .to_string();
+        assert_eq!(Value::Date(d).time_text(), want, "{d}");
+    }
+    // Before year 0 and past 9999: chrono's own format.
+    assert!(Value::Timestamp(-70_000_000_000_000_000)
+        .time_text()
+        .starts_with('-'));
+    assert!(Value::Date(3_000_000).time_text().starts_with('+'));
+}
+
+use super::*;
+
+fn col(name: &str, ty: ColumnType, required: bool) -> ColumnConfig {
+    ColumnConfig {
+        name: name.into(),
+        pointer: None,
+        ty,
+        required,
+    }
+}
+
+fn msg(v: &str) -> Message {
+    Message {
+        offset: 7,
+        next_offset: 8,
+        key: None,
+        value: Some(v.as_bytes().to_vec()),
+        poison: None,
+        meta: Default::default(),
+    }
+}
+
+fn mapper() -> Mapper {
+    let mut nested = col("city", ColumnType::Text, false);
+    nested.pointer = Some("/addr/city".into());
+    let mut whole = col("doc", ColumnType::Json, false);
+    whole.pointer = Some(String::new());
+    Mapper::new(
+        &[
+            col("id", ColumnType::Text, false),
+            col("n", ColumnType::Bigint, true),
+            col("small", ColumnType::Integer, false),
+            col("x", ColumnType::Double, false),
+            col("ok", ColumnType::Boolean, false),
+            col("at", ColumnType::Timestamp, false),
+            col("day", ColumnType::Date, false),
+            nested,
+            whole,
+        ],
+        &["id".into()],
+        true,
+        Some("/deleted".into()),
+    )
+}
+
+#[test]
+fn maps_every_type() {
+    let r = mapper()
+        .map(&msg(
+            r#"{"id":"a","n":5,"small":-3,"x":1.5,"ok":true,"at":"1970-01-01T00:00:01Z","day":"1970-01-11","addr":{"city":"Oslo"}}"#,
+        ))
+        .unwrap();
+    assert_eq!(r.op, Op::Upsert);
+    assert_eq!(r.offset, 7);
+    assert_eq!(
+        r.values[..8],
+        [
+            Value::Text("a".into()),
+            Value::BigInt(5),
+            Value::Integer(-3),
+            Value::Double(1.5),
+            Value::Boolean(true),
+            Value::Timestamp(1_000_000),
+            Value::Date(10),
+            Value::Text("Oslo".into()),
+        ]
+    );
+    assert!(matches!(&r.values[8], Value::Json(s) if s.contains("\"city\":\"Oslo\"")));
+}
+
+#[test]
+fn decimals_are_kept_exactly_as_written() {
+    for (input, plain) in [
+        ("0", "0"),
+        ("-0.00", "0.00"),
+        ("0012.50", "12.50"),
+        ("+7", "7"),
+        ("-1.5e3", "-1500"),
+        ("1e-2", "0.01"),
+        ("12.5E+1", "125"),
+        (".5", "0.5"),
+        ("5.", "5"),
+        (
+            "123456789012345678901234567890.000000001",
+            "123456789012345678901234567890.000000001",
+        ),
+    ] {
+        assert_eq!(plain_decimal(input).as_deref(), Some(plain), "{input}");
+    }
+    for bad in [
+        "",
+        "-",
+        ".",
+        "1.2.3",
+        "1e",
+        "0x10",
+        "NaN",
+        "1,5",
+        " 1",
+        "1e99999999999999999999",
+        "1e1001",
+        "1e-1001",
+    ] {
+        assert_eq!(plain_decimal(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn numeric_uuid_and_bytes_convert_or_say_what_was_expected() {
+    let m = Mapper::new(
+        &[
+            col("n", ColumnType::Numeric, false),
+            col("u", ColumnType::Uuid, false),
+            col("b", ColumnType::Bytea, false),
+        ],
+        &[],
+        false,
+        None,
+    );
+    let r = m
+        .map(&msg(
+            r#"{"n":"-12.50","u":"67E55044-10B1-426F-9247-BB680E5FE0C8","b":"AAEC/w=="}"#,
+        ))
+        .unwrap();
+    assert_eq!(r.values[0], Value::Numeric("-12.50".into()));
+    assert_eq!(
+        r.values[1],
+        Value::Uuid(*uuid::uuid!("67e55044-10b1-426f-9247-bb680e5fe0c8").as_bytes())
+    );
+    assert_eq!(r.values[2], Value::Bytes(vec![0, 1, 2, 255]));
+    let r = m.map(&msg(r#"{"n":2.5}"#)).unwrap();
+    assert_eq!(r.values[0], Value::Numeric("2.5".into()));
+    for (doc, expected) in [
+        (r#"{"n":"12,5"}"#, "decimal"),
+        (r#"{"n":true}"#, "decimal"),
+        (r#"{"u":"not-a-uuid"}"#, "UUID"),
+        (r#"{"b":"!!"}"#, "base64"),
+    ] {
+        let e = m.map(&msg(doc)).unwrap_err();
+        assert!(e.reason.contains(expected), "{doc}: {e}");
+    }
+}
+
+#[test]
+fn the_flat_reader_agrees_with_the_general_path() {
+    let cols = [
+        col("id", ColumnType::Text, false),
+        col("n", ColumnType::Bigint, false),
+        col("doc", ColumnType::Json, false),
+    ];
+    let flat = Mapper::new(&cols, &["id".into()], true, Some("/gone".into()));
+    assert!(flat.flat.is_some());
+    let mut general = Mapper::new(&cols, &["id".into()], true, Some("/gone".into()));
+    general.flat = None;
+    for doc in [
+        r#"{"id":"a","n":1,"doc":{"x":[1,{"y":2}]},"other":[1,2,{"z":null}]}"#,
+        r#"{"id":"a","id":"b","n":2}"#,
+        r#"{"i\u0064":"esc","n":3}"#,
+        r#"{"id":"a","gone":true}"#,
+        r#"{"id":"a","gone":"true","n":4}"#,
+        r#"{"id":"a","n":null}"#,
+        r#"{"n":5}"#,
+        r#"{"id":"a","n":"x"}"#,
+        "null",
+        "[1,2]",
+        "\"text\"",
+        "7",
+        "{}",
+        r#"{"id":"a"} trailing"#,
+        r#"{"id":"a""#,
+        "",
+    ] {
+        let m = msg(doc);
+        assert_eq!(flat.map(&m), general.map(&m), "{doc}");
+    }
+    // Nested pointers, a whole-document column or a nested tombstone
+    // field take the general path.
+    let mut nested = col("city", ColumnType::Text, false);
+    nested.pointer = Some("/addr/city".into());
+    assert!(Mapper::new(&[nested], &[], false, None).flat.is_none());
+    assert!(mapper().flat.is_none());
+    let m = Mapper::new(&cols, &[], true, Some("/a/gone".into()));
+    assert!(m.flat.is_none());
+}
+
+#[test]
+fn key_timestamp_and_headers_map_to_columns() {
+    let mut key = col("k", ColumnType::Text, false);
+    key.pointer = Some("@key".into());
+    let mut at = col("at", ColumnType::Timestamp, false);
+    at.pointer = Some("@timestamp".into());
+    let mut ms = col("ms", ColumnType::Bigint, false);
+    ms.pointer = Some("@timestamp".into());
+    let mut trace = col("trace", ColumnType::Text, true);
+    trace.pointer = Some("@header/trace".into());
+    let cols = [col("id", ColumnType::Text, false), key, at, ms, trace];
+    let flat = Mapper::new(&cols, &[], false, None);
+    assert!(flat.flat.is_some());
+    let mut general = Mapper::new(&cols, &[], false, None);
+    general.flat = None;
+    let mut m = msg(r#"{"id":"a","k":"not this","trace":"nor this"}"#);
+    m.key = Some(b"user-7".to_vec());
+    m.meta.timestamp_ms = Some(1_500);
+    m.meta.headers = vec![
+        ("trace".into(), b"old".to_vec()),
+        ("trace".into(), b"t-1".to_vec()),
+    ];
+    for mapper in [&flat, &general] {
+        let r = mapper.map(&m).unwrap();
+        assert_eq!(
+            r.values,
+            [
+                Value::Text("a".into()),
+                Value::Text("user-7".into()),
+                Value::Timestamp(1_500_000),
+                Value::BigInt(1_500),
+                Value::Text("t-1".into()),
+            ]
+        );
+    }
+    // A required header that is missing, a key that is not text.
+    let mut bare = msg(r#"{"id":"a"}"#);
+    let e = flat.map(&bare).unwrap_err();
+    assert!(
+        e.reason.contains("`trace`") && e.reason.contains("@header/trace"),
+        "{e}"
+    );
+    bare.meta.headers = vec![("trace".into(), b"t".to_vec())];
+    bare.key = Some(vec![0xff]);
+    let e = flat.map(&bare).unwrap_err();
+    assert!(e.reason.contains("key is not UTF-8"), "{e}");
+}
+
+#[test]
+fn optional_missing_fields_are_null() {
+    let r = mapper().map(&msg(r#"{"id":"a","n":1}"#)).unwrap();
+    assert_eq!(r.values[2], Value::Null);
+    assert_eq!(r.values[7], Value::Null);
+}
+
+#[test]
+fn errors_name_the_column_and_value() {
+    let m = mapper();
+    let e = m.map(&msg("{not json")).unwrap_err();
+    assert!(e.reason.starts_with("not valid JSON"), "{e}");
+    let e = m.map(&msg(r#"{"id":"a"}"#)).unwrap_err();
+    assert!(e.reason.contains("required column `n`"), "{e}");
+    let e = m.map(&msg(r#"{"n":1}"#)).unwrap_err();
+    assert!(e.reason.contains("key column `id`"), "{e}");
+    let e = m.map(&msg(r#"{"id":"a","n":"12x"}"#)).unwrap_err();
+    assert!(
+        e.reason.contains("column `n`") && e.reason.contains("\"12x\""),
+        "{e}"
+    );
+    let e = m
+        .map(&msg(r#"{"id":"a","n":1,"small":3000000000}"#))
+        .unwrap_err();
+    assert!(e.reason.contains("32-bit"), "{e}");
+    let e = m
+        .map(&msg(r#"{"id":"a","n":1,"at":"yesterday"}"#))
+        .unwrap_err();
+    assert!(e.reason.contains("RFC 3339"), "{e}");
+    // Kept as written, 1e400 would be infinity as a double.
+    let e = m.map(&msg(r#"{"id":"a","n":1,"x":1e400}"#)).unwrap_err();
+    assert!(e.reason.contains("finite"), "{e}");
+    // A big integer stays exact in a json column.
+    let r = m
+        .map(&msg(
+            r#"{"id":"a","n":1,"x":2.5,"big":98765432109876543210}"#,
+        ))
+        .unwrap();
+    assert!(r.values.contains(&Value::Double(2.5)), "{:?}", r.values);
+}
+
+#[test]
+fn pointers_follow_rfc_6901() {
+    let mut doc: Json = serde_json::from_str(r#"{"a/b":{"~x":[10,20]},"":1}"#).unwrap();
+    assert_eq!(
+        lookup_mut(&mut doc, &tokens("/a~1b/~0x/1")),
+        Some(&mut Json::from(20))
+    );
+    assert_eq!(lookup_mut(&mut doc, &tokens("/")), Some(&mut Json::from(1)));
+    assert!(lookup_mut(&mut doc, &tokens("/a~1b/~0x/9")).is_none());
+    assert!(lookup_mut(&mut doc, &tokens("")).is_some_and(|v| v.is_object()));
+}
+
+#[test]
+fn overlapping_pointers_are_copied_not_moved() {
+    assert!(disjoint(&["/a", "/b", "/ab"]));
+    assert!(!disjoint(&["/a", "/a/b"]));
+    assert!(!disjoint(&["/a", ""]));
+    assert!(!disjoint(&["/a", "/a"]));
+    // `mapper()` has the whole document as a column: both see the field.
+    let r = mapper().map(&msg(r#"{"id":"a","n":1}"#)).unwrap();
+    assert_eq!(r.values[0], Value::Text("a".into()));
+    assert!(matches!(&r.values[8], Value::Json(s) if s.contains("\"id\":\"a\"")));
+    let m = Mapper::new(
+        &[
+            col("id", ColumnType::Text, true),
+            col("n", ColumnType::Bigint, true),
+        ],
+        &[],
+        false,
+        None,
+    );
+    assert!(m.disjoint);
+    let r = m.map(&msg(r#"{"id":"a","n":1}"#)).unwrap();
+    assert_eq!(r.values, [Value::Text("a".into()), Value::BigInt(1)]);
+}
+
+#[test]
+fn tombstones_need_only_the_key() {
+    let r = mapper().map(&msg(r#"{"id":"a","deleted":true}"#)).unwrap();
+    assert_eq!(r.op, Op::Delete);
+    assert_eq!(r.values[0], Value::Text("a".into()));
+    assert!(r.values[1..].iter().all(|v| *v == Value::Null));
+    let r = mapper()
+        .map(&msg(r#"{"id":"a","n":1,"deleted":false}"#))
+        .unwrap();
+    assert_eq!(r.op, Op::Upsert);
+}
