@@ -1,3 +1,5 @@
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::SdkError;
 use idem_core::SinkError;
 
 /// What failed in the S3 sink, and on what.
@@ -61,4 +63,16 @@ impl From<S3Error> for SinkError {
             SinkError::Permanent(Box::new(e))
         }
     }
+}
+
+/// How a request failed, for the caller to decide.
+pub(crate) enum Failure {
+    /// 412 (or 409 for a concurrent conditional write): another writer won.
+    Precondition,
+    NotFound,
+    Other(S3Error),
+}
+
+pub(crate) fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
 }

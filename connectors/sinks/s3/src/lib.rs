@@ -7,7 +7,9 @@ mod config;
 mod encode;
 mod error;
 mod keys;
+mod recover;
 mod sink;
+mod store;
 
 pub use config::{Compression, Format, S3SinkConfig, TimePartition};
 pub use encode::{OFFSET_COLUMN, PARTITION_COLUMN};
