@@ -152,13 +152,19 @@ impl HttpSink {
             .buffer_unordered(self.cfg.concurrency)
             .collect()
             .await;
+        // Earlier tries' answers count with this one's.
+        let (mut written, mut rejected) = (delivered.len() as u64, refused.len() as u64);
         let mut first_failure = None;
         for (offset, body, outcome) in answers {
             match outcome {
-                Ok(Outcome::Delivered) => self.settle(batch, offset, true),
+                Ok(Outcome::Delivered) => {
+                    self.settle(batch, offset, true);
+                    written += 1;
+                }
                 Ok(Outcome::Refused(reason)) => {
                     self.reject(&batch.partition, offset, reason, body).await?;
                     self.settle(batch, offset, false);
+                    rejected += 1;
                 }
                 Err(e) => {
                     first_failure.get_or_insert(e);
@@ -168,10 +174,9 @@ impl HttpSink {
         if let Some(e) = first_failure {
             return Err(e.into());
         }
-        let (delivered, refused) = self.settled(batch);
         Ok(CommitStats {
-            written: delivered.len() as u64,
-            rejected: refused.len() as u64,
+            written,
+            rejected,
             ..Default::default()
         })
     }

@@ -32,6 +32,7 @@ impl S3Sink {
         }
         Ok(false)
     }
+
     /// Move the manifest's objects into a new segment (written before the
     /// manifest that names it).
     pub(crate) async fn move_to_segment(
@@ -75,6 +76,7 @@ impl S3Sink {
         m.segments.push(r);
         Ok(())
     }
+
     /// After a crash or a stale runner: remove the data objects and
     /// segments the manifest does not name, and abort uploads that never
     /// completed, under the partition's prefix. Only what an epoch up to

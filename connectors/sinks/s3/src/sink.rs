@@ -57,6 +57,7 @@ impl S3Sink {
             no_upload_listing: AtomicBool::new(false),
         }
     }
+
     /// The batch as objects: grouped by folder, cut by count and size,
     /// each named by its first offset. An object's offsets lie in
     /// `first_offset..next_offset` (its last record's plus one); with

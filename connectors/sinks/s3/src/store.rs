@@ -19,6 +19,7 @@ impl S3Sink {
             None => format!("s3://{}", self.cfg.bucket),
         }
     }
+
     pub(crate) async fn client(&self) -> &Client {
         self.client
             .get_or_init(|| async {
@@ -45,6 +46,7 @@ impl S3Sink {
             })
             .await
     }
+
     /// An SDK error as ours, keeping the store's message.
     pub(crate) fn fail<E>(
         &self,
@@ -96,6 +98,7 @@ impl S3Sink {
             },
         })
     }
+
     /// An SDK error as ours, whatever it was.
     pub(crate) fn req<E>(
         &self,
@@ -109,6 +112,7 @@ impl S3Sink {
         let f = self.fail(op, key, e);
         self.other(op, key, f)
     }
+
     pub(crate) fn other(&self, op: &'static str, key: &str, f: Failure) -> S3Error {
         match f {
             Failure::Other(e) => e,
@@ -128,6 +132,7 @@ impl S3Sink {
             },
         }
     }
+
     /// An object's bytes and ETag, if it exists.
     pub(crate) async fn get(
         &self,
@@ -160,6 +165,7 @@ impl S3Sink {
         })?;
         Ok(Some((etag, body.into_bytes().to_vec())))
     }
+
     /// A partition's manifest and its ETag, if it has one.
     pub(crate) async fn read_manifest(
         &self,
@@ -186,6 +192,7 @@ impl S3Sink {
         let m: Manifest = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
         Ok(Some((etag, m)))
     }
+
     /// Replace the manifest if it is still `etag` (or create it when
     /// `etag` is `None`); the new ETag, or `Precondition` if another
     /// writer got there first.
@@ -214,6 +221,7 @@ impl S3Sink {
             Err(e) => Err(self.fail("put manifest", key, e)),
         }
     }
+
     /// Every key under `prefix`.
     pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
         let client = self.client().await;
@@ -239,6 +247,7 @@ impl S3Sink {
             }
         }
     }
+
     pub(crate) async fn delete(&self, key: &str) -> Result<(), S3Error> {
         match self
             .client()
@@ -256,6 +265,7 @@ impl S3Sink {
             },
         }
     }
+
     /// A segment the manifest names.
     pub(crate) async fn read_segment(&self, key: &str) -> Result<Segment, S3Error> {
         let bad = |message: String| S3Error::BadManifest {
@@ -270,6 +280,7 @@ impl S3Sink {
         };
         serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
     }
+
     pub(crate) async fn upload(&self, o: &Pending) -> Result<(), S3Error> {
         let client = self.client().await;
         let content_type = self.encoder.content_type();
@@ -331,6 +342,7 @@ impl S3Sink {
             .map_err(|e| self.req("complete multipart upload", &o.key, e))?;
         Ok(())
     }
+
     /// `prepare`'s check that the store refuses a second `If-None-Match: *`
     /// write: without it, manifests cannot fence a stale runner.
     pub(crate) async fn check_conditional_writes(&self) -> Result<(), S3Error> {
