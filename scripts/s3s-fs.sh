@@ -11,7 +11,7 @@ set -euo pipefail
 VERSION=0.14.1
 HOST=127.0.0.1
 PORT=5001
-# The tests sign with these (tests/s3util.rs).
+# The tests sign with these (testkit/src/s3.rs).
 ACCESS_KEY=idem-test
 SECRET_KEY=idem-test-secret
 DATA="${IDEM_S3S_DATA:-$HOME/.cache/idem/s3s-fs}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Soak: the crash harness (tests/crash.rs) run until the real binary has
+# Soak: the crash harness (testkit/src/crash.rs) run until the real binary has
 # been killed N times per sink and mode (SIGKILL at random moments, aborts
 # at the fail points after_write, mid_write and after_commit), then every
 # source message is checked to be in the sink exactly once. Not part of CI:

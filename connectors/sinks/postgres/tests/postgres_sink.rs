@@ -1,22 +1,19 @@
 //! PostgreSQL sink against a real server (scripts/postgres.sh): the
-//! table-sink conformance suite (tests/table_suite.rs), then what only
+//! table-sink conformance suite (`idem_testkit::table_suite`), then what only
 //! PostgreSQL has: numerics, dedup mode, TLS, a missing server, a connection
 //! killed mid-run. Each test has its own schema.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod table_suite;
-
 use async_trait::async_trait;
-use common::*;
 use idem_config::ColumnConfig;
 use idem_config::{ColumnType, Secret, WriteMode};
 use idem_core::Sink;
 use idem_sink_postgres::{PostgresSink, PostgresSinkConfig, SslMode};
+use idem_testkit::table_suite::{TableTarget, TypesRow};
+use idem_testkit::*;
 use std::sync::Arc;
 use std::time::Duration;
-use table_suite::{TableTarget, TypesRow};
 
 fn sink_cfg(schema: &str, mode: WriteMode, key: &[&str]) -> PostgresSinkConfig {
     PostgresSinkConfig {
@@ -133,7 +130,7 @@ impl TableTarget for PgTarget {
     }
 }
 
-table_suite!(PgTarget);
+idem_testkit::table_suite!(PgTarget);
 
 #[tokio::test]
 async fn a_missing_server_is_named_and_retriable() {

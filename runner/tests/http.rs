@@ -7,11 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod receiver;
-
-use common::*;
-use receiver::{Faults, Receiver};
+use idem_testkit::receiver::{Faults, Receiver};
+use idem_testkit::*;
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;

@@ -5,9 +5,8 @@
 //! ends. In append mode every message is a row; in upsert and dedup modes
 //! some messages repeat an earlier id: upsert keeps the latest value, dedup
 //! the first.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use crate::common::*;
+use crate::*;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -11,11 +11,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-#[path = "../tests/receiver.rs"]
-mod receiver;
 
 use futures_util::StreamExt;
-use receiver::{Faults, Receiver};
+use idem_testkit::receiver::{Faults, Receiver};
 use std::time::Instant;
 
 fn baseline(url: &str, lines: &[String], concurrency: usize) -> f64 {

@@ -3,9 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use idem_testkit::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -7,14 +7,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod crash;
-mod receiver;
-
-use common::*;
-use crash::{crash, Landed};
 use idem_dedup_store::{DedupStore, EmbeddedDedupStore};
-use receiver::{Faults, Receiver};
+use idem_testkit::crash::{crash, Landed};
+use idem_testkit::receiver::{Faults, Receiver};
+use idem_testkit::*;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -4,9 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use idem_testkit::receiver::{Faults, Receiver};
+use idem_testkit::*;
 
 /// A config with one file connector and the given sink and columns.
 fn file_connector(w: &Workdir, sink: &str, columns: &str) -> String {
@@ -202,13 +201,10 @@ type = "boolean"
     )
 }
 
-#[path = "receiver.rs"]
-mod receiver;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_output_of_a_run_shows_a_secret() {
     let w = Workdir::new();
-    let r = receiver::Receiver::start(receiver::Faults::none(), None);
+    let r = Receiver::start(Faults::none(), None);
     let url = r.url.replace("http://", "http://alice:Sup3rSecretPW@");
     let mut input = String::new();
     for i in 0..30 {

@@ -1,18 +1,15 @@
 //! DuckDB sink against a real DuckDB file: the table-sink conformance suite
-//! (tests/table_suite.rs).
+//! (`idem_testkit::table_suite`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod table_suite;
-
 use async_trait::async_trait;
-use common::*;
 use idem_config::{ColumnConfig, WriteMode};
 use idem_core::Sink;
 use idem_sink_duckdb::{DuckDbSink, DuckDbSinkConfig, Mode};
+use idem_testkit::table_suite::{TableTarget, TypesRow};
+use idem_testkit::*;
 use std::sync::Arc;
-use table_suite::{TableTarget, TypesRow};
 
 fn sink_cfg(w: &Workdir, mode: WriteMode, key: &[&str]) -> DuckDbSinkConfig {
     DuckDbSinkConfig {
@@ -110,4 +107,4 @@ impl TableTarget for DuckDbTarget {
     }
 }
 
-table_suite!(DuckDbTarget);
+idem_testkit::table_suite!(DuckDbTarget);

@@ -2,7 +2,6 @@
 //! most tests, s3s-fs on 127.0.0.1:5001 (scripts/s3s-fs.sh), which checks
 //! credentials and keeps its data on disk, for buckets named `fs-*`. A
 //! bucket per test, and what Idem's manifests say landed.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;

@@ -5,13 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
 use idem_dedup_store::{
     Claim, DedupError, DedupStore, EmbeddedDedupStore, MemoryDedupStore, PostgresDedupStore,
     RedisDedupStore, Reservation, Seen,
 };
+use idem_testkit::*;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,7 +3,6 @@
 //! keys does), and fails some requests on purpose: 500 before applying,
 //! 429 with `Retry-After`, 503 after applying (the effect happened, the
 //! answer says otherwise), and answers slower than the client's timeout.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use axum::body::Bytes;
 use axum::extract::State;

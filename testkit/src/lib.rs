@@ -1,6 +1,14 @@
-//! Helpers shared by the integration tests: run the real `idem` binary,
-//! write configs and data in a fresh temporary directory.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! What Idem's integration tests share (a dev-dependency only): run the
+//! real `idem` binary, write configs and data in a fresh temporary
+//! directory, reach the test servers `scripts/` starts, and the suites every
+//! sink instantiates: [`table_suite`] for table sinks and [`crash`] for all.
+// Test code: a failed setup step should stop the test where it happened.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod crash;
+pub mod receiver;
+pub mod s3;
+pub mod table_suite;
 
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::{Batch, Op, PartitionRef, Record, Value};
@@ -8,11 +16,33 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
+/// The `idem` binary under test: `IDEM_BIN` (scripts/soak.sh runs a copy,
+/// so a build during a long run cannot replace it underneath), else the one
+/// cargo built for the runner's integration tests.
+pub fn idem_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("IDEM_BIN") {
+        return bin.into();
+    }
+    if let Some(bin) = std::env::var_os("CARGO_BIN_EXE_idem") {
+        return bin.into();
+    }
+    // target/<profile>/deps/<test binary> -> target/<profile>/idem
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("idem"))
+        .expect("the test binary sits in target/<profile>/deps");
+    assert!(
+        bin.exists(),
+        "{} does not exist: binary-level tests live in runner/tests, where cargo builds it",
+        bin.display()
+    );
+    bin
+}
+
 pub fn idem() -> Command {
-    // IDEM_BIN: a copy of the binary (scripts/soak.sh), so a build during a
-    // long run cannot replace it underneath.
-    let bin = std::env::var_os("IDEM_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_idem").into());
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(idem_bin());
     cmd.env("RUST_LOG", "warn").env_remove("IDEM_FAILPOINTS");
     // Tests run many idem side by side: each admin API on a port of its own.
     cmd.env("IDEM_ADMIN_LISTEN", "127.0.0.1:0");
@@ -104,6 +134,12 @@ pub fn private_redis(port: u16, dir: &Path) -> Reaped {
 
 pub struct Workdir {
     pub dir: tempfile::TempDir,
+}
+
+impl Default for Workdir {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Workdir {

@@ -4,28 +4,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod crash;
-mod s3util;
-
-use common::*;
-use crash::{crash, Landed};
+use idem_testkit::crash::{crash, Landed};
+use idem_testkit::*;
 
 #[test]
 fn killed_at_random_and_at_fail_points_every_message_lands_in_exactly_one_named_object() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let bucket = rt.block_on(s3util::fresh_bucket("crash"));
+    let bucket = rt.block_on(idem_testkit::s3::fresh_bucket("crash"));
     let w = Workdir::new();
     // Small objects: batches of 100 split into several objects each.
     // A manifest of at most 5 objects: segments are written and recovered
     // under the crashes too.
-    let sink = s3util::sink_lines(
+    let sink = idem_testkit::s3::sink_lines(
         &bucket,
         "compression = \"gzip\"\nmax_object_records = 40\nmanifest_max_objects = 5",
     );
     crash(&w, "append", &sink, || {
         rt.block_on(async {
-            let l = s3util::landed(&bucket, "", "crash").await;
+            let l = idem_testkit::s3::landed(&bucket, "", "crash").await;
             l.assert_only_named();
             assert!(l.segments > 0, "no segment was written");
             let rows = l

@@ -4,9 +4,9 @@
 //! that fails leaving neither rows nor position, checks of existing tables,
 //! and every column type. A sink's test file implements [`TableTarget`] and
 //! instantiates the suite with `table_suite!(Target)`; the crash harness
-//! (tests/crash.rs) is its other half.
+//! ([`crate::crash`]) is its other half.
 
-use crate::common::*;
+use crate::*;
 use async_trait::async_trait;
 use idem_config::{ColumnConfig, WriteMode};
 use idem_core::{Sink, SinkError};
@@ -41,7 +41,7 @@ pub trait TableTarget: Send + Sync {
     fn type_names(&self) -> (&'static str, &'static str);
     /// A table name as written in `execute`'s statements.
     fn table(&self, name: &str) -> String;
-    /// The row of table `types` (see `common::all_types`) as
+    /// The row of table `types` (see [`crate::all_types`]) as
     /// (t, b, i, d, ok, at in µs since the epoch, day, doc's t, u, raw).
     async fn types_row(&self) -> TypesRow;
 }

@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use idem_testkit::*;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 

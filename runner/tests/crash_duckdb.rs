@@ -2,11 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod crash;
-
-use common::*;
-use crash::{crash, mode_lines, Landed};
+use idem_testkit::crash::{crash, mode_lines, Landed};
+use idem_testkit::*;
 
 fn run(mode: &str) {
     let w = Workdir::new();
