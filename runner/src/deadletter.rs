@@ -266,8 +266,8 @@ impl DeadLetters {
                     shown: format!("table {}.{table}", pg.schema),
                     table: format!(
                         "{}.{}",
-                        idem_core::sql::q(&pg.schema),
-                        idem_core::sql::q(&table)
+                        idem_core::table::sql::q(&pg.schema),
+                        idem_core::table::sql::q(&table)
                     ),
                     pool: tokio::sync::OnceCell::new(),
                 })

@@ -221,6 +221,11 @@ pub async fn existing_tables_are_checked_before_the_first_write<T: TableTarget>(
         t.table("nokey")
     ))
     .await;
+    t.execute(&format!(
+        "CREATE TABLE {} (id {text}, v {bigint}, _idem_partition {text}, _idem_offset {bigint}, PRIMARY KEY (id, v))",
+        t.table("widekey")
+    ))
+    .await;
     let err = t
         .sink("t", WriteMode::Upsert, &["id"], None, true, columns())
         .prepare()
@@ -249,6 +254,17 @@ pub async fn existing_tables_are_checked_before_the_first_write<T: TableTarget>(
         .to_string();
     assert!(
         err.contains("PRIMARY KEY (id)") && err.contains("none"),
+        "{err}"
+    );
+    // A key of more columns would merge on the wrong rows.
+    let err = t
+        .sink("widekey", WriteMode::Upsert, &["id"], None, true, columns())
+        .prepare()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("needs PRIMARY KEY (id); the table has PRIMARY KEY (id, v)"),
         "{err}"
     );
 }

@@ -17,7 +17,7 @@ mod message;
 pub mod registry;
 mod sink;
 mod source;
-pub mod sql;
+pub mod table;
 
 pub use idem_config::Guarantee;
 pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};

@@ -8,7 +8,9 @@ use duckdb::types::{TimeUnit, ToSqlOutput, ValueRef};
 use duckdb::{appender_params_from_iter, params, Connection, OptionalExt, ToSql};
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
-use idem_core::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
+use idem_core::table::check;
+use idem_core::table::offsets::OffsetsSql;
+use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
 };
@@ -20,6 +22,8 @@ const LATEST: &str = "_idem_latest";
 /// Statements derived once from the config.
 struct Plan {
     ctx: Ctx,
+    /// The offsets table's statements (the table-sink kit).
+    offsets: OffsetsSql,
     mode: Mode,
     /// Mapped columns, then the position columns.
     insert_columns: Vec<String>,
@@ -78,6 +82,7 @@ impl Plan {
             sql::newest_first(version)
         );
         Plan {
+            offsets: OffsetsSql::new(&q(&cfg.offsets_table)),
             ctx: Ctx {
                 path: cfg.path.clone(),
                 table: cfg.table.clone(),
@@ -169,41 +174,24 @@ impl Inner {
             rows.collect()
         };
         let actual = read().map_err(|e| ctx.sql(&ctx.table, "read the table's columns", e))?;
-        let mut expected: Vec<(String, &str)> = self
+        let expected = self
             .columns
             .iter()
-            .map(|c| (c.name.clone(), sql_type(c.ty)))
-            .collect();
-        expected.push((POS_PARTITION.into(), "VARCHAR"));
-        expected.push((POS_OFFSET.into(), "BIGINT"));
-        for (name, ty) in &expected {
-            match actual.iter().find(|(n, _)| n == name) {
-                None => return Err(mismatch(format!("column `{name}` ({ty}) is missing"))),
-                Some((_, found)) if !found.eq_ignore_ascii_case(ty) => {
-                    return Err(mismatch(format!(
-                        "column `{name}` is {found}, the connector maps it as {ty}"
-                    )))
-                }
-                _ => {}
-            }
-        }
+            .map(|c| (c.name.as_str(), sql_type(c.ty)))
+            .chain([(POS_PARTITION, "VARCHAR"), (POS_OFFSET, "BIGINT")]);
+        check::columns(expected, &actual).map_err(mismatch)?;
         if self.cfg.mode == Mode::Upsert {
-            let pk: Option<String> = conn
-                .query_row(
-                    "SELECT array_to_string(constraint_column_names, ',') FROM duckdb_constraints()
+            // The key's columns in their order in the constraint.
+            let read = || -> duckdb::Result<Vec<String>> {
+                let mut stmt = conn.prepare(
+                    "SELECT unnest(constraint_column_names) FROM duckdb_constraints()
                      WHERE schema_name = 'main' AND table_name = ? AND constraint_type = 'PRIMARY KEY'",
-                    params![&ctx.table],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(|e| ctx.sql(&ctx.table, "read the primary key", e))?;
-            let want = self.cfg.key.join(",");
-            if pk.as_deref() != Some(want.as_str()) {
-                return Err(mismatch(format!(
-                    "upsert needs PRIMARY KEY ({want}); the table has {}",
-                    pk.map_or("none".to_string(), |k| format!("PRIMARY KEY ({k})"))
-                )));
-            }
+                )?;
+                let rows = stmt.query_map(params![&ctx.table], |r| r.get(0))?;
+                rows.collect()
+            };
+            let pk = read().map_err(|e| ctx.sql(&ctx.table, "read the primary key", e))?;
+            check::primary_key(&self.cfg.key, &pk).map_err(mismatch)?;
         }
         Ok(())
     }
@@ -247,7 +235,7 @@ impl Inner {
         }
         let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
         let ctx = &self.plan.ctx;
-        recover::create_offsets_table(conn, ctx)?;
+        recover::create_offsets_table(conn, ctx, &self.plan.offsets)?;
         let exists: Option<i64> = conn
             .query_row(
                 "SELECT 1 FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?",
@@ -323,6 +311,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     if !recover::advance(
         conn,
         ctx,
+        &plan.offsets,
         p,
         batch.epoch,
         sql::offset_to_sql(batch.next_offset),
@@ -409,7 +398,7 @@ impl Sink for DuckDbSink {
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {
         let p = partition.clone();
         Ok(self
-            .with_conn(move |conn, plan| recover::open(conn, &plan.ctx, &p))
+            .with_conn(move |conn, plan| recover::open(conn, &plan.ctx, &plan.offsets, &p))
             .await?)
     }
 
@@ -446,7 +435,9 @@ impl Sink for DuckDbSink {
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
         let connector = connector.to_string();
         Ok(self
-            .with_conn(move |conn, plan| recover::positions(conn, &plan.ctx, &connector))
+            .with_conn(move |conn, plan| {
+                recover::positions(conn, &plan.ctx, &plan.offsets, &connector)
+            })
             .await?)
     }
 
@@ -475,8 +466,8 @@ impl Sink for DuckDbSink {
                 let ctx = &plan.ctx;
                 let sql = format!(
                     "SELECT {}, {} FROM main.{}",
-                    idem_core::sql::POS_PARTITION,
-                    idem_core::sql::POS_OFFSET,
+                    idem_core::table::sql::POS_PARTITION,
+                    idem_core::table::sql::POS_OFFSET,
                     q(&ctx.table)
                 );
                 let list = |conn: &Connection| -> duckdb::Result<Vec<(String, u64)>> {

@@ -1,34 +1,20 @@
-//! Positions and fencing: the offsets table, one row per
-//! (connector, source, partition) with the next offset to read and the
-//! epoch of the runner that owns the partition.
+//! Positions and fencing: the offsets table of the table-sink kit
+//! (`idem_core::table::offsets`), run on this sink's PostgreSQL client. The
+//! position moves inside the batch's transaction, in `sink.rs`.
 
 use crate::error::{Ctx, PgError};
-use idem_core::sql;
+use idem_core::table::offsets::{self, OffsetsSql, FORMAT_VERSION};
+use idem_core::table::sql;
 use idem_core::{Opened, PartitionRef, StoredPosition};
 use tokio_postgres::GenericClient;
-
-/// Bumped when the offsets table's meaning changes; a row written by a
-/// newer format is refused rather than misread.
-pub const FORMAT_VERSION: i32 = 1;
 
 pub(crate) async fn create_offsets_table(
     client: &impl GenericClient,
     ctx: &Ctx,
+    stmts: &OffsetsSql,
 ) -> Result<(), PgError> {
-    let sql = format!(
-        "CREATE TABLE IF NOT EXISTS {} (
-            connector text NOT NULL,
-            source text NOT NULL,
-            partition text NOT NULL,
-            next_offset bigint,
-            epoch bigint NOT NULL,
-            format_version integer NOT NULL,
-            updated_at timestamptz NOT NULL,
-            PRIMARY KEY (connector, source, partition))",
-        ctx.offsets
-    );
     client
-        .batch_execute(&sql)
+        .batch_execute(&stmts.create)
         .await
         .map_err(|e| ctx.sql(&ctx.offsets, "create the offsets table", e))
 }
@@ -38,24 +24,18 @@ pub(crate) async fn create_offsets_table(
 pub(crate) async fn open(
     client: &impl GenericClient,
     ctx: &Ctx,
+    stmts: &OffsetsSql,
     p: &PartitionRef,
 ) -> Result<Opened, PgError> {
-    let sql = format!(
-        "INSERT INTO {t} AS o VALUES ($1, $2, $3, NULL, 1, $4, now())
-         ON CONFLICT (connector, source, partition)
-         DO UPDATE SET epoch = o.epoch + 1, updated_at = now()
-         RETURNING epoch, next_offset, format_version",
-        t = ctx.offsets
-    );
     let row = client
         .query_one(
-            &sql,
+            &stmts.open,
             &[&&*p.connector, &&*p.source, &&*p.partition, &FORMAT_VERSION],
         )
         .await
         .map_err(|e| ctx.sql(&ctx.offsets, &format!("fence partition {p}"), e))?;
     let (epoch, next, format): (i64, Option<i64>, i32) = (row.get(0), row.get(1), row.get(2));
-    if format > FORMAT_VERSION {
+    if !offsets::readable(format) {
         return Err(PgError::FormatVersion {
             server: ctx.server.clone(),
             table: ctx.offsets.clone(),
@@ -70,28 +50,14 @@ pub(crate) async fn open(
     })
 }
 
-/// The statement that moves a position inside a batch's transaction, only
-/// while `epoch` owns the partition; zero rows updated means fenced.
-pub(crate) fn advance_sql(ctx: &Ctx) -> String {
-    format!(
-        "UPDATE {} SET next_offset = $1, updated_at = now()
-         WHERE connector = $2 AND source = $3 AND partition = $4 AND epoch = $5",
-        ctx.offsets
-    )
-}
-
 pub(crate) async fn positions(
     client: &impl GenericClient,
     ctx: &Ctx,
+    stmts: &OffsetsSql,
     connector: &str,
 ) -> Result<Vec<StoredPosition>, PgError> {
-    let sql = format!(
-        "SELECT source, partition, next_offset, epoch FROM {}
-         WHERE connector = $1 ORDER BY source, partition",
-        ctx.offsets
-    );
     let rows = client
-        .query(&sql, &[&connector])
+        .query(&stmts.positions, &[&connector])
         .await
         .map_err(|e| ctx.sql(&ctx.offsets, "read positions", e))?;
     Ok(rows

@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_config::{ColumnConfig, WriteMode};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
-use idem_core::sql::{self, q, DELETE_FLAG};
+use idem_core::table::check;
+use idem_core::table::offsets::OffsetsSql;
+use idem_core::table::sql::{self, q, DELETE_FLAG};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo, StoredPosition,
 };
@@ -29,7 +31,8 @@ struct Plan {
     copy_target: String,
     create_stage: String,
     copy_stage: String,
-    advance: String,
+    /// The offsets table's statements (the table-sink kit).
+    offsets: OffsetsSql,
     /// Upsert statements: straight from the staging table when keys are
     /// unique and no tombstone is in the batch, else newest-per-key first.
     merge_staged: String,
@@ -83,7 +86,7 @@ impl Plan {
             copy_stage: format!(
                 "COPY {stage} ({col_list}, {DELETE_FLAG}) FROM STDIN (FORMAT binary)"
             ),
-            advance: recover::advance_sql(ctx),
+            offsets: OffsetsSql::new(&ctx.offsets),
             merge_staged: sql::merge(t, "tgt", &stage, columns, &keys, version),
             merge_latest: latest.clone() + &sql::merge(t, "tgt", "latest", columns, &keys, version),
             delete_latest: latest + &sql::delete(t, "tgt", "latest", &keys, version),
@@ -333,17 +336,7 @@ impl PostgresSink {
             .iter()
             .map(|c| (c.name.as_str(), reported_type(c.ty)))
             .chain([(sql::POS_PARTITION, "text"), (sql::POS_OFFSET, "bigint")]);
-        for (name, ty) in expected {
-            match actual.iter().find(|(n, _)| n == name) {
-                None => return Err(mismatch(format!("column `{name}` ({ty}) is missing"))),
-                Some((_, found)) if found != ty => {
-                    return Err(mismatch(format!(
-                        "column `{name}` is {found}, the connector maps it as {ty}"
-                    )))
-                }
-                _ => {}
-            }
-        }
+        check::columns(expected, &actual).map_err(mismatch)?;
         if self.cfg.mode == WriteMode::Upsert {
             let pk: Vec<String> = client
                 .query(
@@ -358,17 +351,7 @@ impl PostgresSink {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            if pk != self.cfg.key {
-                return Err(mismatch(format!(
-                    "upsert needs PRIMARY KEY ({}); the table has {}",
-                    self.cfg.key.join(", "),
-                    if pk.is_empty() {
-                        "none".to_string()
-                    } else {
-                        format!("PRIMARY KEY ({})", pk.join(", "))
-                    }
-                )));
-            }
+            check::primary_key(&self.cfg.key, &pk).map_err(mismatch)?;
         }
         Ok(())
     }
@@ -386,7 +369,7 @@ impl PostgresSink {
         let next = sql::offset_to_sql(batch.next_offset);
         let moved = txn
             .execute(
-                &plan.advance,
+                &plan.offsets.advance,
                 &[
                     &next,
                     &&*p.connector,
@@ -498,7 +481,7 @@ impl Sink for PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.table, "create the schema", e))?;
         }
-        recover::create_offsets_table(&**client, ctx).await?;
+        recover::create_offsets_table(&**client, ctx, &self.plan.offsets).await?;
         let exists: Option<String> = client
             .query_one("SELECT to_regclass($1)::text", &[&ctx.table])
             .await
@@ -541,7 +524,7 @@ impl Sink for PostgresSink {
 
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {
         let client = self.client().await?;
-        Ok(recover::open(&**client, &self.ctx, partition).await?)
+        Ok(recover::open(&**client, &self.ctx, &self.plan.offsets, partition).await?)
     }
 
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
@@ -556,7 +539,7 @@ impl Sink for PostgresSink {
 
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
         let client = self.client().await?;
-        Ok(recover::positions(&**client, &self.ctx, connector).await?)
+        Ok(recover::positions(&**client, &self.ctx, &self.plan.offsets, connector).await?)
     }
 
     async fn describe(&self) -> Result<String, SinkError> {
@@ -580,8 +563,8 @@ impl Sink for PostgresSink {
             .query(
                 &format!(
                     "SELECT {}, {} FROM {}",
-                    idem_core::sql::POS_PARTITION,
-                    idem_core::sql::POS_OFFSET,
+                    idem_core::table::sql::POS_PARTITION,
+                    idem_core::table::sql::POS_OFFSET,
                     ctx.table
                 ),
                 &[],

@@ -1,0 +1,83 @@
+//! An existing table checked against what the connector maps, before the
+//! first write: each sink reads the table's columns and primary key its own
+//! way (information_schema, its catalog) and compares them here, so every
+//! table sink refuses the same mismatches with the same words.
+
+/// Every `expected` (name, type) is a column of `actual` with that type,
+/// as the database names it (compared without regard to case: DuckDB says
+/// `VARCHAR`, PostgreSQL `character varying`). Extra columns are allowed.
+/// `Err` says which column is missing or mistyped.
+pub fn columns<'a>(
+    expected: impl IntoIterator<Item = (&'a str, &'a str)>,
+    actual: &[(String, String)],
+) -> Result<(), String> {
+    for (name, ty) in expected {
+        match actual.iter().find(|(n, _)| n == name) {
+            None => return Err(format!("column `{name}` ({ty}) is missing")),
+            Some((_, found)) if !found.eq_ignore_ascii_case(ty) => {
+                return Err(format!(
+                    "column `{name}` is {found}, the connector maps it as {ty}"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// An upsert table's primary key is exactly `key`, in order: the merge
+/// matches rows on it, and another key would merge the wrong rows or fail.
+pub fn primary_key(key: &[String], found: &[String]) -> Result<(), String> {
+    if found == key {
+        return Ok(());
+    }
+    Err(format!(
+        "upsert needs PRIMARY KEY ({}); the table has {}",
+        key.join(", "),
+        if found.is_empty() {
+            "none".to_string()
+        } else {
+            format!("PRIMARY KEY ({})", found.join(", "))
+        }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_missing_or_mistyped_column_is_named() {
+        let actual = cols(&[("id", "VARCHAR"), ("v", "VARCHAR"), ("extra", "DATE")]);
+        assert_eq!(columns([("id", "varchar")], &actual), Ok(()));
+        assert_eq!(
+            columns([("id", "VARCHAR"), ("v", "BIGINT")], &actual),
+            Err("column `v` is VARCHAR, the connector maps it as BIGINT".into())
+        );
+        assert_eq!(
+            columns([("n", "BIGINT")], &actual),
+            Err("column `n` (BIGINT) is missing".into())
+        );
+    }
+
+    #[test]
+    fn a_primary_key_must_be_the_key_in_order() {
+        let key = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(primary_key(&key, &key), Ok(()));
+        let swapped = vec!["b".to_string(), "a".to_string()];
+        assert_eq!(
+            primary_key(&key, &swapped),
+            Err("upsert needs PRIMARY KEY (a, b); the table has PRIMARY KEY (b, a)".into())
+        );
+        assert_eq!(
+            primary_key(&key, &[]),
+            Err("upsert needs PRIMARY KEY (a, b); the table has none".into())
+        );
+    }
+}

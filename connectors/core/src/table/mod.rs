@@ -1,0 +1,11 @@
+//! The table-sink kit: what every sink writing rows into a SQL database
+//! (DuckDB, PostgreSQL; ClickHouse next) shares, so that each keeps only
+//! its client and its dialect's differences:
+//! - [`offsets`]: the offsets table and its fencing protocol;
+//! - [`check`]: an existing table checked against what the connector maps;
+//! - [`sql`]: identifiers, column definitions, the upsert guard, merges,
+//!   deletes, dedup inserts, the verify shape ([`sql::table_sink_info`]).
+
+pub mod check;
+pub mod offsets;
+pub mod sql;
