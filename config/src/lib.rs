@@ -16,7 +16,7 @@ pub use error::ConfigError;
 pub use interp::{interpolate, Secret};
 pub use schema::*;
 pub use table::{
-    check_column_name, check_ident, check_postgres_name, validate_write, WriteMode,
+    check_column_name, check_ident, check_postgres_name, validate_rows, validate_write, WriteMode,
     POSTGRES_MAX_NAME,
 };
 

@@ -67,6 +67,28 @@ pub fn check_column_name(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A table sink's rows: at least one mapped column, and none of a type its
+/// database cannot hold (`refused`: the type and what to map it as
+/// instead). `sink` is its `type`, for the message.
+pub fn validate_rows(
+    sink: &str,
+    columns: &[ColumnConfig],
+    refused: &[(ColumnType, &str)],
+) -> Result<(), Invalid> {
+    if columns.is_empty() {
+        return Err(Invalid::new(
+            &[],
+            format!("the {sink} sink needs [[columns]]: at least one `name`/`type` (use pointer = \"\" and type = \"json\" for the whole message)"),
+        ));
+    }
+    for (ty, why) in refused {
+        if let Some(i) = columns.iter().position(|c| c.ty == *ty) {
+            return Err(Invalid::column(i, "type", *why));
+        }
+    }
+    Ok(())
+}
+
 /// Check `mode` with its `key`, `version` and `delete_on_tombstone` against
 /// the mapped `columns`. Keys of errors are relative to the sink section.
 pub fn validate_write(

@@ -1,8 +1,8 @@
-//! The crash test (tests/crash.rs) against the DuckDB sink.
+//! The crash test (`idem_testkit::crash`) against the DuckDB sink.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use idem_testkit::crash::{crash, mode_lines, Landed};
+use idem_testkit::crash::{crash, mode_lines, Landed, POSITIONS_SQL, ROWS_SQL};
 use idem_testkit::*;
 
 fn run(mode: &str) {
@@ -15,17 +15,13 @@ fn run(mode: &str) {
     );
     crash(&w, mode, &sink, || {
         let conn = duck(&db);
-        let mut stmt = conn
-            .prepare("SELECT id, n, _idem_partition, _idem_offset FROM events")
-            .unwrap();
+        let mut stmt = conn.prepare(ROWS_SQL).unwrap();
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        let mut stmt = conn
-            .prepare("SELECT partition, next_offset FROM idem_offsets WHERE connector = 'crash'")
-            .unwrap();
+        let mut stmt = conn.prepare(POSITIONS_SQL).unwrap();
         let positions = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()

@@ -1,4 +1,4 @@
-//! The crash test (tests/crash.rs) against the HTTP sink and a receiver
+//! The crash test (`idem_testkit::crash`) against the HTTP sink and a receiver
 //! that honours idempotency keys and fails some requests on purpose
 //! (500, 429, 503 after applying, answers past the timeout): after kill -9
 //! at random moments and aborts at fail points, every message id has

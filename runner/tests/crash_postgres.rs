@@ -1,4 +1,4 @@
-//! The crash test (tests/crash.rs) against the PostgreSQL sink
+//! The crash test (`idem_testkit::crash`) against the PostgreSQL sink
 //! (scripts/postgres.sh), each run in its own schema.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -1,4 +1,4 @@
-//! The crash test (tests/crash.rs) against the S3 sink on the test store
+//! The crash test (`idem_testkit::crash`) against the S3 sink on the test store
 //! (scripts/s3.sh), a bucket per run: every message in exactly one object a
 //! manifest names, and no object outside them.
 

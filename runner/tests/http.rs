@@ -1,5 +1,5 @@
 //! The HTTP sink and the dedup stage against a receiver on 127.0.0.1
-//! (tests/receiver.rs) and real Redis: delivery through faults, refusals
+//! (`idem_testkit::receiver`) and real Redis: delivery through faults, refusals
 //! to the dead letters, the bearer token and headers, copies of an id
 //! never sent twice (in one batch, across batches and across runs), a
 //! missing receiver named, and a Redis that lost its ids stopping the

@@ -25,6 +25,13 @@ pub struct Landed {
     pub positions: BTreeMap<String, i64>,
 }
 
+/// What a table sink's test reads for [`Landed`], in SQL every table sink's
+/// database takes: the rows of table `events` of the default schema...
+pub const ROWS_SQL: &str = "SELECT id, n, _idem_partition, _idem_offset FROM events";
+/// ...and the positions of connector `crash` in `idem_offsets`.
+pub const POSITIONS_SQL: &str =
+    "SELECT partition, next_offset FROM idem_offsets WHERE connector = 'crash'";
+
 /// The `[connectors.crash.sink]` lines for `mode` ("append" or "upsert").
 pub fn mode_lines(mode: &str) -> &'static str {
     match mode {

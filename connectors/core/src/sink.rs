@@ -120,6 +120,22 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// A sink's own error, classed by what the runner should do: a value
+    /// the target refused (`refused`: split the batch, dead-letter it), a
+    /// failure a retry can help (`retriable`), or neither.
+    pub fn classify<E>(e: E, refused: bool, retriable: bool) -> SinkError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        if refused {
+            SinkError::Refused(Box::new(e))
+        } else if retriable {
+            SinkError::Transient(Box::new(e))
+        } else {
+            SinkError::Permanent(Box::new(e))
+        }
+    }
+
     pub fn is_retriable(&self) -> bool {
         matches!(self, SinkError::Transient(_) | SinkError::Busy { .. })
     }

@@ -5,8 +5,9 @@
 //! the epoch, inserting the row the first time) and returns the committed
 //! position; [`OffsetsSql::advance`] runs inside the batch's transaction and
 //! moves the position only while the batch's epoch still owns the
-//! partition (zero rows updated = fenced). Parameters are numbered (`$1`),
-//! which PostgreSQL and DuckDB both take.
+//! partition (zero rows updated = fenced). The statements are written in
+//! the SQL that PostgreSQL, DuckDB and SQLite share: numbered parameters
+//! (`$1`), `INSERT .. AS o .. ON CONFLICT .. RETURNING`, `CURRENT_TIMESTAMP`.
 
 /// Bumped when the offsets table's meaning changes; a row written by a
 /// newer format is refused rather than misread (see [`readable`]).
@@ -47,13 +48,13 @@ impl OffsetsSql {
                     PRIMARY KEY (connector, source, partition))"
             ),
             open: format!(
-                "INSERT INTO {table} AS o VALUES ($1, $2, $3, NULL, 1, $4, now())
+                "INSERT INTO {table} AS o VALUES ($1, $2, $3, NULL, 1, $4, CURRENT_TIMESTAMP)
                  ON CONFLICT (connector, source, partition)
-                 DO UPDATE SET epoch = o.epoch + 1, updated_at = now()
+                 DO UPDATE SET epoch = o.epoch + 1, updated_at = excluded.updated_at
                  RETURNING epoch, next_offset, format_version"
             ),
             advance: format!(
-                "UPDATE {table} SET next_offset = $1, updated_at = now()
+                "UPDATE {table} SET next_offset = $1, updated_at = CURRENT_TIMESTAMP
                  WHERE connector = $2 AND source = $3 AND partition = $4 AND epoch = $5"
             ),
             positions: format!(

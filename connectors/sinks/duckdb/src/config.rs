@@ -77,19 +77,14 @@ impl Validate for DuckDbSinkConfig {
         if self.threads == Some(0) {
             return Err(Invalid::new(&["threads"], "must be at least 1"));
         }
-        if columns.is_empty() {
-            return Err(Invalid::new(
-                &[],
-                "the duckdb sink needs [[columns]]: at least one `name`/`type` (use pointer = \"\" and type = \"json\" for the whole message)",
-            ));
-        }
-        if let Some(i) = columns.iter().position(|c| c.ty == ColumnType::Numeric) {
-            return Err(Invalid::column(
-                i,
-                "type",
+        idem_config::validate_rows(
+            "duckdb",
+            columns,
+            &[(
+                ColumnType::Numeric,
                 "DuckDB has no unbounded DECIMAL for type = \"numeric\"; map the field as \"double\", or as \"text\" and cast it in a view",
-            ));
-        }
+            )],
+        )?;
         if self.mode == Mode::Dedup {
             return Err(Invalid::new(
                 &["mode"],

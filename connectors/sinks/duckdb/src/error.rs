@@ -86,13 +86,8 @@ impl DuckDbError {
 
 impl From<DuckDbError> for SinkError {
     fn from(e: DuckDbError) -> Self {
-        if e.is_data() {
-            SinkError::Refused(Box::new(e))
-        } else if e.is_retriable() {
-            SinkError::Transient(Box::new(e))
-        } else {
-            SinkError::Permanent(Box::new(e))
-        }
+        let (refused, retriable) = (e.is_data(), e.is_retriable());
+        SinkError::classify(e, refused, retriable)
     }
 }
 

@@ -126,12 +126,7 @@ impl Validate for PostgresSinkConfig {
         if self.pool_size == 0 {
             return Err(Invalid::new(&["pool_size"], "must be at least 1"));
         }
-        if columns.is_empty() {
-            return Err(Invalid::new(
-                &[],
-                "the postgres sink needs [[columns]]: at least one `name`/`type` (use pointer = \"\" and type = \"json\" for the whole message)",
-            ));
-        }
+        idem_config::validate_rows("postgres", columns, &[])?;
         idem_config::validate_write(
             self.mode,
             &self.key,

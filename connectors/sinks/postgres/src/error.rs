@@ -142,13 +142,8 @@ impl PgError {
 
 impl From<PgError> for SinkError {
     fn from(e: PgError) -> Self {
-        if e.is_data() {
-            SinkError::Refused(Box::new(e))
-        } else if e.is_retriable() {
-            SinkError::Transient(Box::new(e))
-        } else {
-            SinkError::Permanent(Box::new(e))
-        }
+        let (refused, retriable) = (e.is_data(), e.is_retriable());
+        SinkError::classify(e, refused, retriable)
     }
 }
 

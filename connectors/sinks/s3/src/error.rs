@@ -57,11 +57,8 @@ impl S3Error {
 
 impl From<S3Error> for SinkError {
     fn from(e: S3Error) -> Self {
-        if e.is_retriable() {
-            SinkError::Transient(Box::new(e))
-        } else {
-            SinkError::Permanent(Box::new(e))
-        }
+        let retriable = e.is_retriable();
+        SinkError::classify(e, false, retriable)
     }
 }
 
