@@ -150,6 +150,7 @@ registry! {
         Http = "http" => idem_sink_http::HttpKind,
         Postgres = "postgres" => idem_sink_postgres::PostgresKind,
         S3 = "s3" => idem_sink_s3::S3Kind,
+        Sqlite = "sqlite" => idem_sink_sqlite::SqliteKind,
         Stdout = "stdout" => idem_sink_stdout::StdoutKind,
     }
 }

@@ -61,6 +61,7 @@ fn every_example_config_checks_and_prints_its_guarantee() {
         "payments/p.jsonl",
         "quickstart/events.jsonl",
         "data/users-1.jsonl",
+        "data/readings-1.jsonl",
     ] {
         std::fs::create_dir_all(w.path(input).parent().unwrap()).unwrap();
         w.write(input, "");
