@@ -1,0 +1,171 @@
+//! Runners in one consumer group: killed, added, frozen and fenced; a
+//! backfill while the group holds partitions.
+
+use super::support::*;
+use idem_testkit::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_share_a_group_and_a_frozen_one_is_fenced() {
+    group_scenario(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_cooperative_sticky_assignment() {
+    group_scenario(&[("partition.assignment.strategy", "cooperative-sticky")]).await;
+}
+
+/// Three runners in one group: one killed, one added, one frozen mid-batch
+/// and fenced; then every event exactly once. `properties` are extra
+/// consumer settings.
+async fn group_scenario(properties: &[(&str, &str)]) {
+    let topic = fresh_topic("idem_group", 6).await;
+    let schema = fresh_schema("kafka_group");
+    let w = Workdir::new();
+    let cfg = w.write(
+        "k.toml",
+        &properties
+            .iter()
+            .fold(Conf::new(&topic, &schema), |c, (k, v)| c.property(k, v))
+            .max_records(500)
+            .toml(),
+    );
+    const TOTAL: i64 = 60_000;
+    produce(&topic, 0..20_000).await;
+    // The rest arrives while runners come, go and freeze.
+    let producing = tokio::spawn({
+        let topic = topic.clone();
+        async move {
+            for chunk in 0..20 {
+                let from = 20_000 + chunk * 2_000;
+                produce(&topic, from..from + 2_000).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+
+    let a = spawn_runner(&cfg, &w.path("a.log"), "");
+    // B freezes just before its second commit, holding a batch.
+    let b = spawn_runner(&cfg, &w.path("b.log"), "before_commit=2:stop");
+    let c = spawn_runner(&cfg, &w.path("c.log"), "");
+    let started = Instant::now();
+    while !is_stopped(b.id()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "runner B never reached its second commit:\n{}",
+            std::fs::read_to_string(w.path("b.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Kill one, add one: A's partitions move to the others.
+    let mut a = a;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let d = spawn_runner(&cfg, &w.path("d.log"), "");
+    // While B is frozen, a newer runner opens every partition, as it does
+    // once the group moves B's partitions away (the broker evicts a silent
+    // member after its session timeout; the test opens them itself at
+    // once, with the same statement a runner's open runs). The statement may
+    // wait for a row B locked before it froze: it runs beside the wake-up,
+    // not before it, or each would wait for the other.
+    let fence = tokio::spawn({
+        let schema = schema.clone();
+        async move {
+            pg().await
+                .batch_execute(&format!(
+                    "UPDATE \"{schema}\".idem_offsets SET epoch = epoch + 1 WHERE connector = 'k'"
+                ))
+                .await
+                .unwrap();
+        }
+    });
+    // Past B's session timeout: on waking it rejoins the group.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(b.id(), "CONT");
+    fence.await.unwrap();
+
+    producing.await.unwrap();
+    let started = Instant::now();
+    while count(&schema).await.0 < TOTAL && started.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, mut child) in [("B", b), ("C", c), ("D", d)] {
+        signal(child.id(), "TERM");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "runner {name} after SIGTERM: {status:?}");
+    }
+    let b_log = std::fs::read_to_string(w.path("b.log")).unwrap();
+    assert!(
+        b_log.contains("fenced by a newer runner"),
+        "the frozen runner's stale commit was not refused:\n{b_log}"
+    );
+    assert_eq!(
+        count(&schema).await,
+        (TOTAL, TOTAL),
+        "lost or duplicated events"
+    );
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
+}
+
+/// A backfill in the group of runners that were killed a moment ago
+/// (members that hold partitions until their session times out) reads
+/// every partition to its end, not only the ones the group leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_reads_every_partition_while_the_group_holds_some() {
+    let topic = fresh_topic("idem_backfill", 6).await;
+    let schema = fresh_schema("kafka_backfill");
+    produce(&topic, 0..30_000).await;
+    let w = Workdir::new();
+    let live = w.write(
+        "live.toml",
+        &Conf::new(&topic, &schema).max_records(500).toml(),
+    );
+    // Two group members, frozen before their second commit, then killed.
+    let members: Vec<Reaped> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            Reaped(spawn_runner(
+                &live,
+                &w.path(&format!("{n}.log")),
+                "before_commit=2:stop",
+            ))
+        })
+        .collect();
+    let started = Instant::now();
+    // At least one holds a batch, frozen; the group may have given the
+    // other nothing yet.
+    while !members.iter().any(|m| is_stopped(m.0.id())) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the group members never reached their second commit:\n{}",
+            std::fs::read_to_string(w.path("a.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(members);
+    let backfill = w.write(
+        "backfill.toml",
+        &Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .max_records(500)
+            .toml(),
+    );
+    let out = run_ok(idem().env("RUST_LOG", "info").arg("run").arg(&backfill));
+    // It took every partition itself: the group (which, on a broker that
+    // keeps the dead members until their session times out, would hand it
+    // only the rest) is not joined.
+    let log = text(&out.stderr);
+    assert!(
+        log.contains("outside the consumer group") && log.contains("partitions=6"),
+        "{log}"
+    );
+    assert_eq!(
+        count(&schema).await,
+        (30_000, 30_000),
+        "the backfill finished early: {}",
+        text(&out.stdout)
+    );
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
+}

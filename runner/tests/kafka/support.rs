@@ -1,0 +1,369 @@
+//! What the Kafka tests share: topics of their own, producers, the
+//! broker's view of offsets, connector configs, runners in the background.
+
+use idem_testkit::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const BROKERS: &str = "127.0.0.1:9092";
+
+pub fn client_config() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", BROKERS);
+    c
+}
+
+/// A topic of its own, with `partitions` partitions.
+pub async fn fresh_topic(prefix: &str, partitions: i32) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let topic = format!("{prefix}_{}_{nanos}", std::process::id());
+    let admin: AdminClient<DefaultClientContext> = client_config().create().unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("Kafka broker at {BROKERS}: {e}; start one with bash scripts/kafka.sh")
+        });
+    for r in results {
+        r.unwrap();
+    }
+    topic
+}
+
+/// `count` events `{"id": i, "v": i * 10}` keyed by id, spread over the
+/// topic's partitions by key.
+pub async fn produce(topic: &str, ids: std::ops::Range<i64>) {
+    let producer: FutureProducer = client_config()
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .unwrap();
+    let mut pending = Vec::new();
+    for i in ids {
+        let key = i.to_string();
+        let value = format!(r#"{{"id":{i},"v":{}}}"#, i * 10);
+        let producer = producer.clone();
+        let topic = topic.to_string();
+        pending.push(tokio::spawn(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&value),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e.to_string())
+        }));
+        if pending.len() >= 5000 {
+            for p in pending.drain(..) {
+                p.await.unwrap().unwrap();
+            }
+        }
+    }
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+}
+
+/// The topic's end offset per partition, named as Idem stores them.
+pub fn end_offsets(topic: &str, partitions: i32) -> HashMap<String, i64> {
+    let consumer: BaseConsumer = client_config().create().unwrap();
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            (format!("{topic}/{p}"), high)
+        })
+        .collect()
+}
+
+/// The offsets committed to the topic's group (`{topic}_group`).
+pub fn group_offsets(topic: &str, partitions: i32) -> HashMap<String, i64> {
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", format!("{topic}_group"))
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                other => panic!(
+                    "partition {} has no committed offset: {other:?}",
+                    e.partition()
+                ),
+            };
+            (format!("{topic}/{}", e.partition()), offset)
+        })
+        .collect()
+}
+
+/// Connector `k` reading `topic` in a group of its own; built up by the
+/// tests and written out by `toml`.
+pub struct Conf {
+    pub topic: String,
+    /// Extra lines of the source table (`stop_at_end = true`, ...).
+    pub source: String,
+    /// Extra librdkafka properties.
+    pub properties: String,
+    /// The sink table's lines.
+    pub sink: String,
+    /// Extra lines of the connector table (`dead_letter = ...`).
+    pub connector: String,
+    pub max_records: usize,
+    pub columns: String,
+}
+
+/// TOML for columns of the given names and types.
+pub fn columns(list: &[(&str, &str)]) -> String {
+    list.iter()
+        .map(|(name, ty)| format!("[[connectors.k.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"))
+        .collect()
+}
+
+impl Conf {
+    /// `{"id", "v"}` events into the PostgreSQL table `schema.events`.
+    pub fn new(topic: &str, schema: &str) -> Conf {
+        Conf {
+            topic: topic.to_string(),
+            source: String::new(),
+            properties: String::new(),
+            sink: format!(
+                "type = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\ntable = \"events\"\n",
+                pg_url()
+            ),
+            connector: String::new(),
+            max_records: 5000,
+            columns: columns(&[("id", "bigint"), ("v", "bigint")]),
+        }
+    }
+
+    pub fn source(mut self, line: &str) -> Conf {
+        self.source += &format!("{line}\n");
+        self
+    }
+
+    pub fn property(mut self, key: &str, value: &str) -> Conf {
+        self.properties += &format!("\"{key}\" = \"{value}\"\n");
+        self
+    }
+
+    pub fn sink(mut self, lines: &str) -> Conf {
+        self.sink = format!("{lines}\n");
+        self
+    }
+
+    pub fn sink_line(mut self, line: &str) -> Conf {
+        self.sink += &format!("{line}\n");
+        self
+    }
+
+    pub fn connector(mut self, line: &str) -> Conf {
+        self.connector += &format!("{line}\n");
+        self
+    }
+
+    pub fn max_records(mut self, n: usize) -> Conf {
+        self.max_records = n;
+        self
+    }
+
+    pub fn columns(mut self, toml: &str) -> Conf {
+        self.columns = toml.to_string();
+        self
+    }
+
+    pub fn more_columns(mut self, toml: &str) -> Conf {
+        self.columns += toml;
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let Conf {
+            topic,
+            source,
+            properties,
+            sink,
+            connector,
+            max_records,
+            columns,
+        } = self;
+        format!(
+            r#"
+[runner]
+progress_interval = "1s"
+shutdown_grace = "20s"
+[connectors.k]
+{connector}[connectors.k.source]
+type = "kafka"
+brokers = "{BROKERS}"
+topics = ["{topic}"]
+group_id = "{topic}_group"
+{source}[connectors.k.source.properties]
+# A killed runner's partitions move after this long (Kafka's default: 45s).
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+{properties}[connectors.k.sink]
+{sink}[connectors.k.batch]
+max_records = {max_records}
+linger = "200ms"
+{columns}"#
+        )
+    }
+}
+
+pub async fn count(schema: &str) -> (i64, i64) {
+    let row = pg()
+        .await
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT id) FROM \"{schema}\".events"),
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap_or((0, 0));
+    row
+}
+
+pub async fn positions(schema: &str) -> HashMap<String, i64> {
+    pg().await
+        .query(
+            &format!("SELECT partition, next_offset FROM \"{schema}\".idem_offsets WHERE connector = 'k'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Run until the table holds `want` rows (or a minute passes), then stop
+/// with SIGTERM, which must exit 0.
+pub async fn run_until(cfg: &std::path::Path, schema: &str, want: i64) {
+    let mut child = idem().arg("run").arg(cfg).spawn().unwrap();
+    let started = Instant::now();
+    while count(schema).await.0 < want && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let a wrong extra batch land, if the code would write one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "idem run after SIGTERM: {status:?}");
+}
+
+/// How each run of the crash test ended.
+pub fn ended_by(status: std::process::ExitStatus) -> &'static str {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(6) => "fail point (abort)",
+        Some(9) => "SIGKILL",
+        _ if status.success() => "clean exit",
+        _ => "error exit",
+    }
+}
+
+/// `idem run` in the background, its log in `log`.
+pub fn spawn_runner(
+    cfg: &std::path::Path,
+    log: &std::path::Path,
+    failpoints: &str,
+) -> std::process::Child {
+    let mut cmd = idem();
+    cmd.arg("run")
+        .arg(cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if !failpoints.is_empty() {
+        cmd.env("IDEM_FAILPOINTS", failpoints);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Wait until `log` says `n` partitions were opened.
+pub async fn wait_opened(log: &std::path::Path, n: usize) {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.matches("partition opened").count() >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{n} partitions never opened:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Transactions of a transactional producer on `topic` (3 partitions):
+/// each writes `per_tx` events spread over the partitions and is
+/// committed, or aborted when `aborts(tx)`. Returns the ids committed.
+pub fn produce_transactions(
+    topic: &str,
+    txs: std::ops::Range<i64>,
+    per_tx: i64,
+    aborts: impl Fn(i64) -> bool,
+) -> Vec<i64> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = client_config()
+        .set("transactional.id", format!("{topic}-tx"))
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let t = Duration::from_secs(30);
+    producer.init_transactions(t).unwrap();
+    let mut committed = Vec::new();
+    for tx in txs {
+        producer.begin_transaction().unwrap();
+        let ids: Vec<i64> = (tx * per_tx..(tx + 1) * per_tx).collect();
+        for &i in &ids {
+            let key = i.to_string();
+            let value = format!(r#"{{"id":{i},"v":{}}}"#, i * 10);
+            let record = BaseRecord::to(topic)
+                .key(&key)
+                .payload(&value)
+                .partition((i % 3) as i32);
+            let mut record = Some(record);
+            while let Some(r) = record.take() {
+                if let Err((_, r)) = producer.send(r) {
+                    producer.poll(Duration::from_millis(10));
+                    record = Some(r);
+                }
+            }
+        }
+        // Sent for real before the abort: it then has something to undo.
+        producer.flush(t).unwrap();
+        if aborts(tx) {
+            producer.abort_transaction(t).unwrap();
+        } else {
+            producer.commit_transaction(t).unwrap();
+            committed.extend(ids);
+        }
+    }
+    committed
+}
