@@ -66,13 +66,24 @@ fn every_example_config_checks_and_prints_its_guarantee() {
         std::fs::create_dir_all(w.path(input).parent().unwrap()).unwrap();
         w.write(input, "");
     }
+    // The S3 example's bucket, on the test store (scripts/s3.sh).
+    let bucket = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(idem_testkit::s3::fresh_bucket("examples"));
     let mut seen = 0;
     for entry in std::fs::read_dir(repo_root().join("config/examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        let out = run_ok(idem().current_dir(w.dir.path()).arg("check").arg(&path));
+        let out = run_ok(
+            idem()
+                .current_dir(w.dir.path())
+                .env("IDEM_S3_ENDPOINT", idem_testkit::s3::ENDPOINT)
+                .env("IDEM_S3_BUCKET", &bucket)
+                .arg("check")
+                .arg(&path),
+        );
         let stdout = text(&out.stdout);
         assert!(
             stdout.contains("✓")
@@ -83,7 +94,7 @@ fn every_example_config_checks_and_prints_its_guarantee() {
         assert!(stdout.contains("why:"), "{stdout}");
         seen += 1;
     }
-    assert!(seen >= 3, "examples found: {seen}");
+    assert!(seen >= 11, "examples found: {seen}");
 }
 
 #[test]
