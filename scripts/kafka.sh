@@ -23,6 +23,17 @@ if [ "${1:-}" = stop ]; then
   exit 0
 fi
 
+# The broker's own tools, for the tests and for operators, e.g.
+# ~/.cache/idem/kafka-4.4.0/bin/kafka-consumer-groups --describe --group G
+# (written before the reuse check: a broker started earlier gets them too).
+mkdir -p "$HOME_DIR/bin"
+cat >"$HOME_DIR/bin/kafka-consumer-groups" <<EOF
+#!/usr/bin/env bash
+exec java -Xmx128m -cp "$HOME_DIR/libs/*" \\
+  org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --bootstrap-server $HOST:$PORT "\$@"
+EOF
+chmod +x "$HOME_DIR/bin/kafka-consumer-groups"
+
 if listening; then
   exit 0
 fi

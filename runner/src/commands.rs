@@ -157,6 +157,24 @@ fn print_api_status(url: &str, v: &serde_json::Value) -> i32 {
                 p["partition"].as_str().unwrap_or("?")
             );
         }
+        let lost: Vec<String> = parts
+            .iter()
+            .filter(|p| p["lost"].as_u64().unwrap_or(0) > 0)
+            .map(|p| {
+                format!(
+                    "{} in {}",
+                    num(&p["lost"]),
+                    p["partition"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !lost.is_empty() {
+            crate::say!(
+                "  {name}: LOST {} offsets the source deleted before they were committed ({})",
+                c["lost"].as_u64().unwrap_or(0),
+                lost.join(", ")
+            );
+        }
         if c["ready"].as_bool() != Some(true) {
             all_ready = false;
             crate::say!(

@@ -209,7 +209,8 @@ impl Process {
     /// Ask the source of a running connector for each partition's end, and
     /// record the lag in the metrics. Bounded in time: a scrape must answer.
     pub async fn refresh_source_ends(&self, c: &Supervised) -> Vec<PartitionStatus> {
-        let positions = c.stats.snapshot().positions;
+        let snapshot = c.stats.snapshot();
+        let (positions, lost) = (snapshot.positions, snapshot.lost);
         let source = match c.current() {
             Some(conn) if c.state() == State::Running => Some(conn.source.clone()),
             _ => None,
@@ -238,6 +239,7 @@ impl Process {
                     .set_source_end(&c.name, &partition, e, committed);
             }
             out.push(PartitionStatus {
+                lost: lost.get(&partition).copied().unwrap_or(0),
                 lag: end.map(|e| e.saturating_sub(committed)),
                 partition,
                 committed,
@@ -272,6 +274,7 @@ impl Process {
             "batches": s.batches,
             "retries": s.retries,
             "fenced": s.fenced,
+            "lost": s.lost.values().sum::<u64>(),
             "partitions": partitions,
             "failing": event(c.stats.failing()),
             "last_error": event(c.stats.last_error()),
@@ -287,6 +290,8 @@ pub struct PartitionStatus {
     pub committed: u64,
     pub source_end: Option<u64>,
     pub lag: Option<u64>,
+    /// Offsets the source deleted before they were committed, this process.
+    pub lost: u64,
 }
 
 fn rfc3339(t: std::time::SystemTime) -> String {

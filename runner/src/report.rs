@@ -49,6 +49,17 @@ pub async fn print_summary(connectors: &[Arc<Supervised>], elapsed: Duration, de
             crate::say!("    dead letters: {}", c.dead_letters.describe());
         }
         crate::say!("    positions: {}", format_positions(&s.positions));
+        if !s.lost.is_empty() {
+            crate::say!(
+                "    LOST: {} offsets the source deleted before they were committed ({})",
+                s.lost.values().sum::<u64>(),
+                s.lost
+                    .iter()
+                    .map(|(p, n)| format!("{n} in {p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if describe {
             match c.sink.describe().await {
                 Ok(d) => crate::say!("    sink: {d}"),

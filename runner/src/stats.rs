@@ -44,6 +44,7 @@ pub struct Metrics {
     source_end: Family<PartitionLabels, Gauge>,
     lag: Family<PartitionLabels, Gauge>,
     fenced: Family<PartitionLabels, Counter>,
+    lost: Family<PartitionLabels, Counter>,
     retries: Family<ConnectorLabels, Counter>,
     commit_seconds: Hist,
     batch_messages: Hist,
@@ -91,6 +92,10 @@ impl Default for Metrics {
         let fenced = counter(
             "idem_fenced",
             "Times a partition was fenced by a newer owner (another runner took it over)",
+        );
+        let lost = counter(
+            "idem_source_offsets_lost",
+            "Source offsets the sink will never receive: the source deleted them (retention) before they were committed, and out_of_range said to go on",
         );
         let mut gauge = |name: &str, help: &str| {
             let f = Family::<PartitionLabels, Gauge>::default();
@@ -159,6 +164,7 @@ impl Default for Metrics {
             source_end,
             lag,
             fenced,
+            lost,
             retries,
             commit_seconds,
             batch_messages,
@@ -229,6 +235,9 @@ pub struct Stats {
     pub batches: AtomicU64,
     pub retries: AtomicU64,
     pub fenced: AtomicU64,
+    /// Offsets lost to the source's retention, per partition (see
+    /// [`Stats::lost`]).
+    lost: Mutex<BTreeMap<String, u64>>,
     /// Committed next offset per partition.
     positions: Mutex<BTreeMap<String, u64>>,
     /// Partitions being opened (sink position read, source seeked).
@@ -258,6 +267,8 @@ pub struct Snapshot {
     pub retries: u64,
     pub fenced: u64,
     pub positions: BTreeMap<String, u64>,
+    /// Offsets lost to the source's retention per partition, this process.
+    pub lost: BTreeMap<String, u64>,
 }
 
 impl Snapshot {
@@ -298,6 +309,7 @@ impl Stats {
             batches: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             fenced: AtomicU64::new(0),
+            lost: Mutex::new(BTreeMap::new()),
             positions: Mutex::new(BTreeMap::new()),
             opening: AtomicUsize::new(0),
             prepared: AtomicBool::new(false),
@@ -374,6 +386,18 @@ impl Stats {
             .fenced
             .get_or_create(&self.labels(partition))
             .inc();
+    }
+
+    /// `n` offsets of `partition` the sink will never receive: the source
+    /// deleted them before they were committed (`PartitionReader::lost`).
+    pub fn lost(&self, partition: &str, n: u64) {
+        if let Ok(mut l) = self.lost.lock() {
+            *l.entry(partition.to_string()).or_default() += n;
+        }
+        self.metrics
+            .lost
+            .get_or_create(&self.labels(partition))
+            .inc_by(n);
     }
 
     /// An operation failed and will be tried again.
@@ -455,6 +479,7 @@ impl Stats {
             retries: get(&self.retries),
             fenced: get(&self.fenced),
             positions: self.positions.lock().map(|p| p.clone()).unwrap_or_default(),
+            lost: self.lost.lock().map(|l| l.clone()).unwrap_or_default(),
         }
     }
 }

@@ -118,4 +118,12 @@ pub trait PartitionReader: Send {
     /// calls: the runner may drop the reader while a call waits.
     async fn read(&mut self, max: usize, out: &mut Vec<Message>)
         -> Result<ReadStatus, SourceError>;
+
+    /// Offsets `from..to` between the sink's position and where this reader
+    /// starts that the sink will never receive: the source no longer held
+    /// them (retention deleted them before they were committed) and its
+    /// configuration said to go on past them. The runner reports them.
+    fn lost(&self) -> Option<(u64, u64)> {
+        None
+    }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 
 /// Messages per read call, and per chunk sent to the committer.
 const READ_CHUNK: usize = 1024;
@@ -71,6 +71,18 @@ impl Connector {
         );
         if let Some(o) = opened.next_offset {
             self.stats.set_position(partition, o);
+        }
+        if let Some((from, to)) = reader.lost() {
+            let lost = to.saturating_sub(from);
+            self.stats.lost(partition, lost);
+            error!(
+                connector = %self.name,
+                partition,
+                from,
+                to,
+                lost,
+                "{lost} offsets of {partition} ({from}..{to}) were deleted by the source before they were committed: their messages will never reach the sink"
+            );
         }
         let (tx, rx) = mpsc::channel(channel_chunks(self.cfg.batch.max_records));
         let reading = tokio::spawn(read_loop(

@@ -4,9 +4,8 @@
 
 use super::support::*;
 use idem_testkit::*;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_partitions_land_exactly_once_at_the_topics_end() {
@@ -32,6 +31,16 @@ async fn six_partitions_land_exactly_once_at_the_topics_end() {
         ends,
         "offsets committed to the group"
     );
+    // And the broker's own tool shows every partition drained.
+    let described = describe_group(&topic);
+    assert_eq!(described.len(), 6, "{described:?}");
+    for (partition, (offset, lag)) in &described {
+        assert_eq!(
+            (Some(offset), *lag),
+            (ends.get(partition), 0),
+            "{partition}"
+        );
+    }
 
     // More events, a restart: it resumes from the sink's positions, not
     // from the start (nothing twice) and not from the end (nothing lost).

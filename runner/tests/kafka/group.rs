@@ -3,8 +3,7 @@
 
 use super::support::*;
 use idem_testkit::*;
-use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runners_share_a_group_and_a_frozen_one_is_fenced() {

@@ -4,8 +4,9 @@
 
 use super::support::*;
 use idem_testkit::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +58,7 @@ async fn the_load_tool_writes_repeated_ids_that_upsert_takes_once() {
             ))
             .sink_line("mode = \"upsert\"")
             .sink_line("key = [\"event_id\"]")
-            .columns(&columns(&[
+            .columns(&column_lines(&[
                 ("event_id", "text"),
                 ("user_id", "bigint"),
                 ("kind", "text"),
@@ -389,4 +390,98 @@ async fn check_warns_when_a_topic_outlives_the_dedup_retention() {
             assert!(s.contains("longer than dedup.retention (1day)"), "{s}");
         }
     }
+}
+
+/// Retention deleted offsets the sink had not committed yet: with
+/// `out_of_range = "earliest"` the runner goes on from the oldest offset
+/// held and says how many were lost, in its log, `/metrics`, the admin API
+/// and `idem status`, and in its summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_deleted_by_retention_are_reported_as_lost() {
+    let topic = fresh_topic("idem_lost", 1).await;
+    produce(&topic, 0..100).await;
+    let schema = fresh_schema("kafka_lost");
+    let w = Workdir::new();
+    let conf = Conf::new(&topic, &schema)
+        .source("out_of_range = \"earliest\"")
+        .sink_line("mode = \"upsert\"")
+        .sink_line("key = [\"id\"]");
+    let backfill = w.write("b.toml", &conf.clone().source("stop_at_end = true").toml());
+    run_ok(idem().arg("run").arg(&backfill));
+    assert_eq!(count(&schema).await, (100, 100));
+
+    // 100 more arrive while no runner is up, and retention deletes the
+    // partition up to offset 150: 100..150 never reach the sink.
+    produce(&topic, 100..200).await;
+    let admin: AdminClient<DefaultClientContext> = client_config().create().unwrap();
+    let mut upto = rdkafka::TopicPartitionList::new();
+    upto.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(150))
+        .unwrap();
+    admin
+        .delete_records(&upto, &AdminOptions::new())
+        .await
+        .unwrap();
+
+    let port = free_port();
+    let log = w.path("run.log");
+    let cfg = w.write("k.toml", &conf.toml());
+    let mut runner = Reaped(
+        idem()
+            .arg("run")
+            .arg(&cfg)
+            .env("IDEM_ADMIN_LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&schema).await.0 < 150 {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let partition = format!("{topic}/0");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line =
+        format!("idem_source_offsets_lost_total{{connector=\"k\",partition=\"{partition}\"}} 50");
+    assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    let status = idem()
+        .args(["status", "--url", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let status = text(&status.stdout);
+    assert!(
+        status.contains(&format!(
+            "k: LOST 50 offsets the source deleted before they were committed (50 in {partition})"
+        )),
+        "{status}"
+    );
+    let mut stdout = runner.0.stdout.take().unwrap();
+    signal(runner.0.id(), "TERM");
+    assert!(runner.0.wait().unwrap().success());
+    let mut summary = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut summary).unwrap();
+    assert!(
+        summary.contains(&format!(
+            "LOST: 50 offsets the source deleted before they were committed (50 in {partition})"
+        )),
+        "{summary}"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains(&format!("50 offsets of {partition} (100..150) were deleted by the source before they were committed")),
+        "{log}"
+    );
+    // Everything the topic still held landed, once; the position is its end.
+    assert_eq!(count(&schema).await, (150, 150));
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 1));
 }

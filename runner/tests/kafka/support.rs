@@ -123,6 +123,7 @@ pub fn group_offsets(topic: &str, partitions: i32) -> HashMap<String, i64> {
 
 /// Connector `k` reading `topic` in a group of its own; built up by the
 /// tests and written out by `toml`.
+#[derive(Clone)]
 pub struct Conf {
     pub topic: String,
     /// Extra lines of the source table (`stop_at_end = true`, ...).
@@ -138,7 +139,7 @@ pub struct Conf {
 }
 
 /// TOML for columns of the given names and types.
-pub fn columns(list: &[(&str, &str)]) -> String {
+pub fn column_lines(list: &[(&str, &str)]) -> String {
     list.iter()
         .map(|(name, ty)| format!("[[connectors.k.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\n"))
         .collect()
@@ -157,7 +158,7 @@ impl Conf {
             ),
             connector: String::new(),
             max_records: 5000,
-            columns: columns(&[("id", "bigint"), ("v", "bigint")]),
+            columns: column_lines(&[("id", "bigint"), ("v", "bigint")]),
         }
     }
 
@@ -366,4 +367,34 @@ pub fn produce_transactions(
         }
     }
     committed
+}
+
+/// `kafka-consumer-groups --describe` of the topic's group, the broker's
+/// own tool (scripts/kafka.sh writes it): partition -> (committed offset,
+/// lag) as the broker reports them.
+pub fn describe_group(topic: &str) -> HashMap<String, (i64, i64)> {
+    let home = std::env::var("HOME").unwrap();
+    let tool = format!("{home}/.cache/idem/kafka-4.4.0/bin/kafka-consumer-groups");
+    let out = std::process::Command::new(&tool)
+        .args(["--describe", "--group", &format!("{topic}_group")])
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e} (bash scripts/kafka.sh writes it)"));
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{tool}: {stdout}{}",
+        text(&out.stderr)
+    );
+    // GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG ...
+    stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.len() >= 6 && cols[1] == topic)
+        .map(|cols| {
+            (
+                format!("{topic}/{}", cols[2]),
+                (cols[3].parse().unwrap(), cols[5].parse().unwrap()),
+            )
+        })
+        .collect()
 }

@@ -26,6 +26,9 @@ pub(crate) struct KafkaReader {
     live: bool,
     /// Reads that timed out with nothing.
     idle_reads: u32,
+    /// Offsets skipped at the start because the partition no longer held
+    /// them (`out_of_range`), reported once by `lost`.
+    lost: Option<(u64, u64)>,
 }
 
 /// A partition fetched from behind its reader's position (librdkafka reset
@@ -86,7 +89,14 @@ impl KafkaReader {
             position: None,
             live: false,
             idle_reads: 0,
+            lost: None,
         }
+    }
+
+    /// Offsets `from..to` the sink will never get (see `PartitionReader::lost`).
+    pub(crate) fn with_lost(mut self, lost: Option<(u64, u64)>) -> KafkaReader {
+        self.lost = lost;
+        self
     }
 }
 
@@ -222,6 +232,10 @@ impl PartitionReader for KafkaReader {
         out.append(&mut fresh);
         status
     }
+
+    fn lost(&self) -> Option<(u64, u64)> {
+        self.lost
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +264,7 @@ mod tests {
             position: None,
             live: false,
             idle_reads: 0,
+            lost: None,
         };
         for o in [3, 4, 5, 6, 5, 7, 8, 9] {
             tx.send(Inbound::Message(msg(o))).await.unwrap();
@@ -275,6 +290,7 @@ mod tests {
             position: None,
             live: false,
             idle_reads: 0,
+            lost: None,
         };
         let mut out = Vec::new();
         // Before any message of its own: a position may be an earlier

@@ -298,6 +298,7 @@ impl KafkaSource {
                 ),
                 retriable: false,
             }),
+            // The runner reports what the sink will never get (`lost`).
             OutOfRange::Earliest => {
                 warn!(partition, position = n, low, high, "{why}; going on from the oldest offset held ({low}) as out_of_range = \"earliest\" says");
                 Ok(low)
@@ -409,7 +410,13 @@ impl Source for KafkaSource {
         let end = self.cfg.stop_at_end.then_some(high);
         let next = from;
         let reseek = Reseek::new(client.consumer.clone(), topic, p);
-        Ok(Box::new(KafkaReader::new(rx, next, end, Some(reseek))))
+        // Below the log start: the offsets up to where reading goes on
+        // were deleted before the sink had them. (Above the end the topic
+        // is a new one: nothing of it was skipped.)
+        let lost = start.filter(|&n| n < low).map(|n| (n, from));
+        Ok(Box::new(
+            KafkaReader::new(rx, next, end, Some(reseek)).with_lost(lost),
+        ))
     }
 
     /// A private consumer group of one (a fresh group id, nothing ever
