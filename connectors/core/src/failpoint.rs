@@ -3,7 +3,9 @@
 //! loss would: no destructor runs, no buffer is flushed, nothing commits.
 //! `name=N:stop` instead stops the process there (SIGSTOP) until a SIGCONT,
 //! as a long GC pause or a frozen VM would: the stale runner of a fencing
-//! test. Without the variable a fail point costs one atomic load.
+//! test. `name@PARTITION=sleep:MS` makes every hit of `name` for that
+//! partition wait MS milliseconds: a slow sink for one partition, for flow
+//! control tests. Without the variable a fail point costs one atomic load.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +32,37 @@ fn points() -> &'static HashMap<String, Point> {
             .map(|spec| parse(&spec))
             .unwrap_or_default()
     })
+}
+
+/// `name@partition` -> how long each hit waits.
+fn delays() -> &'static HashMap<String, std::time::Duration> {
+    static DELAYS: OnceLock<HashMap<String, std::time::Duration>> = OnceLock::new();
+    DELAYS.get_or_init(|| {
+        std::env::var("IDEM_FAILPOINTS")
+            .map(|spec| parse_delays(&spec))
+            .unwrap_or_default()
+    })
+}
+
+fn parse_delays(spec: &str) -> HashMap<String, std::time::Duration> {
+    spec.split(',')
+        .filter_map(|item| {
+            let (point, action) = item.trim().split_once('=')?;
+            let ms = action.trim().strip_prefix("sleep:")?.parse::<u64>().ok()?;
+            point
+                .contains('@')
+                .then(|| (point.to_string(), std::time::Duration::from_millis(ms)))
+        })
+        .collect()
+}
+
+/// How long a hit of `name` for `partition` must wait, if configured.
+pub fn delay(name: &str, partition: &str) -> Option<std::time::Duration> {
+    let delays = delays();
+    if delays.is_empty() {
+        return None;
+    }
+    delays.get(&format!("{name}@{partition}")).copied()
 }
 
 fn parse(spec: &str) -> HashMap<String, Point> {
@@ -87,5 +120,17 @@ mod tests {
         assert!(p["before_commit"].stop);
         assert!(!p.contains_key("bad"));
         assert!(!p.contains_key("odd"));
+    }
+
+    #[test]
+    fn parses_delays_per_partition() {
+        let d = parse_delays("before_commit@t/0=sleep:250, after_write=2, x@y=zz");
+        assert_eq!(
+            d.get("before_commit@t/0"),
+            Some(&std::time::Duration::from_millis(250))
+        );
+        assert_eq!(d.len(), 1);
+        // A delay is not a crash point.
+        assert!(parse("before_commit@t/0=sleep:250").is_empty());
     }
 }

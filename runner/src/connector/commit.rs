@@ -60,6 +60,9 @@ impl Connector {
             next_offset,
         });
         failpoint::hit(BEFORE_COMMIT);
+        if let Some(d) = failpoint::delay(BEFORE_COMMIT, &pref.partition) {
+            tokio::time::sleep(d).await;
+        }
         let started = Instant::now();
         let committed = self.commit_isolating(batch.clone(), stop).await;
         let elapsed = started.elapsed();

@@ -7,6 +7,7 @@
 
 mod dead_letters;
 mod exactly_once;
+mod flow;
 mod group;
 mod settings;
 mod support;

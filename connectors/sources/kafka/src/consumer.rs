@@ -31,8 +31,10 @@ pub(crate) type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
 const IDLE_POSITIONS: Duration = Duration::from_millis(500);
 
 /// Send each reader its partition's consumer position (see [`Inbound`]).
-/// A full inbox is skipped: its reader has messages to read first.
-async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes) {
+/// A full inbox is skipped: its reader has messages to read first. So is a
+/// held partition: messages before its consumer position were dropped, to
+/// be fetched again.
+async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes, held: &Held) {
     let Ok(positions) = consumer.position() else {
         return;
     };
@@ -42,9 +44,114 @@ async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes) {
         };
         let Ok(o) = u64::try_from(o) else { continue };
         let name = partition_name(e.topic(), e.partition());
+        if held.parts.contains_key(&name) {
+            continue;
+        }
         let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
         if let Some(inbox) = inbox {
             let _ = inbox.try_send(Inbound::Position(o));
+        }
+    }
+}
+
+/// Flow control per partition. A reader whose inbox is full (its sink
+/// commits slowly) has its partition paused in the consumer, so the poller
+/// never waits on one partition and the others keep flowing. The message
+/// it could not take, and any fetched for that partition while it is
+/// paused, are dropped; once the inbox is half empty the partition is
+/// seeked back to that message and resumed. It stays held, without
+/// positions, until that message has been handed over.
+#[derive(Default)]
+struct Held {
+    parts: HashMap<String, HeldPartition>,
+}
+
+struct HeldPartition {
+    /// The reader it was held for: a new reader (reopened) starts afresh.
+    inbox: mpsc::Sender<Inbound>,
+    /// The first offset not handed over.
+    from: i64,
+    paused: bool,
+}
+
+impl Held {
+    /// Whether the poller must drop a message of `name` at `offset` rather
+    /// than hand it to `inbox`.
+    fn drops(&mut self, name: &str, offset: i64, inbox: &mpsc::Sender<Inbound>) -> bool {
+        let Some(h) = self.parts.get(name) else {
+            return false;
+        };
+        if !h.inbox.same_channel(inbox) {
+            // Reopened since: its reader seeked where the sink says.
+            self.parts.remove(name);
+            return false;
+        }
+        h.paused || offset < h.from
+    }
+
+    /// `offset` of `name` was handed over: once it is the held one, or
+    /// past it, the partition flows as any other.
+    fn delivered(&mut self, name: &str, offset: i64) {
+        if self.parts.get(name).is_some_and(|h| offset >= h.from) {
+            self.parts.remove(name);
+        }
+    }
+
+    /// `inbox` is full: pause `name` and remember where to resume.
+    fn hold(
+        &mut self,
+        consumer: &StreamConsumer<Context>,
+        name: &str,
+        offset: i64,
+        inbox: mpsc::Sender<Inbound>,
+    ) {
+        let Some((topic, partition)) = split_name(name) else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        if let Err(e) = consumer.pause(&tpl) {
+            warn!(partition = %name, error = %e, "could not pause a partition whose reader is behind");
+        }
+        debug!(partition = %name, offset, "reader behind: partition paused until its inbox drains");
+        self.parts.insert(
+            name.to_string(),
+            HeldPartition {
+                inbox,
+                from: offset,
+                paused: true,
+            },
+        );
+    }
+
+    /// Resume the paused partitions whose inbox is at least half empty,
+    /// from their first message not handed over; forget those whose reader
+    /// is gone.
+    fn resume_drained(&mut self, consumer: &StreamConsumer<Context>) {
+        self.parts.retain(|_, h| !h.inbox.is_closed());
+        for (name, h) in self.parts.iter_mut().filter(|(_, h)| h.paused) {
+            if h.inbox.capacity() < h.inbox.max_capacity() / 2 {
+                continue;
+            }
+            let Some((topic, partition)) = split_name(name) else {
+                continue;
+            };
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            // A zero timeout queues the seek; it takes effect before the
+            // partition is fetched again.
+            let resumed = consumer
+                .seek(topic, partition, Offset::Offset(h.from), Duration::ZERO)
+                .and_then(|()| consumer.resume(&tpl));
+            match resumed {
+                Ok(()) => {
+                    debug!(partition = %name, offset = h.from, "reader caught up: partition resumed");
+                    h.paused = false;
+                }
+                Err(e) => {
+                    debug!(partition = %name, error = %e, "partition not resumed yet; trying again")
+                }
+            }
         }
     }
 }
@@ -128,14 +235,16 @@ pub(crate) async fn poll(
     // The last error reported, and when: the same error is repeated
     // at most every 30 s while it lasts.
     let mut reported: Option<(String, std::time::Instant)> = None;
+    let mut held = Held::default();
     loop {
+        held.resume_drained(&consumer);
         // Half a second without a message: the poller holds none,
         // so each partition's position tells its reader whether
         // offsets past its last message hold nothing to read.
         let received = match tokio::time::timeout(IDLE_POSITIONS, consumer.recv()).await {
             Ok(r) => r,
             Err(_) => {
-                send_positions(&consumer, &inboxes).await;
+                send_positions(&consumer, &inboxes, &held).await;
                 continue;
             }
         };
@@ -164,6 +273,9 @@ pub(crate) async fn poll(
         // No reader yet (or any more): it will be fetched again
         // from the sink's position when one opens.
         let Some(inbox) = inbox else { continue };
+        if held.drops(&name, msg.offset(), &inbox) {
+            continue;
+        }
         let Ok(offset) = u64::try_from(msg.offset()) else {
             continue;
         };
@@ -201,8 +313,13 @@ pub(crate) async fn poll(
             meta,
         };
         drop(msg);
-        if inbox.send(Inbound::Message(message)).await.is_err() {
-            debug!(partition = %name, "reader gone; message dropped");
+        let at = i64::try_from(offset).unwrap_or(i64::MAX);
+        match inbox.try_send(Inbound::Message(message)) {
+            Ok(()) => held.delivered(&name, at),
+            Err(mpsc::error::TrySendError::Full(_)) => held.hold(&consumer, &name, at, inbox),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!(partition = %name, "reader gone; message dropped")
+            }
         }
     }
 }
