@@ -22,7 +22,8 @@ pub enum State {
     /// Reading and committing (see [`Supervised::readiness`] for whether
     /// every partition is open and the sink answers).
     Running,
-    /// Stopped on request; `resume` starts it again.
+    /// Reading nothing on request: what was read is committed, partitions
+    /// stay held (a Kafka consumer stays in its group); `resume` reads on.
     Paused,
     /// Stopping to start again (restart, or a changed config).
     Restarting,
@@ -276,6 +277,10 @@ impl Supervised {
         shutdown: Shutdown,
     ) {
         let mut wanted = true;
+        // Paused through the API: the connector runs but does not read, so
+        // it keeps what it holds (a Kafka consumer stays in its group). A
+        // restart or a reload keeps it paused.
+        let mut paused = false;
         loop {
             if shutdown.stop.is_cancelled() {
                 break;
@@ -286,13 +291,9 @@ impl Supervised {
                     _ = shutdown.stop.cancelled() => break,
                     cmd = commands.recv() => match cmd {
                         None | Some(Command::Remove) => break,
-                        Some(Command::Pause) => {}
-                        Some(Command::Resume | Command::Restart) => wanted = true,
-                        Some(Command::Reload(new)) => {
-                            cfg = *new;
-                            // A paused connector stays paused with its new config.
-                            wanted = self.state() != State::Paused;
-                        }
+                        Some(Command::Pause | Command::Resume) => {}
+                        Some(Command::Restart) => wanted = true,
+                        Some(Command::Reload(new)) => cfg = *new,
                     }
                 }
                 continue;
@@ -310,8 +311,13 @@ impl Supervised {
                 }
             };
             let token = CancellationToken::new();
+            conn.set_paused(paused);
             let mut run = tokio::spawn(conn.clone().run(token.clone()));
-            self.set_state(State::Running);
+            self.set_state(if paused {
+                State::Paused
+            } else {
+                State::Running
+            });
             let next = loop {
                 tokio::select! {
                     joined = &mut run => {
@@ -328,12 +334,22 @@ impl Supervised {
                     }
                     _ = shutdown.stop.cancelled() => break Some(None),
                     cmd = commands.recv() => match cmd {
-                        Some(Command::Resume) => continue,
-                        Some(Command::Pause) => break Some(Some((State::Paused, false))),
-                        Some(Command::Restart) => break Some(Some((State::Restarting, true))),
+                        Some(Command::Pause) => {
+                            info!(connector = %self.name, "pausing: committing what was read, then reading nothing until resumed");
+                            paused = true;
+                            conn.set_paused(true);
+                            self.set_state(State::Paused);
+                        }
+                        Some(Command::Resume) => {
+                            info!(connector = %self.name, "resumed");
+                            paused = false;
+                            conn.set_paused(false);
+                            self.set_state(State::Running);
+                        }
+                        Some(Command::Restart) => break Some(Some(State::Restarting)),
                         Some(Command::Reload(new)) => {
                             cfg = *new;
-                            break Some(Some((State::Restarting, true)));
+                            break Some(Some(State::Restarting));
                         }
                         None | Some(Command::Remove) => break Some(None),
                     }
@@ -353,18 +369,15 @@ impl Supervised {
                     self.stats.set_prepared(false);
                     break;
                 }
-                Some((state, again)) => {
-                    info!(connector = %self.name, "{}: committing in-flight batches, then stopping", if again { "restarting" } else { "pausing" });
+                Some(state) => {
+                    info!(connector = %self.name, "restarting: committing in-flight batches, then stopping");
                     self.set_state(state);
                     token.cancel();
                     let stopped_cleanly = self.stop_run(&mut run, &shutdown).await;
                     self.stats.set_prepared(false);
                     // A batch that could not commit while stopping fails the
                     // connector instead: restarting would hit the same error.
-                    wanted = again && stopped_cleanly;
-                    if !again && stopped_cleanly {
-                        info!(connector = %self.name, "paused");
-                    }
+                    wanted = stopped_cleanly;
                 }
             }
         }

@@ -63,6 +63,10 @@ pub struct Connector {
     /// Counters; shared with the connector's supervisor, so they outlive
     /// a restart.
     pub stats: Arc<Stats>,
+    /// Paused by the admin API: partitions stop reading once what they
+    /// read is handed over (and commits), and the connector stays what it
+    /// is (a Kafka consumer stays in its group).
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 impl Connector {
@@ -154,7 +158,17 @@ impl Connector {
             dedup,
             stats,
             cfg,
+            paused: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// Stop reading (`true`) after handing over what was read, or go on.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub(super) fn paused(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.paused.subscribe()
     }
 
     fn sink_err(&self, source: SinkError) -> RunError {

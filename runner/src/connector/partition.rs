@@ -293,13 +293,34 @@ async fn read_loop(
     // so 1 MB messages travel a few at a time instead of 1,024.
     let chunk_bytes = (conn.cfg.batch.max_bytes / 4).max(1);
     let mut chunk = 1;
+    let mut paused = conn.paused();
     loop {
+        if *paused.borrow_and_update() {
+            // Hand over everything read, so it commits; then wait.
+            if !hand_over(&mut mapping, 0, &tx, &stop).await {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                resumed = paused.wait_for(|p| !*p) => if resumed.is_err() { return },
+            }
+        }
         let mut msgs = Vec::with_capacity(chunk);
-        let status = tokio::select! {
+        // A pause cancels a read that waits (a followed file, an idle
+        // topic): what it had taken is kept and handed over.
+        let read = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            r = reader.read(chunk, &mut msgs) => r,
+            _ = paused.wait_for(|p| *p) => None,
+            r = reader.read(chunk, &mut msgs) => Some(r),
         };
+        let pausing = read.is_none();
+        let status = read.unwrap_or(Ok(if msgs.is_empty() {
+            ReadStatus::Idle
+        } else {
+            ReadStatus::Data
+        }));
         let status = match status {
             Ok(s) => s,
             Err(e) => {
@@ -309,7 +330,7 @@ async fn read_loop(
         };
         // A short read means the source has caught up: hand over all that
         // is mapped rather than hold it until more arrives.
-        let caught_up = msgs.len() < chunk || status == ReadStatus::End;
+        let caught_up = msgs.len() < chunk || status == ReadStatus::End || pausing;
         if !msgs.is_empty() {
             let bytes: usize = msgs.iter().map(Message::size).sum::<usize>().max(1);
             let per_message = bytes.div_ceil(msgs.len());
@@ -332,23 +353,35 @@ async fn read_loop(
                 }]
             }));
         }
-        while mapping.len() > MAPPING_AHEAD || (caught_up && !mapping.is_empty()) {
-            let Some(next) = mapping.pop_front() else {
-                break;
-            };
-            let items = match next.await {
-                Ok(items) => items,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => return, // the runtime is shutting down
-            };
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                sent = tx.send(Ok(items)) => if sent.is_err() { return },
-            }
-        }
-        if status == ReadStatus::End {
+        let ahead = if caught_up { 0 } else { MAPPING_AHEAD };
+        if !hand_over(&mut mapping, ahead, &tx, &stop).await || status == ReadStatus::End {
             return;
         }
     }
+}
+
+/// Send the mapped chunks, in read order, until at most `ahead` are left
+/// being mapped. `false`: the partition is stopping.
+async fn hand_over(
+    mapping: &mut VecDeque<tokio::task::JoinHandle<Vec<Item>>>,
+    ahead: usize,
+    tx: &mpsc::Sender<Result<Vec<Item>, RunError>>,
+    stop: &CancellationToken,
+) -> bool {
+    while mapping.len() > ahead {
+        let Some(next) = mapping.pop_front() else {
+            break;
+        };
+        let items = match next.await {
+            Ok(items) => items,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return false, // the runtime is shutting down
+        };
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return false,
+            sent = tx.send(Ok(items)) => if sent.is_err() { return false },
+        }
+    }
+    true
 }

@@ -34,7 +34,7 @@ async fn six_partitions_land_exactly_once_at_the_topics_end() {
     // And the broker's own tool shows every partition drained.
     let described = describe_group(&topic);
     assert_eq!(described.len(), 6, "{described:?}");
-    for (partition, (offset, lag)) in &described {
+    for (partition, (offset, lag, _)) in &described {
         assert_eq!(
             (Some(offset), *lag),
             (ends.get(partition), 0),

@@ -168,3 +168,107 @@ async fn a_backfill_reads_every_partition_while_the_group_holds_some() {
     );
     assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
 }
+
+/// Pausing a connector through the admin API keeps its consumer in the
+/// group with its partitions (the broker's own tool still names a member
+/// for each while their lag grows); resumed, it reads on from where it
+/// stopped and every event lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_connector_stays_in_its_group() {
+    let topic = fresh_topic("idem_pause", 3).await;
+    produce(&topic, 0..3_000).await;
+    let schema = fresh_schema("kafka_pause");
+    let w = Workdir::new();
+    // A member that stops polling is dropped from the group after
+    // max.poll.interval.ms: 6 s here, as the session timeout (Conf).
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .property("max.poll.interval.ms", "6000")
+            .toml(),
+    );
+    let port = free_port();
+    let api = format!("http://127.0.0.1:{port}/connectors/k");
+    let log = w.path("run.log");
+    let mut runner = Reaped(
+        idem()
+            .arg("run")
+            .arg(&cfg)
+            .env("IDEM_ADMIN_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let state = || async {
+        let body = http.get(&api).send().await.unwrap().text().await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["state"].as_str().unwrap_or("").to_string()
+    };
+    let wait_rows = |n: i64| {
+        let schema = schema.clone();
+        let log = log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while count(&schema).await.0 < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_rows(3_000).await;
+
+    let paused = http.post(format!("{api}/pause")).send().await.unwrap();
+    assert_eq!(paused.status().as_u16(), 202);
+    assert_eq!(state().await, "paused");
+    produce(&topic, 3_000..6_000).await;
+    // Longer than a member may go without polling.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        count(&schema).await,
+        (3_000, 3_000),
+        "a paused connector wrote"
+    );
+    let described = describe_group(&topic);
+    assert_eq!(described.len(), 3, "{described:?}");
+    assert_eq!(
+        described.values().map(|(_, lag, _)| lag).sum::<i64>(),
+        3_000
+    );
+    for (partition, (_, _, member)) in &described {
+        assert_ne!(
+            member, "-",
+            "{partition} has no member: the paused runner left the group"
+        );
+    }
+
+    let resumed = http.post(format!("{api}/resume")).send().await.unwrap();
+    assert_eq!(resumed.status().as_u16(), 202);
+    wait_rows(6_000).await;
+    signal(runner.0.id(), "TERM");
+    assert!(runner.0.wait().unwrap().success());
+    assert_eq!(count(&schema).await, (6_000, 6_000));
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 3));
+    // The partitions were never given up: each opened once, under the
+    // epoch of its first opening.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(log.matches("partition opened").count(), 3, "{log}");
+    let epochs: Vec<i64> = pg()
+        .await
+        .query(
+            &format!("SELECT epoch FROM \"{schema}\".idem_offsets WHERE connector = 'k'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(epochs, [1, 1, 1]);
+}

@@ -371,8 +371,8 @@ pub fn produce_transactions(
 
 /// `kafka-consumer-groups --describe` of the topic's group, the broker's
 /// own tool (scripts/kafka.sh writes it): partition -> (committed offset,
-/// lag) as the broker reports them.
-pub fn describe_group(topic: &str) -> HashMap<String, (i64, i64)> {
+/// lag, member holding it or `-`) as the broker reports them.
+pub fn describe_group(topic: &str) -> HashMap<String, (i64, i64, String)> {
     let home = std::env::var("HOME").unwrap();
     let tool = format!("{home}/.cache/idem/kafka-4.4.0/bin/kafka-consumer-groups");
     let out = std::process::Command::new(&tool)
@@ -389,11 +389,15 @@ pub fn describe_group(topic: &str) -> HashMap<String, (i64, i64)> {
     stdout
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|cols| cols.len() >= 6 && cols[1] == topic)
+        .filter(|cols| cols.len() >= 7 && cols[1] == topic)
         .map(|cols| {
             (
                 format!("{topic}/{}", cols[2]),
-                (cols[3].parse().unwrap(), cols[5].parse().unwrap()),
+                (
+                    cols[3].parse().unwrap(),
+                    cols[5].parse().unwrap(),
+                    cols[6].to_string(),
+                ),
             )
         })
         .collect()
