@@ -393,9 +393,10 @@ pub fn describe_group(topic: &str) -> HashMap<String, (i64, i64, String)> {
         .map(|cols| {
             (
                 format!("{topic}/{}", cols[2]),
+                // `-`: nothing committed yet (offset and lag unknown).
                 (
-                    cols[3].parse().unwrap(),
-                    cols[5].parse().unwrap(),
+                    cols[3].parse().unwrap_or(-1),
+                    cols[5].parse().unwrap_or(-1),
                     cols[6].to_string(),
                 ),
             )
