@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Apache Kafka for the tests on 127.0.0.1:9092: one KRaft node (broker and
-# controller, the controller on the next port), no docker. The jars come
+# controller, the controller on the next port), no docker. Two more
+# listeners for the security tests: SASL_PLAINTEXT on 9094 and SASL_SSL on
+# 9095, both SCRAM-SHA-512 for the user `idem` (password
+# IDEM_KAFKA_PASSWORD, default `idem-kafka-secret`), the TLS one with a
+# certificate from a test CA made once with openssl (DATA/tls/ca.pem). The jars come
 # from Maven Central once (`mvn dependency:copy-dependencies` of a small pom
 # written to ~/.cache/idem/kafka-VERSION, about 15 s); the storage is
 # formatted once; the JVM gets a bounded heap. Reuses a broker that already
@@ -10,6 +14,10 @@ VERSION=4.4.0
 HOST=127.0.0.1
 PORT="${IDEM_KAFKA_PORT:-9092}"
 CONTROLLER_PORT=$((PORT + 1))
+SASL_PORT=$((PORT + 2))
+TLS_PORT=$((PORT + 3))
+SCRAM_USER=idem
+SCRAM_PASSWORD="${IDEM_KAFKA_PASSWORD:-idem-kafka-secret}"
 HOME_DIR="$HOME/.cache/idem/kafka-$VERSION"
 DATA="${IDEM_KAFKA_DATA:-$HOME/.cache/idem/kafka-data-$PORT}"
 PIDFILE="$DATA/kafka.pid"
@@ -34,8 +42,22 @@ exec java -Xmx128m -cp "$HOME_DIR/libs/*" \\
 EOF
 chmod +x "$HOME_DIR/bin/kafka-consumer-groups"
 
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+# The SCRAM user, through the plaintext listener (idempotent).
+scram_user() {
+  java -Xmx128m -cp "$HOME_DIR/libs/*" org.apache.kafka.tools.ConfigCommand \
+    --bootstrap-server "$HOST:$PORT" --alter --entity-type users --entity-name "$SCRAM_USER" \
+    --add-config "SCRAM-SHA-512=[iterations=4096,password=$SCRAM_PASSWORD]" >/dev/null
+}
+
 if listening; then
-  exit 0
+  if port_open "$TLS_PORT"; then
+    exit 0
+  fi
+  # Started by an older version of this script, without the SASL and TLS
+  # listeners: start it again with them.
+  stop_server kafka
 fi
 
 # Java 17+ and Maven: from Debian when missing.
@@ -68,6 +90,28 @@ EOF
   mv "$HOME_DIR/libs.tmp" "$HOME_DIR/libs"
 fi
 
+# The TLS listener's certificate, from a CA of its own (once).
+TLS="$DATA/tls"
+if ! [ -f "$TLS/broker.p12" ]; then
+  if ! command -v openssl >/dev/null; then
+    [ "$(id -u)" = 0 ] || { echo "kafka.sh: openssl is needed for the TLS listener: sudo apt-get install openssl" >&2; exit 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+  fi
+  mkdir -p "$TLS"
+  (
+    cd "$TLS"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=idem test CA" \
+      -keyout ca.key -out ca.pem 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$HOST" -keyout broker.key -out broker.csr 2>/dev/null
+    printf 'subjectAltName=IP:%s,DNS:localhost\n' "$HOST" >san.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile san.ext -out broker.pem 2>/dev/null
+    openssl pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem \
+      -passout pass:idem-tls -out broker.p12.part
+    mv broker.p12.part broker.p12
+  )
+fi
+
 cat >"$DATA/log4j2.properties" <<EOF
 status = error
 appender.out.type = Console
@@ -84,11 +128,18 @@ cat >"$DATA/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT,SASL_SSL://$HOST:$TLS_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT,SASL_SSL://$HOST:$TLS_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS/broker.p12
+ssl.keystore.password=idem-tls
+ssl.key.password=idem-tls
 log.dirs=$DATA/logs
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -114,3 +165,4 @@ fi
 
 # A JVM takes a few seconds to listen: wait up to 60 s.
 START_TRIES=600 start_server kafka "${java_cmd[@]}" kafka.Kafka "$DATA/server.properties"
+scram_user

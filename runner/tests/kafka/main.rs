@@ -9,5 +9,6 @@ mod dead_letters;
 mod exactly_once;
 mod flow;
 mod group;
+mod security;
 mod settings;
 mod support;

@@ -5,7 +5,7 @@
 
 use idem_core::{Assignment, Message, Meta};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -168,6 +168,24 @@ pub(crate) enum Inbound {
 pub(crate) struct Context {
     pub(crate) assignments: mpsc::UnboundedSender<Assignment>,
     pub(crate) inboxes: Inboxes,
+    /// What librdkafka last said went wrong (a refused password, a
+    /// certificate that does not verify), for the error a failed start
+    /// gives instead of a bare "no broker answered".
+    pub(crate) last_error: Mutex<Option<String>>,
+}
+
+impl Context {
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// librdkafka's reasons name the broker and the cause; they hold no
+    /// secret (a password is never echoed).
+    fn remember(&self, reason: &str) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(reason.to_string());
+        }
+    }
 }
 
 impl ClientContext for Context {
@@ -176,10 +194,27 @@ impl ClientContext for Context {
     // change instead, and librdkafka's own lines stay at debug level.
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         debug!(?level, facility = fac, "librdkafka: {message}");
+        // A failed connection, logged from librdkafka's own threads at
+        // once (its error events wait for a poll, which a start that
+        // waits for metadata does not make).
+        use rdkafka::config::RDKafkaLogLevel as L;
+        let failed = matches!(
+            level,
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning
+        );
+        if fac == "FAIL" && failed {
+            let reason = message.split_once("]: ").map_or(message, |(_, rest)| rest);
+            self.remember(reason);
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
         debug!(%error, "librdkafka: {reason}");
+        // "All brokers are down" follows the error that says why.
+        let summary = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+        if !summary {
+            self.remember(reason);
+        }
     }
 }
 

@@ -99,9 +99,13 @@ impl KafkaSource {
             .set("auto.offset.reset", "earliest");
         // librdkafka's own lines reach the log at debug level (with
         // `debug = "..."` among the properties for its detailed traces).
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            client.set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
-        }
+        // Its warnings and errors always reach the context, which keeps
+        // the last failed connection's reason for a failed start.
+        client.set_log_level(if tracing::enabled!(tracing::Level::DEBUG) {
+            rdkafka::config::RDKafkaLogLevel::Debug
+        } else {
+            rdkafka::config::RDKafkaLogLevel::Warning
+        });
         for (k, v) in &cfg.properties {
             debug_assert!(!OWNED.contains(&k.as_str()));
             client.set(k, v.expose());
@@ -110,6 +114,7 @@ impl KafkaSource {
             .create_with_context(Context {
                 assignments: tx,
                 inboxes: inboxes.clone(),
+                last_error: Default::default(),
             })
             .map_err(|e| format!("cannot create the consumer: {e}"))?;
         Ok(Client {
@@ -143,14 +148,22 @@ impl KafkaSource {
             Ok(Ok(names)) => names,
             Ok(Err(e)) => {
                 self.subscribed.store(false, Ordering::SeqCst);
-                return Err(setup(
-                    &self.cfg,
-                    format!(
-                        "no broker answered at {} within {}s ({e}); is Kafka running there? (for Idem's tests: bash scripts/kafka.sh)",
-                        self.cfg.brokers,
-                        BROKER_TIMEOUT.as_secs()
+                let brokers = &self.cfg.brokers;
+                let secs = BROKER_TIMEOUT.as_secs();
+                // A broker that answered but refused us (credentials, TLS)
+                // says why; silence means nothing listens there. librdkafka
+                // queues its reasons until the consumer is polled: poll it.
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), client.consumer.recv()).await;
+                let why = match client.consumer.context().last_error() {
+                    Some(reason) if !reason.contains("Connection refused") => format!(
+                        "could not connect to {brokers} within {secs}s: {reason}; check the connection settings in [source.properties] (security.protocol, sasl.*, ssl.*)"
                     ),
-                ));
+                    _ => format!(
+                        "no broker answered at {brokers} within {secs}s ({e}); is Kafka running there? (for Idem's tests: bash scripts/kafka.sh)"
+                    ),
+                };
+                return Err(setup(&self.cfg, why));
             }
             Err(e) => {
                 self.subscribed.store(false, Ordering::SeqCst);
