@@ -151,6 +151,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
+# A transaction left open by a dead producer is aborted soon after its
+# transaction.timeout.ms (the broker looks every 2 s instead of 10 s).
+transaction.abort.timed.out.transaction.cleanup.interval.ms=2000
 EOF
 
 java_cmd=(java "-Xms256m" "-Xmx$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20

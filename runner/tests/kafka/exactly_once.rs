@@ -309,3 +309,89 @@ async fn transactions_committed_land_once_and_aborted_never() {
     // steps over it, so the lag reads 0.
     assert_eq!(positions(&schema).await, end_offsets(&topic, 3));
 }
+
+/// A transactional producer dies with its transaction open on partition 0.
+/// Under `read_committed` nothing after the open transaction can be read
+/// (the partition's last stable offset stays before it): the events
+/// committed later to partition 0 wait, partition 1 flows. Once the broker
+/// aborts the transaction (its `transaction.timeout.ms`, 5 s here), they
+/// land, once, and the open transaction's events never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_open_holds_its_partition_back_until_it_times_out() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let topic = fresh_topic("idem_open_tx", 2).await;
+    let schema = fresh_schema("kafka_open_tx");
+    let w = Workdir::new();
+    let cfg = w.write("k.toml", &Conf::new(&topic, &schema).toml());
+    let send = |producer: &BaseProducer, partition: i32, ids: std::ops::Range<i64>| {
+        for i in ids {
+            let (key, value) = (i.to_string(), format!(r#"{{"id":{i},"v":{}}}"#, i * 10));
+            producer
+                .send(
+                    BaseRecord::to(&topic)
+                        .key(&key)
+                        .payload(&value)
+                        .partition(partition),
+                )
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    // The transaction left open: ids 1000..1100 on partition 0.
+    let dead: BaseProducer = client_config()
+        .set("transactional.id", format!("{topic}-dead"))
+        .set("transaction.timeout.ms", "5000")
+        .create()
+        .unwrap();
+    dead.init_transactions(Duration::from_secs(30)).unwrap();
+    dead.begin_transaction().unwrap();
+    send(&dead, 0, 1_000..1_100);
+    let opened = Instant::now();
+    drop(dead); // killed: neither committed nor aborted
+                // Committed after it, on both partitions.
+    let plain: BaseProducer = client_config().create().unwrap();
+    send(&plain, 0, 0..100);
+    send(&plain, 1, 100..200);
+
+    let mut runner = Reaped(spawn_runner(&cfg, &w.path("run.log"), ""));
+    let ids = |schema: String| async move {
+        pg().await
+            .query(
+                &format!("SELECT id FROM \"{schema}\".events ORDER BY id"),
+                &[],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    // Partition 1 lands while partition 0 waits behind the open transaction.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids(schema.clone()).await != (100..200).collect::<Vec<_>>() {
+        assert!(Instant::now() < deadline, "{:?}", ids(schema.clone()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held_for = opened.elapsed();
+    assert!(
+        held_for < Duration::from_secs(5),
+        "the transaction timed out before partition 1 was checked ({held_for:?}): the test proves nothing"
+    );
+    // Then the broker aborts it, and partition 0's committed events land.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ids(schema.clone()).await.len() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "partition 0 still held back: {:?}",
+            ids(schema.clone()).await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "partition 0 was held back {:?} after the transaction opened (transaction.timeout.ms = 5000)",
+        opened.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(runner.0.id(), "TERM");
+    assert!(runner.0.wait().unwrap().success());
+    assert_eq!(ids(schema.clone()).await, (0..200).collect::<Vec<_>>());
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 2));
+}
