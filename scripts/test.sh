@@ -4,13 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/deps.sh
-bash scripts/duckdb-lib.sh
-bash scripts/postgres.sh
-bash scripts/redis.sh
-bash scripts/kafka.sh
-bash scripts/s3.sh
-bash scripts/s3s-fs.sh
+# Each install-and-start step says how long it took (seconds).
+step() {
+  local started=$SECONDS
+  bash "scripts/$1"
+  echo "== scripts/$1: $((SECONDS - started)) s" >&2
+}
+step deps.sh
+step duckdb-lib.sh
+step postgres.sh
+step redis.sh
+step kafka.sh
+step s3.sh
+step s3s-fs.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
