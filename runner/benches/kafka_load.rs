@@ -184,6 +184,8 @@ fn main() {
             Command::new(idem)
                 .args(["run"])
                 .arg(&cfg)
+                // Two runners on one host: an admin API port each.
+                .env("IDEM_ADMIN_LISTEN", "127.0.0.1:0")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(log).unwrap())
                 .spawn()
@@ -204,11 +206,16 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let elapsed = started.elapsed();
-    for mut r in runners {
+    for (mut r, log) in runners.into_iter().zip(&logs) {
         let _ = Command::new("sh")
             .args(["-c", &format!("kill -TERM {}", r.id())])
             .status();
-        assert!(r.wait().unwrap().success());
+        let status = r.wait().unwrap();
+        assert!(
+            status.success(),
+            "a runner after SIGTERM: {status:?}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
     assert_eq!(count("two"), events as i64);
     results.push(("(d) idem -> PostgreSQL, 2 runners".into(), elapsed, None));

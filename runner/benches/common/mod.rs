@@ -131,6 +131,9 @@ pub fn run_idem(idem: &str, config: &Path) -> (Duration, u64, Vec<f64>) {
     let (elapsed, peak, out) = run_measured(
         Command::new(idem)
             .env("RUST_LOG", "warn,idem::connector=debug")
+            // Not the default admin port: an idem running on this host
+            // keeps it.
+            .env("IDEM_ADMIN_LISTEN", "127.0.0.1:0")
             .args(["--log-format", "json", "run"])
             .arg(config),
     );

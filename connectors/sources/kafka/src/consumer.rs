@@ -32,8 +32,7 @@ const IDLE_POSITIONS: Duration = Duration::from_millis(500);
 
 /// Send each reader its partition's consumer position (see [`Inbound`]).
 /// A full inbox is skipped: its reader has messages to read first. So is a
-/// held partition: messages before its consumer position were dropped, to
-/// be fetched again.
+/// held partition: messages before its consumer position wait in `Held`.
 async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes, held: &Held) {
     let Ok(positions) = consumer.position() else {
         return;
@@ -54,105 +53,148 @@ async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes, h
     }
 }
 
-/// Flow control per partition. A reader whose inbox is full (its sink
-/// commits slowly) has its partition paused in the consumer, so the poller
-/// never waits on one partition and the others keep flowing. The message
-/// it could not take, and any fetched for that partition while it is
-/// paused, are dropped; once the inbox is half empty the partition is
-/// seeked back to that message and resumed. It stays held, without
-/// positions, until that message has been handed over.
+/// Flow control per partition: the poller never waits on one reader, so a
+/// slow partition (its sink commits slowly) does not hold up the others.
+/// What a reader with a full inbox cannot take yet waits here, in order,
+/// and goes to it as its inbox frees up; past `STASH` waiting messages the
+/// partition is paused in the consumer, and resumed where the consumer left
+/// it once all of them are handed over and the inbox is half empty.
+/// Nothing is dropped or fetched twice.
 #[derive(Default)]
 struct Held {
-    parts: HashMap<String, HeldPartition>,
+    parts: HashMap<String, Overflow>,
 }
 
-struct HeldPartition {
-    /// The reader it was held for: a new reader (reopened) starts afresh.
+struct Overflow {
+    /// The reader it waits for: a new reader (reopened) starts afresh.
     inbox: mpsc::Sender<Inbound>,
-    /// The first offset not handed over.
-    from: i64,
+    /// Fetched, not handed over yet.
+    waiting: std::collections::VecDeque<Message>,
+    /// Paused in the consumer: more than `STASH` messages waited.
     paused: bool,
 }
 
+/// Messages kept for a reader whose inbox is full before its partition is
+/// paused: a reader only briefly behind catches up without a pause, whose
+/// resume costs a fetch round trip (librdkafka drops what it prefetched
+/// for a paused partition).
+const STASH: usize = 4096;
+
 impl Held {
-    /// Whether the poller must drop a message of `name` at `offset` rather
-    /// than hand it to `inbox`.
-    fn drops(&mut self, name: &str, offset: i64, inbox: &mpsc::Sender<Inbound>) -> bool {
-        let Some(h) = self.parts.get(name) else {
-            return false;
-        };
-        if !h.inbox.same_channel(inbox) {
-            // Reopened since: its reader seeked where the sink says.
-            self.parts.remove(name);
-            return false;
-        }
-        h.paused || offset < h.from
-    }
-
-    /// `offset` of `name` was handed over: once it is the held one, or
-    /// past it, the partition flows as any other.
-    fn delivered(&mut self, name: &str, offset: i64) {
-        if self.parts.get(name).is_some_and(|h| offset >= h.from) {
-            self.parts.remove(name);
-        }
-    }
-
-    /// `inbox` is full: pause `name` and remember where to resume.
-    fn hold(
+    /// Hand `message` of `name` to `inbox`, or keep it behind what waits.
+    fn deliver(
         &mut self,
         consumer: &StreamConsumer<Context>,
         name: &str,
-        offset: i64,
         inbox: mpsc::Sender<Inbound>,
+        message: Message,
     ) {
-        let Some((topic, partition)) = split_name(name) else {
-            return;
-        };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
-        if let Err(e) = consumer.pause(&tpl) {
-            warn!(partition = %name, error = %e, "could not pause a partition whose reader is behind");
+        if let Some(o) = self.parts.get_mut(name) {
+            if o.inbox.same_channel(&inbox) {
+                o.waiting.push_back(message);
+                if !o.paused && o.waiting.len() > STASH {
+                    if let Err(e) = set_paused(consumer, name, true) {
+                        warn!(partition = %name, error = %e, "could not pause a partition whose reader is behind");
+                    }
+                    debug!(partition = %name, "reader behind: partition paused until its inbox drains");
+                    o.paused = true;
+                }
+                return;
+            }
+            // Reopened since: its reader seeked where the sink says.
+            self.parts.remove(name);
         }
-        debug!(partition = %name, offset, "reader behind: partition paused until its inbox drains");
-        self.parts.insert(
-            name.to_string(),
-            HeldPartition {
-                inbox,
-                from: offset,
-                paused: true,
-            },
-        );
+        match inbox.try_send(Inbound::Message(message)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Inbound::Message(message))) => {
+                self.parts.insert(
+                    name.to_string(),
+                    Overflow {
+                        inbox,
+                        waiting: std::collections::VecDeque::from([message]),
+                        paused: false,
+                    },
+                );
+            }
+            Err(_) => debug!(partition = %name, "reader gone; message dropped"),
+        }
     }
 
-    /// Resume the paused partitions whose inbox is at least half empty,
-    /// from their first message not handed over; forget those whose reader
-    /// is gone.
-    fn resume_drained(&mut self, consumer: &StreamConsumer<Context>) {
-        self.parts.retain(|_, h| !h.inbox.is_closed());
-        for (name, h) in self.parts.iter_mut().filter(|(_, h)| h.paused) {
-            if h.inbox.capacity() < h.inbox.max_capacity() / 2 {
-                continue;
+    /// Hand over what waits as inboxes free up; resume the partitions
+    /// whose waiting messages are all handed over and whose inbox is half
+    /// empty; forget those whose reader is gone.
+    fn drain(&mut self, consumer: &StreamConsumer<Context>) {
+        self.parts.retain(|name, o| {
+            if o.inbox.is_closed() {
+                return false; // reader gone: reopened, it fetches again
             }
-            let Some((topic, partition)) = split_name(name) else {
-                continue;
-            };
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(topic, partition);
-            // A zero timeout queues the seek; it takes effect before the
-            // partition is fetched again.
-            let resumed = consumer
-                .seek(topic, partition, Offset::Offset(h.from), Duration::ZERO)
-                .and_then(|()| consumer.resume(&tpl));
-            match resumed {
+            while let Some(message) = o.waiting.pop_front() {
+                match o.inbox.try_send(Inbound::Message(message)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(Inbound::Message(message))) => {
+                        o.waiting.push_front(message);
+                        return true;
+                    }
+                    Err(_) => return false, // reader gone
+                }
+            }
+            if !o.paused {
+                return false; // all handed over, never paused
+            }
+            if o.inbox.capacity() < o.inbox.max_capacity() / 2 {
+                return true;
+            }
+            match set_paused(consumer, name, false) {
                 Ok(()) => {
-                    debug!(partition = %name, offset = h.from, "reader caught up: partition resumed");
-                    h.paused = false;
+                    debug!(partition = %name, "reader caught up: partition resumed");
+                    false
                 }
                 Err(e) => {
-                    debug!(partition = %name, error = %e, "partition not resumed yet; trying again")
+                    debug!(partition = %name, error = %e, "partition not resumed yet; trying again");
+                    true
                 }
             }
+        });
+    }
+}
+
+impl Held {
+    /// Ready when a held partition's reader has room: for its next waiting
+    /// message, or (none waiting) for half its inbox, when it is resumed.
+    /// Never ready without held partitions.
+    async fn room(&self) {
+        if self.parts.is_empty() {
+            return std::future::pending().await;
         }
+        let waits = self.parts.values().map(|o| {
+            let n = if o.waiting.is_empty() {
+                (o.inbox.max_capacity() / 2).max(1)
+            } else {
+                1
+            };
+            Box::pin(async move {
+                // The permits go back at once: `drain` sends.
+                let _ = o.inbox.reserve_many(n).await;
+            })
+        });
+        futures_util::future::select_all(waits).await;
+    }
+}
+
+fn set_paused(
+    consumer: &StreamConsumer<Context>,
+    name: &str,
+    paused: bool,
+) -> Result<(), KafkaError> {
+    let Some((topic, partition)) = split_name(name) else {
+        return Ok(());
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
     }
 }
 
@@ -271,18 +313,28 @@ pub(crate) async fn poll(
     // at most every 30 s while it lasts.
     let mut reported: Option<(String, std::time::Instant)> = None;
     let mut held = Held::default();
+    let mut last_message = std::time::Instant::now();
     loop {
-        held.resume_drained(&consumer);
-        // Half a second without a message: the poller holds none,
-        // so each partition's position tells its reader whether
-        // offsets past its last message hold nothing to read.
-        let received = match tokio::time::timeout(IDLE_POSITIONS, consumer.recv()).await {
+        held.drain(&consumer);
+        // A message, or room for what waits (a paused partition brings no
+        // message that would wake the loop).
+        let next = tokio::select! {
+            received = tokio::time::timeout(IDLE_POSITIONS, consumer.recv()) => received,
+            () = held.room() => continue,
+        };
+        let received = match next {
             Ok(r) => r,
             Err(_) => {
-                send_positions(&consumer, &inboxes, &held).await;
+                // Half a second without a message: the poller holds none,
+                // so each partition's position tells its reader whether
+                // offsets past its last message hold nothing to read.
+                if last_message.elapsed() >= IDLE_POSITIONS {
+                    send_positions(&consumer, &inboxes, &held).await;
+                }
                 continue;
             }
         };
+        last_message = std::time::Instant::now();
         let msg = match received {
             Ok(m) => {
                 if reported.take().is_some() {
@@ -308,9 +360,6 @@ pub(crate) async fn poll(
         // No reader yet (or any more): it will be fetched again
         // from the sink's position when one opens.
         let Some(inbox) = inbox else { continue };
-        if held.drops(&name, msg.offset(), &inbox) {
-            continue;
-        }
         let Ok(offset) = u64::try_from(msg.offset()) else {
             continue;
         };
@@ -348,14 +397,7 @@ pub(crate) async fn poll(
             meta,
         };
         drop(msg);
-        let at = i64::try_from(offset).unwrap_or(i64::MAX);
-        match inbox.try_send(Inbound::Message(message)) {
-            Ok(()) => held.delivered(&name, at),
-            Err(mpsc::error::TrySendError::Full(_)) => held.hold(&consumer, &name, at, inbox),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                debug!(partition = %name, "reader gone; message dropped")
-            }
-        }
+        held.deliver(&consumer, &name, inbox, message);
     }
 }
 
