@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// One partition's commits are slowed (a fail point sleeps before each of
-/// them) until its reader falls behind: the consumer pauses that partition
-/// alone, drops what it fetched for it meanwhile and fetches it again once
-/// the reader has room. Every event lands exactly once; the time at which
-/// each partition reached its end is printed (timing is not asserted).
+/// them) until its reader falls behind: the consumer keeps what it fetched
+/// for it, pauses that partition alone and resumes it once the reader has
+/// taken all of it. Every event lands exactly once; the time at which each
+/// partition reached its end is printed (timing is not asserted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_partition_does_not_hold_up_the_others() {
     let topic = fresh_topic("idem_slow", 3).await;
