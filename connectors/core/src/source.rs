@@ -114,8 +114,10 @@ pub trait Source: Send + Sync {
 /// Reads one partition in order.
 #[async_trait]
 pub trait PartitionReader: Send {
-    /// Append up to `max` messages to `out`. Must be cancel-safe between
-    /// calls: the runner may drop the reader while a call waits.
+    /// Append up to `max` messages to `out`. Must be cancel-safe: the
+    /// runner may drop a call that waits (a pause, a stop) and, after a
+    /// pause, call again with what the dropped call appended to `out` kept
+    /// and handed on; no message may be lost or given twice by that.
     async fn read(&mut self, max: usize, out: &mut Vec<Message>)
         -> Result<ReadStatus, SourceError>;
 
