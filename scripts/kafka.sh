@@ -8,7 +8,8 @@
 # from Maven Central once (`mvn dependency:copy-dependencies` of a small pom
 # written to ~/.cache/idem/kafka-VERSION, about 15 s); the storage is
 # formatted once; the JVM gets a bounded heap. Reuses a broker that already
-# answers there. Idempotent. `scripts/kafka.sh stop` stops it.
+# answers there with the same configuration (one started with another is
+# started again). Idempotent. `scripts/kafka.sh stop` stops it.
 set -euo pipefail
 VERSION=4.4.0
 HOST=127.0.0.1
@@ -42,7 +43,6 @@ exec java -Xmx128m -cp "$HOME_DIR/libs/*" \\
 EOF
 chmod +x "$HOME_DIR/bin/kafka-consumer-groups"
 
-port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 # The SCRAM user, through the plaintext listener (idempotent).
 scram_user() {
@@ -50,15 +50,6 @@ scram_user() {
     --bootstrap-server "$HOST:$PORT" --alter --entity-type users --entity-name "$SCRAM_USER" \
     --add-config "SCRAM-SHA-512=[iterations=4096,password=$SCRAM_PASSWORD]" >/dev/null
 }
-
-if listening; then
-  if port_open "$TLS_PORT"; then
-    exit 0
-  fi
-  # Started by an older version of this script, without the SASL and TLS
-  # listeners: start it again with them.
-  stop_server kafka
-fi
 
 # Java 17+ and Maven: from Debian when missing.
 if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
@@ -124,7 +115,8 @@ logger.kafka.name = kafka.server.KafkaRaftServer
 logger.kafka.level = info
 EOF
 
-cat >"$DATA/server.properties" <<EOF
+mkdir -p "$DATA"
+cat >"$DATA/server.properties.new" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
@@ -154,7 +146,24 @@ auto.create.topics.enable=true
 # A transaction left open by a dead producer is aborted soon after its
 # transaction.timeout.ms (the broker looks every 2 s instead of 10 s).
 transaction.abort.timed.out.transaction.cleanup.interval.ms=2000
+# Groups on the consumer protocol (KIP-848) time out a silent member on the
+# broker's side: 6 s, as the tests' classic groups ask for (default 45 s).
+group.consumer.min.session.timeout.ms=6000
+group.consumer.session.timeout.ms=6000
+group.consumer.min.heartbeat.interval.ms=1000
+group.consumer.heartbeat.interval.ms=1000
 EOF
+
+# A broker already answering is reused if it runs with this configuration;
+# one started by an older version of this script is started again.
+if listening; then
+  if cmp -s "$DATA/server.properties.new" "$DATA/server.properties"; then
+    rm -f "$DATA/server.properties.new"
+    exit 0
+  fi
+  stop_server kafka
+fi
+mv "$DATA/server.properties.new" "$DATA/server.properties"
 
 java_cmd=(java "-Xms256m" "-Xmx$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
   -Djava.awt.headless=true "-Dlog4j2.configurationFile=$DATA/log4j2.properties"

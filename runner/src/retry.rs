@@ -30,6 +30,12 @@ impl Retriable for SinkError {
     }
 }
 
+impl Retriable for idem_core::SourceError {
+    fn is_retriable(&self) -> bool {
+        idem_core::SourceError::is_retriable(self)
+    }
+}
+
 impl Retriable for idem_dedup_store::DedupError {
     fn is_retriable(&self) -> bool {
         idem_dedup_store::DedupError::is_retriable(self)

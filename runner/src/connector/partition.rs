@@ -50,11 +50,17 @@ impl Connector {
                     Err(SinkError::Fenced { .. }) => return Ok(None),
                     Err(e) => return Err(self.sink_err(e)),
                 };
-            let reader = self
-                .source
-                .open(partition, opened.next_offset)
-                .await
-                .map_err(|e| self.source_err(e))?;
+            // A partition just moved here may not be ready to look up or
+            // seek (the group is still settling): tried again, not failed.
+            let reader = retry_transient(
+                retry,
+                &self.stats,
+                "open the source partition",
+                &stop,
+                || self.source.open(partition, opened.next_offset),
+            )
+            .await
+            .map_err(|e| self.source_err(e))?;
             Ok::<_, RunError>(Some((opened, reader)))
         }
         .await;

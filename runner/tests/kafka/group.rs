@@ -15,21 +15,28 @@ async fn the_same_with_cooperative_sticky_assignment() {
     group_scenario(&[("partition.assignment.strategy", "cooperative-sticky")]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_on_the_consumer_group_protocol() {
+    group_scenario(&[("group.protocol", "consumer")]).await;
+}
+
 /// Three runners in one group: one killed, one added, one frozen mid-batch
-/// and fenced; then every event exactly once. `properties` are extra
-/// consumer settings.
+/// and fenced by the group; then every event exactly once. `properties`
+/// are extra consumer settings.
 async fn group_scenario(properties: &[(&str, &str)]) {
     let topic = fresh_topic("idem_group", 6).await;
     let schema = fresh_schema("kafka_group");
     let w = Workdir::new();
-    let cfg = w.write(
-        "k.toml",
-        &properties
-            .iter()
-            .fold(Conf::new(&topic, &schema), |c, (k, v)| c.property(k, v))
-            .max_records(500)
-            .toml(),
-    );
+    let conf = properties
+        .iter()
+        .fold(Conf::new(&topic, &schema), |c, (k, v)| {
+            if (*k, *v) == ("group.protocol", "consumer") {
+                c.consumer_protocol()
+            } else {
+                c.property(k, v)
+            }
+        });
+    let cfg = w.write("k.toml", &conf.max_records(500).toml());
     const TOTAL: i64 = 60_000;
     produce(&topic, 0..20_000).await;
     // The rest arrives while runners come, go and freeze.
@@ -62,27 +69,27 @@ async fn group_scenario(properties: &[(&str, &str)]) {
     a.kill().unwrap();
     a.wait().unwrap();
     let d = spawn_runner(&cfg, &w.path("d.log"), "");
-    // While B is frozen, a newer runner opens every partition, as it does
-    // once the group moves B's partitions away (the broker evicts a silent
-    // member after its session timeout; the test opens them itself at
-    // once, with the same statement a runner's open runs). The statement may
-    // wait for a row B locked before it froze: it runs beside the wake-up,
-    // not before it, or each would wait for the other.
-    let fence = tokio::spawn({
-        let schema = schema.clone();
-        async move {
-            pg().await
-                .batch_execute(&format!(
-                    "UPDATE \"{schema}\".idem_offsets SET epoch = epoch + 1 WHERE connector = 'k'"
-                ))
-                .await
-                .unwrap();
+    // The group, not the test, moves the partitions: A is dead and B
+    // frozen, so the broker evicts both once their session times out (6 s)
+    // and gives every partition to C and D, which open them under a new
+    // epoch. Then B wakes with the batch it held.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let described = describe_group(&topic);
+        let members: std::collections::HashSet<&str> =
+            described.values().map(|(_, _, m)| m.as_str()).collect();
+        if described.len() == 6 && members.len() == 2 && !members.contains("-") {
+            break;
         }
-    });
-    // Past B's session timeout: on waking it rejoins the group.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+        assert!(
+            Instant::now() < deadline,
+            "the group never settled on the two live runners: {described:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Time for C and D to open what they were given.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     signal(b.id(), "CONT");
-    fence.await.unwrap();
 
     producing.await.unwrap();
     let started = Instant::now();
