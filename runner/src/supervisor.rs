@@ -330,9 +330,9 @@ impl Supervised {
                             Err(e) => self.fail(format!("task failed: {e}")),
                         }
                         wanted = false;
-                        break None;
+                        break Next::Ended;
                     }
-                    _ = shutdown.stop.cancelled() => break Some(None),
+                    _ = shutdown.stop.cancelled() => break Next::Stop,
                     cmd = commands.recv() => match cmd {
                         Some(Command::Pause) => {
                             info!(connector = %self.name, "pausing: committing what was read, then reading nothing until resumed");
@@ -346,32 +346,30 @@ impl Supervised {
                             conn.set_paused(false);
                             self.set_state(State::Running);
                         }
-                        Some(Command::Restart) => break Some(Some(State::Restarting)),
+                        Some(Command::Restart) => break Next::Restart,
                         Some(Command::Reload(new)) => {
                             cfg = *new;
-                            break Some(Some(State::Restarting));
+                            break Next::Restart;
                         }
-                        None | Some(Command::Remove) => break Some(None),
+                        None | Some(Command::Remove) => break Next::Stop,
                     }
                 }
             };
-            let Some(next) = next else {
-                // Ended on its own (finished or failed): keep it around for
-                // `restart` and the API.
-                self.stats.set_prepared(false);
-                continue;
-            };
             match next {
-                None => {
+                Next::Ended => {
+                    // Finished or failed: kept around for `restart` and the API.
+                    self.stats.set_prepared(false);
+                }
+                Next::Stop => {
                     // Process stopping or connector removed.
                     token.cancel();
                     self.stop_run(&mut run, &shutdown).await;
                     self.stats.set_prepared(false);
                     break;
                 }
-                Some(state) => {
+                Next::Restart => {
                     info!(connector = %self.name, "restarting: committing in-flight batches, then stopping");
-                    self.set_state(state);
+                    self.set_state(State::Restarting);
                     token.cancel();
                     let stopped_cleanly = self.stop_run(&mut run, &shutdown).await;
                     self.stats.set_prepared(false);
@@ -464,4 +462,14 @@ impl Supervised {
         self.lock().failure = Some(e);
         self.set_state(State::Failed);
     }
+}
+
+/// What a running connector's loop turned to.
+enum Next {
+    /// The run ended by itself: finished or failed.
+    Ended,
+    /// The process stops or the connector is removed.
+    Stop,
+    /// `restart` or a changed config: stop, then start again.
+    Restart,
 }

@@ -173,3 +173,108 @@ type = "bigint"
         assert_eq!(sum, (0..n).sum::<i64>());
     });
 }
+
+/// A runner frozen in the middle of a commit (SIGSTOP after its write,
+/// before COMMIT: its transaction holds the partition's row lock) does not
+/// hold the partition forever: the server aborts the idle transaction
+/// after `idle_in_transaction_timeout`, a second runner takes the
+/// partition and finishes, and the frozen one, woken, is fenced and
+/// writes nothing twice.
+#[test]
+fn a_runner_frozen_mid_commit_lets_the_next_one_through() {
+    let w = Workdir::new();
+    let schema = fresh_schema("frozen");
+    let n = 20_000;
+    let lines: String = (0..n)
+        .map(|i| format!("{{\"id\":\"e{i}\",\"n\":{i}}}\n"))
+        .collect();
+    w.write("in-0.jsonl", &lines);
+    let cfg = w.write(
+        "t.toml",
+        &format!(
+            r#"
+[connectors.t]
+[connectors.t.source]
+type = "file"
+path = "{src}"
+[connectors.t.sink]
+type = "postgres"
+url = "{url}"
+schema = "{schema}"
+table = "events"
+idle_in_transaction_timeout = "2s"
+[connectors.t.batch]
+max_records = 500
+[[connectors.t.columns]]
+name = "id"
+type = "text"
+required = true
+[[connectors.t.columns]]
+name = "n"
+type = "bigint"
+"#,
+            src = w.path("in-0.jsonl").display(),
+            url = pg_url(),
+        ),
+    );
+    let spawn = |failpoints: &str, log: &str| {
+        idem()
+            .env("IDEM_FAILPOINTS", failpoints)
+            .arg("run")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(w.path(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let frozen = Reaped(spawn("after_write=2:stop", "frozen.log"));
+    let started = std::time::Instant::now();
+    while !is_stopped(frozen.0.id()) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the first runner never reached its second write"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Without the timeout the second runner's open waits for the frozen
+    // one's lock until it wakes, which it never does here.
+    let mut next = Reaped(spawn("", "next.log"));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = next.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(90),
+            "the second runner is still waiting for the frozen one:\n{}",
+            std::fs::read_to_string(w.path("next.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(w.path("next.log")).unwrap_or_default()
+    );
+    signal(frozen.0.id(), "CONT");
+    let mut frozen = frozen;
+    let woke = frozen.0.wait().unwrap();
+    let log = std::fs::read_to_string(w.path("frozen.log")).unwrap_or_default();
+    assert!(woke.success(), "the woken runner: {woke:?}\n{log}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let row = pg()
+            .await
+            .query_one(
+                &format!(
+                    "SELECT count(*), count(DISTINCT id), sum(n)::bigint FROM \"{schema}\".events"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (rows, distinct, sum): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!((rows, distinct), (n, n), "lost or duplicated rows:\n{log}");
+        assert_eq!(sum, (0..n).sum::<i64>());
+    });
+}

@@ -87,8 +87,34 @@ async fn group_scenario(properties: &[(&str, &str)]) {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Time for C and D to open what they were given.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Then C and D open what they were given: wait until every partition
+    // B held carries a newer epoch than B's (a busy machine may take a
+    // while to get there after the broker's assignment), except those B
+    // froze in the middle of a commit: their open waits for B's row lock
+    // (B commits first when it wakes, then they open after it).
+    let held_by_b = opened_in(&std::fs::read_to_string(w.path("b.log")).unwrap());
+    assert!(
+        !held_by_b.is_empty(),
+        "B opened no partition:\n{}",
+        std::fs::read_to_string(w.path("b.log")).unwrap()
+    );
+    loop {
+        let now = epochs(&schema).await;
+        let behind: Vec<&String> = held_by_b
+            .iter()
+            .filter(|(p, e)| now.get(*p).is_none_or(|n| n <= e))
+            .map(|(p, _)| p)
+            .collect();
+        let waiting = opens_waiting_for_a_lock(&schema).await;
+        if behind.len() == waiting {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C and D never opened {behind:?}, which B held ({waiting} opens wait for a lock)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     signal(b.id(), "CONT");
 
     producing.await.unwrap();
@@ -118,6 +144,57 @@ async fn group_scenario(properties: &[(&str, &str)]) {
         "lost or duplicated events"
     );
     assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
+}
+
+/// The partitions a runner's log says it opened, with the last epoch each
+/// was opened under.
+fn opened_in(log: &str) -> std::collections::HashMap<String, i64> {
+    let field = |rest: &str, key: &str| {
+        rest.split_whitespace()
+            .find_map(|t| t.strip_prefix(key))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    log.lines()
+        .filter_map(|l| l.split_once("partition opened").map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            Some((
+                field(rest, "partition=")?,
+                field(rest, "epoch=")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Each partition's epoch in connector `k`'s offsets table.
+async fn epochs(schema: &str) -> std::collections::HashMap<String, i64> {
+    pg().await
+        .query(
+            &format!(
+                "SELECT partition, epoch FROM \"{schema}\".idem_offsets WHERE connector = 'k'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Runners opening a partition of `schema`'s offsets table that wait for
+/// another session's row lock.
+async fn opens_waiting_for_a_lock(schema: &str) -> usize {
+    let n: i64 = pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+             AND query LIKE '%' || $1 || '%idem_offsets%' AND query LIKE '%ON CONFLICT%'",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    usize::try_from(n).unwrap()
 }
 
 /// A backfill in the group of runners that were killed a moment ago

@@ -303,7 +303,9 @@ pub fn spawn_runner(
     failpoints: &str,
 ) -> std::process::Child {
     let mut cmd = idem();
-    cmd.arg("run")
+    // Which partitions it opened, and under which epoch, too.
+    cmd.env("RUST_LOG", "warn,idem::connector::partition=info")
+        .arg("run")
         .arg(cfg)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());

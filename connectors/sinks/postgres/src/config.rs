@@ -49,6 +49,15 @@ pub struct PostgresSinkConfig {
     /// Server-side `statement_timeout` for every statement.
     #[serde(default = "default_statement_timeout", with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Server-side `idle_in_transaction_session_timeout`: a runner frozen
+    /// in the middle of a commit (a stopped process or VM) has its
+    /// transaction aborted after this long, so the partition's new owner
+    /// does not wait for its row locks until it wakes.
+    #[serde(
+        default = "default_idle_in_transaction_timeout",
+        with = "humantime_serde"
+    )]
+    pub idle_in_transaction_timeout: Duration,
     /// TLS, as libpq's `sslmode`: `disable`, `prefer` (TLS when the server
     /// offers it), `require` (TLS, certificate not checked), `verify-full`
     /// (TLS, certificate checked against `ca_file` and the host name).
@@ -87,6 +96,10 @@ fn default_connect_timeout() -> Duration {
 
 fn default_statement_timeout() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_idle_in_transaction_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Validate for PostgresSinkConfig {

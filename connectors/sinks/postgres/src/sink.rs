@@ -178,8 +178,9 @@ impl PostgresSink {
             pg.connect_timeout(cfg.connect_timeout);
             // `IF NOT EXISTS` notices on every batch are noise, not news.
             pg.options(format!(
-                "-c statement_timeout={} -c client_min_messages=warning",
-                cfg.statement_timeout.as_millis()
+                "-c statement_timeout={} -c idle_in_transaction_session_timeout={} -c client_min_messages=warning",
+                cfg.statement_timeout.as_millis(),
+                cfg.idle_in_transaction_timeout.as_millis()
             ));
             if pg.get_application_name().is_none() {
                 pg.application_name("idem");

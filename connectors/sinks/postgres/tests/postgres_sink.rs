@@ -30,6 +30,7 @@ fn sink_cfg(schema: &str, mode: WriteMode, key: &[&str]) -> PostgresSinkConfig {
         pool_size: 2,
         connect_timeout: Duration::from_secs(5),
         statement_timeout: Duration::from_secs(30),
+        idle_in_transaction_timeout: Duration::from_secs(60),
         sslmode: SslMode::Prefer,
         ca_file: None,
     }

@@ -156,9 +156,7 @@ impl Held {
             }
         });
     }
-}
 
-impl Held {
     /// Ready when a held partition's reader has room: for its next waiting
     /// message, or (none waiting) for half its inbox, when it is resumed.
     /// Never ready without held partitions.
@@ -181,7 +179,8 @@ impl Held {
     }
 }
 
-fn set_paused(
+/// Pause or resume one partition (`topic/N`) in the consumer.
+pub(crate) fn set_paused(
     consumer: &StreamConsumer<Context>,
     name: &str,
     paused: bool,

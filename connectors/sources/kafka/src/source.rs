@@ -4,7 +4,7 @@
 //! stored in the sink and on its epochs.
 
 use crate::config::{KafkaSourceConfig, OutOfRange, StartAt, OWNED};
-use crate::consumer::{names, partition_name, poll, split_name, Context, Inboxes};
+use crate::consumer::{names, partition_name, poll, set_paused, split_name, Context, Inboxes};
 use crate::reader::{AuditReader, KafkaReader, Reseek};
 use async_trait::async_trait;
 use idem_core::{Assignment, PartitionReader, Source, SourceError};
@@ -389,8 +389,6 @@ impl Source for KafkaSource {
             },
         };
         let offset = Offset::Offset(i64::try_from(from).unwrap_or(i64::MAX));
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, p);
         // Right after an assignment the partition may not be ready to seek.
         let mut attempt = 0;
         loop {
@@ -415,10 +413,7 @@ impl Source for KafkaSource {
                 Err(e) => return Err(self.read_err(partition, e)),
             }
         }
-        client
-            .consumer
-            .resume(&tpl)
-            .map_err(|e| self.read_err(partition, e))?;
+        set_paused(&client.consumer, partition, false).map_err(|e| self.read_err(partition, e))?;
         // With stop_at_end: read up to where this partition ends now.
         let end = self.cfg.stop_at_end.then_some(high);
         let next = from;
