@@ -43,7 +43,6 @@ exec java -Xmx128m -cp "$HOME_DIR/libs/*" \\
 EOF
 chmod +x "$HOME_DIR/bin/kafka-consumer-groups"
 
-
 # The SCRAM user, through the plaintext listener (idempotent).
 scram_user() {
   java -Xmx128m -cp "$HOME_DIR/libs/*" org.apache.kafka.tools.ConfigCommand \
