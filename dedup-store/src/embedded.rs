@@ -24,6 +24,53 @@ pub struct EmbeddedDedupStore {
     last_sweep: AtomicU64,
 }
 
+/// A file at `path` whose first bytes are all zero (or that is empty):
+/// redb never wrote its header there.
+fn never_written(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = Vec::with_capacity(64);
+    f.take(64).read_to_end(&mut head).is_ok() && head.iter().all(|&b| b == 0)
+}
+
+/// Make a new store file whole or not at all: built beside `path` and
+/// renamed into place, so a process killed while creating it leaves no
+/// half-written file that would not open again (redb writes its header
+/// after creating the file).
+fn create_whole(path: &Path) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // What an earlier, killed creation left.
+    let prefix = format!(".{name}.creating-");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
+    let db = Database::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.open_table(IDS).map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| e.to_string())?;
+    drop(db);
+    std::fs::rename(&tmp, path)
+        .map_err(|e| format!("renaming {} into place: {e}", tmp.display()))?;
+    // The rename itself survives a power loss once the folder is synced.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| e.to_string())
+}
+
 impl EmbeddedDedupStore {
     /// Opens (or creates) the file at `path`; ids under `namespace`.
     pub fn open(path: &Path, namespace: &str, retention: Duration) -> Result<Self, DedupError> {
@@ -34,6 +81,15 @@ impl EmbeddedDedupStore {
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        if never_written(path) {
+            // Left by a creation killed before this version made it whole:
+            // it holds nothing (not even redb's header).
+            tracing::warn!(path = %path.display(), "the dedup file was never written (a creation interrupted): making it anew");
+            std::fs::remove_file(path).map_err(|e| fail(e.to_string()))?;
+        }
+        if !path.exists() {
+            create_whole(path).map_err(fail)?;
         }
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {

@@ -372,6 +372,35 @@ async fn the_embedded_store_keeps_ids_across_a_reopen_and_refuses_a_second_proce
     );
 }
 
+/// A runner killed while creating the file (redb had not written its
+/// header yet, as a crash test once caught) does not leave a file that
+/// never opens again; nor does a creation killed before its rename.
+#[tokio::test]
+async fn an_embedded_store_whose_creation_was_killed_opens_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, junk) in [vec![], vec![0u8; 8192]].into_iter().enumerate() {
+        let path = dir.path().join(format!("ids{i}.redb"));
+        std::fs::write(&path, &junk).unwrap();
+        let leftover = dir.path().join(format!(".ids{i}.redb.creating-1"));
+        std::fs::write(&leftover, b"half").unwrap();
+        let s = Arc::new(EmbeddedDedupStore::open(&path, "ns", HOUR).unwrap());
+        s.reserve("r", &claims(&["a"])).await.unwrap();
+        s.confirm(&["a"]).await.unwrap();
+        drop(s);
+        let s = Arc::new(EmbeddedDedupStore::open(&path, "ns", HOUR).unwrap());
+        assert_eq!(
+            s.reserve("r2", &claims(&["a"])).await.unwrap(),
+            [Seen::Done]
+        );
+        assert!(!leftover.exists(), "the killed creation's file is left");
+    }
+    // A file that is not a store at all is still refused, not replaced.
+    let other = dir.path().join("other.redb");
+    std::fs::write(&other, b"not a redb file").unwrap();
+    assert!(EmbeddedDedupStore::open(&other, "ns", HOUR).is_err());
+    assert_eq!(std::fs::read(&other).unwrap(), b"not a redb file");
+}
+
 #[tokio::test]
 async fn a_redis_that_lost_its_ids_is_reported_not_trusted() {
     let namespace = fresh_schema("lost");
