@@ -132,6 +132,10 @@ pub struct ConnectorConfig<S, K> {
     /// used by sinks with `delete_on_tombstone = true`.
     #[serde(default)]
     pub tombstone_field: Option<String>,
+    /// How a message wraps its row: `none` (the message is the row) or
+    /// `debezium` (a change event: `op`, `before`, `after`, `source`).
+    #[serde(default)]
+    pub envelope: Envelope,
     /// Batching: a batch closes on the first limit reached.
     #[serde(default)]
     pub batch: BatchConfig,
@@ -208,6 +212,20 @@ impl std::fmt::Display for Guarantee {
             Guarantee::AtLeastOnce => "at-least-once",
         })
     }
+}
+
+/// How a message wraps its row (`envelope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Envelope {
+    /// The message's value is the row.
+    #[default]
+    None,
+    /// A Debezium change event, with or without the JSON converter's
+    /// `schema`/`payload` wrapper: `c`, `r` and `u` write `after`, `d`
+    /// deletes by `before` (or the message key), the tombstone that follows
+    /// a delete is skipped.
+    Debezium,
 }
 
 /// What happens to a message that cannot be decoded or mapped.
@@ -694,6 +712,12 @@ impl<S, K> ConnectorConfig<S, K> {
             crate::check_postgres_name(&["dead_letters", "table"], t)?;
         }
         if let Some(p) = &self.tombstone_field {
+            if self.envelope == Envelope::Debezium {
+                return Err(Invalid::new(
+                    &["tombstone_field"],
+                    "has no use with envelope = \"debezium\": the event's `op` says what is a delete",
+                ));
+            }
             if !p.starts_with('/') {
                 return Err(Invalid::new(
                     &["tombstone_field"],

@@ -21,7 +21,7 @@ use crate::dedup::{Ids, LazyStore, Stage};
 use crate::registry::ConnectorConfig;
 use crate::retry::retry_transient;
 use crate::stats::Stats;
-use idem_config::Guarantee;
+use idem_config::{Envelope, Guarantee};
 use idem_core::registry::SinkContext;
 use idem_core::{Assignment, Mapper, Sink, SinkError, Source, SourceError};
 use std::collections::HashMap;
@@ -137,12 +137,21 @@ impl Connector {
                 why: info.why,
             });
         }
+        if cfg.envelope == Envelope::Debezium && !info.deletes {
+            // Change events delete rows: a sink that cannot would keep them.
+            return Err(RunError::Build {
+                connector: name.into(),
+                sink: cfg.sink.kind(),
+                message: "envelope = \"debezium\" applies deletes: the sink needs mode = \"upsert\" with `key` (the source table's primary key) and delete_on_tombstone = true".into(),
+            });
+        }
         let mapper = Mapper::new(
             &cfg.columns,
             &info.key_columns,
             info.deletes,
             cfg.tombstone_field.clone(),
-        );
+        )
+        .with_envelope(cfg.envelope);
         let dedup = store.map(|store| Stage {
             on_loss: store.config().on_loss,
             store,

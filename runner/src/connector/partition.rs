@@ -243,6 +243,12 @@ impl Pending {
 }
 
 pub fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
+    if conn.mapper.skips(&msg) {
+        return Item::Skip {
+            offset: msg.offset,
+            next_offset: msg.next_offset,
+        };
+    }
     let failure = match &msg.poison {
         Some(reason) => Err((ErrorClass::Poison, reason.clone())),
         None => conn

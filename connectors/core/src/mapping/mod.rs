@@ -16,7 +16,7 @@ pub use value::{plain_decimal, Op, Record, Value};
 
 use crate::Message;
 use flat::{disjoint, Flat};
-use idem_config::{ColumnConfig, ColumnType};
+use idem_config::{ColumnConfig, ColumnType, Envelope};
 use serde_json::Value as Json;
 use value::convert;
 
@@ -82,6 +82,7 @@ pub struct Mapper {
     /// Every pointer (and the tombstone field) is a top-level field: the
     /// document is read once, field by field, without building it.
     flat: Option<Flat>,
+    envelope: Envelope,
 }
 
 impl Mapper {
@@ -125,7 +126,24 @@ impl Mapper {
             columns,
             tombstone_field,
             deletes,
+            envelope: Envelope::None,
         }
+    }
+
+    /// Rows wrapped in `envelope` (see [`Envelope`]).
+    pub fn with_envelope(mut self, envelope: Envelope) -> Self {
+        if envelope != Envelope::None {
+            // The row is a part of the document: no flat reading.
+            self.flat = None;
+        }
+        self.envelope = envelope;
+        self
+    }
+
+    /// A message that carries no change and only moves the position: the
+    /// tombstone Debezium sends after a delete (for log compaction).
+    pub fn skips(&self, msg: &Message) -> bool {
+        self.envelope == Envelope::Debezium && msg.value.is_none()
     }
 
     pub fn column_names(&self) -> impl Iterator<Item = &str> {
@@ -133,27 +151,42 @@ impl Mapper {
     }
 
     pub fn map(&self, msg: &Message) -> Result<Record, MapError> {
+        if self.envelope == Envelope::Debezium {
+            let (fields, op) = self.pick_change(msg)?;
+            return self.record(msg, fields, op);
+        }
         let Some(raw) = msg.value.as_deref() else {
             return Err(MapError::new(
                 "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
             ));
         };
-        let (mut fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
+        let (fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
             Some(Ok(Some(picked))) => picked,
             // Not an object (or no flat plan): the general path decides.
             Some(Ok(None)) | None => self.pick(raw)?,
             Some(Err(e)) => return Err(MapError::new(format!("not valid JSON: {e}"))),
         };
-        for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
-            if col.from != Origin::Doc {
-                *field = metadata(col, msg)?;
-            }
-        }
         let op = if self.deletes && tombstone {
             Op::Delete
         } else {
             Op::Upsert
         };
+        self.record(msg, fields, op)
+    }
+
+    /// The row of `msg` from its picked fields (`None` for columns taken
+    /// from the message's key, timestamp or headers).
+    fn record(
+        &self,
+        msg: &Message,
+        mut fields: Vec<Option<Json>>,
+        op: Op,
+    ) -> Result<Record, MapError> {
+        for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
+            if col.from != Origin::Doc {
+                *field = metadata(col, msg)?;
+            }
+        }
         let mut values = Vec::with_capacity(self.columns.len());
         for (col, field) in self.columns.iter().zip(fields) {
             if op == Op::Delete && !col.key {
@@ -198,25 +231,75 @@ impl Mapper {
 
     /// The general path: parse the whole document, then follow each pointer.
     fn pick(&self, raw: &[u8]) -> Result<(Vec<Option<Json>>, bool), MapError> {
-        let mut doc: Json = serde_json::from_slice(raw)
-            .map_err(|e| MapError::new(format!("not valid JSON: {e}")))?;
+        let mut doc = parse(raw)?;
         let tombstone = self.is_tombstone(&doc);
-        let fields = self
-            .columns
+        Ok((self.fields(&mut doc), tombstone))
+    }
+
+    /// Each column's value in `doc` (moved out when pointers are disjoint).
+    fn fields(&self, doc: &mut Json) -> Vec<Option<Json>> {
+        self.columns
             .iter()
             .map(|col| {
                 if col.from != Origin::Doc {
                     return None;
                 }
-                let found = lookup_mut(&mut doc, &col.tokens);
+                let found = lookup_mut(doc, &col.tokens);
                 if self.disjoint {
                     found.map(Json::take)
                 } else {
                     found.map(|v| v.clone())
                 }
             })
-            .collect();
-        Ok((fields, tombstone))
+            .collect()
+    }
+
+    /// A Debezium change event: the row its `op` applies, pointers resolved
+    /// against it. A delete's row is `before` (with the source table's
+    /// default replica identity, its key columns) or else the message key.
+    fn pick_change(&self, msg: &Message) -> Result<(Vec<Option<Json>>, Op), MapError> {
+        let raw = msg
+            .value
+            .as_deref()
+            .ok_or_else(|| MapError::new("a tombstone reached the mapping (skipped before it)"))?;
+        let mut event = unwrap_payload(parse(raw)?);
+        let op = match event.get("op").and_then(Json::as_str) {
+            Some("c" | "r" | "u") => Op::Upsert,
+            Some("d") => Op::Delete,
+            Some("t") => {
+                return Err(MapError::new(
+                    "a truncate event (op `t`): Idem does not empty the target table; truncate it yourself, or leave truncates out on the source (Debezium's `skipped.operations = \"t\"`)",
+                ))
+            }
+            Some(other) => {
+                return Err(MapError::new(format!(
+                    "not a change Idem applies: Debezium op `{other}`"
+                )))
+            }
+            None => {
+                return Err(MapError::new(
+                    "not a Debezium change event: no `op` field (envelope = \"debezium\")",
+                ))
+            }
+        };
+        let side = if op == Op::Upsert { "after" } else { "before" };
+        let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
+        if !row.is_object() {
+            if op == Op::Upsert {
+                return Err(MapError::new(format!("a change event without `{side}`")));
+            }
+            // No `before` (replica identity NOTHING): the key names the row.
+            let key = msg.key.as_deref().ok_or_else(|| {
+                MapError::new("a delete event with neither `before` nor a message key")
+            })?;
+            row = unwrap_payload(parse(key).map_err(|e| {
+                MapError::new(format!(
+                    "a delete event without `before`, and its key is {}",
+                    e.reason
+                ))
+            })?);
+        }
+        Ok((self.fields(&mut row), op))
     }
 
     fn is_tombstone(&self, doc: &Json) -> bool {
@@ -226,6 +309,21 @@ impl Mapper {
                 .as_deref()
                 .and_then(|p| doc.pointer(p))
                 .is_some_and(|v| v == &Json::Bool(true))
+    }
+}
+
+fn parse(raw: &[u8]) -> Result<Json, MapError> {
+    serde_json::from_slice(raw).map_err(|e| MapError::new(format!("not valid JSON: {e}")))
+}
+
+/// Kafka Connect's JSON converter with `schemas.enable = true` wraps each
+/// key and value as `{"schema": .., "payload": ..}`.
+fn unwrap_payload(doc: Json) -> Json {
+    match doc {
+        Json::Object(mut map) if map.len() == 2 && map.contains_key("schema") => {
+            map.remove("payload").unwrap_or(Json::Null)
+        }
+        doc => doc,
     }
 }
 
