@@ -2,7 +2,8 @@
 # PostgreSQL for the tests, on 127.0.0.1:5432. Reuses a server that already
 # answers there; otherwise installs Debian's `postgresql` (when missing),
 # starts its cluster, and creates the `idem` role and `idem_test` database
-# the tests use (password `idem`). Idempotent; needs root on a fresh machine.
+# the tests use (password `idem`); sets `wal_level = logical` for the change
+# data capture tests. Idempotent; needs root on a fresh machine.
 set -euo pipefail
 HOST=127.0.0.1
 PORT=5432
@@ -47,5 +48,23 @@ if [ "$(as_postgres -c "SELECT 1 FROM pg_roles WHERE rolname = 'idem'")" != 1 ];
 fi
 if [ "$(as_postgres -c "SELECT 1 FROM pg_database WHERE datname = 'idem_test'")" != 1 ]; then
   as_postgres -c "CREATE DATABASE idem_test OWNER idem"
+fi
+# Logical decoding, for the change data capture tests (Debezium reads the
+# write-ahead log through pgoutput as `idem`): set once, which restarts the
+# cluster once.
+if [ "$(as_postgres -c "SHOW wal_level")" != logical ]; then
+  echo "postgres.sh: setting wal_level = logical (restarts the cluster once)" >&2
+  as_postgres -c "ALTER SYSTEM SET wal_level = logical"
+  major="$(( $(as_postgres -c "SHOW server_version_num") / 10000 ))"
+  pg_ctlcluster --skip-systemctl-redirect "$major" main restart ||
+    pg_ctlcluster "$major" main restart || {
+    echo "postgres.sh: could not restart cluster $major/main; restart PostgreSQL by hand for wal_level = logical" >&2
+    exit 1
+  }
+  for _ in $(seq 1 30); do ready && break; sleep 1; done
+  ready || { echo "postgres.sh: PostgreSQL did not come back on $HOST:$PORT" >&2; exit 1; }
+fi
+if [ "$(as_postgres -c "SELECT rolreplication FROM pg_roles WHERE rolname = 'idem'")" != t ]; then
+  as_postgres -c "ALTER ROLE idem REPLICATION"
 fi
 echo "postgres.sh: ready: postgres://idem:idem@$HOST:$PORT/idem_test" >&2

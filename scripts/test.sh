@@ -15,6 +15,7 @@ step duckdb-lib.sh
 step postgres.sh
 step redis.sh
 step kafka.sh
+step connect.sh
 step s3.sh
 step s3s-fs.sh
 
