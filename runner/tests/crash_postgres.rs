@@ -69,41 +69,12 @@ fn connections_terminated_mid_run_are_retried_and_lose_nothing() {
     let schema = fresh_schema("terminate");
     let app = schema.clone();
     let n = 60_000;
-    let lines: String = (0..n)
-        .map(|i| format!("{{\"id\":\"e{i}\",\"n\":{i},\"pad\":\"x\"}}\n"))
-        .collect();
-    w.write("in-0.jsonl", &lines);
-    let cfg = w.write(
-        "t.toml",
-        &format!(
-            r#"
-[connectors.t]
-[connectors.t.source]
-type = "file"
-path = "{src}"
-[connectors.t.sink]
-type = "postgres"
-url = "{url}?application_name={app}"
-schema = "{schema}"
-table = "events"
-[connectors.t.batch]
-max_records = 200
-linger = "10ms"
-[connectors.t.retry]
-initial_backoff = "20ms"
-max_backoff = "200ms"
-max_attempts = 50
-[[connectors.t.columns]]
-name = "id"
-type = "text"
-required = true
-[[connectors.t.columns]]
-name = "n"
-type = "bigint"
-"#,
-            src = w.path("in-0.jsonl").display(),
-            url = pg_url(),
-        ),
+    let cfg = file_to_events(
+        &w,
+        &schema,
+        n,
+        &format!("url = \"{}?application_name={app}\"", pg_url()),
+        "max_records = 200\nlinger = \"10ms\"\n[connectors.t.retry]\ninitial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\nmax_attempts = 50",
     );
     let child = idem()
         .env("RUST_LOG", "warn")
@@ -153,25 +124,11 @@ type = "bigint"
         "{}",
         text(&out.stdout)
     );
-    rt.block_on(async {
-        let client = pg().await;
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT count(*), count(DISTINCT id), sum(n)::bigint FROM \"{schema}\".events"
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        let (rows, distinct, sum): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        assert_eq!(
-            (rows, distinct),
-            (n, n),
-            "lost or duplicated rows after {terminated} terminations"
-        );
-        assert_eq!(sum, (0..n).sum::<i64>());
-    });
+    rt.block_on(exactly_once(
+        &schema,
+        n,
+        &format!("after {terminated} terminations"),
+    ));
 }
 
 /// A runner frozen in the middle of a commit (SIGSTOP after its write,
@@ -185,37 +142,15 @@ fn a_runner_frozen_mid_commit_lets_the_next_one_through() {
     let w = Workdir::new();
     let schema = fresh_schema("frozen");
     let n = 20_000;
-    let lines: String = (0..n)
-        .map(|i| format!("{{\"id\":\"e{i}\",\"n\":{i}}}\n"))
-        .collect();
-    w.write("in-0.jsonl", &lines);
-    let cfg = w.write(
-        "t.toml",
+    let cfg = file_to_events(
+        &w,
+        &schema,
+        n,
         &format!(
-            r#"
-[connectors.t]
-[connectors.t.source]
-type = "file"
-path = "{src}"
-[connectors.t.sink]
-type = "postgres"
-url = "{url}"
-schema = "{schema}"
-table = "events"
-idle_in_transaction_timeout = "2s"
-[connectors.t.batch]
-max_records = 500
-[[connectors.t.columns]]
-name = "id"
-type = "text"
-required = true
-[[connectors.t.columns]]
-name = "n"
-type = "bigint"
-"#,
-            src = w.path("in-0.jsonl").display(),
-            url = pg_url(),
+            "url = \"{}\"\nidle_in_transaction_timeout = \"2s\"",
+            pg_url()
         ),
+        "max_records = 500",
     );
     let spawn = |failpoints: &str, log: &str| {
         idem()
@@ -262,19 +197,73 @@ type = "bigint"
     let log = std::fs::read_to_string(w.path("frozen.log")).unwrap_or_default();
     assert!(woke.success(), "the woken runner: {woke:?}\n{log}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let row = pg()
-            .await
-            .query_one(
-                &format!(
-                    "SELECT count(*), count(DISTINCT id), sum(n)::bigint FROM \"{schema}\".events"
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        let (rows, distinct, sum): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        assert_eq!((rows, distinct), (n, n), "lost or duplicated rows:\n{log}");
-        assert_eq!(sum, (0..n).sum::<i64>());
-    });
+    rt.block_on(exactly_once(
+        &schema,
+        n,
+        &format!("(the woken runner's log:\n{log})"),
+    ));
+}
+
+/// `n` events `{"id": "eI", "n": I}` in a file, and connector `t` loading
+/// them into `schema.events`; `sink` holds the sink's `url` line and any
+/// more, `batch` the batch table's lines (and any tables after it).
+fn file_to_events(
+    w: &Workdir,
+    schema: &str,
+    n: i64,
+    sink: &str,
+    batch: &str,
+) -> std::path::PathBuf {
+    let lines: String = (0..n)
+        .map(|i| format!("{{\"id\":\"e{i}\",\"n\":{i},\"pad\":\"x\"}}\n"))
+        .collect();
+    w.write("in-0.jsonl", &lines);
+    w.write(
+        "t.toml",
+        &format!(
+            r#"
+[connectors.t]
+[connectors.t.source]
+type = "file"
+path = "{src}"
+[connectors.t.sink]
+type = "postgres"
+{sink}
+schema = "{schema}"
+table = "events"
+[connectors.t.batch]
+{batch}
+[[connectors.t.columns]]
+name = "id"
+type = "text"
+required = true
+[[connectors.t.columns]]
+name = "n"
+type = "bigint"
+"#,
+            src = w.path("in-0.jsonl").display(),
+        ),
+    )
+}
+
+/// `schema.events` holds each of the `n` events once (`context` says what
+/// happened on the way).
+async fn exactly_once(schema: &str, n: i64, context: &str) {
+    let row = pg()
+        .await
+        .query_one(
+            &format!(
+                "SELECT count(*), count(DISTINCT id), sum(n)::bigint FROM \"{schema}\".events"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (rows, distinct, sum): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (rows, distinct),
+        (n, n),
+        "lost or duplicated rows {context}"
+    );
+    assert_eq!(sum, (0..n).sum::<i64>());
 }

@@ -99,7 +99,7 @@ async fn group_scenario(properties: &[(&str, &str)]) {
         std::fs::read_to_string(w.path("b.log")).unwrap()
     );
     loop {
-        let now = epochs(&schema).await;
+        let now = offsets_column(&schema, "epoch").await;
         let behind: Vec<&String> = held_by_b
             .iter()
             .filter(|(p, e)| now.get(*p).is_none_or(|n| n <= e))
@@ -162,22 +162,6 @@ fn opened_in(log: &str) -> std::collections::HashMap<String, i64> {
                 field(rest, "epoch=")?.parse().ok()?,
             ))
         })
-        .collect()
-}
-
-/// Each partition's epoch in connector `k`'s offsets table.
-async fn epochs(schema: &str) -> std::collections::HashMap<String, i64> {
-    pg().await
-        .query(
-            &format!(
-                "SELECT partition, epoch FROM \"{schema}\".idem_offsets WHERE connector = 'k'"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
 

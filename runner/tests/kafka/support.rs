@@ -258,9 +258,16 @@ pub async fn count(schema: &str) -> (i64, i64) {
 }
 
 pub async fn positions(schema: &str) -> HashMap<String, i64> {
+    offsets_column(schema, "next_offset").await
+}
+
+/// One column of connector `k`'s offsets table, by partition.
+pub async fn offsets_column(schema: &str, column: &str) -> HashMap<String, i64> {
     pg().await
         .query(
-            &format!("SELECT partition, next_offset FROM \"{schema}\".idem_offsets WHERE connector = 'k'"),
+            &format!(
+                "SELECT partition, {column} FROM \"{schema}\".idem_offsets WHERE connector = 'k'"
+            ),
             &[],
         )
         .await
