@@ -3,7 +3,7 @@
 # capture tests: one distributed worker (REST API on 127.0.0.1:8083) on the
 # broker of scripts/kafka.sh, capturing the cluster of scripts/postgres.sh
 # (which sets wal_level = logical). The jars come from Maven Central once
-# (`mvn dependency:copy-dependencies` of two small poms written to
+# (`mvn dependency:copy-dependencies`, server-lib's maven_jars, into
 # ~/.cache/idem/connect-VERSION: the worker on its classpath, Debezium as a
 # plugin of its own); the JVM gets a bounded heap. Reuses a worker that
 # already answers with the same configuration. Idempotent.
@@ -30,43 +30,15 @@ if [ "${1:-}" = stop ]; then
   exit 0
 fi
 
-if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "connect.sh: Kafka Connect needs Java 17+ and Maven: sudo apt-get install openjdk-17-jre-headless maven" >&2; exit 1; }
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
-fi
-
-# `fetch DIR POM-DEPENDENCIES`: the dependencies' runtime jars into DIR.
-fetch() {
-  local dir="$1" deps="$2" work="$HOME_DIR/pom-$(basename "$1")"
-  mkdir -p "$work"
-  cat >"$work/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>idem.test</groupId>
-  <artifactId>$(basename "$dir")</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>$deps</dependencies>
-</project>
-EOF
-  rm -rf "$dir.tmp"
-  (cd "$work" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies \
-    -DoutputDirectory="$dir.tmp" -DincludeScope=runtime >&2)
-  rm -rf "$dir"
-  mv "$dir.tmp" "$dir"
-}
-
-dep() { printf '<dependency><groupId>%s</groupId><artifactId>%s</artifactId><version>%s</version></dependency>' "$1" "$2" "$3"; }
-
+need_java_maven
 if ! [ -f "$HOME_DIR/libs/connect-runtime-$KAFKA_VERSION.jar" ]; then
   echo "connect.sh: fetching Kafka Connect $KAFKA_VERSION from Maven Central into $HOME_DIR (once)" >&2
-  fetch "$HOME_DIR/libs" "$(dep org.apache.kafka connect-runtime "$KAFKA_VERSION")$(dep org.apache.kafka connect-json "$KAFKA_VERSION")$(dep org.apache.logging.log4j log4j-slf4j-impl 2.25.5)"
+  maven_jars "$HOME_DIR/libs" "$(maven_dep org.apache.kafka connect-runtime "$KAFKA_VERSION")$(maven_dep org.apache.kafka connect-json "$KAFKA_VERSION")$(maven_dep org.apache.logging.log4j log4j-slf4j-impl 2.25.5)"
 fi
 if ! [ -f "$PLUGINS/debezium-connector-postgres/debezium-connector-postgres-$DEBEZIUM_VERSION.jar" ]; then
   echo "connect.sh: fetching Debezium $DEBEZIUM_VERSION (PostgreSQL connector) from Maven Central (once)" >&2
   mkdir -p "$PLUGINS"
-  fetch "$PLUGINS/debezium-connector-postgres" "$(dep io.debezium debezium-connector-postgres "$DEBEZIUM_VERSION")"
+  maven_jars "$PLUGINS/debezium-connector-postgres" "$(maven_dep io.debezium debezium-connector-postgres "$DEBEZIUM_VERSION")"
   # The worker provides the Kafka and Connect classes; a second copy in the
   # plugin would shadow them.
   rm -f "$PLUGINS"/debezium-connector-postgres/{kafka-clients,connect-api,connect-json,slf4j-api}-*.jar

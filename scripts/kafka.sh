@@ -5,8 +5,8 @@
 # 9095, both SCRAM-SHA-512 for the user `idem` (password
 # IDEM_KAFKA_PASSWORD, default `idem-kafka-secret`), the TLS one with a
 # certificate from a test CA made once with openssl (DATA/tls/ca.pem). The jars come
-# from Maven Central once (`mvn dependency:copy-dependencies` of a small pom
-# written to ~/.cache/idem/kafka-VERSION, about 15 s); the storage is
+# from Maven Central once (`mvn dependency:copy-dependencies`, server-lib's
+# maven_jars, into ~/.cache/idem/kafka-VERSION/libs, about 15 s); the storage is
 # formatted once; the JVM gets a bounded heap. Reuses a broker that already
 # answers there with the same configuration (one started with another is
 # started again). Idempotent. `scripts/kafka.sh stop` stops it.
@@ -50,34 +50,10 @@ scram_user() {
     --add-config "SCRAM-SHA-512=[iterations=4096,password=$SCRAM_PASSWORD]" >/dev/null
 }
 
-# Java 17+ and Maven: from Debian when missing.
-if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "kafka.sh: Apache Kafka needs Java 17+ and Maven: sudo apt-get install openjdk-17-jre-headless maven" >&2; exit 1; }
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
-fi
-
+need_java_maven
 if ! [ -f "$HOME_DIR/libs/kafka_2.13-$VERSION.jar" ]; then
   echo "kafka.sh: fetching Apache Kafka $VERSION from Maven Central into $HOME_DIR (once)" >&2
-  mkdir -p "$HOME_DIR"
-  cat >"$HOME_DIR/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>idem.test</groupId>
-  <artifactId>kafka-server</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$VERSION</version></dependency>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$VERSION</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>2.25.5</version></dependency>
-  </dependencies>
-</project>
-EOF
-  rm -rf "$HOME_DIR/libs.tmp"
-  (cd "$HOME_DIR" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DoutputDirectory=libs.tmp -DincludeScope=runtime >&2)
-  rm -rf "$HOME_DIR/libs"
-  mv "$HOME_DIR/libs.tmp" "$HOME_DIR/libs"
+  maven_jars "$HOME_DIR/libs" "$(maven_dep org.apache.kafka kafka_2.13 "$VERSION")$(maven_dep org.apache.kafka kafka-tools "$VERSION")$(maven_dep org.apache.logging.log4j log4j-slf4j-impl 2.25.5)"
 fi
 
 # The TLS listener's certificate, from a CA of its own (once).

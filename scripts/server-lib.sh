@@ -1,5 +1,6 @@
 # Shared by the scripts that start a test server in the background:
-# `listening`, `stop_server NAME`, `start_server NAME CMD...`. The caller
+# `listening`, `stop_server NAME`, `start_server NAME CMD...`, and for the
+# Java ones `need_java_maven`, `maven_dep` and `maven_jars`. The caller
 # sets HOST, PORT, DATA (its folder) and PIDFILE.
 
 # DATA made absolute: servers run from it (see start_server).
@@ -37,4 +38,42 @@ start_server() {
   echo "$(basename "$0"): $name did not start; its log:" >&2
   tail -n 20 "$DATA/$name.log" >&2
   return 1
+}
+
+# Java 17+ and Maven: from Debian when missing.
+need_java_maven() {
+  if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+    [ "$(id -u)" = 0 ] || { echo "$(basename "$0"): needs Java 17+ and Maven: sudo apt-get install openjdk-17-jre-headless maven" >&2; exit 1; }
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+  fi
+}
+
+# `maven_dep GROUP ARTIFACT VERSION`: a pom <dependency>.
+maven_dep() {
+  printf '<dependency><groupId>%s</groupId><artifactId>%s</artifactId><version>%s</version></dependency>' "$1" "$2" "$3"
+}
+
+# `maven_jars DIR DEPENDENCIES`: the runtime jars of DEPENDENCIES (from
+# maven_dep) into DIR, from Maven Central through a small pom written to a
+# temporary folder; DIR appears whole or not at all.
+maven_jars() {
+  local dir="$1" work
+  work="$(mktemp -d)"
+  mkdir -p "$(dirname "$dir")"
+  cat >"$work/pom.xml" <<EOF
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>idem.test</groupId>
+  <artifactId>$(basename "$dir")</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>$2</dependencies>
+</project>
+EOF
+  rm -rf "$dir.tmp"
+  (cd "$work" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies \
+    -DoutputDirectory="$dir.tmp" -DincludeScope=runtime >&2)
+  rm -rf "$dir" "$work"
+  mv "$dir.tmp" "$dir"
 }
