@@ -58,7 +58,9 @@ fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Errors a retry of the whole batch can get past: the connection dropped,
 /// the server restarts or is overloaded, a serialization failure or a
-/// deadlock.
+/// deadlock, or the server ended a transaction left idle (a runner frozen
+/// mid-commit: on retry it finds its partition fenced if another runner
+/// took it meanwhile).
 fn transient(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() {
         return true;
@@ -75,6 +77,7 @@ fn transient(e: &tokio_postgres::Error) -> bool {
                 SqlState::TOO_MANY_CONNECTIONS,
                 SqlState::QUERY_CANCELED,
                 SqlState::LOCK_NOT_AVAILABLE,
+                SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             ]
             .contains(code)
                 || code.code().starts_with("08")
