@@ -173,4 +173,26 @@ type = "text"
         let e = err("[connectors]\n");
         assert!(e.contains("no connector is defined"), "{e}");
     }
+
+    #[test]
+    fn change_event_pointers_need_the_debezium_envelope() {
+        let lsn = GOOD.replace(
+            "type = \"text\"",
+            "type = \"bigint\"\npointer = \"@source/lsn\"",
+        );
+        let e = err(&lsn);
+        assert!(
+            e.contains("connectors.a.columns.0.pointer") && e.contains("envelope = \"debezium\""),
+            "{e}"
+        );
+        let with_envelope = lsn.replace(
+            "[connectors.a.source]",
+            "[connectors.a]\nenvelope = \"debezium\"\n[connectors.a.source]",
+        );
+        parse::<Src, Snk>(Path::new("f.toml"), &with_envelope).unwrap();
+        let op = with_envelope.replace("@source/lsn", "@op");
+        parse::<Src, Snk>(Path::new("f.toml"), &op).unwrap();
+        let e = err(&with_envelope.replace("@source/lsn", "@sourcelsn"));
+        assert!(e.contains("is neither a JSON pointer"), "{e}");
+    }
 }

@@ -504,7 +504,10 @@ pub struct ColumnConfig {
     pub name: String,
     /// JSON pointer (RFC 6901) to the field, e.g. `/user/id`; `""` is the
     /// whole message; `@key`, `@timestamp` and `@header/NAME` take the
-    /// message's key, timestamp or a header instead. Default: `/NAME`.
+    /// message's key, timestamp or a header instead; with the Debezium
+    /// envelope, pointers are into the changed row, and `@source/POINTER`
+    /// and `@op` take a field of the event's `source` block and its op.
+    /// Default: `/NAME`.
     #[serde(default)]
     pub pointer: Option<String>,
     /// The column's type.
@@ -661,10 +664,19 @@ impl<S, K> ConnectorConfig<S, K> {
                 || p == "@timestamp"
                 || p.strip_prefix("@header/")
                     .is_some_and(|name| !name.is_empty());
-            if !(p.is_empty() || p.starts_with('/') || metadata) {
+            let of_event = p == "@op"
+                || p.strip_prefix("@source")
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+            if of_event && self.envelope != Envelope::Debezium {
                 return Err(Invalid::new(
                     &["columns", &idx, "pointer"],
-                    format!("`{p}` is neither a JSON pointer (\"\" or starting with `/`) nor one of @key, @timestamp, @header/NAME"),
+                    format!("`{p}` is a part of a change event: it needs envelope = \"debezium\""),
+                ));
+            }
+            if !(p.is_empty() || p.starts_with('/') || metadata || of_event) {
+                return Err(Invalid::new(
+                    &["columns", &idx, "pointer"],
+                    format!("`{p}` is neither a JSON pointer (\"\" or starting with `/`) nor one of @key, @timestamp, @header/NAME, @source/POINTER, @op"),
                 ));
             }
         }

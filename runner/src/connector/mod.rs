@@ -145,6 +145,12 @@ impl Connector {
                 message: "envelope = \"debezium\" applies deletes: the sink needs mode = \"upsert\" with `key` (the source table's primary key) and delete_on_tombstone = true".into(),
             });
         }
+        if cfg.envelope == Envelope::Debezium && !info.rows.versioned {
+            tracing::warn!(
+                connector = name,
+                "envelope = \"debezium\" without a version column: a change Debezium delivers again after a restart of its own can overwrite a newer row until its replay catches up; add a column with pointer = \"@source/lsn\" and set it as the sink's `version` (docs/cdc.md)"
+            );
+        }
         let mapper = Mapper::new(
             &cfg.columns,
             &info.key_columns,

@@ -45,6 +45,11 @@ enum Origin {
     Timestamp,
     /// `@header/NAME`: a header's value, as UTF-8 text.
     Header(String),
+    /// `@source/POINTER` (Debezium envelope): a field of the event's
+    /// `source` block, e.g. `@source/lsn` (`@source`: the whole block).
+    Source(Vec<String>),
+    /// `@op` (Debezium envelope): the event's op, `c`, `r`, `u` or `d`.
+    Op,
 }
 
 impl Origin {
@@ -52,11 +57,26 @@ impl Origin {
         match pointer {
             "@key" => Origin::Key,
             "@timestamp" => Origin::Timestamp,
-            p => match p.strip_prefix("@header/") {
-                Some(name) => Origin::Header(name.to_string()),
-                None => Origin::Doc,
-            },
+            "@op" => Origin::Op,
+            p => {
+                if let Some(name) = p.strip_prefix("@header/") {
+                    Origin::Header(name.to_string())
+                } else if let Some(rest) = p
+                    .strip_prefix("@source")
+                    .filter(|r| r.is_empty() || r.starts_with('/'))
+                {
+                    Origin::Source(tokens(rest))
+                } else {
+                    Origin::Doc
+                }
+            }
         }
+    }
+
+    /// A part of the change event rather than of its row: it describes a
+    /// delete as much as an upsert, so a delete keeps its value.
+    fn of_event(&self) -> bool {
+        matches!(self, Origin::Source(_) | Origin::Op)
     }
 }
 
@@ -183,13 +203,13 @@ impl Mapper {
         op: Op,
     ) -> Result<Record, MapError> {
         for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
-            if col.from != Origin::Doc {
+            if col.from != Origin::Doc && !col.from.of_event() {
                 *field = metadata(col, msg)?;
             }
         }
         let mut values = Vec::with_capacity(self.columns.len());
         for (col, field) in self.columns.iter().zip(fields) {
-            if op == Op::Delete && !col.key {
+            if op == Op::Delete && !col.key && !col.from.of_event() {
                 values.push(Value::Null);
                 continue;
             }
@@ -283,6 +303,11 @@ impl Mapper {
             }
         };
         let side = if op == Op::Upsert { "after" } else { "before" };
+        let mut source = event
+            .get_mut("source")
+            .map(Json::take)
+            .unwrap_or(Json::Null);
+        let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
         if !row.is_object() {
             if op == Op::Upsert {
@@ -299,7 +324,17 @@ impl Mapper {
                 ))
             })?);
         }
-        Ok((self.fields(&mut row), op))
+        let mut fields = self.fields(&mut row);
+        for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
+            match &col.from {
+                Origin::Source(tokens) => {
+                    *field = lookup_mut(&mut source, tokens).map(|v| v.clone())
+                }
+                Origin::Op => field.clone_from(&op_text),
+                _ => {}
+            }
+        }
+        Ok((fields, op))
     }
 
     fn is_tombstone(&self, doc: &Json) -> bool {
@@ -335,7 +370,7 @@ fn metadata(col: &Column, msg: &Message) -> Result<Option<Json>, MapError> {
             .map_err(|_| MapError::new(format!("column `{}`: {what} is not UTF-8", col.name)))
     };
     Ok(match &col.from {
-        Origin::Doc => None,
+        Origin::Doc | Origin::Source(_) | Origin::Op => None,
         Origin::Key => match &msg.key {
             Some(k) => Some(text("the message key", k)?),
             None => None,

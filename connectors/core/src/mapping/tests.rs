@@ -456,3 +456,58 @@ fn debezium_skips_the_tombstone_after_a_delete_and_refuses_what_it_cannot_apply(
     let bad = m.map(&msg(r#"{"op":"c","after":{"id":"x","name":"a"}}"#));
     assert!(bad.unwrap_err().reason.contains("column `id`"));
 }
+
+#[test]
+fn debezium_source_fields_and_op_map_on_upserts_and_deletes() {
+    let mut lsn = col("lsn", ColumnType::Bigint, false);
+    lsn.pointer = Some("@source/lsn".into());
+    let mut op = col("op", ColumnType::Text, false);
+    op.pointer = Some("@op".into());
+    let mut table = col("tbl", ColumnType::Text, false);
+    table.pointer = Some("@source/table".into());
+    let m = Mapper::new(
+        &[
+            col("id", ColumnType::Bigint, false),
+            lsn,
+            op,
+            table,
+            col("name", ColumnType::Text, false),
+        ],
+        &["id".into(), "lsn".into()],
+        true,
+        None,
+    )
+    .with_envelope(Envelope::Debezium);
+    let update = r#"{"before":null,"after":{"id":1,"name":"a"},"source":{"lsn":42,"table":"customers"},"op":"u"}"#;
+    let r = m.map(&msg(update)).unwrap();
+    assert_eq!(
+        r.values,
+        vec![
+            Value::BigInt(1),
+            Value::BigInt(42),
+            Value::Text("u".into()),
+            Value::Text("customers".into()),
+            Value::Text("a".into())
+        ]
+    );
+    // A delete keeps what describes the change (its LSN, op, table): the
+    // version guard compares the delete's LSN with the row's.
+    let delete = r#"{"before":{"id":1,"name":"a"},"after":null,"source":{"lsn":43,"table":"customers"},"op":"d"}"#;
+    let r = m.map(&msg(delete)).unwrap();
+    assert_eq!(r.op, Op::Delete);
+    assert_eq!(
+        r.values,
+        vec![
+            Value::BigInt(1),
+            Value::BigInt(43),
+            Value::Text("d".into()),
+            Value::Text("customers".into()),
+            Value::Null
+        ]
+    );
+    // The version column is required like a key: an event without it is
+    // refused, not applied unguarded.
+    let no_lsn = r#"{"after":{"id":1,"name":"a"},"source":{},"op":"c"}"#;
+    let e = m.map(&msg(no_lsn)).unwrap_err();
+    assert!(e.reason.contains("@source/lsn"), "{}", e.reason);
+}

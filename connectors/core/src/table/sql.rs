@@ -177,9 +177,102 @@ pub fn insert_columns(columns: &[ColumnConfig]) -> Vec<String> {
         .collect()
 }
 
+/// Deleted keys of a versioned upsert, remembered in a side table with the
+/// version and position of their delete, in the batch's transaction. A
+/// delete takes the row and its version away; without its grave, a change
+/// older than the delete, re-delivered later (a source replaying after a
+/// crash), would bring the row back. A merged row must be newer than its
+/// key's grave, by the same guard as against a row.
+pub struct Graves {
+    /// Qualified and quoted.
+    table: String,
+    version: String,
+}
+
+impl Graves {
+    /// The side table's name beside `table`.
+    pub fn name(table: &str) -> String {
+        format!("idem_deleted_{table}")
+    }
+
+    /// For upserts with a version column that apply deletes, else none.
+    pub fn of(
+        table: String,
+        mode: WriteMode,
+        version: Option<&str>,
+        deletes: bool,
+    ) -> Option<Graves> {
+        match (mode, version) {
+            (WriteMode::Upsert, Some(v)) if deletes => Some(Graves {
+                table,
+                version: v.to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// `CREATE TABLE IF NOT EXISTS`: the key and version columns of
+    /// `columns`, the position, keyed like the target.
+    pub fn create(
+        &self,
+        columns: &[ColumnConfig],
+        keys: &[String],
+        sql_type: impl Fn(ColumnType) -> &'static str,
+    ) -> String {
+        let kept: Vec<ColumnConfig> = columns
+            .iter()
+            .filter(|c| keys.contains(&c.name) || c.name == self.version)
+            .cloned()
+            .collect();
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} ({})",
+            self.table,
+            table_definition(&kept, keys, sql_type)
+        )
+    }
+
+    /// Record the tombstones of `source` (one message per key), keeping the
+    /// newest delete of each key.
+    pub fn bury(&self, source: &str, keys: &[String]) -> String {
+        let cols: Vec<String> = keys
+            .iter()
+            .cloned()
+            .chain([
+                self.version.clone(),
+                POS_PARTITION.to_string(),
+                POS_OFFSET.to_string(),
+            ])
+            .collect();
+        format!(
+            "INSERT INTO {t} AS g ({c}) SELECT {c} FROM {source} WHERE {source}.{DELETE_FLAG}
+             ON CONFLICT ({k}) DO UPDATE SET {u} WHERE {guard}",
+            t = self.table,
+            c = list(&cols),
+            k = list(keys),
+            u = updates(&cols, keys),
+            guard = guard("excluded", "g", Some(&self.version)),
+        )
+    }
+
+    /// `AND` no grave of the key is as new as the message in `source`.
+    fn alive(&self, source: &str, keys: &[String]) -> String {
+        format!(
+            " AND NOT EXISTS (SELECT 1 FROM {t} AS g WHERE {m} AND NOT {newer})",
+            t = self.table,
+            m = key_match("g", source, keys),
+            newer = guard(source, "g", Some(&self.version)),
+        )
+    }
+}
+
 /// `INSERT .. SELECT .. ON CONFLICT (keys) DO UPDATE .. WHERE newer AND changed`
 /// from `source` (a staging relation with the delete flag) into `target`
-/// (a qualified, quoted name) aliased as `alias`.
+/// (a qualified, quoted name) aliased as `alias`; with `graves`, only
+/// messages newer than their key's last delete.
 pub fn merge(
     target: &str,
     alias: &str,
@@ -187,6 +280,7 @@ pub fn merge(
     columns: &[ColumnConfig],
     keys: &[String],
     version: Option<&str>,
+    graves: Option<&Graves>,
 ) -> String {
     let cols = insert_columns(columns);
     let col_list = list(&cols);
@@ -196,8 +290,9 @@ pub fn merge(
         .filter(|c| !keys.iter().any(|k| k == c))
         .collect();
     format!(
-        "INSERT INTO {target} AS {alias} ({col_list}) SELECT {col_list} FROM {source} WHERE NOT {DELETE_FLAG}
+        "INSERT INTO {target} AS {alias} ({col_list}) SELECT {col_list} FROM {source} WHERE NOT {DELETE_FLAG}{alive}
          ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {guard} AND ({changed})",
+        alive = graves.map(|g| g.alive(source, keys)).unwrap_or_default(),
         keys = list(keys),
         updates = updates(&cols, keys),
         guard = guard("excluded", alias, version),

@@ -35,6 +35,10 @@ struct Plan {
     /// are unique and which holds no tombstone (no need to pick per key).
     merge_staged: String,
     pick_latest: String,
+    /// Versioned upserts with deletes: record deletes, and create their
+    /// table (see [`sql::Graves`]).
+    bury: Option<String>,
+    create_graves: Option<String>,
     /// Positions of the key columns among the mapped columns.
     key_idx: Vec<usize>,
 }
@@ -81,6 +85,13 @@ impl Plan {
             sql::list(&keys),
             sql::newest_first(version)
         );
+        let graves = sql::Graves::of(
+            format!("main.{}", q(&sql::Graves::name(&cfg.table))),
+            cfg.mode,
+            version,
+            cfg.delete_on_tombstone,
+        );
+        let graves = graves.as_ref();
         Plan {
             offsets: OffsetsSql::new(&q(&cfg.offsets_table)),
             ctx: Ctx {
@@ -93,8 +104,10 @@ impl Plan {
             create_table,
             create_stage,
             delete: sql::delete(&t, "tgt", LATEST, &keys, version),
-            merge: sql::merge(&t, "tgt", LATEST, columns, &keys, version),
-            merge_staged: sql::merge(&t, "tgt", STAGE, columns, &keys, version),
+            merge: sql::merge(&t, "tgt", LATEST, columns, &keys, version, graves),
+            merge_staged: sql::merge(&t, "tgt", STAGE, columns, &keys, version, graves),
+            bury: graves.map(|g| g.bury(LATEST, &keys)),
+            create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
             pick_latest,
             key_idx: sql::key_indexes(columns, &keys),
         }
@@ -255,6 +268,10 @@ impl Inner {
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
         self.check_table(conn)?;
+        if let Some(create) = &self.plan.create_graves {
+            conn.execute_batch(create)
+                .map_err(|e| ctx.sql(&ctx.table, "create the deleted keys table", e))?;
+        }
         if self.cfg.mode == Mode::Upsert {
             conn.execute_batch(&self.plan.create_stage)
                 .map_err(|e| ctx.sql(STAGE, "create the staging table", e))?;
@@ -363,6 +380,10 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             let deleted = conn
                 .execute(&plan.delete, [])
                 .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+            if let Some(bury) = &plan.bury {
+                conn.execute(bury, [])
+                    .map_err(|e| ctx.sql(&ctx.table, "record deleted keys", e))?;
+            }
             let merged = conn
                 .execute(&plan.merge, [])
                 .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?;

@@ -124,6 +124,13 @@ impl Validate for PostgresSinkConfig {
             // Its ids live beside it in `idem_ids_<table>`.
             check_postgres_name(&["table"], &ids_table(&self.table))?;
         }
+        if self.version.is_some() && self.delete_on_tombstone {
+            // Its deleted keys live beside it in `idem_deleted_<table>`.
+            check_postgres_name(
+                &["table"],
+                &idem_core::table::sql::Graves::name(&self.table),
+            )?;
+        }
         for (i, c) in columns.iter().enumerate() {
             check_postgres_name(&[], &c.name).map_err(|e| Invalid::column(i, "name", e.message))?;
         }

@@ -160,6 +160,8 @@ pub(crate) struct Ctx {
     pub offsets: String,
     /// `"schema"."idem_ids_table"`: message ids of `dedup` mode.
     pub ids: String,
+    /// `"schema"."idem_deleted_table"`: deleted keys of versioned upserts.
+    pub graves: String,
 }
 
 impl Ctx {

@@ -38,6 +38,10 @@ struct Plan {
     merge_staged: String,
     merge_latest: String,
     delete_latest: String,
+    /// Versioned upserts with deletes: record deletes, and create their
+    /// table (see [`sql::Graves`]).
+    bury_latest: Option<String>,
+    create_graves: Option<String>,
     /// Dedup: insert first-seen ids and their rows; create and purge ids.
     dedup_insert: String,
     create_ids: String,
@@ -75,6 +79,13 @@ impl Plan {
             order = sql::newest_first(version),
         );
         let t = &ctx.table;
+        let graves = sql::Graves::of(
+            ctx.graves.clone(),
+            cfg.mode,
+            version,
+            cfg.delete_on_tombstone,
+        );
+        let graves = graves.as_ref();
         Plan {
             target_types,
             stage_types,
@@ -87,9 +98,12 @@ impl Plan {
                 "COPY {stage} ({col_list}, {DELETE_FLAG}) FROM STDIN (FORMAT binary)"
             ),
             offsets: OffsetsSql::new(&ctx.offsets),
-            merge_staged: sql::merge(t, "tgt", &stage, columns, &keys, version),
-            merge_latest: latest.clone() + &sql::merge(t, "tgt", "latest", columns, &keys, version),
-            delete_latest: latest + &sql::delete(t, "tgt", "latest", &keys, version),
+            merge_staged: sql::merge(t, "tgt", &stage, columns, &keys, version, graves),
+            merge_latest: latest.clone()
+                + &sql::merge(t, "tgt", "latest", columns, &keys, version, graves),
+            delete_latest: latest.clone() + &sql::delete(t, "tgt", "latest", &keys, version),
+            bury_latest: graves.map(|g| latest + &g.bury("latest", &keys)),
+            create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
             dedup_insert: sql::dedup_insert(t, &ctx.ids, &stage, columns, &cfg.key),
             create_ids: format!(
                 "CREATE TABLE IF NOT EXISTS {} ({}, seen_at timestamptz NOT NULL, PRIMARY KEY ({}))",
@@ -173,6 +187,7 @@ impl PostgresSink {
                 q(&cfg.schema),
                 q(&crate::config::ids_table(&cfg.table))
             ),
+            graves: format!("{}.{}", q(&cfg.schema), q(&sql::Graves::name(&cfg.table))),
         };
         let pool = parsed.map_err(|e| e.to_string()).and_then(|mut pg| {
             pg.connect_timeout(cfg.connect_timeout);
@@ -295,6 +310,11 @@ impl PostgresSink {
             .execute(&plan.delete_latest, &[])
             .await
             .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+        if let Some(bury) = &plan.bury_latest {
+            txn.execute(bury, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.graves, "record deleted keys", e))?;
+        }
         let merged = txn
             .execute(&plan.merge_latest, &[])
             .await
@@ -395,7 +415,9 @@ impl PostgresSink {
             total
         } else {
             let unique = sql::unique_upserts(&batch.records, &plan.key_idx);
-            let direct_written = if unique && self.try_direct() {
+            // Graves must be consulted: no COPY straight into the table.
+            let direct = unique && plan.create_graves.is_none() && self.try_direct();
+            let direct_written = if direct {
                 // New keys only (the common case of a load): COPY straight
                 // into the table; a key that exists already fails the COPY
                 // and the batch takes the merge path below instead.
@@ -511,6 +533,12 @@ impl Sink for PostgresSink {
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
         self.check_table(&**client).await?;
+        if let Some(create) = &self.plan.create_graves {
+            client
+                .batch_execute(create)
+                .await
+                .map_err(|e| ctx.sql(&ctx.graves, "create the deleted keys table", e))?;
+        }
         if self.cfg.mode == WriteMode::Dedup {
             client
                 .batch_execute(&self.plan.create_ids)

@@ -69,6 +69,10 @@ struct Plan {
     pick_latest: String,
     merge: String,
     delete: String,
+    /// Versioned upserts with deletes: record deletes, and create their
+    /// table (see [`sql::Graves`]).
+    bury: Option<String>,
+    create_graves: Option<String>,
 }
 
 impl Plan {
@@ -103,6 +107,13 @@ impl Plan {
                 format!("{DELETE_FLAG} BOOLEAN"),
             ])
             .collect();
+        let graves = sql::Graves::of(
+            q(&sql::Graves::name(&cfg.table)),
+            cfg.mode,
+            version,
+            cfg.delete_on_tombstone,
+        );
+        let graves = graves.as_ref();
         Plan {
             offsets: OffsetsSql::new(&q(&cfg.offsets_table)),
             ctx: Ctx {
@@ -138,7 +149,10 @@ impl Plan {
                 columns,
                 &keys,
                 version,
+                graves,
             ),
+            bury: graves.map(|g| g.bury(&format!("temp.{LATEST}"), &keys)),
+            create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
             // SQLite has no `DELETE .. USING`. The `IN` on the key lets it
             // find the rows through the primary key instead of scanning.
             delete: format!(
@@ -252,6 +266,10 @@ impl Inner {
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
         self.check_table(conn)?;
+        if let Some(create) = &self.plan.create_graves {
+            conn.execute_batch(create)
+                .map_err(|e| ctx.sql(&ctx.table, "create the deleted keys table", e))?;
+        }
         if self.plan.mode == Mode::Upsert {
             conn.execute_batch(&self.plan.create_stage)
                 .map_err(|e| ctx.sql(STAGE, "create the staging table", e))?;
@@ -350,6 +368,10 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             .execute(&plan.merge, [])
             .map_err(|e| ctx.sql(&ctx.table, "merge", e))?;
         let deleted = if batch.records.iter().any(|r| r.op == Op::Delete) {
+            if let Some(bury) = &plan.bury {
+                conn.execute(bury, [])
+                    .map_err(|e| ctx.sql(&ctx.table, "record deleted keys", e))?;
+            }
             conn.execute(&plan.delete, [])
                 .map_err(|e| ctx.sql(&ctx.table, "delete tombstoned keys", e))?
         } else {
