@@ -485,3 +485,41 @@ async fn offsets_deleted_by_retention_are_reported_as_lost() {
     assert_eq!(count(&schema).await, (150, 150));
     assert_eq!(positions(&schema).await, end_offsets(&topic, 1));
 }
+
+/// A pattern subscription takes in a matching topic created while it runs
+/// (Debezium makes one per new table) without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_takes_in_a_topic_created_while_it_runs() {
+    let base = fresh_topic("idem_pattern", 1).await;
+    let first = fresh_topic(&base, 1).await;
+    produce(&first, 0..100).await;
+    let schema = fresh_schema("kafka_pattern");
+    let w = Workdir::new();
+    let cfg = w.write("k.toml", &Conf::new(&format!("^{base}_.*"), &schema).toml());
+    let mut child = idem()
+        .arg("run")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while count(&schema).await.0 < 100 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(count(&schema).await.0, 100, "the first topic");
+    let second = fresh_topic(&base, 1).await;
+    produce(&second, 100..200).await;
+    let created = Instant::now();
+    // librdkafka's default refresh (5 minutes) would miss this.
+    while count(&schema).await.0 < 200 && created.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the new topic's events landed {:.1} s after it was made",
+        created.elapsed().as_secs_f64()
+    );
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(count(&schema).await, (200, 200), "the topic made later");
+}

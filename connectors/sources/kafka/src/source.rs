@@ -97,6 +97,13 @@ impl KafkaSource {
             // oldest offset: the reader drops what it already has and seeks
             // again. A reset to the end would skip messages silently.
             .set("auto.offset.reset", "earliest");
+        if cfg.topics.iter().any(|t| t.starts_with('^')) {
+            // A pattern takes in topics created later (Debezium makes one
+            // per new table) at the next metadata refresh: every 30 s
+            // rather than librdkafka's 5 minutes. `properties` may say
+            // otherwise.
+            client.set("topic.metadata.refresh.interval.ms", "30000");
+        }
         // librdkafka's own lines reach the log at debug level (with
         // `debug = "..."` among the properties for its detailed traces).
         // Its warnings and errors always reach the context, which keeps
