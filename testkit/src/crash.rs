@@ -7,7 +7,7 @@
 //! the first.
 
 use crate::*;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -83,12 +83,7 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
     let cfg = w.write("crash.toml", &config(w, sink));
     // Both repeat ids: upsert keeps the latest value, dedup the first.
     let repeats = mode == "upsert" || mode == "dedup";
-    let seed: u64 = std::env::var("IDEM_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rngs::StdRng::from_os_rng().random());
-    eprintln!("{mode} crash test seed: {seed} (IDEM_CRASH_SEED={seed} replays it)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = crate::crash_rng(mode);
 
     // id -> n; the source of truth for the final check.
     let mut expected: BTreeMap<String, i64> = BTreeMap::new();

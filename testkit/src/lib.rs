@@ -88,6 +88,99 @@ pub fn signal(pid: u32, name: &str) {
     assert!(ok.success(), "kill -{name} {pid}");
 }
 
+/// The crash tests' random generator: seeded from `IDEM_CRASH_SEED` when
+/// set, else at random, and the seed printed so a failure can be replayed.
+pub fn crash_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("IDEM_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rngs::StdRng::from_os_rng().random());
+    eprintln!("{test} crash test seed: {seed} (IDEM_CRASH_SEED={seed} replays it)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// The runs of a crash test against a group-reading source, and how each
+/// ended.
+#[derive(Default)]
+pub struct Rounds {
+    ends: std::collections::HashMap<&'static str, usize>,
+    fired: std::collections::HashMap<String, usize>,
+}
+
+impl Rounds {
+    /// One `idem run CFG`: with `failpoint`, armed at its 1st to 4th hit
+    /// and given 40 s to fire; else SIGKILLed after a random time in
+    /// `kill_ms`.
+    pub async fn run(
+        &mut self,
+        cfg: &Path,
+        failpoint: Option<&str>,
+        rng: &mut rand::rngs::StdRng,
+        kill_ms: std::ops::Range<u64>,
+    ) {
+        use rand::Rng;
+        let mut cmd = idem();
+        cmd.arg("run")
+            .arg(cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(fp) = failpoint {
+            cmd.env(
+                "IDEM_FAILPOINTS",
+                format!("{fp}={}", rng.random_range(1..=4)),
+            );
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = std::time::Instant::now()
+            + match failpoint {
+                Some(_) => std::time::Duration::from_secs(40),
+                None => std::time::Duration::from_millis(rng.random_range(kill_ms)),
+            };
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() >= deadline {
+                child.kill().unwrap();
+                break child.wait().unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        let how = ended_by(status);
+        *self.ends.entry(how).or_default() += 1;
+        if let (Some(fp), "fail point (abort)") = (failpoint, how) {
+            *self.fired.entry(fp.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Print the tally; check that at least `kills` runs died mid-way and
+    /// that every one of `failpoints` fired.
+    pub fn check(&self, test: &str, kills: usize, failpoints: &[&str]) {
+        let (ends, fired) = (&self.ends, &self.fired);
+        eprintln!("{test} crash: runs ended by {ends:?}; fail points fired {fired:?}");
+        let died = ends.get("SIGKILL").unwrap_or(&0) + ends.get("fail point (abort)").unwrap_or(&0);
+        assert!(died >= kills, "only {died} runs died mid-way: {ends:?}");
+        for fp in failpoints {
+            assert!(
+                fired.get(*fp).copied().unwrap_or(0) > 0,
+                "fail point {fp} never fired"
+            );
+        }
+    }
+}
+
+/// How a run of a crash test ended.
+pub fn ended_by(status: std::process::ExitStatus) -> &'static str {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(6) => "fail point (abort)",
+        Some(9) => "SIGKILL",
+        _ if status.success() => "clean exit",
+        _ => "error exit",
+    }
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

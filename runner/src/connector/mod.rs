@@ -137,12 +137,16 @@ impl Connector {
                 why: info.why,
             });
         }
-        if cfg.envelope == Envelope::Debezium && !info.deletes {
-            // Change events delete rows: a sink that cannot would keep them.
+        if cfg.envelope == Envelope::Debezium
+            && !info.deletes
+            && info.rows.mode != idem_config::WriteMode::Append
+        {
+            // A replica must apply deletes, or it keeps deleted rows. An
+            // append sink is a change log instead: every event is a row.
             return Err(RunError::Build {
                 connector: name.into(),
                 sink: cfg.sink.kind(),
-                message: "envelope = \"debezium\" applies deletes: the sink needs mode = \"upsert\" with `key` (the source table's primary key) and delete_on_tombstone = true".into(),
+                message: "envelope = \"debezium\" into a keyed table applies deletes: set delete_on_tombstone = true (with mode = \"upsert\" and `key`, the source table's primary key), or use mode = \"append\" for a change log of every event".into(),
             });
         }
         if cfg.envelope == Envelope::Debezium && !info.rows.versioned {

@@ -83,15 +83,9 @@ async fn six_partitions_land_exactly_once_at_the_topics_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_and_at_fail_points_while_producing_every_event_lands_once() {
-    use rand::{Rng, SeedableRng};
     const ROUNDS: usize = 24;
     const PER_ROUND: i64 = 2_000;
-    let seed: u64 = std::env::var("IDEM_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rngs::StdRng::from_os_rng().random());
-    eprintln!("kafka crash test seed: {seed} (IDEM_CRASH_SEED={seed} replays it)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = crash_rng("kafka");
     let topic = fresh_topic("idem_crash", 6).await;
     let schema = fresh_schema("kafka_crash");
     let w = Workdir::new();
@@ -100,8 +94,7 @@ async fn killed_at_random_and_at_fail_points_while_producing_every_event_lands_o
         &Conf::new(&topic, &schema).max_records(300).toml(),
     );
     let failpoints = ["after_write", "mid_write", "after_commit"];
-    let mut ends: HashMap<&str, usize> = HashMap::new();
-    let mut fired: HashMap<&str, usize> = HashMap::new();
+    let mut rounds = Rounds::default();
     for round in 0..ROUNDS {
         let from = round as i64 * PER_ROUND;
         // The producer keeps writing while the runner runs and dies.
@@ -109,52 +102,13 @@ async fn killed_at_random_and_at_fail_points_while_producing_every_event_lands_o
             let topic = topic.clone();
             async move { produce(&topic, from..from + PER_ROUND).await }
         });
-        let mut cmd = idem();
-        cmd.arg("run")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
         let failpoint = (round % 2 == 1).then(|| failpoints[(round / 2) % failpoints.len()]);
-        if let Some(fp) = failpoint {
-            cmd.env(
-                "IDEM_FAILPOINTS",
-                format!("{fp}={}", rng.random_range(1..=4)),
-            );
-        }
-        let mut child = cmd.spawn().unwrap();
-        let deadline = Instant::now()
-            + match failpoint {
-                Some(_) => Duration::from_secs(30),
-                // The previous run's partitions move after the session
-                // timeout (6 s): aim before, around and after it.
-                None => Duration::from_millis(rng.random_range(300..10_000)),
-            };
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                child.kill().unwrap();
-                break child.wait().unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let how = ended_by(status);
-        *ends.entry(how).or_default() += 1;
-        if let (Some(fp), "fail point (abort)") = (failpoint, how) {
-            *fired.entry(fp).or_default() += 1;
-        }
+        // The previous run's partitions move after the session timeout
+        // (6 s): aim before, around and after it.
+        rounds.run(&cfg, failpoint, &mut rng, 300..10_000).await;
         producing.await.unwrap();
     }
-    eprintln!("kafka crash: {ROUNDS} runs ended by {ends:?}; fail points fired {fired:?}");
-    let died = ends.get("SIGKILL").unwrap_or(&0) + ends.get("fail point (abort)").unwrap_or(&0);
-    assert!(died >= 20, "only {died} of {ROUNDS} runs died mid-way");
-    for fp in failpoints {
-        assert!(
-            fired.get(fp).copied().unwrap_or(0) > 0,
-            "fail point {fp} never fired"
-        );
-    }
+    rounds.check("kafka", 20, &failpoints);
 
     let total = ROUNDS as i64 * PER_ROUND;
     run_until(&cfg, &schema, total).await;

@@ -292,17 +292,6 @@ pub async fn run_until(cfg: &std::path::Path, schema: &str, want: i64) {
     assert!(status.success(), "idem run after SIGTERM: {status:?}");
 }
 
-/// How each run of the crash test ended.
-pub fn ended_by(status: std::process::ExitStatus) -> &'static str {
-    use std::os::unix::process::ExitStatusExt;
-    match status.signal() {
-        Some(6) => "fail point (abort)",
-        Some(9) => "SIGKILL",
-        _ if status.success() => "clean exit",
-        _ => "error exit",
-    }
-}
-
 /// `idem run` in the background, its log in `log`.
 pub fn spawn_runner(
     cfg: &std::path::Path,

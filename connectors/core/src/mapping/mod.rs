@@ -303,6 +303,9 @@ impl Mapper {
             }
         };
         let side = if op == Op::Upsert { "after" } else { "before" };
+        // A sink without deletes keeps a change log: a delete is a row of
+        // its own (its `before`), told apart by an `@op` column.
+        let op = if self.deletes { op } else { Op::Upsert };
         let mut source = event
             .get_mut("source")
             .map(Json::take)
@@ -310,7 +313,7 @@ impl Mapper {
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
         if !row.is_object() {
-            if op == Op::Upsert {
+            if side == "after" {
                 return Err(MapError::new(format!("a change event without `{side}`")));
             }
             // No `before` (replica identity NOTHING): the key names the row.

@@ -511,3 +511,36 @@ fn debezium_source_fields_and_op_map_on_upserts_and_deletes() {
     let e = m.map(&msg(no_lsn)).unwrap_err();
     assert!(e.reason.contains("@source/lsn"), "{}", e.reason);
 }
+
+#[test]
+fn debezium_into_a_sink_without_deletes_is_a_change_log() {
+    let mut op = col("op", ColumnType::Text, false);
+    op.pointer = Some("@op".into());
+    let m = Mapper::new(
+        &[
+            col("id", ColumnType::Bigint, false),
+            op,
+            col("name", ColumnType::Text, false),
+        ],
+        &[],
+        false,
+        None,
+    )
+    .with_envelope(Envelope::Debezium);
+    let delete = r#"{"before":{"id":1,"name":"a"},"after":null,"op":"d"}"#;
+    let r = m.map(&msg(delete)).unwrap();
+    assert_eq!(r.op, Op::Upsert, "a row of the log, not a delete");
+    assert_eq!(
+        r.values,
+        vec![
+            Value::BigInt(1),
+            Value::Text("d".into()),
+            Value::Text("a".into())
+        ]
+    );
+    let create = r#"{"before":null,"after":{"id":2,"name":"b"},"op":"c"}"#;
+    assert_eq!(
+        m.map(&msg(create)).unwrap().values[1],
+        Value::Text("c".into())
+    );
+}

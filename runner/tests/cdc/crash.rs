@@ -1,0 +1,281 @@
+//! Replicas through crashes: two source tables captured by Debezium while a
+//! workload runs, applied by Idem into PostgreSQL and DuckDB while it is
+//! killed at random and at every fail point; then a slice of older events
+//! delivered again (a Debezium restart replays from its last flushed
+//! position). Every replica must equal its source table row for row, and
+//! the change log on S3 hold every event of the topic once.
+
+use crate::support::*;
+use idem_testkit::*;
+use rand::Rng as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message as _, Offset, TopicPartitionList};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const TABLES: [&str; 2] = ["customers", "orders"];
+/// The key of the row written last on each source table: once its event
+/// is in the topic, every change before it is too.
+const END_MARK: i64 = 999_999;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
+    const KILLS: usize = 20;
+    let failpoints = ["before_commit", "mid_write", "after_write", "after_commit"];
+    let mut rng = crash_rng("cdc");
+
+    let src = fresh_schema("cdc_src");
+    let dst = fresh_schema("cdc_dst");
+    let db = pg().await;
+    let mut ddl = format!("CREATE SCHEMA \"{src}\";");
+    for t in TABLES {
+        ddl += &seeded(&src, t, 300);
+    }
+    db.batch_execute(&ddl).await.unwrap();
+    let capture = Capture::start(&src, &TABLES, false).await;
+
+    let w = Workdir::new();
+    let duck_path = |t: &str| w.path(&format!("{t}.duckdb"));
+    let bucket = idem_testkit::s3::fresh_bucket("cdc").await;
+    let mut toml = String::new();
+    for (t, topic) in TABLES.iter().zip(&capture.topics) {
+        let duck_sink = format!(
+            "type = \"duckdb\"\npath = \"{}\"\ntable = \"{t}\"\n",
+            duck_path(t).display()
+        );
+        let replica = Shape::Replica { versioned: true };
+        for (name, sink, shape) in [
+            (format!("pg_{t}"), postgres_sink(&dst, t), replica),
+            (format!("duck_{t}"), duck_sink, replica),
+            (
+                format!("log_{t}"),
+                idem_testkit::s3::sink_lines(&bucket, "format = \"parquet\"\n"),
+                Shape::ChangeLog,
+            ),
+        ] {
+            let dead = w.path(&format!("{name}.deadletter.jsonl"));
+            toml += &connector(&name, topic, &format!("{src}_{name}"), &sink, shape, &dead);
+            // Each restart finds its partitions after the session timeout.
+            toml += &format!(
+                "[connectors.{name}.source.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n"
+            );
+        }
+    }
+    let cfg = w.write("cdc.toml", &toml);
+
+    // The workload runs through every crash: a transaction of one to three
+    // random changes over both tables every few milliseconds.
+    let stop = Arc::new(AtomicBool::new(false));
+    let changes = Arc::new(AtomicUsize::new(0));
+    let workload = tokio::spawn({
+        let (src, stop, changes) = (src.clone(), stop.clone(), changes.clone());
+        let mut gen = Rng(rng.random::<u64>() | 1);
+        async move {
+            let db = pg().await;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mut txn = String::from("BEGIN;");
+                for _ in 0..=gen.next() % 3 {
+                    let t = TABLES[(gen.next() % 2) as usize];
+                    txn += &change(&src, t, &mut gen, i);
+                    txn += ";";
+                    i += 1;
+                }
+                db.batch_execute(&(txn + "COMMIT;")).await.unwrap();
+                changes.store(i, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for t in TABLES {
+                db.batch_execute(&format!(
+                    "INSERT INTO \"{src}\".{t} VALUES ({END_MARK}, 'end', 0)"
+                ))
+                .await
+                .unwrap();
+            }
+        }
+    });
+
+    // Random kills, and a run per fail point among them. Partitions move
+    // after the session timeout (6 s): aim before, around and after it.
+    let mut rounds = Rounds::default();
+    for round in 0..KILLS + failpoints.len() {
+        let failpoint = (round % 6 == 5).then(|| failpoints[round / 6]);
+        rounds.run(&cfg, failpoint, &mut rng, 300..9_000).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    workload.await.unwrap();
+    eprintln!(
+        "cdc crash: {} source changes",
+        changes.load(Ordering::Relaxed)
+    );
+    rounds.check("cdc", KILLS, &failpoints);
+
+    // Older changes delivered again, after everything: a slice from the
+    // middle of each topic, as a Debezium restart replays its last changes.
+    let mut redelivered = 0;
+    let mut delivered = Vec::new();
+    for topic in &capture.topics {
+        let mut events = read_until_end_mark(topic).await;
+        let slice = events[events.len() / 3..events.len() / 2].to_vec();
+        redelivered += slice.len();
+        produce(topic, &slice).await;
+        events.extend(slice);
+        delivered.push(events);
+    }
+
+    // The last run reads to the end and stops by itself.
+    let last = w.write(
+        "last.toml",
+        &toml.replace("group_id = ", "stop_at_end = true\ngroup_id = "),
+    );
+    let out = run_ok(idem().arg("run").arg(&last));
+    let log = text(&out.stderr);
+
+    for t in TABLES {
+        let diff = differences(&src, &dst, t, COLUMNS).await;
+        assert_eq!(diff, 0, "{t}: {diff} rows differ in PostgreSQL\n{log}");
+        let want = source_rows(&src, t).await;
+        assert!(
+            want.len() > 200,
+            "{t}: the workload left only {} rows",
+            want.len()
+        );
+        let conn = duck(&duck_path(t));
+        let mut stmt = conn
+            .prepare(&format!("SELECT {COLUMNS} FROM {t} ORDER BY id"))
+            .unwrap();
+        let got: Vec<Row> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            got == want,
+            "{t}: the DuckDB replica differs from the source\n{log}"
+        );
+    }
+    // The change logs: every event of the topic (the copies too) once, as
+    // (id, op, LSN); tombstones leave no row.
+    for (t, events) in TABLES.iter().zip(&delivered) {
+        let mut want: Vec<(i64, String, i64)> = events
+            .iter()
+            .filter_map(|(_, v)| v.as_deref())
+            .map(|v| {
+                let e: serde_json::Value = serde_json::from_slice(v).unwrap();
+                let op = e["op"].as_str().unwrap().to_string();
+                let row = if op == "d" { &e["before"] } else { &e["after"] };
+                (
+                    row["id"].as_i64().unwrap(),
+                    op,
+                    e["source"]["lsn"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let landed = idem_testkit::s3::landed(&bucket, "", &format!("log_{t}")).await;
+        landed.assert_only_named();
+        let mut got: Vec<(i64, String, i64)> = landed
+            .lines
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_i64().unwrap(),
+                    r["op"].as_str().unwrap().to_string(),
+                    r["lsn"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got.len(), want.len(), "{t}: rows in the change log, events");
+        assert!(
+            got == want,
+            "{t}: the change log differs from the topic's events"
+        );
+    }
+    for entry in std::fs::read_dir(w.path("")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().ends_with(".deadletter.jsonl") {
+            let dead = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(dead.is_empty(), "{}:\n{dead}", path.display());
+        }
+    }
+    eprintln!("cdc crash: {redelivered} events delivered again; every replica exact");
+    capture.stop().await;
+}
+
+type Row = (i64, Option<String>, Option<i64>);
+/// A Kafka message's key and value.
+type Event = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+async fn source_rows(schema: &str, table: &str) -> Vec<Row> {
+    pg().await
+        .query(
+            &format!("SELECT {COLUMNS} FROM \"{schema}\".{table} ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Every message of `topic` (one partition, as Debezium creates it), up to
+/// the change event of the end mark.
+async fn read_until_end_mark(topic: &str) -> Vec<Event> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("group.id", format!("{topic}_reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mark = format!("\"id\":{END_MARK}");
+    let mut events = Vec::new();
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{topic}: no end mark after {} events",
+            events.len()
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let value = m.payload().map(<[u8]>::to_vec);
+        let done = value
+            .as_deref()
+            .is_some_and(|v| String::from_utf8_lossy(v).contains(&mark));
+        events.push((m.key().map(<[u8]>::to_vec), value));
+        if done {
+            return events;
+        }
+    }
+}
+
+async fn produce(topic: &str, events: &[Event]) {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .create()
+        .unwrap();
+    for (key, value) in events {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        if let Some(k) = key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = value {
+            record = record.payload(v.as_slice());
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
