@@ -72,6 +72,11 @@ enum Command {
         /// Only this connector.
         #[arg(long)]
         connector: Option<String>,
+        /// Compare each change data capture connector's target table with
+        /// the PostgreSQL table it replicates, row for row, in the database
+        /// at this URL (`postgres://user:password@host:port/db`).
+        #[arg(long, value_name = "URL")]
+        against: Option<String>,
     },
     /// Write sample events (NDJSON, ~200 bytes each) for trying Idem out.
     Generate {
@@ -206,8 +211,10 @@ fn main() -> ExitCode {
             None => return ExitCode::from(2),
         },
         Command::Status { url, .. } => runtime.block_on(commands::status(config, url)),
-        Command::Verify { connector, .. } => match config {
-            Some(c) => runtime.block_on(idem::verify::verify(c, connector)),
+        Command::Verify {
+            connector, against, ..
+        } => match config {
+            Some(c) => runtime.block_on(idem::verify::verify(c, connector, against)),
             None => return ExitCode::from(2),
         },
         Command::Produce {

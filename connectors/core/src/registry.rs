@@ -35,6 +35,8 @@ pub struct PostgresTarget {
 pub struct KafkaTarget {
     pub brokers: String,
     pub properties: Vec<(String, String)>,
+    /// The topics it reads (names, or patterns starting with `^`).
+    pub topics: Vec<String>,
 }
 
 /// A sink's entry in the registry.

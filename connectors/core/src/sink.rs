@@ -189,6 +189,16 @@ pub trait Sink: Send + Sync {
         Ok(None)
     }
 
+    /// Every row's `columns` (name, type) as canonical text
+    /// ([`crate::table::audit`]), for `idem verify --against`; `None` when
+    /// this sink cannot read its rows back.
+    async fn canonical_rows(
+        &self,
+        _columns: &[(String, idem_config::ColumnType)],
+    ) -> Result<Option<Vec<Vec<Option<String>>>>, SinkError> {
+        Ok(None)
+    }
+
     /// Called once when the run ends with no batch in flight. Everything
     /// committed is already durable; this only leaves the destination tidy
     /// for the next start (DuckDB folds its write-ahead log into the file,

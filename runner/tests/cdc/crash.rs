@@ -201,6 +201,20 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             assert!(dead.is_empty(), "{}:\n{dead}", path.display());
         }
     }
+    // `idem verify --against` agrees, on both kinds of target.
+    for name in ["pg_customers", "duck_orders"] {
+        let out = idem()
+            .args(["verify", "--connector", name, "--against", &pg_url()])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "verify {name}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
     eprintln!("cdc crash: {redelivered} events delivered again; every replica exact");
     capture.stop().await;
 }

@@ -44,7 +44,7 @@ async fn replicate(schemas: bool) {
             &w.path("cdc.deadletter.jsonl"),
         ),
     );
-    let mut idem = Reaped(
+    let mut runner = Reaped(
         idem()
             .arg("run")
             .arg(&cfg)
@@ -68,8 +68,8 @@ async fn replicate(schemas: bool) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         diff = differences(&src, &dst, "customers", COLUMNS).await;
     }
-    signal(idem.0.id(), "TERM");
-    let status = idem.0.wait().unwrap();
+    signal(runner.0.id(), "TERM");
+    let status = runner.0.wait().unwrap();
     let log = std::fs::read_to_string(w.path("idem.log")).unwrap_or_default();
     assert!(status.success(), "idem run: {status:?}\n{log}");
     let rows: i64 = db
@@ -89,5 +89,49 @@ async fn replicate(schemas: bool) {
         schemas,
         "the start-up warning about the version guard\n{log}"
     );
+
+    // `idem verify --against` agrees, then finds what is planted.
+    let verify = || {
+        idem()
+            .arg("verify")
+            .arg(&cfg)
+            .arg("--against")
+            .arg(pg_url())
+            .output()
+            .unwrap()
+    };
+    let out = verify();
+    assert!(
+        out.status.success() && text(&out.stdout).contains("equals the source row for row"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let t = format!("\"{dst}\".customers");
+    let (gone, changed): (i64, i64) = {
+        let r = db
+            .query_one(&format!("SELECT min(id), max(id) FROM {t}"), &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    db.batch_execute(&format!(
+        "DELETE FROM {t} WHERE id = {gone};
+         UPDATE {t} SET name = 'tampered' WHERE id = {changed};
+         INSERT INTO {t} (id, name, n, _idem_partition, _idem_offset) VALUES (-7, 'stray', 0, 'x', 0);"
+    ))
+    .await
+    .unwrap();
+    let out = verify();
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    for finding in [
+        format!("missing: id={gone}"),
+        format!("differs: id={changed}: column `name`"),
+        "not in the source: id=-7".to_string(),
+        "3 findings".to_string(),
+    ] {
+        assert!(said.contains(&finding), "no `{finding}` in:\n{said}");
+    }
     capture.stop().await;
 }

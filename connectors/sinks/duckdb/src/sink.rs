@@ -8,9 +8,9 @@ use duckdb::types::{TimeUnit, ToSqlOutput, ValueRef};
 use duckdb::{appender_params_from_iter, params, Connection, OptionalExt, ToSql};
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
-use idem_core::table::check;
 use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
+use idem_core::table::{audit, check};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
 };
@@ -499,6 +499,34 @@ impl Sink for DuckDbSink {
                     rows.collect()
                 };
                 list(conn).map_err(|e| ctx.sql(&ctx.table, "list row positions", e))
+            })
+            .await?,
+        ))
+    }
+
+    async fn canonical_rows(
+        &self,
+        columns: &[(String, ColumnType)],
+    ) -> Result<Option<Vec<Vec<Option<String>>>>, SinkError> {
+        let cols: Vec<(String, ColumnType)> = columns.to_vec();
+        Ok(Some(
+            self.with_conn(move |conn, plan| {
+                let ctx = &plan.ctx;
+                let named: Vec<(&str, ColumnType)> =
+                    cols.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+                let sql = audit::duckdb_select(&format!("main.{}", q(&ctx.table)), &named);
+                let read = |conn: &Connection| -> duckdb::Result<Vec<Vec<Option<String>>>> {
+                    let mut stmt = conn.prepare(&sql)?;
+                    let rows = stmt.query_map([], |r| {
+                        named
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (_, ty))| Ok(audit::canonical(*ty, r.get(i)?)))
+                            .collect()
+                    })?;
+                    rows.collect()
+                };
+                read(conn).map_err(|e| ctx.sql(&ctx.table, "read the rows", e))
             })
             .await?,
         ))

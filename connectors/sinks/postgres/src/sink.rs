@@ -6,11 +6,11 @@ use crate::error::{Ctx, PgError};
 use crate::recover;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use idem_config::{ColumnConfig, WriteMode};
+use idem_config::{ColumnConfig, ColumnType, WriteMode};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
-use idem_core::table::check;
 use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG};
+use idem_core::table::{audit, check};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo, StoredPosition,
 };
@@ -582,6 +582,29 @@ impl Sink for PostgresSink {
         Ok(format!(
             "table {} on {} holds {n} rows",
             ctx.table, ctx.server
+        ))
+    }
+
+    async fn canonical_rows(
+        &self,
+        columns: &[(String, ColumnType)],
+    ) -> Result<Option<Vec<Vec<Option<String>>>>, SinkError> {
+        let client = self.client().await?;
+        let ctx = &self.ctx;
+        let cols: Vec<(&str, ColumnType)> = columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        let rows = client
+            .query(&audit::postgres_select(&ctx.table, &cols), &[])
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, "read the rows", e))?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| {
+                    cols.iter()
+                        .enumerate()
+                        .map(|(i, (_, ty))| audit::canonical(*ty, r.get(i)))
+                        .collect()
+                })
+                .collect(),
         ))
     }
 

@@ -49,6 +49,7 @@ impl idem_core::registry::SourceKind for KafkaKind {
                 })
                 .map(|(key, v)| (key.clone(), v.expose().to_string()))
                 .collect(),
+            topics: cfg.topics.clone(),
         })
     }
 }

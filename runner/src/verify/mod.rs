@@ -13,6 +13,8 @@
 //! Any finding exits 1. It holds the whole range in memory (about 0.9 KB
 //! per message with a DuckDB table: 850 MiB for a million).
 
+mod against;
+
 use crate::connector::{map_message, Connector, Item};
 use crate::registry::Config;
 use anyhow::Context;
@@ -83,8 +85,13 @@ impl Findings {
 }
 
 /// `idem verify`: 0 when every audited connector holds each message exactly
-/// once, 1 on any finding or a connector that cannot be audited.
-pub async fn verify(config: Config, only: Option<String>) -> anyhow::Result<i32> {
+/// once (with `against`, when its replica equals the source table), 1 on
+/// any finding or a connector that cannot be audited.
+pub async fn verify(
+    config: Config,
+    only: Option<String>,
+    against: Option<String>,
+) -> anyhow::Result<i32> {
     if let Some(name) = &only {
         anyhow::ensure!(
             config.connectors.contains_key(name),
@@ -97,6 +104,19 @@ pub async fn verify(config: Config, only: Option<String>) -> anyhow::Result<i32>
             continue;
         }
         let c = Connector::build(&name, cfg)?;
+        if let Some(url) = &against {
+            match against::compare(&c, url).await? {
+                None => {
+                    crate::say!(
+                        "✗ {name}: a {} sink cannot be read back yet (--against reads postgres and duckdb sinks)",
+                        c.cfg.sink.kind()
+                    );
+                    ok = false;
+                }
+                Some(found) => ok &= report_against(&name, &found),
+            }
+            continue;
+        }
         match audit(&c).await? {
             None => {
                 crate::say!(
@@ -113,35 +133,71 @@ pub async fn verify(config: Config, only: Option<String>) -> anyhow::Result<i32>
     Ok(if ok { 0 } else { 1 })
 }
 
-fn report(name: &str, f: &Findings) -> bool {
+fn report_against(name: &str, f: &against::Compared) -> bool {
     let summary = format!(
+        "{} rows in {}, {} in the target",
+        f.source_rows, f.source, f.target_rows
+    );
+    let ok = "the target equals the source row for row";
+    print_findings(
+        name,
+        &summary,
+        ok,
+        &[
+            ("missing", &f.missing),
+            ("not in the source", &f.extra),
+            ("differs", &f.differing),
+        ],
+    )
+}
+
+fn report(name: &str, f: &Findings) -> bool {
+    let mut summary = format!(
         "{} messages ({} dead-lettered), {} rows",
         f.messages, f.dead, f.rows
     );
-    let retained = if f.before_retention > 0 {
+    let ok = if f.before_retention > 0 {
         format!(
-            "; {} rows older than the source keeps were not checked",
+            "every message took effect exactly once; {} rows older than the source keeps were not checked",
             f.before_retention
         )
     } else {
-        String::new()
+        "every message took effect exactly once".into()
     };
-    if f.count() == 0 {
-        crate::say!("✓ {name}: {summary}: every message took effect exactly once{retained}");
+    if f.before_retention > 0 && f.count() > 0 {
+        summary += &format!(
+            " ({} older than the source keeps, not checked)",
+            f.before_retention
+        );
+    }
+    print_findings(
+        name,
+        &summary,
+        &ok,
+        &[
+            ("missing", &f.missing),
+            ("duplicated", &f.duplicated),
+            ("unexplained row", &f.unexplained),
+            ("stale row", &f.stale),
+        ],
+    )
+}
+
+/// `✓ NAME: summary: ok`, or `✗ NAME: summary: N findings` and the first
+/// 20 of each kind; whether there were none.
+fn print_findings(name: &str, summary: &str, ok: &str, kinds: &[(&str, &Vec<String>)]) -> bool {
+    let count: usize = kinds.iter().map(|(_, list)| list.len()).sum();
+    if count == 0 {
+        crate::say!("✓ {name}: {summary}: {ok}");
         return true;
     }
-    crate::say!("✗ {name}: {summary}: {} findings{retained}", f.count());
-    for (what, list) in [
-        ("missing", &f.missing),
-        ("duplicated", &f.duplicated),
-        ("unexplained row", &f.unexplained),
-        ("stale row", &f.stale),
-    ] {
+    crate::say!("✗ {name}: {summary}: {count} findings");
+    for (what, list) in kinds {
         for line in list.iter().take(20) {
             crate::say!("    {what}: {line}");
         }
         if list.len() > 20 {
-            crate::say!("    ... and {} more {what}", list.len() - 20);
+            crate::say!("    ... and {} more ({what})", list.len() - 20);
         }
     }
     false
