@@ -56,7 +56,15 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             ),
         ] {
             let dead = w.path(&format!("{name}.deadletter.jsonl"));
-            toml += &connector(&name, topic, &format!("{src}_{name}"), &sink, shape, &dead);
+            toml += &connector(
+                &name,
+                topic,
+                &format!("{src}_{name}"),
+                &sink,
+                shape,
+                &dead,
+                &WORKLOAD_COLUMNS,
+            );
             // Each restart finds its partitions after the session timeout.
             toml += &format!(
                 "[connectors.{name}.source.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n"

@@ -9,3 +9,4 @@
 mod crash;
 mod replicate;
 mod support;
+mod types;

@@ -42,17 +42,10 @@ async fn replicate(schemas: bool) {
                 versioned: !schemas,
             },
             &w.path("cdc.deadletter.jsonl"),
+            &WORKLOAD_COLUMNS,
         ),
     );
-    let mut runner = Reaped(
-        idem()
-            .arg("run")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(w.path("idem.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut runner = spawn_logged(&cfg, &w.path("idem.log"));
 
     // Changes while it runs: updates, deletes, inserts, key updates.
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);

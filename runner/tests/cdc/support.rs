@@ -20,8 +20,13 @@ pub enum Shape {
     ChangeLog,
 }
 
+/// The workload tables' columns.
+pub const WORKLOAD_COLUMNS: [(&str, &str); 3] =
+    [("id", "bigint"), ("name", "text"), ("n", "bigint")];
+
 /// A `[connectors.NAME]` applying the change events of `topic` to `sink`
-/// (its section's lines) in `shape`.
+/// (its section's lines) in `shape`, with `(name, type)` columns keyed on
+/// `id`.
 pub fn connector(
     name: &str,
     topic: &str,
@@ -29,6 +34,7 @@ pub fn connector(
     sink: &str,
     shape: Shape,
     dead: &std::path::Path,
+    columns: &[(&str, &str)],
 ) -> String {
     let column = |col: &str, ty: &str, pointer: &str| {
         format!("[[connectors.{name}.columns]]\nname = \"{col}\"\ntype = \"{ty}\"\npointer = \"{pointer}\"\n")
@@ -50,6 +56,12 @@ pub fn connector(
             column("lsn", "bigint", "@source/lsn") + &column("op", "text", "@op"),
         ),
     };
+    let columns: String = columns
+        .iter()
+        .map(|(col, ty)| {
+            format!("[[connectors.{name}.columns]]\nname = \"{col}\"\ntype = \"{ty}\"\n")
+        })
+        .collect();
     format!(
         r#"
 [connectors.{name}]
@@ -64,17 +76,21 @@ group_id = "{group}"
 {sink}{mode}[connectors.{name}.batch]
 max_records = 100
 linger = "100ms"
-[[connectors.{name}.columns]]
-name = "id"
-type = "bigint"
-[[connectors.{name}.columns]]
-name = "name"
-type = "text"
-[[connectors.{name}.columns]]
-name = "n"
-type = "bigint"
-{extra}"#,
+{columns}{extra}"#,
         dead = dead.display(),
+    )
+}
+
+/// `idem run CFG` in the background, its log in `log`.
+pub fn spawn_logged(cfg: &std::path::Path, log: &std::path::Path) -> Reaped {
+    Reaped(
+        idem()
+            .arg("run")
+            .arg(cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
     )
 }
 

@@ -7,6 +7,7 @@
 //! - `flat.rs`: the one-pass reader of documents whose columns are all
 //!   top-level fields.
 
+mod debezium;
 mod flat;
 #[cfg(test)]
 mod tests;
@@ -282,7 +283,7 @@ impl Mapper {
             .value
             .as_deref()
             .ok_or_else(|| MapError::new("a tombstone reached the mapping (skipped before it)"))?;
-        let mut event = unwrap_payload(parse(raw)?);
+        let (mut event, schema) = split_payload(parse(raw)?);
         let op = match event.get("op").and_then(Json::as_str) {
             Some("c" | "r" | "u") => Op::Upsert,
             Some("d") => Op::Delete,
@@ -312,7 +313,11 @@ impl Mapper {
             .unwrap_or(Json::Null);
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
+        // With the converter's schema, logical types are decoded (dates
+        // as days, decimals as bytes...); not for a row from the key.
+        let mut logical = schema.and_then(|s| debezium::RowSchema::of(&s, side));
         if !row.is_object() {
+            logical = None;
             if side == "after" {
                 return Err(MapError::new(format!("a change event without `{side}`")));
             }
@@ -329,6 +334,16 @@ impl Mapper {
         }
         let mut fields = self.fields(&mut row);
         for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
+            if let (Some(logical), Origin::Doc, [name]) =
+                (&logical, &col.from, col.tokens.as_slice())
+            {
+                if let Some(v) = field.take() {
+                    let decoded = logical
+                        .decode(name, col.ty, v)
+                        .map_err(|e| MapError::new(format!("column `{}`: {e}", col.name)))?;
+                    *field = Some(decoded);
+                }
+            }
             match &col.from {
                 Origin::Source(tokens) => {
                     *field = lookup_mut(&mut source, tokens).map(|v| v.clone())
@@ -357,11 +372,17 @@ fn parse(raw: &[u8]) -> Result<Json, MapError> {
 /// Kafka Connect's JSON converter with `schemas.enable = true` wraps each
 /// key and value as `{"schema": .., "payload": ..}`.
 fn unwrap_payload(doc: Json) -> Json {
+    split_payload(doc).0
+}
+
+/// The payload and, when wrapped, its schema.
+fn split_payload(doc: Json) -> (Json, Option<Json>) {
     match doc {
-        Json::Object(mut map) if map.len() == 2 && map.contains_key("schema") => {
-            map.remove("payload").unwrap_or(Json::Null)
-        }
-        doc => doc,
+        Json::Object(mut map) if map.len() == 2 && map.contains_key("schema") => (
+            map.remove("payload").unwrap_or(Json::Null),
+            map.remove("schema"),
+        ),
+        doc => (doc, None),
     }
 }
 

@@ -544,3 +544,36 @@ fn debezium_into_a_sink_without_deletes_is_a_change_log() {
         Value::Text("c".into())
     );
 }
+
+#[test]
+fn debezium_with_schemas_decodes_logical_types() {
+    let m = Mapper::new(
+        &[
+            col("id", ColumnType::Bigint, false),
+            col("born", ColumnType::Date, false),
+            col("price", ColumnType::Numeric, false),
+        ],
+        &["id".into()],
+        true,
+        None,
+    )
+    .with_envelope(Envelope::Debezium);
+    let event = r#"{"schema":{"type":"struct","fields":[
+        {"field":"after","type":"struct","fields":[
+          {"field":"id","type":"int64"},
+          {"field":"born","type":"int32","name":"io.debezium.time.Date"},
+          {"field":"price","type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}}]}]},
+      "payload":{"before":null,"after":{"id":1,"born":20454,"price":"+y4="},"op":"c"}}"#;
+    let r = m.map(&msg(event)).unwrap();
+    assert_eq!(
+        r.values,
+        vec![
+            Value::BigInt(1),
+            Value::Date(20454),
+            Value::Numeric("-12.34".into())
+        ]
+    );
+    // The same value without the schema is refused, not misread.
+    let bare = r#"{"before":null,"after":{"id":1,"born":20454,"price":"+y4="},"op":"c"}"#;
+    assert!(m.map(&msg(bare)).is_err());
+}

@@ -1,0 +1,261 @@
+//! Debezium's encodings of column values, read through the schema the JSON
+//! converter sends with `schemas.enable = true`: dates as days and
+//! timestamps as milli-, micro- or nanoseconds since the epoch, decimals as
+//! big-endian two's-complement bytes (base64) with the scale in the schema
+//! (or beside the value), JSON documents as strings. A value is decoded
+//! only for a column whose type wants the decoded form; a `bigint` column
+//! keeps the raw number.
+
+use idem_config::ColumnType;
+use serde_json::Value as Json;
+use std::collections::HashMap;
+
+/// A logical type among a row's fields.
+#[derive(Debug, Clone, PartialEq)]
+enum Logical {
+    /// Days since 1970-01-01.
+    Days,
+    /// Since the epoch, in UTC (a column without a time zone reads as UTC).
+    Millis,
+    Micros,
+    Nanos,
+    /// Unscaled bytes with a fixed scale.
+    Decimal(u32),
+    /// `{"scale": s, "value": bytes}`.
+    VariableDecimal,
+    /// A JSON document as a string.
+    Json,
+}
+
+impl Logical {
+    fn of(name: &str, field: &Json) -> Option<Logical> {
+        Some(match name {
+            "io.debezium.time.Date" | "org.apache.kafka.connect.data.Date" => Logical::Days,
+            "io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp" => {
+                Logical::Millis
+            }
+            "io.debezium.time.MicroTimestamp" => Logical::Micros,
+            "io.debezium.time.NanoTimestamp" => Logical::Nanos,
+            "org.apache.kafka.connect.data.Decimal" => {
+                let scale = field
+                    .pointer("/parameters/scale")
+                    .and_then(Json::as_str)
+                    .and_then(|s| s.parse().ok())?;
+                Logical::Decimal(scale)
+            }
+            "io.debezium.data.VariableScaleDecimal" => Logical::VariableDecimal,
+            "io.debezium.data.Json" => Logical::Json,
+            _ => return None,
+        })
+    }
+}
+
+/// The logical types of one side (`before` or `after`) of a change event,
+/// by field name.
+pub(super) struct RowSchema(HashMap<String, Logical>);
+
+impl RowSchema {
+    /// From the event's schema (`None` without one, or with no logical
+    /// type on that side).
+    pub fn of(schema: &Json, side: &str) -> Option<RowSchema> {
+        let row = schema
+            .get("fields")?
+            .as_array()?
+            .iter()
+            .find(|f| f.get("field").and_then(Json::as_str) == Some(side))?;
+        let map: HashMap<String, Logical> = row
+            .get("fields")?
+            .as_array()?
+            .iter()
+            .filter_map(|f| {
+                let name = f.get("name")?.as_str()?;
+                let logical = Logical::of(name, f)?;
+                Some((f.get("field")?.as_str()?.to_string(), logical))
+            })
+            .collect();
+        (!map.is_empty()).then_some(RowSchema(map))
+    }
+
+    /// `value` of `field` in the form a column of type `ty` reads, or why
+    /// it cannot be decoded.
+    pub fn decode(&self, field: &str, ty: ColumnType, value: Json) -> Result<Json, String> {
+        let Some(logical) = self.0.get(field) else {
+            return Ok(value);
+        };
+        if value.is_null() {
+            return Ok(value);
+        }
+        let wanted = matches!(
+            (logical, ty),
+            (Logical::Days, ColumnType::Date)
+                | (
+                    Logical::Millis | Logical::Micros | Logical::Nanos,
+                    ColumnType::Timestamp
+                )
+                | (
+                    Logical::Decimal(_) | Logical::VariableDecimal,
+                    ColumnType::Numeric | ColumnType::Text | ColumnType::Double
+                )
+                | (Logical::Json, ColumnType::Json)
+        );
+        if !wanted {
+            return Ok(value);
+        }
+        let fail = |what: &str| format!("field `{field}`: {what}, got {value}");
+        Ok(match logical {
+            Logical::Days => {
+                let days = value
+                    .as_i64()
+                    .ok_or_else(|| fail("days since 1970 expected"))?;
+                let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+                    .and_then(|e| e.checked_add_signed(chrono::TimeDelta::try_days(days)?))
+                    .ok_or_else(|| fail("a date out of range"))?;
+                Json::String(date.format("%Y-%m-%d").to_string())
+            }
+            Logical::Millis | Logical::Micros | Logical::Nanos => {
+                let n = value
+                    .as_i64()
+                    .ok_or_else(|| fail("an integer time expected"))?;
+                let t = match logical {
+                    Logical::Millis => chrono::DateTime::from_timestamp_millis(n),
+                    Logical::Micros => chrono::DateTime::from_timestamp_micros(n),
+                    _ => Some(chrono::DateTime::from_timestamp_nanos(n)),
+                }
+                .ok_or_else(|| fail("a timestamp out of range"))?;
+                Json::String(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+            }
+            Logical::Decimal(scale) => {
+                let bytes = value
+                    .as_str()
+                    .ok_or_else(|| fail("base64 bytes expected"))?;
+                Json::String(decimal(bytes, *scale).map_err(|e| fail(&e))?)
+            }
+            Logical::VariableDecimal => {
+                let scale = value
+                    .get("scale")
+                    .and_then(Json::as_u64)
+                    .and_then(|s| u32::try_from(s).ok());
+                let bytes = value.get("value").and_then(Json::as_str);
+                match (scale, bytes) {
+                    (Some(scale), Some(bytes)) => {
+                        Json::String(decimal(bytes, scale).map_err(|e| fail(&e))?)
+                    }
+                    _ => return Err(fail("{\"scale\": .., \"value\": ..} expected")),
+                }
+            }
+            Logical::Json => match &value {
+                Json::String(s) => serde_json::from_str(s)
+                    .map_err(|e| fail(&format!("not a JSON document ({e})")))?,
+                _ => value,
+            },
+        })
+    }
+}
+
+/// The decimal whose unscaled value is the big-endian two's-complement
+/// integer in `b64`, with `scale` digits after the point.
+fn decimal(b64: &str, scale: u32) -> Result<String, String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("not base64 ({e})"))?;
+    if bytes.len() > 16 {
+        return Err(format!(
+            "a decimal of {} bytes: more than 38 digits",
+            bytes.len()
+        ));
+    }
+    let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+    let mut n: i128 = if negative { -1 } else { 0 };
+    for b in &bytes {
+        n = (n << 8) | i128::from(*b);
+    }
+    let digits = n.unsigned_abs().to_string();
+    let scale = scale as usize;
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    let sign = if negative { "-" } else { "" };
+    Ok(if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn decimals_from_twos_complement_bytes() {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        assert_eq!(decimal(&b64(&[0x04, 0xD2]), 2).unwrap(), "12.34");
+        assert_eq!(decimal(&b64(&[0xFB, 0x2E]), 2).unwrap(), "-12.34");
+        assert_eq!(decimal(&b64(&[0x05]), 3).unwrap(), "0.005");
+        assert_eq!(decimal(&b64(&[0xFF]), 0).unwrap(), "-1");
+        assert_eq!(decimal(&b64(&[]), 2).unwrap(), "0.00");
+        assert!(decimal(&b64(&[1; 17]), 0).is_err());
+        assert!(decimal("not base64!", 0).is_err());
+    }
+
+    #[test]
+    fn a_schema_decodes_what_the_column_type_wants() {
+        let schema = json!({"type": "struct", "fields": [
+            {"field": "before", "type": "struct", "fields": []},
+            {"field": "after", "type": "struct", "fields": [
+                {"field": "id", "type": "int64"},
+                {"field": "born", "type": "int32", "name": "io.debezium.time.Date"},
+                {"field": "seen", "type": "int64", "name": "io.debezium.time.MicroTimestamp"},
+                {"field": "price", "type": "bytes", "name": "org.apache.kafka.connect.data.Decimal",
+                 "parameters": {"scale": "2", "connect.decimal.precision": "12"}},
+                {"field": "amount", "type": "struct", "name": "io.debezium.data.VariableScaleDecimal"},
+                {"field": "doc", "type": "string", "name": "io.debezium.data.Json"}
+            ]}
+        ]});
+        assert!(RowSchema::of(&schema, "before").is_none());
+        let s = RowSchema::of(&schema, "after").unwrap();
+        let d = |f: &str, ty, v: Json| s.decode(f, ty, v);
+        assert_eq!(
+            d("born", ColumnType::Date, json!(20454)).unwrap(),
+            json!("2026-01-01")
+        );
+        assert_eq!(
+            d(
+                "seen",
+                ColumnType::Timestamp,
+                json!(1_767_225_600_123_456_i64)
+            )
+            .unwrap(),
+            json!("2026-01-01T00:00:00.123456Z")
+        );
+        assert_eq!(
+            d("price", ColumnType::Numeric, json!("BNI=")).unwrap(),
+            json!("12.34")
+        );
+        assert_eq!(
+            d(
+                "amount",
+                ColumnType::Numeric,
+                json!({"scale": 1, "value": "BNI="})
+            )
+            .unwrap(),
+            json!("123.4")
+        );
+        assert_eq!(
+            d("doc", ColumnType::Json, json!("{\"a\": [1]}")).unwrap(),
+            json!({"a": [1]})
+        );
+        // Other column types keep the raw value; nulls stay null.
+        assert_eq!(d("seen", ColumnType::Bigint, json!(5)).unwrap(), json!(5));
+        assert_eq!(
+            d("doc", ColumnType::Text, json!("{}")).unwrap(),
+            json!("{}")
+        );
+        assert_eq!(d("born", ColumnType::Date, Json::Null).unwrap(), Json::Null);
+        assert_eq!(d("id", ColumnType::Bigint, json!(1)).unwrap(), json!(1));
+        let e = d("born", ColumnType::Date, json!("x")).unwrap_err();
+        assert!(e.contains("field `born`"), "{e}");
+    }
+}
