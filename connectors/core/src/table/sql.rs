@@ -211,10 +211,6 @@ impl Graves {
         }
     }
 
-    pub fn table(&self) -> &str {
-        &self.table
-    }
-
     /// `CREATE TABLE IF NOT EXISTS`: the key and version columns of
     /// `columns`, the position, keyed like the target.
     pub fn create(
