@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 bash scripts/duckdb-lib.sh
 cargo build --release --locked -p idem
-idem=target/release/idem
+# Where cargo put it: a CARGO_TARGET_DIR set in the environment moves it.
+idem="${CARGO_TARGET_DIR:-target}/release/idem"
 
 mkdir -p quickstart
 rm -f quickstart/idem.duckdb quickstart/idem.duckdb.wal quickstart/deadletter.jsonl
