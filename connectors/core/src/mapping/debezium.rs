@@ -124,23 +124,30 @@ impl RowSchema {
                 .ok_or_else(|| fail("a timestamp out of range"))?;
                 Json::String(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
             }
-            Logical::Decimal(scale) => {
-                let bytes = value
-                    .as_str()
-                    .ok_or_else(|| fail("base64 bytes expected"))?;
-                Json::String(decimal(bytes, *scale).map_err(|e| fail(&e))?)
-            }
-            Logical::VariableDecimal => {
-                let scale = value
-                    .get("scale")
-                    .and_then(Json::as_u64)
-                    .and_then(|s| u32::try_from(s).ok());
-                let bytes = value.get("value").and_then(Json::as_str);
-                match (scale, bytes) {
-                    (Some(scale), Some(bytes)) => {
-                        Json::String(decimal(bytes, scale).map_err(|e| fail(&e))?)
-                    }
-                    _ => return Err(fail("{\"scale\": .., \"value\": ..} expected")),
+            Logical::Decimal(_) | Logical::VariableDecimal => {
+                let (bytes, scale) = match logical {
+                    Logical::Decimal(scale) => (value.as_str(), Some(*scale)),
+                    _ => (
+                        value.get("value").and_then(Json::as_str),
+                        value
+                            .get("scale")
+                            .and_then(Json::as_u64)
+                            .and_then(|s| u32::try_from(s).ok()),
+                    ),
+                };
+                let (Some(bytes), Some(scale)) = (bytes, scale) else {
+                    return Err(fail("base64 bytes (with their scale) expected"));
+                };
+                let text = decimal(bytes, scale).map_err(|e| fail(&e))?;
+                // A double column reads a number; numeric and text, digits.
+                match ty {
+                    ColumnType::Double => text
+                        .parse::<f64>()
+                        .ok()
+                        .and_then(serde_json::Number::from_f64)
+                        .map(Json::Number)
+                        .ok_or_else(|| fail("a decimal out of double range"))?,
+                    _ => Json::String(text),
                 }
             }
             Logical::Json => match &value {
@@ -232,6 +239,14 @@ mod tests {
         );
         assert_eq!(
             d("price", ColumnType::Numeric, json!("BNI=")).unwrap(),
+            json!("12.34")
+        );
+        assert_eq!(
+            d("price", ColumnType::Double, json!("BNI=")).unwrap(),
+            json!(12.34)
+        );
+        assert_eq!(
+            d("price", ColumnType::Text, json!("BNI=")).unwrap(),
             json!("12.34")
         );
         assert_eq!(
