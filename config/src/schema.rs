@@ -136,6 +136,12 @@ pub struct ConnectorConfig<S, K> {
     /// `debezium` (a change event: `op`, `before`, `after`, `source`).
     #[serde(default)]
     pub envelope: Envelope,
+    /// Whether the target follows the source's schema: `off` (the listed
+    /// `[[columns]]` only) or `add_columns` (every field of the event's
+    /// schema becomes a column too, added to the target when it first
+    /// appears).
+    #[serde(default)]
+    pub evolve: Evolve,
     /// Batching: a batch closes on the first limit reached.
     #[serde(default)]
     pub batch: BatchConfig,
@@ -226,6 +232,21 @@ pub enum Envelope {
     /// deletes by `before` (or the message key), the tombstone that follows
     /// a delete is skipped.
     Debezium,
+}
+
+/// Whether the target follows the source's schema (`evolve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Evolve {
+    /// Only the listed `[[columns]]`; other fields are not written.
+    #[default]
+    Off,
+    /// The listed columns, and every other field of the row's schema as a
+    /// nullable column of the schema's type, added to the target (in the
+    /// batch's transaction) when it first appears. A field that changes
+    /// type stops the connector; a field that disappears leaves its column,
+    /// which newer rows leave null.
+    AddColumns,
 }
 
 /// What happens to a message that cannot be decoded or mapped.
@@ -552,6 +573,25 @@ pub enum ColumnType {
     Bytea,
 }
 
+impl ColumnType {
+    /// The name a config gives it (`type = "bigint"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Bigint => "bigint",
+            ColumnType::Integer => "integer",
+            ColumnType::Double => "double",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::Date => "date",
+            ColumnType::Json => "json",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Uuid => "uuid",
+            ColumnType::Bytea => "bytea",
+        }
+    }
+}
+
 impl<S: Validate, K: Validate> Config<S, K> {
     /// Pure checks across keys, after parsing.
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -722,6 +762,12 @@ impl<S, K> ConnectorConfig<S, K> {
                 .map_err(|e| Invalid::new(&["dead_letters", "table"], e.message))?;
             // The table lives in the PostgreSQL sink's schema.
             crate::check_postgres_name(&["dead_letters", "table"], t)?;
+        }
+        if self.evolve == Evolve::AddColumns && self.envelope != Envelope::Debezium {
+            return Err(Invalid::new(
+                &["evolve"],
+                "evolve = \"add_columns\" reads the columns from each event's schema: it needs envelope = \"debezium\" (with the JSON converter's schemas.enable = true)",
+            ));
         }
         if let Some(p) = &self.tombstone_field {
             if self.envelope == Envelope::Debezium {

@@ -350,6 +350,7 @@ pub fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> A
         first_offset: records.first().map_or(0, |r| r.offset),
         records,
         next_offset: next,
+        columns: None,
     })
 }
 

@@ -23,6 +23,7 @@ pub use idem_config::Guarantee;
 pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};
 pub use message::{Message, Meta, PartitionRef};
 pub use sink::{
-    Batch, CommitStats, Opened, Rejects, RowShape, Sink, SinkError, SinkInfo, StoredPosition,
+    AddsColumns, Batch, CommitStats, Opened, Rejects, RowShape, Sink, SinkError, SinkInfo,
+    StoredPosition,
 };
 pub use source::{Assignment, PartitionReader, ReadStatus, Source, SourceError};

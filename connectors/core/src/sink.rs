@@ -16,6 +16,17 @@ pub struct SinkInfo {
     pub deletes: bool,
     /// Which rows the messages leave, for `idem verify`.
     pub rows: RowShape,
+    /// Whether the sink adds the columns a batch brings (`evolve =
+    /// "add_columns"`, see [`Batch::columns`]); `None`: it cannot.
+    pub adds_columns: Option<AddsColumns>,
+}
+
+/// How a sink takes columns learnt from the events' schemas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddsColumns {
+    /// The type a decimal field becomes: `numeric` where the target has an
+    /// unbounded decimal, else `text` (the digits kept exactly).
+    pub decimal: idem_config::ColumnType,
 }
 
 /// Which rows a sink's messages leave: one per message (append), or one
@@ -67,6 +78,12 @@ pub struct Batch {
     pub epoch: i64,
     /// Mapped records, in partition order.
     pub records: Vec<Record>,
+    /// With `evolve = "add_columns"`: every column the records' values
+    /// follow, the configured ones first, then those learnt from the
+    /// events' schemas (which only grow). The sink adds to its target the
+    /// ones it lacks, in the batch's transaction. `None`: the configured
+    /// columns, as the sink was built with.
+    pub columns: Option<Arc<Vec<idem_config::ColumnConfig>>>,
     /// Offset of the first message covered (dead letters included).
     pub first_offset: u64,
     /// The position to resume from after this batch.

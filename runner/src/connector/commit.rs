@@ -49,15 +49,28 @@ impl Connector {
         let taken = std::mem::take(pending);
         self.check_dead_letter_cap(pref, &taken.dead)?;
         self.write_dead_letters(pref, &taken.dead, stop).await?;
-        let (records, skipped, reserved) = self
+        let (mut records, skipped, reserved) = self
             .reserve_ids(pref, epoch, first_offset, taken.records, stop)
             .await?;
+        // Taken after every record was mapped: at least as wide as any.
+        let columns = self.mapper.learnt_columns();
+        if let Some(columns) = &columns {
+            // A record mapped before a column was learnt has no value for
+            // it: null, as the source's row had none then.
+            for r in records
+                .iter_mut()
+                .filter(|r| r.values.len() < columns.len())
+            {
+                r.values.resize(columns.len(), idem_core::Value::Null);
+            }
+        }
         let batch = Arc::new(Batch {
             partition: pref.clone(),
             epoch,
             records,
             first_offset,
             next_offset,
+            columns,
         });
         failpoint::hit(BEFORE_COMMIT);
         if let Some(d) = failpoint::delay(BEFORE_COMMIT, &pref.partition) {
@@ -295,7 +308,13 @@ impl Connector {
         };
         let pref = &batch.partition;
         warn!(connector = %self.name, partition = %pref.partition, first_offset = batch.first_offset, next_offset = batch.next_offset, error = %reason, "the sink refused data in this batch: finding the message(s) it refuses");
-        let names: Vec<String> = self.cfg.columns.iter().map(|c| c.name.clone()).collect();
+        let names: Vec<String> = batch
+            .columns
+            .as_deref()
+            .unwrap_or(&self.cfg.columns)
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
         let mut total = CommitStats::default();
         // The whole batch was just refused: start from its halves.
         let mut pieces = VecDeque::new();
@@ -312,6 +331,7 @@ impl Connector {
                 records,
                 first_offset,
                 next_offset,
+                columns: batch.columns.clone(),
             });
             let committed = retry_transient(
                 &self.cfg.retry,

@@ -21,7 +21,7 @@ use crate::dedup::{Ids, LazyStore, Stage};
 use crate::registry::ConnectorConfig;
 use crate::retry::retry_transient;
 use crate::stats::Stats;
-use idem_config::{Envelope, Guarantee};
+use idem_config::{Envelope, Evolve, Guarantee};
 use idem_core::registry::SinkContext;
 use idem_core::{Assignment, Mapper, Sink, SinkError, Source, SourceError};
 use std::collections::HashMap;
@@ -155,13 +155,23 @@ impl Connector {
                 "envelope = \"debezium\" without a version column: a change Debezium delivers again after a restart of its own can overwrite a newer row until its replay catches up; add a column with pointer = \"@source/lsn\" and set it as the sink's `version` (docs/cdc.md)"
             );
         }
-        let mapper = Mapper::new(
+        let mut mapper = Mapper::new(
             &cfg.columns,
             &info.key_columns,
             info.deletes,
             cfg.tombstone_field.clone(),
         )
         .with_envelope(cfg.envelope);
+        if cfg.evolve == Evolve::AddColumns {
+            let Some(adds) = info.adds_columns else {
+                return Err(RunError::Build {
+                    connector: name.into(),
+                    sink: cfg.sink.kind(),
+                    message: "evolve = \"add_columns\" is available on the postgres and duckdb sinks; list the columns in [[columns]] and set evolve = \"off\" here".into(),
+                });
+            };
+            mapper = mapper.learning_columns(&cfg.columns, adds.decimal);
+        }
         let dedup = store.map(|store| Stage {
             on_loss: store.config().on_loss,
             store,

@@ -250,16 +250,16 @@ pub fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
         };
     }
     let failure = match &msg.poison {
-        Some(reason) => Err((ErrorClass::Poison, reason.clone())),
+        Some(reason) => Err((Some(ErrorClass::Poison), reason.clone())),
         None => conn
             .mapper
             .map(&msg)
-            .map_err(|e| (ErrorClass::Mapping, e.reason))
+            .map_err(|e| ((!e.stop).then_some(ErrorClass::Mapping), e.reason))
             .and_then(|record| {
                 conn.sink
                     .check_record(&record)
                     .map(|()| record)
-                    .map_err(|reason| (ErrorClass::Mapping, reason))
+                    .map_err(|reason| (Some(ErrorClass::Mapping), reason))
             }),
     };
     let failure = match (failure, &conn.ids) {
@@ -269,7 +269,7 @@ pub fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
                 record.id = Some(id);
                 record
             })
-            .map_err(|reason| (ErrorClass::MessageId, reason)),
+            .map_err(|reason| (Some(ErrorClass::MessageId), reason)),
         (other, _) => other,
     };
     match failure {
@@ -278,11 +278,16 @@ pub fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
             next_offset: msg.next_offset,
             bytes: msg.size(),
         },
+        // `None`: every later message would fail alike, so stop.
+        Err((None, reason)) => Item::Fatal {
+            offset: msg.offset,
+            reason,
+        },
         Err((_, reason)) if conn.cfg.errors == ErrorPolicy::Fail => Item::Fatal {
             offset: msg.offset,
             reason,
         },
-        Err((class, reason)) => Item::Dead {
+        Err((Some(class), reason)) => Item::Dead {
             next_offset: msg.next_offset,
             letter: DeadLetter::new(&msg, class, reason),
         },

@@ -87,6 +87,7 @@ impl Sink for MemSink {
             key_columns: vec![],
             deletes: false,
             rows: idem_core::RowShape::append(),
+            adds_columns: None,
         }
     }
     async fn prepare(&self) -> Result<(), SinkError> {

@@ -50,6 +50,59 @@ impl Logical {
     }
 }
 
+/// The fields of one side (`before` or `after`) of a change event's
+/// schema, by name, in the schema's order.
+pub(super) fn row_fields<'a>(schema: &'a Json, side: &str) -> Option<Vec<(&'a str, &'a Json)>> {
+    let row = schema
+        .get("fields")?
+        .as_array()?
+        .iter()
+        .find(|f| f.get("field").and_then(Json::as_str) == Some(side))?;
+    row.get("fields")?
+        .as_array()?
+        .iter()
+        .map(|f| Some((f.get("field")?.as_str()?, f)))
+        .collect()
+}
+
+/// The column type a field of a Kafka Connect schema becomes: its logical
+/// type if Idem knows it, else its base type; nested values are JSON.
+pub(super) fn column_type(field: &Json, decimal: ColumnType) -> ColumnType {
+    let logical = field.get("name").and_then(Json::as_str).unwrap_or("");
+    match logical {
+        "io.debezium.time.Date" | "org.apache.kafka.connect.data.Date" => ColumnType::Date,
+        "io.debezium.time.Timestamp"
+        | "org.apache.kafka.connect.data.Timestamp"
+        | "io.debezium.time.MicroTimestamp"
+        | "io.debezium.time.NanoTimestamp"
+        | "io.debezium.time.ZonedTimestamp" => ColumnType::Timestamp,
+        "org.apache.kafka.connect.data.Decimal" | "io.debezium.data.VariableScaleDecimal" => {
+            decimal
+        }
+        "io.debezium.data.Json" => ColumnType::Json,
+        "io.debezium.data.Uuid" => ColumnType::Uuid,
+        _ => match field.get("type").and_then(Json::as_str).unwrap_or("") {
+            "int8" | "int16" | "int32" => ColumnType::Integer,
+            "int64" => ColumnType::Bigint,
+            "float" | "float32" | "double" | "float64" => ColumnType::Double,
+            "boolean" => ColumnType::Boolean,
+            "bytes" => ColumnType::Bytea,
+            "string" => ColumnType::Text,
+            _ => ColumnType::Json,
+        },
+    }
+}
+
+/// A field's schema type in a message: `int64`, or `int32
+/// (io.debezium.time.Date)` with its logical name.
+pub(super) fn describe(field: &Json) -> String {
+    let ty = field.get("type").and_then(Json::as_str).unwrap_or("?");
+    match field.get("name").and_then(Json::as_str) {
+        Some(name) => format!("{ty} ({name})"),
+        None => ty.to_string(),
+    }
+}
+
 /// The logical types of one side (`before` or `after`) of a change event,
 /// by field name.
 pub(super) struct RowSchema(HashMap<String, Logical>);
@@ -58,19 +111,11 @@ impl RowSchema {
     /// From the event's schema (`None` without one, or with no logical
     /// type on that side).
     pub fn of(schema: &Json, side: &str) -> Option<RowSchema> {
-        let row = schema
-            .get("fields")?
-            .as_array()?
-            .iter()
-            .find(|f| f.get("field").and_then(Json::as_str) == Some(side))?;
-        let map: HashMap<String, Logical> = row
-            .get("fields")?
-            .as_array()?
-            .iter()
-            .filter_map(|f| {
-                let name = f.get("name")?.as_str()?;
-                let logical = Logical::of(name, f)?;
-                Some((f.get("field")?.as_str()?.to_string(), logical))
+        let map: HashMap<String, Logical> = row_fields(schema, side)?
+            .into_iter()
+            .filter_map(|(field, f)| {
+                let logical = Logical::of(f.get("name")?.as_str()?, f)?;
+                Some((field.to_string(), logical))
             })
             .collect();
         (!map.is_empty()).then_some(RowSchema(map))

@@ -19,18 +19,31 @@ use crate::Message;
 use flat::{disjoint, Flat};
 use idem_config::{ColumnConfig, ColumnType, Envelope};
 use serde_json::Value as Json;
+use std::sync::{Arc, RwLock};
 use value::convert;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct MapError {
     pub reason: String,
+    /// Not the message's fault but the target's: every later message would
+    /// fail alike (a column changed type in the source's schema), so the
+    /// connector stops rather than dead-letter the rest of the stream.
+    pub stop: bool,
 }
 
 impl MapError {
     fn new(reason: impl Into<String>) -> Self {
         MapError {
             reason: reason.into(),
+            stop: false,
+        }
+    }
+
+    fn stop(reason: impl Into<String>) -> Self {
+        MapError {
+            reason: reason.into(),
+            stop: true,
         }
     }
 }
@@ -81,6 +94,7 @@ impl Origin {
     }
 }
 
+#[derive(Clone)]
 struct Column {
     name: String,
     from: Origin,
@@ -104,6 +118,26 @@ pub struct Mapper {
     /// document is read once, field by field, without building it.
     flat: Option<Flat>,
     envelope: Envelope,
+    /// `evolve = "add_columns"`: the columns learnt from the events' schemas.
+    learning: Option<Learning>,
+}
+
+/// The columns of a connector that learns them from the events' schemas.
+struct Learning {
+    /// The listed columns, then those learnt, in the order first seen;
+    /// only grows, so a record's values stay a prefix of any later layout.
+    layout: RwLock<Arc<Layout>>,
+    /// How many columns were listed in the config (their types are not
+    /// checked against the schema: they override it).
+    listed: usize,
+    /// The type a decimal field becomes (the sink's choice).
+    decimal: ColumnType,
+}
+
+struct Layout {
+    columns: Vec<Column>,
+    /// The same columns as the sinks take them.
+    configs: Arc<Vec<ColumnConfig>>,
 }
 
 impl Mapper {
@@ -148,7 +182,30 @@ impl Mapper {
             tombstone_field,
             deletes,
             envelope: Envelope::None,
+            learning: None,
         }
+    }
+
+    /// Learn columns from each event's schema (`evolve = "add_columns"`):
+    /// a field no column reads becomes a nullable column of the schema's
+    /// type; decimals become `decimal` (see [`crate::AddsColumns`]).
+    pub fn learning_columns(mut self, listed: &[ColumnConfig], decimal: ColumnType) -> Self {
+        self.learning = Some(Learning {
+            layout: RwLock::new(Arc::new(Layout {
+                columns: self.columns.clone(),
+                configs: Arc::new(listed.to_vec()),
+            })),
+            listed: listed.len(),
+            decimal,
+        });
+        self
+    }
+
+    /// The columns so far, when they are learnt from the events (see
+    /// [`crate::Batch::columns`]); `None`: the configured ones.
+    pub fn learnt_columns(&self) -> Option<Arc<Vec<ColumnConfig>>> {
+        let learning = self.learning.as_ref()?;
+        Some(read_layout(&learning.layout).configs.clone())
     }
 
     /// Rows wrapped in `envelope` (see [`Envelope`]).
@@ -173,8 +230,9 @@ impl Mapper {
 
     pub fn map(&self, msg: &Message) -> Result<Record, MapError> {
         if self.envelope == Envelope::Debezium {
-            let (fields, op) = self.pick_change(msg)?;
-            return self.record(msg, fields, op);
+            let (fields, op, layout) = self.pick_change(msg)?;
+            let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
+            return self.record(columns, msg, fields, op);
         }
         let Some(raw) = msg.value.as_deref() else {
             return Err(MapError::new(
@@ -192,24 +250,25 @@ impl Mapper {
         } else {
             Op::Upsert
         };
-        self.record(msg, fields, op)
+        self.record(&self.columns, msg, fields, op)
     }
 
     /// The row of `msg` from its picked fields (`None` for columns taken
     /// from the message's key, timestamp or headers).
     fn record(
         &self,
+        columns: &[Column],
         msg: &Message,
         mut fields: Vec<Option<Json>>,
         op: Op,
     ) -> Result<Record, MapError> {
-        for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
+        for (col, field) in columns.iter().zip(fields.iter_mut()) {
             if col.from != Origin::Doc && !col.from.of_event() {
                 *field = metadata(col, msg)?;
             }
         }
-        let mut values = Vec::with_capacity(self.columns.len());
-        for (col, field) in self.columns.iter().zip(fields) {
+        let mut values = Vec::with_capacity(columns.len());
+        for (col, field) in columns.iter().zip(fields) {
             if op == Op::Delete && !col.key && !col.from.of_event() {
                 values.push(Value::Null);
                 continue;
@@ -254,12 +313,12 @@ impl Mapper {
     fn pick(&self, raw: &[u8]) -> Result<(Vec<Option<Json>>, bool), MapError> {
         let mut doc = parse(raw)?;
         let tombstone = self.is_tombstone(&doc);
-        Ok((self.fields(&mut doc), tombstone))
+        Ok((self.fields(&self.columns, &mut doc), tombstone))
     }
 
     /// Each column's value in `doc` (moved out when pointers are disjoint).
-    fn fields(&self, doc: &mut Json) -> Vec<Option<Json>> {
-        self.columns
+    fn fields(&self, columns: &[Column], doc: &mut Json) -> Vec<Option<Json>> {
+        columns
             .iter()
             .map(|col| {
                 if col.from != Origin::Doc {
@@ -278,7 +337,11 @@ impl Mapper {
     /// A Debezium change event: the row its `op` applies, pointers resolved
     /// against it. A delete's row is `before` (with the source table's
     /// default replica identity, its key columns) or else the message key.
-    fn pick_change(&self, msg: &Message) -> Result<(Vec<Option<Json>>, Op), MapError> {
+    #[allow(clippy::type_complexity)]
+    fn pick_change(
+        &self,
+        msg: &Message,
+    ) -> Result<(Vec<Option<Json>>, Op, Option<Arc<Layout>>), MapError> {
         let raw = msg
             .value
             .as_deref()
@@ -313,6 +376,11 @@ impl Mapper {
             .unwrap_or(Json::Null);
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
+        let layout = match &self.learning {
+            Some(learning) => Some(self.learn(learning, schema.as_ref(), side)?),
+            None => None,
+        };
+        let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
         // With the converter's schema, logical types are decoded (dates
         // as days, decimals as bytes...); not for a row from the key.
         let mut logical = schema.and_then(|s| debezium::RowSchema::of(&s, side));
@@ -332,8 +400,8 @@ impl Mapper {
                 ))
             })?);
         }
-        let mut fields = self.fields(&mut row);
-        for (col, field) in self.columns.iter().zip(fields.iter_mut()) {
+        let mut fields = self.fields(columns, &mut row);
+        for (col, field) in columns.iter().zip(fields.iter_mut()) {
             if let (Some(logical), Origin::Doc, [name]) =
                 (&logical, &col.from, col.tokens.as_slice())
             {
@@ -352,7 +420,76 @@ impl Mapper {
                 _ => {}
             }
         }
-        Ok((fields, op))
+        Ok((fields, op, layout))
+    }
+
+    /// The layout for an event whose schema is `schema`: the current one,
+    /// grown by the fields of `side` that no column reads yet.
+    fn learn(
+        &self,
+        learning: &Learning,
+        schema: Option<&Json>,
+        side: &str,
+    ) -> Result<Arc<Layout>, MapError> {
+        let schema = schema.ok_or_else(|| {
+            MapError::new("evolve = \"add_columns\" reads the columns from the event's schema, and this event has none: set the JSON converter's value.converter.schemas.enable = true on the Debezium connector")
+        })?;
+        let fields = debezium::row_fields(schema, side)
+            .ok_or_else(|| MapError::new(format!("the event's schema has no `{side}` struct")))?;
+        let current = read_layout(&learning.layout);
+        let mut new = Vec::new();
+        for &(name, field) in &fields {
+            let ty = debezium::column_type(field, learning.decimal);
+            match current.columns.iter().position(|c| reads(c, name)) {
+                Some(i) if i >= learning.listed && current.columns[i].ty != ty => {
+                    return Err(MapError::stop(format!(
+                        "column `{name}` changed type in the source's schema: it was {}, it is now {} ({}); Idem does not change a column's type. Alter the target column yourself and list it in [[columns]] with its new type, then restart",
+                        current.columns[i].ty.name(),
+                        ty.name(),
+                        debezium::describe(field)
+                    )));
+                }
+                Some(_) => {}
+                None => new.push((name, ty)),
+            }
+        }
+        if new.is_empty() {
+            return Ok(current);
+        }
+        let mut layout = learning
+            .layout
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut columns = layout.columns.clone();
+        let mut configs = (*layout.configs).clone();
+        for (name, ty) in new {
+            // Another thread may have learnt it meanwhile.
+            if columns.iter().any(|c| reads(c, name)) {
+                continue;
+            }
+            learnable(name).map_err(MapError::stop)?;
+            let pointer = format!("/{}", name.replace('~', "~0").replace('/', "~1"));
+            columns.push(Column {
+                name: name.to_string(),
+                from: Origin::Doc,
+                tokens: vec![name.to_string()],
+                pointer: pointer.clone(),
+                ty,
+                required: false,
+                key: false,
+            });
+            configs.push(ColumnConfig {
+                name: name.to_string(),
+                pointer: Some(pointer),
+                ty,
+                required: false,
+            });
+        }
+        *layout = Arc::new(Layout {
+            columns,
+            configs: Arc::new(configs),
+        });
+        Ok(layout.clone())
     }
 
     fn is_tombstone(&self, doc: &Json) -> bool {
@@ -363,6 +500,38 @@ impl Mapper {
                 .and_then(|p| doc.pointer(p))
                 .is_some_and(|v| v == &Json::Bool(true))
     }
+}
+
+fn read_layout(layout: &RwLock<Arc<Layout>>) -> Arc<Layout> {
+    layout
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// Whether `col` holds the row's field `name`: named so, or reading it.
+fn reads(col: &Column, name: &str) -> bool {
+    col.name == name || (col.from == Origin::Doc && col.tokens.len() == 1 && col.tokens[0] == name)
+}
+
+/// A field name taken from a schema is untrusted: it becomes a column only
+/// if every target can hold it (it is always quoted in SQL).
+fn learnable(name: &str) -> Result<(), String> {
+    let fix = "list a column in [[columns]] with another name and pointer = \"/FIELD\" to take this field";
+    if name.is_empty() || name.starts_with("_idem_") {
+        return Err(format!(
+            "the source's schema has a field named {name:?}, which cannot be a column (empty, or `_idem_` is reserved): {fix}"
+        ));
+    }
+    idem_config::check_column_name(name).map_err(|e| format!("the source's schema: {e}: {fix}"))?;
+    if name.len() > idem_config::POSTGRES_MAX_NAME {
+        return Err(format!(
+            "the source's schema has a field `{name}` of {} bytes; a column name holds at most {}: {fix}",
+            name.len(),
+            idem_config::POSTGRES_MAX_NAME
+        ));
+    }
+    Ok(())
 }
 
 fn parse(raw: &[u8]) -> Result<Json, MapError> {

@@ -577,3 +577,113 @@ fn debezium_with_schemas_decodes_logical_types() {
     let bare = r#"{"before":null,"after":{"id":1,"born":20454,"price":"+y4="},"op":"c"}"#;
     assert!(m.map(&msg(bare)).is_err());
 }
+
+/// A change event with a schema whose `after` has `fields` (JSON).
+fn with_schema(fields: &str, after: &str, op: &str) -> Message {
+    msg(&format!(
+        r#"{{"schema":{{"type":"struct","fields":[
+            {{"field":"before","type":"struct","optional":true,"fields":{fields}}},
+            {{"field":"after","type":"struct","optional":true,"fields":{fields}}}]}},
+          "payload":{{"before":null,"after":{after},"op":"{op}","source":{{"lsn":9}}}}}}"#
+    ))
+}
+
+fn learning() -> Mapper {
+    let mut lsn = col("lsn", ColumnType::Bigint, false);
+    lsn.pointer = Some("@source/lsn".into());
+    let listed = [col("id", ColumnType::Bigint, false), lsn];
+    Mapper::new(&listed, &["id".into()], true, None)
+        .with_envelope(Envelope::Debezium)
+        .learning_columns(&listed, ColumnType::Text)
+}
+
+#[test]
+fn learning_columns_adds_each_new_field_of_the_schema() {
+    let m = learning();
+    let v1 = r#"[{"field":"id","type":"int64"},{"field":"name","type":"string","optional":true},
+        {"field":"price","type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}}]"#;
+    let r = m
+        .map(&with_schema(
+            v1,
+            r#"{"id":1,"name":"a","price":"BNI="}"#,
+            "c",
+        ))
+        .unwrap();
+    // Listed columns first, then the schema's other fields in its order;
+    // the decimal lands as the sink's type (text here), digits exact.
+    assert_eq!(
+        r.values,
+        vec![
+            Value::BigInt(1),
+            Value::BigInt(9),
+            Value::Text("a".into()),
+            Value::Text("12.34".into())
+        ]
+    );
+    let names = |m: &Mapper| -> Vec<(String, ColumnType)> {
+        m.learnt_columns()
+            .unwrap()
+            .iter()
+            .map(|c| (c.name.clone(), c.ty))
+            .collect()
+    };
+    assert_eq!(
+        names(&m)[2..],
+        [
+            ("name".to_string(), ColumnType::Text),
+            ("price".to_string(), ColumnType::Text)
+        ]
+    );
+    // A column added in the source: one more column, later records wider.
+    let v2 = r#"[{"field":"id","type":"int64"},{"field":"name","type":"string","optional":true},
+        {"field":"price","type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}},
+        {"field":"born","type":"int32","optional":true,"name":"io.debezium.time.Date"}]"#;
+    let r = m
+        .map(&with_schema(
+            v2,
+            r#"{"id":2,"name":"b","price":"BNI=","born":20454}"#,
+            "u",
+        ))
+        .unwrap();
+    assert_eq!(r.values.len(), 5);
+    assert_eq!(r.values[4], Value::Date(20454));
+    assert_eq!(names(&m).len(), 5);
+    // An event from before the change still maps (its row lacks the field).
+    let old = m
+        .map(&with_schema(
+            v1,
+            r#"{"id":3,"name":"c","price":"BNI="}"#,
+            "c",
+        ))
+        .unwrap();
+    assert_eq!(old.values[4], Value::Null);
+}
+
+#[test]
+fn learning_columns_stops_on_a_type_change_and_an_unfit_name() {
+    let m = learning();
+    let v1 = r#"[{"field":"id","type":"int64"},{"field":"qty","type":"int32"}]"#;
+    m.map(&with_schema(v1, r#"{"id":1,"qty":2}"#, "c")).unwrap();
+    let v2 = r#"[{"field":"id","type":"int64"},{"field":"qty","type":"string"}]"#;
+    let e = m
+        .map(&with_schema(v2, r#"{"id":1,"qty":"2"}"#, "u"))
+        .unwrap_err();
+    assert!(e.stop, "{e}");
+    assert!(
+        e.reason.contains("`qty`") && e.reason.contains("integer") && e.reason.contains("text"),
+        "{e}"
+    );
+    // A listed column's type overrides the schema's: no stop.
+    let v3 = r#"[{"field":"id","type":"int32"},{"field":"qty","type":"int32"}]"#;
+    m.map(&with_schema(v3, r#"{"id":1,"qty":2}"#, "u")).unwrap();
+    let bad = r#"[{"field":"id","type":"int64"},{"field":"_idem_x","type":"int32"}]"#;
+    let e = m
+        .map(&with_schema(bad, r#"{"id":1,"_idem_x":2}"#, "u"))
+        .unwrap_err();
+    assert!(e.stop && e.reason.contains("_idem_x"), "{e}");
+    // An event without its schema is the message's fault: a dead letter.
+    let e = m
+        .map(&msg(r#"{"before":null,"after":{"id":1},"op":"c"}"#))
+        .unwrap_err();
+    assert!(!e.stop && e.reason.contains("schemas.enable"), "{e}");
+}

@@ -126,6 +126,7 @@ pub fn table_sink_info(
             key: key.to_vec(),
             versioned: version.is_some(),
         },
+        adds_columns: None,
     }
 }
 

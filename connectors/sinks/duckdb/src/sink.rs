@@ -12,16 +12,20 @@ use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::table::{audit, check};
 use idem_core::{
-    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
+    AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo,
+    StoredPosition, Value,
 };
 use std::sync::{Arc, Mutex};
 
 const STAGE: &str = "_idem_stage";
 const LATEST: &str = "_idem_latest";
 
-/// Statements derived once from the config.
+/// Statements derived from the config, and again from a batch that brings
+/// columns learnt from the source's schema.
 struct Plan {
     ctx: Ctx,
+    /// How many mapped columns the statements write.
+    width: usize,
     /// The offsets table's statements (the table-sink kit).
     offsets: OffsetsSql,
     mode: Mode,
@@ -93,6 +97,7 @@ impl Plan {
         );
         let graves = graves.as_ref();
         Plan {
+            width: columns.len(),
             offsets: OffsetsSql::new(&q(&cfg.offsets_table)),
             ctx: Ctx {
                 path: cfg.path.clone(),
@@ -122,7 +127,9 @@ pub struct DuckDbSink {
 struct Inner {
     cfg: DuckDbSinkConfig,
     columns: Vec<ColumnConfig>,
-    plan: Plan,
+    /// The configured columns' plan, or a wider one once a batch added
+    /// columns learnt from the source's schema. Changed only under `conn`.
+    plan: Mutex<Arc<Plan>>,
     /// DuckDB allows one writer; partitions commit in turn on one
     /// connection, each call on a blocking thread.
     conn: Mutex<Option<Connection>>,
@@ -135,7 +142,7 @@ impl DuckDbSink {
             inner: Arc::new(Inner {
                 cfg,
                 columns,
-                plan,
+                plan: Mutex::new(Arc::new(plan)),
                 conn: Mutex::new(None),
             }),
         }
@@ -164,29 +171,118 @@ impl DuckDbSink {
                 .lock()
                 .map_err(|_| DuckDbError::Worker("connection lock poisoned".into()))?;
             let c = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
-            f(c, &inner.plan)
+            f(c, &inner.plan())
         })
         .await
     }
 }
 
 impl Inner {
-    fn check_table(&self, conn: &Connection) -> Result<(), DuckDbError> {
-        let ctx = &self.plan.ctx;
-        let mismatch = |detail: String| DuckDbError::SchemaMismatch {
+    fn plan(&self) -> Arc<Plan> {
+        self.plan
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Commit `batch` in one transaction: through a wider plan (adding its
+    /// columns to the table first) when it brings learnt columns.
+    fn commit_blocking(&self, batch: &Batch) -> Result<Outcome, DuckDbError> {
+        let guard = self
+            .conn
+            .lock()
+            .map_err(|_| DuckDbError::Worker("connection lock poisoned".into()))?;
+        let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
+        let current = self.plan();
+        let grown = batch
+            .columns
+            .as_ref()
+            .filter(|c| c.len() > current.width)
+            .map(|c| (Arc::new(Plan::new(&self.cfg, c)), &c[current.width..]));
+        let plan = grown.as_ref().map_or(&current, |(plan, _)| plan);
+        let ctx = &plan.ctx;
+        conn.execute_batch("BEGIN TRANSACTION")
+            .map_err(|e| ctx.sql(&ctx.table, "begin", e))?;
+        let result = grown
+            .as_ref()
+            .map_or(Ok(()), |(plan, added)| self.add_columns(conn, plan, added))
+            .and_then(|()| write_batch(conn, plan, batch));
+        match &result {
+            Ok(Outcome::Committed(_)) => {
+                if let Err(e) = conn.execute_batch("COMMIT") {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(ctx.sql(&ctx.table, "commit", e));
+                }
+                if let Some((plan, _)) = grown {
+                    *self
+                        .plan
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = plan;
+                }
+            }
+            Ok(Outcome::Fenced) | Err(_) => {
+                // The error that matters is the one we return.
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+        }
+        result
+    }
+
+    /// Add `added` (columns learnt from the source's schema) to the table,
+    /// check the types of those it had already, and remake the staging
+    /// table to the wider `plan`.
+    fn add_columns(
+        &self,
+        conn: &Connection,
+        plan: &Plan,
+        added: &[ColumnConfig],
+    ) -> Result<(), DuckDbError> {
+        let ctx = &plan.ctx;
+        let t = format!("main.{}", q(&ctx.table));
+        for c in added {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} {}",
+                q(&c.name),
+                sql_type(c.ty)
+            ))
+            .map_err(|e| ctx.sql(&ctx.table, &format!("add column `{}`", c.name), e))?;
+        }
+        let actual = self.table_columns(conn)?;
+        let expected = added.iter().map(|c| (c.name.as_str(), sql_type(c.ty)));
+        check::columns(expected, &actual).map_err(|detail| DuckDbError::SchemaMismatch {
             path: ctx.path.clone(),
             table: ctx.table.clone(),
-            detail,
-        };
+            detail: format!("{detail} (a column learnt from the source's schema)"),
+        })?;
+        if self.cfg.mode == Mode::Upsert {
+            conn.execute_batch(&plan.create_stage)
+                .map_err(|e| ctx.sql(STAGE, "remake the staging table", e))?;
+        }
+        Ok(())
+    }
+
+    fn table_columns(&self, conn: &Connection) -> Result<Vec<(String, String)>, DuckDbError> {
+        let table = &self.cfg.table;
         let read = || -> duckdb::Result<Vec<(String, String)>> {
             let mut stmt = conn.prepare(
                 "SELECT column_name, data_type FROM information_schema.columns
                  WHERE table_schema = 'main' AND table_name = ?",
             )?;
-            let rows = stmt.query_map(params![&ctx.table], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows = stmt.query_map(params![table], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         };
-        let actual = read().map_err(|e| ctx.sql(&ctx.table, "read the table's columns", e))?;
+        read().map_err(|e| self.plan().ctx.sql(table, "read the table's columns", e))
+    }
+
+    fn check_table(&self, conn: &Connection) -> Result<(), DuckDbError> {
+        let plan = self.plan();
+        let ctx = &plan.ctx;
+        let mismatch = |detail: String| DuckDbError::SchemaMismatch {
+            path: ctx.path.clone(),
+            table: ctx.table.clone(),
+            detail,
+        };
+        let actual = self.table_columns(conn)?;
         let expected = self
             .columns
             .iter()
@@ -238,17 +334,17 @@ impl Inner {
                 ("checkpoint_threshold", &self.cfg.checkpoint_threshold),
             ] {
                 conn.execute_batch(&format!("SET {setting} = '{}'", value.trim()))
-                    .map_err(|e| self.plan.ctx.sql(&self.cfg.table, setting, e))?;
+                    .map_err(|e| self.plan().ctx.sql(&self.cfg.table, setting, e))?;
             }
             if let Some(n) = self.cfg.threads {
                 conn.execute_batch(&format!("SET threads = {n}"))
-                    .map_err(|e| self.plan.ctx.sql(&self.cfg.table, "set threads", e))?;
+                    .map_err(|e| self.plan().ctx.sql(&self.cfg.table, "set threads", e))?;
             }
             *guard = Some(conn);
         }
         let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
-        let ctx = &self.plan.ctx;
-        recover::create_offsets_table(conn, ctx, &self.plan.offsets)?;
+        let ctx = &self.plan().ctx;
+        recover::create_offsets_table(conn, ctx, &self.plan().offsets)?;
         let exists: Option<i64> = conn
             .query_row(
                 "SELECT 1 FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?",
@@ -264,16 +360,16 @@ impl Inner {
                     table: ctx.table.clone(),
                 });
             }
-            conn.execute_batch(&self.plan.create_table)
+            conn.execute_batch(&self.plan().create_table)
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
         self.check_table(conn)?;
-        if let Some(create) = &self.plan.create_graves {
+        if let Some(create) = &self.plan().create_graves {
             conn.execute_batch(create)
                 .map_err(|e| ctx.sql(&ctx.table, "create the deleted keys table", e))?;
         }
         if self.cfg.mode == Mode::Upsert {
-            conn.execute_batch(&self.plan.create_stage)
+            conn.execute_batch(&self.plan().create_stage)
                 .map_err(|e| ctx.sql(STAGE, "create the staging table", e))?;
         }
         Ok(())
@@ -402,14 +498,20 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
 impl Sink for DuckDbSink {
     fn info(&self) -> SinkInfo {
         let cfg = &self.inner.cfg;
-        sql::table_sink_info(
+        let mut info = sql::table_sink_info(
             "DuckDB",
             &cfg.path,
             cfg.mode,
             &cfg.key,
             cfg.version.as_deref(),
             cfg.delete_on_tombstone,
-        )
+        );
+        // No unbounded DECIMAL in DuckDB: a learnt decimal keeps its
+        // digits as text.
+        info.adds_columns = Some(AddsColumns {
+            decimal: ColumnType::Text,
+        });
+        info
     }
 
     async fn prepare(&self) -> Result<(), SinkError> {
@@ -427,25 +529,7 @@ impl Sink for DuckDbSink {
         let partition = batch.partition.to_string();
         let epoch = batch.epoch;
         let outcome = self
-            .with_conn(move |conn, plan| {
-                let ctx = &plan.ctx;
-                conn.execute_batch("BEGIN TRANSACTION")
-                    .map_err(|e| ctx.sql(&ctx.table, "begin", e))?;
-                let result = write_batch(conn, plan, &batch);
-                match &result {
-                    Ok(Outcome::Committed(_)) => {
-                        if let Err(e) = conn.execute_batch("COMMIT") {
-                            let _ = conn.execute_batch("ROLLBACK");
-                            return Err(ctx.sql(&ctx.table, "commit", e));
-                        }
-                    }
-                    Ok(Outcome::Fenced) | Err(_) => {
-                        // The error that matters is the one we return.
-                        let _ = conn.execute_batch("ROLLBACK");
-                    }
-                }
-                result
-            })
+            .blocking(move |inner| inner.commit_blocking(&batch))
             .await?;
         match outcome {
             Outcome::Committed(stats) => Ok(stats),
@@ -543,7 +627,7 @@ impl Sink for DuckDbSink {
                 let Some(conn) = guard.as_ref() else {
                     return Ok(());
                 };
-                let ctx = &inner.plan.ctx;
+                let ctx = &inner.plan().ctx;
                 conn.execute_batch("CHECKPOINT")
                     .map_err(|e| ctx.sql(&ctx.table, "checkpoint", e))
             })

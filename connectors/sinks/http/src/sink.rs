@@ -255,6 +255,7 @@ impl Sink for HttpSink {
             key_columns: Vec::new(),
             deletes: false,
             rows: idem_core::RowShape::append(),
+            adds_columns: None,
         }
     }
 

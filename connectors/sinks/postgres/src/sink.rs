@@ -12,18 +12,22 @@ use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG};
 use idem_core::table::{audit, check};
 use idem_core::{
-    Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo, StoredPosition,
+    AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo,
+    StoredPosition,
 };
 use idem_postgres::server_name;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
-/// Statements derived once from the config.
+/// Statements derived from the config, and again from a batch that brings
+/// columns learnt from the source's schema.
 struct Plan {
+    /// How many mapped columns the statements write.
+    width: usize,
     /// COPY types: the mapped columns, then partition and offset...
     target_types: Vec<Type>,
     /// ...and the delete flag, for the staging table.
@@ -50,7 +54,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(cfg: &PostgresSinkConfig, columns: &[ColumnConfig], ctx: &Ctx) -> Plan {
+    /// `learnt`: `columns` go beyond the configured ones.
+    fn new(cfg: &PostgresSinkConfig, columns: &[ColumnConfig], ctx: &Ctx, learnt: bool) -> Plan {
         // The target's primary key: upsert only (dedup keeps ids apart).
         let keys = match cfg.mode {
             WriteMode::Upsert => cfg.key.clone(),
@@ -62,8 +67,13 @@ impl Plan {
         target_types.extend([Type::TEXT, Type::INT8]);
         let mut stage_types = target_types.clone();
         stage_types.push(Type::BOOL);
-        // One staging table per target, per session; emptied at each commit.
-        let stage = q(&format!("_idem_stage_{}", cfg.table));
+        // One staging table per target and width, per session; emptied at
+        // each commit.
+        let stage = if learnt {
+            q(&format!("_idem_stage{}_{}", columns.len(), cfg.table))
+        } else {
+            q(&format!("_idem_stage_{}", cfg.table))
+        };
         let stage_defs: Vec<String> = columns
             .iter()
             .map(|c| format!("{} {}", q(&c.name), sql_type(c.ty)))
@@ -87,6 +97,7 @@ impl Plan {
         );
         let graves = graves.as_ref();
         Plan {
+            width: columns.len(),
             target_types,
             stage_types,
             copy_target: format!("COPY {t} ({col_list}) FROM STDIN (FORMAT binary)"),
@@ -162,7 +173,9 @@ pub struct PostgresSink {
     cfg: PostgresSinkConfig,
     columns: Vec<ColumnConfig>,
     ctx: Ctx,
-    plan: Plan,
+    /// The configured columns' plan, or a wider one once a batch added
+    /// columns learnt from the source's schema.
+    plan: RwLock<Arc<Plan>>,
     pool: Result<Pool, String>,
     /// Upserts: batches since the direct COPY last met an existing key
     /// (0: try it).
@@ -218,12 +231,12 @@ impl PostgresSink {
                 .build()
                 .map_err(|e| e.to_string())
         });
-        let plan = Plan::new(&cfg, &columns, &ctx);
+        let plan = Plan::new(&cfg, &columns, &ctx, false);
         PostgresSink {
             cfg,
             columns,
             ctx,
-            plan,
+            plan: RwLock::new(Arc::new(plan)),
             pool,
             since_fallback: AtomicU32::new(0),
             commits: AtomicU64::new(0),
@@ -245,14 +258,66 @@ impl PostgresSink {
         self.since_fallback.store(1, Ordering::Relaxed);
     }
 
+    fn plan(&self) -> Arc<Plan> {
+        self.plan
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Add `added` (columns learnt from the source's schema) to the table
+    /// in `txn`, and check that those it had already have their types.
+    async fn add_columns(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        added: &[ColumnConfig],
+    ) -> Result<(), PgError> {
+        let ctx = &self.ctx;
+        for c in added {
+            // A column that already exists (added by an earlier run, or
+            // by another partition just now) is checked below instead.
+            txn.batch_execute(&format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                ctx.table,
+                q(&c.name),
+                sql_type(c.ty)
+            ))
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, &format!("add column `{}`", c.name), e))?;
+        }
+        let actual = self.table_columns(&**txn).await?;
+        let expected = added.iter().map(|c| (c.name.as_str(), reported_type(c.ty)));
+        check::columns(expected, &actual).map_err(|detail| PgError::SchemaMismatch {
+            server: ctx.server.clone(),
+            table: ctx.table.clone(),
+            detail: format!("{detail} (a column learnt from the source's schema)"),
+        })
+    }
+
+    async fn table_columns(
+        &self,
+        client: &impl GenericClient,
+    ) -> Result<Vec<(String, String)>, PgError> {
+        let rows = client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2",
+                &[&self.cfg.schema, &self.cfg.table],
+            )
+            .await
+            .map_err(|e| self.ctx.sql(&self.ctx.table, "read the table's columns", e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// COPY `batch` into the session's staging table (made on first use,
     /// emptied at each commit), with the delete flag.
     async fn stage(
         &self,
         txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
         batch: &Batch,
     ) -> Result<(), PgError> {
-        let (ctx, plan) = (&self.ctx, &self.plan);
+        let ctx = &self.ctx;
         txn.batch_execute(&plan.create_stage)
             .await
             .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
@@ -272,9 +337,10 @@ impl PostgresSink {
     async fn dedup(
         &self,
         txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
         batch: &Batch,
     ) -> Result<u64, PgError> {
-        let (ctx, plan) = (&self.ctx, &self.plan);
+        let ctx = &self.ctx;
         if self
             .commits
             .fetch_add(1, Ordering::Relaxed)
@@ -284,7 +350,7 @@ impl PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.ids, "forget expired message ids", e))?;
         }
-        self.stage(txn, batch).await?;
+        self.stage(txn, plan, batch).await?;
         txn.execute(&plan.dedup_insert, &[])
             .await
             .map_err(|e| ctx.sql(&ctx.table, "insert messages with new ids", e))
@@ -295,11 +361,12 @@ impl PostgresSink {
     async fn merge(
         &self,
         txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
         batch: &Batch,
         unique: bool,
     ) -> Result<u64, PgError> {
-        let (ctx, plan) = (&self.ctx, &self.plan);
-        self.stage(txn, batch).await?;
+        let ctx = &self.ctx;
+        self.stage(txn, plan, batch).await?;
         if unique {
             return txn
                 .execute(&plan.merge_staged, &[])
@@ -343,15 +410,7 @@ impl PostgresSink {
             table: ctx.table.clone(),
             detail,
         };
-        let rows = client
-            .query(
-                "SELECT column_name::text, data_type::text FROM information_schema.columns
-                 WHERE table_schema = $1 AND table_name = $2",
-                &[&self.cfg.schema, &self.cfg.table],
-            )
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, "read the table's columns", e))?;
-        let actual: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let actual = self.table_columns(client).await?;
         let expected = self
             .columns
             .iter()
@@ -379,7 +438,20 @@ impl PostgresSink {
 
     async fn write(&self, batch: &Batch) -> Result<Option<CommitStats>, PgError> {
         let ctx = &self.ctx;
-        let plan = &self.plan;
+        let current = self.plan();
+        // A batch that brings learnt columns the plan lacks writes through
+        // a wider plan, kept once the batch commits.
+        let grown = batch
+            .columns
+            .as_ref()
+            .filter(|c| c.len() > current.width)
+            .map(|c| {
+                (
+                    Arc::new(Plan::new(&self.cfg, c, ctx, true)),
+                    &c[current.width..],
+                )
+            });
+        let plan = grown.as_ref().map_or(&current, |(plan, _)| plan);
         let p = &batch.partition;
         let upsert = self.cfg.mode == WriteMode::Upsert;
         let mut client = self.client().await?;
@@ -405,9 +477,12 @@ impl PostgresSink {
             // A newer runner owns the partition. Dropping `txn` rolls back.
             return Ok(None);
         }
+        if let Some((_, added)) = &grown {
+            self.add_columns(&txn, added).await?;
+        }
         let total = batch.records.len() as u64;
         let written = if self.cfg.mode == WriteMode::Dedup {
-            self.dedup(&txn, batch).await?
+            self.dedup(&txn, plan, batch).await?
         } else if !upsert {
             copy_rows(&txn, &plan.copy_target, &plan.target_types, batch, false)
                 .await
@@ -440,13 +515,22 @@ impl PostgresSink {
             };
             match direct_written {
                 Some(n) => n,
-                None => self.merge(&txn, batch, unique).await?,
+                None => self.merge(&txn, plan, batch, unique).await?,
             }
         };
         failpoint::hit(AFTER_WRITE);
         txn.commit()
             .await
             .map_err(|e| ctx.sql(&ctx.table, "commit", e))?;
+        if let Some((plan, _)) = grown {
+            let mut kept = self
+                .plan
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if kept.width < plan.width {
+                *kept = plan;
+            }
+        }
         Ok(Some(CommitStats {
             written,
             deduplicated: total.saturating_sub(written),
@@ -458,8 +542,12 @@ impl PostgresSink {
 #[async_trait]
 impl Sink for PostgresSink {
     fn check_record(&self, record: &Record) -> Result<(), String> {
-        for (c, v) in self.columns.iter().zip(&record.values) {
-            if let Some(why) = crate::cell::refusal(&c.name, v) {
+        for (i, v) in record.values.iter().enumerate() {
+            let name = self
+                .columns
+                .get(i)
+                .map_or("(learnt from the source's schema)", |c| c.name.as_str());
+            if let Some(why) = crate::cell::refusal(name, v) {
                 return Err(why);
             }
         }
@@ -468,14 +556,18 @@ impl Sink for PostgresSink {
 
     fn info(&self) -> SinkInfo {
         let cfg = &self.cfg;
-        sql::table_sink_info(
+        let mut info = sql::table_sink_info(
             "PostgreSQL",
             &format!("{} on {}", self.ctx.table, self.ctx.server),
             cfg.mode,
             &cfg.key,
             cfg.version.as_deref(),
             cfg.delete_on_tombstone,
-        )
+        );
+        info.adds_columns = Some(AddsColumns {
+            decimal: ColumnType::Numeric,
+        });
+        info
     }
 
     async fn prepare(&self) -> Result<(), SinkError> {
@@ -504,7 +596,7 @@ impl Sink for PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.table, "create the schema", e))?;
         }
-        recover::create_offsets_table(&**client, ctx, &self.plan.offsets).await?;
+        recover::create_offsets_table(&**client, ctx, &self.plan().offsets).await?;
         let exists: Option<String> = client
             .query_one("SELECT to_regclass($1)::text", &[&ctx.table])
             .await
@@ -533,7 +625,7 @@ impl Sink for PostgresSink {
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
         self.check_table(&**client).await?;
-        if let Some(create) = &self.plan.create_graves {
+        if let Some(create) = &self.plan().create_graves {
             client
                 .batch_execute(create)
                 .await
@@ -541,7 +633,7 @@ impl Sink for PostgresSink {
         }
         if self.cfg.mode == WriteMode::Dedup {
             client
-                .batch_execute(&self.plan.create_ids)
+                .batch_execute(&self.plan().create_ids)
                 .await
                 .map_err(|e| ctx.sql(&ctx.ids, "create the message id table", e))?;
         }
@@ -553,7 +645,7 @@ impl Sink for PostgresSink {
 
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {
         let client = self.client().await?;
-        Ok(recover::open(&**client, &self.ctx, &self.plan.offsets, partition).await?)
+        Ok(recover::open(&**client, &self.ctx, &self.plan().offsets, partition).await?)
     }
 
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
@@ -568,7 +660,7 @@ impl Sink for PostgresSink {
 
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
         let client = self.client().await?;
-        Ok(recover::positions(&**client, &self.ctx, &self.plan.offsets, connector).await?)
+        Ok(recover::positions(&**client, &self.ctx, &self.plan().offsets, connector).await?)
     }
 
     async fn describe(&self) -> Result<String, SinkError> {

@@ -111,6 +111,7 @@ impl Sink for S3Sink {
             key_columns: Vec::new(),
             deletes: false,
             rows: idem_core::RowShape::append(),
+            adds_columns: None,
         }
     }
 

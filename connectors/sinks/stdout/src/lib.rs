@@ -53,6 +53,7 @@ impl Sink for StdoutSink {
             key_columns: Vec::new(),
             deletes: false,
             rows: idem_core::RowShape::append(),
+            adds_columns: None,
         }
     }
 
