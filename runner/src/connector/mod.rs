@@ -149,7 +149,10 @@ impl Connector {
                 message: "envelope = \"debezium\" into a keyed table applies deletes: set delete_on_tombstone = true (with mode = \"upsert\" and `key`, the source table's primary key), or use mode = \"append\" for a change log of every event".into(),
             });
         }
-        if cfg.envelope == Envelope::Debezium && !info.rows.versioned {
+        if cfg.envelope == Envelope::Debezium
+            && !info.rows.versioned
+            && info.rows.mode != idem_config::WriteMode::Append
+        {
             tracing::warn!(
                 connector = name,
                 "envelope = \"debezium\" without a version column: a change Debezium delivers again after a restart of its own can overwrite a newer row until its replay catches up; add a column with pointer = \"@source/lsn\" and set it as the sink's `version` (docs/cdc.md)"

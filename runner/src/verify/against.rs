@@ -8,7 +8,7 @@
 
 use crate::connector::Connector;
 use anyhow::Context;
-use idem_config::{ColumnType, Envelope};
+use idem_config::{ColumnType, Envelope, Evolve};
 use idem_core::table::{audit, sql::q};
 use std::collections::HashMap;
 
@@ -35,8 +35,14 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
         c.name
     );
     let (schema, table) = source_table(c)?;
+    let (pool, server) =
+        idem_postgres::pool_for(url, 1).map_err(|e| anyhow::anyhow!("--against {e}"))?;
+    let client = pool
+        .get()
+        .await
+        .with_context(|| format!("connect to the source database {server}"))?;
     // (source column, target column, type) of every column taken from the row.
-    let cols: Vec<(String, String, ColumnType)> = c
+    let mut cols: Vec<(String, String, ColumnType)> = c
         .cfg
         .columns
         .iter()
@@ -52,6 +58,25 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
         })
         .collect();
     let info = c.sink.info();
+    if let (Evolve::AddColumns, Some(adds)) = (c.cfg.evolve, info.adds_columns) {
+        // The columns learnt from the schema are the source's other ones,
+        // of the type Idem gives them.
+        let found = client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+                &[&schema, &table],
+            )
+            .await
+            .with_context(|| format!("read the columns of {schema}.{table} on {server}"))?;
+        for row in found {
+            let (name, ty): (String, String) = (row.get(0), row.get(1));
+            if !cols.iter().any(|(f, t, _)| *f == name || *t == name) {
+                let ty = learnt_type(&ty, adds.decimal);
+                cols.push((name.clone(), name, ty));
+            }
+        }
+    }
     let key: Vec<usize> = info
         .rows
         .key
@@ -86,12 +111,6 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
         return Ok(None);
     };
 
-    let (pool, server) =
-        idem_postgres::pool_for(url, 1).map_err(|e| anyhow::anyhow!("--against {e}"))?;
-    let client = pool
-        .get()
-        .await
-        .with_context(|| format!("connect to the source database {server}"))?;
     // A source column without a time zone reads as UTC, as Debezium sends it.
     client
         .batch_execute("SET TIME ZONE 'UTC'")
@@ -165,6 +184,24 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
         list.sort();
     }
     Ok(Some(out))
+}
+
+/// The type a PostgreSQL column of `data_type` has in a target that
+/// learnt it from Debezium's schema (decimals as the sink takes them).
+fn learnt_type(data_type: &str, decimal: ColumnType) -> ColumnType {
+    match data_type {
+        "smallint" | "integer" => ColumnType::Integer,
+        "bigint" => ColumnType::Bigint,
+        "real" | "double precision" => ColumnType::Double,
+        "boolean" => ColumnType::Boolean,
+        "numeric" => decimal,
+        "date" => ColumnType::Date,
+        "timestamp without time zone" | "timestamp with time zone" => ColumnType::Timestamp,
+        "json" | "jsonb" => ColumnType::Json,
+        "uuid" => ColumnType::Uuid,
+        "bytea" => ColumnType::Bytea,
+        _ => ColumnType::Text,
+    }
 }
 
 fn shown(v: &Option<String>) -> String {

@@ -1,9 +1,11 @@
 //! Replicas through crashes: two source tables captured by Debezium while a
 //! workload runs, applied by Idem into PostgreSQL and DuckDB while it is
-//! killed at random and at every fail point; then a slice of older events
-//! delivered again (a Debezium restart replays from its last flushed
-//! position). Every replica must equal its source table row for row, and
-//! the change log on S3 hold every event of the topic once.
+//! killed at random and at every fail point; halfway, a column is added to
+//! both source tables; then a slice of older events delivered again (a
+//! Debezium restart replays from its last flushed position). Every replica,
+//! which learns its columns from the events' schemas, must equal its source
+//! table row for row, the new column included, and the change log on S3
+//! hold every event of the topic once.
 
 use crate::support::*;
 use idem_testkit::*;
@@ -19,6 +21,8 @@ const TABLES: [&str; 2] = ["customers", "orders"];
 /// The key of the row written last on each source table: once its event
 /// is in the topic, every change before it is too.
 const END_MARK: i64 = 999_999;
+/// The columns compared: the workload's, and the one added halfway.
+const COMPARED: &str = "id, name, n, note";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
@@ -34,7 +38,7 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
         ddl += &seeded(&src, t, 300);
     }
     db.batch_execute(&ddl).await.unwrap();
-    let capture = Capture::start(&src, &TABLES, false).await;
+    let capture = Capture::start(&src, &TABLES, true).await;
 
     let w = Workdir::new();
     let duck_path = |t: &str| w.path(&format!("{t}.duckdb"));
@@ -45,7 +49,11 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             "type = \"duckdb\"\npath = \"{}\"\ntable = \"{t}\"\n",
             duck_path(t).display()
         );
-        let replica = Shape::Replica { versioned: true };
+        // The replicas list their key only: the rest comes from the schema.
+        let replica = Shape::Replica {
+            versioned: true,
+            learns: true,
+        };
         for (name, sink, shape) in [
             (format!("pg_{t}"), postgres_sink(&dst, t), replica),
             (format!("duck_{t}"), duck_sink, replica),
@@ -56,6 +64,10 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             ),
         ] {
             let dead = w.path(&format!("{name}.deadletter.jsonl"));
+            let columns: &[(&str, &str)] = match shape {
+                Shape::Replica { .. } => &[("id", "bigint")],
+                Shape::ChangeLog => &WORKLOAD_COLUMNS,
+            };
             toml += &connector(
                 &name,
                 topic,
@@ -63,7 +75,7 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
                 &sink,
                 shape,
                 &dead,
-                &WORKLOAD_COLUMNS,
+                columns,
             );
             // Each restart finds its partitions after the session timeout.
             toml += &format!(
@@ -76,18 +88,33 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
     // The workload runs through every crash: a transaction of one to three
     // random changes over both tables every few milliseconds.
     let stop = Arc::new(AtomicBool::new(false));
+    let add_column = Arc::new(AtomicBool::new(false));
     let changes = Arc::new(AtomicUsize::new(0));
     let workload = tokio::spawn({
         let (src, stop, changes) = (src.clone(), stop.clone(), changes.clone());
+        let add_column = add_column.clone();
         let mut gen = Rng(rng.random::<u64>() | 1);
         async move {
             let db = pg().await;
             let mut i = 0;
+            let mut noted = false;
             while !stop.load(Ordering::Relaxed) {
+                if !noted && add_column.load(Ordering::Relaxed) {
+                    // A nullable column, as a migration adds one; the
+                    // changes after it set it.
+                    for t in TABLES {
+                        db.batch_execute(&format!(
+                            "ALTER TABLE \"{src}\".{t} ADD COLUMN note text"
+                        ))
+                        .await
+                        .unwrap();
+                    }
+                    noted = true;
+                }
                 let mut txn = String::from("BEGIN;");
                 for _ in 0..=gen.next() % 3 {
                     let t = TABLES[(gen.next() % 2) as usize];
-                    txn += &change(&src, t, &mut gen, i);
+                    txn += &change(&src, t, &mut gen, i, noted);
                     txn += ";";
                     i += 1;
                 }
@@ -97,7 +124,7 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             }
             for t in TABLES {
                 db.batch_execute(&format!(
-                    "INSERT INTO \"{src}\".{t} VALUES ({END_MARK}, 'end', 0)"
+                    "INSERT INTO \"{src}\".{t} VALUES ({END_MARK}, 'end', 0, 'end')"
                 ))
                 .await
                 .unwrap();
@@ -110,6 +137,9 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
     let mut rounds = Rounds::default();
     for round in 0..KILLS + failpoints.len() {
         let failpoint = (round % 6 == 5).then(|| failpoints[round / 6]);
+        if round == KILLS / 2 {
+            add_column.store(true, Ordering::Relaxed);
+        }
         rounds.run(&cfg, failpoint, &mut rng, 300..9_000).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -142,7 +172,7 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
     let log = text(&out.stderr);
 
     for t in TABLES {
-        let diff = differences(&src, &dst, t, COLUMNS).await;
+        let diff = differences(&src, &dst, t, COMPARED).await;
         assert_eq!(diff, 0, "{t}: {diff} rows differ in PostgreSQL\n{log}");
         let want = source_rows(&src, t).await;
         assert!(
@@ -150,12 +180,14 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             "{t}: the workload left only {} rows",
             want.len()
         );
+        let noted = want.iter().filter(|r| r.3.is_some()).count();
+        assert!(noted > 20, "{t}: only {noted} rows have a note");
         let conn = duck(&duck_path(t));
         let mut stmt = conn
-            .prepare(&format!("SELECT {COLUMNS} FROM {t} ORDER BY id"))
+            .prepare(&format!("SELECT {COMPARED} FROM {t} ORDER BY id"))
             .unwrap();
         let got: Vec<Row> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap()
             .map(Result::unwrap)
             .collect();
@@ -172,6 +204,7 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             .filter_map(|(_, v)| v.as_deref())
             .map(|v| {
                 let e: serde_json::Value = serde_json::from_slice(v).unwrap();
+                let e = &e["payload"];
                 let op = e["op"].as_str().unwrap().to_string();
                 let row = if op == "d" { &e["before"] } else { &e["after"] };
                 (
@@ -227,20 +260,20 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
     capture.stop().await;
 }
 
-type Row = (i64, Option<String>, Option<i64>);
+type Row = (i64, Option<String>, Option<i64>, Option<String>);
 /// A Kafka message's key and value.
 type Event = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 async fn source_rows(schema: &str, table: &str) -> Vec<Row> {
     pg().await
         .query(
-            &format!("SELECT {COLUMNS} FROM \"{schema}\".{table} ORDER BY id"),
+            &format!("SELECT {COMPARED} FROM \"{schema}\".{table} ORDER BY id"),
             &[],
         )
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect()
 }
 

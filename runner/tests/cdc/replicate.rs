@@ -40,6 +40,7 @@ async fn replicate(schemas: bool) {
             &postgres_sink(&dst, "customers"),
             Shape::Replica {
                 versioned: !schemas,
+                learns: false,
             },
             &w.path("cdc.deadletter.jsonl"),
             &WORKLOAD_COLUMNS,
@@ -50,7 +51,7 @@ async fn replicate(schemas: bool) {
     // Changes while it runs: updates, deletes, inserts, key updates.
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     for i in 0..600 {
-        db.batch_execute(&change(&src, "customers", &mut rng, i))
+        db.batch_execute(&change(&src, "customers", &mut rng, i, false))
             .await
             .unwrap();
     }

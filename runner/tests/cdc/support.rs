@@ -14,8 +14,9 @@ pub const COLUMNS: &str = "id, name, n";
 #[derive(Clone, Copy)]
 pub enum Shape {
     /// A replica of the table. `versioned`: the recommended set-up, the
-    /// source's LSN as the version column.
-    Replica { versioned: bool },
+    /// source's LSN as the version column. `learns`: the columns not
+    /// listed come from the events' schemas (`evolve = "add_columns"`).
+    Replica { versioned: bool, learns: bool },
     /// An append-only log of every event, with its op and LSN.
     ChangeLog,
 }
@@ -39,8 +40,12 @@ pub fn connector(
     let column = |col: &str, ty: &str, pointer: &str| {
         format!("[[connectors.{name}.columns]]\nname = \"{col}\"\ntype = \"{ty}\"\npointer = \"{pointer}\"\n")
     };
+    let evolve = match shape {
+        Shape::Replica { learns: true, .. } => "evolve = \"add_columns\"\n",
+        _ => "",
+    };
     let (mode, extra) = match shape {
-        Shape::Replica { versioned } => (
+        Shape::Replica { versioned, .. } => (
             format!(
                 "mode = \"upsert\"\nkey = [\"id\"]\ndelete_on_tombstone = true\n{}",
                 if versioned { "version = \"lsn\"\n" } else { "" }
@@ -66,7 +71,7 @@ pub fn connector(
         r#"
 [connectors.{name}]
 envelope = "debezium"
-dead_letter = "{dead}"
+{evolve}dead_letter = "{dead}"
 [connectors.{name}.source]
 type = "kafka"
 brokers = "127.0.0.1:9092"
@@ -296,14 +301,21 @@ impl Rng {
 /// One random change to `schema.table` (`id bigint PRIMARY KEY, name
 /// text, n bigint`): an update, a delete, an insert, or a primary-key
 /// update (Debezium sends a delete of the old key and a create of the new).
-pub fn change(schema: &str, table: &str, rng: &mut Rng, i: usize) -> String {
+/// `noted`: the table has a column `note text` too, which updates and
+/// inserts set.
+pub fn change(schema: &str, table: &str, rng: &mut Rng, i: usize, noted: bool) -> String {
     let id = rng.next() % 400 + 1;
     let t = format!("\"{schema}\".{table}");
+    let (set_note, note) = if noted {
+        (format!(", note = 'note {i}'"), format!(", 'note {i}'"))
+    } else {
+        (String::new(), String::new())
+    };
     match rng.next() % 4 {
-        0 => format!("UPDATE {t} SET name = 'renamed {i}', n = n + 1 WHERE id = {id}"),
+        0 => format!("UPDATE {t} SET name = 'renamed {i}', n = n + 1{set_note} WHERE id = {id}"),
         1 => format!("DELETE FROM {t} WHERE id = {id}"),
         2 => format!(
-            "INSERT INTO {t} VALUES ({id}, 'new {i}', {i}) ON CONFLICT (id) DO UPDATE SET n = excluded.n"
+            "INSERT INTO {t} VALUES ({id}, 'new {i}', {i}{note}) ON CONFLICT (id) DO UPDATE SET n = excluded.n"
         ),
         _ => format!(
             "UPDATE {t} SET id = id + 1000 WHERE id = {id} AND NOT EXISTS (SELECT 1 FROM {t} WHERE id = {id} + 1000)"

@@ -1,7 +1,9 @@
 //! Column types through Debezium's encodings: decimals as bytes (fixed and
 //! variable scale), dates as days, timestamps as microseconds, JSON as
 //! strings, with the JSON converter's schemas. The replicas in PostgreSQL
-//! and DuckDB must equal the source by `idem verify --against`.
+//! and DuckDB, with their columns listed or learnt from the schema
+//! (`evolve = "add_columns"`), must equal the source by `idem verify
+//! --against`.
 
 use crate::support::*;
 use idem_testkit::*;
@@ -66,9 +68,29 @@ async fn logical_types_replicate_with_the_converters_schemas() {
             &capture.topics[0],
             &format!("{src}_{name}"),
             &sink,
-            Shape::Replica { versioned: false },
+            Shape::Replica {
+                versioned: false,
+                learns: false,
+            },
             &w.path(&format!("{name}.deadletter.jsonl")),
             &columns,
+        );
+        // The same with the key listed only: the rest learnt, typed by
+        // the schema.
+        let learnt = format!("{name}_learnt");
+        toml += &connector(
+            &learnt,
+            &capture.topics[0],
+            &format!("{src}_{learnt}"),
+            &sink
+                .replace("typed.duckdb", "learnt.duckdb")
+                .replace("table = \"typed\"", "table = \"typed_learnt\""),
+            Shape::Replica {
+                versioned: false,
+                learns: true,
+            },
+            &w.path(&format!("{learnt}.deadletter.jsonl")),
+            &columns[..1],
         );
     }
     let cfg = w.write("typed.toml", &toml);
@@ -109,14 +131,49 @@ async fn logical_types_replicate_with_the_converters_schemas() {
         "last.toml",
         &toml.replace("group_id = ", "stop_at_end = true\ngroup_id = "),
     )));
-    let out = verify("typed_duck");
-    assert!(
-        out.status.success(),
-        "the DuckDB replica: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    for name in ["typed_pg", "typed_duck"] {
+    for name in ["typed_duck", "typed_pg_learnt", "typed_duck_learnt"] {
+        let out = verify(name);
+        assert!(
+            out.status.success(),
+            "the replica of {name}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    // The learnt columns have the schema's types.
+    let learnt: Vec<(String, String)> = db
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+             WHERE table_schema = $1 AND table_name = 'typed_learnt' ORDER BY column_name",
+            &[&dst],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for want in [
+        ("amount", "numeric"),
+        ("at", "timestamp with time zone"),
+        ("born", "date"),
+        ("doc", "jsonb"),
+        ("ok", "boolean"),
+        ("price", "numeric"),
+        ("ratio", "double precision"),
+        ("raw", "bytea"),
+        ("u", "uuid"),
+    ] {
+        assert!(
+            learnt.iter().any(|(n, t)| (n.as_str(), t.as_str()) == want),
+            "{want:?} not among {learnt:?}"
+        );
+    }
+    for name in [
+        "typed_pg",
+        "typed_duck",
+        "typed_pg_learnt",
+        "typed_duck_learnt",
+    ] {
         let dead = std::fs::read_to_string(w.path(&format!("{name}.deadletter.jsonl")))
             .unwrap_or_default();
         assert!(dead.is_empty(), "{name} dead letters:\n{dead}");
