@@ -170,7 +170,7 @@ impl Connector {
                 return Err(RunError::Build {
                     connector: name.into(),
                     sink: cfg.sink.kind(),
-                    message: "evolve = \"add_columns\" is available on the postgres and duckdb sinks; list the columns in [[columns]] and set evolve = \"off\" here".into(),
+                    message: "evolve = \"add_columns\" is available on the postgres, duckdb and s3 sinks; list the columns in [[columns]] and set evolve = \"off\" here".into(),
                 });
             };
             mapper = mapper.learning_columns(&cfg.columns, adds.decimal);

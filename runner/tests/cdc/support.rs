@@ -17,7 +17,8 @@ pub enum Shape {
     /// source's LSN as the version column. `learns`: the columns not
     /// listed come from the events' schemas (`evolve = "add_columns"`).
     Replica { versioned: bool, learns: bool },
-    /// An append-only log of every event, with its op and LSN.
+    /// An append-only log of every event, with its op and LSN, its other
+    /// columns learnt from the events' schemas.
     ChangeLog,
 }
 
@@ -41,7 +42,7 @@ pub fn connector(
         format!("[[connectors.{name}.columns]]\nname = \"{col}\"\ntype = \"{ty}\"\npointer = \"{pointer}\"\n")
     };
     let evolve = match shape {
-        Shape::Replica { learns: true, .. } => "evolve = \"add_columns\"\n",
+        Shape::Replica { learns: true, .. } | Shape::ChangeLog => "evolve = \"add_columns\"\n",
         _ => "",
     };
     let (mode, extra) = match shape {

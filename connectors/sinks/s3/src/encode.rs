@@ -79,6 +79,11 @@ impl Encoder {
         }
     }
 
+    /// How many mapped columns a record has.
+    pub fn width(&self) -> usize {
+        self.columns.len()
+    }
+
     /// `jsonl`, `jsonl.gz`, `jsonl.zst` or `parquet`.
     pub fn extension(&self) -> &'static str {
         match (self.format, self.compression) {

@@ -63,7 +63,15 @@ impl S3Sink {
     /// `first_offset..next_offset` (its last record's plus one); with
     /// folders, objects of one batch may interleave.
     fn encode(&self, batch: &Batch) -> Result<Vec<Pending>, S3Error> {
-        self.encoder
+        // Columns learnt from the source's schema: the batch's objects
+        // take the wider schema (each object carries its own).
+        let wider = batch
+            .columns
+            .as_ref()
+            .filter(|c| c.len() > self.encoder.width())
+            .map(|c| Encoder::new(&self.cfg, c));
+        let encoder = wider.as_ref().unwrap_or(&self.encoder);
+        encoder
             .cut(&batch.records)
             .into_iter()
             .map(|cut| {
@@ -82,7 +90,7 @@ impl S3Sink {
                     first_offset: first.offset,
                     next_offset: last.offset + 1,
                     records: records.len() as u64,
-                    body: self.encoder.encode(&batch.partition.partition, &records)?,
+                    body: encoder.encode(&batch.partition.partition, &records)?,
                 })
             })
             .collect()
@@ -111,7 +119,10 @@ impl Sink for S3Sink {
             key_columns: Vec::new(),
             deletes: false,
             rows: idem_core::RowShape::append(),
-            adds_columns: None,
+            // Parquet keeps decimals as their digits (text) either way.
+            adds_columns: Some(idem_core::AddsColumns {
+                decimal: idem_config::ColumnType::Numeric,
+            }),
         }
     }
 
