@@ -194,5 +194,39 @@ type = "text"
         parse::<Src, Snk>(Path::new("f.toml"), &op).unwrap();
         let e = err(&with_envelope.replace("@source/lsn", "@sourcelsn"));
         assert!(e.contains("is neither a JSON pointer"), "{e}");
+        // Columns learnt from the schema need the envelope too.
+        let evolve = GOOD.replace(
+            "[connectors.a.source]",
+            "[connectors.a]\nevolve = \"add_columns\"\n[connectors.a.source]",
+        );
+        let e = err(&evolve);
+        assert!(
+            e.contains("connectors.a.evolve") && e.contains("envelope = \"debezium\""),
+            "{e}"
+        );
+        parse::<Src, Snk>(
+            Path::new("f.toml"),
+            &evolve.replace("evolve =", "envelope = \"debezium\"\nevolve ="),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn pointers_read_one_way() {
+        use crate::Pointer;
+        assert_eq!(Pointer::of(""), Pointer::Field(""));
+        assert_eq!(Pointer::of("/a/b"), Pointer::Field("/a/b"));
+        assert_eq!(Pointer::of("@key"), Pointer::Key);
+        assert_eq!(Pointer::of("@timestamp"), Pointer::Timestamp);
+        assert_eq!(Pointer::of("@header/x-id"), Pointer::Header("x-id"));
+        assert_eq!(Pointer::of("@header/"), Pointer::Invalid);
+        assert_eq!(Pointer::of("@source"), Pointer::Source(""));
+        assert_eq!(Pointer::of("@source/lsn"), Pointer::Source("/lsn"));
+        assert_eq!(Pointer::of("@sourcelsn"), Pointer::Invalid);
+        assert_eq!(Pointer::of("@op"), Pointer::Op);
+        assert_eq!(Pointer::of("id"), Pointer::Invalid);
+        assert!(Pointer::of("@op").of_event() && !Pointer::of("@key").of_event());
+        assert_eq!(crate::pointer_tokens("/a~1b/~0x"), ["a/b", "~x"]);
+        assert!(crate::pointer_tokens("").is_empty());
     }
 }

@@ -549,6 +549,65 @@ impl ColumnConfig {
     }
 }
 
+/// What a column's pointer names: the one reading of its grammar, shared
+/// by the config's checks and the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pointer<'a> {
+    /// A JSON pointer into the value (`""` or starting with `/`).
+    Field(&'a str),
+    /// `@key`: the message key, as UTF-8 text.
+    Key,
+    /// `@timestamp`: the source's timestamp of the message.
+    Timestamp,
+    /// `@header/NAME`: a header's value, as UTF-8 text.
+    Header(&'a str),
+    /// `@source` or `@source/POINTER` (Debezium envelope): the event's
+    /// `source` block, or a JSON pointer into it (`""` or `/...`).
+    Source(&'a str),
+    /// `@op` (Debezium envelope): the event's op.
+    Op,
+    /// None of these.
+    Invalid,
+}
+
+impl<'a> Pointer<'a> {
+    pub fn of(p: &'a str) -> Pointer<'a> {
+        match p {
+            "@key" => Pointer::Key,
+            "@timestamp" => Pointer::Timestamp,
+            "@op" => Pointer::Op,
+            p if p.is_empty() || p.starts_with('/') => Pointer::Field(p),
+            p => {
+                if let Some(name) = p.strip_prefix("@header/").filter(|n| !n.is_empty()) {
+                    Pointer::Header(name)
+                } else if let Some(rest) = p
+                    .strip_prefix("@source")
+                    .filter(|r| r.is_empty() || r.starts_with('/'))
+                {
+                    Pointer::Source(rest)
+                } else {
+                    Pointer::Invalid
+                }
+            }
+        }
+    }
+
+    /// A part of a Debezium change event rather than of the message.
+    pub fn of_event(self) -> bool {
+        matches!(self, Pointer::Source(_) | Pointer::Op)
+    }
+}
+
+/// RFC 6901 tokens of a JSON pointer, unescaped (`""` is the whole
+/// document: no token).
+pub fn pointer_tokens(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
 /// Column types, named as SQL users know them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -700,20 +759,14 @@ impl<S, K> ConnectorConfig<S, K> {
                 ));
             }
             let p = col.pointer();
-            let metadata = p == "@key"
-                || p == "@timestamp"
-                || p.strip_prefix("@header/")
-                    .is_some_and(|name| !name.is_empty());
-            let of_event = p == "@op"
-                || p.strip_prefix("@source")
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-            if of_event && self.envelope != Envelope::Debezium {
+            let kind = Pointer::of(&p);
+            if kind.of_event() && self.envelope != Envelope::Debezium {
                 return Err(Invalid::new(
                     &["columns", &idx, "pointer"],
                     format!("`{p}` is a part of a change event: it needs envelope = \"debezium\""),
                 ));
             }
-            if !(p.is_empty() || p.starts_with('/') || metadata || of_event) {
+            if kind == Pointer::Invalid {
                 return Err(Invalid::new(
                     &["columns", &idx, "pointer"],
                     format!("`{p}` is neither a JSON pointer (\"\" or starting with `/`) nor one of @key, @timestamp, @header/NAME, @source/POINTER, @op"),

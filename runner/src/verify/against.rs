@@ -8,7 +8,7 @@
 
 use crate::connector::Connector;
 use anyhow::Context;
-use idem_config::{ColumnType, Envelope, Evolve};
+use idem_config::{ColumnType, Envelope, Evolve, Pointer};
 use idem_core::table::{audit, sql::q};
 use std::collections::HashMap;
 
@@ -47,14 +47,15 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
         .columns
         .iter()
         .filter_map(|col| {
-            let field = col.pointer().strip_prefix('/')?.to_string();
-            (!field.is_empty() && !field.contains('/')).then(|| {
-                (
-                    field.replace("~1", "/").replace("~0", "~"),
-                    col.name.clone(),
-                    col.ty,
-                )
-            })
+            // A top-level field of the row: a column of the source table.
+            let pointer = col.pointer();
+            let Pointer::Field(p) = Pointer::of(&pointer) else {
+                return None;
+            };
+            match idem_config::pointer_tokens(p).as_slice() {
+                [field] if !field.is_empty() => Some((field.clone(), col.name.clone(), col.ty)),
+                _ => None,
+            }
         })
         .collect();
     let info = c.sink.info();

@@ -17,7 +17,7 @@ pub use value::{plain_decimal, Op, Record, Value};
 
 use crate::Message;
 use flat::{disjoint, Flat};
-use idem_config::{ColumnConfig, ColumnType, Envelope};
+use idem_config::{ColumnConfig, ColumnType, Envelope, Pointer};
 use serde_json::Value as Json;
 use std::sync::{Arc, RwLock};
 use value::convert;
@@ -68,22 +68,14 @@ enum Origin {
 
 impl Origin {
     fn of(pointer: &str) -> Origin {
-        match pointer {
-            "@key" => Origin::Key,
-            "@timestamp" => Origin::Timestamp,
-            "@op" => Origin::Op,
-            p => {
-                if let Some(name) = p.strip_prefix("@header/") {
-                    Origin::Header(name.to_string())
-                } else if let Some(rest) = p
-                    .strip_prefix("@source")
-                    .filter(|r| r.is_empty() || r.starts_with('/'))
-                {
-                    Origin::Source(tokens(rest))
-                } else {
-                    Origin::Doc
-                }
-            }
+        match Pointer::of(pointer) {
+            Pointer::Key => Origin::Key,
+            Pointer::Timestamp => Origin::Timestamp,
+            Pointer::Op => Origin::Op,
+            Pointer::Header(name) => Origin::Header(name.to_string()),
+            Pointer::Source(rest) => Origin::Source(tokens(rest)),
+            // Refused by the config's validation.
+            Pointer::Field(_) | Pointer::Invalid => Origin::Doc,
         }
     }
 
@@ -584,13 +576,8 @@ fn metadata(col: &Column, msg: &Message) -> Result<Option<Json>, MapError> {
     })
 }
 
-/// RFC 6901 tokens of a pointer (`""` is the whole document).
 fn tokens(pointer: &str) -> Vec<String> {
-    pointer
-        .split('/')
-        .skip(1)
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
-        .collect()
+    idem_config::pointer_tokens(pointer)
 }
 
 /// `serde_json::Value::pointer_mut` with the pointer already split.
