@@ -9,8 +9,8 @@
 
 use crate::*;
 use async_trait::async_trait;
-use idem_config::{ColumnConfig, WriteMode};
-use idem_core::{Op, Record, Sink, SinkError, Value};
+use idem_config::{ColumnConfig, ColumnType, WriteMode};
+use idem_core::{Batch, Op, Record, Sink, SinkError, Value};
 use std::sync::Arc;
 
 /// One sink's database for one test, and a reader of it that is not the
@@ -38,6 +38,8 @@ pub trait TableTarget: Send + Sync {
     async fn execute(&self, sql: &str);
     /// `(id, v)` of `table`, ordered, read by the target's own client.
     async fn rows(&self, table: &str) -> Vec<(String, i64)>;
+    /// `(id, column)` of `table` for a text `column`, ordered by id.
+    async fn text_column(&self, table: &str, column: &str) -> Vec<(String, Option<String>)>;
     /// How the target names the types of text and bigint columns.
     fn type_names(&self) -> (&'static str, &'static str);
     /// A table name as written in `execute`'s statements.
@@ -259,6 +261,106 @@ pub async fn a_failed_batch_leaves_neither_rows_nor_position<T: TableTarget>(t: 
     assert_eq!(t.rows("t").await, pairs(&[("ok", 1)]));
 }
 
+/// Columns learnt from the source's schema (`Batch::columns`): added in the
+/// batch's transaction (a fenced batch adds nothing), again harmlessly
+/// after a restart, and refused when the table holds another type.
+pub async fn learnt_columns_are_added_in_the_batch_transaction<T: TableTarget>(t: T) {
+    let p = part("a");
+    let sink = t.sink("t", WriteMode::Upsert, &["id"], None, true, columns());
+    if sink.info().adds_columns.is_none() {
+        // The runner refuses `evolve` for this sink at start.
+        return;
+    }
+    let learnt = |ty| {
+        let mut c = columns();
+        c.push(col("note", ty));
+        Some(Arc::new(c))
+    };
+    let noted = |offset, id: &str, v, note: Option<&str>| Record {
+        offset,
+        op: Op::Upsert,
+        values: vec![
+            Value::Text(id.into()),
+            Value::BigInt(v),
+            note.map_or(Value::Null, |n| Value::Text(n.into())),
+        ],
+        id: None,
+    };
+    let with = |columns, records, next| {
+        let mut b = Arc::unwrap_or_clone(batch(&p, 0, records, next));
+        b.columns = columns;
+        b
+    };
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    sink.commit(batch(&p, e, vec![rec(0, "a", 1)], 1))
+        .await
+        .unwrap();
+    // The partition is opened again (a newer runner): the stale batch
+    // that brings the column is fenced, and its column goes with it.
+    let newer = sink.open(&p).await.unwrap().epoch;
+    let stale = Batch {
+        epoch: e,
+        ..with(
+            learnt(ColumnType::Text),
+            vec![noted(1, "b", 2, Some("x"))],
+            2,
+        )
+    };
+    let err = sink.commit(Arc::new(stale)).await.unwrap_err();
+    assert!(matches!(err, SinkError::Fenced { .. }), "{err}");
+    let fresh = Batch {
+        epoch: newer,
+        ..with(
+            learnt(ColumnType::Text),
+            vec![noted(1, "b", 2, Some("x")), noted(2, "a", 3, None)],
+            3,
+        )
+    };
+    sink.commit(Arc::new(fresh)).await.unwrap();
+    drop(sink);
+    // A restart: the sink starts from the configured columns and meets
+    // the learnt one again, already in the table.
+    let again = t.sink("t", WriteMode::Upsert, &["id"], None, true, columns());
+    again.prepare().await.unwrap();
+    let e = again.open(&p).await.unwrap().epoch;
+    let next = Batch {
+        epoch: e,
+        ..with(
+            learnt(ColumnType::Text),
+            vec![noted(3, "c", 4, Some("y"))],
+            4,
+        )
+    };
+    again.commit(Arc::new(next)).await.unwrap();
+    drop(again);
+    // After another restart the schema says bigint (it changed while the
+    // runner was down), the table holds text: refused, named.
+    let again = t.sink("t", WriteMode::Upsert, &["id"], None, true, columns());
+    again.prepare().await.unwrap();
+    let e = again.open(&p).await.unwrap().epoch;
+    let mut clash = rec(4, "d", 5);
+    clash.values.push(Value::BigInt(1));
+    let clash = Batch {
+        epoch: e,
+        ..with(learnt(ColumnType::Bigint), vec![clash], 5)
+    };
+    let err = again.commit(Arc::new(clash)).await.unwrap_err();
+    assert!(!err.is_retriable(), "{err}");
+    assert!(err.to_string().contains("`note`"), "{err}");
+    assert_eq!(again.open(&p).await.unwrap().next_offset, Some(4));
+    drop(again);
+    assert_eq!(t.rows("t").await, pairs(&[("a", 3), ("b", 2), ("c", 4)]));
+    assert_eq!(
+        t.text_column("t", "note").await,
+        [
+            ("a".to_string(), None),
+            ("b".to_string(), Some("x".to_string())),
+            ("c".to_string(), Some("y".to_string()))
+        ]
+    );
+}
+
 pub async fn existing_tables_are_checked_before_the_first_write<T: TableTarget>(t: T) {
     let (text, bigint) = t.type_names();
     t.execute(&format!(
@@ -355,6 +457,7 @@ macro_rules! table_suite {
             upsert_with_a_version_column_ignores_older_events,
             a_versioned_delete_is_not_undone_by_an_older_change,
             a_failed_batch_leaves_neither_rows_nor_position,
+            learnt_columns_are_added_in_the_batch_transaction,
             existing_tables_are_checked_before_the_first_write,
             every_column_type_round_trips,
         );

@@ -75,6 +75,19 @@ impl TableTarget for DuckDbTarget {
             .collect()
     }
 
+    async fn text_column(&self, table: &str, column: &str) -> Vec<(String, Option<String>)> {
+        let db = duck(&self.w.path("t.duckdb"));
+        let mut stmt = db
+            .prepare(&format!(
+                "SELECT id, \"{column}\" FROM \"{table}\" ORDER BY id"
+            ))
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
     fn type_names(&self) -> (&'static str, &'static str) {
         ("VARCHAR", "BIGINT")
     }

@@ -96,6 +96,22 @@ impl TableTarget for PgTarget {
         rows(&self.schema, table).await
     }
 
+    async fn text_column(&self, table: &str, column: &str) -> Vec<(String, Option<String>)> {
+        pg().await
+            .query(
+                &format!(
+                    "SELECT id, \"{column}\" FROM \"{}\".\"{table}\" ORDER BY id",
+                    self.schema
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
     fn type_names(&self) -> (&'static str, &'static str) {
         ("text", "bigint")
     }

@@ -81,6 +81,19 @@ impl TableTarget for SqliteTarget {
             .collect()
     }
 
+    async fn text_column(&self, table: &str, column: &str) -> Vec<(String, Option<String>)> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare(&format!(
+                "SELECT id, \"{column}\" FROM \"{table}\" ORDER BY id"
+            ))
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
     fn type_names(&self) -> (&'static str, &'static str) {
         ("TEXT", "BIGINT")
     }
