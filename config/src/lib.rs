@@ -16,8 +16,8 @@ pub use error::ConfigError;
 pub use interp::{interpolate, Secret};
 pub use schema::*;
 pub use table::{
-    check_column_name, check_ident, check_postgres_name, validate_rows, validate_write, WriteMode,
-    POSTGRES_MAX_NAME,
+    check_column_name, check_ident, check_postgres_name, check_table_template, is_table_template,
+    resolve_table, validate_rows, validate_write, WriteMode, POSTGRES_MAX_NAME,
 };
 
 use serde::de::DeserializeOwned;

@@ -36,6 +36,58 @@ pub fn check_ident(key: &str, value: &str) -> Result<(), Invalid> {
     }
 }
 
+/// The placeholders of a table template, and which part of a Debezium
+/// topic (`PREFIX.SCHEMA.TABLE`, counted from the end) each stands for.
+const PLACEHOLDERS: [(&str, usize); 2] = [("{source.schema}", 2), ("{source.table}", 1)];
+
+/// Whether `table` is a template (one target table per source table).
+pub fn is_table_template(table: &str) -> bool {
+    table.contains('{')
+}
+
+/// A table template: only known placeholders, the rest a plain identifier.
+pub fn check_table_template(key: &str, value: &str) -> Result<(), Invalid> {
+    let literal = PLACEHOLDERS
+        .iter()
+        .fold(value.to_string(), |t, (p, _)| t.replace(p, "x"));
+    if literal.contains('{') || literal.contains('}') {
+        return Err(Invalid::new(
+            &[key],
+            format!(
+                "`{value}`: a table template knows only {{source.schema}} and {{source.table}}"
+            ),
+        ));
+    }
+    check_ident(key, &literal).map_err(|_| {
+        Invalid::new(
+            &[key],
+            format!("`{value}`: around its placeholders, a table template holds letters, digits and `_` only"),
+        )
+    })
+}
+
+/// The table `template` names for a Debezium `topic`: `{source.schema}`
+/// and `{source.table}` are its last two dot-separated parts. `Err` says
+/// why the topic does not fit (too few parts).
+pub fn resolve_table(template: &str, topic: &str) -> Result<String, String> {
+    let parts: Vec<&str> = topic.split('.').collect();
+    let mut out = template.to_string();
+    for (placeholder, from_end) in PLACEHOLDERS {
+        if out.contains(placeholder) {
+            let part = parts
+                .len()
+                .checked_sub(from_end)
+                .filter(|_| parts.len() >= 3)
+                .map(|i| parts[i])
+                .ok_or_else(|| {
+                    format!("topic `{topic}` is not named PREFIX.SCHEMA.TABLE, as Debezium names its topics, so it gives no {placeholder}")
+                })?;
+            out = out.replace(placeholder, part);
+        }
+    }
+    Ok(out)
+}
+
 /// PostgreSQL keeps the first 63 bytes of a name (NAMEDATALEN - 1) and
 /// silently drops the rest, so two long names could become one table.
 pub const POSTGRES_MAX_NAME: usize = 63;
@@ -188,4 +240,31 @@ pub fn validate_write(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_names_a_table_per_topic() {
+        assert!(is_table_template("{source.table}") && !is_table_template("t"));
+        check_table_template("table", "{source.schema}_{source.table}").unwrap();
+        check_table_template("table", "replica_{source.table}").unwrap();
+        let e = check_table_template("table", "{source.db}").unwrap_err();
+        assert!(e.message.contains("knows only"), "{}", e.message);
+        let e = check_table_template("table", "a-{source.table}").unwrap_err();
+        assert!(e.message.contains("letters, digits"), "{}", e.message);
+        assert_eq!(
+            resolve_table(
+                "{source.schema}_{source.table}",
+                "dbserver1.inventory.orders"
+            )
+            .unwrap(),
+            "inventory_orders"
+        );
+        assert_eq!(resolve_table("{source.table}", "a.b.c.d").unwrap(), "d");
+        let e = resolve_table("{source.table}", "orders").unwrap_err();
+        assert!(e.contains("PREFIX.SCHEMA.TABLE"), "{e}");
+    }
 }

@@ -123,6 +123,20 @@ macro_rules! registry {
                     $(#[cfg(feature = $sink_name)] SinkConfig::$sink(_) => <$sink_kind as SinkKind>::NAME,)*
                 }
             }
+
+            /// The table it writes, possibly a template (see [`SinkKind::table`]).
+            pub fn table(&self) -> Option<String> {
+                match self {
+                    $(#[cfg(feature = $sink_name)] SinkConfig::$sink(c) => <$sink_kind>::table(c),)*
+                }
+            }
+
+            /// The same section writing into `table` instead.
+            pub fn with_table(&self, table: &str) -> SinkConfig {
+                match self {
+                    $(#[cfg(feature = $sink_name)] SinkConfig::$sink(c) => SinkConfig::$sink(<$sink_kind>::with_table(c, table)),)*
+                }
+            }
         }
 
         #[cfg(test)]

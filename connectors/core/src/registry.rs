@@ -11,6 +11,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 /// What a sink may need from the runner beside its config.
+#[derive(Clone)]
 pub struct SinkContext {
     /// The connector's dedup store: present when the kind says
     /// [`SinkKind::needs_store`] (or the connector has a `[dedup]` stage).
@@ -63,6 +64,18 @@ pub trait SinkKind: 'static {
     /// The PostgreSQL database it writes into, if any.
     fn postgres(_cfg: &Self::Config) -> Option<PostgresTarget> {
         None
+    }
+
+    /// The one table it writes, for a sink that can write each source
+    /// table of a connector to a table of its own: `table`, possibly a
+    /// template (`idem_config::is_table_template`). `None`: it cannot.
+    fn table(_cfg: &Self::Config) -> Option<String> {
+        None
+    }
+
+    /// The same section writing into `table` instead.
+    fn with_table(cfg: &Self::Config, _table: &str) -> Self::Config {
+        cfg.clone()
     }
 }
 

@@ -53,7 +53,7 @@ impl Connector {
             .reserve_ids(pref, epoch, first_offset, taken.records, stop)
             .await?;
         // Taken after every record was mapped: at least as wide as any.
-        let columns = self.mapper.learnt_columns();
+        let columns = self.mapper.learnt_columns(self.route(&pref.partition));
         if let Some(columns) = &columns {
             // A record mapped before a column was learnt has no value for
             // it: null, as the source's row had none then.

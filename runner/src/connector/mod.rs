@@ -10,6 +10,7 @@
 mod commit;
 mod error;
 mod partition;
+mod routed;
 #[cfg(test)]
 mod tests;
 
@@ -21,7 +22,7 @@ use crate::dedup::{Ids, LazyStore, Stage};
 use crate::registry::ConnectorConfig;
 use crate::retry::retry_transient;
 use crate::stats::Stats;
-use idem_config::{Envelope, Evolve, Guarantee};
+use idem_config::{Envelope, Evolve, Guarantee, Validate};
 use idem_core::registry::SinkContext;
 use idem_core::{Assignment, Mapper, Sink, SinkError, Source, SourceError};
 use std::collections::HashMap;
@@ -63,6 +64,9 @@ pub struct Connector {
     /// Counters; shared with the connector's supervisor, so they outlive
     /// a restart.
     pub stats: Arc<Stats>,
+    /// Each source table into a table of its own (`routed.rs`): columns
+    /// are learnt per topic.
+    routed: bool,
     /// Paused by the admin API: partitions stop reading once what they
     /// read is handed over (and commits), and the connector stays what it
     /// is (a Kafka consumer stays in its group).
@@ -119,14 +123,37 @@ impl Connector {
                 .map(|s| s as Arc<dyn idem_dedup_store::DedupStore>),
             rejects: dead_letters.clone(),
         };
-        let sink = cfg
+        let build_err = |message| RunError::Build {
+            connector: name.into(),
+            sink: cfg.sink.kind(),
+            message,
+        };
+        let mut sink = cfg
             .sink
-            .build(&cfg.columns, ctx)
-            .map_err(|message| RunError::Build {
-                connector: name.into(),
-                sink: cfg.sink.kind(),
-                message,
-            })?;
+            .build(&cfg.columns, ctx.clone())
+            .map_err(build_err)?;
+        let template = cfg
+            .sink
+            .table()
+            .filter(|t| idem_config::is_table_template(t));
+        if let Some(template) = &template {
+            if cfg.envelope != Envelope::Debezium
+                || cfg.evolve != Evolve::AddColumns
+                || cfg.source.kafka().is_none()
+            {
+                return Err(build_err(format!(
+                    "table = \"{template}\" writes each source table of a Debezium topic (PREFIX.SCHEMA.TABLE) to a table of its own: it needs a kafka source, envelope = \"debezium\" and evolve = \"add_columns\" (each table's columns come from its events' schema)"
+                )));
+            }
+            let (section, columns) = (cfg.sink.clone(), cfg.columns.clone());
+            let build: routed::Build = Box::new(move |table: &str| {
+                let one = section.with_table(table);
+                one.validate(&columns)
+                    .map_err(|e| format!("table `{table}`: {}", e.message))?;
+                one.build(&columns, ctx.clone())
+            });
+            sink = Arc::new(routed::RoutedSink::new(template.clone(), sink, build));
+        }
         let info = sink.info();
         if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
             return Err(RunError::Guarantee {
@@ -189,9 +216,20 @@ impl Connector {
             ids,
             dedup,
             stats,
+            routed: template.is_some(),
             cfg,
             paused: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// What columns are learnt per: a routed connector's partition's
+    /// topic, else the connector as a whole (`""`).
+    pub(super) fn route<'a>(&self, partition: &'a str) -> &'a str {
+        if self.routed {
+            routed::topic_of(partition)
+        } else {
+            ""
+        }
     }
 
     /// Stop reading (`true`) after handing over what was read, or go on.

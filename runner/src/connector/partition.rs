@@ -253,7 +253,7 @@ pub fn map_message(conn: &Connector, partition: &str, msg: Message) -> Item {
         Some(reason) => Err((Some(ErrorClass::Poison), reason.clone())),
         None => conn
             .mapper
-            .map(&msg)
+            .map_in(&msg, conn.route(partition))
             .map_err(|e| ((!e.stop).then_some(ErrorClass::Mapping), e.reason))
             .and_then(|record| {
                 conn.sink

@@ -10,4 +10,5 @@ mod crash;
 mod evolve;
 mod replicate;
 mod support;
+mod tables;
 mod types;

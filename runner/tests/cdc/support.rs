@@ -133,6 +133,22 @@ pub struct Capture {
 
 impl Capture {
     pub async fn start(schema: &str, tables: &[&str], schemas: bool) -> Capture {
+        let include = tables
+            .iter()
+            .map(|t| format!("{schema}.{t}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Capture::start_with(schema, &include, tables, schemas).await
+    }
+
+    /// Capturing every table of `schema` (one created later once it joins
+    /// the publication, named after `schema`), with schemas; ready once
+    /// the topics of `tables` exist.
+    pub async fn start_all(schema: &str, tables: &[&str]) -> Capture {
+        Capture::start_with(schema, &format!("{schema}[.].*"), tables, true).await
+    }
+
+    async fn start_with(schema: &str, include: &str, tables: &[&str], schemas: bool) -> Capture {
         let http = reqwest::Client::new();
         let listed = http
             .get(format!("{CONNECT}/connectors"))
@@ -167,11 +183,7 @@ impl Capture {
             "database.password": "idem",
             "database.dbname": "idem_test",
             "topic.prefix": schema,
-            "table.include.list": tables
-                .iter()
-                .map(|t| format!("{schema}.{t}"))
-                .collect::<Vec<_>>()
-                .join(","),
+            "table.include.list": include,
             "slot.name": schema,
             "publication.name": schema,
             "publication.autocreate.mode": "filtered",

@@ -19,6 +19,7 @@ use crate::Message;
 use flat::{disjoint, Flat};
 use idem_config::{ColumnConfig, ColumnType, Envelope, Pointer};
 use serde_json::Value as Json;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use value::convert;
 
@@ -116,9 +117,13 @@ pub struct Mapper {
 
 /// The columns of a connector that learns them from the events' schemas.
 struct Learning {
-    /// The listed columns, then those learnt, in the order first seen;
-    /// only grows, so a record's values stay a prefix of any later layout.
-    layout: RwLock<Arc<Layout>>,
+    /// Per route (the source table, for a connector that writes each to a
+    /// table of its own; `""` otherwise): the listed columns, then those
+    /// learnt, in the order first seen. A layout only grows, so a record's
+    /// values stay a prefix of any later layout of its route.
+    layouts: RwLock<HashMap<String, Arc<Layout>>>,
+    /// The listed columns alone: where every route starts.
+    base: Arc<Layout>,
     /// How many columns were listed in the config (their types are not
     /// checked against the schema: they override it).
     listed: usize,
@@ -183,21 +188,22 @@ impl Mapper {
     /// type; decimals become `decimal` (see [`crate::AddsColumns`]).
     pub fn learning_columns(mut self, listed: &[ColumnConfig], decimal: ColumnType) -> Self {
         self.learning = Some(Learning {
-            layout: RwLock::new(Arc::new(Layout {
+            layouts: RwLock::new(HashMap::new()),
+            base: Arc::new(Layout {
                 columns: self.columns.clone(),
                 configs: Arc::new(listed.to_vec()),
-            })),
+            }),
             listed: listed.len(),
             decimal,
         });
         self
     }
 
-    /// The columns so far, when they are learnt from the events (see
-    /// [`crate::Batch::columns`]); `None`: the configured ones.
-    pub fn learnt_columns(&self) -> Option<Arc<Vec<ColumnConfig>>> {
+    /// The columns of `route` so far, when they are learnt from the events
+    /// (see [`crate::Batch::columns`]); `None`: the configured ones.
+    pub fn learnt_columns(&self, route: &str) -> Option<Arc<Vec<ColumnConfig>>> {
         let learning = self.learning.as_ref()?;
-        Some(read_layout(&learning.layout).configs.clone())
+        Some(learning.layout(route).configs.clone())
     }
 
     /// Rows wrapped in `envelope` (see [`Envelope`]).
@@ -221,8 +227,14 @@ impl Mapper {
     }
 
     pub fn map(&self, msg: &Message) -> Result<Record, MapError> {
+        self.map_in(msg, "")
+    }
+
+    /// [`Mapper::map`] for a message of `route`: with learnt columns, each
+    /// route (source table) learns its own.
+    pub fn map_in(&self, msg: &Message, route: &str) -> Result<Record, MapError> {
         if self.envelope == Envelope::Debezium {
-            let (fields, op, layout) = self.pick_change(msg)?;
+            let (fields, op, layout) = self.pick_change(msg, route)?;
             let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
             return self.record(columns, msg, fields, op);
         }
@@ -333,6 +345,7 @@ impl Mapper {
     fn pick_change(
         &self,
         msg: &Message,
+        route: &str,
     ) -> Result<(Vec<Option<Json>>, Op, Option<Arc<Layout>>), MapError> {
         let raw = msg
             .value
@@ -369,7 +382,7 @@ impl Mapper {
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
         let layout = match &self.learning {
-            Some(learning) => Some(self.learn(learning, schema.as_ref(), side)?),
+            Some(learning) => Some(self.learn(learning, route, schema.as_ref(), side)?),
             None => None,
         };
         let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
@@ -420,6 +433,7 @@ impl Mapper {
     fn learn(
         &self,
         learning: &Learning,
+        route: &str,
         schema: Option<&Json>,
         side: &str,
     ) -> Result<Arc<Layout>, MapError> {
@@ -428,7 +442,7 @@ impl Mapper {
         })?;
         let fields = debezium::row_fields(schema, side)
             .ok_or_else(|| MapError::new(format!("the event's schema has no `{side}` struct")))?;
-        let current = read_layout(&learning.layout);
+        let current = learning.layout(route);
         let mut new = Vec::new();
         for &(name, field) in &fields {
             let ty = debezium::column_type(field, learning.decimal);
@@ -448,10 +462,13 @@ impl Mapper {
         if new.is_empty() {
             return Ok(current);
         }
-        let mut layout = learning
-            .layout
+        let mut layouts = learning
+            .layouts
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let layout = layouts
+            .entry(route.to_string())
+            .or_insert_with(|| learning.base.clone());
         let mut columns = layout.columns.clone();
         let mut configs = (*layout.configs).clone();
         for (name, ty) in new {
@@ -494,11 +511,15 @@ impl Mapper {
     }
 }
 
-fn read_layout(layout: &RwLock<Arc<Layout>>) -> Arc<Layout> {
-    layout
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
+impl Learning {
+    fn layout(&self, route: &str) -> Arc<Layout> {
+        self.layouts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(route)
+            .unwrap_or(&self.base)
+            .clone()
+    }
 }
 
 /// Whether `col` holds the row's field `name`: named so, or reading it.

@@ -621,7 +621,7 @@ fn learning_columns_adds_each_new_field_of_the_schema() {
         ]
     );
     let names = |m: &Mapper| -> Vec<(String, ColumnType)> {
-        m.learnt_columns()
+        m.learnt_columns("")
             .unwrap()
             .iter()
             .map(|c| (c.name.clone(), c.ty))

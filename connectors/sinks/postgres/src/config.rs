@@ -1,5 +1,6 @@
 use idem_config::{
-    check_ident, check_postgres_name, ColumnConfig, Invalid, Secret, Validate, WriteMode,
+    check_ident, check_postgres_name, check_table_template, is_table_template, ColumnConfig,
+    Invalid, Secret, Validate, WriteMode,
 };
 use serde::Deserialize;
 use std::time::Duration;
@@ -111,11 +112,22 @@ impl Validate for PostgresSinkConfig {
                 "names starting with `pg_` are reserved by PostgreSQL",
             ));
         }
-        check_ident("table", &self.table)?;
+        if is_table_template(&self.table) {
+            // Each table it names is checked when it is resolved.
+            check_table_template("table", &self.table)?;
+            if self.mode == WriteMode::Dedup {
+                return Err(Invalid::new(
+                    &["table"],
+                    "a table template writes change events (envelope = \"debezium\"): use mode = \"upsert\" or \"append\"",
+                ));
+            }
+        } else {
+            check_ident("table", &self.table)?;
+            check_postgres_name(&["table"], &self.table)?;
+        }
         check_ident("offsets_table", &self.offsets_table)?;
         for (key, value) in [
             ("schema", &self.schema),
-            ("table", &self.table),
             ("offsets_table", &self.offsets_table),
         ] {
             check_postgres_name(&[key], value)?;

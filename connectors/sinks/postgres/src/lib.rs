@@ -43,4 +43,15 @@ impl idem_core::registry::SinkKind for PostgresKind {
             schema: cfg.schema.clone(),
         })
     }
+
+    fn table(cfg: &PostgresSinkConfig) -> Option<String> {
+        Some(cfg.table.clone())
+    }
+
+    fn with_table(cfg: &PostgresSinkConfig, table: &str) -> PostgresSinkConfig {
+        PostgresSinkConfig {
+            table: table.to_string(),
+            ..cfg.clone()
+        }
+    }
 }

@@ -1,0 +1,126 @@
+//! Many tables through one connector: a topic pattern over a schema's
+//! Debezium topics and `table = "{source.table}"` write each source table
+//! to its own target table, created on first sight, a table created while
+//! Idem runs included, through a kill and restart.
+
+use crate::support::*;
+use idem_testkit::*;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connector_replicates_every_table_of_a_schema() {
+    let src = fresh_schema("cdc_src");
+    let dst = fresh_schema("cdc_dst");
+    let db = pg().await;
+    db.batch_execute(&format!(
+        "CREATE SCHEMA \"{src}\"; CREATE SCHEMA \"{dst}\"; {} {}",
+        seeded(&src, "customers", 100),
+        seeded(&src, "orders", 100)
+    ))
+    .await
+    .unwrap();
+    let capture = Capture::start_all(&src, &["customers", "orders"]).await;
+
+    let w = Workdir::new();
+    let toml = connector(
+        "all",
+        &format!("^{src}[.]{src}[.].*"),
+        &format!("{src}_all"),
+        &postgres_sink(&dst, "{source.table}"),
+        Shape::Replica {
+            versioned: true,
+            learns: true,
+        },
+        &w.path("all.deadletter.jsonl"),
+        &[("id", "bigint")],
+    ) + "[connectors.all.source.properties]\n\"topic.metadata.refresh.interval.ms\" = \"1000\"\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n";
+    let cfg = w.write("all.toml", &toml);
+    let mut runner = spawn_logged(&cfg, &w.path("idem.log"));
+
+    let mut rng = Rng(0x5eed_1234_abcd);
+    for i in 0..200 {
+        let t = ["customers", "orders"][i % 2];
+        db.batch_execute(&change(&src, t, &mut rng, i, false))
+            .await
+            .unwrap();
+    }
+    // A table created while Idem runs (joining Debezium's publication, as
+    // an operator adds it), then a kill and a restart.
+    db.batch_execute(&format!(
+        "CREATE TABLE \"{src}\".payments (id bigint PRIMARY KEY, amount numeric(10,2), note text);
+         ALTER PUBLICATION \"{src}\" ADD TABLE \"{src}\".payments;
+         INSERT INTO \"{src}\".payments SELECT i, i * 1.5, 'p' || i FROM generate_series(1, 50) i;"
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(runner.0.id(), "KILL");
+    let _ = runner.0.wait();
+    runner = spawn_logged(&cfg, &w.path("idem2.log"));
+    for i in 200..400 {
+        let t = ["customers", "orders"][i % 2];
+        db.batch_execute(&change(&src, t, &mut rng, i, false))
+            .await
+            .unwrap();
+    }
+    db.batch_execute(&format!(
+        "UPDATE \"{src}\".payments SET note = 'paid' WHERE id % 3 = 0;
+         DELETE FROM \"{src}\".payments WHERE id % 7 = 0;"
+    ))
+    .await
+    .unwrap();
+
+    let compared = [
+        ("customers", COLUMNS),
+        ("orders", COLUMNS),
+        ("payments", "id, amount, note"),
+    ];
+    let started = Instant::now();
+    loop {
+        let mut diffs = Vec::new();
+        for (t, cols) in compared {
+            diffs.push(differences(&src, &dst, t, cols).await);
+        }
+        if diffs.iter().all(|d| *d == 0) {
+            break;
+        }
+        let log = std::fs::read_to_string(w.path("idem2.log")).unwrap_or_default();
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "rows differ (customers, orders, payments; -1: no table): {diffs:?}\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    signal(runner.0.id(), "TERM");
+    let status = runner.0.wait().unwrap();
+    let log = std::fs::read_to_string(w.path("idem2.log")).unwrap_or_default();
+    assert!(status.success(), "{status:?}\n{log}");
+    // Each table learnt its own columns, and only those.
+    for (t, want) in [
+        ("customers", "_idem_offset,_idem_partition,id,lsn,n,name"),
+        ("payments", "_idem_offset,_idem_partition,amount,id,lsn,note"),
+    ] {
+        let got: String = db
+            .query_one(
+                "SELECT string_agg(column_name::text, ',' ORDER BY column_name) FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+                &[&dst, &t],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, want, "{t}'s columns");
+    }
+    // Each table kept its own position, in the one offsets table.
+    let positions: i64 = db
+        .query_one(
+            &format!("SELECT count(*) FROM \"{dst}\".idem_offsets WHERE connector = 'all'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(positions, 3, "one position per topic partition");
+    let dead = std::fs::read_to_string(w.path("all.deadletter.jsonl")).unwrap_or_default();
+    assert!(dead.is_empty(), "dead letters:\n{dead}");
+    capture.stop().await;
+}
