@@ -291,3 +291,43 @@ async fn dead_letters_advance_the_position_without_a_row() {
     let dl = std::fs::read_to_string(conn.dead_letters.describe()).unwrap();
     assert_eq!(dl.lines().count(), 2);
 }
+
+/// A table template or learnt columns where they cannot work are refused
+/// at start, saying what they need.
+#[test]
+fn templates_and_learnt_columns_need_what_they_read() {
+    let build = |connector: &str, sink: &str| {
+        let text = format!(
+            r#"
+[connectors.t]
+{connector}
+[connectors.t.source]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+topics = ["^db[.]inventory[.].*"]
+group_id = "g"
+[connectors.t.sink]
+{sink}
+[[connectors.t.columns]]
+name = "id"
+type = "bigint"
+"#
+        );
+        let cfg: crate::registry::Config =
+            idem_config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        let (name, c) = cfg.connectors.into_iter().next().unwrap();
+        Connector::build(&name, c).err().map(|e| e.to_string())
+    };
+    let pg = "type = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\nmode = \"upsert\"\nkey = [\"id\"]\ndelete_on_tombstone = true\n";
+    let template = format!("{pg}table = \"{{source.table}}\"\n");
+    let e = build("envelope = \"debezium\"", &template).unwrap();
+    assert!(e.contains("evolve = \"add_columns\""), "{e}");
+    let learning =
+        "envelope = \"debezium\"\nevolve = \"add_columns\"\nguarantee = \"at-least-once\"";
+    assert_eq!(build(learning, &template), None);
+    let e = build(learning, "type = \"stdout\"").unwrap();
+    assert!(
+        e.contains("available on the postgres, duckdb and s3 sinks"),
+        "{e}"
+    );
+}

@@ -98,7 +98,10 @@ async fn one_connector_replicates_every_table_of_a_schema() {
     // Each table learnt its own columns, and only those.
     for (t, want) in [
         ("customers", "_idem_offset,_idem_partition,id,lsn,n,name"),
-        ("payments", "_idem_offset,_idem_partition,amount,id,lsn,note"),
+        (
+            "payments",
+            "_idem_offset,_idem_partition,amount,id,lsn,note",
+        ),
     ] {
         let got: String = db
             .query_one(
