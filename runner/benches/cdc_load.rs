@@ -6,7 +6,11 @@
 //! (~130 bytes) with a `deleted` flag and the same version column. Both
 //! upsert keyed on `id` with the LSN as the version guard. The targets of
 //! both paths are checked equal. Prints events/s, MB/s, peak RSS, commit
-//! latencies and the ratio CDC / plain. Figures, not assertions.
+//! latencies and the ratio CDC / plain. A third path sends the same events
+//! with the JSON converter's schema (`schemas.enable = true`, ~2.3 KB each)
+//! and learns every column but the key and the LSN from it (`evolve =
+//! "add_columns"`): what a schema costs to read and to learn from. Figures,
+//! not assertions.
 //!
 //!     cargo bench -p idem --bench cdc_load
 //!     IDEM_BENCH_EVENTS=200000 cargo bench -p idem --bench cdc_load
@@ -24,9 +28,34 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
 }
 
-/// The same changes written twice: as Debezium events and as flat rows.
-/// Returns (bytes of each file, rows left at the end).
-fn generate_changes(events: usize, cdc: &Path, plain: &Path) -> (u64, u64, usize) {
+/// The schema Debezium's JSON converter sends with every event of the
+/// table (`schemas.enable = true`).
+fn event_schema() -> String {
+    let row = |side: &str| {
+        format!(
+            r#"{{"type":"struct","fields":[{{"type":"int64","optional":false,"field":"id"}},{{"type":"string","optional":true,"field":"name"}},{{"type":"int64","optional":true,"field":"n"}},{{"type":"double","optional":true,"field":"amount"}},{{"type":"string","optional":true,"field":"note"}}],"optional":true,"name":"dbserver1.inventory.customers.Value","field":"{side}"}}"#
+        )
+    };
+    let source = r#"{"type":"struct","fields":[{"type":"string","optional":false,"field":"version"},{"type":"string","optional":false,"field":"connector"},{"type":"string","optional":false,"field":"name"},{"type":"int64","optional":false,"field":"ts_ms"},{"type":"string","optional":true,"name":"io.debezium.data.Enum","version":1,"parameters":{"allowed":"true,last,false,incremental"},"default":"false","field":"snapshot"},{"type":"string","optional":false,"field":"db"},{"type":"string","optional":true,"field":"sequence"},{"type":"string","optional":false,"field":"schema"},{"type":"string","optional":false,"field":"table"},{"type":"int64","optional":true,"field":"txId"},{"type":"int64","optional":true,"field":"lsn"},{"type":"int64","optional":true,"field":"xmin"}],"optional":false,"name":"io.debezium.connector.postgresql.Source","field":"source"}"#;
+    let transaction = r#"{"type":"struct","fields":[{"type":"string","optional":false,"field":"id"},{"type":"int64","optional":false,"field":"total_order"},{"type":"int64","optional":false,"field":"data_collection_order"}],"optional":true,"name":"event.block","version":1,"field":"transaction"}"#;
+    format!(
+        r#"{{"type":"struct","fields":[{},{},{source},{transaction},{{"type":"string","optional":false,"field":"op"}},{{"type":"int64","optional":true,"field":"ts_ms"}}],"optional":false,"name":"dbserver1.inventory.customers.Envelope","version":2}}"#,
+        row("before"),
+        row("after")
+    )
+}
+
+/// The same changes written three times: as Debezium events, the same with
+/// the converter's schema, and as flat rows. Returns (bytes of each file,
+/// rows left at the end).
+fn generate_changes(
+    events: usize,
+    cdc: &Path,
+    schemas: &Path,
+    plain: &Path,
+) -> (u64, u64, u64, usize) {
+    let schema = event_schema();
+    let mut with_schema = String::new();
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = move || {
         rng ^= rng << 13;
@@ -68,11 +97,11 @@ fn generate_changes(events: usize, cdc: &Path, plain: &Path) -> (u64, u64, usize
         } else {
             ("null".to_string(), row.clone(), false)
         };
-        writeln!(
-            a,
+        let event = format!(
             r#"{{"before":{before},"after":{after},"source":{source},"transaction":null,"op":"{op}","ts_ms":{ts}}}"#
-        )
-        .unwrap();
+        );
+        writeln!(with_schema, r#"{{"schema":{schema},"payload":{event}}}"#).unwrap();
+        writeln!(a, "{event}").unwrap();
         let flat = if deleted {
             format!(r#"{{"id":{id},"lsn":{lsn},"deleted":true}}"#)
         } else {
@@ -84,17 +113,37 @@ fn generate_changes(events: usize, cdc: &Path, plain: &Path) -> (u64, u64, usize
         writeln!(b, "{flat}").unwrap();
     }
     std::fs::write(cdc, &a).unwrap();
+    std::fs::write(schemas, &with_schema).unwrap();
     std::fs::write(plain, &b).unwrap();
-    (a.len() as u64, b.len() as u64, live.len())
+    (
+        a.len() as u64,
+        with_schema.len() as u64,
+        b.len() as u64,
+        live.len(),
+    )
 }
 
-/// A connector reading `data` into `sink` (upsert on id, version lsn);
-/// `cdc`: through the Debezium envelope, else flat rows with a flag.
-fn change_config(data: &Path, sink: &str, batch: usize, cdc: bool) -> String {
-    let (envelope, lsn, tombstone) = if cdc {
-        ("envelope = \"debezium\"\n", "@source/lsn", "")
-    } else {
-        ("", "/lsn", "tombstone_field = \"/deleted\"\n")
+#[derive(Clone, Copy, PartialEq)]
+enum Path3 {
+    /// Debezium events, columns listed.
+    Debezium,
+    /// With the converter's schema, columns learnt from it.
+    Learnt,
+    /// Flat rows with a `deleted` flag.
+    Plain,
+}
+
+/// A connector reading `data` into `sink` (upsert on id, version lsn),
+/// by `path`.
+fn change_config(data: &Path, sink: &str, batch: usize, path: Path3) -> String {
+    let (envelope, lsn, tombstone) = match path {
+        Path3::Debezium => ("envelope = \"debezium\"\n", "@source/lsn", ""),
+        Path3::Learnt => (
+            "envelope = \"debezium\"\nevolve = \"add_columns\"\n",
+            "@source/lsn",
+            "",
+        ),
+        Path3::Plain => ("", "/lsn", "tombstone_field = \"/deleted\"\n"),
     };
     let mut c = format!(
         r#"
@@ -125,6 +174,9 @@ linger = "1s"
         ("note", "text", "/note"),
         ("lsn", "bigint", lsn),
     ] {
+        if path == Path3::Learnt && !["id", "lsn"].contains(&name) {
+            continue;
+        }
         write!(
             c,
             "[[connectors.bench.columns]]\nname = \"{name}\"\ntype = \"{ty}\"\npointer = \"{pointer}\"\n"
@@ -147,11 +199,17 @@ fn main() {
     let batch = env_usize("IDEM_BENCH_BATCH", 10_000);
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cdc, plain) = (dir.path().join("cdc.jsonl"), dir.path().join("plain.jsonl"));
-    let (cdc_bytes, plain_bytes, left) = generate_changes(events, &cdc, &plain);
+    let (cdc, schemas, plain) = (
+        dir.path().join("cdc.jsonl"),
+        dir.path().join("schemas.jsonl"),
+        dir.path().join("plain.jsonl"),
+    );
+    let (cdc_bytes, schema_bytes, plain_bytes, left) =
+        generate_changes(events, &cdc, &schemas, &plain);
     eprintln!(
-        "generated {events} changes: {:.1} MB as Debezium events, {:.1} MB flat; {left} rows at the end",
+        "generated {events} changes: {:.1} MB as Debezium events, {:.1} MB with schemas, {:.1} MB flat; {left} rows at the end",
         cdc_bytes as f64 / 1e6,
+        schema_bytes as f64 / 1e6,
         plain_bytes as f64 / 1e6
     );
 
@@ -175,9 +233,10 @@ fn main() {
     let mut runs: Vec<Run> = Vec::new();
     let mut sums = Vec::new();
     for (target, is_pg) in [("PostgreSQL", true), ("DuckDB", false)] {
-        for (path, data, bytes) in [
-            ("debezium", &cdc, cdc_bytes),
-            ("plain", &plain, plain_bytes),
+        for (path, kind, data, bytes) in [
+            ("debezium", Path3::Debezium, &cdc, cdc_bytes),
+            ("schema", Path3::Learnt, &schemas, schema_bytes),
+            ("plain", Path3::Plain, &plain, plain_bytes),
         ] {
             let table = format!("customers_{path}");
             let duck = dir.path().join(format!("{path}.duckdb"));
@@ -193,7 +252,7 @@ fn main() {
                 )
             };
             let cfg = dir.path().join(format!("{path}.toml"));
-            std::fs::write(&cfg, change_config(data, &sink, batch, path == "debezium")).unwrap();
+            std::fs::write(&cfg, change_config(data, &sink, batch, kind)).unwrap();
             let (elapsed, peak_kib, latencies) = run_idem(idem, &cfg);
             let check = format!("SELECT count(*), sum(n)::bigint, sum(lsn)::bigint FROM {table}");
             let got: (i64, i64, i64) = if is_pg {
@@ -224,19 +283,24 @@ fn main() {
         sums.windows(2).all(|w| w[0] == w[1]),
         "the targets differ: {sums:?}"
     );
-    let diff: i64 = rt
-        .block_on(client.query_one(
-            &format!(
-                "SELECT (SELECT count(*) FROM (SELECT id, name, n, amount, note, lsn FROM {schema}.customers_debezium
-                         EXCEPT SELECT id, name, n, amount, note, lsn FROM {schema}.customers_plain) a)
-                      + (SELECT count(*) FROM (SELECT id, name, n, amount, note, lsn FROM {schema}.customers_plain
-                         EXCEPT SELECT id, name, n, amount, note, lsn FROM {schema}.customers_debezium) b)"
-            ),
-            &[],
-        ))
-        .unwrap()
-        .get(0);
-    assert_eq!(diff, 0, "the PostgreSQL targets of both paths differ");
+    for other in ["debezium", "schema"] {
+        let diff: i64 = rt
+            .block_on(client.query_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM (SELECT id, name, n, amount, note, lsn FROM {schema}.customers_{other}
+                             EXCEPT SELECT id, name, n, amount, note, lsn FROM {schema}.customers_plain) a)
+                          + (SELECT count(*) FROM (SELECT id, name, n, amount, note, lsn FROM {schema}.customers_plain
+                             EXCEPT SELECT id, name, n, amount, note, lsn FROM {schema}.customers_{other}) b)"
+                ),
+                &[],
+            ))
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            diff, 0,
+            "the PostgreSQL targets of {other} and plain differ"
+        );
+    }
     rt.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")))
         .unwrap();
 
@@ -260,11 +324,13 @@ fn main() {
             latency_line(&r.latencies)
         );
     }
-    for pair in runs.chunks(2) {
+    for three in runs.chunks(3) {
+        let plain = three[2].elapsed.as_secs_f64();
         println!(
-            "{}: Debezium events / plain rows throughput: {:.2}x",
-            pair[0].label.split(',').next().unwrap_or_default(),
-            pair[1].elapsed.as_secs_f64() / pair[0].elapsed.as_secs_f64()
+            "{}: throughput against plain rows: Debezium events {:.2}x, with schemas and learnt columns {:.2}x",
+            three[0].label.split(',').next().unwrap_or_default(),
+            plain / three[0].elapsed.as_secs_f64(),
+            plain / three[1].elapsed.as_secs_f64()
         );
     }
 }
