@@ -1,5 +1,8 @@
 pub use idem_config::WriteMode as Mode;
-use idem_config::{check_ident, ColumnConfig, ColumnType, Invalid, Validate};
+use idem_config::{
+    check_ident, check_table_template, is_table_template, ColumnConfig, ColumnType, Invalid,
+    Validate,
+};
 use serde::Deserialize;
 
 /// `[connectors.NAME.sink]` with `type = "duckdb"`.
@@ -70,7 +73,12 @@ fn default_offsets_table() -> String {
 
 impl Validate for DuckDbSinkConfig {
     fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
-        check_ident("table", &self.table)?;
+        if is_table_template(&self.table) {
+            // Each table it names is checked when it is resolved.
+            check_table_template("table", &self.table)?;
+        } else {
+            check_ident("table", &self.table)?;
+        }
         check_ident("offsets_table", &self.offsets_table)?;
         check_size("memory_limit", &self.memory_limit)?;
         check_size("checkpoint_threshold", &self.checkpoint_threshold)?;

@@ -34,4 +34,15 @@ impl idem_core::registry::SinkKind for DuckDbKind {
             columns.to_vec(),
         )))
     }
+
+    fn table(cfg: &DuckDbSinkConfig) -> Option<String> {
+        Some(cfg.table.clone())
+    }
+
+    fn with_table(cfg: &DuckDbSinkConfig, table: &str) -> DuckDbSinkConfig {
+        DuckDbSinkConfig {
+            table: table.to_string(),
+            ..cfg.clone()
+        }
+    }
 }

@@ -15,10 +15,8 @@ use idem_core::{
     AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo,
     StoredPosition, Value,
 };
-use std::sync::{Arc, Mutex};
-
-const STAGE: &str = "_idem_stage";
-const LATEST: &str = "_idem_latest";
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 /// Statements derived from the config, and again from a batch that brings
 /// columns learnt from the source's schema.
@@ -26,6 +24,11 @@ struct Plan {
     ctx: Ctx,
     /// How many mapped columns the statements write.
     width: usize,
+    /// The session's staging tables: the batch, then its newest row per
+    /// key. Named after the table: sinks of several tables of one file
+    /// share the connection (see [`connection_of`]).
+    stage: String,
+    latest: String,
     /// The offsets table's statements (the table-sink kit).
     offsets: OffsetsSql,
     mode: Mode,
@@ -75,16 +78,21 @@ impl Plan {
             Mode::Append | Mode::Dedup => Vec::new(),
         };
         let version = cfg.version.as_deref();
+        let (stage, latest) = (
+            format!("_idem_stage_{}", cfg.table),
+            format!("_idem_latest_{}", cfg.table),
+        );
+        let (stage_q, latest_q) = (q(&stage), q(&latest));
         let create_table = format!(
             "CREATE TABLE IF NOT EXISTS {t} ({})",
             sql::table_definition(columns, &keys, sql_type)
         );
         let create_stage = format!(
-            "CREATE OR REPLACE TEMP TABLE {STAGE} AS SELECT {col_list}, FALSE AS {DELETE_FLAG} FROM {t} LIMIT 0"
+            "CREATE OR REPLACE TEMP TABLE {stage_q} AS SELECT {col_list}, FALSE AS {DELETE_FLAG} FROM {t} LIMIT 0"
         );
         // The newest message per key in the batch: by version, then offset.
         let pick_latest = format!(
-            "CREATE OR REPLACE TEMP TABLE {LATEST} AS SELECT * FROM {STAGE}
+            "CREATE OR REPLACE TEMP TABLE {latest_q} AS SELECT * FROM {stage_q}
              QUALIFY row_number() OVER (PARTITION BY {} ORDER BY {}) = 1",
             sql::list(&keys),
             sql::newest_first(version)
@@ -108,15 +116,41 @@ impl Plan {
             insert_columns,
             create_table,
             create_stage,
-            delete: sql::delete(&t, "tgt", LATEST, &keys, version),
-            merge: sql::merge(&t, "tgt", LATEST, columns, &keys, version, graves),
-            merge_staged: sql::merge(&t, "tgt", STAGE, columns, &keys, version, graves),
-            bury: graves.map(|g| g.bury(LATEST, &keys)),
+            delete: sql::delete(&t, "tgt", &latest_q, &keys, version),
+            merge: sql::merge(&t, "tgt", &latest_q, columns, &keys, version, graves),
+            merge_staged: sql::merge(&t, "tgt", &stage_q, columns, &keys, version, graves),
+            bury: graves.map(|g| g.bury(&latest_q, &keys)),
+            stage,
+            latest,
             create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
             pick_latest,
             key_idx: sql::key_indexes(columns, &keys),
         }
     }
+}
+
+/// A database file's connection, opened by the first sink to prepare.
+type Slot = Mutex<Option<Connection>>;
+type Shared = Arc<Slot>;
+
+/// The connection of the file at `path` in this process: DuckDB opens a
+/// file once per process, and a connector writing each source table to a
+/// table of its own has a sink per table in one file; they commit in turn
+/// on this connection. The file closes when its last sink is dropped.
+fn connection_of(path: &str) -> Shared {
+    static OPEN: std::sync::LazyLock<Mutex<HashMap<std::path::PathBuf, Weak<Slot>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let key = std::path::absolute(path).unwrap_or_else(|_| path.into());
+    let mut open = OPEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    open.retain(|_, conn| conn.strong_count() > 0);
+    if let Some(conn) = open.get(&key).and_then(Weak::upgrade) {
+        return conn;
+    }
+    let conn = Arc::new(Mutex::new(None));
+    open.insert(key, Arc::downgrade(&conn));
+    conn
 }
 
 /// Writes batches into a DuckDB table, positions in the same transaction.
@@ -131,8 +165,9 @@ struct Inner {
     /// columns learnt from the source's schema. Changed only under `conn`.
     plan: Mutex<Arc<Plan>>,
     /// DuckDB allows one writer; partitions commit in turn on one
-    /// connection, each call on a blocking thread.
-    conn: Mutex<Option<Connection>>,
+    /// connection, each call on a blocking thread. Shared with the other
+    /// sinks of the same file in this process (see [`connection_of`]).
+    conn: Shared,
 }
 
 impl DuckDbSink {
@@ -140,10 +175,10 @@ impl DuckDbSink {
         let plan = Plan::new(&cfg, &columns);
         DuckDbSink {
             inner: Arc::new(Inner {
+                conn: connection_of(&cfg.path),
                 cfg,
                 columns,
                 plan: Mutex::new(Arc::new(plan)),
-                conn: Mutex::new(None),
             }),
         }
     }
@@ -256,7 +291,7 @@ impl Inner {
         })?;
         if self.cfg.mode == Mode::Upsert {
             conn.execute_batch(&plan.create_stage)
-                .map_err(|e| ctx.sql(STAGE, "remake the staging table", e))?;
+                .map_err(|e| ctx.sql(&plan.stage, "remake the staging table", e))?;
         }
         Ok(())
     }
@@ -370,7 +405,7 @@ impl Inner {
         }
         if self.cfg.mode == Mode::Upsert {
             conn.execute_batch(&self.plan().create_stage)
-                .map_err(|e| ctx.sql(STAGE, "create the staging table", e))?;
+                .map_err(|e| ctx.sql(&self.plan().stage, "create the staging table", e))?;
         }
         Ok(())
     }
@@ -433,11 +468,11 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     }
     let (target, with_flag) = match plan.mode {
         Mode::Append | Mode::Dedup => (ctx.table.as_str(), false),
-        Mode::Upsert => (STAGE, true),
+        Mode::Upsert => (plan.stage.as_str(), true),
     };
     if with_flag {
-        conn.execute_batch(&format!("DELETE FROM {STAGE}"))
-            .map_err(|e| ctx.sql(STAGE, "clear the staging table", e))?;
+        conn.execute_batch(&format!("DELETE FROM {}", q(target)))
+            .map_err(|e| ctx.sql(target, "clear the staging table", e))?;
     }
     {
         let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
@@ -472,7 +507,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         }
         Mode::Upsert => {
             conn.execute_batch(&plan.pick_latest)
-                .map_err(|e| ctx.sql(LATEST, "pick the newest message per key", e))?;
+                .map_err(|e| ctx.sql(&plan.latest, "pick the newest message per key", e))?;
             let deleted = conn
                 .execute(&plan.delete, [])
                 .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
