@@ -50,6 +50,71 @@ impl Logical {
     }
 }
 
+/// A change event's schema (the JSON converter's `schemas.enable = true`),
+/// parsed once per distinct schema: every event of a table carries the
+/// same one, often larger than the event itself.
+pub(super) struct EventSchema {
+    pub json: Json,
+    before: Option<RowSchema>,
+    after: Option<RowSchema>,
+}
+
+impl EventSchema {
+    fn new(json: Json) -> EventSchema {
+        EventSchema {
+            before: RowSchema::of(&json, "before"),
+            after: RowSchema::of(&json, "after"),
+            json,
+        }
+    }
+
+    /// The logical types of `side`, if it has any.
+    pub fn row(&self, side: &str) -> Option<&RowSchema> {
+        match side {
+            "before" => self.before.as_ref(),
+            _ => self.after.as_ref(),
+        }
+    }
+}
+
+/// The schemas seen, by their text; a few kept (a connector over many
+/// tables sees one per table and version).
+#[derive(Default)]
+pub(super) struct SchemaCache(std::sync::RwLock<HashMap<Box<str>, std::sync::Arc<EventSchema>>>);
+
+const CACHED_SCHEMAS: usize = 256;
+
+impl SchemaCache {
+    /// The schema whose text is `raw`, parsed on first sight.
+    pub fn get(&self, raw: &str) -> Result<std::sync::Arc<EventSchema>, serde_json::Error> {
+        let known = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(raw)
+            .cloned();
+        if let Some(schema) = known {
+            return Ok(schema);
+        }
+        let schema = std::sync::Arc::new(EventSchema::new(serde_json::from_str(raw)?));
+        let mut map = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= CACHED_SCHEMAS {
+            map.clear();
+        }
+        map.insert(raw.into(), schema.clone());
+        Ok(schema)
+    }
+
+    /// An event's schema already parsed (a wrapper not in the converter's
+    /// usual order).
+    pub fn of_parsed(json: Json) -> std::sync::Arc<EventSchema> {
+        std::sync::Arc::new(EventSchema::new(json))
+    }
+}
+
 /// The fields of one side (`before` or `after`) of a change event's
 /// schema, by name, in the schema's order.
 pub(super) fn row_fields<'a>(schema: &'a Json, side: &str) -> Option<Vec<(&'a str, &'a Json)>> {

@@ -113,6 +113,8 @@ pub struct Mapper {
     envelope: Envelope,
     /// `evolve = "add_columns"`: the columns learnt from the events' schemas.
     learning: Option<Learning>,
+    /// Debezium events' schemas, parsed once each.
+    schemas: debezium::SchemaCache,
 }
 
 /// The columns of a connector that learns them from the events' schemas.
@@ -180,6 +182,7 @@ impl Mapper {
             deletes,
             envelope: Envelope::None,
             learning: None,
+            schemas: Default::default(),
         }
     }
 
@@ -351,7 +354,7 @@ impl Mapper {
             .value
             .as_deref()
             .ok_or_else(|| MapError::new("a tombstone reached the mapping (skipped before it)"))?;
-        let (mut event, schema) = split_payload(parse(raw)?);
+        let (mut event, schema) = self.split_event(raw)?;
         let op = match event.get("op").and_then(Json::as_str) {
             Some("c" | "r" | "u") => Op::Upsert,
             Some("d") => Op::Delete,
@@ -382,13 +385,15 @@ impl Mapper {
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
         let layout = match &self.learning {
-            Some(learning) => Some(self.learn(learning, route, schema.as_ref(), side)?),
+            Some(learning) => {
+                Some(self.learn(learning, route, schema.as_ref().map(|s| &s.json), side)?)
+            }
             None => None,
         };
         let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
         // With the converter's schema, logical types are decoded (dates
         // as days, decimals as bytes...); not for a row from the key.
-        let mut logical = schema.and_then(|s| debezium::RowSchema::of(&s, side));
+        let mut logical = schema.as_ref().and_then(|s| s.row(side));
         if !row.is_object() {
             logical = None;
             if side == "after" {
@@ -499,6 +504,31 @@ impl Mapper {
             configs: Arc::new(configs),
         });
         Ok(layout.clone())
+    }
+
+    /// A change event and its schema: the JSON converter writes the schema
+    /// first, so its text is looked up among those seen (parsed once)
+    /// while only the payload is parsed.
+    fn split_event(
+        &self,
+        raw: &[u8],
+    ) -> Result<(Json, Option<Arc<debezium::EventSchema>>), MapError> {
+        #[derive(serde::Deserialize)]
+        struct Wrapped<'a> {
+            #[serde(borrow)]
+            schema: &'a serde_json::value::RawValue,
+            payload: Json,
+        }
+        if raw.starts_with(b"{\"schema\":") {
+            if let Ok(w) = serde_json::from_slice::<Wrapped<'_>>(raw) {
+                let schema = self.schemas.get(w.schema.get()).map_err(|e| {
+                    MapError::new(format!("the event's schema is not valid JSON: {e}"))
+                })?;
+                return Ok((w.payload, Some(schema)));
+            }
+        }
+        let (event, schema) = split_payload(parse(raw)?);
+        Ok((event, schema.map(debezium::SchemaCache::of_parsed)))
     }
 
     fn is_tombstone(&self, doc: &Json) -> bool {
