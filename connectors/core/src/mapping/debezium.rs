@@ -54,26 +54,59 @@ impl Logical {
 /// parsed once per distinct schema: every event of a table carries the
 /// same one, often larger than the event itself.
 pub(super) struct EventSchema {
-    pub json: Json,
-    before: Option<RowSchema>,
-    after: Option<RowSchema>,
+    /// Unique among the schemas parsed by this process: lets a layout
+    /// remember which schemas it already holds every field of.
+    pub id: u64,
+    before: Side,
+    after: Side,
+}
+
+/// What one side (`before` or `after`) of a schema tells, read once.
+struct Side {
+    logical: Option<RowSchema>,
+    /// Its fields, by name, in the schema's order (`None`: no such side).
+    fields: Option<Vec<(String, Json)>>,
+}
+
+impl Side {
+    fn of(json: &Json, side: &str) -> Side {
+        Side {
+            logical: RowSchema::of(json, side),
+            fields: row_fields(json, side).map(|fields| {
+                fields
+                    .into_iter()
+                    .map(|(name, f)| (name.to_string(), f.clone()))
+                    .collect()
+            }),
+        }
+    }
 }
 
 impl EventSchema {
     fn new(json: Json) -> EventSchema {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         EventSchema {
-            before: RowSchema::of(&json, "before"),
-            after: RowSchema::of(&json, "after"),
-            json,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            before: Side::of(&json, "before"),
+            after: Side::of(&json, "after"),
+        }
+    }
+
+    fn side(&self, side: &str) -> &Side {
+        match side {
+            "before" => &self.before,
+            _ => &self.after,
         }
     }
 
     /// The logical types of `side`, if it has any.
     pub fn row(&self, side: &str) -> Option<&RowSchema> {
-        match side {
-            "before" => self.before.as_ref(),
-            _ => self.after.as_ref(),
-        }
+        self.side(side).logical.as_ref()
+    }
+
+    /// The fields of `side` (name, field schema), in order.
+    pub fn fields(&self, side: &str) -> Option<&[(String, Json)]> {
+        self.side(side).fields.as_deref()
     }
 }
 
@@ -117,7 +150,7 @@ impl SchemaCache {
 
 /// The fields of one side (`before` or `after`) of a change event's
 /// schema, by name, in the schema's order.
-pub(super) fn row_fields<'a>(schema: &'a Json, side: &str) -> Option<Vec<(&'a str, &'a Json)>> {
+fn row_fields<'a>(schema: &'a Json, side: &str) -> Option<Vec<(&'a str, &'a Json)>> {
     let row = schema
         .get("fields")?
         .as_array()?

@@ -124,11 +124,9 @@ struct Learning {
     /// learnt, in the order first seen. A layout only grows, so a record's
     /// values stay a prefix of any later layout of its route.
     layouts: RwLock<HashMap<String, Arc<Layout>>>,
-    /// The listed columns alone: where every route starts.
+    /// The listed columns alone: where every route starts. Their types are
+    /// not checked against the schema: they override it.
     base: Arc<Layout>,
-    /// How many columns were listed in the config (their types are not
-    /// checked against the schema: they override it).
-    listed: usize,
     /// The type a decimal field becomes (the sink's choice).
     decimal: ColumnType,
 }
@@ -137,6 +135,25 @@ struct Layout {
     columns: Vec<Column>,
     /// The same columns as the sinks take them.
     configs: Arc<Vec<ColumnConfig>>,
+    /// Schemas (id, side) found to hold nothing new for these columns: an
+    /// event of one is mapped without going through its fields again.
+    /// Columns only grow and never change type, so this stays true.
+    settled: RwLock<std::collections::HashSet<(u64, bool)>>,
+}
+
+/// How many schema sides a layout remembers as settled (then forgets
+/// them all: a wrapper in an unusual order brings a new schema id with
+/// every event).
+const SETTLED: usize = 1024;
+
+impl Layout {
+    fn new(columns: Vec<Column>, configs: Vec<ColumnConfig>) -> Layout {
+        Layout {
+            columns,
+            configs: Arc::new(configs),
+            settled: Default::default(),
+        }
+    }
 }
 
 impl Mapper {
@@ -192,11 +209,7 @@ impl Mapper {
     pub fn learning_columns(mut self, listed: &[ColumnConfig], decimal: ColumnType) -> Self {
         self.learning = Some(Learning {
             layouts: RwLock::new(HashMap::new()),
-            base: Arc::new(Layout {
-                columns: self.columns.clone(),
-                configs: Arc::new(listed.to_vec()),
-            }),
-            listed: listed.len(),
+            base: Arc::new(Layout::new(self.columns.clone(), listed.to_vec())),
             decimal,
         });
         self
@@ -385,9 +398,7 @@ impl Mapper {
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
         let layout = match &self.learning {
-            Some(learning) => {
-                Some(self.learn(learning, route, schema.as_ref().map(|s| &s.json), side)?)
-            }
+            Some(learning) => Some(self.learn(learning, route, schema.as_deref(), side)?),
             None => None,
         };
         let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
@@ -439,34 +450,22 @@ impl Mapper {
         &self,
         learning: &Learning,
         route: &str,
-        schema: Option<&Json>,
+        schema: Option<&debezium::EventSchema>,
         side: &str,
     ) -> Result<Arc<Layout>, MapError> {
         let schema = schema.ok_or_else(|| {
             MapError::new("evolve = \"add_columns\" reads the columns from the event's schema, and this event has none: set the JSON converter's value.converter.schemas.enable = true on the Debezium connector")
         })?;
-        let fields = debezium::row_fields(schema, side)
-            .ok_or_else(|| MapError::new(format!("the event's schema has no `{side}` struct")))?;
+        let settled = (schema.id, side == "after");
         let current = learning.layout(route);
-        let mut new = Vec::new();
-        for &(name, field) in &fields {
-            let ty = debezium::column_type(field, learning.decimal);
-            match current.columns.iter().position(|c| reads(c, name)) {
-                Some(i) if i >= learning.listed && current.columns[i].ty != ty => {
-                    return Err(MapError::stop(format!(
-                        "column `{name}` changed type in the source's schema: it was {}, it is now {} ({}); Idem does not change a column's type. Alter the target column yourself and list it in [[columns]] with its new type, then restart",
-                        current.columns[i].ty.name(),
-                        ty.name(),
-                        debezium::describe(field)
-                    )));
-                }
-                Some(_) => {}
-                None => new.push((name, ty)),
-            }
-        }
-        if new.is_empty() {
+        if read_set(&current.settled).contains(&settled) {
             return Ok(current);
         }
+        let fields = schema
+            .fields(side)
+            .ok_or_else(|| MapError::new(format!("the event's schema has no `{side}` struct")))?;
+        // Once per schema and layout: checked and grown under the lock, so
+        // no other partition's learning slips in between.
         let mut layouts = learning
             .layouts
             .write()
@@ -474,35 +473,46 @@ impl Mapper {
         let layout = layouts
             .entry(route.to_string())
             .or_insert_with(|| learning.base.clone());
+        let listed = learning.base.columns.len();
         let mut columns = layout.columns.clone();
         let mut configs = (*layout.configs).clone();
-        for (name, ty) in new {
-            // Another thread may have learnt it meanwhile.
-            if columns.iter().any(|c| reads(c, name)) {
-                continue;
+        for (name, field) in fields {
+            let ty = debezium::column_type(field, learning.decimal);
+            match columns.iter().position(|c| reads(c, name)) {
+                Some(i) if i >= listed && columns[i].ty != ty => {
+                    return Err(MapError::stop(format!(
+                        "column `{name}` changed type in the source's schema: it was {}, it is now {} ({}); Idem does not change a column's type. Alter the target column yourself and list it in [[columns]] with its new type, then restart",
+                        columns[i].ty.name(),
+                        ty.name(),
+                        debezium::describe(field)
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    learnable(name).map_err(MapError::stop)?;
+                    let pointer = format!("/{}", name.replace('~', "~0").replace('/', "~1"));
+                    columns.push(Column {
+                        name: name.clone(),
+                        from: Origin::Doc,
+                        tokens: vec![name.clone()],
+                        pointer: pointer.clone(),
+                        ty,
+                        required: false,
+                        key: false,
+                    });
+                    configs.push(ColumnConfig {
+                        name: name.clone(),
+                        pointer: Some(pointer),
+                        ty,
+                        required: false,
+                    });
+                }
             }
-            learnable(name).map_err(MapError::stop)?;
-            let pointer = format!("/{}", name.replace('~', "~0").replace('/', "~1"));
-            columns.push(Column {
-                name: name.to_string(),
-                from: Origin::Doc,
-                tokens: vec![name.to_string()],
-                pointer: pointer.clone(),
-                ty,
-                required: false,
-                key: false,
-            });
-            configs.push(ColumnConfig {
-                name: name.to_string(),
-                pointer: Some(pointer),
-                ty,
-                required: false,
-            });
         }
-        *layout = Arc::new(Layout {
-            columns,
-            configs: Arc::new(configs),
-        });
+        if columns.len() > layout.columns.len() {
+            *layout = Arc::new(Layout::new(columns, configs));
+        }
+        settle(&layout.settled, settled);
         Ok(layout.clone())
     }
 
@@ -550,6 +560,24 @@ impl Learning {
             .unwrap_or(&self.base)
             .clone()
     }
+}
+
+fn read_set(
+    set: &RwLock<std::collections::HashSet<(u64, bool)>>,
+) -> std::sync::RwLockReadGuard<'_, std::collections::HashSet<(u64, bool)>> {
+    set.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Remember that a schema side holds nothing new for a layout.
+fn settle(set: &RwLock<std::collections::HashSet<(u64, bool)>>, settled: (u64, bool)) {
+    let mut set = set
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if set.len() >= SETTLED {
+        set.clear();
+    }
+    set.insert(settled);
 }
 
 /// Whether `col` holds the row's field `name`: named so, or reading it.

@@ -673,6 +673,13 @@ fn learning_columns_stops_on_a_type_change_and_an_unfit_name() {
         e.reason.contains("`qty`") && e.reason.contains("integer") && e.reason.contains("text"),
         "{e}"
     );
+    // Remembering settled schemas never hides the change: the old schema
+    // still maps, the new one still stops.
+    m.map(&with_schema(v1, r#"{"id":1,"qty":3}"#, "u")).unwrap();
+    let again = m
+        .map(&with_schema(v2, r#"{"id":1,"qty":"2"}"#, "u"))
+        .unwrap_err();
+    assert!(again.stop, "{again}");
     // A listed column's type overrides the schema's: no stop.
     let v3 = r#"[{"field":"id","type":"int32"},{"field":"qty","type":"int32"}]"#;
     m.map(&with_schema(v3, r#"{"id":1,"qty":2}"#, "u")).unwrap();
