@@ -25,6 +25,16 @@ pub fn columns<'a>(
     Ok(())
 }
 
+/// Columns learnt from the source's schema, once added to a table: each
+/// has the type the schema gives it (one that was there already, added by
+/// an earlier run, may not). `Err` says which does not.
+pub fn learnt<'a>(
+    added: impl IntoIterator<Item = (&'a str, &'a str)>,
+    actual: &[(String, String)],
+) -> Result<(), String> {
+    columns(added, actual).map_err(|d| format!("{d} (a column learnt from the source's schema)"))
+}
+
 /// An upsert table's primary key is exactly `key`, in order: the merge
 /// matches rows on it, and another key would merge the wrong rows or fail.
 pub fn primary_key(key: &[String], found: &[String]) -> Result<(), String> {

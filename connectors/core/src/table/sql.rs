@@ -165,6 +165,16 @@ pub fn table_definition(
 }
 
 /// `"a", "b", ...`
+/// The statement adding a column learnt from the source's schema to
+/// `table`, of the engine's `ty`; a column that exists already is left for
+/// [`check::learnt`](super::check::learnt) to judge.
+pub fn add_column(table: &str, name: &str, ty: &str) -> String {
+    format!(
+        "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {ty}",
+        q(name)
+    )
+}
+
 pub fn list(names: &[String]) -> String {
     names.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ")
 }

@@ -275,19 +275,15 @@ impl Inner {
         let ctx = &plan.ctx;
         let t = format!("main.{}", q(&ctx.table));
         for c in added {
-            conn.execute_batch(&format!(
-                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} {}",
-                q(&c.name),
-                sql_type(c.ty)
-            ))
-            .map_err(|e| ctx.sql(&ctx.table, &format!("add column `{}`", c.name), e))?;
+            conn.execute_batch(&sql::add_column(&t, &c.name, sql_type(c.ty)))
+                .map_err(|e| ctx.sql(&ctx.table, &format!("add column `{}`", c.name), e))?;
         }
         let actual = self.table_columns(conn)?;
         let expected = added.iter().map(|c| (c.name.as_str(), sql_type(c.ty)));
-        check::columns(expected, &actual).map_err(|detail| DuckDbError::SchemaMismatch {
+        check::learnt(expected, &actual).map_err(|detail| DuckDbError::SchemaMismatch {
             path: ctx.path.clone(),
             table: ctx.table.clone(),
-            detail: format!("{detail} (a column learnt from the source's schema)"),
+            detail,
         })?;
         if self.cfg.mode == Mode::Upsert {
             conn.execute_batch(&plan.create_stage)
@@ -341,6 +337,7 @@ impl Inner {
     }
 
     fn prepare_blocking(&self) -> Result<(), DuckDbError> {
+        let plan = self.plan();
         let mut guard = self
             .conn
             .lock()
@@ -369,17 +366,17 @@ impl Inner {
                 ("checkpoint_threshold", &self.cfg.checkpoint_threshold),
             ] {
                 conn.execute_batch(&format!("SET {setting} = '{}'", value.trim()))
-                    .map_err(|e| self.plan().ctx.sql(&self.cfg.table, setting, e))?;
+                    .map_err(|e| plan.ctx.sql(&self.cfg.table, setting, e))?;
             }
             if let Some(n) = self.cfg.threads {
                 conn.execute_batch(&format!("SET threads = {n}"))
-                    .map_err(|e| self.plan().ctx.sql(&self.cfg.table, "set threads", e))?;
+                    .map_err(|e| plan.ctx.sql(&self.cfg.table, "set threads", e))?;
             }
             *guard = Some(conn);
         }
         let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
-        let ctx = &self.plan().ctx;
-        recover::create_offsets_table(conn, ctx, &self.plan().offsets)?;
+        let ctx = &plan.ctx;
+        recover::create_offsets_table(conn, ctx, &plan.offsets)?;
         let exists: Option<i64> = conn
             .query_row(
                 "SELECT 1 FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?",
@@ -395,17 +392,17 @@ impl Inner {
                     table: ctx.table.clone(),
                 });
             }
-            conn.execute_batch(&self.plan().create_table)
+            conn.execute_batch(&plan.create_table)
                 .map_err(|e| ctx.sql(&ctx.table, "create the table", e))?;
         }
         self.check_table(conn)?;
-        if let Some(create) = &self.plan().create_graves {
+        if let Some(create) = &plan.create_graves {
             conn.execute_batch(create)
                 .map_err(|e| ctx.sql(&ctx.table, "create the deleted keys table", e))?;
         }
         if self.cfg.mode == Mode::Upsert {
-            conn.execute_batch(&self.plan().create_stage)
-                .map_err(|e| ctx.sql(&self.plan().stage, "create the staging table", e))?;
+            conn.execute_batch(&plan.create_stage)
+                .map_err(|e| ctx.sql(&plan.stage, "create the staging table", e))?;
         }
         Ok(())
     }

@@ -54,8 +54,7 @@ struct Plan {
 }
 
 impl Plan {
-    /// `learnt`: `columns` go beyond the configured ones.
-    fn new(cfg: &PostgresSinkConfig, columns: &[ColumnConfig], ctx: &Ctx, learnt: bool) -> Plan {
+    fn new(cfg: &PostgresSinkConfig, columns: &[ColumnConfig], ctx: &Ctx) -> Plan {
         // The target's primary key: upsert only (dedup keeps ids apart).
         let keys = match cfg.mode {
             WriteMode::Upsert => cfg.key.clone(),
@@ -69,11 +68,7 @@ impl Plan {
         stage_types.push(Type::BOOL);
         // One staging table per target and width, per session; emptied at
         // each commit.
-        let stage = if learnt {
-            q(&format!("_idem_stage{}_{}", columns.len(), cfg.table))
-        } else {
-            q(&format!("_idem_stage_{}", cfg.table))
-        };
+        let stage = q(&format!("_idem_stage{}_{}", columns.len(), cfg.table));
         let stage_defs: Vec<String> = columns
             .iter()
             .map(|c| format!("{} {}", q(&c.name), sql_type(c.ty)))
@@ -231,7 +226,7 @@ impl PostgresSink {
                 .build()
                 .map_err(|e| e.to_string())
         });
-        let plan = Plan::new(&cfg, &columns, &ctx, false);
+        let plan = Plan::new(&cfg, &columns, &ctx);
         PostgresSink {
             cfg,
             columns,
@@ -276,21 +271,16 @@ impl PostgresSink {
         for c in added {
             // A column that already exists (added by an earlier run, or
             // by another partition just now) is checked below instead.
-            txn.batch_execute(&format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
-                ctx.table,
-                q(&c.name),
-                sql_type(c.ty)
-            ))
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, &format!("add column `{}`", c.name), e))?;
+            txn.batch_execute(&sql::add_column(&ctx.table, &c.name, sql_type(c.ty)))
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, &format!("add column `{}`", c.name), e))?;
         }
         let actual = self.table_columns(&**txn).await?;
         let expected = added.iter().map(|c| (c.name.as_str(), reported_type(c.ty)));
-        check::columns(expected, &actual).map_err(|detail| PgError::SchemaMismatch {
+        check::learnt(expected, &actual).map_err(|detail| PgError::SchemaMismatch {
             server: ctx.server.clone(),
             table: ctx.table.clone(),
-            detail: format!("{detail} (a column learnt from the source's schema)"),
+            detail,
         })
     }
 
@@ -445,12 +435,7 @@ impl PostgresSink {
             .columns
             .as_ref()
             .filter(|c| c.len() > current.width)
-            .map(|c| {
-                (
-                    Arc::new(Plan::new(&self.cfg, c, ctx, true)),
-                    &c[current.width..],
-                )
-            });
+            .map(|c| (Arc::new(Plan::new(&self.cfg, c, ctx)), &c[current.width..]));
         let plan = grown.as_ref().map_or(&current, |(plan, _)| plan);
         let p = &batch.partition;
         let upsert = self.cfg.mode == WriteMode::Upsert;
