@@ -143,12 +143,16 @@ pub fn validate_rows(
 
 /// Check `mode` with its `key`, `version` and `delete_on_tombstone` against
 /// the mapped `columns`. Keys of errors are relative to the sink section.
+/// With `template` (a table per source table), an upsert may leave `key`
+/// out: each table is keyed on its source table's primary key, learnt
+/// from the message key.
 pub fn validate_write(
     mode: WriteMode,
     key: &[String],
     version: Option<&str>,
     delete_on_tombstone: bool,
     columns: &[ColumnConfig],
+    template: bool,
 ) -> Result<(), Invalid> {
     let find = |name: &str| columns.iter().find(|c| c.name == name);
     match mode {
@@ -192,7 +196,7 @@ pub fn validate_write(
             }
         }
         WriteMode::Upsert => {
-            if key.is_empty() {
+            if key.is_empty() && !template {
                 return Err(Invalid::new(
                     &["key"],
                     "mode = \"upsert\" needs key = [\"column\", ...]",

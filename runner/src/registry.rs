@@ -131,10 +131,11 @@ macro_rules! registry {
                 }
             }
 
-            /// The same section writing into `table` instead.
-            pub fn with_table(&self, table: &str) -> SinkConfig {
+            /// The same section writing into `table` instead, keyed on
+            /// `key` when given (see [`SinkKind::with_table`]).
+            pub fn with_table(&self, table: &str, key: Option<&[String]>) -> SinkConfig {
                 match self {
-                    $(#[cfg(feature = $sink_name)] SinkConfig::$sink(c) => SinkConfig::$sink(<$sink_kind>::with_table(c, table)),)*
+                    $(#[cfg(feature = $sink_name)] SinkConfig::$sink(c) => SinkConfig::$sink(<$sink_kind>::with_table(c, table, key)),)*
                 }
             }
         }

@@ -351,6 +351,7 @@ pub fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> A
         records,
         next_offset: next,
         columns: None,
+        key: None,
     })
 }
 

@@ -73,8 +73,9 @@ pub trait SinkKind: 'static {
         None
     }
 
-    /// The same section writing into `table` instead.
-    fn with_table(cfg: &Self::Config, _table: &str) -> Self::Config {
+    /// The same section writing into `table` instead, keyed on `key` when
+    /// given (a key learnt from the messages, for a section without one).
+    fn with_table(cfg: &Self::Config, _table: &str, _key: Option<&[String]>) -> Self::Config {
         cfg.clone()
     }
 }

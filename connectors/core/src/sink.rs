@@ -84,6 +84,10 @@ pub struct Batch {
     /// ones it lacks, in the batch's transaction. `None`: the configured
     /// columns, as the sink was built with.
     pub columns: Option<Arc<Vec<idem_config::ColumnConfig>>>,
+    /// With the key learnt from the message key (a table per source table
+    /// and no `key` listed): the table's primary key columns, for the sink
+    /// that creates the table with the batch. `None`: the configured key.
+    pub key: Option<Arc<Vec<String>>>,
     /// Offset of the first message covered (dead letters included).
     pub first_offset: u64,
     /// The position to resume from after this batch.
@@ -175,6 +179,16 @@ pub trait Sink: Send + Sync {
     /// Connect; create or check the target and the offsets storage. Called
     /// once before any partition opens, and by `idem check`.
     async fn prepare(&self) -> Result<(), SinkError>;
+
+    /// Connect and create or check the offsets storage alone, not the
+    /// target: for a sink whose target is created later, from what its
+    /// first batch carries (a table keyed on a key learnt from the
+    /// messages), while its partitions must open now. Then [`Sink::open`]
+    /// and [`Sink::positions`] work; [`Sink::prepare`] comes before any
+    /// commit.
+    async fn prepare_positions(&self) -> Result<(), SinkError> {
+        self.prepare().await
+    }
 
     /// Step 1 and 2 of the protocol: fence the partition, return its epoch
     /// and committed position.

@@ -53,7 +53,8 @@ impl Connector {
             .reserve_ids(pref, epoch, first_offset, taken.records, stop)
             .await?;
         // Taken after every record was mapped: at least as wide as any.
-        let columns = self.mapper.learnt_columns(self.route(&pref.partition));
+        let route = self.route(&pref.partition);
+        let columns = self.mapper.learnt_columns(route);
         if let Some(columns) = &columns {
             // A record mapped before a column was learnt has no value for
             // it: null, as the source's row had none then.
@@ -71,6 +72,7 @@ impl Connector {
             first_offset,
             next_offset,
             columns,
+            key: self.mapper.learnt_key(route),
         });
         failpoint::hit(BEFORE_COMMIT);
         if let Some(d) = failpoint::delay(BEFORE_COMMIT, &pref.partition) {
@@ -332,6 +334,7 @@ impl Connector {
                 first_offset,
                 next_offset,
                 columns: batch.columns.clone(),
+                key: batch.key.clone(),
             });
             let committed = retry_transient(
                 &self.cfg.retry,

@@ -146,13 +146,22 @@ impl Connector {
                 )));
             }
             let (section, columns) = (cfg.sink.clone(), cfg.columns.clone());
-            let build: routed::Build = Box::new(move |table: &str| {
-                let one = section.with_table(table);
-                one.validate(&columns)
+            let build: routed::Build = Box::new(move |table: &str, learnt| {
+                let (one, columns) = match learnt {
+                    Some(l) => (section.with_table(table, Some(l.key)), l.columns),
+                    None => (section.with_table(table, None), columns.as_slice()),
+                };
+                one.validate(columns)
                     .map_err(|e| format!("table `{table}`: {}", e.message))?;
-                one.build(&columns, ctx.clone())
+                one.build(columns, ctx.clone())
             });
-            sink = Arc::new(routed::RoutedSink::new(template.clone(), sink, build));
+            let learnt_key = learns_key(&sink.info());
+            sink = Arc::new(routed::RoutedSink::new(
+                template.clone(),
+                sink,
+                learnt_key,
+                build,
+            ));
         }
         let info = sink.info();
         if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
@@ -201,6 +210,9 @@ impl Connector {
                 });
             };
             mapper = mapper.learning_columns(&cfg.columns, adds.decimal);
+            if template.is_some() && learns_key(&info) {
+                mapper = mapper.learning_key();
+            }
         }
         let dedup = store.map(|store| Stage {
             on_loss: store.config().on_loss,
@@ -423,4 +435,10 @@ impl PartitionTasks {
             }
         });
     }
+}
+
+/// An upsert sink with no `key` listed (a table template's): each table is
+/// keyed on its source table's primary key, learnt from the message key.
+fn learns_key(info: &idem_core::SinkInfo) -> bool {
+    info.rows.mode == idem_config::WriteMode::Upsert && info.rows.key.is_empty()
 }

@@ -6,16 +6,32 @@
 //! to one topic, hence one table: its batches commit through that table's
 //! sink alone, positions and rows in one transaction as ever, and every
 //! table's sink keeps positions in the same offsets table.
+//!
+//! Without a `key` in the config, each table is keyed on its source table's
+//! primary key, which the mapper learns from the message key: a table's sink
+//! is then built and its table created by the first batch that brings rows
+//! (with their key and columns), while partitions open through the offsets
+//! table alone.
 
 use async_trait::async_trait;
+use idem_config::ColumnConfig;
 use idem_core::{
     Batch, CommitStats, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo, StoredPosition,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Builds the sink of one table; `Err` says why the table is refused.
-pub type Build = Box<dyn Fn(&str) -> Result<Arc<dyn Sink>, String> + Send + Sync>;
+/// Builds the sink of one table, keyed on a learnt key when given; `Err`
+/// says why the table is refused.
+pub type Build =
+    Box<dyn Fn(&str, Option<Learnt<'_>>) -> Result<Arc<dyn Sink>, String> + Send + Sync>;
+
+/// A table's key learnt from its messages, and the columns known so far
+/// (which the key's columns are among).
+pub struct Learnt<'a> {
+    pub key: &'a [String],
+    pub columns: &'a [ColumnConfig],
+}
 
 pub struct RoutedSink {
     template: String,
@@ -24,6 +40,8 @@ pub struct RoutedSink {
     /// declares alike (guarantee, key, shape), and the offsets table they
     /// share. Never prepared: its table is the template.
     probe: Arc<dyn Sink>,
+    /// Each table keyed on its source table's key, learnt from messages.
+    learnt_key: bool,
     /// The tables opened so far, by name.
     tables: tokio::sync::Mutex<BTreeMap<String, Arc<dyn Sink>>>,
 }
@@ -44,37 +62,48 @@ struct Unroutable {
 }
 
 impl RoutedSink {
-    pub fn new(template: String, probe: Arc<dyn Sink>, build: Build) -> Self {
+    pub fn new(template: String, probe: Arc<dyn Sink>, learnt_key: bool, build: Build) -> Self {
         RoutedSink {
             template,
             build,
             probe,
+            learnt_key,
             tables: tokio::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// The sink of `partition`'s table, built and prepared on first use.
-    async fn sink_for(&self, partition: &str) -> Result<Arc<dyn Sink>, SinkError> {
-        let unroutable = |why: String| {
-            SinkError::Permanent(Box::new(Unroutable {
-                template: self.template.clone(),
-                partition: partition.to_string(),
-                why,
-            }))
-        };
-        let table =
-            idem_config::resolve_table(&self.template, topic_of(partition)).map_err(unroutable)?;
+    fn unroutable(&self, partition: &str, why: String) -> SinkError {
+        SinkError::Permanent(Box::new(Unroutable {
+            template: self.template.clone(),
+            partition: partition.to_string(),
+            why,
+        }))
+    }
+
+    /// The sink of `partition`'s table, built and prepared on first use
+    /// (keyed on `learnt`, when the key is learnt). `None`: the key is
+    /// learnt and not known yet.
+    async fn sink_for(
+        &self,
+        partition: &str,
+        learnt: Option<Learnt<'_>>,
+    ) -> Result<Option<Arc<dyn Sink>>, SinkError> {
+        let table = idem_config::resolve_table(&self.template, topic_of(partition))
+            .map_err(|why| self.unroutable(partition, why))?;
         // Held while a new table is prepared: partitions of one table wait
         // for it rather than create it twice.
         let mut tables = self.tables.lock().await;
         if let Some(sink) = tables.get(&table) {
-            return Ok(sink.clone());
+            return Ok(Some(sink.clone()));
         }
-        let sink = (self.build)(&table).map_err(unroutable)?;
+        if self.learnt_key && learnt.is_none() {
+            return Ok(None);
+        }
+        let sink = (self.build)(&table, learnt).map_err(|why| self.unroutable(partition, why))?;
         sink.prepare().await?;
         tracing::info!(table = %table, partition, "writing a new source table");
         tables.insert(table, sink.clone());
-        Ok(sink)
+        Ok(Some(sink))
     }
 }
 
@@ -89,23 +118,45 @@ impl Sink for RoutedSink {
         info
     }
 
-    /// Each table is prepared when its first partition opens.
+    /// Each table is prepared when its first partition opens, or with a
+    /// learnt key by its first rows; only the offsets table comes first.
     async fn prepare(&self) -> Result<(), SinkError> {
+        if self.learnt_key {
+            self.probe.prepare_positions().await?;
+        }
         Ok(())
     }
 
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {
-        self.sink_for(&partition.partition)
-            .await?
-            .open(partition)
-            .await
+        if self.learnt_key {
+            // Opening touches the shared offsets table only.
+            return self.probe.open(partition).await;
+        }
+        match self.sink_for(&partition.partition, None).await? {
+            Some(sink) => sink.open(partition).await,
+            None => self.probe.open(partition).await,
+        }
     }
 
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
-        self.sink_for(&batch.partition.partition)
-            .await?
-            .commit(batch)
-            .await
+        let partition = &batch.partition.partition;
+        let learnt = match (&batch.key, &batch.columns) {
+            (Some(key), Some(columns)) => Some(Learnt { key, columns }),
+            _ => None,
+        };
+        match self.sink_for(partition, learnt).await? {
+            Some(sink) => sink.commit(batch).await,
+            // Nothing mapped yet, so no key: only skipped events and dead
+            // letters, which leave the table as it is. Its position moves
+            // with the table's first rows; until then a restart reads these
+            // again, to the same effect (a dead letter may be written again,
+            // with its position).
+            None if batch.records.is_empty() => Ok(CommitStats::default()),
+            None => Err(self.unroutable(
+                partition,
+                "rows arrived without the key learnt from their messages".into(),
+            )),
+        }
     }
 
     fn check_record(&self, record: &Record) -> Result<(), String> {

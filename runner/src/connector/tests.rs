@@ -314,9 +314,18 @@ type = "bigint"
 "#
         );
         let cfg: crate::registry::Config =
-            idem_config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+            match idem_config::parse(std::path::Path::new("t.toml"), &text) {
+                Ok(cfg) => cfg,
+                Err(e) => return Some(e.to_string()),
+            };
         let (name, c) = cfg.connectors.into_iter().next().unwrap();
-        Connector::build(&name, c).err().map(|e| e.to_string())
+        match Connector::build(&name, c) {
+            Ok(c) => {
+                assert!(c.sink.info().why.contains("each source table"));
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        }
     };
     let pg = "type = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\nmode = \"upsert\"\nkey = [\"id\"]\ndelete_on_tombstone = true\n";
     let template = format!("{pg}table = \"{{source.table}}\"\n");
@@ -325,6 +334,18 @@ type = "bigint"
     let learning =
         "envelope = \"debezium\"\nevolve = \"add_columns\"\nguarantee = \"at-least-once\"";
     assert_eq!(build(learning, &template), None);
+    // Without `key`, a template keys each table on its source table's
+    // primary key (learnt from the message key); one table needs its key.
+    let unkeyed = pg.replace("key = [\"id\"]\n", "");
+    assert_eq!(
+        build(
+            learning,
+            &format!("{unkeyed}table = \"{{source.table}}\"\n")
+        ),
+        None
+    );
+    let e = build(learning, &format!("{unkeyed}table = \"t\"\n")).unwrap();
+    assert!(e.contains("t.toml") && e.contains("needs key"), "{e}");
     let e = build(learning, "type = \"stdout\"").unwrap();
     assert!(
         e.contains("available on the postgres, duckdb and s3 sinks"),

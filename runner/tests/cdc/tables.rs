@@ -2,7 +2,10 @@
 //! Debezium topics and `table = "{source.table}"` write each source table
 //! to its own target table, created on first sight, a table created while
 //! Idem runs included, through a kill and restart; into PostgreSQL, and
-//! into one DuckDB file.
+//! into one DuckDB file. No key is listed: each table is keyed on its
+//! source table's primary key, taken from the message key (the table
+//! created mid-run has a two-column key, named otherwise and ordered
+//! unlike its columns).
 
 use crate::support::*;
 use idem_testkit::*;
@@ -35,6 +38,7 @@ async fn one_connector_replicates_every_table_of_a_schema() {
             ),
         ),
     ] {
+        // Only the version column is listed; the key and the rest are learnt.
         toml += &connector(
             name,
             &format!("^{src}[.]{src}[.].*"),
@@ -45,8 +49,9 @@ async fn one_connector_replicates_every_table_of_a_schema() {
                 learns: true,
             },
             &w.path(&format!("{name}.deadletter.jsonl")),
-            &[("id", "bigint")],
-        );
+            &[],
+        )
+        .replace("key = [\"id\"]\n", "");
         toml += &format!("[connectors.{name}.source.properties]\n\"topic.metadata.refresh.interval.ms\" = \"1000\"\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n");
     }
     let cfg = w.write("all.toml", &toml);
@@ -62,9 +67,9 @@ async fn one_connector_replicates_every_table_of_a_schema() {
     // A table created while Idem runs (joining Debezium's publication, as
     // an operator adds it), then a kill and a restart.
     db.batch_execute(&format!(
-        "CREATE TABLE \"{src}\".payments (id bigint PRIMARY KEY, amount numeric(10,2), note text);
+        "CREATE TABLE \"{src}\".payments (seq bigint, zone text, amount numeric(10,2), note text, PRIMARY KEY (zone, seq));
          ALTER PUBLICATION \"{src}\" ADD TABLE \"{src}\".payments;
-         INSERT INTO \"{src}\".payments SELECT i, i * 1.5, 'p' || i FROM generate_series(1, 50) i;"
+         INSERT INTO \"{src}\".payments SELECT i, 'r' || (i % 3), i * 1.5, 'p' || i FROM generate_series(1, 60) i;"
     ))
     .await
     .unwrap();
@@ -79,8 +84,9 @@ async fn one_connector_replicates_every_table_of_a_schema() {
             .unwrap();
     }
     db.batch_execute(&format!(
-        "UPDATE \"{src}\".payments SET note = 'paid' WHERE id % 3 = 0;
-         DELETE FROM \"{src}\".payments WHERE id % 7 = 0;"
+        "UPDATE \"{src}\".payments SET note = 'paid' WHERE seq % 4 = 0;
+         DELETE FROM \"{src}\".payments WHERE seq % 7 = 0;
+         UPDATE \"{src}\".payments SET zone = 'moved' WHERE seq % 5 = 0;"
     ))
     .await
     .unwrap();
@@ -88,7 +94,7 @@ async fn one_connector_replicates_every_table_of_a_schema() {
     let compared = [
         ("customers", COLUMNS),
         ("orders", COLUMNS),
-        ("payments", "id, amount, note"),
+        ("payments", "seq, zone, amount, note"),
     ];
     let started = Instant::now();
     loop {
@@ -115,7 +121,7 @@ async fn one_connector_replicates_every_table_of_a_schema() {
         ("customers", "_idem_offset,_idem_partition,id,lsn,n,name"),
         (
             "payments",
-            "_idem_offset,_idem_partition,amount,id,lsn,note",
+            "_idem_offset,_idem_partition,amount,lsn,note,seq,zone",
         ),
     ] {
         let got: String = db
@@ -127,6 +133,26 @@ async fn one_connector_replicates_every_table_of_a_schema() {
             .unwrap()
             .get(0);
         assert_eq!(got, want, "{t}'s columns");
+    }
+    // Each table is keyed as its source table is, in the key's order.
+    for (t, want) in [
+        ("customers", "id"),
+        ("orders", "id"),
+        ("payments", "zone,seq"),
+    ] {
+        let got: String = db
+            .query_one(
+                "SELECT string_agg(a.attname::text, ',' ORDER BY k.i)
+                   FROM pg_index x
+                   CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, i)
+                   JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+                  WHERE x.indisprimary AND x.indrelid = format('%I.%I', $1::text, $2::text)::regclass",
+                &[&dst, &t],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, want, "{t}'s primary key");
     }
     // Each table kept its own position, in the one offsets table.
     let positions: i64 = db
@@ -151,25 +177,20 @@ async fn one_connector_replicates_every_table_of_a_schema() {
             .collect::<Vec<_>>()
             .join(", ");
         let want: Vec<Vec<Option<String>>> = db
-            .query(
-                &format!("SELECT {as_text} FROM \"{src}\".{t} ORDER BY id"),
-                &[],
-            )
+            .query(&format!("SELECT {as_text} FROM \"{src}\".{t}"), &[])
             .await
             .unwrap()
             .iter()
             .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
             .collect();
         let n = want.first().map_or(0, Vec::len);
-        let mut stmt = duck
-            .prepare(&format!("SELECT {as_text} FROM {t} ORDER BY id"))
-            .unwrap();
+        let mut stmt = duck.prepare(&format!("SELECT {as_text} FROM {t}")).unwrap();
         let got: Vec<Vec<Option<String>>> = stmt
             .query_map([], |r| (0..n).map(|i| r.get(i)).collect())
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        // Sorted here: the casts make the two servers order differently.
+        // Sorted here, as text: the two servers order differently.
         let (mut want, mut got) = (want, got);
         want.sort();
         got.sort();
@@ -182,6 +203,14 @@ async fn one_connector_replicates_every_table_of_a_schema() {
             want.len()
         );
     }
+    let key: String = duck
+        .query_row(
+            "SELECT array_to_string(constraint_column_names, ',') FROM duckdb_constraints() WHERE table_name = 'payments' AND constraint_type = 'PRIMARY KEY'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(key, "zone,seq", "payments' primary key in DuckDB");
     for name in ["all", "duck_all"] {
         let dead = std::fs::read_to_string(w.path(&format!("{name}.deadletter.jsonl")))
             .unwrap_or_default();

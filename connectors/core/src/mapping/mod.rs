@@ -129,12 +129,18 @@ struct Learning {
     base: Arc<Layout>,
     /// The type a decimal field becomes (the sink's choice).
     decimal: ColumnType,
+    /// Each route's key is learnt too: the fields of the message key (the
+    /// source table's primary key), for tables created per source table.
+    key: bool,
 }
 
 struct Layout {
     columns: Vec<Column>,
     /// The same columns as the sinks take them.
     configs: Arc<Vec<ColumnConfig>>,
+    /// The key columns, when learnt from the message key: set by the first
+    /// event, and every later event's key must name the same fields.
+    key: Option<Arc<Vec<String>>>,
     /// Schemas (id, side) found to hold nothing new for these columns: an
     /// event of one is mapped without going through its fields again.
     /// Columns only grow and never change type, so this stays true.
@@ -151,6 +157,7 @@ impl Layout {
         Layout {
             columns,
             configs: Arc::new(configs),
+            key: None,
             settled: Default::default(),
         }
     }
@@ -211,8 +218,25 @@ impl Mapper {
             layouts: RwLock::new(HashMap::new()),
             base: Arc::new(Layout::new(self.columns.clone(), listed.to_vec())),
             decimal,
+            key: false,
         });
         self
+    }
+
+    /// Learn each route's key from the message key as well (with
+    /// [`Mapper::learning_columns`]): its fields, in order, become the key
+    /// columns, which every later event of the route must keep.
+    pub fn learning_key(mut self) -> Self {
+        if let Some(learning) = &mut self.learning {
+            learning.key = true;
+        }
+        self
+    }
+
+    /// The key columns of `route`, when learnt (see [`crate::Batch::key`]).
+    pub fn learnt_key(&self, route: &str) -> Option<Arc<Vec<String>>> {
+        let learning = self.learning.as_ref().filter(|l| l.key)?;
+        learning.layout(route).key.clone()
     }
 
     /// The columns of `route` so far, when they are learnt from the events
@@ -398,7 +422,14 @@ impl Mapper {
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
         let layout = match &self.learning {
-            Some(learning) => Some(self.learn(learning, route, schema.as_deref(), side)?),
+            Some(learning) => {
+                let key = if learning.key {
+                    Some(key_names(msg)?)
+                } else {
+                    None
+                };
+                Some(self.learn(learning, route, schema.as_deref(), side, key)?)
+            }
             None => None,
         };
         let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
@@ -445,20 +476,27 @@ impl Mapper {
     }
 
     /// The layout for an event whose schema is `schema`: the current one,
-    /// grown by the fields of `side` that no column reads yet.
+    /// grown by the fields of `side` that no column reads yet, and keyed on
+    /// `key` (the message key's fields) when the key is learnt.
     fn learn(
         &self,
         learning: &Learning,
         route: &str,
         schema: Option<&debezium::EventSchema>,
         side: &str,
+        key: Option<Vec<String>>,
     ) -> Result<Arc<Layout>, MapError> {
         let schema = schema.ok_or_else(|| {
             MapError::new("evolve = \"add_columns\" reads the columns from the event's schema, and this event has none: set the JSON converter's value.converter.schemas.enable = true on the Debezium connector")
         })?;
         let settled = (schema.id, side == "after");
         let current = learning.layout(route);
-        if read_set(&current.settled).contains(&settled) {
+        let same_key = |layout: &Layout| match (&key, &layout.key) {
+            (None, _) => true,
+            (Some(k), Some(known)) => k == known.as_slice(),
+            (Some(_), None) => false,
+        };
+        if same_key(&current) && read_set(&current.settled).contains(&settled) {
             return Ok(current);
         }
         let fields = schema
@@ -509,8 +547,31 @@ impl Mapper {
                 }
             }
         }
-        if columns.len() > layout.columns.len() {
-            *layout = Arc::new(Layout::new(columns, configs));
+        let mut learnt_key = layout.key.clone();
+        let new_key = !same_key(layout);
+        if let Some(key) = key.filter(|_| new_key) {
+            if let Some(known) = &layout.key {
+                return Err(MapError::stop(format!(
+                    "the source table's key changed: its events were keyed on ({}), this one on ({}); Idem does not change a table's primary key. Alter the target table's primary key yourself, then restart",
+                    known.join(", "),
+                    key.join(", ")
+                )));
+            }
+            for name in &key {
+                let col = columns.iter_mut().find(|c| reads(c, name)).ok_or_else(|| {
+                    MapError::stop(format!(
+                        "the message key's field `{name}` is not a field of the row in `{side}`, so it cannot key the table; list the table's key in the sink's `key`"
+                    ))
+                })?;
+                col.key = true;
+                col.required = true;
+            }
+            learnt_key = Some(Arc::new(key));
+        }
+        if columns.len() > layout.columns.len() || learnt_key != layout.key {
+            let mut grown = Layout::new(columns, configs);
+            grown.key = learnt_key;
+            *layout = Arc::new(grown);
         }
         settle(&layout.settled, settled);
         Ok(layout.clone())
@@ -607,6 +668,62 @@ fn learnable(name: &str) -> Result<(), String> {
 
 fn parse(raw: &[u8]) -> Result<Json, MapError> {
     serde_json::from_slice(raw).map_err(|e| MapError::new(format!("not valid JSON: {e}")))
+}
+
+/// The field names of a message key (a Debezium key is an object of the
+/// source table's primary key columns), in the order they are written,
+/// which is the key's column order. A message without a key is refused:
+/// its table has no primary key to upsert by.
+fn key_names(msg: &Message) -> Result<Vec<String>, MapError> {
+    struct Names(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Names {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Names;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object of key fields")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Names, A::Error> {
+                    let mut names = Vec::new();
+                    while let Some(name) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        names.push(name);
+                    }
+                    Ok(Names(names))
+                }
+            }
+            d.deserialize_map(Visit)
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Wrapped {
+        #[allow(dead_code)]
+        schema: serde::de::IgnoredAny,
+        payload: Names,
+    }
+    let raw = msg.key.as_deref().ok_or_else(|| {
+        MapError::stop("an event without a message key: its source table has no primary key, so there is nothing to upsert its rows by; list the columns to key on in the sink's `key`, or leave the table out of the topic pattern")
+    })?;
+    let names = if raw.starts_with(b"{\"schema\":") {
+        serde_json::from_slice::<Wrapped>(raw).map(|w| w.payload.0)
+    } else {
+        serde_json::from_slice::<Names>(raw).map(|n| n.0)
+    }
+    .map_err(|e| {
+        MapError::new(format!(
+            "the message key is not a Debezium key (an object of the primary key's fields): {e}"
+        ))
+    })?;
+    if names.is_empty() {
+        return Err(MapError::new(
+            "the message key is an empty object: no primary key field to key the row by",
+        ));
+    }
+    Ok(names)
 }
 
 /// Kafka Connect's JSON converter with `schemas.enable = true` wraps each

@@ -694,3 +694,141 @@ fn learning_columns_stops_on_a_type_change_and_an_unfit_name() {
         .unwrap_err();
     assert!(!e.stop && e.reason.contains("schemas.enable"), "{e}");
 }
+
+#[test]
+fn learning_the_key_takes_the_message_keys_fields_per_route() {
+    let mut lsn = col("lsn", ColumnType::Bigint, false);
+    lsn.pointer = Some("@source/lsn".into());
+    let listed = [lsn];
+    let m = Mapper::new(&listed, &[], true, None)
+        .with_envelope(Envelope::Debezium)
+        .learning_columns(&listed, ColumnType::Text)
+        .learning_key();
+    let orders = r#"[{"field":"region","type":"string"},{"field":"order_number","type":"int32"},{"field":"qty","type":"int32","optional":true}]"#;
+    let keyed_as = |key: &str, m: Message| Message {
+        key: Some(key.as_bytes().to_vec()),
+        ..m
+    };
+    // The key's fields in the key's order (not the row's, not sorted),
+    // with and without the converter's schema wrapper.
+    let key = r#"{"schema":{"type":"struct","fields":[{"field":"region","type":"string"},{"field":"order_number","type":"int32"}]},"payload":{"region":"eu","order_number":7}}"#;
+    let r = m
+        .map_in(
+            &keyed_as(
+                key,
+                with_schema(orders, r#"{"region":"eu","order_number":7,"qty":1}"#, "c"),
+            ),
+            "orders",
+        )
+        .unwrap();
+    assert_eq!(r.values.len(), 4);
+    assert_eq!(
+        m.learnt_key("orders").unwrap().as_slice(),
+        ["region".to_string(), "order_number".to_string()]
+    );
+    assert_eq!(m.learnt_key("customers"), None);
+    let bare = keyed_as(
+        r#"{"region":"eu","order_number":8}"#,
+        with_schema(
+            orders,
+            r#"{"region":"eu","order_number":8,"qty":null}"#,
+            "u",
+        ),
+    );
+    m.map_in(&bare, "orders").unwrap();
+    // Another route learns its own key.
+    let customers = r#"[{"field":"id","type":"int64"},{"field":"email","type":"string"}]"#;
+    m.map_in(
+        &keyed_as(
+            r#"{"id":1}"#,
+            with_schema(customers, r#"{"id":1,"email":"a@b"}"#, "c"),
+        ),
+        "customers",
+    )
+    .unwrap();
+    assert_eq!(
+        m.learnt_key("customers").unwrap().as_slice(),
+        ["id".to_string()]
+    );
+    // Key columns are required: a null key field is the message's fault.
+    let e = m
+        .map_in(
+            &keyed_as(
+                r#"{"region":"eu","order_number":9}"#,
+                with_schema(orders, r#"{"region":null,"order_number":9,"qty":1}"#, "c"),
+            ),
+            "orders",
+        )
+        .unwrap_err();
+    assert!(!e.stop && e.reason.contains("key column `region`"), "{e}");
+    // A delete keeps only the key (and event) columns.
+    let d = m
+        .map_in(
+            &keyed_as(
+                r#"{"region":"eu","order_number":7}"#,
+                msg(&format!(
+                    r#"{{"schema":{{"type":"struct","fields":[
+                    {{"field":"before","type":"struct","optional":true,"fields":{orders}}},
+                    {{"field":"after","type":"struct","optional":true,"fields":{orders}}}]}},
+                    "payload":{{"before":{{"region":"eu","order_number":7,"qty":1}},"after":null,"op":"d","source":{{"lsn":10}}}}}}"#
+                )),
+            ),
+            "orders",
+        )
+        .unwrap();
+    assert_eq!(d.op, Op::Delete);
+    assert_eq!(
+        d.values,
+        vec![
+            Value::BigInt(10),
+            Value::Text("eu".into()),
+            Value::Integer(7),
+            Value::Null
+        ]
+    );
+    // The key changing, a key field the row lacks, or no key at all stop
+    // the connector: each would key the table wrongly.
+    let e = m
+        .map_in(
+            &keyed_as(
+                r#"{"order_number":7}"#,
+                with_schema(orders, r#"{"region":"eu","order_number":7,"qty":1}"#, "u"),
+            ),
+            "orders",
+        )
+        .unwrap_err();
+    assert!(
+        e.stop
+            && e.reason.contains("(region, order_number)")
+            && e.reason.contains("(order_number)"),
+        "{e}"
+    );
+    let e = m
+        .map_in(
+            &keyed_as(
+                r#"{"sku":1}"#,
+                with_schema(orders, r#"{"region":"eu","order_number":7,"qty":1}"#, "c"),
+            ),
+            "items",
+        )
+        .unwrap_err();
+    assert!(e.stop && e.reason.contains("`sku`"), "{e}");
+    let e = m
+        .map_in(
+            &with_schema(orders, r#"{"region":"eu","order_number":7,"qty":1}"#, "c"),
+            "logs",
+        )
+        .unwrap_err();
+    assert!(e.stop && e.reason.contains("no primary key"), "{e}");
+    // A key that is not an object is the message's fault.
+    let e = m
+        .map_in(
+            &keyed_as(
+                "7",
+                with_schema(orders, r#"{"region":"eu","order_number":7,"qty":1}"#, "c"),
+            ),
+            "orders",
+        )
+        .unwrap_err();
+    assert!(!e.stop, "{e}");
+}

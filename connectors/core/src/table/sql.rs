@@ -103,7 +103,12 @@ pub fn table_sink_info(
         WriteMode::Upsert => (
             format!(
                 "upsert on ({}): rows and positions commit in one {engine} transaction on {target}, and a replayed or older message never overwrites a newer row",
-                key.join(", ")
+                if key.is_empty() {
+                    // A table template's: see `validate_write`.
+                    "each source table's primary key".to_string()
+                } else {
+                    key.join(", ")
+                }
             ),
             key.to_vec(),
         ),

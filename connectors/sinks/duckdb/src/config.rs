@@ -105,6 +105,7 @@ impl Validate for DuckDbSinkConfig {
             self.version.as_deref(),
             self.delete_on_tombstone,
             columns,
+            is_table_template(&self.table),
         )
     }
 }

@@ -39,9 +39,10 @@ impl idem_core::registry::SinkKind for DuckDbKind {
         Some(cfg.table.clone())
     }
 
-    fn with_table(cfg: &DuckDbSinkConfig, table: &str) -> DuckDbSinkConfig {
+    fn with_table(cfg: &DuckDbSinkConfig, table: &str, key: Option<&[String]>) -> DuckDbSinkConfig {
         DuckDbSinkConfig {
             table: table.to_string(),
+            key: key.map_or_else(|| cfg.key.clone(), <[String]>::to_vec),
             ..cfg.clone()
         }
     }

@@ -336,7 +336,9 @@ impl Inner {
         Ok(())
     }
 
-    fn prepare_blocking(&self) -> Result<(), DuckDbError> {
+    /// Open the database file and create or check the offsets table, and
+    /// with `table` the target table and the tables beside it.
+    fn prepare_blocking(&self, table: bool) -> Result<(), DuckDbError> {
         let plan = self.plan();
         let mut guard = self
             .conn
@@ -377,6 +379,9 @@ impl Inner {
         let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
         let ctx = &plan.ctx;
         recover::create_offsets_table(conn, ctx, &plan.offsets)?;
+        if !table {
+            return Ok(());
+        }
         let exists: Option<i64> = conn
             .query_row(
                 "SELECT 1 FROM information_schema.tables WHERE table_schema = 'main' AND table_name = ?",
@@ -547,7 +552,11 @@ impl Sink for DuckDbSink {
     }
 
     async fn prepare(&self) -> Result<(), SinkError> {
-        Ok(self.blocking(Inner::prepare_blocking).await?)
+        Ok(self.blocking(|inner| inner.prepare_blocking(true)).await?)
+    }
+
+    async fn prepare_positions(&self) -> Result<(), SinkError> {
+        Ok(self.blocking(|inner| inner.prepare_blocking(false)).await?)
     }
 
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {

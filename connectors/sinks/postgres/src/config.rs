@@ -165,6 +165,7 @@ impl Validate for PostgresSinkConfig {
             self.version.as_deref(),
             self.delete_on_tombstone,
             columns,
+            is_table_template(&self.table),
         )
     }
 }

@@ -48,9 +48,14 @@ impl idem_core::registry::SinkKind for PostgresKind {
         Some(cfg.table.clone())
     }
 
-    fn with_table(cfg: &PostgresSinkConfig, table: &str) -> PostgresSinkConfig {
+    fn with_table(
+        cfg: &PostgresSinkConfig,
+        table: &str,
+        key: Option<&[String]>,
+    ) -> PostgresSinkConfig {
         PostgresSinkConfig {
             table: table.to_string(),
+            key: key.map_or_else(|| cfg.key.clone(), <[String]>::to_vec),
             ..cfg.clone()
         }
     }

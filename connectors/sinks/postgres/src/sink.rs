@@ -522,40 +522,11 @@ impl PostgresSink {
             rejected: 0,
         }))
     }
-}
 
-#[async_trait]
-impl Sink for PostgresSink {
-    fn check_record(&self, record: &Record) -> Result<(), String> {
-        for (i, v) in record.values.iter().enumerate() {
-            let name = self
-                .columns
-                .get(i)
-                .map_or("(learnt from the source's schema)", |c| c.name.as_str());
-            if let Some(why) = crate::cell::refusal(name, v) {
-                return Err(why);
-            }
-        }
-        Ok(())
-    }
-
-    fn info(&self) -> SinkInfo {
-        let cfg = &self.cfg;
-        let mut info = sql::table_sink_info(
-            "PostgreSQL",
-            &format!("{} on {}", self.ctx.table, self.ctx.server),
-            cfg.mode,
-            &cfg.key,
-            cfg.version.as_deref(),
-            cfg.delete_on_tombstone,
-        );
-        info.adds_columns = Some(AddsColumns {
-            decimal: ColumnType::Numeric,
-        });
-        info
-    }
-
-    async fn prepare(&self) -> Result<(), SinkError> {
+    /// Create or check the offsets table (and the schema), and with
+    /// `table` the target table and the tables beside it, in one
+    /// transaction.
+    async fn prepare_with(&self, table: bool) -> Result<(), SinkError> {
         let mut client = self.client().await?;
         let ctx = &self.ctx;
         // Runners starting together would race: `CREATE .. IF NOT EXISTS`
@@ -582,6 +553,12 @@ impl Sink for PostgresSink {
                 .map_err(|e| ctx.sql(&ctx.table, "create the schema", e))?;
         }
         recover::create_offsets_table(&**client, ctx, &self.plan().offsets).await?;
+        if !table {
+            txn.commit()
+                .await
+                .map_err(|e| ctx.sql(&ctx.offsets, "commit the offsets table", e))?;
+            return Ok(());
+        }
         let exists: Option<String> = client
             .query_one("SELECT to_regclass($1)::text", &[&ctx.table])
             .await
@@ -626,6 +603,46 @@ impl Sink for PostgresSink {
             .await
             .map_err(|e| ctx.sql(&ctx.table, "commit the table definitions", e))?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    fn check_record(&self, record: &Record) -> Result<(), String> {
+        for (i, v) in record.values.iter().enumerate() {
+            let name = self
+                .columns
+                .get(i)
+                .map_or("(learnt from the source's schema)", |c| c.name.as_str());
+            if let Some(why) = crate::cell::refusal(name, v) {
+                return Err(why);
+            }
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> SinkInfo {
+        let cfg = &self.cfg;
+        let mut info = sql::table_sink_info(
+            "PostgreSQL",
+            &format!("{} on {}", self.ctx.table, self.ctx.server),
+            cfg.mode,
+            &cfg.key,
+            cfg.version.as_deref(),
+            cfg.delete_on_tombstone,
+        );
+        info.adds_columns = Some(AddsColumns {
+            decimal: ColumnType::Numeric,
+        });
+        info
+    }
+
+    async fn prepare(&self) -> Result<(), SinkError> {
+        self.prepare_with(true).await
+    }
+
+    async fn prepare_positions(&self) -> Result<(), SinkError> {
+        self.prepare_with(false).await
     }
 
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {

@@ -76,6 +76,7 @@ impl Validate for SqliteSinkConfig {
             self.version.as_deref(),
             self.delete_on_tombstone,
             columns,
+            false,
         )
     }
 }
