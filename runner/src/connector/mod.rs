@@ -10,7 +10,7 @@
 mod commit;
 mod error;
 mod partition;
-mod routed;
+pub(crate) mod routed;
 #[cfg(test)]
 mod tests;
 
@@ -65,8 +65,8 @@ pub struct Connector {
     /// a restart.
     pub stats: Arc<Stats>,
     /// Each source table into a table of its own (`routed.rs`): columns
-    /// are learnt per topic.
-    routed: bool,
+    /// are learnt per topic. The same sink as `sink`.
+    pub(crate) routed: Option<Arc<routed::RoutedSink>>,
     /// Paused by the admin API: partitions stop reading once what they
     /// read is handed over (and commits), and the connector stays what it
     /// is (a Kafka consumer stays in its group).
@@ -136,6 +136,7 @@ impl Connector {
             .sink
             .table()
             .filter(|t| idem_config::is_table_template(t));
+        let mut routed = None;
         if let Some(template) = &template {
             if cfg.envelope != Envelope::Debezium
                 || cfg.evolve != Evolve::AddColumns
@@ -156,12 +157,14 @@ impl Connector {
                 one.build(columns, ctx.clone())
             });
             let learnt_key = learns_key(&sink.info());
-            sink = Arc::new(routed::RoutedSink::new(
+            let one = Arc::new(routed::RoutedSink::new(
                 template.clone(),
                 sink,
                 learnt_key,
                 build,
             ));
+            routed = Some(one.clone());
+            sink = one;
         }
         let info = sink.info();
         if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
@@ -228,7 +231,7 @@ impl Connector {
             ids,
             dedup,
             stats,
-            routed: template.is_some(),
+            routed,
             cfg,
             paused: tokio::sync::watch::channel(false).0,
         })
@@ -237,7 +240,7 @@ impl Connector {
     /// What columns are learnt per: a routed connector's partition's
     /// topic, else the connector as a whole (`""`).
     pub(super) fn route<'a>(&self, partition: &'a str) -> &'a str {
-        if self.routed {
+        if self.routed.is_some() {
             routed::topic_of(partition)
         } else {
             ""

@@ -72,6 +72,27 @@ impl RoutedSink {
         }
     }
 
+    /// The table `topic`'s rows go to; `Err` says why it has none.
+    pub fn table_for(&self, topic: &str) -> Result<String, String> {
+        idem_config::resolve_table(&self.template, topic)
+    }
+
+    /// Whether each table is keyed on a key learnt from its messages.
+    pub fn learns_key(&self) -> bool {
+        self.learnt_key
+    }
+
+    /// A sink of `table` of its own, not prepared nor kept (for `idem
+    /// verify` to read a table back); keyed on `learnt` when the key is
+    /// learnt.
+    pub fn table_sink(
+        &self,
+        table: &str,
+        learnt: Option<Learnt<'_>>,
+    ) -> Result<Arc<dyn Sink>, String> {
+        (self.build)(table, learnt)
+    }
+
     fn unroutable(&self, partition: &str, why: String) -> SinkError {
         SinkError::Permanent(Box::new(Unroutable {
             template: self.template.clone(),
@@ -88,7 +109,8 @@ impl RoutedSink {
         partition: &str,
         learnt: Option<Learnt<'_>>,
     ) -> Result<Option<Arc<dyn Sink>>, SinkError> {
-        let table = idem_config::resolve_table(&self.template, topic_of(partition))
+        let table = self
+            .table_for(topic_of(partition))
             .map_err(|why| self.unroutable(partition, why))?;
         // Held while a new table is prepared: partitions of one table wait
         // for it rather than create it twice.
@@ -119,12 +141,10 @@ impl Sink for RoutedSink {
     }
 
     /// Each table is prepared when its first partition opens, or with a
-    /// learnt key by its first rows; only the offsets table comes first.
+    /// learnt key by its first rows; only the offsets table comes first
+    /// (so that positions read before any table exists).
     async fn prepare(&self) -> Result<(), SinkError> {
-        if self.learnt_key {
-            self.probe.prepare_positions().await?;
-        }
-        Ok(())
+        self.probe.prepare_positions().await
     }
 
     async fn open(&self, partition: &PartitionRef) -> Result<Opened, SinkError> {

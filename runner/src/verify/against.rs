@@ -6,11 +6,14 @@
 //! each cast to the connector's type and printed as canonical text on
 //! both sides ([`idem_core::table::audit`]).
 
+use crate::connector::routed::Learnt;
 use crate::connector::Connector;
 use anyhow::Context;
-use idem_config::{ColumnType, Envelope, Evolve, Pointer};
+use idem_config::{ColumnConfig, ColumnType, Envelope, Evolve, Pointer};
 use idem_core::table::{audit, sql::q};
+use idem_core::Sink;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 type Row = Vec<Option<String>>;
 
@@ -27,21 +30,141 @@ pub(super) struct Compared {
     pub differing: Vec<String>,
 }
 
-/// `None`: the sink cannot read its rows back.
-pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<Compared>> {
+/// One source table and the target table that replicates it.
+struct Pair {
+    schema: String,
+    table: String,
+    /// The sink reading the target back, ready to read.
+    sink: Arc<dyn Sink>,
+    /// Its key: the sink's, or the source's primary key when learnt.
+    key: Option<Vec<String>>,
+}
+
+/// Each replicated table compared; `None`: the sink cannot read its rows
+/// back. A connector writing each source table to its own table compares
+/// every table whose topic it has opened (the committed positions say
+/// which).
+pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<Vec<Compared>>> {
     anyhow::ensure!(
         c.cfg.envelope == Envelope::Debezium,
         "connector {}: --against compares a change data capture connector (envelope = \"debezium\") with its source table",
         c.name
     );
-    let (schema, table) = source_table(c)?;
     let (pool, server) =
         idem_postgres::pool_for(url, 1).map_err(|e| anyhow::anyhow!("--against {e}"))?;
     let client = pool
         .get()
         .await
         .with_context(|| format!("connect to the source database {server}"))?;
-    // (source column, target column, type) of every column taken from the row.
+    // A source column without a time zone reads as UTC, as Debezium sends it.
+    client
+        .batch_execute("SET TIME ZONE 'UTC'")
+        .await
+        .with_context(|| format!("set the time zone on {server}"))?;
+    c.sink
+        .prepare()
+        .await
+        .with_context(|| format!("connector {}: open the sink", c.name))?;
+    let pairs = match &c.routed {
+        None => {
+            let (schema, table) = source_table(c)?;
+            vec![Pair {
+                schema,
+                table,
+                sink: c.sink.clone(),
+                key: None,
+            }]
+        }
+        Some(routed) => {
+            let positions = c
+                .sink
+                .positions(&c.name)
+                .await
+                .with_context(|| format!("connector {}: read positions", c.name))?;
+            let mut topics: Vec<&str> = positions
+                .iter()
+                .map(|p| crate::connector::routed::topic_of(&p.partition))
+                .collect();
+            topics.sort_unstable();
+            topics.dedup();
+            anyhow::ensure!(
+                !topics.is_empty(),
+                "connector {}: no table replicated yet (no partition of its topics has opened): run it first",
+                c.name
+            );
+            let mut pairs = Vec::new();
+            for topic in topics {
+                let (schema, table) = topic_table(topic).with_context(|| {
+                    format!(
+                        "connector {}: topic `{topic}` is not named PREFIX.SCHEMA.TABLE",
+                        c.name
+                    )
+                })?;
+                let target = routed
+                    .table_for(topic)
+                    .map_err(|e| anyhow::anyhow!("connector {}: {e}", c.name))?;
+                let key = if routed.learns_key() {
+                    Some(primary_key(&client, &server, &schema, &table).await?)
+                } else {
+                    None
+                };
+                pairs.push((schema, table, target, key));
+            }
+            let mut out = Vec::new();
+            for (schema, table, target, key) in pairs {
+                // Keyed on the source's key, of the columns compared: built
+                // to read the table, which it neither creates nor alters.
+                let mut configs = c.cfg.columns.clone();
+                for (_, name, ty) in columns_of(c, &client, &server, &schema, &table).await? {
+                    if !configs.iter().any(|col| col.name == name) {
+                        configs.push(ColumnConfig {
+                            name,
+                            pointer: None,
+                            ty,
+                            required: false,
+                        });
+                    }
+                }
+                let learnt = key.as_deref().map(|key| Learnt {
+                    key,
+                    columns: &configs,
+                });
+                let sink = routed
+                    .table_sink(&target, learnt)
+                    .map_err(|e| anyhow::anyhow!("connector {}: {e}", c.name))?;
+                sink.prepare_positions()
+                    .await
+                    .with_context(|| format!("connector {}: open table {target}", c.name))?;
+                out.push(Pair {
+                    schema,
+                    table,
+                    sink,
+                    key,
+                });
+            }
+            out
+        }
+    };
+    let mut found = Vec::new();
+    for pair in pairs {
+        match compare_table(c, &client, &server, pair).await? {
+            Some(f) => found.push(f),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(found))
+}
+
+/// (source column, target column, type) of every column taken from the
+/// row: those mapped from a field, and with learnt columns the source
+/// table's others, of the type Idem gives them.
+async fn columns_of(
+    c: &Connector,
+    client: &deadpool_postgres::Client,
+    server: &str,
+    schema: &str,
+    table: &str,
+) -> anyhow::Result<Vec<(String, String, ColumnType)>> {
     let mut cols: Vec<(String, String, ColumnType)> = c
         .cfg
         .columns
@@ -58,10 +181,7 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
             }
         })
         .collect();
-    let info = c.sink.info();
-    if let (Evolve::AddColumns, Some(adds)) = (c.cfg.evolve, info.adds_columns) {
-        // The columns learnt from the schema are the source's other ones,
-        // of the type Idem gives them.
+    if let (Evolve::AddColumns, Some(adds)) = (c.cfg.evolve, c.sink.info().adds_columns) {
         let found = client
             .query(
                 "SELECT column_name::text, data_type::text FROM information_schema.columns
@@ -70,6 +190,10 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
             )
             .await
             .with_context(|| format!("read the columns of {schema}.{table} on {server}"))?;
+        anyhow::ensure!(
+            !found.is_empty(),
+            "no table {schema}.{table} on {server} (or no column of it this user can see)"
+        );
         for row in found {
             let (name, ty): (String, String) = (row.get(0), row.get(1));
             if !cols.iter().any(|(f, t, _)| *f == name || *t == name) {
@@ -78,9 +202,52 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
             }
         }
     }
-    let key: Vec<usize> = info
-        .rows
-        .key
+    Ok(cols)
+}
+
+/// The primary key columns of a source table, in the key's order.
+async fn primary_key(
+    client: &deadpool_postgres::Client,
+    server: &str,
+    schema: &str,
+    table: &str,
+) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text
+               FROM pg_index x
+               CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, i)
+               JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+              WHERE x.indisprimary AND x.indrelid = format('%I.%I', $1::text, $2::text)::regclass
+              ORDER BY k.i",
+            &[&schema, &table],
+        )
+        .await
+        .with_context(|| format!("read the primary key of {schema}.{table} on {server}"))?;
+    let key: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    anyhow::ensure!(
+        !key.is_empty(),
+        "{schema}.{table} on {server} has no primary key to compare its replica by"
+    );
+    Ok(key)
+}
+
+/// `None`: the sink cannot read its rows back.
+async fn compare_table(
+    c: &Connector,
+    client: &deadpool_postgres::Client,
+    server: &str,
+    pair: Pair,
+) -> anyhow::Result<Option<Compared>> {
+    let Pair {
+        schema,
+        table,
+        sink,
+        key,
+    } = pair;
+    let cols = columns_of(c, client, server, &schema, &table).await?;
+    let key_names = key.unwrap_or_else(|| c.sink.info().rows.key);
+    let key: Vec<usize> = key_names
         .iter()
         .map(|k| {
             cols.iter().position(|(_, name, _)| name == k).with_context(|| {
@@ -97,14 +264,9 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
         c.name
     );
 
-    c.sink
-        .prepare()
-        .await
-        .with_context(|| format!("connector {}: open the sink", c.name))?;
     let target_cols: Vec<(String, ColumnType)> =
         cols.iter().map(|(_, t, ty)| (t.clone(), *ty)).collect();
-    let Some(target) = c
-        .sink
+    let Some(target) = sink
         .canonical_rows(&target_cols)
         .await
         .with_context(|| format!("connector {}: read the target's rows", c.name))?
@@ -112,11 +274,6 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<C
         return Ok(None);
     };
 
-    // A source column without a time zone reads as UTC, as Debezium sends it.
-    client
-        .batch_execute("SET TIME ZONE 'UTC'")
-        .await
-        .with_context(|| format!("set the time zone on {server}"))?;
     let source_cols: Vec<(&str, ColumnType)> =
         cols.iter().map(|(s, _, ty)| (s.as_str(), *ty)).collect();
     let select = audit::postgres_select(&format!("{}.{}", q(&schema), q(&table)), &source_cols);
@@ -210,25 +367,27 @@ fn shown(v: &Option<String>) -> String {
         .map_or_else(|| "NULL".into(), |s| format!("{s:?}"))
 }
 
-/// `(schema, table)` from the connector's one Debezium topic,
-/// `PREFIX.SCHEMA.TABLE`.
+/// `(schema, table)` of a Debezium topic, `PREFIX.SCHEMA.TABLE`.
+fn topic_table(topic: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = topic.split('.').collect();
+    (parts.len() >= 3).then(|| {
+        (
+            parts[parts.len() - 2].to_string(),
+            parts[parts.len() - 1].to_string(),
+        )
+    })
+}
+
+/// `(schema, table)` from the connector's one Debezium topic.
 fn source_table(c: &Connector) -> anyhow::Result<(String, String)> {
     let topics = c.cfg.source.kafka().map(|k| k.topics).unwrap_or_default();
     let named = match topics.as_slice() {
-        [one] if !one.starts_with('^') => {
-            let parts: Vec<&str> = one.split('.').collect();
-            (parts.len() >= 3).then(|| {
-                (
-                    parts[parts.len() - 2].to_string(),
-                    parts[parts.len() - 1].to_string(),
-                )
-            })
-        }
+        [one] if !one.starts_with('^') => topic_table(one),
         _ => None,
     };
     named.with_context(|| {
         format!(
-            "connector {}: cannot tell the source table from its topics {topics:?}: --against needs one Debezium topic named PREFIX.SCHEMA.TABLE",
+            "connector {}: cannot tell the source table from its topics {topics:?}: --against needs one Debezium topic named PREFIX.SCHEMA.TABLE (or a table template)",
             c.name
         )
     })
