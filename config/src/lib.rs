@@ -209,6 +209,15 @@ type = "text"
             &evolve.replace("evolve =", "envelope = \"debezium\"\nevolve ="),
         )
         .unwrap();
+        // So do columns taken from the target table.
+        let from_table = evolve.replace("evolve = \"add_columns\"", "columns_from = \"table\"");
+        let e = err(&from_table);
+        assert!(
+            e.contains("connectors.a.columns_from") && e.contains("envelope = \"debezium\""),
+            "{e}"
+        );
+        let e = err(&from_table.replace("\"table\"", "\"tabel\""));
+        assert!(e.contains("columns_from"), "{e}");
     }
 
     #[test]

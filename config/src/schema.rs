@@ -142,6 +142,12 @@ pub struct ConnectorConfig<S, K> {
     /// appears).
     #[serde(default)]
     pub evolve: Evolve,
+    /// Where the columns beyond the listed ones come from: `config` (none,
+    /// or the events' schemas with `evolve`) or `table` (every other
+    /// column of the existing target table, read from the field of its
+    /// name; for Debezium events without the converter's schema).
+    #[serde(default)]
+    pub columns_from: ColumnsFrom,
     /// Batching: a batch closes on the first limit reached.
     #[serde(default)]
     pub batch: BatchConfig,
@@ -247,6 +253,19 @@ pub enum Evolve {
     /// type stops the connector; a field that disappears leaves its column,
     /// which newer rows leave null.
     AddColumns,
+}
+
+/// Where a connector's columns come from (`columns_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnsFrom {
+    /// The listed `[[columns]]` (and with `evolve`, the events' schemas).
+    #[default]
+    Config,
+    /// The listed columns, then every other column of the target table,
+    /// which must exist (the sink does not create it): each is read from
+    /// the row's field of the same name, as the table's type.
+    Table,
 }
 
 /// What happens to a message that cannot be decoded or mapped.
@@ -633,6 +652,20 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    pub const ALL: [ColumnType; 11] = [
+        ColumnType::Text,
+        ColumnType::Bigint,
+        ColumnType::Integer,
+        ColumnType::Double,
+        ColumnType::Boolean,
+        ColumnType::Timestamp,
+        ColumnType::Date,
+        ColumnType::Json,
+        ColumnType::Numeric,
+        ColumnType::Uuid,
+        ColumnType::Bytea,
+    ];
+
     /// The name a config gives it (`type = "bigint"`).
     pub fn name(self) -> &'static str {
         match self {
@@ -820,6 +853,12 @@ impl<S, K> ConnectorConfig<S, K> {
             return Err(Invalid::new(
                 &["evolve"],
                 "evolve = \"add_columns\" reads the columns from each event's schema: it needs envelope = \"debezium\" (with the JSON converter's schemas.enable = true)",
+            ));
+        }
+        if self.columns_from == ColumnsFrom::Table && self.envelope != Envelope::Debezium {
+            return Err(Invalid::new(
+                &["columns_from"],
+                "columns_from = \"table\" reads each column of the target table from the change event's row of the same name: it needs envelope = \"debezium\"",
             ));
         }
         if let Some(p) = &self.tombstone_field {

@@ -131,6 +131,13 @@ macro_rules! registry {
                 }
             }
 
+            /// Whether it creates its table when missing (see [`SinkKind::creates_table`]).
+            pub fn creates_table(&self) -> bool {
+                match self {
+                    $(#[cfg(feature = $sink_name)] SinkConfig::$sink(c) => <$sink_kind>::creates_table(c),)*
+                }
+            }
+
             /// The same section writing into `table` instead, keyed on
             /// `key` when given (see [`SinkKind::with_table`]).
             pub fn with_table(&self, table: &str, key: Option<&[String]>) -> SinkConfig {

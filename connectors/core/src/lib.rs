@@ -24,6 +24,6 @@ pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};
 pub use message::{Message, Meta, PartitionRef};
 pub use sink::{
     AddsColumns, Batch, CommitStats, Opened, Rejects, RowShape, Sink, SinkError, SinkInfo,
-    StoredPosition,
+    StoredPosition, TableColumn,
 };
 pub use source::{Assignment, PartitionReader, ReadStatus, Source, SourceError};

@@ -73,6 +73,11 @@ pub trait SinkKind: 'static {
         None
     }
 
+    /// Whether it creates its table when the table is missing (`create`).
+    fn creates_table(_cfg: &Self::Config) -> bool {
+        false
+    }
+
     /// The same section writing into `table` instead, keyed on `key` when
     /// given (a key learnt from the messages, for a section without one).
     fn with_table(cfg: &Self::Config, _table: &str, _key: Option<&[String]>) -> Self::Config {

@@ -170,6 +170,10 @@ impl SinkError {
     }
 }
 
+/// A column of an existing target table: its name, and the column type
+/// Idem writes it as or else the database's own type name.
+pub type TableColumn = (String, Result<idem_config::ColumnType, String>);
+
 /// A destination that commits effects and positions together.
 #[async_trait]
 pub trait Sink: Send + Sync {
@@ -209,6 +213,15 @@ pub trait Sink: Send + Sync {
 
     /// Committed positions of `connector`, for `idem status`.
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError>;
+
+    /// The columns of its existing target table, in the table's order, the
+    /// position columns left out: each with the column type Idem writes it
+    /// as, or `Err` with the database's type when Idem writes none such
+    /// (for `columns_from = "table"`; after [`Sink::prepare`]). `None`:
+    /// the sink has no table to read.
+    async fn existing_columns(&self) -> Result<Option<Vec<TableColumn>>, SinkError> {
+        Ok(None)
+    }
 
     /// One line on what the sink holds now (e.g. a table's row count).
     async fn describe(&self) -> Result<String, SinkError>;

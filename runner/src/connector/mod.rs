@@ -22,7 +22,7 @@ use crate::dedup::{Ids, LazyStore, Stage};
 use crate::registry::ConnectorConfig;
 use crate::retry::retry_transient;
 use crate::stats::Stats;
-use idem_config::{Envelope, Evolve, Guarantee, Validate};
+use idem_config::{ColumnsFrom, Envelope, Evolve, Guarantee, Validate};
 use idem_core::registry::SinkContext;
 use idem_core::{Assignment, Mapper, Sink, SinkError, Source, SourceError};
 use std::collections::HashMap;
@@ -217,6 +217,16 @@ impl Connector {
                 mapper = mapper.learning_key();
             }
         }
+        if cfg.columns_from == ColumnsFrom::Table {
+            if template.is_some() || cfg.sink.table().is_none() || cfg.sink.creates_table() {
+                return Err(RunError::Build {
+                    connector: name.into(),
+                    sink: cfg.sink.kind(),
+                    message: "columns_from = \"table\" reads the columns of a table that exists: it needs a postgres or duckdb sink writing one table, with create = false (Idem then neither creates it nor guesses its columns)".into(),
+                });
+            }
+            mapper = mapper.columns_from_table(&cfg.columns);
+        }
         let dedup = store.map(|store| Stage {
             on_loss: store.config().on_loss,
             store,
@@ -275,6 +285,52 @@ impl Connector {
         }
     }
 
+    /// `columns_from = "table"`: the mapper takes the target table's
+    /// columns (read once the sink is prepared, before any partition
+    /// opens). A column of a type Idem does not write stops the connector
+    /// here, named, rather than being left empty.
+    async fn seed_from_table(&self) -> Result<(), RunError> {
+        let fail = |message: String| RunError::Build {
+            connector: self.name.clone(),
+            sink: self.cfg.sink.kind(),
+            message,
+        };
+        let found = self
+            .sink
+            .existing_columns()
+            .await
+            .map_err(|e| self.sink_err(e))?
+            .ok_or_else(|| {
+                fail("columns_from = \"table\": this sink cannot read its table's columns".into())
+            })?;
+        let mut columns = Vec::new();
+        let mut refused = Vec::new();
+        for (name, ty) in found {
+            if self.cfg.columns.iter().any(|c| c.name == name) {
+                continue;
+            }
+            match ty {
+                Ok(ty) => columns.push((name, ty)),
+                Err(db) => refused.push(format!("`{name}` ({db})")),
+            }
+        }
+        if !refused.is_empty() {
+            return Err(fail(format!(
+                "columns_from = \"table\": Idem does not write the type of column {}; it writes the types of `[[columns]]` (see the sink's page): change the column's type, or leave columns_from out and list the columns",
+                refused.join(", ")
+            )));
+        }
+        self.mapper
+            .seed("", &columns)
+            .map_err(|e| fail(format!("columns_from = \"table\": {e}")))?;
+        tracing::info!(
+            connector = %self.name,
+            columns = columns.len(),
+            "columns taken from the target table"
+        );
+        Ok(())
+    }
+
     fn source_err(&self, source: SourceError) -> RunError {
         RunError::Source {
             connector: self.name.clone(),
@@ -297,6 +353,9 @@ impl Connector {
                 return Ok(());
             }
             Err(e) => return Err(self.sink_err(e)),
+        }
+        if self.cfg.columns_from == ColumnsFrom::Table {
+            self.seed_from_table().await?;
         }
         self.stats.set_prepared(true);
         let mut parts = PartitionTasks::default();

@@ -321,7 +321,10 @@ type = "bigint"
         let (name, c) = cfg.connectors.into_iter().next().unwrap();
         match Connector::build(&name, c) {
             Ok(c) => {
-                assert!(c.sink.info().why.contains("each source table"));
+                assert_eq!(
+                    c.sink.info().why.contains("each source table"),
+                    c.routed.is_some()
+                );
                 None
             }
             Err(e) => Some(e.to_string()),
@@ -346,6 +349,22 @@ type = "bigint"
     );
     let e = build(learning, &format!("{unkeyed}table = \"t\"\n")).unwrap();
     assert!(e.contains("t.toml") && e.contains("needs key"), "{e}");
+    // Columns from a table the user made: it must not be created (nor
+    // be a template, nor be no table at all).
+    let from_table =
+        "envelope = \"debezium\"\ncolumns_from = \"table\"\nguarantee = \"at-least-once\"";
+    let one = format!("{pg}table = \"t\"\n");
+    let e = build(from_table, &one).unwrap();
+    assert!(e.contains("create = false"), "{e}");
+    assert_eq!(build(from_table, &format!("{one}create = false\n")), None);
+    let e = build(
+        &format!("{from_table}\nevolve = \"add_columns\""),
+        &format!("{template}create = false\n"),
+    )
+    .unwrap();
+    assert!(e.contains("one table"), "{e}");
+    let e = build(from_table, "type = \"stdout\"").unwrap();
+    assert!(e.contains("postgres or duckdb"), "{e}");
     let e = build(learning, "type = \"stdout\"").unwrap();
     assert!(
         e.contains("available on the postgres, duckdb and s3 sinks"),

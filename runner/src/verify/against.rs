@@ -9,7 +9,7 @@
 use crate::connector::routed::Learnt;
 use crate::connector::Connector;
 use anyhow::Context;
-use idem_config::{ColumnConfig, ColumnType, Envelope, Evolve, Pointer};
+use idem_config::{ColumnConfig, ColumnType, ColumnsFrom, Envelope, Evolve, Pointer};
 use idem_core::table::{audit, sql::q};
 use idem_core::Sink;
 use std::collections::HashMap;
@@ -181,7 +181,34 @@ async fn columns_of(
             }
         })
         .collect();
-    if let (Evolve::AddColumns, Some(adds)) = (c.cfg.evolve, c.sink.info().adds_columns) {
+    if c.cfg.columns_from == ColumnsFrom::Table {
+        // The target's other columns, each compared with the source's
+        // column of its name (a column the source lacks is the target's
+        // own: not compared).
+        let source: Vec<String> = client
+            .query(
+                "SELECT column_name::text FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2",
+                &[&schema, &table],
+            )
+            .await
+            .with_context(|| format!("read the columns of {schema}.{table} on {server}"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let found = c
+            .sink
+            .existing_columns()
+            .await
+            .with_context(|| format!("connector {}: read the target's columns", c.name))?
+            .unwrap_or_default();
+        for (name, ty) in found {
+            let listed = cols.iter().any(|(f, t, _)| *f == name || *t == name);
+            if let (Ok(ty), false, true) = (ty, listed, source.contains(&name)) {
+                cols.push((name.clone(), name, ty));
+            }
+        }
+    } else if let (Evolve::AddColumns, Some(adds)) = (c.cfg.evolve, c.sink.info().adds_columns) {
         let found = client
             .query(
                 "SELECT column_name::text, data_type::text FROM information_schema.columns

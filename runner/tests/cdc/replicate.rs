@@ -1,5 +1,6 @@
 //! One table replicated while Idem runs, with and without the JSON
-//! converter's schemas.
+//! converter's schemas, and into a table of the user's own whose columns
+//! Idem takes (`columns_from = "table"`).
 
 use crate::support::*;
 use idem_testkit::*;
@@ -7,17 +8,24 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debezium_changes_replicate_a_table_exactly() {
-    replicate(false).await;
+    replicate(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_with_the_json_converters_schemas() {
-    replicate(true).await;
+    replicate(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_into_an_existing_table_whose_columns_idem_takes() {
+    replicate(false, true).await;
 }
 
 /// A snapshot, then inserts, updates, deletes and primary-key updates,
-/// captured by Debezium while Idem runs.
-async fn replicate(schemas: bool) {
+/// captured by Debezium while Idem runs. With `from_table`, the target is
+/// created beforehand (a `varchar` column, and one of its own the source
+/// lacks) and only the key and version columns are listed.
+async fn replicate(schemas: bool, from_table: bool) {
     let src = fresh_schema("cdc_src");
     let dst = fresh_schema("cdc_dst");
     let db = pg().await;
@@ -27,25 +35,48 @@ async fn replicate(schemas: bool) {
     ))
     .await
     .unwrap();
+    if from_table {
+        db.batch_execute(&format!(
+            "CREATE SCHEMA \"{dst}\";
+             CREATE TABLE \"{dst}\".customers (id bigint PRIMARY KEY, name varchar(100), n bigint,
+                 lsn bigint, loaded_at timestamptz DEFAULT now(),
+                 _idem_partition text, _idem_offset bigint);"
+        ))
+        .await
+        .unwrap();
+    }
     let capture = Capture::start(&src, &["customers"], schemas).await;
 
     let w = Workdir::new();
     // With the schemas, no version column: the guard is optional.
-    let cfg = w.write(
-        "cdc.toml",
-        &connector(
-            "cdc",
-            &capture.topics[0],
-            &format!("{src}_idem"),
-            &postgres_sink(&dst, "customers"),
-            Shape::Replica {
-                versioned: !schemas,
-                learns: false,
-            },
-            &w.path("cdc.deadletter.jsonl"),
-            &WORKLOAD_COLUMNS,
-        ),
+    let mut toml = connector(
+        "cdc",
+        &capture.topics[0],
+        &format!("{src}_idem"),
+        &postgres_sink(&dst, "customers"),
+        Shape::Replica {
+            versioned: !schemas,
+            learns: false,
+        },
+        &w.path("cdc.deadletter.jsonl"),
+        if from_table {
+            &[("id", "bigint")]
+        } else {
+            &WORKLOAD_COLUMNS
+        },
     );
+    if from_table {
+        toml = toml
+            .replace(
+                "envelope = \"debezium\"\n",
+                "envelope = \"debezium\"\ncolumns_from = \"table\"\n",
+            )
+            .replace(
+                "type = \"postgres\"\n",
+                "type = \"postgres\"\ncreate = false\n",
+            );
+    }
+    let cfg = w.write("cdc.toml", &toml);
     let mut runner = spawn_logged(&cfg, &w.path("idem.log"));
 
     // Changes while it runs: updates, deletes, inserts, key updates.

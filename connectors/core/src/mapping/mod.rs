@@ -132,6 +132,11 @@ struct Learning {
     /// Each route's key is learnt too: the fields of the message key (the
     /// source table's primary key), for tables created per source table.
     key: bool,
+    /// Columns are learnt from the events' schemas (`evolve`).
+    from_schema: bool,
+    /// The layouts start from the target table's columns
+    /// (`columns_from = "table"`): an event without a schema maps by them.
+    from_table: bool,
 }
 
 struct Layout {
@@ -219,8 +224,53 @@ impl Mapper {
             base: Arc::new(Layout::new(self.columns.clone(), listed.to_vec())),
             decimal,
             key: false,
+            from_schema: true,
+            from_table: false,
         });
         self
+    }
+
+    /// Take the columns beyond the listed ones from the target table
+    /// (`columns_from = "table"`), once [`Mapper::seed`] gives them: each
+    /// read from the row's field of its name.
+    pub fn columns_from_table(mut self, listed: &[ColumnConfig]) -> Self {
+        let learning = self.learning.get_or_insert_with(|| Learning {
+            layouts: RwLock::new(HashMap::new()),
+            base: Arc::new(Layout::new(self.columns.clone(), listed.to_vec())),
+            decimal: ColumnType::Text,
+            key: false,
+            from_schema: false,
+            from_table: false,
+        });
+        learning.from_table = true;
+        self
+    }
+
+    /// The target table's columns for `route` (see
+    /// [`Mapper::columns_from_table`]): those no listed column reads are
+    /// appended to the listed ones, in the table's order. `Err`: a name no
+    /// column can have.
+    pub fn seed(&self, route: &str, table: &[(String, ColumnType)]) -> Result<(), String> {
+        let Some(learning) = self.learning.as_ref().filter(|l| l.from_table) else {
+            return Ok(());
+        };
+        let mut columns = learning.base.columns.clone();
+        let mut configs = (*learning.base.configs).clone();
+        for (name, ty) in table {
+            if columns.iter().any(|c| reads(c, name)) {
+                continue;
+            }
+            learnable(name)?;
+            let (column, config) = field_column(name, *ty);
+            columns.push(column);
+            configs.push(config);
+        }
+        learning
+            .layouts
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(route.to_string(), Arc::new(Layout::new(columns, configs)));
+        Ok(())
     }
 
     /// Learn each route's key from the message key as well (with
@@ -422,6 +472,13 @@ impl Mapper {
         let op_text = event.get_mut("op").map(Json::take);
         let mut row = event.get_mut(side).map(Json::take).unwrap_or(Json::Null);
         let layout = match &self.learning {
+            // Not learning from this event: no schema to learn from, and
+            // the target table's columns to map by.
+            Some(learning)
+                if !learning.from_schema || (schema.is_none() && learning.from_table) =>
+            {
+                Some(learning.layout(route))
+            }
             Some(learning) => {
                 let key = if learning.key {
                     Some(key_names(msg)?)
@@ -528,22 +585,9 @@ impl Mapper {
                 Some(_) => {}
                 None => {
                     learnable(name).map_err(MapError::stop)?;
-                    let pointer = format!("/{}", name.replace('~', "~0").replace('/', "~1"));
-                    columns.push(Column {
-                        name: name.clone(),
-                        from: Origin::Doc,
-                        tokens: vec![name.clone()],
-                        pointer: pointer.clone(),
-                        ty,
-                        required: false,
-                        key: false,
-                    });
-                    configs.push(ColumnConfig {
-                        name: name.clone(),
-                        pointer: Some(pointer),
-                        ty,
-                        required: false,
-                    });
+                    let (column, config) = field_column(name, ty);
+                    columns.push(column);
+                    configs.push(config);
                 }
             }
         }
@@ -639,6 +683,29 @@ fn settle(set: &RwLock<std::collections::HashSet<(u64, bool)>>, settled: (u64, b
         set.clear();
     }
     set.insert(settled);
+}
+
+/// A nullable column read from the row's top-level field `name`, as the
+/// mapper and the sinks take it.
+fn field_column(name: &str, ty: ColumnType) -> (Column, ColumnConfig) {
+    let pointer = format!("/{}", name.replace('~', "~0").replace('/', "~1"));
+    (
+        Column {
+            name: name.to_string(),
+            from: Origin::Doc,
+            tokens: vec![name.to_string()],
+            pointer: pointer.clone(),
+            ty,
+            required: false,
+            key: false,
+        },
+        ColumnConfig {
+            name: name.to_string(),
+            pointer: Some(pointer),
+            ty,
+            required: false,
+        },
+    )
 }
 
 /// Whether `col` holds the row's field `name`: named so, or reading it.

@@ -832,3 +832,59 @@ fn learning_the_key_takes_the_message_keys_fields_per_route() {
         .unwrap_err();
     assert!(!e.stop, "{e}");
 }
+
+#[test]
+fn columns_from_the_table_map_events_without_a_schema_by_name() {
+    let mut lsn = col("lsn", ColumnType::Bigint, false);
+    lsn.pointer = Some("@source/lsn".into());
+    let listed = [col("id", ColumnType::Bigint, false), lsn];
+    let m = Mapper::new(&listed, &["id".into()], true, None)
+        .with_envelope(Envelope::Debezium)
+        .columns_from_table(&listed);
+    let event = r#"{"before":null,"after":{"id":1,"name":"a","born":"2024-01-02","gone":5},"op":"c","source":{"lsn":9}}"#;
+    // Before the table's columns are known: the listed ones only.
+    assert_eq!(m.map(&msg(event)).unwrap().values.len(), 2);
+    // The table's columns follow the listed ones, in its order; one the
+    // listed columns read already (`id`) is not taken twice, and a field
+    // the table lacks (`gone`) is not written.
+    m.seed(
+        "",
+        &[
+            ("id".into(), ColumnType::Integer),
+            ("born".into(), ColumnType::Date),
+            ("name".into(), ColumnType::Text),
+            ("extra".into(), ColumnType::Bigint),
+        ],
+    )
+    .unwrap();
+    let r = m.map(&msg(event)).unwrap();
+    assert_eq!(
+        r.values,
+        vec![
+            Value::BigInt(1),
+            Value::BigInt(9),
+            Value::Date(19724),
+            Value::Text("a".into()),
+            Value::Null
+        ]
+    );
+    let names: Vec<String> = m
+        .learnt_columns("")
+        .unwrap()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(names, ["id", "lsn", "born", "name", "extra"]);
+    // A field of the wrong type names its column.
+    let e = m
+        .map(&msg(
+            r#"{"after":{"id":2,"name":"b","born":"soon"},"op":"u","source":{"lsn":10}}"#,
+        ))
+        .unwrap_err();
+    assert!(e.reason.contains("`born`"), "{e}");
+    // A table column no column can be is refused, named.
+    assert!(m
+        .seed("", &[("_idem_x".into(), ColumnType::Text)])
+        .unwrap_err()
+        .contains("_idem_x"));
+}

@@ -39,6 +39,10 @@ impl idem_core::registry::SinkKind for DuckDbKind {
         Some(cfg.table.clone())
     }
 
+    fn creates_table(cfg: &DuckDbSinkConfig) -> bool {
+        cfg.create
+    }
+
     fn with_table(cfg: &DuckDbSinkConfig, table: &str, key: Option<&[String]>) -> DuckDbSinkConfig {
         DuckDbSinkConfig {
             table: table.to_string(),

@@ -13,7 +13,7 @@ use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::table::{audit, check};
 use idem_core::{
     AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo,
-    StoredPosition, Value,
+    StoredPosition, TableColumn, Value,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -297,7 +297,7 @@ impl Inner {
         let read = || -> duckdb::Result<Vec<(String, String)>> {
             let mut stmt = conn.prepare(
                 "SELECT column_name, data_type FROM information_schema.columns
-                 WHERE table_schema = 'main' AND table_name = ?",
+                 WHERE table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
             )?;
             let rows = stmt.query_map(params![table], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
@@ -585,6 +585,29 @@ impl Sink for DuckDbSink {
                 recover::positions(conn, &plan.ctx, &plan.offsets, &connector)
             })
             .await?)
+    }
+
+    async fn existing_columns(&self) -> Result<Option<Vec<TableColumn>>, SinkError> {
+        Ok(Some(
+            self.blocking(|inner| {
+                let guard = inner
+                    .conn
+                    .lock()
+                    .map_err(|_| DuckDbError::Worker("connection lock poisoned".into()))?;
+                let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
+                inner.table_columns(conn)
+            })
+            .await?
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("_idem_"))
+            .map(|(name, ty)| {
+                // No unbounded DECIMAL here (see `sql_type`).
+                let ty =
+                    check::column_type(&ty, |t| (t != ColumnType::Numeric).then(|| sql_type(t)));
+                (name, ty)
+            })
+            .collect(),
+        ))
     }
 
     async fn describe(&self) -> Result<String, SinkError> {

@@ -48,6 +48,10 @@ impl idem_core::registry::SinkKind for PostgresKind {
         Some(cfg.table.clone())
     }
 
+    fn creates_table(cfg: &PostgresSinkConfig) -> bool {
+        cfg.create
+    }
+
     fn with_table(
         cfg: &PostgresSinkConfig,
         table: &str,

@@ -13,7 +13,7 @@ use idem_core::table::sql::{self, q, DELETE_FLAG};
 use idem_core::table::{audit, check};
 use idem_core::{
     AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo,
-    StoredPosition,
+    StoredPosition, TableColumn,
 };
 use idem_postgres::server_name;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -291,7 +291,7 @@ impl PostgresSink {
         let rows = client
             .query(
                 "SELECT column_name::text, data_type::text FROM information_schema.columns
-                 WHERE table_schema = $1 AND table_name = $2",
+                 WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
                 &[&self.cfg.schema, &self.cfg.table],
             )
             .await
@@ -663,6 +663,21 @@ impl Sink for PostgresSink {
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {
         let client = self.client().await?;
         Ok(recover::positions(&**client, &self.ctx, &self.plan().offsets, connector).await?)
+    }
+
+    async fn existing_columns(&self) -> Result<Option<Vec<TableColumn>>, SinkError> {
+        let client = self.client().await?;
+        let found = self.table_columns(&**client).await?;
+        Ok(Some(
+            found
+                .into_iter()
+                .filter(|(name, _)| !name.starts_with("_idem_"))
+                .map(|(name, ty)| {
+                    let ty = check::column_type(&ty, |t| Some(reported_type(t)));
+                    (name, ty)
+                })
+                .collect(),
+        ))
     }
 
     async fn describe(&self) -> Result<String, SinkError> {
