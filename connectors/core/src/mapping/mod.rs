@@ -146,6 +146,10 @@ struct Layout {
     /// The key columns, when learnt from the message key: set by the first
     /// event, and every later event's key must name the same fields.
     key: Option<Arc<Vec<String>>>,
+    /// How many columns come first whose types override the schema's (the
+    /// listed ones, and those of the target table): the rest were learnt,
+    /// and a schema that changes their type stops the connector.
+    fixed: usize,
     /// Schemas (id, side) found to hold nothing new for these columns: an
     /// event of one is mapped without going through its fields again.
     /// Columns only grow and never change type, so this stays true.
@@ -160,6 +164,7 @@ const SETTLED: usize = 1024;
 impl Layout {
     fn new(columns: Vec<Column>, configs: Vec<ColumnConfig>) -> Layout {
         Layout {
+            fixed: columns.len(),
             columns,
             configs: Arc::new(configs),
             key: None,
@@ -568,7 +573,7 @@ impl Mapper {
         let layout = layouts
             .entry(route.to_string())
             .or_insert_with(|| learning.base.clone());
-        let listed = learning.base.columns.len();
+        let listed = layout.fixed;
         let mut columns = layout.columns.clone();
         let mut configs = (*layout.configs).clone();
         for (name, field) in fields {
@@ -615,6 +620,7 @@ impl Mapper {
         if columns.len() > layout.columns.len() || learnt_key != layout.key {
             let mut grown = Layout::new(columns, configs);
             grown.key = learnt_key;
+            grown.fixed = layout.fixed;
             *layout = Arc::new(grown);
         }
         settle(&layout.settled, settled);

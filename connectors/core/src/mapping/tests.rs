@@ -888,3 +888,37 @@ fn columns_from_the_table_map_events_without_a_schema_by_name() {
         .unwrap_err()
         .contains("_idem_x"));
 }
+
+#[test]
+fn with_schemas_too_the_tables_columns_keep_their_types() {
+    let listed = [col("id", ColumnType::Bigint, false)];
+    let m = Mapper::new(&listed, &["id".into()], true, None)
+        .with_envelope(Envelope::Debezium)
+        .learning_columns(&listed, ColumnType::Text)
+        .columns_from_table(&listed);
+    m.seed("", &[("qty".into(), ColumnType::Integer)]).unwrap();
+    // The schema says int64 where the table has integer: the table's type
+    // wins, as a listed column's would; a field the table lacks is learnt.
+    let fields = r#"[{"field":"id","type":"int64"},{"field":"qty","type":"int64"},{"field":"note","type":"string","optional":true}]"#;
+    let r = m
+        .map(&with_schema(fields, r#"{"id":1,"qty":2,"note":"n"}"#, "c"))
+        .unwrap();
+    assert_eq!(
+        r.values,
+        vec![Value::BigInt(1), Value::Integer(2), Value::Text("n".into())]
+    );
+    // Without a schema, the same table columns (and what was learnt).
+    let r = m
+        .map(&msg(r#"{"after":{"id":2,"qty":3,"note":"m"},"op":"u"}"#))
+        .unwrap();
+    assert_eq!(
+        r.values,
+        vec![Value::BigInt(2), Value::Integer(3), Value::Text("m".into())]
+    );
+    // A learnt column still stops on a type change.
+    let changed = r#"[{"field":"id","type":"int64"},{"field":"note","type":"int32"}]"#;
+    let e = m
+        .map(&with_schema(changed, r#"{"id":1,"note":5}"#, "u"))
+        .unwrap_err();
+    assert!(e.stop && e.reason.contains("`note`"), "{e}");
+}
