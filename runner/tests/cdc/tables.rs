@@ -82,6 +82,14 @@ async fn one_connector_replicates_every_table_of_a_schema() {
         db.batch_execute(&change(&src, t, &mut rng, i, false))
             .await
             .unwrap();
+        if i % 70 == 0 {
+            // More kills mid-stream: each restart opens the partitions
+            // before any table's key is known again.
+            tokio::time::sleep(Duration::from_millis(rng.next() % 1500)).await;
+            signal(runner.0.id(), "KILL");
+            let _ = runner.0.wait();
+            runner = spawn_logged(&cfg, &w.path("idem2.log"));
+        }
     }
     db.batch_execute(&format!(
         "UPDATE \"{src}\".payments SET note = 'paid' WHERE seq % 4 = 0;
