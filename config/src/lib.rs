@@ -218,6 +218,26 @@ type = "text"
         );
         let e = err(&from_table.replace("\"table\"", "\"tabel\""));
         assert!(e.contains("columns_from"), "{e}");
+        // Avro needs its schema, and the schema needs Avro.
+        let avro = GOOD.replace(
+            "[connectors.a.source]",
+            "[connectors.a]\nformat = \"avro\"\n[connectors.a.source]",
+        );
+        let e = err(&avro);
+        assert!(e.contains("connectors.a.schema_file"), "{e}");
+        parse::<Src, Snk>(
+            Path::new("f.toml"),
+            &avro.replace("format =", "schema_file = \"v.avsc\"\nformat ="),
+        )
+        .unwrap();
+        let e = err(&GOOD.replace(
+            "[connectors.a.source]",
+            "[connectors.a]\nschema_file = \"v.avsc\"\n[connectors.a.source]",
+        ));
+        assert!(
+            e.contains("connectors.a.schema_file") && e.contains("JSON"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -22,6 +22,11 @@ pub struct Ids {
 }
 
 impl Ids {
+    /// Where the ids come from.
+    pub fn source(&self) -> &IdSource {
+        &self.source
+    }
+
     pub fn new(connector: &str, source: IdSource) -> Self {
         Ids {
             source,

@@ -22,7 +22,7 @@ use crate::dedup::{Ids, LazyStore, Stage};
 use crate::registry::ConnectorConfig;
 use crate::retry::retry_transient;
 use crate::stats::Stats;
-use idem_config::{ColumnsFrom, Envelope, Evolve, Guarantee, Validate};
+use idem_config::{ColumnsFrom, Envelope, Evolve, Format, Guarantee, Validate};
 use idem_core::registry::SinkContext;
 use idem_core::{Assignment, Mapper, Sink, SinkError, Source, SourceError};
 use std::collections::HashMap;
@@ -216,6 +216,24 @@ impl Connector {
             if template.is_some() && learns_key(&info) {
                 mapper = mapper.learning_key();
             }
+        }
+        if cfg.format == Format::Avro {
+            let path = cfg.schema_file.as_deref().unwrap_or_default();
+            let build_err = |message: String| RunError::Build {
+                connector: name.into(),
+                sink: cfg.sink.kind(),
+                message: format!("schema_file = \"{path}\": {message}"),
+            };
+            if matches!(&ids, Some(i) if matches!(i.source(), idem_config::IdSource::Pointer(_))) {
+                return Err(RunError::DedupConfig {
+                    connector: name.into(),
+                    message: "[dedup] id points into the value, which is read as JSON; with format = \"avro\" take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"".into(),
+                });
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| build_err(e.to_string()))?;
+            let schema = idem_core::mapping::avro::AvroSchema::parse(&text)
+                .map_err(|e| build_err(format!("not an Avro schema: {e}")))?;
+            mapper = mapper.with_avro(schema);
         }
         if cfg.columns_from == ColumnsFrom::Table {
             if template.is_some() || cfg.sink.table().is_none() || cfg.sink.creates_table() {

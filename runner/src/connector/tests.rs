@@ -371,3 +371,53 @@ type = "bigint"
         "{e}"
     );
 }
+
+#[test]
+fn an_avro_schema_file_that_is_missing_or_wrong_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let build_with = |file: &std::path::Path, extra: &str| {
+        let text = format!(
+            r#"
+[connectors.t]
+guarantee = "at-least-once"
+format = "avro"
+schema_file = "{}"
+[connectors.t.source]
+type = "file"
+path = "in.jsonl"
+[connectors.t.sink]
+type = "stdout"
+[[connectors.t.columns]]
+name = "id"
+type = "bigint"
+{extra}"#,
+            file.display()
+        );
+        let cfg: crate::registry::Config =
+            idem_config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        let (name, c) = cfg.connectors.into_iter().next().unwrap();
+        Connector::build(&name, c).err().map(|e| e.to_string())
+    };
+    let build = |file: &std::path::Path| build_with(file, "");
+    let missing = dir.path().join("nope.avsc");
+    let e = build(&missing).unwrap();
+    assert!(e.contains("schema_file") && e.contains("nope.avsc"), "{e}");
+    let wrong = dir.path().join("wrong.avsc");
+    std::fs::write(&wrong, r#"{"type": "record"}"#).unwrap();
+    let e = build(&wrong).unwrap();
+    assert!(e.contains("not an Avro schema"), "{e}");
+    let right = dir.path().join("right.avsc");
+    std::fs::write(
+        &right,
+        r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(build(&right), None);
+    // Message ids from the value would read it as JSON: refused.
+    let e = build_with(&right, "[connectors.t.dedup]\nid = \"/id\"\n").unwrap();
+    assert!(e.contains("format = \"avro\"") && e.contains("@key"), "{e}");
+    assert_eq!(
+        build_with(&right, "[connectors.t.dedup]\nid = \"@key\"\n"),
+        None
+    );
+}

@@ -8,6 +8,7 @@
 mod dead_letters;
 mod exactly_once;
 mod flow;
+mod formats;
 mod group;
 mod security;
 mod settings;

@@ -309,6 +309,13 @@ fn decimal(b64: &str, scale: u32) -> Result<String, String> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .map_err(|e| format!("not base64 ({e})"))?;
+    decimal_of_bytes(&bytes, scale)
+}
+
+/// The decimal whose unscaled value is the big-endian two's-complement
+/// integer `bytes` (Kafka Connect's and Avro's encoding), with `scale`
+/// digits after the point.
+pub(super) fn decimal_of_bytes(bytes: &[u8], scale: u32) -> Result<String, String> {
     if bytes.len() > 16 {
         return Err(format!(
             "a decimal of {} bytes: more than 38 digits",
@@ -317,7 +324,7 @@ fn decimal(b64: &str, scale: u32) -> Result<String, String> {
     }
     let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
     let mut n: i128 = if negative { -1 } else { 0 };
-    for b in &bytes {
+    for b in bytes {
         n = (n << 8) | i128::from(*b);
     }
     let digits = n.unsigned_abs().to_string();

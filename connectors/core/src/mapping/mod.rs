@@ -7,6 +7,7 @@
 //! - `flat.rs`: the one-pass reader of documents whose columns are all
 //!   top-level fields.
 
+pub mod avro;
 mod debezium;
 mod flat;
 #[cfg(test)]
@@ -115,6 +116,9 @@ pub struct Mapper {
     learning: Option<Learning>,
     /// Debezium events' schemas, parsed once each.
     schemas: debezium::SchemaCache,
+    /// `format = "avro"`: values decoded with this schema into the JSON
+    /// document they stand for.
+    avro: Option<avro::AvroSchema>,
 }
 
 /// The columns of a connector that learns them from the events' schemas.
@@ -217,7 +221,16 @@ impl Mapper {
             envelope: Envelope::None,
             learning: None,
             schemas: Default::default(),
+            avro: None,
         }
+    }
+
+    /// Values in Avro's binary encoding, written with `schema`.
+    pub fn with_avro(mut self, schema: avro::AvroSchema) -> Self {
+        // The flat reader parses JSON text.
+        self.flat = None;
+        self.avro = Some(schema);
+        self
     }
 
     /// Learn columns from each event's schema (`evolve = "add_columns"`):
@@ -338,6 +351,17 @@ impl Mapper {
                 "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
             ));
         };
+        if let Some(avro) = &self.avro {
+            let mut doc = avro.decode(raw).map_err(MapError::new)?;
+            let tombstone = self.is_tombstone(&doc);
+            let fields = self.fields(&self.columns, &mut doc);
+            let op = if self.deletes && tombstone {
+                Op::Delete
+            } else {
+                Op::Upsert
+            };
+            return self.record(&self.columns, msg, fields, op);
+        }
         let (fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
             Some(Ok(Some(picked))) => picked,
             // Not an object (or no flat plan): the general path decides.

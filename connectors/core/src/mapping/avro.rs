@@ -1,0 +1,265 @@
+//! Avro values (`format = "avro"`), read as the JSON document the mapping
+//! takes: pointers, column types and dead letters work as for JSON. Each
+//! value is decoded with the writer's schema, walked alongside it so that
+//! logical types come out as the column types read them: a decimal as its
+//! exact digits (the scale is in the schema), a date as `YYYY-MM-DD`, a
+//! timestamp as RFC 3339, bytes in base64, a union as its branch's value.
+
+use apache_avro::schema::{Name, Schema};
+use apache_avro::types::Value as Avro;
+use base64::Engine as _;
+use serde_json::Value as Json;
+use std::collections::HashMap;
+
+/// The writer's schema of a topic's values, parsed once.
+pub struct AvroSchema {
+    /// Kept for the life of the process (a connector has a schema or a
+    /// few), so the reader resolved from it once is kept with it.
+    schema: &'static Schema,
+    reader: apache_avro::reader::datum::GenericDatumReader<'static>,
+    /// The named types (records, enums, fixed) a reference points to.
+    names: HashMap<Name, Schema>,
+}
+
+impl AvroSchema {
+    /// Parse the schema's JSON text (an `.avsc` file). `Err` says why it is
+    /// not a schema.
+    pub fn parse(text: &str) -> Result<AvroSchema, String> {
+        let schema: &'static Schema = Box::leak(Box::new(
+            Schema::parse_str(text).map_err(|e| e.to_string())?,
+        ));
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let names = apache_avro::schema::ResolvedSchema::try_from(schema)
+            .map_err(|e| e.to_string())?
+            .get_names()
+            .iter()
+            .map(|(name, s)| (name.clone(), (*s).clone()))
+            .collect();
+        Ok(AvroSchema {
+            schema,
+            reader,
+            names,
+        })
+    }
+
+    /// One value in Avro's binary encoding (no container, no header), as
+    /// JSON. `Err` says why it does not decode with this schema.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Json, String> {
+        let mut rest = bytes;
+        let value = self
+            .reader
+            .read_value(&mut rest)
+            .map_err(|e| format!("not an Avro value of the schema: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!(
+                "not an Avro value of the schema: {} bytes are left after the value",
+                rest.len()
+            ));
+        }
+        self.json(self.schema, value)
+    }
+
+    fn json(&self, schema: &Schema, value: Avro) -> Result<Json, String> {
+        let schema = match schema {
+            Schema::Ref { name } => self
+                .names
+                .get(name)
+                .ok_or_else(|| format!("the schema names an unknown type `{name}`"))?,
+            other => other,
+        };
+        let b64 = |b: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(b));
+        Ok(match value {
+            Avro::Null => Json::Null,
+            Avro::Boolean(b) => Json::Bool(b),
+            Avro::Int(i) => Json::from(i),
+            Avro::Long(i) => Json::from(i),
+            Avro::Float(f) => float(f64::from(f)),
+            Avro::Double(f) => float(f),
+            Avro::Bytes(b) | Avro::Fixed(_, b) => b64(&b),
+            Avro::String(s) | Avro::Enum(_, s) => Json::String(s),
+            Avro::Uuid(u) => Json::String(u.to_string()),
+            Avro::Union(i, v) => {
+                let Schema::Union(union) = schema else {
+                    return Err("a union value where the schema has none".into());
+                };
+                let branch = union
+                    .variants()
+                    .get(i as usize)
+                    .ok_or_else(|| format!("union branch {i} is not in the schema"))?;
+                self.json(branch, *v)?
+            }
+            Avro::Array(items) => {
+                let Schema::Array(a) = schema else {
+                    return Err("an array where the schema has none".into());
+                };
+                Json::Array(
+                    items
+                        .into_iter()
+                        .map(|v| self.json(&a.items, v))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+            Avro::Map(entries) => {
+                let Schema::Map(m) = schema else {
+                    return Err("a map where the schema has none".into());
+                };
+                let mut out = serde_json::Map::new();
+                for (k, v) in entries {
+                    out.insert(k, self.json(&m.types, v)?);
+                }
+                Json::Object(out)
+            }
+            Avro::Record(fields) => {
+                let Schema::Record(r) = schema else {
+                    return Err("a record where the schema has none".into());
+                };
+                let mut out = serde_json::Map::new();
+                for ((name, v), field) in fields.into_iter().zip(&r.fields) {
+                    out.insert(name, self.json(&field.schema, v)?);
+                }
+                Json::Object(out)
+            }
+            Avro::Decimal(d) => {
+                let Schema::Decimal(ds) = schema else {
+                    return Err("a decimal where the schema has none".into());
+                };
+                let bytes = Vec::<u8>::try_from(&d).map_err(|e| e.to_string())?;
+                let scale = u32::try_from(ds.scale).map_err(|_| "a decimal scale too large")?;
+                Json::String(super::debezium::decimal_of_bytes(&bytes, scale)?)
+            }
+            Avro::BigDecimal(d) => {
+                let text = d.to_string();
+                Json::String(super::plain_decimal(&text).unwrap_or(text))
+            }
+            Avro::Date(days) => {
+                let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+                    .and_then(|e| e.checked_add_signed(chrono::Duration::days(i64::from(days))))
+                    .ok_or_else(|| format!("date {days} days from 1970-01-01 is out of range"))?;
+                Json::String(date.format("%Y-%m-%d").to_string())
+            }
+            Avro::TimeMillis(ms) => Json::from(ms),
+            Avro::TimeMicros(us) => Json::from(us),
+            Avro::TimestampMillis(ms) | Avro::LocalTimestampMillis(ms) => {
+                timestamp(ms.checked_mul(1_000), ms)?
+            }
+            Avro::TimestampMicros(us) | Avro::LocalTimestampMicros(us) => timestamp(Some(us), us)?,
+            Avro::TimestampNanos(ns) | Avro::LocalTimestampNanos(ns) => {
+                timestamp(Some(ns.div_euclid(1_000)), ns)?
+            }
+            Avro::Duration(d) => serde_json::json!({
+                "months": u32::from(d.months()),
+                "days": u32::from(d.days()),
+                "millis": u32::from(d.millis()),
+            }),
+        })
+    }
+}
+
+/// A float as a JSON number; NaN and the infinities, which JSON has no
+/// number for, as text (a `double` column refuses them by name).
+fn float(f: f64) -> Json {
+    serde_json::Number::from_f64(f).map_or_else(|| Json::String(f.to_string()), Json::Number)
+}
+
+/// Microseconds since the epoch as an RFC 3339 timestamp in UTC.
+fn timestamp(micros: Option<i64>, raw: i64) -> Result<Json, String> {
+    micros
+        .and_then(chrono::DateTime::from_timestamp_micros)
+        .map(|t| Json::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))
+        .ok_or_else(|| format!("timestamp {raw} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Record;
+
+    const SCHEMA: &str = r#"{
+      "type": "record", "name": "Order", "namespace": "shop",
+      "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "note", "type": ["null", "string"], "default": null},
+        {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}},
+        {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "state", "type": {"type": "enum", "name": "State", "symbols": ["NEW", "PAID"]}},
+        {"name": "tags", "type": {"type": "array", "items": "string"}},
+        {"name": "buyer", "type": {"type": "record", "name": "Buyer", "fields": [{"name": "name", "type": "string"}]}},
+        {"name": "seller", "type": ["null", "Buyer"]},
+        {"name": "raw", "type": "bytes"}
+      ]
+    }"#;
+
+    fn encoded(f: impl FnOnce(&mut Record)) -> Vec<u8> {
+        let schema = Schema::parse_str(SCHEMA).unwrap();
+        let mut r = Record::new(&schema).unwrap();
+        r.put("id", 7_i64);
+        r.put("note", Avro::Union(1, Box::new(Avro::String("hi".into()))));
+        r.put(
+            "price",
+            Avro::Decimal(apache_avro::Decimal::from(vec![0xfb, 0x2e])),
+        ); // -1234
+        r.put("day", Avro::Date(19_724));
+        r.put("at", Avro::TimestampMillis(1_700_000_000_123));
+        r.put("state", Avro::Enum(1, "PAID".into()));
+        r.put("tags", Avro::Array(vec![Avro::String("a".into())]));
+        r.put(
+            "buyer",
+            Avro::Record(vec![("name".into(), Avro::String("ann".into()))]),
+        );
+        r.put(
+            "seller",
+            Avro::Union(
+                1,
+                Box::new(Avro::Record(vec![(
+                    "name".into(),
+                    Avro::String("bob".into()),
+                )])),
+            ),
+        );
+        r.put("raw", Avro::Bytes(vec![0, 255]));
+        f(&mut r);
+        apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(r)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_value_reads_as_the_json_its_columns_take() {
+        let s = AvroSchema::parse(SCHEMA).unwrap();
+        let doc = s.decode(&encoded(|_| {})).unwrap();
+        assert_eq!(
+            doc,
+            serde_json::json!({
+                "id": 7, "note": "hi", "price": "-12.34", "day": "2024-01-02",
+                "at": "2023-11-14T22:13:20.123Z", "state": "PAID", "tags": ["a"],
+                "buyer": {"name": "ann"}, "seller": {"name": "bob"}, "raw": "AP8="
+            })
+        );
+        // A null branch is null.
+        let doc = s
+            .decode(&encoded(|r| {
+                r.put("note", Avro::Union(0, Box::new(Avro::Null)))
+            }))
+            .unwrap();
+        assert_eq!(doc["note"], Json::Null);
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_value_of_the_schema_say_so() {
+        let s = AvroSchema::parse(SCHEMA).unwrap();
+        let good = encoded(|_| {});
+        let e = s.decode(&good[..good.len() - 3]).unwrap_err();
+        assert!(e.contains("not an Avro value"), "{e}");
+        let mut longer = good.clone();
+        longer.push(0);
+        let e = s.decode(&longer).unwrap_err();
+        assert!(e.contains("1 bytes are left"), "{e}");
+        let e = AvroSchema::parse(r#"{"type": "record"}"#).err().unwrap();
+        assert!(!e.is_empty());
+    }
+}
