@@ -38,7 +38,8 @@ pub struct RoutedSink {
     build: Build,
     /// A sink built from the section as written: what every table's sink
     /// declares alike (guarantee, key, shape), and the offsets table they
-    /// share. Never prepared: its table is the template.
+    /// share. Only its offsets table is prepared (`prepare_positions`):
+    /// its own table is the template, never created.
     probe: Arc<dyn Sink>,
     /// Each table keyed on its source table's key, learnt from messages.
     learnt_key: bool,

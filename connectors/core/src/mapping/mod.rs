@@ -148,8 +148,11 @@ struct Layout {
     /// The same columns as the sinks take them.
     configs: Arc<Vec<ColumnConfig>>,
     /// The key columns, when learnt from the message key: set by the first
-    /// event, and every later event's key must name the same fields.
+    /// event, and every later event's key must name the same fields
+    /// (`key_fields`; a listed column may read a key field under another
+    /// name).
     key: Option<Arc<Vec<String>>>,
+    key_fields: Option<Vec<String>>,
     /// How many columns come first whose types override the schema's (the
     /// listed ones, and those of the target table): the rest were learnt,
     /// and a schema that changes their type stops the connector.
@@ -172,6 +175,7 @@ impl Layout {
             columns,
             configs: Arc::new(configs),
             key: None,
+            key_fields: None,
             settled: Default::default(),
         }
     }
@@ -577,9 +581,9 @@ impl Mapper {
         })?;
         let settled = (schema.id, side == "after");
         let current = learning.layout(route);
-        let same_key = |layout: &Layout| match (&key, &layout.key) {
+        let same_key = |layout: &Layout| match (&key, &layout.key_fields) {
             (None, _) => true,
-            (Some(k), Some(known)) => k == known.as_slice(),
+            (Some(k), Some(known)) => k == known,
             (Some(_), None) => false,
         };
         if same_key(&current) && read_set(&current.settled).contains(&settled) {
@@ -620,30 +624,34 @@ impl Mapper {
                 }
             }
         }
-        let mut learnt_key = layout.key.clone();
+        let (mut learnt_key, mut key_fields) = (layout.key.clone(), layout.key_fields.clone());
         let new_key = !same_key(layout);
         if let Some(key) = key.filter(|_| new_key) {
-            if let Some(known) = &layout.key {
+            if let Some(known) = &layout.key_fields {
                 return Err(MapError::stop(format!(
                     "the source table's key changed: its events were keyed on ({}), this one on ({}); Idem does not change a table's primary key. Alter the target table's primary key yourself, then restart",
                     known.join(", "),
                     key.join(", ")
                 )));
             }
-            for name in &key {
-                let col = columns.iter_mut().find(|c| reads(c, name)).ok_or_else(|| {
+            let mut names = Vec::with_capacity(key.len());
+            for field in &key {
+                let col = columns.iter_mut().find(|c| reads(c, field)).ok_or_else(|| {
                     MapError::stop(format!(
-                        "the message key's field `{name}` is not a field of the row in `{side}`, so it cannot key the table; list the table's key in the sink's `key`"
+                        "the message key's field `{field}` is not a field of the row in `{side}`, so it cannot key the table; list the table's key in the sink's `key`"
                     ))
                 })?;
                 col.key = true;
                 col.required = true;
+                names.push(col.name.clone());
             }
-            learnt_key = Some(Arc::new(key));
+            learnt_key = Some(Arc::new(names));
+            key_fields = Some(key);
         }
-        if columns.len() > layout.columns.len() || learnt_key != layout.key {
+        if columns.len() > layout.columns.len() || key_fields != layout.key_fields {
             let mut grown = Layout::new(columns, configs);
             grown.key = learnt_key;
+            grown.key_fields = key_fields;
             grown.fixed = layout.fixed;
             *layout = Arc::new(grown);
         }

@@ -922,3 +922,29 @@ fn with_schemas_too_the_tables_columns_keep_their_types() {
         .unwrap_err();
     assert!(e.stop && e.reason.contains("`note`"), "{e}");
 }
+
+#[test]
+fn a_learnt_key_names_the_column_that_reads_each_key_field() {
+    // `order_number` is listed under another name: the table's key is
+    // that column, and later events with the same key fields map as ever.
+    let mut num = col("num", ColumnType::Bigint, false);
+    num.pointer = Some("/order_number".into());
+    let listed = [num];
+    let m = Mapper::new(&listed, &[], true, None)
+        .with_envelope(Envelope::Debezium)
+        .learning_columns(&listed, ColumnType::Text)
+        .learning_key();
+    let fields = r#"[{"field":"order_number","type":"int32"},{"field":"qty","type":"int32","optional":true}]"#;
+    for (i, op) in [(1, "c"), (2, "u")] {
+        let event = Message {
+            key: Some(format!(r#"{{"order_number":{i}}}"#).into_bytes()),
+            ..with_schema(fields, &format!(r#"{{"order_number":{i},"qty":3}}"#), op)
+        };
+        let r = m.map_in(&event, "orders").unwrap();
+        assert_eq!(r.values[0], Value::BigInt(i));
+    }
+    assert_eq!(
+        m.learnt_key("orders").unwrap().as_slice(),
+        ["num".to_string()]
+    );
+}
