@@ -13,8 +13,9 @@ use std::collections::HashMap;
 
 /// The writer's schema of a topic's values, parsed once.
 pub struct AvroSchema {
-    /// Kept for the life of the process (a connector has a schema or a
-    /// few), so the reader resolved from it once is kept with it.
+    /// Kept for the life of the process, once per distinct schema text
+    /// (a connector built again after a restart finds it), so the reader
+    /// resolved from it once is kept with it.
     schema: &'static Schema,
     reader: apache_avro::reader::datum::GenericDatumReader<'static>,
     /// The named types (records, enums, fixed) a reference points to.
@@ -25,9 +26,7 @@ impl AvroSchema {
     /// Parse the schema's JSON text (an `.avsc` file). `Err` says why it is
     /// not a schema.
     pub fn parse(text: &str) -> Result<AvroSchema, String> {
-        let schema: &'static Schema = Box::leak(Box::new(
-            Schema::parse_str(text).map_err(|e| e.to_string())?,
-        ));
+        let schema = kept(text)?;
         let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
             .build()
             .map_err(|e| e.to_string())?;
@@ -157,6 +156,23 @@ impl AvroSchema {
     }
 }
 
+/// The schema of `text`, parsed once per process and kept.
+fn kept(text: &str) -> Result<&'static Schema, String> {
+    static KEPT: std::sync::LazyLock<std::sync::Mutex<HashMap<String, &'static Schema>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut kept = KEPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(schema) = kept.get(text) {
+        return Ok(schema);
+    }
+    let schema: &'static Schema = Box::leak(Box::new(
+        Schema::parse_str(text).map_err(|e| e.to_string())?,
+    ));
+    kept.insert(text.to_string(), schema);
+    Ok(schema)
+}
+
 /// A float as a JSON number; NaN and the infinities, which JSON has no
 /// number for, as text (a `double` column refuses them by name).
 fn float(f: f64) -> Json {
@@ -247,6 +263,13 @@ mod tests {
             }))
             .unwrap();
         assert_eq!(doc["note"], Json::Null);
+    }
+
+    #[test]
+    fn a_schema_parsed_again_is_the_one_kept() {
+        let a = AvroSchema::parse(SCHEMA).unwrap();
+        let b = AvroSchema::parse(SCHEMA).unwrap();
+        assert!(std::ptr::eq(a.schema, b.schema));
     }
 
     #[test]
