@@ -38,6 +38,8 @@ struct Pair {
     sink: Arc<dyn Sink>,
     /// Its key: the sink's, or the source's primary key when learnt.
     key: Option<Vec<String>>,
+    /// The columns compared (see [`columns_of`]).
+    cols: Vec<(String, String, ColumnType)>,
 }
 
 /// Each replicated table compared; `None`: the sink cannot read its rows
@@ -68,11 +70,13 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<V
     let pairs = match &c.routed {
         None => {
             let (schema, table) = source_table(c)?;
+            let cols = columns_of(c, &client, &server, &schema, &table).await?;
             vec![Pair {
                 schema,
                 table,
                 sink: c.sink.clone(),
                 key: None,
+                cols,
             }]
         }
         Some(routed) => {
@@ -108,19 +112,16 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<V
                 } else {
                     None
                 };
-                pairs.push((schema, table, target, key));
-            }
-            let mut out = Vec::new();
-            for (schema, table, target, key) in pairs {
+                let cols = columns_of(c, &client, &server, &schema, &table).await?;
                 // Keyed on the source's key, of the columns compared: built
                 // to read the table, which it neither creates nor alters.
                 let mut configs = c.cfg.columns.clone();
-                for (_, name, ty) in columns_of(c, &client, &server, &schema, &table).await? {
-                    if !configs.iter().any(|col| col.name == name) {
+                for (_, name, ty) in &cols {
+                    if !configs.iter().any(|col| col.name == *name) {
                         configs.push(ColumnConfig {
-                            name,
+                            name: name.clone(),
                             pointer: None,
-                            ty,
+                            ty: *ty,
                             required: false,
                         });
                     }
@@ -135,14 +136,15 @@ pub(super) async fn compare(c: &Connector, url: &str) -> anyhow::Result<Option<V
                 sink.prepare_positions()
                     .await
                     .with_context(|| format!("connector {}: open table {target}", c.name))?;
-                out.push(Pair {
+                pairs.push(Pair {
                     schema,
                     table,
                     sink,
                     key,
+                    cols,
                 });
             }
-            out
+            pairs
         }
     };
     let mut found = Vec::new();
@@ -271,8 +273,8 @@ async fn compare_table(
         table,
         sink,
         key,
+        cols,
     } = pair;
-    let cols = columns_of(c, client, server, &schema, &table).await?;
     let key_names = key.unwrap_or_else(|| c.sink.info().rows.key);
     let key: Vec<usize> = key_names
         .iter()
@@ -394,15 +396,11 @@ fn shown(v: &Option<String>) -> String {
         .map_or_else(|| "NULL".into(), |s| format!("{s:?}"))
 }
 
-/// `(schema, table)` of a Debezium topic, `PREFIX.SCHEMA.TABLE`.
+/// `(schema, table)` of a Debezium topic, `PREFIX.SCHEMA.TABLE`, read as
+/// a table template reads it.
 fn topic_table(topic: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = topic.split('.').collect();
-    (parts.len() >= 3).then(|| {
-        (
-            parts[parts.len() - 2].to_string(),
-            parts[parts.len() - 1].to_string(),
-        )
-    })
+    let part = |placeholder| idem_config::resolve_table(placeholder, topic).ok();
+    Some((part("{source.schema}")?, part("{source.table}")?))
 }
 
 /// `(schema, table)` from the connector's one Debezium topic.

@@ -241,14 +241,9 @@ impl Mapper {
     /// a field no column reads becomes a nullable column of the schema's
     /// type; decimals become `decimal` (see [`crate::AddsColumns`]).
     pub fn learning_columns(mut self, listed: &[ColumnConfig], decimal: ColumnType) -> Self {
-        self.learning = Some(Learning {
-            layouts: RwLock::new(HashMap::new()),
-            base: Arc::new(Layout::new(self.columns.clone(), listed.to_vec())),
-            decimal,
-            key: false,
-            from_schema: true,
-            from_table: false,
-        });
+        let learning = self.learning(listed);
+        learning.decimal = decimal;
+        learning.from_schema = true;
         self
     }
 
@@ -256,15 +251,7 @@ impl Mapper {
     /// (`columns_from = "table"`), once [`Mapper::seed`] gives them: each
     /// read from the row's field of its name.
     pub fn columns_from_table(mut self, listed: &[ColumnConfig]) -> Self {
-        let learning = self.learning.get_or_insert_with(|| Learning {
-            layouts: RwLock::new(HashMap::new()),
-            base: Arc::new(Layout::new(self.columns.clone(), listed.to_vec())),
-            decimal: ColumnType::Text,
-            key: false,
-            from_schema: false,
-            from_table: false,
-        });
-        learning.from_table = true;
+        self.learning(listed).from_table = true;
         self
     }
 
@@ -293,6 +280,20 @@ impl Mapper {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(route.to_string(), Arc::new(Layout::new(columns, configs)));
         Ok(())
+    }
+
+    /// The columns' layouts, started from the `listed` ones on first use
+    /// (by columns learnt from schemas, taken from the table, or both).
+    fn learning(&mut self, listed: &[ColumnConfig]) -> &mut Learning {
+        let columns = &self.columns;
+        self.learning.get_or_insert_with(|| Learning {
+            layouts: RwLock::new(HashMap::new()),
+            base: Arc::new(Layout::new(columns.clone(), listed.to_vec())),
+            decimal: ColumnType::Text,
+            key: false,
+            from_schema: false,
+            from_table: false,
+        })
     }
 
     /// Learn each route's key from the message key as well (with

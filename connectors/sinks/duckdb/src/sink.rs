@@ -278,7 +278,7 @@ impl Inner {
             conn.execute_batch(&sql::add_column(&t, &c.name, sql_type(c.ty)))
                 .map_err(|e| ctx.sql(&ctx.table, &format!("add column `{}`", c.name), e))?;
         }
-        let actual = self.table_columns(conn)?;
+        let actual = table_columns(conn, ctx)?;
         let expected = added.iter().map(|c| (c.name.as_str(), sql_type(c.ty)));
         check::learnt(expected, &actual).map_err(|detail| DuckDbError::SchemaMismatch {
             path: ctx.path.clone(),
@@ -292,19 +292,6 @@ impl Inner {
         Ok(())
     }
 
-    fn table_columns(&self, conn: &Connection) -> Result<Vec<(String, String)>, DuckDbError> {
-        let table = &self.cfg.table;
-        let read = || -> duckdb::Result<Vec<(String, String)>> {
-            let mut stmt = conn.prepare(
-                "SELECT column_name, data_type FROM information_schema.columns
-                 WHERE table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
-            )?;
-            let rows = stmt.query_map(params![table], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        };
-        read().map_err(|e| self.plan().ctx.sql(table, "read the table's columns", e))
-    }
-
     fn check_table(&self, conn: &Connection) -> Result<(), DuckDbError> {
         let plan = self.plan();
         let ctx = &plan.ctx;
@@ -313,7 +300,7 @@ impl Inner {
             table: ctx.table.clone(),
             detail,
         };
-        let actual = self.table_columns(conn)?;
+        let actual = table_columns(conn, ctx)?;
         let expected = self
             .columns
             .iter()
@@ -411,6 +398,19 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// The table's columns and their types, in the table's order.
+fn table_columns(conn: &Connection, ctx: &Ctx) -> Result<Vec<(String, String)>, DuckDbError> {
+    let read = || -> duckdb::Result<Vec<(String, String)>> {
+        let mut stmt = conn.prepare(
+            "SELECT column_name, data_type FROM information_schema.columns
+             WHERE table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
+        )?;
+        let rows = stmt.query_map(params![&ctx.table], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    };
+    read().map_err(|e| ctx.sql(&ctx.table, "read the table's columns", e))
 }
 
 /// A cell handed to the appender by reference: text is borrowed, not copied.
@@ -589,24 +589,18 @@ impl Sink for DuckDbSink {
 
     async fn existing_columns(&self) -> Result<Option<Vec<TableColumn>>, SinkError> {
         Ok(Some(
-            self.blocking(|inner| {
-                let guard = inner
-                    .conn
-                    .lock()
-                    .map_err(|_| DuckDbError::Worker("connection lock poisoned".into()))?;
-                let conn = guard.as_ref().ok_or(DuckDbError::NotPrepared)?;
-                inner.table_columns(conn)
-            })
-            .await?
-            .into_iter()
-            .filter(|(name, _)| !name.starts_with("_idem_"))
-            .map(|(name, ty)| {
-                // No unbounded DECIMAL here (see `sql_type`).
-                let ty =
-                    check::column_type(&ty, |t| (t != ColumnType::Numeric).then(|| sql_type(t)));
-                (name, ty)
-            })
-            .collect(),
+            self.with_conn(|conn, plan| table_columns(conn, &plan.ctx))
+                .await?
+                .into_iter()
+                .filter(|(name, _)| !name.starts_with("_idem_"))
+                .map(|(name, ty)| {
+                    // No unbounded DECIMAL here (see `sql_type`).
+                    let ty = check::column_type(&ty, |t| {
+                        (t != ColumnType::Numeric).then(|| sql_type(t))
+                    });
+                    (name, ty)
+                })
+                .collect(),
         ))
     }
 
