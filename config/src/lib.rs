@@ -23,7 +23,9 @@ pub use table::{
 use serde::de::DeserializeOwned;
 use std::path::Path;
 
-/// Read, parse and validate a config file.
+/// Read, parse and validate a config file. A connector whose columns come
+/// from an Avro schema (`columns_from = "schema"`) is checked against its
+/// columns once they are added: call [`Config::validate`] then.
 pub fn load<S, K>(path: &Path) -> Result<Config<S, K>, ConfigError>
 where
     S: DeserializeOwned + Validate,
@@ -56,7 +58,7 @@ where
             .collect();
         error::from_toml(path, text, e.inner(), key)
     })?;
-    if let Err(invalid) = config.validate() {
+    if let Err(invalid) = config.validate_parsed() {
         return Err(error::from_invalid(path, text, invalid));
     }
     Ok(config)
@@ -238,6 +240,30 @@ type = "text"
             e.contains("connectors.a.schema_file") && e.contains("JSON"),
             "{e}"
         );
+        // Avro takes its columns from the schema unless told otherwise;
+        // JSON cannot.
+        let avro = avro.replace("format =", "schema_file = \"v.avsc\"\nformat =");
+        let c = parse::<Src, Snk>(Path::new("f.toml"), &avro).unwrap();
+        assert_eq!(c.connectors["a"].columns_from(), crate::ColumnsFrom::Schema);
+        let listed = avro.replace("format =", "columns_from = \"config\"\nformat =");
+        let c = parse::<Src, Snk>(Path::new("f.toml"), &listed).unwrap();
+        assert_eq!(c.connectors["a"].columns_from(), crate::ColumnsFrom::Config);
+        let e = err(&from_table.replace("\"table\"", "\"schema\""));
+        assert!(
+            e.contains("connectors.a.columns_from") && e.contains("format = \"avro\""),
+            "{e}"
+        );
+        // The sink's checks of the columns wait for the schema's columns
+        // (here, a table named as a column would clash), then run.
+        let clash = avro.replace("table = \"t\"", "table = \"id\"");
+        let c = parse::<Src, Snk>(Path::new("f.toml"), &clash).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, ["connectors", "a", "sink", "table"]);
+        assert!(err(&clash.replace(
+            "format = \"avro\"",
+            "columns_from = \"config\"\nformat = \"avro\""
+        ))
+        .contains("clashes"));
     }
 
     #[test]

@@ -152,11 +152,14 @@ pub struct ConnectorConfig<S, K> {
     #[serde(default)]
     pub evolve: Evolve,
     /// Where the columns beyond the listed ones come from: `config` (none,
-    /// or the events' schemas with `evolve`) or `table` (every other
-    /// column of the existing target table, read from the field of its
-    /// name; for Debezium events without the converter's schema).
-    #[serde(default)]
-    pub columns_from: ColumnsFrom,
+    /// or the events' schemas with `evolve`), `table` (every other column
+    /// of the existing target table, read from the field of its name; for
+    /// Debezium events without the converter's schema) or `schema` (every
+    /// other field of the Avro writer's schema). Unset: `schema` with
+    /// `format = "avro"`, else `config`; read it with
+    /// [`ConnectorConfig::columns_from`].
+    #[serde(default, rename = "columns_from")]
+    pub columns_from_set: Option<ColumnsFrom>,
     /// Batching: a batch closes on the first limit reached.
     #[serde(default)]
     pub batch: BatchConfig,
@@ -288,6 +291,11 @@ pub enum ColumnsFrom {
     /// which must exist (the sink does not create it): each is read from
     /// the row's field of the same name, as the table's type.
     Table,
+    /// The listed columns, then every other top-level field of the Avro
+    /// writer's schema (`schema_file`), as the column type its Avro type
+    /// maps to. Added by the runner when it loads the file, before the
+    /// sink's checks see the columns (see [`Config::validate_parsed`]).
+    Schema,
 }
 
 /// What happens to a message that cannot be decoded or mapped.
@@ -707,8 +715,21 @@ impl ColumnType {
 }
 
 impl<S: Validate, K: Validate> Config<S, K> {
-    /// Pure checks across keys, after parsing.
+    /// Pure checks across keys, with every connector's columns known.
     pub fn validate(&self) -> Result<(), Invalid> {
+        self.checks(true)
+    }
+
+    /// The checks that need no file but the config: as [`Config::validate`],
+    /// except that a connector with `columns_from = "schema"` is not yet
+    /// checked against its columns (its source and sink sections), which
+    /// the writer's schema completes. Whoever adds those columns calls
+    /// `validate` after.
+    pub fn validate_parsed(&self) -> Result<(), Invalid> {
+        self.checks(false)
+    }
+
+    fn checks(&self, columns_known: bool) -> Result<(), Invalid> {
         if self.runner.progress_interval.is_zero() {
             return Err(Invalid::new(
                 &["runner", "progress_interval"],
@@ -769,6 +790,9 @@ impl<S: Validate, K: Validate> Config<S, K> {
                 )
                 .map_err(|e| at(&[], e))?;
             }
+            if !columns_known && c.columns_from() == ColumnsFrom::Schema {
+                continue;
+            }
             c.source
                 .validate(&c.columns)
                 .map_err(|e| at(&["source"], e))?;
@@ -779,6 +803,15 @@ impl<S: Validate, K: Validate> Config<S, K> {
 }
 
 impl<S, K> ConnectorConfig<S, K> {
+    /// Where the columns beyond the listed ones come from, with the
+    /// default resolved: `schema` for Avro values, else `config`.
+    pub fn columns_from(&self) -> ColumnsFrom {
+        self.columns_from_set.unwrap_or(match self.format {
+            Format::Avro => ColumnsFrom::Schema,
+            Format::Json => ColumnsFrom::Config,
+        })
+    }
+
     fn validate_common(&self) -> Result<(), Invalid> {
         if self.batch.max_records == 0 {
             return Err(Invalid::new(
@@ -898,7 +931,13 @@ impl<S, K> ConnectorConfig<S, K> {
             }
             _ => {}
         }
-        if self.columns_from == ColumnsFrom::Table && self.envelope != Envelope::Debezium {
+        if self.columns_from() == ColumnsFrom::Schema && self.format != Format::Avro {
+            return Err(Invalid::new(
+                &["columns_from"],
+                "columns_from = \"schema\" takes the columns from the fields of the Avro writer's schema: it needs format = \"avro\" with schema_file",
+            ));
+        }
+        if self.columns_from() == ColumnsFrom::Table && self.envelope != Envelope::Debezium {
             return Err(Invalid::new(
                 &["columns_from"],
                 "columns_from = \"table\" reads each column of the target table from the change event's row of the same name: it needs envelope = \"debezium\"",

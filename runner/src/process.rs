@@ -43,7 +43,9 @@ pub struct ReloadReport {
 fn read_config(path: &Path) -> Result<(Config, toml::Table), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let config: Config = idem_config::parse(path, &text).map_err(|e| e.to_string())?;
+    let config: Config = idem_config::parse(path, &text)
+        .and_then(|c| crate::registry::with_schema_columns(path, c))
+        .map_err(|e| e.to_string())?;
     let raw: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
     Ok((config, raw))
 }

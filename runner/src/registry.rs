@@ -138,6 +138,13 @@ macro_rules! registry {
                 }
             }
 
+            /// The column type of a schema's decimal (see [`SinkKind::decimal_column`]).
+            pub fn decimal_column(&self) -> idem_config::ColumnType {
+                match self {
+                    $(#[cfg(feature = $sink_name)] SinkConfig::$sink(c) => <$sink_kind>::decimal_column(c),)*
+                }
+            }
+
             /// The same section writing into `table` instead, keyed on
             /// `key` when given (see [`SinkKind::with_table`]).
             pub fn with_table(&self, table: &str, key: Option<&[String]>) -> SinkConfig {
@@ -180,7 +187,188 @@ registry! {
 pub type Config = idem_config::Config<SourceConfig, SinkConfig>;
 pub type ConnectorConfig = idem_config::ConnectorConfig<SourceConfig, SinkConfig>;
 
-/// Parse and validate a config file.
+/// Parse and validate a config file, with the columns of each connector
+/// that takes them from its Avro schema (`columns_from = "schema"`) added
+/// from the schema file.
 pub fn load(path: &std::path::Path) -> Result<Config, idem_config::ConfigError> {
-    idem_config::load(path)
+    with_schema_columns(path, idem_config::load(path)?)
+}
+
+/// Add the columns of each connector that takes them from its Avro schema
+/// to a parsed `config` (read from `path`), then check them.
+pub fn with_schema_columns(
+    path: &std::path::Path,
+    mut config: Config,
+) -> Result<Config, idem_config::ConfigError> {
+    let mut added = false;
+    for (name, c) in &mut config.connectors {
+        if c.columns_from() != idem_config::ColumnsFrom::Schema {
+            continue;
+        }
+        let at = |message: String| {
+            idem_config::invalid_at(
+                path,
+                idem_config::Invalid::new(&["connectors", name, "schema_file"], message),
+            )
+        };
+        let file = c.schema_file.as_deref().unwrap_or_default();
+        let text = std::fs::read_to_string(file).map_err(|e| at(format!("`{file}`: {e}")))?;
+        let schema = idem_core::mapping::avro::AvroSchema::parse(&text)
+            .map_err(|e| at(format!("`{file}` is not an Avro schema: {e}")))?;
+        let fields = schema
+            .columns(c.sink.decimal_column())
+            .map_err(|e| at(format!("`{file}`: {e}")))?;
+        add_schema_columns(&mut c.columns, fields).map_err(|e| at(format!("`{file}`: {e}")))?;
+        added = true;
+    }
+    if added {
+        config
+            .validate()
+            .map_err(|invalid| idem_config::invalid_at(path, invalid))?;
+    }
+    Ok(config)
+}
+
+/// Add a column for each of a schema's `fields` that no listed column
+/// writes: none of them has its name, or reads it (`pointer = "/FIELD"`)
+/// under another name. Listed columns keep their place, first.
+fn add_schema_columns(
+    columns: &mut Vec<idem_config::ColumnConfig>,
+    fields: Vec<(String, idem_config::ColumnType)>,
+) -> Result<(), String> {
+    for (field, ty) in fields {
+        let pointer = format!("/{field}");
+        if columns
+            .iter()
+            .any(|c| c.name == field || c.pointer() == pointer)
+        {
+            continue;
+        }
+        if field.starts_with("_idem_") {
+            return Err(format!("field `{field}` cannot be a column (`_idem_` starts Idem's own columns): list a column that reads it under another name (name = \"...\", pointer = \"{pointer}\")"));
+        }
+        idem_config::check_column_name(&field).map_err(|e| format!("field `{field}`: {e}"))?;
+        columns.push(idem_config::ColumnConfig {
+            name: field,
+            pointer: None,
+            ty,
+            required: false,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod schema_columns {
+    use super::*;
+    use idem_config::ColumnType;
+
+    const AVSC: &str = r#"{"type": "record", "name": "Order", "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "num", "type": "string"},
+        {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
+        {"name": "city", "type": ["null", "string"]}]}"#;
+
+    /// A config of one Avro connector into `sink`, with `extra` lines, and
+    /// its schema file, in a directory of its own.
+    fn config(sink: &str, extra: &str, avsc: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = dir.path().join("order.avsc");
+        std::fs::write(&schema, avsc).unwrap();
+        let path = dir.path().join("idem.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[connectors.orders]\nformat = \"avro\"\nschema_file = \"{}\"\n[connectors.orders.source]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"orders\"]\ngroup_id = \"g\"\n[connectors.orders.sink]\n{sink}\n{extra}",
+                schema.display()
+            ),
+        )
+        .unwrap();
+        (dir, path)
+    }
+
+    fn columns(c: &Config) -> Vec<(String, String, ColumnType)> {
+        c.connectors["orders"]
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.pointer(), c.ty))
+            .collect()
+    }
+
+    #[test]
+    fn the_schemas_fields_follow_the_listed_columns() {
+        let pg = "type = \"postgres\"\nurl = \"postgres://u@h/db\"\ntable = \"orders\"\nmode = \"upsert\"\nkey = [\"id\"]";
+        // None listed: every field, the decimal as the sink holds it.
+        let (_d, path) = config(pg, "", AVSC);
+        let c = load(&path).unwrap();
+        let s = |n: &str, p: &str, t| (n.to_string(), p.to_string(), t);
+        use ColumnType::*;
+        assert_eq!(
+            columns(&c),
+            [
+                s("id", "/id", Bigint),
+                s("num", "/num", Text),
+                s("price", "/price", Numeric),
+                s("city", "/city", Text)
+            ]
+        );
+        let (_d, path) = config(
+            &pg.replace("postgres", "duckdb")
+                .replace("url = \"duckdb://u@h/db\"", "path = \"x.duckdb\""),
+            "",
+            AVSC,
+        );
+        assert_eq!(
+            columns(&load(&path).unwrap())[2],
+            s("price", "/price", Text)
+        );
+        // A listed column overrides the field of its name, or the one it
+        // reads under another name; the others follow.
+        let listed = "[[connectors.orders.columns]]\nname = \"price\"\ntype = \"text\"\n[[connectors.orders.columns]]\nname = \"number\"\npointer = \"/num\"\ntype = \"text\"";
+        let (_d, path) = config(pg, listed, AVSC);
+        assert_eq!(
+            columns(&load(&path).unwrap()),
+            [
+                s("price", "/price", Text),
+                s("number", "/num", Text),
+                s("id", "/id", Bigint),
+                s("city", "/city", Text)
+            ]
+        );
+        // `config`: the listed ones only.
+        let (_d, path) = config(pg, &format!("{listed}\n"), AVSC);
+        std::fs::write(
+            &path,
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .replace(
+                    "format = \"avro\"",
+                    "format = \"avro\"\ncolumns_from = \"config\"",
+                )
+                .replace("key = [\"id\"]", "key = [\"number\"]"),
+        )
+        .unwrap();
+        assert_eq!(columns(&load(&path).unwrap()).len(), 2);
+    }
+
+    #[test]
+    fn a_key_the_schema_lacks_or_a_missing_file_is_named() {
+        let pg = "type = \"postgres\"\nurl = \"postgres://u@h/db\"\ntable = \"orders\"\nmode = \"upsert\"\nkey = [\"order_id\"]";
+        let (_d, path) = config(pg, "", AVSC);
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("connectors.orders.sink.key") && e.contains("order_id"),
+            "{e}"
+        );
+        let (d, path) = config(pg, "", AVSC);
+        std::fs::remove_file(d.path().join("order.avsc")).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("connectors.orders.schema_file") && e.contains("order.avsc"),
+            "{e}"
+        );
+        let (_d, path) = config(pg, "", r#""long""#);
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("not records"), "{e}");
+    }
 }

@@ -78,6 +78,13 @@ pub trait SinkKind: 'static {
         false
     }
 
+    /// The column type a decimal of a message's schema becomes: `numeric`
+    /// where the target holds any decimal exactly, else `text` (its digits
+    /// kept as they are).
+    fn decimal_column(_cfg: &Self::Config) -> idem_config::ColumnType {
+        idem_config::ColumnType::Numeric
+    }
+
     /// The same section writing into `table` instead, keyed on `key` when
     /// given (a key learnt from the messages, for a section without one).
     fn with_table(cfg: &Self::Config, _table: &str, _key: Option<&[String]>) -> Self::Config {

@@ -235,7 +235,7 @@ impl Connector {
                 .map_err(|e| build_err(format!("not an Avro schema: {e}")))?;
             mapper = mapper.with_avro(schema);
         }
-        if cfg.columns_from == ColumnsFrom::Table {
+        if cfg.columns_from() == ColumnsFrom::Table {
             if template.is_some() || cfg.sink.table().is_none() || cfg.sink.creates_table() {
                 return Err(RunError::Build {
                     connector: name.into(),
@@ -372,7 +372,7 @@ impl Connector {
             }
             Err(e) => return Err(self.sink_err(e)),
         }
-        if self.cfg.columns_from == ColumnsFrom::Table {
+        if self.cfg.columns_from() == ColumnsFrom::Table {
             self.seed_from_table().await?;
         }
         self.stats.set_prepared(true);

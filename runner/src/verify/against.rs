@@ -183,7 +183,7 @@ async fn columns_of(
             }
         })
         .collect();
-    if c.cfg.columns_from == ColumnsFrom::Table {
+    if c.cfg.columns_from() == ColumnsFrom::Table {
         // The target's other columns, each compared with the source's
         // column of its name (a column the source lacks is the target's
         // own: not compared).

@@ -173,3 +173,227 @@ async fn avro_values_written_by_fastavro_land_exactly() {
     );
     assert_eq!(positions(&schema).await, end_offsets(&topic, 2));
 }
+
+/// A schema with a field of each kind Idem maps to a column type.
+const WIDE: &str = r#"{
+  "type": "record", "name": "Payment", "namespace": "shop",
+  "fields": [
+    {"name": "id", "type": "long"},
+    {"name": "qty", "type": "int"},
+    {"name": "paid", "type": "boolean"},
+    {"name": "score", "type": "double"},
+    {"name": "amount", "type": {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}},
+    {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+    {"name": "ref", "type": {"type": "string", "logicalType": "uuid"}},
+    {"name": "state", "type": {"type": "enum", "name": "State", "symbols": ["NEW", "PAID"]}},
+    {"name": "note", "type": ["null", "string"], "default": null},
+    {"name": "tags", "type": {"type": "array", "items": "string"}},
+    {"name": "buyer", "type": {"type": "record", "name": "Buyer", "fields": [{"name": "city", "type": "string"}]}}
+  ]
+}"#;
+
+/// Produce `values` to `topic`'s two partitions, keyed by their index.
+async fn produce_values(topic: &str, values: &[Vec<u8>]) {
+    let producer: FutureProducer = client_config().create().unwrap();
+    for (i, value) in values.iter().enumerate() {
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .partition((i % 2) as i32)
+                    .key(&i.to_string())
+                    .payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// Rows for [`WIDE`]: every id twice (an update), in JSON as fastavro
+/// takes them and as they should read back.
+fn wide_rows() -> Vec<serde_json::Value> {
+    (0..240i64)
+        .map(|n| {
+            let i = n % 120;
+            let cents = (n * 7_919) % 200_000 - 100_000;
+            let sign = if cents < 0 { "-" } else { "" };
+            serde_json::json!({
+                "id": i,
+                "qty": n - 60,
+                "paid": n % 2 == 0,
+                "score": n as f64 / 8.0,
+                "amount": format!("{sign}{}.{:02}", cents.abs() / 100, cents.abs() % 100),
+                "day": (chrono::NaiveDate::from_ymd_opt(1969, 12, 1).unwrap()
+                    + chrono::Duration::days(n * 37)).to_string(),
+                "at": format!("2026-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                    1 + n % 12, 1 + n % 28, n % 24, n % 60, (n * 7) % 60, (n * 130_013) % 1_000_000),
+                "ref": format!("{:08x}-0000-4000-8000-{:012x}", n, n * 31),
+                "state": if n % 3 == 0 { "NEW" } else { "PAID" },
+                "note": (n % 4 != 0).then(|| format!("n{n} ✓")),
+                "tags": (0..n % 3).map(|t| format!("t{t}")).collect::<Vec<_>>(),
+                "buyer": {"city": format!("city {}", n % 5)},
+            })
+        })
+        .collect()
+}
+
+/// No `[[columns]]`: each field of the writer's schema becomes a column of
+/// the type its Avro type maps to, in the schema's order, created by Idem
+/// in PostgreSQL and DuckDB, and keyed on a field the config names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_columns_the_schemas_fields_are_the_columns() {
+    let topic = fresh_topic("idem_avro_cols", 2).await;
+    let w = Workdir::new();
+    let avsc = w.write("payment.avsc", WIDE);
+    let rows = wide_rows();
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    produce_values(&topic, &fastavro(&avsc, &lines)).await;
+    // The last write of each id, which an upsert keeps.
+    let mut want: std::collections::BTreeMap<i64, serde_json::Value> = Default::default();
+    for r in &rows {
+        want.insert(r["id"].as_i64().unwrap(), r.clone());
+    }
+
+    let schema = fresh_schema("kafka_avro_cols");
+    let db = w.path("k.duckdb");
+    let sinks = [
+        format!(
+            "type = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\ntable = \"events\"",
+            pg_url()
+        ),
+        format!(
+            "type = \"duckdb\"\npath = \"{}\"\ntable = \"events\"",
+            db.display()
+        ),
+    ];
+    for (n, sink) in sinks.iter().enumerate() {
+        let cfg = w.write(
+            &format!("k{n}.toml"),
+            &Conf::new(&topic, &schema)
+                .source("stop_at_end = true")
+                .connector("format = \"avro\"")
+                .connector(&format!("schema_file = \"{}\"", avsc.display()))
+                .sink(sink)
+                .sink_line("mode = \"upsert\"\nkey = [\"id\"]")
+                .columns("")
+                .toml(),
+        );
+        run_ok(idem().arg("run").arg(&cfg));
+    }
+
+    // PostgreSQL: the columns Idem created, and every row as written.
+    let client = pg().await;
+    let types: Vec<(String, String)> = client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+              WHERE table_schema = $1 AND table_name = 'events' AND column_name NOT LIKE '\\_idem\\_%'
+              ORDER BY ordinal_position",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let named = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        types,
+        named(&[
+            ("id", "bigint"),
+            ("qty", "integer"),
+            ("paid", "boolean"),
+            ("score", "double precision"),
+            ("amount", "numeric"),
+            ("day", "date"),
+            ("at", "timestamp with time zone"),
+            ("ref", "uuid"),
+            ("state", "text"),
+            ("note", "text"),
+            ("tags", "jsonb"),
+            ("buyer", "jsonb"),
+        ])
+    );
+    let got: Vec<serde_json::Value> = client
+        .query(
+            &format!(
+                "SELECT json_build_object('id', id, 'qty', qty, 'paid', paid, 'score', score,
+                        'amount', amount::text, 'day', day::text,
+                        'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                        'ref', ref::text, 'state', state, 'note', note, 'tags', tags, 'buyer', buyer)::text
+                   FROM \"{schema}\".events ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect();
+    same_rows(&got, &want);
+
+    // DuckDB: the same fields, the decimal's digits kept as text.
+    let duck = duck(&db);
+    let mut stmt = duck
+        .prepare(
+            "SELECT column_name, data_type FROM information_schema.columns
+              WHERE table_name = 'events' AND column_name NOT LIKE '\\_idem\\_%' ESCAPE '\\'
+              ORDER BY ordinal_position",
+        )
+        .unwrap();
+    let types: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        types,
+        named(&[
+            ("id", "BIGINT"),
+            ("qty", "INTEGER"),
+            ("paid", "BOOLEAN"),
+            ("score", "DOUBLE"),
+            ("amount", "VARCHAR"),
+            ("day", "DATE"),
+            ("at", "TIMESTAMP WITH TIME ZONE"),
+            ("ref", "UUID"),
+            ("state", "VARCHAR"),
+            ("note", "VARCHAR"),
+            ("tags", "JSON"),
+            ("buyer", "JSON"),
+        ])
+    );
+    let mut stmt = duck
+        .prepare(
+            "SELECT to_json({'id': id, 'qty': qty, 'paid': paid, 'score': score, 'amount': amount,
+                    'day': day::VARCHAR, 'at': strftime(timezone('UTC', \"at\"), '%Y-%m-%dT%H:%M:%S.%fZ'),
+                    'ref': ref::VARCHAR, 'state': state, 'note': note, 'tags': tags, 'buyer': buyer})::VARCHAR
+               FROM events ORDER BY id",
+        )
+        .unwrap();
+    let got: Vec<serde_json::Value> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|s| serde_json::from_str(&s.unwrap()).unwrap())
+        .collect();
+    same_rows(&got, &want);
+}
+
+/// Each row read back equals the one written, the first that differs
+/// named; `score` compared as a number (a database prints 15.0 as 15).
+fn same_rows(got: &[serde_json::Value], want: &std::collections::BTreeMap<i64, serde_json::Value>) {
+    assert_eq!(got.len(), want.len(), "rows in the table");
+    for (got, want) in got.iter().zip(want.values()) {
+        let number = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            v["score"] = serde_json::json!(v["score"].as_f64());
+            v
+        };
+        assert_eq!(number(got), number(want));
+    }
+}

@@ -8,6 +8,7 @@
 use apache_avro::schema::{Name, Schema};
 use apache_avro::types::Value as Avro;
 use base64::Engine as _;
+use idem_config::ColumnType;
 use serde_json::Value as Json;
 use std::collections::HashMap;
 
@@ -43,6 +44,68 @@ impl AvroSchema {
         })
     }
 
+    /// The top-level fields of the schema's record as columns, in the
+    /// schema's order, each of the column type its value is read as (see
+    /// [`AvroSchema::decode`]): `decimal` becomes the sink's `decimal`
+    /// type, records, maps, arrays and unions of several types `json`.
+    /// `Err` when the schema is not a record.
+    pub fn columns(&self, decimal: ColumnType) -> Result<Vec<(String, ColumnType)>, String> {
+        let Schema::Record(record) = self.resolve(self.schema)? else {
+            return Err(
+                "its values are not records, so it has no fields to take columns from: list the [[columns]] (pointer = \"\" reads the whole value) and set columns_from = \"config\""
+                    .into(),
+            );
+        };
+        record
+            .fields
+            .iter()
+            .map(|f| Ok((f.name.clone(), self.column_type(&f.schema, decimal)?)))
+            .collect()
+    }
+
+    fn column_type(&self, schema: &Schema, decimal: ColumnType) -> Result<ColumnType, String> {
+        Ok(match self.resolve(schema)? {
+            Schema::Boolean => ColumnType::Boolean,
+            Schema::Int | Schema::TimeMillis => ColumnType::Integer,
+            Schema::Long | Schema::TimeMicros => ColumnType::Bigint,
+            Schema::Float | Schema::Double => ColumnType::Double,
+            Schema::String | Schema::Enum(_) => ColumnType::Text,
+            Schema::Bytes | Schema::Fixed(_) => ColumnType::Bytea,
+            Schema::Decimal(_) | Schema::BigDecimal => decimal,
+            Schema::Uuid(_) => ColumnType::Uuid,
+            Schema::Date => ColumnType::Date,
+            Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos => ColumnType::Timestamp,
+            // An optional field (`["null", T]`) is a nullable column of T.
+            Schema::Union(u) => match u.variants() {
+                [Schema::Null, t] | [t, Schema::Null] => self.column_type(t, decimal)?,
+                _ => ColumnType::Json,
+            },
+            // A field that is only ever null: nothing tells its type.
+            Schema::Null => ColumnType::Text,
+            // (A reference is resolved above: a named type is never one.)
+            Schema::Array(_)
+            | Schema::Map(_)
+            | Schema::Record(_)
+            | Schema::Duration(_)
+            | Schema::Ref { .. } => ColumnType::Json,
+        })
+    }
+
+    fn resolve<'a>(&'a self, schema: &'a Schema) -> Result<&'a Schema, String> {
+        match schema {
+            Schema::Ref { name } => self
+                .names
+                .get(name)
+                .ok_or_else(|| format!("the schema names an unknown type `{name}`")),
+            other => Ok(other),
+        }
+    }
+
     /// One value in Avro's binary encoding (no container, no header), as
     /// JSON. `Err` says why it does not decode with this schema.
     pub fn decode(&self, bytes: &[u8]) -> Result<Json, String> {
@@ -61,13 +124,7 @@ impl AvroSchema {
     }
 
     fn json(&self, schema: &Schema, value: Avro) -> Result<Json, String> {
-        let schema = match schema {
-            Schema::Ref { name } => self
-                .names
-                .get(name)
-                .ok_or_else(|| format!("the schema names an unknown type `{name}`"))?,
-            other => other,
-        };
+        let schema = self.resolve(schema)?;
         let b64 = |b: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(b));
         Ok(match value {
             Avro::Null => Json::Null,
@@ -263,6 +320,53 @@ mod tests {
             }))
             .unwrap();
         assert_eq!(doc["note"], Json::Null);
+    }
+
+    #[test]
+    fn the_fields_are_columns_of_the_types_they_read_as() {
+        let s = AvroSchema::parse(SCHEMA).unwrap();
+        let cols = s.columns(ColumnType::Numeric).unwrap();
+        use ColumnType::*;
+        let want = [
+            ("id", Bigint),
+            ("note", Text),
+            ("price", Numeric),
+            ("day", Date),
+            ("at", Timestamp),
+            ("state", Text),
+            ("tags", Json),
+            ("buyer", Json),
+            // `["null", "Buyer"]`: a reference to a record, optional.
+            ("seller", Json),
+            ("raw", Bytea),
+        ];
+        let want: Vec<(String, ColumnType)> =
+            want.iter().map(|(n, t)| (n.to_string(), *t)).collect();
+        assert_eq!(cols, want);
+        // The sink's decimal type.
+        assert_eq!(s.columns(Text).unwrap()[2], ("price".into(), Text));
+        // Not a record: nothing to take columns from.
+        let e = AvroSchema::parse(r#""long""#)
+            .unwrap()
+            .columns(Numeric)
+            .unwrap_err();
+        assert!(e.contains("not records"), "{e}");
+        // A union of several types is JSON; of one type and null, that type.
+        let s = AvroSchema::parse(
+            r#"{"type": "record", "name": "U", "fields": [
+                {"name": "a", "type": ["null", "long", "string"]},
+                {"name": "b", "type": ["int", "null"]},
+                {"name": "c", "type": {"type": "int", "logicalType": "time-millis"}},
+                {"name": "d", "type": {"type": "string", "logicalType": "uuid"}}]}"#,
+        )
+        .unwrap();
+        let types: Vec<ColumnType> = s
+            .columns(Numeric)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.1)
+            .collect();
+        assert_eq!(types, [Json, Integer, Integer, Uuid]);
     }
 
     #[test]

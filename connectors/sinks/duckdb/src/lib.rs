@@ -24,6 +24,11 @@ impl idem_core::registry::SinkKind for DuckDbKind {
     const NAME: &'static str = "duckdb";
     type Config = DuckDbSinkConfig;
 
+    /// DuckDB has no unbounded DECIMAL: a decimal keeps its digits as text.
+    fn decimal_column(_cfg: &DuckDbSinkConfig) -> idem_config::ColumnType {
+        idem_config::ColumnType::Text
+    }
+
     fn build(
         cfg: &DuckDbSinkConfig,
         columns: &[idem_config::ColumnConfig],

@@ -26,6 +26,11 @@ impl idem_core::registry::SinkKind for SqliteKind {
     const NAME: &'static str = "sqlite";
     type Config = SqliteSinkConfig;
 
+    /// SQLite has no exact decimal: a decimal keeps its digits as text.
+    fn decimal_column(_cfg: &SqliteSinkConfig) -> idem_config::ColumnType {
+        idem_config::ColumnType::Text
+    }
+
     fn build(
         cfg: &SqliteSinkConfig,
         columns: &[idem_config::ColumnConfig],
