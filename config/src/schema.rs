@@ -139,7 +139,7 @@ pub struct ConnectorConfig<S, K> {
     pub format: Format,
     /// `format = "avro"`: the writer's schema of the values (an `.avsc`
     /// file).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::interp::opt_string")]
     pub schema_file: Option<String>,
     /// How a message wraps its row: `none` (the message is the row) or
     /// `debezium` (a change event: `op`, `before`, `after`, `source`).

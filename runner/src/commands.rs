@@ -39,6 +39,20 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                         crate::say!("✓ {name}: {} (required: {required})", info.guarantee);
                         crate::say!("    why: {}", info.why);
                         crate::say!("    dead letters: {}", c.dead_letters.describe());
+                        if c.cfg.columns_from() == idem_config::ColumnsFrom::Schema {
+                            // Columns nobody wrote down: show what the
+                            // schema made of them.
+                            let cols: Vec<String> = c
+                                .cfg
+                                .columns
+                                .iter()
+                                .map(|col| format!("{} {}", col.name, col.ty.name()))
+                                .collect();
+                            crate::say!(
+                                "    columns (listed, then schema_file's fields): {}",
+                                cols.join(", ")
+                            );
+                        }
                         let positions = c
                             .sink
                             .positions(&name)
