@@ -18,7 +18,8 @@ pub struct GenerateOptions {
 
 const KINDS: [&str; 5] = ["order", "payment", "refund", "click", "signup"];
 const CURRENCIES: [&str; 4] = ["EUR", "USD", "GBP", "JPY"];
-const MALFORMED: [&str; 4] = [
+/// The malformed lines mixed in, in turn.
+pub const MALFORMED: [&str; 4] = [
     "{\"event_id\": \"broken",
     "this is not json",
     "{\"user_id\": 1, \"kind\": \"order\"}",

@@ -97,6 +97,14 @@ enum Command {
         /// Create the topic with this many partitions if it does not exist.
         #[arg(long)]
         partitions: Option<i32>,
+        /// How each event's value is encoded: `json`, or `avro` (one Avro
+        /// value in the binary encoding, written with `--schema-file`).
+        #[arg(long, default_value = "json", value_parser = ["json", "avro"])]
+        format: String,
+        /// `--format avro`: the writer's schema (`.avsc`); each event's
+        /// fields are written by name, logical types from their text.
+        #[arg(long, required_if_eq("format", "avro"))]
+        schema_file: Option<PathBuf>,
         #[command(flatten)]
         events: EventArgs,
     },
@@ -221,13 +229,29 @@ fn main() -> ExitCode {
             topic,
             brokers,
             partitions,
+            format,
+            schema_file,
             events,
         } => {
             let malformed = events.malformed;
+            let avro = match schema_file.filter(|_| format == "avro") {
+                None => None,
+                Some(path) => match std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| idem_core::mapping::avro::AvroSchema::parse(&text))
+                {
+                    Ok(schema) => Some(schema),
+                    Err(e) => {
+                        idem::say_err!("idem: --schema-file {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let opts = ProduceOptions {
                 brokers,
                 topic,
                 partitions,
+                avro,
                 events: GenerateOptions::from(&events),
             };
             runtime

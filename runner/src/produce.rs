@@ -1,7 +1,8 @@
 //! `idem produce`: the generated events of `idem generate`, written to a
 //! Kafka topic with the idempotent producer, keyed by event id (so a
 //! repeated id lands in the same partition at a later offset, as a
-//! producer retry would put it). For tests, benchmarks and demos.
+//! producer retry would put it). For tests, benchmarks and demos. With
+//! `--format avro`, each event is one Avro value of the given schema.
 
 use crate::generate::{generate, GenerateOptions};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -17,8 +18,16 @@ pub struct ProduceOptions {
     pub topic: String,
     /// Create the topic with this many partitions when it does not exist.
     pub partitions: Option<i32>,
+    /// Write each event as one Avro value of this schema instead of JSON.
+    pub avro: Option<idem_core::mapping::avro::AvroSchema>,
     pub events: GenerateOptions,
 }
+
+/// What a malformed event (one of `generate::MALFORMED`) becomes in
+/// Avro: one byte that starts no value
+/// of a record whose first field is not null (an unfinished varint, or
+/// no boolean), so it is a dead letter as a malformed JSON line is.
+const MALFORMED_AVRO: &[u8] = &[0xff];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
@@ -30,6 +39,8 @@ pub enum ProduceError {
     },
     #[error("topic {topic}: {message}")]
     Topic { topic: String, message: String },
+    #[error("event {line}: not a value of the Avro schema: {message}")]
+    Avro { line: String, message: String },
     #[error("{undelivered} of {sent} messages were not acknowledged by {brokers} within 60s")]
     Undelivered {
         brokers: String,
@@ -58,7 +69,39 @@ fn event_id(line: &[u8]) -> Option<&[u8]> {
 impl Sink<'_> {
     fn send(&mut self) -> std::io::Result<()> {
         let line = std::mem::take(&mut self.line);
-        let mut record = BaseRecord::<[u8], [u8]>::to(&self.opts.topic).payload(&line);
+        let encoded;
+        let payload: &[u8] = match &self.opts.avro {
+            None => &line,
+            Some(_)
+                if crate::generate::MALFORMED
+                    .iter()
+                    .any(|m| m.as_bytes() == line) =>
+            {
+                MALFORMED_AVRO
+            }
+            Some(schema) => match serde_json::from_slice::<serde_json::Value>(&line) {
+                Err(e) => {
+                    self.failed = Some(ProduceError::Avro {
+                        line: String::from_utf8_lossy(&line).into_owned(),
+                        message: e.to_string(),
+                    });
+                    return Err(std::io::Error::other("encode failed"));
+                }
+                Ok(doc) => {
+                    // An event the schema cannot hold is the schema's
+                    // mistake, not a malformed event: stop.
+                    encoded = schema.encode(&doc).map_err(|message| {
+                        self.failed = Some(ProduceError::Avro {
+                            line: String::from_utf8_lossy(&line).into_owned(),
+                            message,
+                        });
+                        std::io::Error::other("encode failed")
+                    })?;
+                    &encoded
+                }
+            },
+        };
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.opts.topic).payload(payload);
         if let Some(key) = event_id(&line) {
             record = record.key(key);
         }

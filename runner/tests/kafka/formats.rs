@@ -22,8 +22,10 @@ const SCHEMA: &str = r#"{
   ]
 }"#;
 
-/// Each JSON line encoded by fastavro, as the bytes of one Avro value.
-fn fastavro(schema: &std::path::Path, rows: &[String]) -> Vec<Vec<u8>> {
+/// Lines through one of the fastavro scripts (`scripts/avro-*.py`, in
+/// the Python that `scripts/avro-tools.sh` installs), with `schema`: a
+/// line out for each line in.
+fn fastavro_lines(script: &str, schema: &std::path::Path, lines: Vec<String>) -> Vec<String> {
     use std::io::Write;
     let venv = std::env::var("IDEM_AVRO_VENV").unwrap_or_else(|_| {
         format!(
@@ -32,9 +34,11 @@ fn fastavro(schema: &std::path::Path, rows: &[String]) -> Vec<Vec<u8>> {
         )
     });
     let python = format!("{venv}/bin/python");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/avro-encode.py");
     let mut child = std::process::Command::new(&python)
-        .arg(script)
+        .arg(format!(
+            "{}/../scripts/{script}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
         .arg(schema)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -43,14 +47,19 @@ fn fastavro(schema: &std::path::Path, rows: &[String]) -> Vec<Vec<u8>> {
             panic!("{python}: {e}; install fastavro with bash scripts/avro-tools.sh")
         });
     let mut stdin = child.stdin.take().unwrap();
-    for row in rows {
-        writeln!(stdin, "{row}").unwrap();
+    for line in lines {
+        writeln!(stdin, "{line}").unwrap();
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "avro-encode.py failed");
-    text(&out.stdout)
-        .lines()
+    assert!(out.status.success(), "{script} failed");
+    text(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Each JSON line encoded by fastavro, as the bytes of one Avro value.
+fn fastavro(schema: &std::path::Path, rows: &[String]) -> Vec<Vec<u8>> {
+    fastavro_lines("avro-encode.py", schema, rows.to_vec())
+        .iter()
         .map(|l| base64::engine::general_purpose::STANDARD.decode(l).unwrap())
         .collect()
 }
@@ -396,4 +405,178 @@ fn same_rows(got: &[serde_json::Value], want: &std::collections::BTreeMap<i64, s
         };
         assert_eq!(number(got), number(want));
     }
+}
+
+/// The events `idem generate` and `idem produce` write, as an Avro schema.
+const EVENTS: &str = r#"{
+  "type": "record", "name": "Event", "namespace": "bench",
+  "fields": [
+    {"name": "event_id", "type": "string"},
+    {"name": "user_id", "type": "long"},
+    {"name": "kind", "type": "string"},
+    {"name": "amount", "type": "double"},
+    {"name": "currency", "type": "string"},
+    {"name": "ok", "type": "boolean"},
+    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+    {"name": "note", "type": ["null", "string"], "default": null}
+  ]
+}"#;
+
+/// Every message of `topic`'s `partitions`, from the start to the end.
+fn read_topic(topic: &str, partitions: i32) -> Vec<(i32, i64, Vec<u8>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", format!("{topic}_reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let want: i64 = end_offsets(topic, partitions).values().sum();
+    let mut out = Vec::new();
+    while (out.len() as i64) < want {
+        let m = consumer
+            .poll(Duration::from_secs(10))
+            .expect("a message")
+            .unwrap();
+        use rdkafka::Message as _;
+        out.push((
+            m.partition(),
+            m.offset(),
+            m.payload().unwrap_or_default().to_vec(),
+        ));
+    }
+    out
+}
+
+/// Each value decoded by fastavro (`scripts/avro-decode.py`), as JSON; a
+/// value that is not of the schema is null.
+fn fastavro_decode(schema: &std::path::Path, values: &[Vec<u8>]) -> Vec<serde_json::Value> {
+    let lines = values
+        .iter()
+        .map(|v| base64::engine::general_purpose::STANDARD.encode(v))
+        .collect();
+    fastavro_lines("avro-decode.py", schema, lines)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `idem produce --format avro` writes each generated event as the Avro
+/// value fastavro reads back as that event, and each malformed one as a
+/// value of no record; Idem loads the topic with its columns from the
+/// schema, the malformed ones dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idem_produce_writes_avro_that_fastavro_and_idem_read() {
+    let topic = fresh_topic("idem_avro_produce", 2).await;
+    let w = Workdir::new();
+    let avsc = w.write("event.avsc", EVENTS);
+    let args = [
+        "--count",
+        "400",
+        "--duplicates",
+        "0",
+        "--malformed",
+        "3",
+        "--seed",
+        "9",
+    ];
+    run_ok(
+        idem()
+            .args([
+                "produce",
+                &topic,
+                "--brokers",
+                BROKERS,
+                "--format",
+                "avro",
+                "--schema-file",
+            ])
+            .arg(&avsc)
+            .args(args),
+    );
+    let generated = w.path("events.jsonl");
+    run_ok(
+        idem()
+            .arg("generate")
+            .args(args)
+            .arg("--out")
+            .arg(&generated),
+    );
+    let mut want: Vec<serde_json::Value> = std::fs::read_to_string(&generated)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        // The malformed lines that are JSON lack an amount, or spell it.
+        .filter(|e| e["amount"].is_number())
+        .collect();
+    assert_eq!(want.len(), 400);
+
+    let messages = read_topic(&topic, 2);
+    assert_eq!(messages.len(), 403);
+    let values: Vec<Vec<u8>> = messages.iter().map(|m| m.2.clone()).collect();
+    let mut got: Vec<serde_json::Value> = fastavro_decode(&avsc, &values);
+    let malformed = got.iter().filter(|v| v.is_null()).count();
+    assert_eq!(malformed, 3, "values of no record");
+    got.retain(|v| !v.is_null());
+    // fastavro prints a whole second without its fraction, as idem
+    // generate does.
+    let by_id = |v: &mut Vec<serde_json::Value>| {
+        v.sort_by_key(|e| e["event_id"].as_str().unwrap().to_string())
+    };
+    by_id(&mut got);
+    by_id(&mut want);
+    assert_eq!(got.len(), want.len());
+    for (got, want) in got.iter().zip(&want) {
+        // The amount as a number: `985.90` and `985.9` are one double.
+        let double = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            v["amount"] = serde_json::json!(v["amount"].as_f64());
+            v
+        };
+        assert_eq!(double(got), double(want));
+    }
+
+    // Idem reads them back: every event a row, every malformed value a
+    // dead letter.
+    let schema = fresh_schema("kafka_avro_produce");
+    let dead = w.path("dead.jsonl");
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .connector("format = \"avro\"")
+            .connector(&format!("schema_file = \"{}\"", avsc.display()))
+            .connector(&format!("dead_letter = \"{}\"", dead.display()))
+            .columns("")
+            .toml(),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    let rows = pg()
+        .await
+        .query_one(
+            &format!(
+                "SELECT count(*), count(DISTINCT event_id), sum(user_id)::bigint, count(note)
+                   FROM \"{schema}\".events"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let users: i64 = want.iter().map(|e| e["user_id"].as_i64().unwrap()).sum();
+    let notes = want.iter().filter(|e| !e["note"].is_null()).count() as i64;
+    assert_eq!(
+        (
+            rows.get::<_, i64>(0),
+            rows.get::<_, i64>(1),
+            rows.get::<_, i64>(2),
+            rows.get::<_, i64>(3)
+        ),
+        (400, 400, users, notes)
+    );
+    assert_eq!(std::fs::read_to_string(&dead).unwrap().lines().count(), 3);
 }

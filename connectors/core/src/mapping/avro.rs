@@ -19,6 +19,7 @@ pub struct AvroSchema {
     /// resolved from it once is kept with it.
     schema: &'static Schema,
     reader: apache_avro::reader::datum::GenericDatumReader<'static>,
+    writer: apache_avro::writer::datum::GenericDatumWriter<'static>,
     /// The named types (records, enums, fixed) a reference points to.
     names: HashMap<Name, Schema>,
 }
@@ -31,6 +32,9 @@ impl AvroSchema {
         let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
             .build()
             .map_err(|e| e.to_string())?;
+        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+            .build()
+            .map_err(|e| e.to_string())?;
         let names = apache_avro::schema::ResolvedSchema::try_from(schema)
             .map_err(|e| e.to_string())?
             .get_names()
@@ -40,6 +44,7 @@ impl AvroSchema {
         Ok(AvroSchema {
             schema,
             reader,
+            writer,
             names,
         })
     }
@@ -121,6 +126,186 @@ impl AvroSchema {
             ));
         }
         self.json(self.schema, value)
+    }
+
+    /// A JSON document as one value of the schema in Avro's binary
+    /// encoding: the inverse of [`AvroSchema::decode`], logical types
+    /// taken from the text forms it gives (a decimal's digits, a date as
+    /// `YYYY-MM-DD`, a timestamp in RFC 3339, bytes in base64). A field
+    /// the document lacks takes the schema's default, or null where the
+    /// field may be null. `Err` names the field that does not fit.
+    pub fn encode(&self, doc: &Json) -> Result<Vec<u8>, String> {
+        let value = self.avro(self.schema, doc, "")?;
+        self.writer
+            .write_value_to_vec(value)
+            .map_err(|e| format!("not a value of the schema: {e}"))
+    }
+
+    fn avro(&self, schema: &Schema, doc: &Json, at: &str) -> Result<Avro, String> {
+        let wrong = |what: &str| {
+            let shown: String = doc.to_string().chars().take(60).collect();
+            format!(
+                "{}: {shown} is not {what}",
+                if at.is_empty() { "the value" } else { at }
+            )
+        };
+        let int = |doc: &Json| doc.as_i64();
+        Ok(match (self.resolve(schema)?, doc) {
+            (Schema::Null, Json::Null) => Avro::Null,
+            (Schema::Boolean, Json::Bool(b)) => Avro::Boolean(*b),
+            (Schema::Int, d) => match int(d).and_then(|i| i32::try_from(i).ok()) {
+                Some(i) => Avro::Int(i),
+                None => return Err(wrong("an int")),
+            },
+            (Schema::Long, d) => match int(d) {
+                Some(i) => Avro::Long(i),
+                None => return Err(wrong("a long")),
+            },
+            #[allow(clippy::cast_possible_truncation)]
+            (Schema::Float, Json::Number(n)) => Avro::Float(n.as_f64().unwrap_or(f64::NAN) as f32),
+            (Schema::Double, Json::Number(n)) => Avro::Double(n.as_f64().unwrap_or(f64::NAN)),
+            (Schema::String, Json::String(t)) => Avro::String(t.clone()),
+            (Schema::Bytes, Json::String(t)) => {
+                Avro::Bytes(base64_of(t).map_err(|_| wrong("base64"))?)
+            }
+            (Schema::Fixed(f), Json::String(t)) => {
+                let b = base64_of(t).map_err(|_| wrong("base64"))?;
+                if b.len() != f.size {
+                    return Err(wrong(&format!("{} bytes (base64)", f.size)));
+                }
+                Avro::Fixed(f.size, b)
+            }
+            (Schema::Enum(e), Json::String(t)) => match e.symbols.iter().position(|s| s == t) {
+                Some(i) => Avro::Enum(u32::try_from(i).unwrap_or(u32::MAX), t.clone()),
+                None => return Err(wrong(&format!("one of {}", e.symbols.join(", ")))),
+            },
+            (Schema::Uuid(_), Json::String(t)) => match uuid::Uuid::parse_str(t) {
+                Ok(u) => Avro::Uuid(u),
+                Err(_) => return Err(wrong("a UUID")),
+            },
+            (Schema::Decimal(d), Json::String(_) | Json::Number(_)) => {
+                let text = match doc {
+                    Json::String(t) => t.clone(),
+                    other => other.to_string(),
+                };
+                match unscaled(&text, d.scale) {
+                    Some(n) => Avro::Decimal(apache_avro::Decimal::from(twos_complement(n))),
+                    None => {
+                        return Err(wrong(&format!("a decimal with at most {} places", d.scale)))
+                    }
+                }
+            }
+            (Schema::Date, Json::String(t)) => {
+                match chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d") {
+                    Ok(day) => Avro::Date(
+                        i32::try_from((day - chrono::DateTime::UNIX_EPOCH.date_naive()).num_days())
+                            .map_err(|_| wrong("a date"))?,
+                    ),
+                    Err(_) => return Err(wrong("a date (YYYY-MM-DD)")),
+                }
+            }
+            (Schema::Date, d) if int(d).is_some() => {
+                Avro::Date(i32::try_from(int(d).unwrap_or(0)).map_err(|_| wrong("a date"))?)
+            }
+            (Schema::TimeMillis, d) => match int(d).and_then(|i| i32::try_from(i).ok()) {
+                Some(i) => Avro::TimeMillis(i),
+                None => return Err(wrong("a time in milliseconds")),
+            },
+            (Schema::TimeMicros, d) => match int(d) {
+                Some(i) => Avro::TimeMicros(i),
+                None => return Err(wrong("a time in microseconds")),
+            },
+            (
+                ts @ (Schema::TimestampMillis
+                | Schema::TimestampMicros
+                | Schema::TimestampNanos
+                | Schema::LocalTimestampMillis
+                | Schema::LocalTimestampMicros
+                | Schema::LocalTimestampNanos),
+                d,
+            ) => {
+                // RFC 3339 text, or the number of the schema's unit.
+                let nanos = match d {
+                    Json::String(t) => chrono::DateTime::parse_from_rfc3339(t)
+                        .ok()
+                        .and_then(|t| t.timestamp_nanos_opt()),
+                    _ => None,
+                };
+                let of = |per_second: i64| -> Option<i64> {
+                    match (nanos, int(d)) {
+                        (Some(n), _) => Some(n.div_euclid(1_000_000_000 / per_second)),
+                        (None, i) => i,
+                    }
+                };
+                match ts {
+                    Schema::TimestampMillis => of(1_000).map(Avro::TimestampMillis),
+                    Schema::TimestampMicros => of(1_000_000).map(Avro::TimestampMicros),
+                    Schema::TimestampNanos => of(1_000_000_000).map(Avro::TimestampNanos),
+                    Schema::LocalTimestampMillis => of(1_000).map(Avro::LocalTimestampMillis),
+                    Schema::LocalTimestampMicros => of(1_000_000).map(Avro::LocalTimestampMicros),
+                    _ => of(1_000_000_000).map(Avro::LocalTimestampNanos),
+                }
+                .ok_or_else(|| wrong("a timestamp (RFC 3339)"))?
+            }
+            (Schema::Union(u), d) => {
+                // The first branch the value fits: null for null.
+                let mut last = None;
+                for (i, branch) in u.variants().iter().enumerate() {
+                    match self.avro(branch, d, at) {
+                        Ok(v) => {
+                            return Ok(Avro::Union(u32::try_from(i).unwrap_or(0), Box::new(v)))
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                return Err(last.unwrap_or_else(|| "an empty union".into()));
+            }
+            (Schema::Array(a), Json::Array(items)) => Avro::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| self.avro(&a.items, v, &format!("{at}/{i}")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            (Schema::Map(m), Json::Object(entries)) => Avro::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), self.avro(&m.types, v, &format!("{at}/{k}"))?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            (Schema::Record(r), Json::Object(fields)) => Avro::Record(
+                r.fields
+                    .iter()
+                    .map(|f| {
+                        let here = format!("{at}/{}", f.name);
+                        let v = match (fields.get(&f.name), &f.default) {
+                            (Some(v), _) => v,
+                            (None, Some(default)) => default,
+                            (None, None) => &Json::Null,
+                        };
+                        Ok((f.name.clone(), self.avro(&f.schema, v, &here)?))
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
+            (Schema::Duration(_), Json::Object(o)) => {
+                let part = |k: &str| {
+                    o.get(k)
+                        .and_then(Json::as_u64)
+                        .and_then(|n| u32::try_from(n).ok())
+                        .unwrap_or(0)
+                };
+                Avro::Duration(apache_avro::Duration::new(
+                    apache_avro::Months::new(part("months")),
+                    apache_avro::Days::new(part("days")),
+                    apache_avro::Millis::new(part("millis")),
+                ))
+            }
+            (Schema::Null, _) => return Err(wrong("null")),
+            (Schema::Boolean, _) => return Err(wrong("a boolean")),
+            (Schema::Float | Schema::Double, _) => return Err(wrong("a number")),
+            (Schema::BigDecimal, _) => return Err(wrong("a value Idem writes (big-decimal)")),
+            _ => return Err(wrong("of the schema's type here")),
+        })
     }
 
     fn json(&self, schema: &Schema, value: Avro) -> Result<Json, String> {
@@ -211,6 +396,52 @@ impl AvroSchema {
             }),
         })
     }
+}
+
+fn base64_of(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    base64::engine::general_purpose::STANDARD.decode(text)
+}
+
+/// A decimal's digits (`-12.3`) as the integer of `scale` places
+/// (`-1230` at scale 2); `None` when it has more places or is too large.
+fn unscaled(text: &str, scale: usize) -> Option<i128> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if frac.len() > scale
+        || (whole.is_empty() && frac.is_empty())
+        || !whole
+            .chars()
+            .chain(frac.chars())
+            .all(|c| c.is_ascii_digit())
+    {
+        return None;
+    }
+    let padded = format!("{whole}{frac}{}", "0".repeat(scale - frac.len()));
+    let n: i128 = if padded.is_empty() {
+        0
+    } else {
+        padded.parse().ok()?
+    };
+    Some(if negative { -n } else { n })
+}
+
+/// The shortest big-endian two's complement bytes of `n`, as Avro's
+/// decimal holds its unscaled value.
+fn twos_complement(n: i128) -> Vec<u8> {
+    let bytes = n.to_be_bytes();
+    let sign = if n < 0 { 0xff } else { 0x00 };
+    // Drop leading sign bytes while the next byte keeps the sign bit.
+    let mut start = 0;
+    while start < bytes.len() - 1
+        && bytes[start] == sign
+        && (bytes[start + 1] & 0x80) == (sign & 0x80)
+    {
+        start += 1;
+    }
+    bytes[start..].to_vec()
 }
 
 /// The schema of `text`, parsed once per process and kept.
@@ -367,6 +598,61 @@ mod tests {
             .map(|c| c.1)
             .collect();
         assert_eq!(types, [Json, Integer, Integer, Uuid]);
+    }
+
+    #[test]
+    fn a_document_encodes_as_the_value_it_reads_as() {
+        let s = AvroSchema::parse(SCHEMA).unwrap();
+        let doc = serde_json::json!({
+            "id": 7, "note": "hi", "price": "-12.34", "day": "2024-01-02",
+            "at": "2023-11-14T22:13:20.123Z", "state": "PAID", "tags": ["a"],
+            "buyer": {"name": "ann"}, "seller": {"name": "bob"}, "raw": "AP8="
+        });
+        // The very bytes apache-avro writes for the value built by hand.
+        assert_eq!(s.encode(&doc).unwrap(), encoded(|_| {}));
+        assert_eq!(s.decode(&s.encode(&doc).unwrap()).unwrap(), doc);
+        // A missing optional field is its default (null); fewer places
+        // than the scale are padded.
+        let mut short = doc.clone();
+        short.as_object_mut().unwrap().remove("note");
+        short["price"] = "5".into();
+        let back = s.decode(&s.encode(&short).unwrap()).unwrap();
+        assert_eq!(
+            (back["note"].clone(), back["price"].clone()),
+            (Json::Null, "5.00".into())
+        );
+        // What does not fit is named.
+        let mut bad = doc.clone();
+        bad["buyer"]["name"] = 5.into();
+        let e = s.encode(&bad).unwrap_err();
+        assert!(e.contains("/buyer/name") && e.contains("5"), "{e}");
+        bad = doc.clone();
+        bad["price"] = "1.234".into();
+        assert!(s.encode(&bad).unwrap_err().contains("at most 2 places"));
+        bad = doc;
+        bad["state"] = "LOST".into();
+        assert!(s.encode(&bad).unwrap_err().contains("one of NEW, PAID"));
+    }
+
+    #[test]
+    fn decimals_are_the_shortest_twos_complement() {
+        for (n, bytes) in [
+            (0_i128, vec![0]),
+            (127, vec![0x7f]),
+            (128, vec![0, 0x80]),
+            (-1, vec![0xff]),
+            (-128, vec![0x80]),
+            (-129, vec![0xff, 0x7f]),
+            (-1234, vec![0xfb, 0x2e]),
+        ] {
+            assert_eq!(twos_complement(n), bytes, "{n}");
+        }
+        assert_eq!(unscaled("-12.3", 2), Some(-1230));
+        assert_eq!(unscaled("+0.05", 2), Some(5));
+        assert_eq!(unscaled("12", 0), Some(12));
+        assert_eq!(unscaled("1.234", 2), None);
+        assert_eq!(unscaled("1e3", 2), None);
+        assert_eq!(unscaled("-", 2), None);
     }
 
     #[test]
