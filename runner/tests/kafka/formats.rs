@@ -408,19 +408,7 @@ fn same_rows(got: &[serde_json::Value], want: &std::collections::BTreeMap<i64, s
 }
 
 /// The events `idem generate` and `idem produce` write, as an Avro schema.
-const EVENTS: &str = r#"{
-  "type": "record", "name": "Event", "namespace": "bench",
-  "fields": [
-    {"name": "event_id", "type": "string"},
-    {"name": "user_id", "type": "long"},
-    {"name": "kind", "type": "string"},
-    {"name": "amount", "type": "double"},
-    {"name": "currency", "type": "string"},
-    {"name": "ok", "type": "boolean"},
-    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
-    {"name": "note", "type": ["null", "string"], "default": null}
-  ]
-}"#;
+const EVENTS: &str = include_str!("../../../config/examples/schemas/events.avsc");
 
 /// Every message of `topic`'s `partitions`, from the start to the end.
 fn read_topic(topic: &str, partitions: i32) -> Vec<(i32, i64, Vec<u8>)> {
