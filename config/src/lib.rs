@@ -253,6 +253,37 @@ type = "text"
             e.contains("connectors.a.columns_from") && e.contains("format = \"avro\""),
             "{e}"
         );
+        // A registry: Avro without a schema file, columns as listed.
+        let registry = GOOD.replace(
+            "[connectors.a.source]",
+            "[connectors.a]\nformat = \"avro\"\n[connectors.a.registry]\nurl = \"http://r:8081\"\n[connectors.a.source]",
+        );
+        let c = parse::<Src, Snk>(Path::new("f.toml"), &registry).unwrap();
+        assert_eq!(c.connectors["a"].columns_from(), crate::ColumnsFrom::Config);
+        for (change, key, says) in [
+            ("url = \"r:8081\"", "registry.url", "not an http"),
+            (
+                "url = \"http://r\"\nusername = \"u\"",
+                "registry.password",
+                "both username and password",
+            ),
+            (
+                "url = \"http://r\"\nusername = \"u\"\npassword = \"p\"\ntoken = \"t\"",
+                "registry.token",
+                "keep one",
+            ),
+        ] {
+            let e = err(&registry.replace("url = \"http://r:8081\"", change));
+            assert!(
+                e.contains(&format!("connectors.a.{key}")) && e.contains(says),
+                "{e}"
+            );
+        }
+        let e = err(&registry.replace("format = \"avro\"\n", ""));
+        assert!(
+            e.contains("connectors.a.registry") && e.contains("format = \"avro\""),
+            "{e}"
+        );
         // The sink's checks of the columns wait for the schema's columns
         // (here, a table named as a column would clash), then run.
         let clash = avro.replace("table = \"t\"", "table = \"id\"");

@@ -141,6 +141,11 @@ pub struct ConnectorConfig<S, K> {
     /// file).
     #[serde(default, deserialize_with = "crate::interp::opt_string")]
     pub schema_file: Option<String>,
+    /// A Confluent-compatible schema registry: values are in its wire
+    /// format (a zero byte, the writer schema's id, the Avro value), each
+    /// decoded with the schema of its id, fetched once.
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
     /// How a message wraps its row: `none` (the message is the row) or
     /// `debezium` (a change event: `op`, `before`, `after`, `source`).
     #[serde(default)]
@@ -278,6 +283,71 @@ pub enum Format {
     /// registry's prefix, written with the schema in `schema_file`; read
     /// as the JSON document it stands for (see `docs/sources/formats.md`).
     Avro,
+}
+
+/// `[connectors.NAME.registry]`: a schema registry with the Confluent
+/// REST API (Confluent Schema Registry, Apicurio's `ccompat` API,
+/// Karapace, Redpanda).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Its base URL, e.g. `https://registry:8081` (Apicurio:
+    /// `.../apis/ccompat/v7`).
+    #[serde(deserialize_with = "crate::interp::string")]
+    pub url: String,
+    /// Basic auth: the user (with `password`).
+    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    pub username: Option<String>,
+    /// Basic auth: the password (with `username`); use `${VAR}`.
+    #[serde(default)]
+    pub password: Option<crate::Secret>,
+    /// A bearer token instead of basic auth; use `${VAR}`.
+    #[serde(default)]
+    pub token: Option<crate::Secret>,
+    /// PEM file of the CA that signed an `https` registry's certificate,
+    /// when it is not one the system trusts.
+    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    pub ca_file: Option<String>,
+    /// The longest one request may take.
+    #[serde(default = "default_registry_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_registry_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl RegistryConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(Invalid::new(
+                &["registry", "url"],
+                format!("`{}` is not an http:// or https:// URL", self.url),
+            ));
+        }
+        match (&self.username, &self.password, &self.token) {
+            (Some(_), None, _) | (None, Some(_), _) => Err(Invalid::new(
+                &[
+                    "registry",
+                    if self.username.is_some() {
+                        "password"
+                    } else {
+                        "username"
+                    },
+                ],
+                "basic auth needs both username and password",
+            )),
+            (Some(_), Some(_), Some(_)) => Err(Invalid::new(
+                &["registry", "token"],
+                "is a bearer token, in place of username and password: keep one of them",
+            )),
+            _ if self.timeout.is_zero() => Err(Invalid::new(
+                &["registry", "timeout"],
+                "must be longer than zero (e.g. \"10s\")",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Where a connector's columns come from (`columns_from`).
@@ -804,12 +874,14 @@ impl<S: Validate, K: Validate> Config<S, K> {
 
 impl<S, K> ConnectorConfig<S, K> {
     /// Where the columns beyond the listed ones come from, with the
-    /// default resolved: `schema` for Avro values, else `config`.
+    /// default resolved: `schema` for Avro values with a `schema_file`,
+    /// else `config`.
     pub fn columns_from(&self) -> ColumnsFrom {
-        self.columns_from_set.unwrap_or(match self.format {
-            Format::Avro => ColumnsFrom::Schema,
-            Format::Json => ColumnsFrom::Config,
-        })
+        self.columns_from_set
+            .unwrap_or(match (self.format, &self.schema_file) {
+                (Format::Avro, Some(_)) => ColumnsFrom::Schema,
+                _ => ColumnsFrom::Config,
+            })
     }
 
     fn validate_common(&self) -> Result<(), Invalid> {
@@ -910,11 +982,20 @@ impl<S, K> ConnectorConfig<S, K> {
                 "evolve = \"add_columns\" reads the columns from each event's schema: it needs envelope = \"debezium\" (with the JSON converter's schemas.enable = true)",
             ));
         }
+        if let Some(r) = &self.registry {
+            r.validate()?;
+            if self.format != Format::Avro {
+                return Err(Invalid::new(
+                    &["registry"],
+                    "reads Avro values in the registry's wire format: set format = \"avro\" (Protobuf and JSON Schema are not read yet)",
+                ));
+            }
+        }
         match (self.format, &self.schema_file) {
-            (Format::Avro, None) => {
+            (Format::Avro, None) if self.registry.is_none() => {
                 return Err(Invalid::new(
                     &["schema_file"],
-                    "format = \"avro\" needs the writer's schema: schema_file = \"path/to/value.avsc\"",
+                    "format = \"avro\" needs the writer's schema: schema_file = \"path/to/value.avsc\", or a [registry] whose wire format names it",
                 ))
             }
             (Format::Json, Some(_)) => {
@@ -931,10 +1012,12 @@ impl<S, K> ConnectorConfig<S, K> {
             }
             _ => {}
         }
-        if self.columns_from() == ColumnsFrom::Schema && self.format != Format::Avro {
+        if self.columns_from() == ColumnsFrom::Schema
+            && (self.format != Format::Avro || self.schema_file.is_none())
+        {
             return Err(Invalid::new(
                 &["columns_from"],
-                "columns_from = \"schema\" takes the columns from the fields of the Avro writer's schema: it needs format = \"avro\" with schema_file",
+                "columns_from = \"schema\" takes the columns from the fields of an Avro schema: it needs format = \"avro\" with schema_file (with a registry, the schema the table follows)",
             ));
         }
         if self.columns_from() == ColumnsFrom::Table && self.envelope != Envelope::Debezium {

@@ -33,6 +33,19 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                         }
                     }
                 }
+                if let Some(registry) = &c.registry {
+                    match registry.ping().await {
+                        Ok(n) => crate::say!(
+                            "  {name}: schema registry {} answers ({n} subjects)",
+                            registry.url()
+                        ),
+                        Err(e) => {
+                            crate::say!("✗ {name}: {e}");
+                            ok = false;
+                            continue;
+                        }
+                    }
+                }
                 let prepared = c.sink.prepare().await;
                 match prepared {
                     Ok(()) => {

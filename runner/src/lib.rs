@@ -15,6 +15,7 @@ pub mod produce;
 pub mod registry;
 pub mod report;
 pub mod retry;
+pub mod schemas;
 pub mod stats;
 pub mod supervisor;
 pub mod verify;

@@ -39,7 +39,7 @@ pub enum RunError {
         #[source]
         source: SourceError,
     },
-    #[error("connector `{connector}`: {partition} offset {offset}: {reason} (errors = \"fail\" stops here; everything before it is committed)")]
+    #[error("connector `{connector}`: {partition} offset {offset}: {reason} (the connector stops here: everything before it is committed, nothing after it is skipped)")]
     BadMessage {
         connector: String,
         partition: String,

@@ -67,6 +67,8 @@ pub struct Connector {
     /// Each source table into a table of its own (`routed.rs`): columns
     /// are learnt per topic. The same sink as `sink`.
     pub(crate) routed: Option<Arc<routed::RoutedSink>>,
+    /// The schema registry the values' writer schemas come from.
+    pub registry: Option<Arc<crate::schemas::Registry>>,
     /// Paused by the admin API: partitions stop reading once what they
     /// read is handed over (and commits), and the connector stays what it
     /// is (a Kafka consumer stays in its group).
@@ -217,6 +219,7 @@ impl Connector {
                 mapper = mapper.learning_key();
             }
         }
+        let mut registry = None;
         if cfg.format == Format::Avro {
             let path = cfg.schema_file.as_deref().unwrap_or_default();
             let build_err = |message: String| RunError::Build {
@@ -230,10 +233,22 @@ impl Connector {
                     message: "[dedup] id points into the value, which is read as JSON; with format = \"avro\" take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"".into(),
                 });
             }
-            let text = std::fs::read_to_string(path).map_err(|e| build_err(e.to_string()))?;
-            let schema = idem_core::mapping::avro::AvroSchema::parse(&text)
-                .map_err(|e| build_err(format!("not an Avro schema: {e}")))?;
-            mapper = mapper.with_avro(schema);
+            if let Some(r) = &cfg.registry {
+                // Each value names its writer's schema; `schema_file`, if
+                // any, only gave the columns.
+                let one = crate::schemas::Registry::new(r).map_err(|message| RunError::Build {
+                    connector: name.into(),
+                    sink: cfg.sink.kind(),
+                    message,
+                })?;
+                mapper = mapper.with_registry(one.schemas.clone());
+                registry = Some(Arc::new(one));
+            } else {
+                let text = std::fs::read_to_string(path).map_err(|e| build_err(e.to_string()))?;
+                let schema = idem_core::mapping::avro::AvroSchema::parse(&text)
+                    .map_err(|e| build_err(format!("not an Avro schema: {e}")))?;
+                mapper = mapper.with_avro(schema);
+            }
         }
         if cfg.columns_from() == ColumnsFrom::Table {
             if template.is_some() || cfg.sink.table().is_none() || cfg.sink.creates_table() {
@@ -260,6 +275,7 @@ impl Connector {
             dedup,
             stats,
             routed,
+            registry,
             cfg,
             paused: tokio::sync::watch::channel(false).0,
         })

@@ -355,9 +355,27 @@ async fn read_loop(
             conn.stats.read(&partition, msgs.len() as u64);
             let conn = conn.clone();
             let partition = partition.clone();
+            let stop = stop.clone();
             mapping.push_back(tokio::spawn(async move {
+                // The writer schemas the chunk names, fetched before it is
+                // mapped; one that cannot be had stops the connector at
+                // its first message, after those before it.
+                let mut fatal = None;
+                if let Some(registry) = &conn.registry {
+                    if let Err((offset, reason)) = registry
+                        .fetch_for(&msgs, &conn.cfg.retry, &conn.stats, &stop)
+                        .await
+                    {
+                        if stop.is_cancelled() {
+                            return Vec::new();
+                        }
+                        msgs.retain(|m| m.offset < offset);
+                        fatal = Some(Item::Fatal { offset, reason });
+                    }
+                }
                 msgs.into_iter()
                     .map(|m| map_message(&conn, &partition, m))
+                    .chain(fatal)
                     .collect()
             }));
         }

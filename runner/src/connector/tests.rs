@@ -421,3 +421,86 @@ type = "bigint"
         None
     );
 }
+
+/// Values in the registry's wire format through the whole pipeline: each
+/// decoded with its id's schema, fetched once; a value not in the wire
+/// format is a dead letter; an id the registry does not know stops the
+/// partition at that message, after committing those before it.
+#[tokio::test]
+async fn registry_values_map_with_their_ids_schemas_and_an_unknown_id_stops() {
+    use crate::schemas::tests::{schema_answer, stand_in};
+    let v1 = r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#;
+    let v2 = r#"{"type": "record", "name": "R", "fields": [{"name": "note", "type": "string"}, {"name": "id", "type": "long"}]}"#;
+    let (stand, url) = stand_in(&[(404, "{\"error_code\": 40403}")]).await;
+    for (id, schema) in [(1, v1), (2, v2)] {
+        stand
+            .by_path
+            .lock()
+            .unwrap()
+            .insert(format!("/schemas/ids/{id}"), (200, schema_answer(schema)));
+    }
+    let framed = |id: u32, schema: &str, doc: serde_json::Value| {
+        let mut out = vec![0];
+        out.extend(id.to_be_bytes());
+        out.extend(
+            idem_core::mapping::avro::AvroSchema::parse(schema)
+                .unwrap()
+                .encode(&doc)
+                .unwrap(),
+        );
+        out
+    };
+    let mut values: Vec<Vec<u8>> = (0..10)
+        .map(|i| {
+            if i % 2 == 0 {
+                framed(1, v1, serde_json::json!({"id": i}))
+            } else {
+                framed(2, v2, serde_json::json!({"id": i, "note": "n"}))
+            }
+        })
+        .collect();
+    values.push(b"{\"id\": 10}".to_vec()); // offset 10: JSON, a dead letter
+    values.push(framed(1, v1, serde_json::json!({"id": 11})));
+    values.push(framed(99, v1, serde_json::json!({"id": 12}))); // offset 12
+    values.push(framed(1, v1, serde_json::json!({"id": 13})));
+
+    let sink = Arc::new(MemSink::default());
+    let mut conn = Arc::try_unwrap(connector(
+        sink.clone(),
+        vec![],
+        "max_records = 100\nlinger = \"1h\"",
+    ))
+    .ok()
+    .unwrap();
+    let mut cfg = conn.cfg.clone();
+    cfg.format = Format::Avro;
+    cfg.registry =
+        Some(toml::from_str::<idem_config::RegistryConfig>(&format!("url = \"{url}\"")).unwrap());
+    let mut built = Connector::build(&conn.name, cfg).unwrap();
+    built.source = Arc::new(MemSource { lines: values });
+    built.sink = sink.clone();
+    conn = built;
+    let conn = Arc::new(conn);
+    let e = run_partition(&conn).await.unwrap_err().to_string();
+    assert!(
+        e.contains("schema id 99 is not in the schema registry"),
+        "{e}"
+    );
+    // Offsets 0..12 committed: 11 rows and the dead letter.
+    assert_eq!(*sink.commits.lock().unwrap(), [(0, 12, 11)]);
+    let s = conn.stats.snapshot();
+    assert_eq!(s.positions.get("p"), Some(&12));
+    // Ids 1 and 2 fetched once each, 99 once (not retried).
+    let mut asked: Vec<String> = stand
+        .asked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.0.clone())
+        .collect();
+    asked.sort();
+    assert_eq!(
+        asked,
+        ["/schemas/ids/1", "/schemas/ids/2", "/schemas/ids/99"]
+    );
+}

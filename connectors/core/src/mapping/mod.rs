@@ -116,9 +116,9 @@ pub struct Mapper {
     learning: Option<Learning>,
     /// Debezium events' schemas, parsed once each.
     schemas: debezium::SchemaCache,
-    /// `format = "avro"`: values decoded with this schema into the JSON
-    /// document they stand for.
-    avro: Option<avro::AvroSchema>,
+    /// `format = "avro"`: values decoded with their writer's schema into
+    /// the JSON document they stand for.
+    avro: Option<avro::Writers>,
 }
 
 /// The columns of a connector that learns them from the events' schemas.
@@ -233,7 +233,16 @@ impl Mapper {
     pub fn with_avro(mut self, schema: avro::AvroSchema) -> Self {
         // The flat reader parses JSON text.
         self.flat = None;
-        self.avro = Some(schema);
+        self.avro = Some(avro::Writers::One(Box::new(schema)));
+        self
+    }
+
+    /// Values in a schema registry's wire format, each decoded with the
+    /// schema of its id, which `schemas` must hold by the time the value
+    /// is mapped (see [`avro::RegistrySchemas`]).
+    pub fn with_registry(mut self, schemas: std::sync::Arc<avro::RegistrySchemas>) -> Self {
+        self.flat = None;
+        self.avro = Some(avro::Writers::Registry(schemas));
         self
     }
 
@@ -357,7 +366,21 @@ impl Mapper {
             ));
         };
         if let Some(avro) = &self.avro {
-            let mut doc = avro.decode(raw).map_err(MapError::new)?;
+            let mut doc = match avro {
+                avro::Writers::One(schema) => schema.decode(raw).map_err(MapError::new)?,
+                avro::Writers::Registry(schemas) => {
+                    let (id, value) = avro::wire_format(raw).map_err(MapError::new)?;
+                    let Some(schema) = schemas.get(id) else {
+                        // The runner fetches every id before mapping.
+                        return Err(MapError::stop(format!(
+                            "schema id {id} was not fetched from the registry before its message"
+                        )));
+                    };
+                    schema
+                        .decode(value)
+                        .map_err(|e| MapError::new(format!("schema id {id}: {e}")))?
+                }
+            };
             let tombstone = self.is_tombstone(&doc);
             let fields = self.fields(&self.columns, &mut doc);
             let op = if self.deletes && tombstone {

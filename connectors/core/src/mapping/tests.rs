@@ -948,3 +948,75 @@ fn a_learnt_key_names_the_column_that_reads_each_key_field() {
         ["num".to_string()]
     );
 }
+
+#[test]
+fn registry_values_decode_with_the_schema_of_their_id() {
+    let v1 = r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#;
+    let v2 = r#"{"type": "record", "name": "R", "fields": [
+        {"name": "id", "type": "long"}, {"name": "note", "type": ["null", "string"], "default": null}]}"#;
+    let schemas = std::sync::Arc::new(avro::RegistrySchemas::default());
+    let m = Mapper::new(
+        &[
+            col("id", ColumnType::Bigint, true),
+            col("note", ColumnType::Text, false),
+        ],
+        &["id".into()],
+        false,
+        None,
+    )
+    .with_registry(schemas.clone());
+    // The wire format: 0, the id (big-endian), the value.
+    let framed = |id: u32, schema: &str, doc: serde_json::Value| {
+        let mut out = vec![0];
+        out.extend(id.to_be_bytes());
+        out.extend(
+            avro::AvroSchema::parse(schema)
+                .unwrap()
+                .encode(&doc)
+                .unwrap(),
+        );
+        Message {
+            value: Some(out),
+            ..msg("")
+        }
+    };
+    let one = framed(1, v1, serde_json::json!({"id": 5}));
+    let two = framed(300, v2, serde_json::json!({"id": 6, "note": "hi"}));
+    // An id not fetched yet stops the connector: mapping never guesses.
+    let e = m.map(&one).unwrap_err();
+    assert!(e.stop && e.reason.contains("schema id 1"), "{}", e.reason);
+    schemas.insert(1, avro::AvroSchema::parse(v1).unwrap());
+    schemas.insert(300, avro::AvroSchema::parse(v2).unwrap());
+    assert_eq!(m.map(&one).unwrap().values, [Value::BigInt(5), Value::Null]);
+    assert_eq!(
+        m.map(&two).unwrap().values,
+        [Value::BigInt(6), Value::Text("hi".into())]
+    );
+    // Not the wire format, or not a value of the schema its id names: a
+    // dead letter that says so, with the id.
+    let e = m.map(&msg("{\"id\": 5}")).unwrap_err();
+    assert!(
+        !e.stop && e.reason.contains("starts with byte 0x7b"),
+        "{}",
+        e.reason
+    );
+    let mut cut = two.clone();
+    cut.value.as_mut().unwrap().truncate(7);
+    let e = m.map(&cut).unwrap_err();
+    assert!(
+        !e.stop && e.reason.contains("schema id 300: not an Avro value"),
+        "{}",
+        e.reason
+    );
+    let e = m
+        .map(&Message {
+            value: Some(vec![0, 0, 1]),
+            ..msg("")
+        })
+        .unwrap_err();
+    assert!(
+        e.reason.contains("shorter than its 5-byte prefix"),
+        "{}",
+        e.reason
+    );
+}
