@@ -264,9 +264,10 @@ pub enum Evolve {
     /// Only the listed `[[columns]]`; other fields are not written.
     #[default]
     Off,
-    /// The listed columns, and every other field of the row's schema as a
-    /// nullable column of the schema's type, added to the target (in the
-    /// batch's transaction) when it first appears. A field that changes
+    /// The listed columns, and every other field of the row's schema (a
+    /// Debezium event's, or an Avro value's writer schema) as a nullable
+    /// column of the schema's type, added to the target (in the batch's
+    /// transaction) when it first appears. A field that changes
     /// type stops the connector; a field that disappears leaves its column,
     /// which newer rows leave null.
     AddColumns,
@@ -976,10 +977,13 @@ impl<S, K> ConnectorConfig<S, K> {
             // The table lives in the PostgreSQL sink's schema.
             crate::check_postgres_name(&["dead_letters", "table"], t)?;
         }
-        if self.evolve == Evolve::AddColumns && self.envelope != Envelope::Debezium {
+        if self.evolve == Evolve::AddColumns
+            && self.envelope != Envelope::Debezium
+            && self.format != Format::Avro
+        {
             return Err(Invalid::new(
                 &["evolve"],
-                "evolve = \"add_columns\" reads the columns from each event's schema: it needs envelope = \"debezium\" (with the JSON converter's schemas.enable = true)",
+                "evolve = \"add_columns\" reads the columns from each message's schema: it needs envelope = \"debezium\" (with the JSON converter's schemas.enable = true) or format = \"avro\"",
             ));
         }
         if let Some(r) = &self.registry {

@@ -255,6 +255,20 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
             let status = reader.read(1024, &mut msgs).await.with_context(|| {
                 format!("connector {}: read {} from the source", c.name, p.partition)
             })?;
+            if let Some(registry) = &c.registry {
+                // As the run does: the writer schemas first.
+                let stop = tokio_util::sync::CancellationToken::new();
+                registry
+                    .fetch_for(&msgs, &c.cfg.retry, &c.stats, &stop)
+                    .await
+                    .map_err(|(offset, reason)| {
+                        anyhow::anyhow!(
+                            "connector {}: {} offset {offset}: {reason}",
+                            c.name,
+                            p.partition
+                        )
+                    })?;
+            }
             for m in msgs.drain(..) {
                 if m.offset >= end {
                     break 'read;

@@ -69,6 +69,9 @@ pub struct AvroSchema {
     schema: &'static Schema,
     reader: apache_avro::reader::datum::GenericDatumReader<'static>,
     writer: apache_avro::writer::datum::GenericDatumWriter<'static>,
+    /// Unique among the schemas of this process, as Debezium's are: a
+    /// layout remembers the schemas it holds every field of.
+    pub(super) id: u64,
     /// The named types (records, enums, fixed) a reference points to.
     names: HashMap<Name, Schema>,
 }
@@ -94,6 +97,7 @@ impl AvroSchema {
             schema,
             reader,
             writer,
+            id: super::next_schema_id(),
             names,
         })
     }
@@ -114,6 +118,29 @@ impl AvroSchema {
             .fields
             .iter()
             .map(|f| Ok((f.name.clone(), self.column_type(&f.schema, decimal)?)))
+            .collect()
+    }
+
+    /// [`AvroSchema::columns`], each with its field's Avro type as JSON
+    /// (for a message that names a type change); `Err` as there.
+    pub(super) fn described_columns(
+        &self,
+        decimal: ColumnType,
+    ) -> Result<Vec<(String, ColumnType, String)>, String> {
+        let Schema::Record(record) = self.resolve(self.schema)? else {
+            return Err(
+                "the writer's schema is not a record: it has no fields to learn columns from"
+                    .into(),
+            );
+        };
+        record
+            .fields
+            .iter()
+            .map(|f| {
+                let ty = self.column_type(&f.schema, decimal)?;
+                let text = serde_json::to_string(&f.schema).unwrap_or_default();
+                Ok((f.name.clone(), ty, format!("Avro {text}")))
+            })
             .collect()
     }
 

@@ -84,9 +84,8 @@ impl Side {
 
 impl EventSchema {
     fn new(json: Json) -> EventSchema {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         EventSchema {
-            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: super::next_schema_id(),
             before: Side::of(&json, "before"),
             after: Side::of(&json, "after"),
         }

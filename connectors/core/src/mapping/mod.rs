@@ -163,6 +163,12 @@ struct Layout {
     settled: RwLock<std::collections::HashSet<(u64, bool)>>,
 }
 
+/// A new id for a schema parsed by this process (Debezium's or Avro's).
+fn next_schema_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How many schema sides a layout remembers as settled (then forgets
 /// them all: a wrapper in an unusual order brings a new schema id with
 /// every event).
@@ -366,8 +372,11 @@ impl Mapper {
             ));
         };
         if let Some(avro) = &self.avro {
-            let mut doc = match avro {
-                avro::Writers::One(schema) => schema.decode(raw).map_err(MapError::new)?,
+            let (mut doc, layout) = match avro {
+                avro::Writers::One(schema) => (
+                    schema.decode(raw).map_err(MapError::new)?,
+                    self.learn_avro(schema, route)?,
+                ),
                 avro::Writers::Registry(schemas) => {
                     let (id, value) = avro::wire_format(raw).map_err(MapError::new)?;
                     let Some(schema) = schemas.get(id) else {
@@ -376,19 +385,25 @@ impl Mapper {
                             "schema id {id} was not fetched from the registry before its message"
                         )));
                     };
-                    schema
+                    let doc = schema
                         .decode(value)
-                        .map_err(|e| MapError::new(format!("schema id {id}: {e}")))?
+                        .map_err(|e| MapError::new(format!("schema id {id}: {e}")))?;
+                    let layout = self.learn_avro(&schema, route).map_err(|e| MapError {
+                        reason: format!("schema id {id}: {}", e.reason),
+                        ..e
+                    })?;
+                    (doc, layout)
                 }
             };
+            let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
             let tombstone = self.is_tombstone(&doc);
-            let fields = self.fields(&self.columns, &mut doc);
+            let fields = self.fields(columns, &mut doc);
             let op = if self.deletes && tombstone {
                 Op::Delete
             } else {
                 Op::Upsert
             };
-            return self.record(&self.columns, msg, fields, op);
+            return self.record(columns, msg, fields, op);
         }
         let (fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
             Some(Ok(Some(picked))) => picked,
@@ -603,7 +618,69 @@ impl Mapper {
         let schema = schema.ok_or_else(|| {
             MapError::new("evolve = \"add_columns\" reads the columns from the event's schema, and this event has none: set the JSON converter's value.converter.schemas.enable = true on the Debezium connector")
         })?;
-        let settled = (schema.id, side == "after");
+        let fields = || {
+            let fields = schema.fields(side).ok_or_else(|| {
+                MapError::new(format!("the event's schema has no `{side}` struct"))
+            })?;
+            Ok(fields
+                .iter()
+                .map(|(name, field)| {
+                    (
+                        name.clone(),
+                        debezium::column_type(field, learning.decimal),
+                        debezium::describe(field),
+                    )
+                })
+                .collect())
+        };
+        self.learn_fields(
+            learning,
+            route,
+            (schema.id, side == "after"),
+            fields,
+            key,
+            side,
+        )
+    }
+
+    /// With `evolve`, the layout for values of an Avro writer's schema:
+    /// its fields that no column reads yet become columns.
+    fn learn_avro(
+        &self,
+        schema: &avro::AvroSchema,
+        route: &str,
+    ) -> Result<Option<Arc<Layout>>, MapError> {
+        let Some(learning) = self.learning.as_ref().filter(|l| l.from_schema) else {
+            return Ok(None);
+        };
+        let fields = || {
+            schema
+                .described_columns(learning.decimal)
+                .map_err(MapError::stop)
+        };
+        self.learn_fields(
+            learning,
+            route,
+            (schema.id, true),
+            fields,
+            None,
+            "the value",
+        )
+        .map(Some)
+    }
+
+    /// The layout for rows of a schema known by `settled` (its id, and
+    /// which side), whose `fields` (name, column type, the type as the
+    /// schema says it) are read only when the layout may lack some.
+    fn learn_fields(
+        &self,
+        learning: &Learning,
+        route: &str,
+        settled: (u64, bool),
+        fields: impl FnOnce() -> Result<Vec<(String, ColumnType, String)>, MapError>,
+        key: Option<Vec<String>>,
+        side: &str,
+    ) -> Result<Arc<Layout>, MapError> {
         let current = learning.layout(route);
         let same_key = |layout: &Layout| match (&key, &layout.key_fields) {
             (None, _) => true,
@@ -613,9 +690,7 @@ impl Mapper {
         if same_key(&current) && read_set(&current.settled).contains(&settled) {
             return Ok(current);
         }
-        let fields = schema
-            .fields(side)
-            .ok_or_else(|| MapError::new(format!("the event's schema has no `{side}` struct")))?;
+        let fields = fields()?;
         // Once per schema and layout: checked and grown under the lock, so
         // no other partition's learning slips in between.
         let mut layouts = learning
@@ -628,15 +703,14 @@ impl Mapper {
         let listed = layout.fixed;
         let mut columns = layout.columns.clone();
         let mut configs = (*layout.configs).clone();
-        for (name, field) in fields {
-            let ty = debezium::column_type(field, learning.decimal);
+        for (name, ty, described) in &fields {
+            let (name, ty) = (name.as_str(), *ty);
             match columns.iter().position(|c| reads(c, name)) {
                 Some(i) if i >= listed && columns[i].ty != ty => {
                     return Err(MapError::stop(format!(
-                        "column `{name}` changed type in the source's schema: it was {}, it is now {} ({}); Idem does not change a column's type. Alter the target column yourself and list it in [[columns]] with its new type, then restart",
+                        "column `{name}` changed type in the source's schema: it was {}, it is now {} ({described}); Idem does not change a column's type. Alter the target column yourself and list it in [[columns]] with its new type, then restart",
                         columns[i].ty.name(),
                         ty.name(),
-                        debezium::describe(field)
                     )));
                 }
                 Some(_) => {}

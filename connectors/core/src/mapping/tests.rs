@@ -1020,3 +1020,85 @@ fn registry_values_decode_with_the_schema_of_their_id() {
         e.reason
     );
 }
+
+#[test]
+fn registry_values_with_evolve_add_the_columns_a_new_writer_schema_brings() {
+    let v1 = r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#;
+    let v2 = r#"{"type": "record", "name": "R", "fields": [
+        {"name": "id", "type": "long"}, {"name": "note", "type": ["null", "string"], "default": null},
+        {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}}]}"#;
+    let v3 = r#"{"type": "record", "name": "R", "fields": [
+        {"name": "id", "type": "long"}, {"name": "note", "type": "long"}]}"#;
+    let schemas = std::sync::Arc::new(avro::RegistrySchemas::default());
+    for (id, text) in [(1, v1), (2, v2), (3, v3)] {
+        schemas.insert(id, avro::AvroSchema::parse(text).unwrap());
+    }
+    let listed = [col("id", ColumnType::Bigint, true)];
+    let m = Mapper::new(&listed, &["id".into()], false, None)
+        .learning_columns(&listed, ColumnType::Text)
+        .with_registry(schemas);
+    let framed = |id: u32, text: &str, doc: serde_json::Value| Message {
+        value: Some(
+            [
+                vec![0],
+                id.to_be_bytes().to_vec(),
+                avro::AvroSchema::parse(text).unwrap().encode(&doc).unwrap(),
+            ]
+            .concat(),
+        ),
+        ..msg("")
+    };
+    let names = |m: &Mapper| -> Vec<(String, ColumnType)> {
+        m.learnt_columns("")
+            .unwrap()
+            .iter()
+            .map(|c| (c.name.clone(), c.ty))
+            .collect()
+    };
+    assert_eq!(
+        m.map(&framed(1, v1, serde_json::json!({"id": 1})))
+            .unwrap()
+            .values,
+        [Value::BigInt(1)]
+    );
+    assert_eq!(names(&m), [("id".into(), ColumnType::Bigint)]);
+    // Version 2 adds two fields: two columns, the decimal as the sink's
+    // decimal type (text here); a value of version 1 still maps.
+    let r = m
+        .map(&framed(
+            2,
+            v2,
+            serde_json::json!({"id": 2, "note": "hi", "price": "1.50"}),
+        ))
+        .unwrap();
+    assert_eq!(
+        r.values,
+        [
+            Value::BigInt(2),
+            Value::Text("hi".into()),
+            Value::Text("1.50".into())
+        ]
+    );
+    assert_eq!(
+        names(&m),
+        [
+            ("id".into(), ColumnType::Bigint),
+            ("note".into(), ColumnType::Text),
+            ("price".into(), ColumnType::Text)
+        ]
+    );
+    let r = m.map(&framed(1, v1, serde_json::json!({"id": 3}))).unwrap();
+    assert_eq!(r.values, [Value::BigInt(3), Value::Null, Value::Null]);
+    // Version 3 changes `note` to a long: the connector stops, naming both.
+    let e = m
+        .map(&framed(3, v3, serde_json::json!({"id": 4, "note": 5})))
+        .unwrap_err();
+    assert!(e.stop, "{}", e.reason);
+    assert!(
+        e.reason.contains("schema id 3")
+            && e.reason.contains("`note` changed type")
+            && e.reason.contains("it was text, it is now bigint"),
+        "{}",
+        e.reason
+    );
+}
