@@ -108,17 +108,11 @@ impl AvroSchema {
     /// type, records, maps, arrays and unions of several types `json`.
     /// `Err` when the schema is not a record.
     pub fn columns(&self, decimal: ColumnType) -> Result<Vec<(String, ColumnType)>, String> {
-        let Schema::Record(record) = self.resolve(self.schema)? else {
-            return Err(
-                "its values are not records, so it has no fields to take columns from: list the [[columns]] (pointer = \"\" reads the whole value) and set columns_from = \"config\""
-                    .into(),
-            );
-        };
-        record
-            .fields
-            .iter()
-            .map(|f| Ok((f.name.clone(), self.column_type(&f.schema, decimal)?)))
-            .collect()
+        Ok(self
+            .described_columns(decimal)?
+            .into_iter()
+            .map(|(name, ty, _)| (name, ty))
+            .collect())
     }
 
     /// [`AvroSchema::columns`], each with its field's Avro type as JSON
@@ -129,7 +123,7 @@ impl AvroSchema {
     ) -> Result<Vec<(String, ColumnType, String)>, String> {
         let Schema::Record(record) = self.resolve(self.schema)? else {
             return Err(
-                "the writer's schema is not a record: it has no fields to learn columns from"
+                "its values are not records, so it has no fields to take columns from: list the [[columns]] (pointer = \"\" reads the whole value) and set columns_from = \"config\""
                     .into(),
             );
         };

@@ -80,6 +80,15 @@ fn msg(v: &str) -> Message {
     }
 }
 
+/// The columns a mapper has learnt (for the connector as a whole).
+fn learnt_names(m: &Mapper) -> Vec<(String, ColumnType)> {
+    m.learnt_columns("")
+        .unwrap()
+        .iter()
+        .map(|c| (c.name.clone(), c.ty))
+        .collect()
+}
+
 fn mapper() -> Mapper {
     let mut nested = col("city", ColumnType::Text, false);
     nested.pointer = Some("/addr/city".into());
@@ -620,15 +629,8 @@ fn learning_columns_adds_each_new_field_of_the_schema() {
             Value::Text("12.34".into())
         ]
     );
-    let names = |m: &Mapper| -> Vec<(String, ColumnType)> {
-        m.learnt_columns("")
-            .unwrap()
-            .iter()
-            .map(|c| (c.name.clone(), c.ty))
-            .collect()
-    };
     assert_eq!(
-        names(&m)[2..],
+        learnt_names(&m)[2..],
         [
             ("name".to_string(), ColumnType::Text),
             ("price".to_string(), ColumnType::Text)
@@ -647,7 +649,7 @@ fn learning_columns_adds_each_new_field_of_the_schema() {
         .unwrap();
     assert_eq!(r.values.len(), 5);
     assert_eq!(r.values[4], Value::Date(20454));
-    assert_eq!(names(&m).len(), 5);
+    assert_eq!(learnt_names(&m).len(), 5);
     // An event from before the change still maps (its row lacks the field).
     let old = m
         .map(&with_schema(
@@ -1048,20 +1050,13 @@ fn registry_values_with_evolve_add_the_columns_a_new_writer_schema_brings() {
         ),
         ..msg("")
     };
-    let names = |m: &Mapper| -> Vec<(String, ColumnType)> {
-        m.learnt_columns("")
-            .unwrap()
-            .iter()
-            .map(|c| (c.name.clone(), c.ty))
-            .collect()
-    };
     assert_eq!(
         m.map(&framed(1, v1, serde_json::json!({"id": 1})))
             .unwrap()
             .values,
         [Value::BigInt(1)]
     );
-    assert_eq!(names(&m), [("id".into(), ColumnType::Bigint)]);
+    assert_eq!(learnt_names(&m), [("id".into(), ColumnType::Bigint)]);
     // Version 2 adds two fields: two columns, the decimal as the sink's
     // decimal type (text here); a value of version 1 still maps.
     let r = m
@@ -1080,7 +1075,7 @@ fn registry_values_with_evolve_add_the_columns_a_new_writer_schema_brings() {
         ]
     );
     assert_eq!(
-        names(&m),
+        learnt_names(&m),
         [
             ("id".into(), ColumnType::Bigint),
             ("note".into(), ColumnType::Text),
