@@ -18,7 +18,7 @@ step kafka.sh
 step connect.sh
 step s3.sh
 step s3s-fs.sh
-step avro-tools.sh
+step format-tools.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -284,6 +284,22 @@ type = "text"
             e.contains("connectors.a.registry") && e.contains("format = \"avro\""),
             "{e}"
         );
+        // Protobuf: the .proto and the message type, which only it takes.
+        let proto = GOOD.replace(
+            "[connectors.a.source]",
+            "[connectors.a]\nformat = \"protobuf\"\nschema_file = \"o.proto\"\nmessage = \"shop.Order\"\n[connectors.a.source]",
+        );
+        let c = parse::<Src, Snk>(Path::new("f.toml"), &proto).unwrap();
+        assert_eq!(c.connectors["a"].columns_from(), crate::ColumnsFrom::Schema);
+        let e = err(&proto.replace("message = \"shop.Order\"\n", ""));
+        assert!(e.contains("connectors.a.message"), "{e}");
+        let e = err(&proto.replace("schema_file = \"o.proto\"\n", ""));
+        assert!(
+            e.contains("connectors.a.schema_file") && e.contains(".proto"),
+            "{e}"
+        );
+        let e = err(&proto.replace("\"protobuf\"", "\"avro\""));
+        assert!(e.contains("connectors.a.message"), "{e}");
         // The sink's checks of the columns wait for the schema's columns
         // (here, a table named as a column would clash), then run.
         let clash = avro.replace("table = \"t\"", "table = \"id\"");

@@ -141,6 +141,10 @@ pub struct ConnectorConfig<S, K> {
     /// file).
     #[serde(default, deserialize_with = "crate::interp::opt_string")]
     pub schema_file: Option<String>,
+    /// `format = "protobuf"`: the message type of the values, with its
+    /// package (`shop.Order`).
+    #[serde(default)]
+    pub message: Option<String>,
     /// A Confluent-compatible schema registry: values are in its wire
     /// format (a zero byte, the writer schema's id, the Avro value), each
     /// decoded with the schema of its id, fetched once.
@@ -284,6 +288,9 @@ pub enum Format {
     /// registry's prefix, written with the schema in `schema_file`; read
     /// as the JSON document it stands for (see `docs/sources/formats.md`).
     Avro,
+    /// One serialized Protobuf message of type `message`, from the
+    /// `.proto` in `schema_file`; read as its canonical JSON.
+    Protobuf,
 }
 
 /// `[connectors.NAME.registry]`: a schema registry with the Confluent
@@ -880,7 +887,7 @@ impl<S, K> ConnectorConfig<S, K> {
     pub fn columns_from(&self) -> ColumnsFrom {
         self.columns_from_set
             .unwrap_or(match (self.format, &self.schema_file) {
-                (Format::Avro, Some(_)) => ColumnsFrom::Schema,
+                (Format::Avro | Format::Protobuf, Some(_)) => ColumnsFrom::Schema,
                 _ => ColumnsFrom::Config,
             })
     }
@@ -995,7 +1002,34 @@ impl<S, K> ConnectorConfig<S, K> {
                 ));
             }
         }
+        match (self.format, &self.message) {
+            (Format::Protobuf, None) => {
+                return Err(Invalid::new(
+                    &["message"],
+                    "format = \"protobuf\" needs the values' message type: message = \"package.Message\"",
+                ))
+            }
+            (Format::Json | Format::Avro, Some(_)) => {
+                return Err(Invalid::new(
+                    &["message"],
+                    "is the Protobuf message type of format = \"protobuf\"",
+                ))
+            }
+            _ => {}
+        }
         match (self.format, &self.schema_file) {
+            (Format::Protobuf, None) => {
+                return Err(Invalid::new(
+                    &["schema_file"],
+                    "format = \"protobuf\" needs the .proto that defines `message`: schema_file = \"path/to/order.proto\"",
+                ))
+            }
+            (Format::Protobuf, Some(_)) if self.envelope != Envelope::None => {
+                return Err(Invalid::new(
+                    &["format"],
+                    "format = \"protobuf\" reads plain rows; Debezium events in Protobuf are not read",
+                ))
+            }
             (Format::Avro, None) if self.registry.is_none() => {
                 return Err(Invalid::new(
                     &["schema_file"],
@@ -1005,7 +1039,7 @@ impl<S, K> ConnectorConfig<S, K> {
             (Format::Json, Some(_)) => {
                 return Err(Invalid::new(
                     &["schema_file"],
-                    "is the Avro schema of format = \"avro\"; this connector reads JSON",
+                    "is the schema of format = \"avro\" or \"protobuf\"; this connector reads JSON",
                 ))
             }
             (Format::Avro, Some(_)) if self.envelope != Envelope::None => {
@@ -1017,11 +1051,11 @@ impl<S, K> ConnectorConfig<S, K> {
             _ => {}
         }
         if self.columns_from() == ColumnsFrom::Schema
-            && (self.format != Format::Avro || self.schema_file.is_none())
+            && (self.format == Format::Json || self.schema_file.is_none())
         {
             return Err(Invalid::new(
                 &["columns_from"],
-                "columns_from = \"schema\" takes the columns from the fields of an Avro schema: it needs format = \"avro\" with schema_file (with a registry, the schema the table follows)",
+                "columns_from = \"schema\" takes the columns from the fields of a schema: it needs format = \"avro\" or \"protobuf\" with schema_file (with a registry, the schema the table follows)",
             ));
         }
         if self.columns_from() == ColumnsFrom::Table && self.envelope != Envelope::Debezium {

@@ -188,8 +188,8 @@ pub type Config = idem_config::Config<SourceConfig, SinkConfig>;
 pub type ConnectorConfig = idem_config::ConnectorConfig<SourceConfig, SinkConfig>;
 
 /// Parse and validate a config file, with the columns of each connector
-/// that takes them from its Avro schema (`columns_from = "schema"`) added
-/// from the schema file.
+/// that takes them from its schema (`columns_from = "schema"`: an Avro
+/// schema or a `.proto`) added from the schema file.
 pub fn load(path: &std::path::Path) -> Result<Config, idem_config::ConfigError> {
     with_schema_columns(path, idem_config::load(path)?)
 }
@@ -212,12 +212,19 @@ pub fn with_schema_columns(
             )
         };
         let file = c.schema_file.as_deref().unwrap_or_default();
-        let text = std::fs::read_to_string(file).map_err(|e| at(format!("`{file}`: {e}")))?;
-        let schema = idem_core::mapping::avro::AvroSchema::parse(&text)
-            .map_err(|e| at(format!("`{file}` is not an Avro schema: {e}")))?;
-        let fields = schema
-            .columns(c.sink.decimal_column())
-            .map_err(|e| at(format!("`{file}`: {e}")))?;
+        let decimal = c.sink.decimal_column();
+        let fields = if c.format == idem_config::Format::Protobuf {
+            let message = c.message.as_deref().unwrap_or_default();
+            idem_core::mapping::protobuf::ProtoSchema::compile(std::path::Path::new(file), message)
+                .map_err(|e| at(format!("`{file}` {e}")))?
+                .columns(decimal)
+        } else {
+            let text = std::fs::read_to_string(file).map_err(|e| at(format!("`{file}`: {e}")))?;
+            idem_core::mapping::avro::AvroSchema::parse(&text)
+                .map_err(|e| at(format!("`{file}` is not an Avro schema: {e}")))?
+                .columns(decimal)
+                .map_err(|e| at(format!("`{file}`: {e}")))?
+        };
         add_schema_columns(&mut c.columns, fields).map_err(|e| at(format!("`{file}`: {e}")))?;
         added = true;
     }

@@ -220,6 +220,25 @@ impl Connector {
             }
         }
         let mut registry = None;
+        if cfg.format == Format::Protobuf {
+            let path = cfg.schema_file.as_deref().unwrap_or_default();
+            if matches!(&ids, Some(i) if matches!(i.source(), idem_config::IdSource::Pointer(_))) {
+                return Err(RunError::DedupConfig {
+                    connector: name.into(),
+                    message: "[dedup] id points into the value, which is read as JSON; with format = \"protobuf\" take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"".into(),
+                });
+            }
+            let schema = idem_core::mapping::protobuf::ProtoSchema::compile(
+                std::path::Path::new(path),
+                cfg.message.as_deref().unwrap_or_default(),
+            )
+            .map_err(|e| RunError::Build {
+                connector: name.into(),
+                sink: cfg.sink.kind(),
+                message: format!("schema_file = \"{path}\" {e}"),
+            })?;
+            mapper = mapper.with_protobuf(schema);
+        }
         if cfg.format == Format::Avro {
             let path = cfg.schema_file.as_deref().unwrap_or_default();
             let build_err = |message: String| RunError::Build {

@@ -1,4 +1,4 @@
-//! `format = "avro"`: values written by fastavro (`scripts/avro-tools.sh`),
+//! `format = "avro"`: values written by fastavro (`scripts/format-tools.sh`),
 //! an Avro library Idem does not use, land in PostgreSQL with their logical
 //! types exact; a value that is not Avro of the schema is a dead letter
 //! with its position, and the partition moves past it.
@@ -22,14 +22,14 @@ const SCHEMA: &str = r#"{
   ]
 }"#;
 
-/// Lines through one of the fastavro scripts (`scripts/avro-*.py`, in
-/// the Python that `scripts/avro-tools.sh` installs), with `schema`: a
-/// line out for each line in.
-fn fastavro_lines(script: &str, schema: &std::path::Path, lines: Vec<String>) -> Vec<String> {
+/// Lines through one of the format scripts (`scripts/avro-*.py`,
+/// `scripts/proto-encode.py`, in the Python that `scripts/format-tools.sh`
+/// installs) given `args`: a line out for each line in.
+fn script_lines(script: &str, args: &[&std::ffi::OsStr], lines: Vec<String>) -> Vec<String> {
     use std::io::Write;
-    let venv = std::env::var("IDEM_AVRO_VENV").unwrap_or_else(|_| {
+    let venv = std::env::var("IDEM_FORMATS_VENV").unwrap_or_else(|_| {
         format!(
-            "{}/.cache/idem/avro/venv",
+            "{}/.cache/idem/formats/venv",
             std::env::var("HOME").unwrap_or_default()
         )
     });
@@ -39,13 +39,11 @@ fn fastavro_lines(script: &str, schema: &std::path::Path, lines: Vec<String>) ->
             "{}/../scripts/{script}",
             env!("CARGO_MANIFEST_DIR")
         ))
-        .arg(schema)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!("{python}: {e}; install fastavro with bash scripts/avro-tools.sh")
-        });
+        .unwrap_or_else(|e| panic!("{python}: {e}; install it with bash scripts/format-tools.sh"));
     let mut stdin = child.stdin.take().unwrap();
     for line in lines {
         writeln!(stdin, "{line}").unwrap();
@@ -58,7 +56,7 @@ fn fastavro_lines(script: &str, schema: &std::path::Path, lines: Vec<String>) ->
 
 /// Each JSON line encoded by fastavro, as the bytes of one Avro value.
 fn fastavro(schema: &std::path::Path, rows: &[String]) -> Vec<Vec<u8>> {
-    fastavro_lines("avro-encode.py", schema, rows.to_vec())
+    script_lines("avro-encode.py", &[schema.as_os_str()], rows.to_vec())
         .iter()
         .map(|l| base64::engine::general_purpose::STANDARD.decode(l).unwrap())
         .collect()
@@ -202,6 +200,33 @@ const WIDE: &str = r#"{
   ]
 }"#;
 
+/// The columns of `schema.events` but Idem's own: (name, type), in order.
+async fn pg_columns(client: &tokio_postgres::Client, schema: &str) -> Vec<(String, String)> {
+    client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+              WHERE table_schema = $1 AND table_name = 'events' AND column_name NOT LIKE '\\_idem\\_%'
+              ORDER BY ordinal_position",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The rows of a query whose one column is each row as JSON text.
+async fn json_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<serde_json::Value> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect()
+}
+
 /// Produce `values` to `topic`'s two partitions, keyed by their index.
 async fn produce_values(topic: &str, values: &[Vec<u8>]) {
     let producer: FutureProducer = client_config().create().unwrap();
@@ -294,18 +319,7 @@ async fn without_columns_the_schemas_fields_are_the_columns() {
 
     // PostgreSQL: the columns Idem created, and every row as written.
     let client = pg().await;
-    let types: Vec<(String, String)> = client
-        .query(
-            "SELECT column_name::text, data_type::text FROM information_schema.columns
-              WHERE table_schema = $1 AND table_name = 'events' AND column_name NOT LIKE '\\_idem\\_%'
-              ORDER BY ordinal_position",
-            &[&schema],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let types = pg_columns(&client, &schema).await;
     let named = |list: &[(&str, &str)]| -> Vec<(String, String)> {
         list.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -328,22 +342,14 @@ async fn without_columns_the_schemas_fields_are_the_columns() {
             ("buyer", "jsonb"),
         ])
     );
-    let got: Vec<serde_json::Value> = client
-        .query(
-            &format!(
+    let got = json_rows(&client, &format!(
                 "SELECT json_build_object('id', id, 'qty', qty, 'paid', paid, 'score', score,
                         'amount', amount::text, 'day', day::text,
                         'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                         'ref', ref::text, 'state', state, 'note', note, 'tags', tags, 'buyer', buyer)::text
                    FROM \"{schema}\".events ORDER BY id"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
-        .collect();
+    ))
+    .await;
     same_rows(&got, &want);
 
     // DuckDB: the same fields, the decimal's digits kept as text.
@@ -448,7 +454,7 @@ fn fastavro_decode(schema: &std::path::Path, values: &[Vec<u8>]) -> Vec<serde_js
         .iter()
         .map(|v| base64::engine::general_purpose::STANDARD.encode(v))
         .collect();
-    fastavro_lines("avro-decode.py", schema, lines)
+    script_lines("avro-decode.py", &[schema.as_os_str()], lines)
         .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
@@ -567,4 +573,135 @@ async fn idem_produce_writes_avro_that_fastavro_and_idem_read() {
         (400, 400, users, notes)
     );
     assert_eq!(std::fs::read_to_string(&dead).unwrap().lines().count(), 3);
+}
+
+const ORDER_PROTO: &str = r#"syntax = "proto3";
+package shop;
+import "google/protobuf/timestamp.proto";
+
+enum Status { NEW = 0; PAID = 1; SHIPPED = 2; }
+message Buyer { string city = 1; }
+message Order {
+  int64 id = 1;
+  string name = 2;
+  double price = 3;
+  bool paid = 4;
+  google.protobuf.Timestamp at = 5;
+  Status status = 6;
+  repeated string tags = 7;
+  Buyer buyer = 8;
+  bytes raw = 9;
+  optional string note = 10;
+  sint32 delta = 11;
+}
+"#;
+
+/// `format = "protobuf"`: messages serialized by Google's protobuf runtime
+/// from the same `.proto` (compiled by protoc, `scripts/proto-encode.py`)
+/// land in PostgreSQL with no `[[columns]]`, each field a column of its
+/// mapped type; a value that is not such a message is a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_messages_written_by_googles_runtime_land_exactly() {
+    let topic = fresh_topic("idem_proto", 2).await;
+    let w = Workdir::new();
+    let proto = w.write("order.proto", ORDER_PROTO);
+    let rows: Vec<serde_json::Value> = (0..200i64)
+        .map(|i| {
+            let status = ["NEW", "PAID", "SHIPPED"][(i % 3) as usize];
+            let mut row = serde_json::json!({
+                "id": i * 1_000_000_007,
+                "name": format!("order {i} ✓"),
+                "price": i as f64 / 4.0,
+                "paid": i % 2 == 0,
+                "at": format!("2026-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                    1 + i % 12, 1 + i % 28, i % 24, i % 60, (i * 7) % 60, (i * 130_013) % 1_000_000),
+                "status": status,
+                "tags": (0..i % 3).map(|t| format!("t{t}")).collect::<Vec<_>>(),
+                "buyer": {"city": format!("city {}", i % 5)},
+                "raw": base64::engine::general_purpose::STANDARD.encode([i as u8, 255]),
+                "delta": -i,
+            });
+            if i % 4 != 0 {
+                row["note"] = format!("n{i}").into();
+            }
+            row
+        })
+        .collect();
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    let mut values: Vec<Vec<u8>> = script_lines(
+        "proto-encode.py",
+        &[proto.as_os_str(), std::ffi::OsStr::new("shop.Order")],
+        lines,
+    )
+    .iter()
+    .map(|l| base64::engine::general_purpose::STANDARD.decode(l).unwrap())
+    .collect();
+    assert_eq!(values.len(), rows.len());
+    // Field 1 (id) as a length-delimited field: no Order parses it.
+    values.push(vec![0x0a, 0x03, b'a', b'b']);
+    produce_values(&topic, &values).await;
+
+    let schema = fresh_schema("kafka_proto");
+    let dead = w.path("dead.jsonl");
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .connector("format = \"protobuf\"")
+            .connector(&format!("schema_file = \"{}\"", proto.display()))
+            .connector("message = \"shop.Order\"")
+            .connector(&format!("dead_letter = \"{}\"", dead.display()))
+            .sink_line("mode = \"upsert\"\nkey = [\"id\"]")
+            .columns("")
+            .toml(),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+
+    let client = pg().await;
+    let types: Vec<String> = pg_columns(&client, &schema)
+        .await
+        .into_iter()
+        .map(|(name, ty)| format!("{name} {ty}"))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "id bigint",
+            "name text",
+            "price double precision",
+            "paid boolean",
+            "at timestamp with time zone",
+            "status text",
+            "tags jsonb",
+            "buyer jsonb",
+            "raw bytea",
+            "note text",
+            "delta integer",
+        ]
+    );
+    let got = json_rows(&client, &format!(
+                "SELECT json_build_object('id', id, 'name', name, 'price', price, 'paid', paid,
+                        'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                        'status', status, 'tags', tags, 'buyer', buyer, 'raw', encode(raw, 'base64'),
+                        'note', note, 'delta', delta)::text
+                   FROM \"{schema}\".events ORDER BY id"
+    ))
+    .await;
+    assert_eq!(got.len(), rows.len(), "rows in the table");
+    for (got, want) in got.iter().zip(&rows) {
+        let mut want = want.clone();
+        // An unset optional is null; numbers compared as numbers.
+        if want.get("note").is_none() {
+            want["note"] = serde_json::Value::Null;
+        }
+        let number = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            v["price"] = serde_json::json!(v["price"].as_f64());
+            v
+        };
+        assert_eq!(number(got), number(&want));
+    }
+    let letters = std::fs::read_to_string(&dead).unwrap();
+    assert_eq!(letters.lines().count(), 1, "{letters}");
+    assert!(letters.contains("not a shop.Order message"), "{letters}");
 }

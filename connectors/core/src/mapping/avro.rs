@@ -12,14 +12,6 @@ use idem_config::ColumnType;
 use serde_json::Value as Json;
 use std::collections::HashMap;
 
-/// Where the writer's schema of each value comes from.
-pub enum Writers {
-    /// One schema for every value (`schema_file`).
-    One(Box<AvroSchema>),
-    /// The schema a registry keeps under the id in the value's prefix.
-    Registry(std::sync::Arc<RegistrySchemas>),
-}
-
 /// The schemas of a registry, by id, as fetched so far. The runner fetches
 /// (with its retries) the ids a chunk of messages names before it maps
 /// them, so mapping itself never waits on the network.

@@ -10,6 +10,7 @@
 pub mod avro;
 mod debezium;
 mod flat;
+pub mod protobuf;
 #[cfg(test)]
 mod tests;
 mod value;
@@ -116,9 +117,19 @@ pub struct Mapper {
     learning: Option<Learning>,
     /// Debezium events' schemas, parsed once each.
     schemas: debezium::SchemaCache,
-    /// `format = "avro"`: values decoded with their writer's schema into
-    /// the JSON document they stand for.
-    avro: Option<avro::Writers>,
+    /// `format = "avro"` or `"protobuf"`: values decoded with their
+    /// writer's schema into the JSON document they stand for.
+    decoder: Option<Decoder>,
+}
+
+/// How a value that is not JSON is read, as the document it stands for.
+enum Decoder {
+    /// Avro, every value written with one schema (`schema_file`).
+    Avro(Box<avro::AvroSchema>),
+    /// Avro in a registry's wire format: the schema its prefix names.
+    Registry(std::sync::Arc<avro::RegistrySchemas>),
+    /// Protobuf, one message type.
+    Proto(Box<protobuf::ProtoSchema>),
 }
 
 /// The columns of a connector that learns them from the events' schemas.
@@ -231,7 +242,7 @@ impl Mapper {
             envelope: Envelope::None,
             learning: None,
             schemas: Default::default(),
-            avro: None,
+            decoder: None,
         }
     }
 
@@ -239,7 +250,7 @@ impl Mapper {
     pub fn with_avro(mut self, schema: avro::AvroSchema) -> Self {
         // The flat reader parses JSON text.
         self.flat = None;
-        self.avro = Some(avro::Writers::One(Box::new(schema)));
+        self.decoder = Some(Decoder::Avro(Box::new(schema)));
         self
     }
 
@@ -248,7 +259,14 @@ impl Mapper {
     /// is mapped (see [`avro::RegistrySchemas`]).
     pub fn with_registry(mut self, schemas: std::sync::Arc<avro::RegistrySchemas>) -> Self {
         self.flat = None;
-        self.avro = Some(avro::Writers::Registry(schemas));
+        self.decoder = Some(Decoder::Registry(schemas));
+        self
+    }
+
+    /// Values that are each one serialized Protobuf message of `schema`.
+    pub fn with_protobuf(mut self, schema: protobuf::ProtoSchema) -> Self {
+        self.flat = None;
+        self.decoder = Some(Decoder::Proto(Box::new(schema)));
         self
     }
 
@@ -371,13 +389,14 @@ impl Mapper {
                 "tombstone (null value) with no key columns to delete by; set delete_on_tombstone = true on an upsert sink",
             ));
         };
-        if let Some(avro) = &self.avro {
-            let (mut doc, layout) = match avro {
-                avro::Writers::One(schema) => (
+        if let Some(decoder) = &self.decoder {
+            let (mut doc, layout) = match decoder {
+                Decoder::Proto(schema) => (schema.decode(raw).map_err(MapError::new)?, None),
+                Decoder::Avro(schema) => (
                     schema.decode(raw).map_err(MapError::new)?,
                     self.learn_avro(schema, route)?,
                 ),
-                avro::Writers::Registry(schemas) => {
+                Decoder::Registry(schemas) => {
                     let (id, value) = avro::wire_format(raw).map_err(MapError::new)?;
                     let Some(schema) = schemas.get(id) else {
                         // The runner fetches every id before mapping.
