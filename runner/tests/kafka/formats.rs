@@ -705,3 +705,84 @@ async fn protobuf_messages_written_by_googles_runtime_land_exactly() {
     assert_eq!(letters.lines().count(), 1, "{letters}");
     assert!(letters.contains("not a shop.Order message"), "{letters}");
 }
+
+/// Avro values, their columns from the schema, while the runner is killed
+/// at random and at fail points as they are produced: every event lands
+/// exactly once, its values exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_killed_at_random_and_at_fail_points_lands_every_value_once() {
+    const ROUNDS: usize = 12;
+    const PER_ROUND: i64 = 1_500;
+    const EVENT: &str = r#"{"type": "record", "name": "E", "fields": [
+        {"name": "id", "type": "long"}, {"name": "v", "type": "long"},
+        {"name": "note", "type": ["null", "string"], "default": null}]}"#;
+    let mut rng = crash_rng("kafka-avro");
+    let topic = fresh_topic("idem_avro_crash", 3).await;
+    let schema = fresh_schema("kafka_avro_crash");
+    let w = Workdir::new();
+    let avsc = w.write("e.avsc", EVENT);
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .max_records(300)
+            .connector("format = \"avro\"")
+            .connector(&format!("schema_file = \"{}\"", avsc.display()))
+            .columns("")
+            .toml(),
+    );
+    let encoder = std::sync::Arc::new(idem_core::mapping::avro::AvroSchema::parse(EVENT).unwrap());
+    let failpoints = ["after_write", "mid_write", "after_commit"];
+    let mut rounds = Rounds::default();
+    for round in 0..ROUNDS {
+        let from = round as i64 * PER_ROUND;
+        let producing = tokio::spawn({
+            let (topic, encoder) = (topic.clone(), encoder.clone());
+            async move {
+                produce_values_of(&topic, from..from + PER_ROUND, |i| {
+                    let note = (i % 3 == 0).then(|| format!("n{i}"));
+                    encoder
+                        .encode(&serde_json::json!({"id": i, "v": i * 10, "note": note}))
+                        .unwrap()
+                })
+                .await
+            }
+        });
+        let failpoint = (round % 2 == 1).then(|| failpoints[(round / 2) % failpoints.len()]);
+        rounds.run(&cfg, failpoint, &mut rng, 300..8_000).await;
+        producing.await.unwrap();
+    }
+    rounds.check("kafka-avro", 8, &failpoints);
+
+    let total = ROUNDS as i64 * PER_ROUND;
+    run_until(&cfg, &schema, total).await;
+    assert_eq!(
+        count(&schema).await,
+        (total, total),
+        "lost or duplicated events"
+    );
+    let row = pg()
+        .await
+        .query_one(
+            &format!("SELECT sum(v)::bigint, count(note), sum(length(note))::bigint FROM \"{schema}\".events"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let notes: Vec<String> = (0..total)
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("n{i}"))
+        .collect();
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2)
+        ),
+        (
+            (0..total).map(|i| i * 10).sum::<i64>(),
+            notes.len() as i64,
+            notes.iter().map(|n| n.len() as i64).sum::<i64>()
+        )
+    );
+    assert_eq!(positions(&schema).await, end_offsets(&topic, 3));
+}

@@ -48,6 +48,18 @@ pub async fn fresh_topic(prefix: &str, partitions: i32) -> String {
 /// `count` events `{"id": i, "v": i * 10}` keyed by id, spread over the
 /// topic's partitions by key.
 pub async fn produce(topic: &str, ids: std::ops::Range<i64>) {
+    produce_values_of(topic, ids, |i| {
+        format!(r#"{{"id":{i},"v":{}}}"#, i * 10).into_bytes()
+    })
+    .await;
+}
+
+/// Event `i` of `ids` keyed by `i`, its value `value(i)`.
+pub async fn produce_values_of(
+    topic: &str,
+    ids: std::ops::Range<i64>,
+    value: impl Fn(i64) -> Vec<u8>,
+) {
     let producer: FutureProducer = client_config()
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
@@ -56,7 +68,7 @@ pub async fn produce(topic: &str, ids: std::ops::Range<i64>) {
     let mut pending = Vec::new();
     for i in ids {
         let key = i.to_string();
-        let value = format!(r#"{{"id":{i},"v":{}}}"#, i * 10);
+        let value = value(i);
         let producer = producer.clone();
         let topic = topic.to_string();
         pending.push(tokio::spawn(async move {
