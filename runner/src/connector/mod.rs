@@ -220,14 +220,19 @@ impl Connector {
             }
         }
         let mut registry = None;
+        if cfg.format != Format::Json
+            && matches!(&ids, Some(i) if matches!(i.source(), idem_config::IdSource::Pointer(_)))
+        {
+            return Err(RunError::DedupConfig {
+                connector: name.into(),
+                message: "[dedup] id points into the value, which it reads as plain JSON; with another format take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"".into(),
+            });
+        }
+        if cfg.format == Format::JsonSchema {
+            mapper = mapper.with_registry_prefix();
+        }
         if cfg.format == Format::Protobuf {
             let path = cfg.schema_file.as_deref().unwrap_or_default();
-            if matches!(&ids, Some(i) if matches!(i.source(), idem_config::IdSource::Pointer(_))) {
-                return Err(RunError::DedupConfig {
-                    connector: name.into(),
-                    message: "[dedup] id points into the value, which is read as JSON; with format = \"protobuf\" take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"".into(),
-                });
-            }
             let schema = idem_core::mapping::protobuf::ProtoSchema::compile(
                 std::path::Path::new(path),
                 cfg.message.as_deref().unwrap_or_default(),
@@ -246,12 +251,6 @@ impl Connector {
                 sink: cfg.sink.kind(),
                 message: format!("schema_file = \"{path}\": {message}"),
             };
-            if matches!(&ids, Some(i) if matches!(i.source(), idem_config::IdSource::Pointer(_))) {
-                return Err(RunError::DedupConfig {
-                    connector: name.into(),
-                    message: "[dedup] id points into the value, which is read as JSON; with format = \"avro\" take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"".into(),
-                });
-            }
             if let Some(r) = &cfg.registry {
                 // Each value names its writer's schema; `schema_file`, if
                 // any, only gave the columns.

@@ -786,3 +786,46 @@ async fn avro_killed_at_random_and_at_fail_points_lands_every_value_once() {
     );
     assert_eq!(positions(&schema).await, end_offsets(&topic, 3));
 }
+
+/// `format = "json_schema"`: JSON after the registry's 5-byte prefix, as
+/// Confluent's JSON Schema serializer frames it, maps as JSON does; a
+/// value without the prefix is a dead letter that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_after_a_registry_prefix_maps_as_json() {
+    let topic = fresh_topic("idem_json_schema", 2).await;
+    let mut values: Vec<Vec<u8>> = (0..100i64)
+        .map(|i| {
+            let mut v = vec![0, 0, 0, 1, 7]; // schema id 263
+            v.extend(format!(r#"{{"id":{i},"v":{}}}"#, i * 10).into_bytes());
+            v
+        })
+        .collect();
+    values.push(br#"{"id":100,"v":1000}"#.to_vec());
+    produce_values(&topic, &values).await;
+    let schema = fresh_schema("kafka_json_schema");
+    let w = Workdir::new();
+    let dead = w.path("dead.jsonl");
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, &schema)
+            .source("stop_at_end = true")
+            .connector("format = \"json_schema\"")
+            .connector(&format!("dead_letter = \"{}\"", dead.display()))
+            .toml(),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    assert_eq!(count(&schema).await, (100, 100));
+    let sum: i64 = pg()
+        .await
+        .query_one(
+            &format!("SELECT sum(v)::bigint FROM \"{schema}\".events"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sum, (0..100).map(|i| i * 10).sum::<i64>());
+    let letters = std::fs::read_to_string(&dead).unwrap();
+    assert_eq!(letters.lines().count(), 1, "{letters}");
+    assert!(letters.contains("starts with byte 0x7b"), "{letters}");
+}

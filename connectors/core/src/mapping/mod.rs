@@ -120,6 +120,8 @@ pub struct Mapper {
     /// `format = "avro"` or `"protobuf"`: values decoded with their
     /// writer's schema into the JSON document they stand for.
     decoder: Option<Decoder>,
+    /// JSON after a schema registry's 5-byte prefix (`json_schema`).
+    framed: bool,
 }
 
 /// How a value that is not JSON is read, as the document it stands for.
@@ -243,6 +245,7 @@ impl Mapper {
             learning: None,
             schemas: Default::default(),
             decoder: None,
+            framed: false,
         }
     }
 
@@ -260,6 +263,13 @@ impl Mapper {
     pub fn with_registry(mut self, schemas: std::sync::Arc<avro::RegistrySchemas>) -> Self {
         self.flat = None;
         self.decoder = Some(Decoder::Registry(schemas));
+        self
+    }
+
+    /// JSON values after a schema registry's prefix (`format =
+    /// "json_schema"`): the prefix is checked and passed over.
+    pub fn with_registry_prefix(mut self) -> Self {
+        self.framed = true;
         self
     }
 
@@ -424,6 +434,11 @@ impl Mapper {
             };
             return self.record(columns, msg, fields, op);
         }
+        let raw = if self.framed {
+            avro::wire_format(raw).map_err(MapError::new)?.1
+        } else {
+            raw
+        };
         let (fields, tombstone) = match self.flat.as_ref().map(|f| f.parse(raw)) {
             Some(Ok(Some(picked))) => picked,
             // Not an object (or no flat plan): the general path decides.
