@@ -362,6 +362,18 @@ impl RegistryConfig {
     }
 }
 
+impl Format {
+    /// As the config spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+            Format::Protobuf => "protobuf",
+            Format::JsonSchema => "json_schema",
+        }
+    }
+}
+
 /// Where a connector's columns come from (`columns_from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -225,7 +225,7 @@ impl Connector {
         {
             return Err(RunError::DedupConfig {
                 connector: name.into(),
-                message: "[dedup] id points into the value, which it reads as plain JSON; with another format take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"".into(),
+                message: format!("[dedup] id points into the value, which it reads as plain JSON; with format = \"{}\" take the id from \"@key\", a header (\"@header/NAME\") or \"@position\"", cfg.format.name()),
             });
         }
         if cfg.format == Format::JsonSchema {
