@@ -829,3 +829,102 @@ async fn json_after_a_registry_prefix_maps_as_json() {
     assert_eq!(letters.lines().count(), 1, "{letters}");
     assert!(letters.contains("starts with byte 0x7b"), "{letters}");
 }
+
+/// The same Avro values with their columns from the schema, as Parquet on
+/// S3: DuckDB's Parquet reader finds each field a column of its mapped
+/// type and every value as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_into_parquet_on_s3_reads_back_in_duckdb() {
+    let topic = fresh_topic("idem_avro_s3", 2).await;
+    let w = Workdir::new();
+    let avsc = w.write("payment.avsc", WIDE);
+    let rows = wide_rows();
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    produce_values(&topic, &fastavro(&avsc, &lines)).await;
+    let bucket = idem_testkit::s3::fresh_bucket("avro").await;
+    let cfg = w.write(
+        "k.toml",
+        &Conf::new(&topic, "unused")
+            .source("stop_at_end = true")
+            .connector("format = \"avro\"")
+            .connector(&format!("schema_file = \"{}\"", avsc.display()))
+            .sink(&idem_testkit::s3::sink_lines(
+                &bucket,
+                "format = \"parquet\"\nprefix = \"payments/\"",
+            ))
+            .columns("")
+            .toml(),
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+
+    // Every Parquet object, downloaded for DuckDB to read.
+    let dir = w.path("objects");
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys: Vec<String> = idem_testkit::s3::keys(&bucket, "payments/")
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".parquet"))
+        .collect();
+    assert!(!keys.is_empty());
+    for (i, key) in keys.iter().enumerate() {
+        let body = idem_testkit::s3::get(&bucket, key).await;
+        std::fs::write(dir.join(format!("{i}.parquet")), body).unwrap();
+    }
+    let duck = duckdb::Connection::open_in_memory().unwrap();
+    let files = format!("{}/*.parquet", dir.display());
+    let mut stmt = duck
+        .prepare(&format!(
+            "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet('{files}'))"
+        ))
+        .unwrap();
+    let types: Vec<String> = stmt
+        .query_map([], |r| {
+            Ok(format!(
+                "{} {}",
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|c| !c.starts_with("_idem_"))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "id BIGINT",
+            "qty INTEGER",
+            "paid BOOLEAN",
+            "score DOUBLE",
+            "amount VARCHAR",
+            "day DATE",
+            "at TIMESTAMP WITH TIME ZONE",
+            "ref VARCHAR",
+            "state VARCHAR",
+            "note VARCHAR",
+            "tags VARCHAR",
+            "buyer VARCHAR",
+        ]
+    );
+    // Every value written, each once (the topic's two writes of an id are
+    // two records: the sink appends).
+    let mut stmt = duck
+        .prepare(&format!(
+            "SELECT to_json({{'id': id, 'qty': qty, 'paid': paid, 'score': score, 'amount': amount,
+                    'day': day::VARCHAR, 'at': strftime(timezone('UTC', \"at\"), '%Y-%m-%dT%H:%M:%S.%fZ'),
+                    'ref': ref, 'state': state, 'note': note, 'tags': tags::JSON, 'buyer': buyer::JSON}})::VARCHAR
+               FROM read_parquet('{files}') ORDER BY id, qty"
+        ))
+        .unwrap();
+    let got: Vec<serde_json::Value> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|s| serde_json::from_str(&s.unwrap()).unwrap())
+        .collect();
+    let mut want = rows.clone();
+    want.sort_by_key(|r| (r["id"].as_i64(), r["qty"].as_i64()));
+    let want: std::collections::BTreeMap<usize, serde_json::Value> =
+        want.into_iter().enumerate().collect();
+    let want = want.into_iter().map(|(i, v)| (i as i64, v)).collect();
+    same_rows(&got, &want);
+}
