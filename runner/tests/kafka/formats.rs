@@ -273,17 +273,24 @@ fn wide_rows() -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// No `[[columns]]`: each field of the writer's schema becomes a column of
-/// the type its Avro type maps to, in the schema's order, created by Idem
-/// in PostgreSQL and DuckDB, and keyed on a field the config names.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_columns_the_schemas_fields_are_the_columns() {
-    let topic = fresh_topic("idem_avro_cols", 2).await;
+/// A topic of [`wide_rows`] written by fastavro with [`WIDE`]; the
+/// workdir holding the schema file.
+async fn wide_topic(prefix: &str) -> (String, Workdir, std::path::PathBuf, Vec<serde_json::Value>) {
+    let topic = fresh_topic(prefix, 2).await;
     let w = Workdir::new();
     let avsc = w.write("payment.avsc", WIDE);
     let rows = wide_rows();
     let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
     produce_values(&topic, &fastavro(&avsc, &lines)).await;
+    (topic, w, avsc, rows)
+}
+
+/// No `[[columns]]`: each field of the writer's schema becomes a column of
+/// the type its Avro type maps to, in the schema's order, created by Idem
+/// in PostgreSQL and DuckDB, and keyed on a field the config names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_columns_the_schemas_fields_are_the_columns() {
+    let (topic, w, avsc, rows) = wide_topic("idem_avro_cols").await;
     // The last write of each id, which an upsert keeps.
     let mut want: std::collections::BTreeMap<i64, serde_json::Value> = Default::default();
     for r in &rows {
@@ -835,12 +842,7 @@ async fn json_after_a_registry_prefix_maps_as_json() {
 /// type and every value as written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn avro_into_parquet_on_s3_reads_back_in_duckdb() {
-    let topic = fresh_topic("idem_avro_s3", 2).await;
-    let w = Workdir::new();
-    let avsc = w.write("payment.avsc", WIDE);
-    let rows = wide_rows();
-    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
-    produce_values(&topic, &fastavro(&avsc, &lines)).await;
+    let (topic, w, avsc, rows) = wide_topic("idem_avro_s3").await;
     let bucket = idem_testkit::s3::fresh_bucket("avro").await;
     let cfg = w.write(
         "k.toml",
