@@ -279,6 +279,12 @@ type = "text"
                 "{e}"
             );
         }
+        // Protobuf through it: no .proto or message needed.
+        parse::<Src, Snk>(
+            Path::new("f.toml"),
+            &registry.replace("\"avro\"", "\"protobuf\""),
+        )
+        .unwrap();
         let e = err(&registry.replace("format = \"avro\"\n", ""));
         assert!(
             e.contains("connectors.a.registry") && e.contains("format = \"avro\""),

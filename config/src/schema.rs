@@ -1017,15 +1017,15 @@ impl<S, K> ConnectorConfig<S, K> {
                     "format = \"json_schema\" reads the JSON after the registry's prefix and asks the registry nothing: leave [registry] out",
                 ));
             }
-            if self.format != Format::Avro {
+            if self.format == Format::Json {
                 return Err(Invalid::new(
                     &["registry"],
-                    "reads Avro values in the registry's wire format: set format = \"avro\" (Protobuf through a registry is not read yet)",
+                    "reads Avro or Protobuf values in the registry's wire format: set format = \"avro\" or \"protobuf\" (JSON behind the registry's prefix is format = \"json_schema\", with no [registry])",
                 ));
             }
         }
         match (self.format, &self.message) {
-            (Format::Protobuf, None) => {
+            (Format::Protobuf, None) if self.schema_file.is_some() => {
                 return Err(Invalid::new(
                     &["message"],
                     "format = \"protobuf\" needs the values' message type: message = \"package.Message\"",
@@ -1040,7 +1040,7 @@ impl<S, K> ConnectorConfig<S, K> {
             _ => {}
         }
         match (self.format, &self.schema_file) {
-            (Format::Protobuf, None) => {
+            (Format::Protobuf, None) if self.registry.is_none() => {
                 return Err(Invalid::new(
                     &["schema_file"],
                     "format = \"protobuf\" needs the .proto that defines `message`: schema_file = \"path/to/order.proto\"",

@@ -8,7 +8,9 @@
 use crate::retry::{retry_transient, Retriable};
 use crate::stats::Stats;
 use idem_config::{RegistryConfig, RetryConfig};
-use idem_core::mapping::avro::{wire_format, AvroSchema, RegistrySchemas};
+use idem_core::mapping::avro::AvroSchema;
+use idem_core::mapping::protobuf::ProtoFile;
+use idem_core::mapping::registry::{wire_format, RegistrySchemas, Writer};
 use idem_core::Message;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +59,9 @@ pub struct Registry {
     http: reqwest::Client,
     auth: Auth,
     pub schemas: Arc<RegistrySchemas>,
+    /// Held while an id is fetched: chunks mapped side by side that name
+    /// the same new id ask for it once.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 enum Auth {
@@ -102,6 +107,7 @@ impl Registry {
             http: http.build().map_err(|e| format!("registry: {e}"))?,
             auth,
             schemas: Arc::default(),
+            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -117,8 +123,8 @@ impl Registry {
         }
     }
 
-    /// The Avro schema registered under `id`.
-    pub async fn fetch(&self, id: u32) -> Result<AvroSchema, RegistryError> {
+    /// The schema registered under `id` (Avro or Protobuf).
+    pub async fn fetch(&self, id: u32) -> Result<Writer, RegistryError> {
         let url = self.url.clone();
         let unreachable = |e: reqwest::Error| RegistryError::Unreachable {
             url: url.clone(),
@@ -157,9 +163,9 @@ impl Registry {
         let answer: serde_json::Value = serde_json::from_str(&body)
             .map_err(|e| unreadable(format!("the answer is not JSON: {e}")))?;
         let kind = answer["schemaType"].as_str().unwrap_or("AVRO");
-        if kind != "AVRO" {
+        if !matches!(kind, "AVRO" | "PROTOBUF") {
             return Err(unreadable(format!(
-                "a {kind} schema; Idem reads Avro values from a registry for now"
+                "a {kind} schema; Idem reads Avro and Protobuf values from a registry (JSON behind the registry's prefix is format = \"json_schema\")"
             )));
         }
         if answer["references"]
@@ -173,7 +179,14 @@ impl Registry {
         let text = answer["schema"]
             .as_str()
             .ok_or_else(|| unreadable("the answer has no `schema`".into()))?;
-        AvroSchema::parse(text).map_err(|e| unreadable(format!("not an Avro schema: {e}")))
+        if kind == "PROTOBUF" {
+            return ProtoFile::compile(text)
+                .map(Writer::Protobuf)
+                .map_err(unreadable);
+        }
+        AvroSchema::parse(text)
+            .map(|s| Writer::Avro(Box::new(s)))
+            .map_err(|e| unreadable(format!("not an Avro schema: {e}")))
     }
 
     /// Fetch every schema id that `msgs` name and that is not kept yet.
@@ -192,6 +205,10 @@ impl Registry {
             };
             if self.schemas.get(id).is_some() {
                 continue;
+            }
+            let _one_at_a_time = self.fetching.lock().await;
+            if self.schemas.get(id).is_some() {
+                continue; // fetched while this chunk waited
             }
             let what = format!("fetch schema id {id} from the registry");
             match retry_transient(retry, stats, &what, stop, || self.fetch(id)).await {
@@ -396,8 +413,8 @@ pub(crate) mod tests {
             (401, "unauthorized", "check registry.username"),
             (
                 200,
-                "{\"schema\": \"syntax = 'proto3';\", \"schemaType\": \"PROTOBUF\"}",
-                "a PROTOBUF schema",
+                "{\"schema\": \"{}\", \"schemaType\": \"JSON\"}",
+                "a JSON schema",
             ),
             (
                 200,

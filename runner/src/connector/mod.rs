@@ -231,42 +231,32 @@ impl Connector {
         if cfg.format == Format::JsonSchema {
             mapper = mapper.with_registry_prefix();
         }
-        if cfg.format == Format::Protobuf {
-            let path = cfg.schema_file.as_deref().unwrap_or_default();
+        let path = cfg.schema_file.as_deref().unwrap_or_default();
+        let build_err = |message: String| RunError::Build {
+            connector: name.into(),
+            sink: cfg.sink.kind(),
+            message,
+        };
+        if let Some(r) = &cfg.registry {
+            // Each value names its writer's schema; `schema_file`, if any,
+            // only gave the columns.
+            let one = crate::schemas::Registry::new(r).map_err(build_err)?;
+            mapper = mapper.with_registry(one.schemas.clone());
+            registry = Some(Arc::new(one));
+        } else if cfg.format == Format::Protobuf {
             let schema = idem_core::mapping::protobuf::ProtoSchema::compile(
                 std::path::Path::new(path),
                 cfg.message.as_deref().unwrap_or_default(),
             )
-            .map_err(|e| RunError::Build {
-                connector: name.into(),
-                sink: cfg.sink.kind(),
-                message: format!("schema_file = \"{path}\" {e}"),
-            })?;
+            .map_err(|e| build_err(format!("schema_file = \"{path}\" {e}")))?;
             mapper = mapper.with_protobuf(schema);
-        }
-        if cfg.format == Format::Avro {
-            let path = cfg.schema_file.as_deref().unwrap_or_default();
-            let build_err = |message: String| RunError::Build {
-                connector: name.into(),
-                sink: cfg.sink.kind(),
-                message: format!("schema_file = \"{path}\": {message}"),
-            };
-            if let Some(r) = &cfg.registry {
-                // Each value names its writer's schema; `schema_file`, if
-                // any, only gave the columns.
-                let one = crate::schemas::Registry::new(r).map_err(|message| RunError::Build {
-                    connector: name.into(),
-                    sink: cfg.sink.kind(),
-                    message,
-                })?;
-                mapper = mapper.with_registry(one.schemas.clone());
-                registry = Some(Arc::new(one));
-            } else {
-                let text = std::fs::read_to_string(path).map_err(|e| build_err(e.to_string()))?;
-                let schema = idem_core::mapping::avro::AvroSchema::parse(&text)
-                    .map_err(|e| build_err(format!("not an Avro schema: {e}")))?;
-                mapper = mapper.with_avro(schema);
-            }
+        } else if cfg.format == Format::Avro {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| build_err(format!("schema_file = \"{path}\": {e}")))?;
+            let schema = idem_core::mapping::avro::AvroSchema::parse(&text).map_err(|e| {
+                build_err(format!("schema_file = \"{path}\": not an Avro schema: {e}"))
+            })?;
+            mapper = mapper.with_avro(schema);
         }
         if cfg.columns_from() == ColumnsFrom::Table {
             if template.is_some() || cfg.sink.table().is_none() || cfg.sink.creates_table() {

@@ -504,3 +504,31 @@ async fn registry_values_map_with_their_ids_schemas_and_an_unknown_id_stops() {
         ["/schemas/ids/1", "/schemas/ids/2", "/schemas/ids/99"]
     );
 }
+
+/// Protobuf through the registry: the schema's `.proto` text compiled
+/// once per id, each value's message named by its indexes.
+#[tokio::test]
+async fn registry_protobuf_values_map_with_their_message() {
+    use crate::schemas::tests::stand_in;
+    let proto = "syntax = \"proto3\";\npackage p;\nmessage Other { string s = 1; }\nmessage Row { int64 id = 1; }\n";
+    let answer = serde_json::json!({"schema": proto, "schemaType": "PROTOBUF"}).to_string();
+    let (stand, url) = stand_in(&[(200, &answer)]).await;
+    // [0, id 9, indexes [1] (count 1, index 1, zigzag), Row { id = i }].
+    let values: Vec<Vec<u8>> = (0..20u8)
+        .map(|i| vec![0, 0, 0, 0, 9, 2, 2, 0x08, i])
+        .collect();
+    let sink = Arc::new(MemSink::default());
+    let base = connector(sink.clone(), vec![], "max_records = 100\nlinger = \"1h\"");
+    let mut cfg = base.cfg.clone();
+    cfg.format = Format::Protobuf;
+    cfg.registry =
+        Some(toml::from_str::<idem_config::RegistryConfig>(&format!("url = \"{url}\"")).unwrap());
+    let mut built = Connector::build(&base.name, cfg).unwrap();
+    built.source = Arc::new(MemSource { lines: values });
+    built.sink = sink.clone();
+    let conn = Arc::new(built);
+    run_partition(&conn).await.unwrap();
+    assert_eq!(*sink.commits.lock().unwrap(), [(0, 20, 20)]);
+    assert_eq!(stand.asked.lock().unwrap().len(), 1);
+    assert_eq!(conn.stats.snapshot().dead_lettered, 0);
+}

@@ -11,6 +11,7 @@ pub mod avro;
 mod debezium;
 mod flat;
 pub mod protobuf;
+pub mod registry;
 #[cfg(test)]
 mod tests;
 mod value;
@@ -129,7 +130,7 @@ enum Decoder {
     /// Avro, every value written with one schema (`schema_file`).
     Avro(Box<avro::AvroSchema>),
     /// Avro in a registry's wire format: the schema its prefix names.
-    Registry(std::sync::Arc<avro::RegistrySchemas>),
+    Registry(std::sync::Arc<registry::RegistrySchemas>),
     /// Protobuf, one message type.
     Proto(Box<protobuf::ProtoSchema>),
 }
@@ -259,8 +260,8 @@ impl Mapper {
 
     /// Values in a schema registry's wire format, each decoded with the
     /// schema of its id, which `schemas` must hold by the time the value
-    /// is mapped (see [`avro::RegistrySchemas`]).
-    pub fn with_registry(mut self, schemas: std::sync::Arc<avro::RegistrySchemas>) -> Self {
+    /// is mapped (see [`registry::RegistrySchemas`]).
+    pub fn with_registry(mut self, schemas: std::sync::Arc<registry::RegistrySchemas>) -> Self {
         self.flat = None;
         self.decoder = Some(Decoder::Registry(schemas));
         self
@@ -407,21 +408,30 @@ impl Mapper {
                     self.learn_avro(schema, route)?,
                 ),
                 Decoder::Registry(schemas) => {
-                    let (id, value) = avro::wire_format(raw).map_err(MapError::new)?;
+                    let (id, value) = registry::wire_format(raw).map_err(MapError::new)?;
                     let Some(schema) = schemas.get(id) else {
                         // The runner fetches every id before mapping.
                         return Err(MapError::stop(format!(
                             "schema id {id} was not fetched from the registry before its message"
                         )));
                     };
-                    let doc = schema
-                        .decode(value)
-                        .map_err(|e| MapError::new(format!("schema id {id}: {e}")))?;
-                    let layout = self.learn_avro(&schema, route).map_err(|e| MapError {
+                    let with_id = |e: MapError| MapError {
                         reason: format!("schema id {id}: {}", e.reason),
                         ..e
-                    })?;
-                    (doc, layout)
+                    };
+                    match schema.as_ref() {
+                        registry::Writer::Avro(schema) => (
+                            schema
+                                .decode(value)
+                                .map_err(MapError::new)
+                                .map_err(with_id)?,
+                            self.learn_avro(schema, route).map_err(with_id)?,
+                        ),
+                        registry::Writer::Protobuf(file) => (
+                            file.decode(value).map_err(MapError::new).map_err(with_id)?,
+                            None,
+                        ),
+                    }
                 }
             };
             let columns = layout.as_ref().map_or(&self.columns, |l| &l.columns);
@@ -435,7 +445,7 @@ impl Mapper {
             return self.record(columns, msg, fields, op);
         }
         let raw = if self.framed {
-            avro::wire_format(raw).map_err(MapError::new)?.1
+            registry::wire_format(raw).map_err(MapError::new)?.1
         } else {
             raw
         };

@@ -103,6 +103,93 @@ fn column_type(kind: &Kind, decimal: ColumnType) -> ColumnType {
     }
 }
 
+/// A `.proto` as a schema registry keeps it (its text, under an id),
+/// compiled: the message of each value is named by the indexes in the
+/// registry's wire format.
+pub struct ProtoFile {
+    file: prost_reflect::FileDescriptor,
+}
+
+/// The registry's `.proto` text, and Google's well-known types beside it.
+struct Text(String);
+
+const REGISTRY_FILE: &str = "registry.proto";
+
+impl protox::file::FileResolver for Text {
+    fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+        if name == REGISTRY_FILE {
+            protox::file::File::from_source(name, &self.0)
+        } else {
+            Err(protox::Error::file_not_found(name))
+        }
+    }
+}
+
+impl ProtoFile {
+    /// Compile a `.proto` given as text; imports other than Google's
+    /// well-known types are not found (a registry gives them as
+    /// references, which Idem does not read yet).
+    pub fn compile(text: &str) -> Result<ProtoFile, String> {
+        let mut chain = protox::file::ChainFileResolver::new();
+        chain.add(Text(text.to_string()));
+        chain.add(protox::file::GoogleFileResolver::new());
+        let mut compiler = protox::Compiler::with_file_resolver(chain);
+        compiler
+            .open_file(REGISTRY_FILE)
+            .map_err(|e| format!("the .proto does not compile: {e:?}"))?;
+        let file = compiler
+            .descriptor_pool()
+            .get_file_by_name(REGISTRY_FILE)
+            .ok_or("the .proto compiled to nothing")?;
+        Ok(ProtoFile { file })
+    }
+
+    /// A value after the registry's 5-byte prefix: the message indexes
+    /// (a count, then each index, as zigzag varints; a lone 0 is the first
+    /// message), then the message, read as its canonical JSON.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Json, String> {
+        let mut rest = bytes;
+        let count = zigzag(&mut rest)?;
+        let path: Vec<i64> = if count == 0 {
+            vec![0]
+        } else {
+            (0..count)
+                .map(|_| zigzag(&mut rest))
+                .collect::<Result<_, _>>()?
+        };
+        let mut message: Option<MessageDescriptor> = None;
+        for &i in &path {
+            let i = usize::try_from(i).map_err(|_| format!("message index {i} is negative"))?;
+            let next = match &message {
+                None => self.file.messages().nth(i),
+                Some(m) => m.child_messages().nth(i),
+            };
+            message = Some(next.ok_or_else(|| {
+                format!("message indexes {path:?} name no message of the schema")
+            })?);
+        }
+        let message = message.ok_or("no message index")?;
+        ProtoSchema { message }.decode(rest)
+    }
+}
+
+/// One zigzag varint off the front of `bytes`.
+fn zigzag(bytes: &mut &[u8]) -> Result<i64, String> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes
+            .split_first()
+            .ok_or("the message indexes end before the message")?;
+        *bytes = rest;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            #[allow(clippy::cast_possible_wrap)]
+            return Ok((value >> 1) as i64 ^ -((value & 1) as i64));
+        }
+    }
+    Err("a message index longer than a varint".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +267,37 @@ message Order {
                 Numeric, Bigint, Integer
             ]
         );
+    }
+
+    #[test]
+    fn a_registry_value_names_its_message_by_indexes() {
+        let text = "syntax = \"proto3\";\npackage p;\nimport \"google/protobuf/timestamp.proto\";\nmessage A { int64 id = 1; message Inner { string s = 1; } }\nmessage B { string name = 1; google.protobuf.Timestamp at = 2; }\n";
+        let f = ProtoFile::compile(text).unwrap();
+        let a = f.file.messages().next().unwrap();
+        let b = f.file.messages().nth(1).unwrap();
+        let inner = a.child_messages().next().unwrap();
+        let encode = |m: &MessageDescriptor, json: serde_json::Value| {
+            DynamicMessage::deserialize(m.clone(), json)
+                .unwrap()
+                .encode_to_vec()
+        };
+        // [0] written as the lone 0; [1] as count 1 (zigzag 2), index 1
+        // (zigzag 2); [0, 0] as count 2, 0, 0.
+        let mut v = vec![0];
+        v.extend(encode(&a, serde_json::json!({"id": 7})));
+        assert_eq!(f.decode(&v).unwrap(), serde_json::json!({"id": 7}));
+        let mut v = vec![2, 2];
+        v.extend(encode(
+            &b,
+            serde_json::json!({"name": "n", "at": "2026-01-01T00:00:00Z"}),
+        ));
+        assert_eq!(f.decode(&v).unwrap()["at"], "2026-01-01T00:00:00Z");
+        let mut v = vec![4, 0, 0];
+        v.extend(encode(&inner, serde_json::json!({"s": "x"})));
+        assert_eq!(f.decode(&v).unwrap(), serde_json::json!({"s": "x"}));
+        let e = f.decode(&[2, 8]).unwrap_err();
+        assert!(e.contains("name no message"), "{e}");
+        assert!(ProtoFile::compile("syntax = \"proto3\";\nimport \"other.proto\";\n").is_err());
     }
 
     #[test]

@@ -956,7 +956,7 @@ fn registry_values_decode_with_the_schema_of_their_id() {
     let v1 = r#"{"type": "record", "name": "R", "fields": [{"name": "id", "type": "long"}]}"#;
     let v2 = r#"{"type": "record", "name": "R", "fields": [
         {"name": "id", "type": "long"}, {"name": "note", "type": ["null", "string"], "default": null}]}"#;
-    let schemas = std::sync::Arc::new(avro::RegistrySchemas::default());
+    let schemas = std::sync::Arc::new(registry::RegistrySchemas::default());
     let m = Mapper::new(
         &[
             col("id", ColumnType::Bigint, true),
@@ -987,8 +987,14 @@ fn registry_values_decode_with_the_schema_of_their_id() {
     // An id not fetched yet stops the connector: mapping never guesses.
     let e = m.map(&one).unwrap_err();
     assert!(e.stop && e.reason.contains("schema id 1"), "{}", e.reason);
-    schemas.insert(1, avro::AvroSchema::parse(v1).unwrap());
-    schemas.insert(300, avro::AvroSchema::parse(v2).unwrap());
+    schemas.insert(
+        1,
+        registry::Writer::Avro(Box::new(avro::AvroSchema::parse(v1).unwrap())),
+    );
+    schemas.insert(
+        300,
+        registry::Writer::Avro(Box::new(avro::AvroSchema::parse(v2).unwrap())),
+    );
     assert_eq!(m.map(&one).unwrap().values, [Value::BigInt(5), Value::Null]);
     assert_eq!(
         m.map(&two).unwrap().values,
@@ -1031,9 +1037,12 @@ fn registry_values_with_evolve_add_the_columns_a_new_writer_schema_brings() {
         {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}}]}"#;
     let v3 = r#"{"type": "record", "name": "R", "fields": [
         {"name": "id", "type": "long"}, {"name": "note", "type": "long"}]}"#;
-    let schemas = std::sync::Arc::new(avro::RegistrySchemas::default());
+    let schemas = std::sync::Arc::new(registry::RegistrySchemas::default());
     for (id, text) in [(1, v1), (2, v2), (3, v3)] {
-        schemas.insert(id, avro::AvroSchema::parse(text).unwrap());
+        schemas.insert(
+            id,
+            registry::Writer::Avro(Box::new(avro::AvroSchema::parse(text).unwrap())),
+        );
     }
     let listed = [col("id", ColumnType::Bigint, true)];
     let m = Mapper::new(&listed, &["id".into()], false, None)
