@@ -194,7 +194,7 @@ pub fn load(path: &std::path::Path) -> Result<Config, idem_config::ConfigError> 
     with_schema_columns(path, idem_config::load(path)?)
 }
 
-/// Add the columns of each connector that takes them from its Avro schema
+/// Add the columns of each connector that takes them from its schema
 /// to a parsed `config` (read from `path`), then check them.
 pub fn with_schema_columns(
     path: &std::path::Path,
