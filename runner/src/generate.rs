@@ -14,6 +14,10 @@ pub struct GenerateOptions {
     /// Malformed lines mixed in (not counted in `count`).
     pub malformed: u64,
     pub seed: u64,
+    /// Event ids of 20 random hex digits, as production ids (UUIDs,
+    /// hashes) are, instead of `evt-0000000001`, `evt-0000000002`...:
+    /// sequential ids make index inserts cheaper than real data does.
+    pub random_ids: bool,
 }
 
 const KINDS: [&str; 5] = ["order", "payment", "refund", "click", "signup"];
@@ -26,11 +30,16 @@ pub const MALFORMED: [&str; 4] = [
     "{\"event_id\": \"bad-amount\", \"user_id\": 1, \"kind\": \"order\", \"amount\": \"twelve\", \"at\": \"2026-01-01T00:00:00Z\"}",
 ];
 
-fn event(i: u64, rng: &mut SmallRng) -> String {
+fn event(i: u64, rng: &mut SmallRng, random_id: bool) -> String {
     let secs = 1_767_225_600 + i as i64; // 2026-01-01 onwards
     let at = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
+    let id = if random_id {
+        format!("{:020x}", rng.random::<u128>() >> 48)
+    } else {
+        format!("evt-{i:010}")
+    };
     format!(
-        "{{\"event_id\":\"evt-{i:010}\",\"user_id\":{},\"kind\":\"{}\",\"amount\":{:.2},\"currency\":\"{}\",\"ok\":{},\"at\":\"{}\",\"note\":\"{}\"}}",
+        "{{\"event_id\":\"{id}\",\"user_id\":{},\"kind\":\"{}\",\"amount\":{:.2},\"currency\":\"{}\",\"ok\":{},\"at\":\"{}\",\"note\":\"{}\"}}",
         rng.random_range(1..100_000u32),
         KINDS[rng.random_range(0..KINDS.len())],
         rng.random_range(0.0..1000.0f64),
@@ -58,7 +67,7 @@ pub fn generate(out: &mut dyn Write, opts: &GenerateOptions) -> std::io::Result<
             let j = rng.random_range(bodies.len().saturating_sub(1000)..bodies.len());
             bodies[j].clone()
         } else {
-            let e = event(bodies.len() as u64, &mut rng);
+            let e = event(bodies.len() as u64, &mut rng, opts.random_ids);
             if opts.duplicates > 0.0 {
                 bodies.push(e.clone());
             } else {
@@ -92,6 +101,7 @@ mod tests {
             duplicates: 0.1,
             malformed: 10,
             seed: 7,
+            random_ids: false,
         };
         let (lines, distinct) = generate(&mut buf, &opts).unwrap();
         assert_eq!(lines, 1010);
@@ -117,12 +127,45 @@ mod tests {
     }
 
     #[test]
+    fn random_ids_are_twenty_hex_digits_and_copies_keep_theirs() {
+        let mut buf = Vec::new();
+        let opts = GenerateOptions {
+            count: 2000,
+            duplicates: 0.05,
+            malformed: 0,
+            seed: 3,
+            random_ids: true,
+        };
+        let (_, distinct) = generate(&mut buf, &opts).unwrap();
+        let ids: Vec<String> = String::from_utf8(buf)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert!(ids
+            .iter()
+            .all(|id| id.len() == 20 && id.chars().all(|c| c.is_ascii_hexdigit())));
+        let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len() as u64, distinct);
+        assert!(distinct < 2000 && distinct > 1800, "{distinct}");
+        // Not in order: a random id is as likely below its predecessor.
+        let descents = ids.windows(2).filter(|w| w[1] < w[0]).count();
+        assert!(descents > 700, "{descents}");
+    }
+
+    #[test]
     fn same_seed_same_output() {
         let opts = GenerateOptions {
             count: 50,
             duplicates: 0.2,
             malformed: 2,
             seed: 1,
+            random_ids: false,
         };
         let (mut a, mut b) = (Vec::new(), Vec::new());
         generate(&mut a, &opts).unwrap();

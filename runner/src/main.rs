@@ -126,6 +126,9 @@ struct EventArgs {
     /// Random seed: the same seed writes the same events.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Event ids of 20 random hex digits instead of sequential ones.
+    #[arg(long)]
+    random_ids: bool,
 }
 
 impl From<&EventArgs> for GenerateOptions {
@@ -135,6 +138,7 @@ impl From<&EventArgs> for GenerateOptions {
             duplicates: a.duplicates,
             malformed: a.malformed,
             seed: a.seed,
+            random_ids: a.random_ids,
         }
     }
 }

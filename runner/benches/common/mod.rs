@@ -74,17 +74,23 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-/// `idem generate` `events` events into `data`; returns its size in bytes.
+/// `idem generate` `events` events into `data`, no copies, nothing
+/// malformed; returns its size in bytes.
 pub fn generate(idem: &str, data: &Path, events: usize) -> u64 {
+    generate_with(
+        idem,
+        data,
+        events,
+        &["--duplicates", "0", "--malformed", "0"],
+    )
+}
+
+/// `idem generate` with `args` (`--random-ids`, `--duplicates 0.05`...).
+pub fn generate_with(idem: &str, data: &Path, events: usize, args: &[&str]) -> u64 {
     let out = Command::new(idem)
-        .args([
-            "generate",
-            "--duplicates",
-            "0",
-            "--malformed",
-            "0",
-            "--count",
-        ])
+        .arg("generate")
+        .args(args)
+        .arg("--count")
         .arg(events.to_string())
         .arg("--out")
         .arg(data)
