@@ -74,6 +74,8 @@ impl Registry {
     /// The client for `cfg` (no request yet). `Err`: a CA file that cannot
     /// be read or is not PEM.
     pub fn new(cfg: &RegistryConfig) -> Result<Registry, String> {
+        // A password in the URL itself is hidden from every output too.
+        idem_config::redact::register_url(&cfg.url);
         let mut http = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
