@@ -93,22 +93,14 @@ async fn killed_at_random_and_at_fail_points_while_producing_every_event_lands_o
         "k.toml",
         &Conf::new(&topic, &schema).max_records(300).toml(),
     );
-    let failpoints = ["after_write", "mid_write", "after_commit"];
-    let mut rounds = Rounds::default();
-    for round in 0..ROUNDS {
-        let from = round as i64 * PER_ROUND;
-        // The producer keeps writing while the runner runs and dies.
-        let producing = tokio::spawn({
-            let topic = topic.clone();
-            async move { produce(&topic, from..from + PER_ROUND).await }
-        });
-        let failpoint = (round % 2 == 1).then(|| failpoints[(round / 2) % failpoints.len()]);
-        // The previous run's partitions move after the session timeout
-        // (6 s): aim before, around and after it.
-        rounds.run(&cfg, failpoint, &mut rng, 300..10_000).await;
-        producing.await.unwrap();
-    }
-    rounds.check("kafka", 20, &failpoints);
+    // The previous run's partitions move after the session timeout
+    // (6 s): kills aim before, around and after it.
+    let rounds = crash_while_producing(&cfg, &mut rng, ROUNDS, PER_ROUND, 300..10_000, |ids| {
+        let topic = topic.clone();
+        async move { produce(&topic, ids).await }
+    })
+    .await;
+    rounds.check("kafka", 20, &FAILPOINTS);
 
     let total = ROUNDS as i64 * PER_ROUND;
     run_until(&cfg, &schema, total).await;

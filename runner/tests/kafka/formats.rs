@@ -94,22 +94,10 @@ async fn avro_values_written_by_fastavro_land_exactly() {
         .collect();
     let values = fastavro(&avsc, &rows);
     assert_eq!(values.len(), rows.len());
-    let producer: FutureProducer = client_config().create().unwrap();
     // Every value keyed by its id; one value that is not Avro of the
     // schema, at a known position.
-    for (i, value) in values.iter().enumerate() {
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .partition((i % 2) as i32)
-                    .key(&i.to_string())
-                    .payload(value),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
+    produce_values(&topic, &values).await;
+    let producer: FutureProducer = client_config().create().unwrap();
     let delivered = producer
         .send(
             FutureRecord::<str, [u8]>::to(&topic)
@@ -143,29 +131,22 @@ async fn avro_values_written_by_fastavro_land_exactly() {
     );
     run_ok(idem().arg("run").arg(&cfg));
 
-    // Each row as the source wrote it, compared as text.
-    let got: Vec<String> = pg()
-        .await
-        .query(
-            &format!(
-                "SELECT json_build_object('id', id, 'name', name, 'price', price::text, 'day', day::text,
-                        'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                        'note', note, 'buyer', json_build_object('city', city))::text
-                   FROM \"{schema}\".events ORDER BY id"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
+    // Each row as the source wrote it.
+    let got = json_rows(
+        &pg().await,
+        &format!(
+            "SELECT json_build_object('id', id, 'name', name, 'price', price::text, 'day', day::text,
+                    'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+                    'note', note, 'buyer', json_build_object('city', city))::text
+               FROM \"{schema}\".events ORDER BY id"
+        ),
+    )
+    .await;
+    let want: Vec<serde_json::Value> = rows
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| serde_json::from_str(r).unwrap())
         .collect();
-    assert_eq!(got.len(), rows.len(), "rows in the table");
-    for (want, got) in rows.iter().zip(&got) {
-        let want: serde_json::Value = serde_json::from_str(want).unwrap();
-        let got: serde_json::Value = serde_json::from_str(got).unwrap();
-        assert_eq!(got, want);
-    }
+    same_rows(&got, &want, None);
     let letters = std::fs::read_to_string(&dead).unwrap();
     let letter: serde_json::Value = serde_json::from_str(letters.trim()).unwrap();
     assert_eq!(letters.lines().count(), 1, "{letters}");
@@ -227,7 +208,9 @@ async fn json_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<serde_json
         .collect()
 }
 
-/// Produce `values` to `topic`'s two partitions, keyed by their index.
+/// Produce `values` to `topic`'s two partitions, value `i` to partition
+/// `i % 2` (so the two writes of a row of [`wide_rows`], 120 apart, are in
+/// one partition, in order), keyed by its index.
 async fn produce_values(topic: &str, values: &[Vec<u8>]) {
     let producer: FutureProducer = client_config().create().unwrap();
     for (i, value) in values.iter().enumerate() {
@@ -357,7 +340,7 @@ async fn without_columns_the_schemas_fields_are_the_columns() {
                    FROM \"{schema}\".events ORDER BY id"
     ))
     .await;
-    same_rows(&got, &want);
+    same_rows(&got, want.values(), Some("score"));
 
     // DuckDB: the same fields, the decimal's digits kept as text.
     let duck = duck(&db);
@@ -403,20 +386,28 @@ async fn without_columns_the_schemas_fields_are_the_columns() {
         .unwrap()
         .map(|s| serde_json::from_str(&s.unwrap()).unwrap())
         .collect();
-    same_rows(&got, &want);
+    same_rows(&got, want.values(), Some("score"));
 }
 
-/// Each row read back equals the one written, the first that differs
-/// named; `score` compared as a number (a database prints 15.0 as 15).
-fn same_rows(got: &[serde_json::Value], want: &std::collections::BTreeMap<i64, serde_json::Value>) {
+/// Each row read back equals the one written, in order, the first that
+/// differs named; the `number` field, if any, compared as a number (a
+/// database prints 15.0 as 15; `985.90` and `985.9` are one double).
+fn same_rows<'a>(
+    got: &[serde_json::Value],
+    want: impl IntoIterator<Item = &'a serde_json::Value>,
+    number: Option<&str>,
+) {
+    let want: Vec<&serde_json::Value> = want.into_iter().collect();
     assert_eq!(got.len(), want.len(), "rows in the table");
-    for (got, want) in got.iter().zip(want.values()) {
-        let number = |v: &serde_json::Value| {
-            let mut v = v.clone();
-            v["score"] = serde_json::json!(v["score"].as_f64());
-            v
-        };
-        assert_eq!(number(got), number(want));
+    let as_number = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(field) = number {
+            v[field] = serde_json::json!(v[field].as_f64());
+        }
+        v
+    };
+    for (got, want) in got.iter().zip(want) {
+        assert_eq!(as_number(got), as_number(want));
     }
 }
 
@@ -531,16 +522,7 @@ async fn idem_produce_writes_avro_that_fastavro_and_idem_read() {
     };
     by_id(&mut got);
     by_id(&mut want);
-    assert_eq!(got.len(), want.len());
-    for (got, want) in got.iter().zip(&want) {
-        // The amount as a number: `985.90` and `985.9` are one double.
-        let double = |v: &serde_json::Value| {
-            let mut v = v.clone();
-            v["amount"] = serde_json::json!(v["amount"].as_f64());
-            v
-        };
-        assert_eq!(double(got), double(want));
-    }
+    same_rows(&got, &want, Some("amount"));
 
     // Idem reads them back: every event a row, every malformed value a
     // dead letter.
@@ -694,20 +676,18 @@ async fn protobuf_messages_written_by_googles_runtime_land_exactly() {
                    FROM \"{schema}\".events ORDER BY id"
     ))
     .await;
-    assert_eq!(got.len(), rows.len(), "rows in the table");
-    for (got, want) in got.iter().zip(&rows) {
-        let mut want = want.clone();
-        // An unset optional is null; numbers compared as numbers.
-        if want.get("note").is_none() {
-            want["note"] = serde_json::Value::Null;
-        }
-        let number = |v: &serde_json::Value| {
-            let mut v = v.clone();
-            v["price"] = serde_json::json!(v["price"].as_f64());
-            v
-        };
-        assert_eq!(number(got), number(&want));
-    }
+    // An unset optional is null.
+    let want: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if r.get("note").is_none() {
+                r["note"] = serde_json::Value::Null;
+            }
+            r
+        })
+        .collect();
+    same_rows(&got, &want, Some("price"));
     let letters = std::fs::read_to_string(&dead).unwrap();
     assert_eq!(letters.lines().count(), 1, "{letters}");
     assert!(letters.contains("not a shop.Order message"), "{letters}");
@@ -738,27 +718,20 @@ async fn avro_killed_at_random_and_at_fail_points_lands_every_value_once() {
             .toml(),
     );
     let encoder = std::sync::Arc::new(idem_core::mapping::avro::AvroSchema::parse(EVENT).unwrap());
-    let failpoints = ["after_write", "mid_write", "after_commit"];
-    let mut rounds = Rounds::default();
-    for round in 0..ROUNDS {
-        let from = round as i64 * PER_ROUND;
-        let producing = tokio::spawn({
-            let (topic, encoder) = (topic.clone(), encoder.clone());
-            async move {
-                produce_values_of(&topic, from..from + PER_ROUND, |i| {
-                    let note = (i % 3 == 0).then(|| format!("n{i}"));
-                    encoder
-                        .encode(&serde_json::json!({"id": i, "v": i * 10, "note": note}))
-                        .unwrap()
-                })
-                .await
-            }
-        });
-        let failpoint = (round % 2 == 1).then(|| failpoints[(round / 2) % failpoints.len()]);
-        rounds.run(&cfg, failpoint, &mut rng, 300..8_000).await;
-        producing.await.unwrap();
-    }
-    rounds.check("kafka-avro", 8, &failpoints);
+    let rounds = crash_while_producing(&cfg, &mut rng, ROUNDS, PER_ROUND, 300..8_000, |ids| {
+        let (topic, encoder) = (topic.clone(), encoder.clone());
+        async move {
+            produce_values_of(&topic, ids, |i| {
+                let note = (i % 3 == 0).then(|| format!("n{i}"));
+                encoder
+                    .encode(&serde_json::json!({"id": i, "v": i * 10, "note": note}))
+                    .unwrap()
+            })
+            .await
+        }
+    })
+    .await;
+    rounds.check("kafka-avro", 8, &FAILPOINTS);
 
     let total = ROUNDS as i64 * PER_ROUND;
     run_until(&cfg, &schema, total).await;
@@ -925,8 +898,5 @@ async fn avro_into_parquet_on_s3_reads_back_in_duckdb() {
         .collect();
     let mut want = rows.clone();
     want.sort_by_key(|r| (r["id"].as_i64(), r["qty"].as_i64()));
-    let want: std::collections::BTreeMap<usize, serde_json::Value> =
-        want.into_iter().enumerate().collect();
-    let want = want.into_iter().map(|(i, v)| (i as i64, v)).collect();
-    same_rows(&got, &want);
+    same_rows(&got, &want, Some("score"));
 }

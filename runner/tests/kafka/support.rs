@@ -54,6 +54,37 @@ pub async fn produce(topic: &str, ids: std::ops::Range<i64>) {
     .await;
 }
 
+/// The table fail points the crash tests arm in turn.
+pub const FAILPOINTS: [&str; 3] = ["after_write", "mid_write", "after_commit"];
+
+/// `rounds` runs of `cfg` while `produce(from..from + per_round)` writes
+/// each round's events: even rounds SIGKILLed after a random time in
+/// `kill_ms`, odd rounds aborted by the next of [`FAILPOINTS`]. Returns
+/// how they ended, for [`Rounds::check`].
+pub async fn crash_while_producing<F, Fut>(
+    cfg: &std::path::Path,
+    rng: &mut rand::rngs::StdRng,
+    rounds: usize,
+    per_round: i64,
+    kill_ms: std::ops::Range<u64>,
+    produce: F,
+) -> Rounds
+where
+    F: Fn(std::ops::Range<i64>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut ended = Rounds::default();
+    for round in 0..rounds {
+        let from = round as i64 * per_round;
+        // The producer keeps writing while the runner runs and dies.
+        let producing = tokio::spawn(produce(from..from + per_round));
+        let failpoint = (round % 2 == 1).then(|| FAILPOINTS[(round / 2) % FAILPOINTS.len()]);
+        ended.run(cfg, failpoint, rng, kill_ms.clone()).await;
+        producing.await.unwrap();
+    }
+    ended
+}
+
 /// Event `i` of `ids` keyed by `i`, its value `value(i)`.
 pub async fn produce_values_of(
     topic: &str,
