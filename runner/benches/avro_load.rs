@@ -18,18 +18,13 @@ use common::*;
 use idem_core::mapping::avro::AvroSchema;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const BROKERS: &str = "127.0.0.1:9092";
 const PARTITIONS: i32 = 6;
 
 fn schema_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/schemas/events.avsc")
-}
-
-fn pg_url() -> String {
-    std::env::var("IDEM_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
 }
 
 /// `idem produce` the events into `topic`; returns the bytes of its values.
@@ -54,40 +49,7 @@ fn produce(idem: &str, topic: &str, events: usize, avro: bool) -> u64 {
         String::from_utf8_lossy(&out.stderr)
     );
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    value_bytes(topic)
-}
-
-/// The bytes of every value in `topic`, read to its end.
-fn value_bytes(topic: &str) -> u64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::Message as _;
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", BROKERS)
-        .set("group.id", format!("{topic}_size"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    let mut want = 0;
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-        want += consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .unwrap()
-            .1;
-    }
-    consumer.assign(&tpl).unwrap();
-    let (mut seen, mut bytes) = (0, 0u64);
-    while seen < want {
-        let m = consumer
-            .poll(Duration::from_secs(10))
-            .expect("a message")
-            .unwrap();
-        bytes += m.payload().map_or(0, <[u8]>::len) as u64;
-        seen += 1;
-    }
-    bytes
+    read_topic(BROKERS, topic, PARTITIONS, events).1
 }
 
 fn config(topic: &str, sink: &str, batch: usize, avro: bool) -> String {
@@ -168,11 +130,7 @@ fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
     let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
     let idem = env!("CARGO_BIN_EXE_idem");
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let run = format!("{}_{nanos}", std::process::id());
+    let run = run_id();
     let dir = tempfile::tempdir().expect("tempdir");
 
     let (json_decode, avro_decode, json_src, avro_src) = decode_only(idem, dir.path(), events);

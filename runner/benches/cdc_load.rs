@@ -23,11 +23,6 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-fn pg_url() -> String {
-    std::env::var("IDEM_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
-}
-
 /// The schema Debezium's JSON converter sends with every event of the
 /// table (`schemas.enable = true`).
 fn event_schema() -> String {

@@ -16,48 +16,11 @@
 mod common;
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const BROKERS: &str = "127.0.0.1:9092";
 const PARTITIONS: i32 = 6;
-
-fn pg_url() -> String {
-    std::env::var("IDEM_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
-}
-
-/// Read every partition from the start to its end, doing nothing else.
-fn plain_consumer(topic: &str, events: usize) -> Duration {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKERS)
-        .set("group.id", format!("{topic}_plain"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    let started = Instant::now();
-    consumer.assign(&tpl).unwrap();
-    let mut seen = 0usize;
-    let mut bytes = 0usize;
-    while seen < events {
-        if let Some(m) = consumer.poll(Duration::from_secs(10)) {
-            let m = m.unwrap();
-            bytes += rdkafka::Message::payload(&m).map_or(0, <[u8]>::len);
-            seen += 1;
-        } else {
-            panic!("the plain consumer stalled at {seen} of {events}");
-        }
-    }
-    assert!(bytes > 0);
-    started.elapsed()
-}
 
 fn source(topic: &str, group: &str, stop_at_end: bool) -> String {
     format!(
@@ -69,11 +32,7 @@ fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
     let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
     let idem = env!("CARGO_BIN_EXE_idem");
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let topic = format!("bench_{}_{nanos}", std::process::id());
+    let topic = format!("bench_{}", run_id());
     let dir = tempfile::tempdir().expect("tempdir");
 
     let produced = Command::new(idem)
@@ -103,7 +62,8 @@ fn main() {
     eprint!("{}", String::from_utf8_lossy(&produced.stderr));
 
     let mut results: Vec<(String, Duration, Option<u64>)> = Vec::new();
-    let plain = plain_consumer(&topic, events);
+    let (plain, bytes) = read_topic(BROKERS, &topic, PARTITIONS, events);
+    assert!(bytes > 0);
     results.push(("(a) plain consumer, reads only".into(), plain, None));
 
     // (b) DuckDB, one runner, to the end.

@@ -22,11 +22,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
-fn pg_url() -> String {
-    std::env::var("IDEM_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
-}
-
 struct Event {
     event_id: String,
     user_id: i64,

@@ -18,6 +18,50 @@ pub const COLUMNS: [(&str, &str); 8] = [
     ("note", "text"),
 ];
 
+/// The test PostgreSQL (scripts/postgres.sh), or `IDEM_TEST_PG_URL`.
+pub fn pg_url() -> String {
+    std::env::var("IDEM_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://idem:idem@127.0.0.1:5432/idem_test".into())
+}
+
+/// A name part no other run uses (topics, schemas): the process and the
+/// clock.
+pub fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .subsec_nanos();
+    format!("{}_{nanos}", std::process::id())
+}
+
+/// Read `events` messages of `topic`'s `partitions` at `brokers` from
+/// the start, doing nothing else: (elapsed, bytes of their values).
+pub fn read_topic(brokers: &str, topic: &str, partitions: i32, events: usize) -> (Duration, u64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}_plain"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    let started = Instant::now();
+    consumer.assign(&tpl).unwrap();
+    let (mut seen, mut bytes) = (0usize, 0u64);
+    while seen < events {
+        let Some(m) = consumer.poll(Duration::from_secs(10)) else {
+            panic!("reading {topic} stalled at {seen} of {events}");
+        };
+        bytes += rdkafka::Message::payload(&m.unwrap()).map_or(0, <[u8]>::len) as u64;
+        seen += 1;
+    }
+    (started.elapsed(), bytes)
+}
+
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
