@@ -564,6 +564,9 @@ pub enum DedupStoreKind {
     Embedded,
     Redis,
     Postgres,
+    /// The sink's own database, in each batch's transaction (PostgreSQL
+    /// and DuckDB sinks): no second store, no round trip of its own.
+    Sink,
 }
 
 /// What to do when the dedup store lost its ids.
@@ -637,6 +640,12 @@ impl DedupConfig {
             return Err(Invalid::new(
                 &["dedup", "retention"],
                 "must be longer than zero (e.g. \"7d\")",
+            ));
+        }
+        if self.store == DedupStoreKind::Sink && self.namespace.is_some() {
+            return Err(Invalid::new(
+                &["dedup", "namespace"],
+                "is not used with store = \"sink\": the ids belong to the sink's table, shared by every connector writing it",
             ));
         }
         if let Some(ns) = &self.namespace {

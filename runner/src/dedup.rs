@@ -124,6 +124,7 @@ impl LazyStore {
             DedupStoreKind::Embedded => format!("embedded {path}"),
             DedupStoreKind::Redis => "redis".into(),
             DedupStoreKind::Postgres => "postgres".into(),
+            DedupStoreKind::Sink => "the sink".into(),
         };
         LazyStore {
             cfg,
@@ -169,6 +170,14 @@ impl LazyStore {
                     debug!(store = %store.describe(), "new dedup namespace");
                 }
                 Arc::new(store)
+            }
+            DedupStoreKind::Sink => {
+                // The connector builds no store for these ids.
+                return Err(DedupError::Unavailable {
+                    store: "sink".into(),
+                    message: "store = \"sink\" keeps ids in the sink's transactions, not in a store of their own".into(),
+                    retriable: false,
+                });
             }
             DedupStoreKind::Postgres => {
                 let (pool, shown) = idem_postgres::pool_for(&url(), 4).map_err(|message| {
@@ -365,16 +374,24 @@ pub async fn describe(
     if let Err(e) = stage.store.get().await {
         return Err(format!("dedup store: {e}"));
     }
-    let kept = humantime::format_duration(d.retention);
-    let line = format!(
-        "dedup: ids from {} in {}, remembered for {kept}",
-        d.id,
-        stage.store.describe(),
-    );
-    let mut warnings = Vec::new();
+    let (line, mut warnings) = lines(d, &stage.store.describe(), source).await;
     if d.store == idem_config::DedupStoreKind::Embedded && !bounded {
-        warnings.push("the embedded dedup store is this runner's own file: with more than one runner reading the same source, use store = \"redis\" or \"postgres\"".to_string());
+        warnings.insert(0, "the embedded dedup store is this runner's own file: with more than one runner reading the same source, use store = \"redis\" or \"postgres\"".to_string());
     }
+    Ok((line, warnings))
+}
+
+/// The line of dedup config `d` whose ids are `held` where it says, and
+/// what weakens it whatever the store: a source that keeps messages
+/// longer than the ids, ids that are positions.
+pub async fn lines(
+    d: &DedupConfig,
+    held: &str,
+    source: &dyn idem_core::Source,
+) -> (String, Vec<String>) {
+    let kept = humantime::format_duration(d.retention);
+    let line = format!("dedup: ids from {} in {held}, remembered for {kept}", d.id);
+    let mut warnings = Vec::new();
     for (topic, source_keeps) in source.retention().await {
         let longer = match source_keeps {
             Some(None) => Some("forever".to_string()),
@@ -392,7 +409,7 @@ pub async fn describe(
     if d.id == "@position" {
         warnings.push("dedup.id is the position: copies of a message at other offsets are not recognised; set it to the messages' own id".to_string());
     }
-    Ok((line, warnings))
+    (line, warnings)
 }
 
 #[cfg(test)]

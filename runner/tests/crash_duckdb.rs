@@ -40,3 +40,10 @@ fn append_killed_at_random_and_at_fail_points_every_message_lands_exactly_once()
 fn upsert_killed_at_random_and_at_fail_points_every_id_holds_its_latest_value() {
     run("upsert");
 }
+
+/// Upsert with `[dedup] store = "sink"` on an event id: exact copies of
+/// earlier events at later offsets never overwrite a newer value.
+#[test]
+fn latest_with_kept_ids_killed_at_random_and_at_fail_points_never_lets_a_copy_win() {
+    run("latest");
+}

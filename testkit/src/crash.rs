@@ -4,7 +4,10 @@
 //! source message exactly once, and its stored positions equal the files'
 //! ends. In append mode every message is a row; in upsert and dedup modes
 //! some messages repeat an earlier id: upsert keeps the latest value, dedup
-//! the first.
+//! the first. In latest mode (upsert with `[dedup] store = "sink"` on an
+//! event id) some messages are also exact copies of earlier ones at later
+//! offsets, as a producer's retry makes: a copy of an older event must
+//! never overwrite a newer one.
 
 use crate::*;
 use rand::Rng;
@@ -32,10 +35,12 @@ pub const ROWS_SQL: &str = "SELECT id, n, _idem_partition, _idem_offset FROM eve
 pub const POSITIONS_SQL: &str =
     "SELECT partition, next_offset FROM idem_offsets WHERE connector = 'crash'";
 
-/// The `[connectors.crash.sink]` lines for `mode` ("append" or "upsert").
+/// The `[connectors.crash.sink]` lines for `mode` ("append", "upsert",
+/// "dedup" or "latest"; last in the section: "latest" opens the next).
 pub fn mode_lines(mode: &str) -> &'static str {
     match mode {
         "upsert" => "mode = \"upsert\"\nkey = [\"id\"]",
+        "latest" => "mode = \"upsert\"\nkey = [\"id\"]\n\n[connectors.crash.dedup]\nid = \"/ev\"\nstore = \"sink\"",
         "dedup" => "mode = \"dedup\"\nkey = [\"id\"]",
         _ => "mode = \"append\"",
     }
@@ -82,7 +87,10 @@ type = "text"
 pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
     let cfg = w.write("crash.toml", &config(w, sink));
     // Both repeat ids: upsert keeps the latest value, dedup the first.
-    let repeats = mode == "upsert" || mode == "dedup";
+    let repeats = mode != "append";
+    // Latest: lines written so far per partition, for exact copies.
+    let copies = mode == "latest";
+    let mut lines: [Vec<String>; 2] = [Vec::new(), Vec::new()];
     let mut rng = crate::crash_rng(mode);
 
     // id -> n; the source of truth for the final check.
@@ -110,6 +118,15 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
         for part in 0..2 {
             let mut chunk = String::new();
             for i in 0..PER_ROUND / 2 {
+                // Latest: one message in twenty is a copy of a recent one
+                // (its event id too): it changes nothing.
+                if copies && lines[part].len() > 1 && rng.random_bool(0.05) {
+                    let from = lines[part].len().saturating_sub(500);
+                    let copy = &lines[part][rng.random_range(from..lines[part].len())];
+                    chunk.push_str(copy);
+                    produced += 1;
+                    continue;
+                }
                 // Upsert: one message in ten updates an id written earlier
                 // to the same partition (a later offset: it must win).
                 let id = if repeats && !ids[part].is_empty() && rng.random_bool(0.1) {
@@ -120,10 +137,14 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
                     id
                 };
                 let n: i64 = rng.random_range(0..1_000_000);
-                chunk.push_str(&format!(
-                    "{{\"id\":\"{id}\",\"n\":{n},\"pad\":\"{}\"}}\n",
+                let line = format!(
+                    "{{\"id\":\"{id}\",\"ev\":\"ev{round}-{part}-{i}\",\"n\":{n},\"pad\":\"{}\"}}\n",
                     "z".repeat(rng.random_range(10..80))
-                ));
+                );
+                chunk.push_str(&line);
+                if copies {
+                    lines[part].push(line);
+                }
                 produced += 1;
                 if mode == "dedup" {
                     expected.entry(id).or_insert(n);
@@ -206,6 +227,15 @@ pub fn crash(w: &Workdir, mode: &str, sink: &str, read: impl Fn() -> Landed) {
     // A clean run finishes what is left.
     let out = run_ok(idem().arg("run").arg(&cfg));
     eprintln!("{}", text(&out.stdout));
+    if copies {
+        // `idem verify` agrees, copies and all.
+        let out = run_ok(idem().arg("verify").arg(&cfg));
+        assert!(
+            text(&out.stdout).contains("every message took effect exactly once"),
+            "{}",
+            text(&out.stdout)
+        );
+    }
 
     let landed = read();
     let rows = landed.rows.len();

@@ -47,6 +47,19 @@ pub trait TableTarget: Send + Sync {
     /// The row of table `types` (see [`crate::all_types`]) as
     /// (t, b, i, d, ok, at in µs since the epoch, day, doc's t, u, raw).
     async fn types_row(&self) -> TypesRow;
+    /// The sink of [`TableTarget::sink`] (columns [`crate::columns`]),
+    /// keeping message ids for `retention` (`[dedup] store = "sink"`): for
+    /// the targets that run the kept-ids cases (`table_suite!(kept_ids T)`).
+    fn sink_keeping_ids(
+        &self,
+        _table: &str,
+        _mode: WriteMode,
+        _key: &[&str],
+        _create: bool,
+        _retention: std::time::Duration,
+    ) -> Arc<dyn Sink> {
+        unimplemented!("this target keeps no message ids")
+    }
 }
 
 pub type TypesRow = (
@@ -447,6 +460,95 @@ pub async fn every_column_type_round_trips<T: TableTarget>(t: T) {
 }
 
 /// One `#[tokio::test]` per case of the suite, against `$target`.
+/// `rec` carrying message id `id`.
+fn with_id(offset: u64, key: &str, v: i64, id: &str) -> Record {
+    Record {
+        id: Some(id.into()),
+        ..rec(offset, key, v)
+    }
+}
+
+/// `[dedup] store = "sink"`, appending: a copy of an id is dropped in its
+/// batch, in a later batch and in another partition; a batch that fails
+/// after its ids were recorded leaves none of them; ids past the
+/// retention are forgotten.
+pub async fn kept_ids_drop_copies_of_appended_messages<T: TableTarget>(t: T) {
+    let hour = std::time::Duration::from_secs(3600);
+    let (p, q) = (part("a"), part("b"));
+    let sink = t.sink_keeping_ids("t", WriteMode::Append, &[], true, hour);
+    assert!(sink.info().ids_table.is_some());
+    sink.prepare().await.unwrap();
+    let (e, eq) = (
+        sink.open(&p).await.unwrap().epoch,
+        sink.open(&q).await.unwrap().epoch,
+    );
+    let three = vec![
+        with_id(0, "x", 1, "e1"),
+        with_id(1, "y", 2, "e2"),
+        with_id(2, "x", 1, "e1"),
+    ];
+    let s = sink.commit(batch(&p, e, three, 3)).await.unwrap();
+    assert_eq!((s.written, s.deduplicated), (2, 1));
+    let two = vec![with_id(0, "y", 2, "e2"), with_id(1, "z", 3, "e3")];
+    let s = sink.commit(batch(&q, eq, two, 2)).await.unwrap();
+    assert_eq!((s.written, s.deduplicated), (1, 1));
+    drop(sink);
+    assert_eq!(t.rows("t").await, pairs(&[("x", 1), ("y", 2), ("z", 3)]));
+
+    // A hand-made table whose constraint the batch breaks after its ids
+    // went in: retried with a good value, every id is still new.
+    let (text, bigint) = t.type_names();
+    t.execute(&format!(
+        "CREATE TABLE {} (id {text}, v {bigint} CHECK (v < 100), _idem_partition {text} NOT NULL, _idem_offset {bigint} NOT NULL)",
+        t.table("c")
+    ))
+    .await;
+    let sink = t.sink_keeping_ids("c", WriteMode::Append, &[], false, hour);
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    let bad = vec![with_id(0, "x", 1, "f1"), with_id(1, "y", 500, "f2")];
+    sink.commit(batch(&p, e, bad, 2)).await.unwrap_err();
+    let good = vec![with_id(0, "x", 1, "f1"), with_id(1, "y", 5, "f2")];
+    let s = sink.commit(batch(&p, e, good, 2)).await.unwrap();
+    assert_eq!((s.written, s.deduplicated), (2, 0));
+    drop(sink);
+
+    // Ids are forgotten after the retention: a new sink purges at its
+    // first commit.
+    let short = std::time::Duration::from_millis(1);
+    let sink = t.sink_keeping_ids("c", WriteMode::Append, &[], false, short);
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let again = vec![with_id(2, "x", 1, "f1")];
+    let s = sink.commit(batch(&p, e, again, 3)).await.unwrap();
+    assert_eq!((s.written, s.deduplicated), (1, 0));
+    drop(sink);
+    assert_eq!(t.rows("c").await, pairs(&[("x", 1), ("x", 1), ("y", 5)]));
+}
+
+/// `[dedup] store = "sink"`, upserting the latest message per key: a
+/// re-emitted copy of an older event, at a later offset, in a later batch
+/// or the same one, never overwrites the newer row.
+pub async fn kept_ids_keep_a_replayed_old_event_from_winning<T: TableTarget>(t: T) {
+    let hour = std::time::Duration::from_secs(3600);
+    let p = part("a");
+    let sink = t.sink_keeping_ids("t", WriteMode::Upsert, &["id"], true, hour);
+    sink.prepare().await.unwrap();
+    let e = sink.open(&p).await.unwrap().epoch;
+    let first = vec![with_id(0, "x", 1, "e1"), with_id(1, "x", 2, "e2")];
+    sink.commit(batch(&p, e, first, 2)).await.unwrap();
+    let copy = vec![with_id(2, "x", 1, "e1"), with_id(3, "y", 7, "e3")];
+    let s = sink.commit(batch(&p, e, copy, 4)).await.unwrap();
+    assert_eq!((s.written, s.deduplicated), (1, 1));
+    // In one batch: y's newer event, then a copy of its older one.
+    let mixed = vec![with_id(4, "y", 8, "e4"), with_id(5, "y", 7, "e3")];
+    let s = sink.commit(batch(&p, e, mixed, 6)).await.unwrap();
+    assert_eq!((s.written, s.deduplicated), (1, 1));
+    drop(sink);
+    assert_eq!(t.rows("t").await, pairs(&[("x", 2), ("y", 8)]));
+}
+
 #[macro_export]
 macro_rules! table_suite {
     ($target:ty) => {
@@ -460,6 +562,12 @@ macro_rules! table_suite {
             learnt_columns_are_added_in_the_batch_transaction,
             existing_tables_are_checked_before_the_first_write,
             every_column_type_round_trips,
+        );
+    };
+    (kept_ids $target:ty) => {
+        $crate::table_suite!(@cases $target;
+            kept_ids_drop_copies_of_appended_messages,
+            kept_ids_keep_a_replayed_old_event_from_winning,
         );
     };
     (@cases $target:ty; $($case:ident,)*) => {

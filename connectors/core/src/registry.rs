@@ -19,6 +19,12 @@ pub struct SinkContext {
     /// The connector's dead letters, for records the destination refuses
     /// inside a commit (an HTTP 4xx).
     pub rejects: Arc<dyn Rejects>,
+    /// `[dedup] store = "sink"`: keep the records' message ids in the
+    /// sink's own database for this long, and drop, inside each batch's
+    /// transaction, the records whose id is already there. A sink that
+    /// can says so in [`crate::SinkInfo::ids_table`]; the runner refuses
+    /// the setting for the others.
+    pub keep_ids: Option<std::time::Duration>,
 }
 
 /// A PostgreSQL database a sink writes into, which dead letters may share

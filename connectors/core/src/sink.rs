@@ -19,6 +19,11 @@ pub struct SinkInfo {
     /// Whether the sink adds the columns a batch brings (`evolve =
     /// "add_columns"`, see [`Batch::columns`]); `None`: it cannot.
     pub adds_columns: Option<AddsColumns>,
+    /// Where it keeps message ids in its own transactions, when it was
+    /// built to (`[dedup] store = "sink"`, see
+    /// [`crate::registry::SinkContext::keep_ids`]): the table, for
+    /// `idem check`. `None`: it keeps none.
+    pub ids_table: Option<String>,
 }
 
 /// How a sink takes columns learnt from the events' schemas.

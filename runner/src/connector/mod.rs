@@ -22,7 +22,7 @@ use crate::dedup::{Ids, LazyStore, Stage};
 use crate::registry::ConnectorConfig;
 use crate::retry::retry_transient;
 use crate::stats::Stats;
-use idem_config::{ColumnsFrom, Envelope, Evolve, Format, Guarantee, Validate};
+use idem_config::{ColumnsFrom, DedupStoreKind, Envelope, Evolve, Format, Guarantee, Validate};
 use idem_core::registry::SinkContext;
 use idem_core::{Assignment, Mapper, Sink, SinkError, Source, SourceError};
 use std::collections::HashMap;
@@ -79,10 +79,16 @@ impl Connector {
     /// What its dedup stage rests on, once its store is open, and what
     /// weakens it; `None` without one.
     pub async fn dedup_line(&self) -> Option<Result<(String, Vec<String>), String>> {
-        let stage = self.dedup.as_ref()?;
-        Some(
-            crate::dedup::describe(stage, self.source.as_ref(), self.cfg.source.is_bounded()).await,
-        )
+        if let Some(stage) = &self.dedup {
+            return Some(
+                crate::dedup::describe(stage, self.source.as_ref(), self.cfg.source.is_bounded())
+                    .await,
+            );
+        }
+        let d = self.cfg.dedup.as_ref()?;
+        let table = self.sink.info().ids_table?;
+        let held = format!("{table}, in each batch's transaction");
+        Some(Ok(crate::dedup::lines(d, &held, self.source.as_ref()).await))
     }
 
     /// Build from config without I/O; refuse a guarantee the sink cannot give.
@@ -106,17 +112,20 @@ impl Connector {
             .dedup
             .clone()
             .or_else(|| cfg.sink.needs_store().then(Default::default));
-        let (ids, store) = match dedup_cfg {
-            None => (None, None),
+        let (ids, store, keep_ids) = match dedup_cfg {
+            None => (None, None, None),
             Some(d) => {
                 let source = d.id_source().map_err(|e| RunError::DedupConfig {
                     connector: name.into(),
                     message: e.message,
                 })?;
-                (
-                    Some(Ids::new(name, source)),
-                    Some(Arc::new(LazyStore::new(name, d))),
-                )
+                let ids = Some(Ids::new(name, source));
+                if d.store == DedupStoreKind::Sink {
+                    // The sink drops copies in its own transaction.
+                    (ids, None, Some(d.retention))
+                } else {
+                    (ids, Some(Arc::new(LazyStore::new(name, d))), None)
+                }
             }
         };
         let ctx = SinkContext {
@@ -124,6 +133,7 @@ impl Connector {
                 .clone()
                 .map(|s| s as Arc<dyn idem_dedup_store::DedupStore>),
             rejects: dead_letters.clone(),
+            keep_ids,
         };
         let build_err = |message| RunError::Build {
             connector: name.into(),
@@ -169,6 +179,12 @@ impl Connector {
             sink = one;
         }
         let info = sink.info();
+        if keep_ids.is_some() && info.ids_table.is_none() {
+            return Err(RunError::DedupConfig {
+                connector: name.into(),
+                message: format!("store = \"sink\" keeps message ids in the sink's own transaction, which the postgres and duckdb sinks do (in mode = \"append\" or \"upsert\": mode = \"dedup\" keys its ids itself); for this {} sink use store = \"embedded\", \"redis\" or \"postgres\"", cfg.sink.kind()),
+            });
+        }
         if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
             return Err(RunError::Guarantee {
                 connector: name.into(),

@@ -88,6 +88,7 @@ impl Sink for MemSink {
             deletes: false,
             rows: idem_core::RowShape::append(),
             adds_columns: None,
+            ids_table: None,
         }
     }
     async fn prepare(&self) -> Result<(), SinkError> {
@@ -368,6 +369,64 @@ type = "bigint"
     let e = build(learning, "type = \"stdout\"").unwrap();
     assert!(
         e.contains("available on the postgres, duckdb and s3 sinks"),
+        "{e}"
+    );
+}
+
+/// `[dedup] store = "sink"`: built into the postgres and duckdb sinks,
+/// with no store of its own; refused, naming the alternatives, where the
+/// sink cannot keep ids (and with `mode = "dedup"`, which keys its own).
+#[test]
+fn ids_kept_by_the_sink_need_a_sink_that_keeps_them() {
+    let build = |sink: &str, dedup: &str| {
+        let text = format!(
+            r#"
+[connectors.t]
+[connectors.t.source]
+type = "file"
+path = "in.jsonl"
+[connectors.t.sink]
+{sink}
+[connectors.t.dedup]
+id = "/id"
+store = "sink"
+{dedup}
+[[connectors.t.columns]]
+name = "id"
+type = "text"
+"#
+        );
+        let cfg: crate::registry::Config =
+            match idem_config::parse(std::path::Path::new("t.toml"), &text) {
+                Ok(cfg) => cfg,
+                Err(e) => return Err(e.to_string()),
+            };
+        let (name, c) = cfg.connectors.into_iter().next().unwrap();
+        Connector::build(&name, c).map_err(|e| e.to_string())
+    };
+    let pg = "type = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\ntable = \"ev\"\nmode = \"upsert\"\nkey = [\"id\"]";
+    let c = build(pg, "").unwrap();
+    assert!(c.dedup.is_none(), "no store of its own");
+    assert!(c.ids.is_some(), "records carry their ids");
+    assert_eq!(
+        c.sink.info().ids_table.as_deref(),
+        Some("\"public\".\"idem_seen_ev\"")
+    );
+    let duck = "type = \"duckdb\"\npath = \"t.duckdb\"\ntable = \"ev\"";
+    assert!(build(duck, "").unwrap().sink.info().ids_table.is_some());
+    for refused in [
+        "type = \"sqlite\"\npath = \"t.db\"\ntable = \"ev\"",
+        "type = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\ntable = \"ev\"\nmode = \"dedup\"\nkey = [\"id\"]",
+    ] {
+        let e = build(refused, "").err().unwrap();
+        assert!(
+            e.contains("store = \"sink\"") && e.contains("store = \"embedded\""),
+            "{e}"
+        );
+    }
+    let e = build(pg, "namespace = \"x\"").err().unwrap();
+    assert!(
+        e.contains("dedup.namespace") && e.contains("store = \"sink\""),
         "{e}"
     );
 }

@@ -12,6 +12,26 @@ pub const POS_PARTITION: &str = "_idem_partition";
 pub const POS_OFFSET: &str = "_idem_offset";
 /// Staging column marking a tombstone.
 pub const DELETE_FLAG: &str = "_idem_delete";
+/// Staging column of a record's message id (`[dedup] store = "sink"`).
+pub const ID_COLUMN: &str = "_idem_id";
+
+/// The table of message ids a table sink keeps beside `table` for
+/// `[dedup] store = "sink"`: one row per id that took effect (`id`,
+/// `seen_at`), written in the transaction of the batch that made it.
+pub fn seen_table(table: &str) -> String {
+    format!("idem_seen_{table}")
+}
+
+/// Per record of a batch kept by id: whether it is the first record of
+/// its id in the batch (a later copy in the same batch is dropped before
+/// anything is written). A record without an id is kept.
+pub fn first_of_each_id(records: &[Record]) -> Vec<bool> {
+    let mut seen: HashSet<&str> = HashSet::with_capacity(records.len());
+    records
+        .iter()
+        .map(|r| r.id.as_deref().is_none_or(|id| seen.insert(id)))
+        .collect()
+}
 
 /// An offset as stored in a `BIGINT` column. Offsets beyond i64::MAX
 /// (9.2e18 bytes or messages) do not occur; they would saturate.
@@ -132,6 +152,7 @@ pub fn table_sink_info(
             versioned: version.is_some(),
         },
         adds_columns: None,
+        ids_table: None,
     }
 }
 
@@ -381,9 +402,12 @@ impl<'a> KeyPart<'a> {
 
 /// Whether an upsert batch can be merged as it is: no tombstone, and no key
 /// twice (otherwise the newest message per key must be picked first).
-pub fn unique_upserts(records: &[Record], key_idx: &[usize]) -> bool {
-    let mut seen: HashSet<Vec<KeyPart>> = HashSet::with_capacity(records.len());
-    records.iter().all(|r| {
+pub fn unique_upserts<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+    key_idx: &[usize],
+) -> bool {
+    let mut seen: HashSet<Vec<KeyPart>> = HashSet::new();
+    records.into_iter().all(|r| {
         r.op == Op::Upsert
             && seen.insert(key_idx.iter().map(|&k| KeyPart::of(&r.values[k])).collect())
     })
@@ -446,5 +470,27 @@ mod tests {
             &[0]
         ));
         assert!(!unique_upserts(&[rec("a", Op::Delete)], &[0]));
+    }
+
+    #[test]
+    fn first_of_each_id_keeps_one_record_per_id_and_those_without() {
+        let rec = |id: Option<&str>| Record {
+            offset: 0,
+            op: Op::Upsert,
+            values: vec![],
+            id: id.map(str::to_string),
+        };
+        let batch = [
+            rec(Some("a")),
+            rec(Some("b")),
+            rec(Some("a")),
+            rec(None),
+            rec(None),
+            rec(Some("b")),
+        ];
+        assert_eq!(
+            first_of_each_id(&batch),
+            [true, true, false, true, true, false]
+        );
     }
 }

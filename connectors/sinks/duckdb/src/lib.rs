@@ -32,12 +32,13 @@ impl idem_core::registry::SinkKind for DuckDbKind {
     fn build(
         cfg: &DuckDbSinkConfig,
         columns: &[idem_config::ColumnConfig],
-        _ctx: idem_core::registry::SinkContext,
+        ctx: idem_core::registry::SinkContext,
     ) -> Result<std::sync::Arc<dyn idem_core::Sink>, String> {
-        Ok(std::sync::Arc::new(DuckDbSink::new(
-            cfg.clone(),
-            columns.to_vec(),
-        )))
+        let (cfg, columns) = (cfg.clone(), columns.to_vec());
+        Ok(std::sync::Arc::new(match ctx.keep_ids {
+            Some(retention) => DuckDbSink::keeping_ids(cfg, columns, retention),
+            None => DuckDbSink::new(cfg, columns),
+        }))
     }
 
     fn table(cfg: &DuckDbSinkConfig) -> Option<String> {

@@ -9,14 +9,16 @@ use duckdb::{appender_params_from_iter, params, Connection, OptionalExt, ToSql};
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::offsets::OffsetsSql;
-use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
+use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN, POS_OFFSET, POS_PARTITION};
 use idem_core::table::{audit, check};
 use idem_core::{
     AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo,
     StoredPosition, TableColumn, Value,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 /// Statements derived from the config, and again from a batch that brings
 /// columns learnt from the source's schema.
@@ -48,6 +50,23 @@ struct Plan {
     create_graves: Option<String>,
     /// Positions of the key columns among the mapped columns.
     key_idx: Vec<usize>,
+    /// `[dedup] store = "sink"`: the message ids table's statements.
+    seen: Option<SeenSql>,
+}
+
+/// Message ids kept beside the table (`[dedup] store = "sink"`), read and
+/// written in each batch's transaction. No index: DuckDB joins a batch's
+/// ids against the table by hashing, and an index on random ids would
+/// cost more to insert into than the scan it saves.
+struct SeenSql {
+    create: String,
+    /// Drop from the staging table the rows whose id took effect before.
+    drop: String,
+    /// Then record the ids left.
+    record: String,
+    /// Append: the staged rows into the table.
+    insert_staged: String,
+    purge: String,
 }
 
 fn sql_type(t: ColumnType) -> &'static str {
@@ -68,7 +87,13 @@ fn sql_type(t: ColumnType) -> &'static str {
 }
 
 impl Plan {
-    fn new(cfg: &DuckDbSinkConfig, columns: &[ColumnConfig]) -> Plan {
+    /// Whether batches go through the staging table (upserts, and any
+    /// batch whose ids are checked) rather than straight into the table.
+    fn staged(&self) -> bool {
+        self.mode == Mode::Upsert || self.seen.is_some()
+    }
+
+    fn new(cfg: &DuckDbSinkConfig, columns: &[ColumnConfig], keep_ids: Option<Duration>) -> Plan {
         let t = format!("main.{}", q(&cfg.table));
         let insert_columns = sql::insert_columns(columns);
         let col_list = sql::list(&insert_columns);
@@ -87,9 +112,31 @@ impl Plan {
             "CREATE TABLE IF NOT EXISTS {t} ({})",
             sql::table_definition(columns, &keys, sql_type)
         );
+        let id_def = if keep_ids.is_some() {
+            format!(", NULL::VARCHAR AS {ID_COLUMN}")
+        } else {
+            String::new()
+        };
         let create_stage = format!(
-            "CREATE OR REPLACE TEMP TABLE {stage_q} AS SELECT {col_list}, FALSE AS {DELETE_FLAG} FROM {t} LIMIT 0"
+            "CREATE OR REPLACE TEMP TABLE {stage_q} AS SELECT {col_list}, FALSE AS {DELETE_FLAG}{id_def} FROM {t} LIMIT 0"
         );
+        let seen_q = format!("main.{}", q(&sql::seen_table(&cfg.table)));
+        let seen = keep_ids.map(|retention| SeenSql {
+            create: format!(
+                "CREATE TABLE IF NOT EXISTS {seen_q} (id VARCHAR NOT NULL, seen_at TIMESTAMP WITH TIME ZONE NOT NULL)"
+            ),
+            drop: format!(
+                "DELETE FROM {stage_q} USING {seen_q} WHERE {stage_q}.{ID_COLUMN} = {seen_q}.id"
+            ),
+            record: format!(
+                "INSERT INTO {seen_q} SELECT {ID_COLUMN}, now() FROM {stage_q} WHERE {ID_COLUMN} IS NOT NULL"
+            ),
+            insert_staged: format!("INSERT INTO {t} ({col_list}) SELECT {col_list} FROM {stage_q}"),
+            purge: format!(
+                "DELETE FROM {seen_q} WHERE seen_at < now() - to_microseconds({})",
+                retention.as_micros()
+            ),
+        });
         // The newest message per key in the batch: by version, then offset.
         let pick_latest = format!(
             "CREATE OR REPLACE TEMP TABLE {latest_q} AS SELECT * FROM {stage_q}
@@ -125,6 +172,7 @@ impl Plan {
             create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
             pick_latest,
             key_idx: sql::key_indexes(columns, &keys),
+            seen,
         }
     }
 }
@@ -168,17 +216,40 @@ struct Inner {
     /// connection, each call on a blocking thread. Shared with the other
     /// sinks of the same file in this process (see [`connection_of`]).
     conn: Shared,
+    /// `[dedup] store = "sink"`: how long message ids are kept.
+    keep_ids: Option<Duration>,
+    /// Commits so far, to purge expired ids every 100th.
+    commits: AtomicU64,
 }
 
 impl DuckDbSink {
     pub fn new(cfg: DuckDbSinkConfig, columns: Vec<ColumnConfig>) -> Self {
-        let plan = Plan::new(&cfg, &columns);
+        DuckDbSink::with(cfg, columns, None)
+    }
+
+    /// Keep message ids in a table beside the target for `retention` and
+    /// drop, in each batch's transaction, the records whose id took
+    /// effect before (`[dedup] store = "sink"`). Not with `mode =
+    /// "dedup"`, which this sink refuses anyway.
+    pub fn keeping_ids(
+        cfg: DuckDbSinkConfig,
+        columns: Vec<ColumnConfig>,
+        retention: Duration,
+    ) -> Self {
+        let keep = (cfg.mode != Mode::Dedup).then_some(retention);
+        DuckDbSink::with(cfg, columns, keep)
+    }
+
+    fn with(cfg: DuckDbSinkConfig, columns: Vec<ColumnConfig>, keep_ids: Option<Duration>) -> Self {
+        let plan = Plan::new(&cfg, &columns, keep_ids);
         DuckDbSink {
             inner: Arc::new(Inner {
                 conn: connection_of(&cfg.path),
                 cfg,
                 columns,
                 plan: Mutex::new(Arc::new(plan)),
+                keep_ids,
+                commits: AtomicU64::new(0),
             }),
         }
     }
@@ -233,7 +304,10 @@ impl Inner {
             .columns
             .as_ref()
             .filter(|c| c.len() > current.width)
-            .map(|c| (Arc::new(Plan::new(&self.cfg, c)), &c[current.width..]));
+            .map(|c| {
+                let plan = Plan::new(&self.cfg, c, self.keep_ids);
+                (Arc::new(plan), &c[current.width..])
+            });
         let plan = grown.as_ref().map_or(&current, |(plan, _)| plan);
         let ctx = &plan.ctx;
         conn.execute_batch("BEGIN TRANSACTION")
@@ -241,6 +315,7 @@ impl Inner {
         let result = grown
             .as_ref()
             .map_or(Ok(()), |(plan, added)| self.add_columns(conn, plan, added))
+            .and_then(|()| self.purge_seen(conn, plan))
             .and_then(|()| write_batch(conn, plan, batch));
         match &result {
             Ok(Outcome::Committed(_)) => {
@@ -261,6 +336,23 @@ impl Inner {
             }
         }
         result
+    }
+
+    /// Every 100th commit with kept ids: forget those past the retention.
+    fn purge_seen(&self, conn: &Connection, plan: &Plan) -> Result<(), DuckDbError> {
+        let Some(seen) = &plan.seen else {
+            return Ok(());
+        };
+        if self
+            .commits
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(100)
+        {
+            let ctx = &plan.ctx;
+            conn.execute_batch(&seen.purge)
+                .map_err(|e| ctx.sql(&ctx.table, "forget expired message ids", e))?;
+        }
+        Ok(())
     }
 
     /// Add `added` (columns learnt from the source's schema) to the table,
@@ -285,7 +377,7 @@ impl Inner {
             table: ctx.table.clone(),
             detail,
         })?;
-        if self.cfg.mode == Mode::Upsert {
+        if plan.staged() {
             conn.execute_batch(&plan.create_stage)
                 .map_err(|e| ctx.sql(&plan.stage, "remake the staging table", e))?;
         }
@@ -392,9 +484,13 @@ impl Inner {
             conn.execute_batch(create)
                 .map_err(|e| ctx.sql(&ctx.table, "create the deleted keys table", e))?;
         }
-        if self.cfg.mode == Mode::Upsert {
+        if plan.staged() {
             conn.execute_batch(&plan.create_stage)
                 .map_err(|e| ctx.sql(&plan.stage, "create the staging table", e))?;
+        }
+        if let Some(seen) = &plan.seen {
+            conn.execute_batch(&seen.create)
+                .map_err(|e| ctx.sql(&ctx.table, "create the message id table", e))?;
         }
         Ok(())
     }
@@ -449,6 +545,9 @@ impl ToSql for Cell<'_> {
     }
 }
 
+/// The null of a record without a message id.
+const NO_ID: Value = Value::Null;
+
 enum Outcome {
     Committed(CommitStats),
     Fenced,
@@ -468,10 +567,15 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     )? {
         return Ok(Outcome::Fenced);
     }
-    let (target, with_flag) = match plan.mode {
-        Mode::Append | Mode::Dedup => (ctx.table.as_str(), false),
-        Mode::Upsert => (plan.stage.as_str(), true),
+    let (target, with_flag) = if plan.staged() {
+        (plan.stage.as_str(), true)
+    } else {
+        (ctx.table.as_str(), false)
     };
+    let keep = plan
+        .seen
+        .as_ref()
+        .map(|_| sql::first_of_each_id(&batch.records));
     if with_flag {
         conn.execute_batch(&format!("DELETE FROM {}", q(target)))
             .map_err(|e| ctx.sql(target, "clear the staging table", e))?;
@@ -480,6 +584,9 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
         if with_flag {
             cols.push(DELETE_FLAG);
+        }
+        if keep.is_some() {
+            cols.push(ID_COLUMN);
         }
         let mut app = conn
             .appender_with_columns(target, &cols)
@@ -490,20 +597,44 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             if i == half {
                 failpoint::hit(MID_WRITE);
             }
+            if keep.as_ref().is_some_and(|k| !k[i]) {
+                continue;
+            }
             let offset = sql::offset_to_sql(rec.offset);
             let is_delete = rec.op == Op::Delete;
             let cells = rec.values.iter().map(Cell::Mapped);
             let position = [Cell::Text(partition), Cell::BigInt(offset)];
             let flag = with_flag.then_some(Cell::Boolean(is_delete));
-            app.append_row(appender_params_from_iter(cells.chain(position).chain(flag)))
+            let id = keep
+                .as_ref()
+                .map(|_| rec.id.as_deref().map_or(Cell::Mapped(&NO_ID), Cell::Text));
+            let row = cells.chain(position).chain(flag).chain(id);
+            app.append_row(appender_params_from_iter(row))
                 .map_err(|e| ctx.sql(target, &format!("append offset {offset} of {p}"), e))?;
         }
         app.flush()
             .map_err(|e| ctx.sql(target, &format!("flush batch of {p}"), e))?;
     }
+    let mut unique = None;
+    if let (Some(seen), Some(keep)) = (&plan.seen, &keep) {
+        conn.execute(&seen.drop, [])
+            .map_err(|e| ctx.sql(&ctx.table, "drop copies of message ids seen before", e))?;
+        conn.execute(&seen.record, [])
+            .map_err(|e| ctx.sql(&ctx.table, "record the batch's message ids", e))?;
+        let kept = batch.records.iter().zip(keep).filter(|(_, k)| **k);
+        unique = Some(sql::unique_upserts(kept.map(|(r, _)| r), &plan.key_idx));
+    }
     let written = match plan.mode {
-        Mode::Append | Mode::Dedup => total,
-        Mode::Upsert if sql::unique_upserts(&batch.records, &plan.key_idx) => {
+        Mode::Append | Mode::Dedup => match &plan.seen {
+            Some(seen) => {
+                conn.execute(&seen.insert_staged, [])
+                    .map_err(|e| ctx.sql(&ctx.table, "insert the batch", e))? as u64
+            }
+            None => total,
+        },
+        Mode::Upsert
+            if unique.unwrap_or_else(|| sql::unique_upserts(&batch.records, &plan.key_idx)) =>
+        {
             conn.execute(&plan.merge_staged, [])
                 .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))? as u64
         }
@@ -548,6 +679,10 @@ impl Sink for DuckDbSink {
         info.adds_columns = Some(AddsColumns {
             decimal: ColumnType::Text,
         });
+        info.ids_table = self
+            .inner
+            .keep_ids
+            .map(|_| format!("{}:{}", cfg.path, sql::seen_table(&cfg.table)));
         info
     }
 

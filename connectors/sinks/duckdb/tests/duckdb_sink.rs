@@ -53,6 +53,20 @@ impl TableTarget for DuckDbTarget {
         Arc::new(DuckDbSink::new(cfg, columns))
     }
 
+    fn sink_keeping_ids(
+        &self,
+        table: &str,
+        mode: WriteMode,
+        key: &[&str],
+        create: bool,
+        retention: std::time::Duration,
+    ) -> Arc<dyn Sink> {
+        let mut cfg = sink_cfg(&self.w, mode, key);
+        cfg.table = table.into();
+        cfg.create = create;
+        Arc::new(DuckDbSink::keeping_ids(cfg, columns(), retention))
+    }
+
     fn second_runner(&self, first: &Arc<dyn Sink>, _table: &str) -> Arc<dyn Sink> {
         first.clone()
     }
@@ -121,3 +135,4 @@ impl TableTarget for DuckDbTarget {
 }
 
 idem_testkit::table_suite!(DuckDbTarget);
+idem_testkit::table_suite!(kept_ids DuckDbTarget);

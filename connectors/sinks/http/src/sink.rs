@@ -256,6 +256,7 @@ impl Sink for HttpSink {
             deletes: false,
             rows: idem_core::RowShape::append(),
             adds_columns: None,
+            ids_table: None,
         }
     }
 

@@ -162,6 +162,8 @@ pub(crate) struct Ctx {
     pub ids: String,
     /// `"schema"."idem_deleted_table"`: deleted keys of versioned upserts.
     pub graves: String,
+    /// `"schema"."idem_seen_table"`: message ids of `[dedup] store = "sink"`.
+    pub seen: String,
 }
 
 impl Ctx {

@@ -29,12 +29,13 @@ impl idem_core::registry::SinkKind for PostgresKind {
     fn build(
         cfg: &PostgresSinkConfig,
         columns: &[idem_config::ColumnConfig],
-        _ctx: idem_core::registry::SinkContext,
+        ctx: idem_core::registry::SinkContext,
     ) -> Result<std::sync::Arc<dyn idem_core::Sink>, String> {
-        Ok(std::sync::Arc::new(PostgresSink::new(
-            cfg.clone(),
-            columns.to_vec(),
-        )))
+        let sink = PostgresSink::new(cfg.clone(), columns.to_vec());
+        Ok(std::sync::Arc::new(match ctx.keep_ids {
+            Some(retention) => sink.keeping_ids(retention),
+            None => sink,
+        }))
     }
 
     fn postgres(cfg: &PostgresSinkConfig) -> Option<idem_core::registry::PostgresTarget> {

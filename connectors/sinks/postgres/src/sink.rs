@@ -9,7 +9,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_config::{ColumnConfig, ColumnType, WriteMode};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::offsets::OffsetsSql;
-use idem_core::table::sql::{self, q, DELETE_FLAG};
+use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN};
 use idem_core::table::{audit, check};
 use idem_core::{
     AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo,
@@ -18,6 +18,7 @@ use idem_core::{
 use idem_postgres::server_name;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
@@ -50,11 +51,23 @@ struct Plan {
     dedup_insert: String,
     create_ids: String,
     purge_ids: String,
+    /// `[dedup] store = "sink"`: the staging table holds each record's
+    /// id; record the new ones and drop the rows of the others, create
+    /// and purge the ids, and insert what is left (append).
+    drop_seen: Option<String>,
+    create_seen: String,
+    purge_seen: String,
+    insert_staged: String,
     key_idx: Vec<usize>,
 }
 
 impl Plan {
-    fn new(cfg: &PostgresSinkConfig, columns: &[ColumnConfig], ctx: &Ctx) -> Plan {
+    fn new(
+        cfg: &PostgresSinkConfig,
+        columns: &[ColumnConfig],
+        ctx: &Ctx,
+        keep_ids: Option<Duration>,
+    ) -> Plan {
         // The target's primary key: upsert only (dedup keeps ids apart).
         let keys = match cfg.mode {
             WriteMode::Upsert => cfg.key.clone(),
@@ -66,10 +79,15 @@ impl Plan {
         target_types.extend([Type::TEXT, Type::INT8]);
         let mut stage_types = target_types.clone();
         stage_types.push(Type::BOOL);
-        // One staging table per target and width, per session; emptied at
-        // each commit.
-        let stage = q(&format!("_idem_stage{}_{}", columns.len(), cfg.table));
-        let stage_defs: Vec<String> = columns
+        // One staging table per target, width and shape, per session;
+        // emptied at each commit.
+        let with_ids = if keep_ids.is_some() { "i" } else { "" };
+        let stage = q(&format!(
+            "_idem_stage{}{with_ids}_{}",
+            columns.len(),
+            cfg.table
+        ));
+        let mut stage_defs: Vec<String> = columns
             .iter()
             .map(|c| format!("{} {}", q(&c.name), sql_type(c.ty)))
             .chain([
@@ -78,6 +96,25 @@ impl Plan {
                 format!("{DELETE_FLAG} boolean"),
             ])
             .collect();
+        let mut stage_list = format!("{col_list}, {DELETE_FLAG}");
+        if keep_ids.is_some() {
+            stage_types.push(Type::TEXT);
+            stage_defs.push(format!("{ID_COLUMN} text"));
+            stage_list.push_str(&format!(", {ID_COLUMN}"));
+        }
+        let seen = &ctx.seen;
+        // Ids go in sorted: two batches holding the same ids wait on each
+        // other in the same order instead of deadlocking. A conflicting id
+        // is one another batch committed (or, still open, commits first:
+        // the insert waits for it).
+        let drop_seen = keep_ids.map(|_| {
+            format!(
+                "WITH fresh AS (INSERT INTO {seen} (id, seen_at)
+                                SELECT {ID_COLUMN}, now() FROM {stage} WHERE {ID_COLUMN} IS NOT NULL ORDER BY {ID_COLUMN}
+                                ON CONFLICT DO NOTHING RETURNING id)
+                 DELETE FROM {stage} WHERE {ID_COLUMN} IS NOT NULL AND {ID_COLUMN} NOT IN (SELECT id FROM fresh)"
+            )
+        });
         let latest = format!(
             "WITH latest AS (SELECT DISTINCT ON ({keys}) * FROM {stage} ORDER BY {keys}, {order}) ",
             keys = sql::list(&keys),
@@ -100,9 +137,7 @@ impl Plan {
                 "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
                 stage_defs.join(", ")
             ),
-            copy_stage: format!(
-                "COPY {stage} ({col_list}, {DELETE_FLAG}) FROM STDIN (FORMAT binary)"
-            ),
+            copy_stage: format!("COPY {stage} ({stage_list}) FROM STDIN (FORMAT binary)"),
             offsets: OffsetsSql::new(&ctx.offsets),
             merge_staged: sql::merge(t, "tgt", &stage, columns, &keys, version, graves),
             merge_latest: latest.clone()
@@ -122,24 +157,39 @@ impl Plan {
                     .join(", "),
                 sql::list(&cfg.key)
             ),
-            purge_ids: format!(
-                "DELETE FROM {} WHERE seen_at < now() - make_interval(secs => {})",
-                ctx.ids,
-                cfg.dedup_retention.as_secs_f64()
+            purge_ids: purge(&ctx.ids, cfg.dedup_retention),
+            drop_seen,
+            create_seen: format!(
+                "CREATE TABLE IF NOT EXISTS {seen} (id text PRIMARY KEY, seen_at timestamptz NOT NULL)"
             ),
+            purge_seen: purge(seen, keep_ids.unwrap_or_default()),
+            insert_staged: format!("INSERT INTO {t} ({col_list}) SELECT {col_list} FROM {stage}"),
             key_idx: sql::key_indexes(columns, &keys),
         }
     }
 }
 
+/// Forget the ids in `table` older than `retention`.
+fn purge(table: &str, retention: Duration) -> String {
+    format!(
+        "DELETE FROM {table} WHERE seen_at < now() - make_interval(secs => {})",
+        retention.as_secs_f64()
+    )
+}
+
+/// The null of a record without a message id.
+const NO_ID: idem_core::Value = idem_core::Value::Null;
+
 /// COPY `batch` in binary through `sql`: mapped values, position, and the
-/// delete flag when `with_flag`.
+/// delete flag when `with_flag`; with `keep`, only the records it marks,
+/// each with its message id.
 async fn copy_rows(
     txn: &deadpool_postgres::Transaction<'_>,
     sql: &str,
     types: &[Type],
     batch: &Batch,
     with_flag: bool,
+    keep: Option<&[bool]>,
 ) -> Result<(), tokio_postgres::Error> {
     let sink = txn.copy_in(sql).await?;
     let writer = BinaryCopyInWriter::new(sink, types);
@@ -151,11 +201,17 @@ async fn copy_rows(
         if i == half {
             failpoint::hit(MID_WRITE);
         }
+        if keep.is_some_and(|k| !k[i]) {
+            continue;
+        }
         row.extend(rec.values.iter().map(Cell::Mapped));
         row.push(Cell::Text(partition));
         row.push(Cell::BigInt(sql::offset_to_sql(rec.offset)));
         if with_flag {
             row.push(Cell::Boolean(rec.op == Op::Delete));
+        }
+        if keep.is_some() {
+            row.push(rec.id.as_deref().map_or(Cell::Mapped(&NO_ID), Cell::Text));
         }
         writer.as_mut().write_raw(row.drain(..)).await?;
     }
@@ -175,8 +231,11 @@ pub struct PostgresSink {
     /// Upserts: batches since the direct COPY last met an existing key
     /// (0: try it).
     since_fallback: AtomicU32,
-    /// Dedup: commits so far, to purge expired ids every 100th.
+    /// Dedup mode and kept ids: commits so far, to purge expired ids
+    /// every 100th.
     commits: AtomicU64,
+    /// `[dedup] store = "sink"`: how long message ids are kept.
+    keep_ids: Option<Duration>,
 }
 
 impl PostgresSink {
@@ -196,6 +255,7 @@ impl PostgresSink {
                 q(&crate::config::ids_table(&cfg.table))
             ),
             graves: format!("{}.{}", q(&cfg.schema), q(&sql::Graves::name(&cfg.table))),
+            seen: format!("{}.{}", q(&cfg.schema), q(&sql::seen_table(&cfg.table))),
         };
         let pool = parsed.map_err(|e| e.to_string()).and_then(|mut pg| {
             pg.connect_timeout(cfg.connect_timeout);
@@ -226,7 +286,7 @@ impl PostgresSink {
                 .build()
                 .map_err(|e| e.to_string())
         });
-        let plan = Plan::new(&cfg, &columns, &ctx);
+        let plan = Plan::new(&cfg, &columns, &ctx, None);
         PostgresSink {
             cfg,
             columns,
@@ -235,7 +295,41 @@ impl PostgresSink {
             pool,
             since_fallback: AtomicU32::new(0),
             commits: AtomicU64::new(0),
+            keep_ids: None,
         }
+    }
+
+    /// Keep message ids in the sink's own table for `retention` and drop,
+    /// in each batch's transaction, the records whose id took effect
+    /// before (`[dedup] store = "sink"`). Not with `mode = "dedup"`, which
+    /// keys its ids itself ([`Sink::info`] then names no ids table).
+    pub fn keeping_ids(mut self, retention: Duration) -> Self {
+        if self.cfg.mode != WriteMode::Dedup {
+            self.keep_ids = Some(retention);
+            let plan = Plan::new(&self.cfg, &self.columns, &self.ctx, self.keep_ids);
+            self.plan = RwLock::new(Arc::new(plan));
+        }
+        self
+    }
+
+    /// Every 100th commit: forget the ids of `table` past the retention
+    /// (`purge`).
+    async fn purge_expired(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        purge: &str,
+        table: &str,
+    ) -> Result<(), PgError> {
+        if self
+            .commits
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(100)
+        {
+            txn.execute(purge, &[])
+                .await
+                .map_err(|e| self.ctx.sql(table, "forget expired message ids", e))?;
+        }
+        Ok(())
     }
 
     /// Whether to try COPY straight into the table for a batch of new-looking
@@ -306,12 +400,13 @@ impl PostgresSink {
         txn: &deadpool_postgres::Transaction<'_>,
         plan: &Plan,
         batch: &Batch,
+        keep: Option<&[bool]>,
     ) -> Result<(), PgError> {
         let ctx = &self.ctx;
         txn.batch_execute(&plan.create_stage)
             .await
             .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
-        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true)
+        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true, keep)
             .await
             .map_err(|e| {
                 ctx.sql(
@@ -331,19 +426,40 @@ impl PostgresSink {
         batch: &Batch,
     ) -> Result<u64, PgError> {
         let ctx = &self.ctx;
-        if self
-            .commits
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(100)
-        {
-            txn.execute(&plan.purge_ids, &[])
-                .await
-                .map_err(|e| ctx.sql(&ctx.ids, "forget expired message ids", e))?;
-        }
-        self.stage(txn, plan, batch).await?;
+        self.purge_expired(txn, &plan.purge_ids, &ctx.ids).await?;
+        self.stage(txn, plan, batch, None).await?;
         txn.execute(&plan.dedup_insert, &[])
             .await
             .map_err(|e| ctx.sql(&ctx.table, "insert messages with new ids", e))
+    }
+
+    /// `[dedup] store = "sink"`: stage the first record of each id in the
+    /// batch, record the ids new to the table and drop the rows of the
+    /// others, then insert (append) or merge (upsert) what is left; now
+    /// and then forget ids past the retention.
+    async fn by_id(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
+        batch: &Batch,
+        drop_seen: &str,
+    ) -> Result<u64, PgError> {
+        let ctx = &self.ctx;
+        self.purge_expired(txn, &plan.purge_seen, &ctx.seen).await?;
+        let keep = sql::first_of_each_id(&batch.records);
+        self.stage(txn, plan, batch, Some(&keep)).await?;
+        txn.execute(drop_seen, &[])
+            .await
+            .map_err(|e| ctx.sql(&ctx.seen, "record the batch's message ids", e))?;
+        if self.cfg.mode != WriteMode::Upsert {
+            return txn
+                .execute(&plan.insert_staged, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "insert the batch", e));
+        }
+        let kept = batch.records.iter().zip(&keep).filter(|(_, k)| **k);
+        let unique = sql::unique_upserts(kept.map(|(r, _)| r), &plan.key_idx);
+        self.merge_staged(txn, plan, unique).await
     }
 
     /// Upsert through the staging table: COPY there, then merge (picking
@@ -355,8 +471,18 @@ impl PostgresSink {
         batch: &Batch,
         unique: bool,
     ) -> Result<u64, PgError> {
+        self.stage(txn, plan, batch, None).await?;
+        self.merge_staged(txn, plan, unique).await
+    }
+
+    /// Merge the staging table into the table.
+    async fn merge_staged(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
+        unique: bool,
+    ) -> Result<u64, PgError> {
         let ctx = &self.ctx;
-        self.stage(txn, plan, batch).await?;
         if unique {
             return txn
                 .execute(&plan.merge_staged, &[])
@@ -435,7 +561,10 @@ impl PostgresSink {
             .columns
             .as_ref()
             .filter(|c| c.len() > current.width)
-            .map(|c| (Arc::new(Plan::new(&self.cfg, c, ctx)), &c[current.width..]));
+            .map(|c| {
+                let plan = Plan::new(&self.cfg, c, ctx, self.keep_ids);
+                (Arc::new(plan), &c[current.width..])
+            });
         let plan = grown.as_ref().map_or(&current, |(plan, _)| plan);
         let p = &batch.partition;
         let upsert = self.cfg.mode == WriteMode::Upsert;
@@ -468,10 +597,19 @@ impl PostgresSink {
         let total = batch.records.len() as u64;
         let written = if self.cfg.mode == WriteMode::Dedup {
             self.dedup(&txn, plan, batch).await?
+        } else if let Some(drop_seen) = &plan.drop_seen {
+            self.by_id(&txn, plan, batch, drop_seen).await?
         } else if !upsert {
-            copy_rows(&txn, &plan.copy_target, &plan.target_types, batch, false)
-                .await
-                .map_err(|e| ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e))?;
+            copy_rows(
+                &txn,
+                &plan.copy_target,
+                &plan.target_types,
+                batch,
+                false,
+                None,
+            )
+            .await
+            .map_err(|e| ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e))?;
             total
         } else {
             let unique = sql::unique_upserts(&batch.records, &plan.key_idx);
@@ -484,7 +622,15 @@ impl PostgresSink {
                 txn.batch_execute("SAVEPOINT idem_direct")
                     .await
                     .map_err(|e| ctx.sql(&ctx.table, "savepoint", e))?;
-                match copy_rows(&txn, &plan.copy_target, &plan.target_types, batch, false).await {
+                let copied = copy_rows(
+                    &txn,
+                    &plan.copy_target,
+                    &plan.target_types,
+                    batch,
+                    false,
+                    None,
+                );
+                match copied.await {
                     Ok(()) => Some(total),
                     Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                         self.direct_failed();
@@ -599,6 +745,12 @@ impl PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.ids, "create the message id table", e))?;
         }
+        if self.keep_ids.is_some() {
+            client
+                .batch_execute(&self.plan().create_seen)
+                .await
+                .map_err(|e| ctx.sql(&ctx.seen, "create the message id table", e))?;
+        }
         txn.commit()
             .await
             .map_err(|e| ctx.sql(&ctx.table, "commit the table definitions", e))?;
@@ -634,6 +786,7 @@ impl Sink for PostgresSink {
         info.adds_columns = Some(AddsColumns {
             decimal: ColumnType::Numeric,
         });
+        info.ids_table = self.keep_ids.map(|_| self.ctx.seen.clone());
         info
     }
 

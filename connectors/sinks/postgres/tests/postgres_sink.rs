@@ -77,6 +77,20 @@ impl TableTarget for PgTarget {
         Arc::new(PostgresSink::new(cfg, columns))
     }
 
+    fn sink_keeping_ids(
+        &self,
+        table: &str,
+        mode: WriteMode,
+        key: &[&str],
+        create: bool,
+        retention: Duration,
+    ) -> Arc<dyn Sink> {
+        let mut cfg = sink_cfg(&self.schema, mode, key);
+        cfg.table = table.into();
+        cfg.create = create;
+        Arc::new(PostgresSink::new(cfg, columns()).keeping_ids(retention))
+    }
+
     /// Its own pool, as another process.
     fn second_runner(&self, _first: &Arc<dyn Sink>, table: &str) -> Arc<dyn Sink> {
         self.sink(table, WriteMode::Append, &[], None, true, columns())
@@ -148,6 +162,7 @@ impl TableTarget for PgTarget {
 }
 
 idem_testkit::table_suite!(PgTarget);
+idem_testkit::table_suite!(kept_ids PgTarget);
 
 #[tokio::test]
 async fn a_missing_server_is_named_and_retriable() {

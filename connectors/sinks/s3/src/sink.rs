@@ -123,6 +123,7 @@ impl Sink for S3Sink {
             adds_columns: Some(idem_core::AddsColumns {
                 decimal: idem_config::ColumnType::Numeric,
             }),
+            ids_table: None,
         }
     }
 

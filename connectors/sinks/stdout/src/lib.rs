@@ -54,6 +54,7 @@ impl Sink for StdoutSink {
             deletes: false,
             rows: idem_core::RowShape::append(),
             adds_columns: None,
+            ids_table: None,
         }
     }
 
