@@ -17,98 +17,9 @@
 
 mod common;
 
+use common::pg::{parse, raw_copy, Event};
 use common::*;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
-
-struct Event {
-    event_id: String,
-    user_id: i64,
-    kind: String,
-    amount: f64,
-    currency: String,
-    ok: bool,
-    at: SystemTime,
-    note: String,
-}
-
-fn parse(line: &str) -> Event {
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    let s = |k: &str| v[k].as_str().unwrap().to_string();
-    let at = v["at"].as_str().unwrap();
-    // The generator writes whole seconds in UTC: 2026-01-01T00:00:00Z.
-    let secs = chrono_like_parse(at);
-    Event {
-        event_id: s("event_id"),
-        user_id: v["user_id"].as_i64().unwrap(),
-        kind: s("kind"),
-        amount: v["amount"].as_f64().unwrap(),
-        currency: s("currency"),
-        ok: v["ok"].as_bool().unwrap(),
-        at: UNIX_EPOCH + Duration::from_secs(secs),
-        note: s("note"),
-    }
-}
-
-/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SSZ` (days from civil).
-fn chrono_like_parse(t: &str) -> u64 {
-    let n = |a: usize, b: usize| t[a..b].parse::<i64>().unwrap();
-    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
-    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    (days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19)) as u64
-}
-
-/// One `COPY .. FROM STDIN (FORMAT binary)` of every row, in one transaction.
-async fn raw_copy(client: &tokio_postgres::Client, table: &str, rows: &[Event]) -> Duration {
-    let started = Instant::now();
-    client.batch_execute("BEGIN").await.unwrap();
-    let sink = client
-        .copy_in(&format!(
-            "COPY {table} (event_id, user_id, kind, amount, currency, ok, at, note, _idem_partition, _idem_offset) FROM STDIN (FORMAT binary)"
-        ))
-        .await
-        .unwrap();
-    let types = [
-        Type::TEXT,
-        Type::INT8,
-        Type::TEXT,
-        Type::FLOAT8,
-        Type::TEXT,
-        Type::BOOL,
-        Type::TIMESTAMPTZ,
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT8,
-    ];
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    futures_util::pin_mut!(writer);
-    let partition = "bench".to_string();
-    for (i, e) in rows.iter().enumerate() {
-        let offset = i as i64;
-        let row: [&(dyn ToSql + Sync); 10] = [
-            &e.event_id,
-            &e.user_id,
-            &e.kind,
-            &e.amount,
-            &e.currency,
-            &e.ok,
-            &e.at,
-            &e.note,
-            &partition,
-            &offset,
-        ];
-        writer.as_mut().write(&row).await.unwrap();
-    }
-    writer.as_mut().finish().await.unwrap();
-    client.batch_execute("COMMIT").await.unwrap();
-    started.elapsed()
-}
+use std::time::{Duration, Instant};
 
 fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
@@ -135,7 +46,10 @@ fn main() {
 
     // Rows parsed beforehand, for the raw COPY baselines and (d).
     let text = std::fs::read_to_string(&data).unwrap();
-    let rows: Vec<Event> = text.lines().map(parse).collect();
+    let rows: Vec<Event> = text
+        .lines()
+        .map(|l| parse(l).expect("a well-formed event"))
+        .collect();
     drop(text);
 
     // The server's timing drifts between loads (checkpoints, autovacuum of

@@ -11,6 +11,7 @@
 //! 4. Only then the runner acks the source ([`Source::ack`]); losing the ack
 //!    is harmless because step 1 reads the sink.
 
+pub mod columnar;
 pub mod failpoint;
 pub mod mapping;
 mod message;

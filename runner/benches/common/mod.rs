@@ -2,6 +2,8 @@
 //! memory, generate events, write a connector config, read commit latencies.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pg;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -40,6 +40,14 @@ pub enum DuckDbError {
     NotPrepared,
     #[error("duckdb: worker thread failed: {0}")]
     Worker(String),
+    /// A batch's values do not fit its columns' Arrow types (a value of
+    /// another type than its column's).
+    #[error("duckdb: table {table}: a batch of {partition} does not fit its columns: {detail}")]
+    Encode {
+        table: String,
+        partition: String,
+        detail: String,
+    },
 }
 
 impl DuckDbError {

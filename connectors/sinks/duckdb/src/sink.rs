@@ -3,17 +3,19 @@
 use crate::config::{DuckDbSinkConfig, Mode};
 use crate::error::{Ctx, DuckDbError};
 use crate::recover;
+use arrow::array::{ArrayRef, BooleanArray, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
-use duckdb::types::{TimeUnit, ToSqlOutput, ValueRef};
-use duckdb::{appender_params_from_iter, params, Connection, OptionalExt, ToSql};
+use duckdb::{params, Connection, OptionalExt};
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN, POS_OFFSET, POS_PARTITION};
 use idem_core::table::{audit, check};
 use idem_core::{
-    AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo,
-    StoredPosition, TableColumn, Value,
+    columnar, AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError,
+    SinkInfo, StoredPosition, TableColumn,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +38,11 @@ struct Plan {
     mode: Mode,
     /// Mapped columns, then the position columns.
     insert_columns: Vec<String>,
+    /// The mapped columns, and the Arrow schema of a batch as appended:
+    /// them, the position, then (staged) the delete flag and (kept ids)
+    /// the message id.
+    columns: Vec<ColumnConfig>,
+    schema: Arc<Schema>,
     create_table: String,
     create_stage: String,
     delete: String,
@@ -151,7 +158,17 @@ impl Plan {
             cfg.delete_on_tombstone,
         );
         let graves = graves.as_ref();
+        let staged = cfg.mode == Mode::Upsert || keep_ids.is_some();
+        let mut fields = columnar::fields(columns, POS_PARTITION, POS_OFFSET);
+        if staged {
+            fields.push(Field::new(DELETE_FLAG, DataType::Boolean, false));
+        }
+        if keep_ids.is_some() {
+            fields.push(Field::new(ID_COLUMN, DataType::Utf8, true));
+        }
         Plan {
+            columns: columns.to_vec(),
+            schema: Arc::new(Schema::new(fields)),
             width: columns.len(),
             offsets: OffsetsSql::new(&q(&cfg.offsets_table)),
             ctx: Ctx {
@@ -509,48 +526,72 @@ fn table_columns(conn: &Connection, ctx: &Ctx) -> Result<Vec<(String, String)>, 
     read().map_err(|e| ctx.sql(&ctx.table, "read the table's columns", e))
 }
 
-/// A cell handed to the appender by reference: text is borrowed, not copied.
-enum Cell<'a> {
-    Mapped(&'a Value),
-    Text(&'a str),
-    BigInt(i64),
-    Boolean(bool),
-}
-
-impl ToSql for Cell<'_> {
-    fn to_sql(&self) -> duckdb::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self {
-            Cell::Text(s) => ValueRef::Text(s.as_bytes()),
-            Cell::BigInt(n) => ValueRef::BigInt(*n),
-            Cell::Boolean(b) => ValueRef::Boolean(*b),
-            Cell::Mapped(v) => match v {
-                Value::Null => ValueRef::Null,
-                Value::Text(s) | Value::Json(s) => ValueRef::Text(s.as_bytes()),
-                Value::BigInt(n) => ValueRef::BigInt(*n),
-                Value::Integer(n) => ValueRef::Int(*n),
-                Value::Double(x) => ValueRef::Double(*x),
-                Value::Boolean(b) => ValueRef::Boolean(*b),
-                Value::Timestamp(us) => ValueRef::Timestamp(TimeUnit::Microsecond, *us),
-                Value::Date(d) => ValueRef::Date32(*d),
-                Value::Numeric(d) => ValueRef::Text(d.as_bytes()),
-                Value::Uuid(u) => {
-                    return Ok(ToSqlOutput::Owned(
-                        // DuckDB takes UUIDs as text and casts them.
-                        duckdb::types::Value::Text(uuid::Uuid::from_bytes(*u).to_string()),
-                    ));
-                }
-                Value::Bytes(b) => ValueRef::Blob(b),
-            },
-        }))
-    }
-}
-
-/// The null of a record without a message id.
-const NO_ID: Value = Value::Null;
-
 enum Outcome {
     Committed(CommitStats),
     Fenced,
+}
+
+/// Append `batch` to `target` (the table, or the staging table with the
+/// delete flags and, with `keep`, only the records it marks, with their
+/// ids) as one Arrow record batch, in two halves around `mid_write`.
+fn append(
+    conn: &Connection,
+    plan: &Plan,
+    target: &str,
+    batch: &Batch,
+    keep: Option<&[bool]>,
+) -> Result<(), DuckDbError> {
+    let ctx = &plan.ctx;
+    let p = &batch.partition;
+    let records: Vec<&Record> = match keep {
+        Some(keep) => batch
+            .records
+            .iter()
+            .zip(keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| r)
+            .collect(),
+        None => batch.records.iter().collect(),
+    };
+    let encode = |detail: String| DuckDbError::Encode {
+        table: ctx.table.clone(),
+        partition: p.to_string(),
+        detail,
+    };
+    let mut arrays = columnar::arrays(&plan.columns, &p.partition, &records).map_err(encode)?;
+    if plan.staged() {
+        let flags = records.iter().map(|r| Some(r.op == Op::Delete));
+        arrays.push(Arc::new(flags.collect::<BooleanArray>()) as ArrayRef);
+    }
+    if keep.is_some() {
+        let ids = records.iter().map(|r| r.id.as_deref());
+        arrays.push(Arc::new(ids.collect::<StringArray>()) as ArrayRef);
+    }
+    let rows =
+        RecordBatch::try_new(plan.schema.clone(), arrays).map_err(|e| encode(e.to_string()))?;
+    let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
+    if plan.staged() {
+        cols.push(DELETE_FLAG);
+    }
+    if keep.is_some() {
+        cols.push(ID_COLUMN);
+    }
+    let mut app = conn
+        .appender_with_columns(target, &cols)
+        .map_err(|e| ctx.sql(target, "open the appender", e))?;
+    let half = rows.num_rows() / 2;
+    for (i, (from, len)) in [(0, half), (half, rows.num_rows() - half)]
+        .into_iter()
+        .enumerate()
+    {
+        if i == 1 {
+            failpoint::hit(MID_WRITE);
+        }
+        app.append_record_batch(rows.slice(from, len))
+            .map_err(|e| ctx.sql(target, &format!("append a batch of {p}"), e))?;
+    }
+    app.flush()
+        .map_err(|e| ctx.sql(target, &format!("flush a batch of {p}"), e))
 }
 
 fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome, DuckDbError> {
@@ -567,54 +608,20 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
     )? {
         return Ok(Outcome::Fenced);
     }
-    let (target, with_flag) = if plan.staged() {
-        (plan.stage.as_str(), true)
+    let target = if plan.staged() {
+        plan.stage.as_str()
     } else {
-        (ctx.table.as_str(), false)
+        ctx.table.as_str()
     };
     let keep = plan
         .seen
         .as_ref()
         .map(|_| sql::first_of_each_id(&batch.records));
-    if with_flag {
+    if plan.staged() {
         conn.execute_batch(&format!("DELETE FROM {}", q(target)))
             .map_err(|e| ctx.sql(target, "clear the staging table", e))?;
     }
-    {
-        let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
-        if with_flag {
-            cols.push(DELETE_FLAG);
-        }
-        if keep.is_some() {
-            cols.push(ID_COLUMN);
-        }
-        let mut app = conn
-            .appender_with_columns(target, &cols)
-            .map_err(|e| ctx.sql(target, "open the appender", e))?;
-        let half = batch.records.len() / 2;
-        let partition: &str = &p.partition;
-        for (i, rec) in batch.records.iter().enumerate() {
-            if i == half {
-                failpoint::hit(MID_WRITE);
-            }
-            if keep.as_ref().is_some_and(|k| !k[i]) {
-                continue;
-            }
-            let offset = sql::offset_to_sql(rec.offset);
-            let is_delete = rec.op == Op::Delete;
-            let cells = rec.values.iter().map(Cell::Mapped);
-            let position = [Cell::Text(partition), Cell::BigInt(offset)];
-            let flag = with_flag.then_some(Cell::Boolean(is_delete));
-            let id = keep
-                .as_ref()
-                .map(|_| rec.id.as_deref().map_or(Cell::Mapped(&NO_ID), Cell::Text));
-            let row = cells.chain(position).chain(flag).chain(id);
-            app.append_row(appender_params_from_iter(row))
-                .map_err(|e| ctx.sql(target, &format!("append offset {offset} of {p}"), e))?;
-        }
-        app.flush()
-            .map_err(|e| ctx.sql(target, &format!("flush batch of {p}"), e))?;
-    }
+    append(conn, plan, target, batch, keep.as_deref())?;
     let mut unique = None;
     if let (Some(seen), Some(keep)) = (&plan.seen, &keep) {
         conn.execute(&seen.drop, [])
@@ -641,12 +648,16 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         Mode::Upsert => {
             conn.execute_batch(&plan.pick_latest)
                 .map_err(|e| ctx.sql(&plan.latest, "pick the newest message per key", e))?;
-            let deleted = conn
-                .execute(&plan.delete, [])
-                .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
-            if let Some(bury) = &plan.bury {
-                conn.execute(bury, [])
-                    .map_err(|e| ctx.sql(&ctx.table, "record deleted keys", e))?;
+            // Without a tombstone in the batch, nothing to delete or bury.
+            let mut deleted = 0;
+            if batch.records.iter().any(|r| r.op == Op::Delete) {
+                deleted = conn
+                    .execute(&plan.delete, [])
+                    .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+                if let Some(bury) = &plan.bury {
+                    conn.execute(bury, [])
+                        .map_err(|e| ctx.sql(&ctx.table, "record deleted keys", e))?;
+                }
             }
             let merged = conn
                 .execute(&plan.merge, [])

@@ -459,7 +459,8 @@ impl PostgresSink {
         }
         let kept = batch.records.iter().zip(&keep).filter(|(_, k)| **k);
         let unique = sql::unique_upserts(kept.map(|(r, _)| r), &plan.key_idx);
-        self.merge_staged(txn, plan, unique).await
+        let tombstones = batch.records.iter().any(|r| r.op == Op::Delete);
+        self.merge_staged(txn, plan, unique, tombstones).await
     }
 
     /// Upsert through the staging table: COPY there, then merge (picking
@@ -472,15 +473,18 @@ impl PostgresSink {
         unique: bool,
     ) -> Result<u64, PgError> {
         self.stage(txn, plan, batch, None).await?;
-        self.merge_staged(txn, plan, unique).await
+        let tombstones = batch.records.iter().any(|r| r.op == Op::Delete);
+        self.merge_staged(txn, plan, unique, tombstones).await
     }
 
-    /// Merge the staging table into the table.
+    /// Merge the staging table into the table; `tombstones`: whether the
+    /// batch holds any.
     async fn merge_staged(
         &self,
         txn: &deadpool_postgres::Transaction<'_>,
         plan: &Plan,
         unique: bool,
+        tombstones: bool,
     ) -> Result<u64, PgError> {
         let ctx = &self.ctx;
         if unique {
@@ -489,14 +493,18 @@ impl PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e));
         }
-        let deleted = txn
-            .execute(&plan.delete_latest, &[])
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
-        if let Some(bury) = &plan.bury_latest {
-            txn.execute(bury, &[])
+        // Without a tombstone in the batch, nothing to delete or bury.
+        let mut deleted = 0;
+        if tombstones {
+            deleted = txn
+                .execute(&plan.delete_latest, &[])
                 .await
-                .map_err(|e| ctx.sql(&ctx.graves, "record deleted keys", e))?;
+                .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+            if let Some(bury) = &plan.bury_latest {
+                txn.execute(bury, &[])
+                    .await
+                    .map_err(|e| ctx.sql(&ctx.graves, "record deleted keys", e))?;
+            }
         }
         let merged = txn
             .execute(&plan.merge_latest, &[])

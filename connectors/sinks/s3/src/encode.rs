@@ -7,14 +7,10 @@
 
 use crate::config::{Compression, Format, S3SinkConfig, TimePartition};
 use crate::error::S3Error;
-use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float64Builder, Int32Builder,
-    Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
-};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::Schema;
 use arrow::record_batch::RecordBatch;
-use idem_config::{ColumnConfig, ColumnType};
-use idem_core::{Record, Value};
+use idem_config::ColumnConfig;
+use idem_core::{columnar, Record, Value};
 use std::io::Write as _;
 use std::sync::Arc;
 
@@ -49,12 +45,7 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(cfg: &S3SinkConfig, columns: &[ColumnConfig]) -> Self {
-        let mut fields: Vec<Field> = columns
-            .iter()
-            .map(|c| Field::new(&c.name, arrow_type(c.ty), true))
-            .collect();
-        fields.push(Field::new(PARTITION_COLUMN, DataType::Utf8, false));
-        fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
+        let fields = columnar::fields(columns, PARTITION_COLUMN, OFFSET_COLUMN);
         let time = cfg.time_column.as_ref().and_then(|name| {
             columns
                 .iter()
@@ -255,21 +246,8 @@ impl Encoder {
         use parquet::basic::{Compression as Pc, GzipLevel, ZstdLevel};
         use parquet::file::properties::WriterProperties;
         let enc = |e: &dyn std::fmt::Display| S3Error::Encode(e.to_string());
-        let mut arrays: Vec<ArrayRef> = self
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| column(c, i, records))
-            .collect::<Result<_, _>>()?;
-        let mut parts =
-            StringBuilder::with_capacity(records.len(), records.len() * partition.len());
-        let mut offsets = Int64Builder::with_capacity(records.len());
-        for r in records {
-            parts.append_value(partition);
-            offsets.append_value(i64::try_from(r.offset).unwrap_or(i64::MAX));
-        }
-        arrays.push(Arc::new(parts.finish()));
-        arrays.push(Arc::new(offsets.finish()));
+        let arrays =
+            columnar::arrays(&self.columns, partition, records).map_err(S3Error::Encode)?;
         let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| enc(&e))?;
         let props = WriterProperties::builder()
             .set_compression(match self.compression {
@@ -288,86 +266,6 @@ impl Encoder {
     }
 }
 
-/// Parquet/Arrow type of a mapped column. Numerics and JSON stay text so
-/// no digit is rounded and any JSON survives; UUIDs are their usual text.
-fn arrow_type(t: ColumnType) -> DataType {
-    match t {
-        ColumnType::Text | ColumnType::Json | ColumnType::Numeric | ColumnType::Uuid => {
-            DataType::Utf8
-        }
-        ColumnType::Bigint => DataType::Int64,
-        ColumnType::Integer => DataType::Int32,
-        ColumnType::Double => DataType::Float64,
-        ColumnType::Boolean => DataType::Boolean,
-        ColumnType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        ColumnType::Date => DataType::Date32,
-        ColumnType::Bytea => DataType::Binary,
-    }
-}
-
-/// Column `i` of `records` as an Arrow array of `c`'s type.
-fn column(c: &ColumnConfig, i: usize, records: &[&Record]) -> Result<ArrayRef, S3Error> {
-    let n = records.len();
-    let values = records
-        .iter()
-        .map(|r| r.values.get(i).unwrap_or(&Value::Null));
-    let mismatch = |v: &Value| {
-        S3Error::Encode(format!(
-            "column `{}` ({:?}) got a value of another type: {v:?}",
-            c.name, c.ty
-        ))
-    };
-    macro_rules! build {
-        ($builder:expr, $($pat:pat => $val:expr),+) => {{
-            let mut b = $builder;
-            for v in values {
-                match v {
-                    Value::Null => b.append_null(),
-                    $($pat => b.append_value($val),)+
-                    other => return Err(mismatch(other)),
-                }
-            }
-            Arc::new(b.finish()) as ArrayRef
-        }};
-    }
-    Ok(match c.ty {
-        ColumnType::Text | ColumnType::Json | ColumnType::Numeric | ColumnType::Uuid => {
-            let mut b = StringBuilder::with_capacity(n, n * 16);
-            for v in values {
-                match v {
-                    Value::Null => b.append_null(),
-                    Value::Text(s) | Value::Json(s) | Value::Numeric(s) => b.append_value(s),
-                    Value::Uuid(u) => b.append_value(uuid_text(u)),
-                    other => return Err(mismatch(other)),
-                }
-            }
-            Arc::new(b.finish())
-        }
-        ColumnType::Bigint => build!(Int64Builder::with_capacity(n), Value::BigInt(x) => *x),
-        ColumnType::Integer => build!(Int32Builder::with_capacity(n), Value::Integer(x) => *x),
-        ColumnType::Double => build!(Float64Builder::with_capacity(n), Value::Double(x) => *x),
-        ColumnType::Boolean => build!(BooleanBuilder::with_capacity(n), Value::Boolean(x) => *x),
-        ColumnType::Date => build!(Date32Builder::with_capacity(n), Value::Date(x) => *x),
-        ColumnType::Bytea => build!(BinaryBuilder::with_capacity(n, n * 16), Value::Bytes(x) => x),
-        ColumnType::Timestamp => {
-            let b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-            build!(b, Value::Timestamp(x) => *x)
-        }
-    })
-}
-
-fn uuid_text(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 /// About what a value weighs in an object, before compression.
 fn approx_bytes(v: &Value) -> usize {
     match v {
@@ -384,6 +282,8 @@ fn approx_bytes(v: &Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::datatypes::{DataType, TimeUnit};
+    use idem_config::ColumnType;
     use idem_core::Op;
 
     fn cfg(extra: &str) -> S3SinkConfig {

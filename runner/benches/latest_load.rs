@@ -1,0 +1,318 @@
+//! Benchmark: the most common production shape, one row per entity holding
+//! its latest event, with re-emitted copies of events dropped by event id.
+//! 1,000,000 generated events (random 20-hex-digit event ids, 5% exact
+//! copies of recent events at later offsets, 0.1% malformed lines; about
+//! 10 events per `user_id`) upserted on `user_id` with
+//! `[dedup] id = "/event_id"`, into DuckDB and into PostgreSQL, each three
+//! ways in one run:
+//!   (a) `idem run` with `store = "sink"`: the ids in the sink's own table,
+//!       checked in each batch's transaction
+//!   (b) `idem run` with a store of its own (DuckDB: the embedded file;
+//!       PostgreSQL: `store = "postgres"`), a round trip before each commit
+//!   (c) the best hand-written load of the same result in the same engine:
+//!       DuckDB SQL over `read_json` (first row per event id, then the last
+//!       per user, by line); for PostgreSQL the rows parsed beforehand, one
+//!       binary `COPY` into a staging table, then one `INSERT .. SELECT
+//!       DISTINCT ON` (event id, then user) `.. ON CONFLICT`
+//! Every variant must leave the same rows (checked). Prints elapsed,
+//! events/s, the ratio to (c) and peak RSS. Figures, not assertions.
+//!
+//!     cargo bench -p idem --bench latest_load
+//!     IDEM_BENCH_SINK=duckdb IDEM_BENCH_EVENTS=200000 cargo bench -p idem --bench latest_load
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::pg::{parse, raw_copy};
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const READ_JSON_COLUMNS: &str = "{event_id: 'VARCHAR', user_id: 'BIGINT', kind: 'VARCHAR', amount: 'DOUBLE', currency: 'VARCHAR', ok: 'BOOLEAN', \"at\": 'TIMESTAMPTZ', note: 'VARCHAR'}";
+
+/// The columns both sides write, in order.
+const COLS: &str = "event_id, user_id, kind, amount, currency, ok, \"at\", note";
+
+/// One line of the results table.
+struct Line {
+    label: String,
+    elapsed: Duration,
+    peak_kib: Option<u64>,
+}
+
+/// Child mode: DuckDB's own load of the same result into a table made
+/// with `ddl`.
+fn duckdb_baseline(db: &str, data: &str, ddl_file: &str) {
+    let ddl = std::fs::read_to_string(ddl_file).expect("ddl");
+    let conn = duckdb::Connection::open(db).expect("open");
+    conn.execute_batch(&ddl).expect("create table");
+    // `row_number() OVER ()` numbers the lines in file order (DuckDB keeps
+    // insertion order); the first copy of each event id, then the last
+    // event per user.
+    conn.execute_batch(&format!(
+        "INSERT INTO events
+         WITH src AS (
+             SELECT *, row_number() OVER () AS line
+             FROM read_json('{data}', format = 'newline_delimited', columns = {READ_JSON_COLUMNS}, ignore_errors = true)
+             WHERE event_id IS NOT NULL AND amount IS NOT NULL AND \"at\" IS NOT NULL),
+         firsts AS (SELECT * FROM src QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY line) = 1)
+         SELECT {COLS}, 'bulk', line FROM firsts
+         QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY line DESC) = 1"
+    ))
+    .expect("bulk load");
+}
+
+/// Rows of `a` and `b` (DuckDB files, table `events`) that differ.
+fn duckdb_differences(a: &Path, b: &Path) -> i64 {
+    let conn = duckdb::Connection::open_in_memory().expect("memory");
+    conn.execute_batch(&format!(
+        "ATTACH '{}' AS a (READ_ONLY); ATTACH '{}' AS b (READ_ONLY)",
+        a.display(),
+        b.display()
+    ))
+    .expect("attach");
+    conn.query_row(
+        "SELECT count(*) FROM a.events x FULL JOIN b.events y USING (user_id)
+         WHERE x.event_id IS DISTINCT FROM y.event_id OR x.amount IS DISTINCT FROM y.amount",
+        [],
+        |r| r.get(0),
+    )
+    .expect("compare")
+}
+
+fn idem_config(data: &Path, sink: &str, dedup: &str, batch: usize) -> String {
+    format!(
+        "{}\n[connectors.bench.dedup]\nid = \"/event_id\"\n{dedup}\n",
+        config(data, sink, batch)
+    )
+}
+
+fn run_duckdb(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, i64) {
+    let mut lines = Vec::new();
+    let mut dbs = Vec::new();
+    for (label, dedup) in [
+        (
+            "(a) idem, ids in the sink (store = \"sink\")",
+            "store = \"sink\"".to_string(),
+        ),
+        (
+            "(b) idem, embedded dedup store",
+            format!(
+                "store = \"embedded\"\npath = \"{}\"",
+                dir.join("ids.redb").display()
+            ),
+        ),
+    ] {
+        let db = dir.join(format!("idem{}.duckdb", dbs.len()));
+        let sink = format!(
+            "type = \"duckdb\"\npath = \"{}\"\ntable = \"events\"\nmode = \"upsert\"\nkey = [\"user_id\"]",
+            db.display()
+        );
+        let cfg = dir.join("duck.toml");
+        std::fs::write(&cfg, idem_config(data, &sink, &dedup, batch)).expect("config");
+        let (elapsed, peak, latencies) = run_idem(idem, &cfg);
+        eprintln!("duckdb {label}: {}", latency_line(&latencies));
+        lines.push(Line {
+            label: label.to_string(),
+            elapsed,
+            peak_kib: Some(peak),
+        });
+        dbs.push(db);
+    }
+    let ddl: String = duckdb::Connection::open(&dbs[0])
+        .expect("open")
+        .query_row(
+            "SELECT sql FROM duckdb_tables() WHERE table_name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("ddl");
+    let ddl_file = dir.join("ddl.sql");
+    std::fs::write(&ddl_file, ddl).expect("ddl file");
+    let base = dir.join("baseline.duckdb");
+    let (elapsed, peak, _) = run_measured(
+        Command::new(std::env::current_exe().expect("self"))
+            .arg("--duckdb-baseline")
+            .arg(&base)
+            .arg(data)
+            .arg(&ddl_file),
+    );
+    lines.push(Line {
+        label: "(c) DuckDB SQL: read_json, QUALIFY by id then user".into(),
+        elapsed,
+        peak_kib: Some(peak),
+    });
+    for db in &dbs {
+        assert_eq!(
+            duckdb_differences(db, &base),
+            0,
+            "{} holds other rows than the SQL",
+            db.display()
+        );
+    }
+    let rows = duckdb::Connection::open(&base)
+        .expect("open")
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .expect("count");
+    (lines, rows)
+}
+
+fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, i64) {
+    let schema = format!("bench_latest_{}", run_id());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls))
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {}: {e}; start it with bash scripts/postgres.sh",
+                pg_url()
+            )
+        });
+    rt.spawn(conn);
+    rt.block_on(client.batch_execute(&format!("CREATE SCHEMA {schema}")))
+        .expect("schema");
+    let mut lines = Vec::new();
+    for (i, (label, dedup)) in [
+        (
+            "(a) idem, ids in the sink (store = \"sink\")",
+            "store = \"sink\"".to_string(),
+        ),
+        (
+            "(b) idem, PostgreSQL dedup store",
+            format!(
+                "store = \"postgres\"\nurl = \"{}\"\nschema = \"{schema}\"\ntable = \"ids\"",
+                pg_url()
+            ),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sink = format!(
+            "type = \"postgres\"\nsslmode = \"disable\"\nurl = \"{}\"\nschema = \"{schema}\"\ntable = \"events{i}\"\noffsets_table = \"offsets{i}\"\nmode = \"upsert\"\nkey = [\"user_id\"]",
+            pg_url()
+        );
+        let cfg = dir.join("pg.toml");
+        std::fs::write(&cfg, idem_config(data, &sink, &dedup, batch)).expect("config");
+        let (elapsed, peak, latencies) = run_idem(idem, &cfg);
+        eprintln!("postgres {label}: {}", latency_line(&latencies));
+        lines.push(Line {
+            label: label.to_string(),
+            elapsed,
+            peak_kib: Some(peak),
+        });
+    }
+    // The baseline: rows parsed beforehand (not timed), COPY into a
+    // staging table, one statement to the target.
+    let text = std::fs::read_to_string(data).expect("data");
+    let rows: Vec<_> = text.lines().filter_map(parse).collect();
+    drop(text);
+    let t = format!("{schema}.base");
+    rt.block_on(client.batch_execute(&format!(
+        "CREATE TABLE {t} (LIKE {schema}.events0 INCLUDING ALL);
+         CREATE TEMP TABLE stage (LIKE {schema}.events0)"
+    )))
+    .expect("tables");
+    let copied = rt.block_on(raw_copy(&client, "stage", &rows));
+    let started = Instant::now();
+    rt.block_on(client.batch_execute(&format!(
+        "INSERT INTO {t} ({COLS}, _idem_partition, _idem_offset)
+         SELECT DISTINCT ON (user_id) {COLS}, _idem_partition, _idem_offset
+         FROM (SELECT DISTINCT ON (event_id) * FROM stage ORDER BY event_id, _idem_offset) firsts
+         ORDER BY user_id, _idem_offset DESC
+         ON CONFLICT (user_id) DO UPDATE SET event_id = excluded.event_id, kind = excluded.kind,
+             amount = excluded.amount, currency = excluded.currency, ok = excluded.ok,
+             \"at\" = excluded.\"at\", note = excluded.note,
+             _idem_partition = excluded._idem_partition, _idem_offset = excluded._idem_offset"
+    )))
+    .expect("insert");
+    lines.push(Line {
+        label: "(c) COPY (parsed beforehand) + INSERT DISTINCT ON".into(),
+        elapsed: copied + started.elapsed(),
+        peak_kib: None,
+    });
+    for (i, line) in lines.iter().take(2).enumerate() {
+        let differ: i64 = rt
+            .block_on(client.query_one(
+                &format!(
+                    "SELECT count(*) FROM {schema}.events{i} x FULL JOIN {t} y USING (user_id)
+                     WHERE x.event_id IS DISTINCT FROM y.event_id OR x.amount IS DISTINCT FROM y.amount"
+                ),
+                &[],
+            ))
+            .expect("compare")
+            .get(0);
+        assert_eq!(differ, 0, "{} holds other rows than the SQL", line.label);
+    }
+    let n: i64 = rt
+        .block_on(client.query_one(&format!("SELECT count(*) FROM {t}"), &[]))
+        .expect("count")
+        .get(0);
+    rt.block_on(client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")))
+        .expect("drop schema");
+    (lines, n)
+}
+
+fn print(engine: &str, events: usize, rows: i64, lines: &[Line]) {
+    let base = lines.last().expect("baseline").elapsed.as_secs_f64();
+    println!();
+    println!(
+        "{engine}: {events} events -> {rows} rows (latest per user_id, copies dropped by event_id)"
+    );
+    println!(
+        "{:<54} {:>9} {:>10} {:>8} {:>10}",
+        "", "elapsed", "events/s", "vs (c)", "peak RSS"
+    );
+    for l in lines {
+        let secs = l.elapsed.as_secs_f64();
+        println!(
+            "{:<54} {:>8.2}s {:>10.0} {:>7.2}x {:>10}",
+            l.label,
+            secs,
+            events as f64 / secs,
+            base / secs,
+            l.peak_kib
+                .map_or("-".to_string(), |k| format!("{} MiB", k / 1024))
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--duckdb-baseline") {
+        duckdb_baseline(&args[i + 1], &args[i + 2], &args[i + 3]);
+        return;
+    }
+    let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
+    let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let which = std::env::var("IDEM_BENCH_SINK").unwrap_or_default();
+    let idem = env!("CARGO_BIN_EXE_idem");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("events.jsonl");
+    let malformed = (events / 1000).to_string();
+    let bytes = generate_with(
+        idem,
+        &data,
+        events,
+        &[
+            "--random-ids",
+            "--duplicates",
+            "0.05",
+            "--malformed",
+            &malformed,
+        ],
+    );
+    eprintln!(
+        "generated {events} events ({:.1} MB), batch {batch}",
+        bytes as f64 / 1e6
+    );
+    if which.is_empty() || which == "duckdb" {
+        let (lines, rows) = run_duckdb(idem, dir.path(), &data, batch);
+        print("DuckDB", events, rows, &lines);
+    }
+    if which.is_empty() || which == "postgres" {
+        let (lines, rows) = run_postgres(idem, dir.path(), &data, batch);
+        print("PostgreSQL", events, rows, &lines);
+    }
+}
