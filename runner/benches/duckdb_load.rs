@@ -69,20 +69,9 @@ fn main() {
     let data = dir.path().join("events.jsonl");
     let production = std::env::var("IDEM_BENCH_IDS").is_ok_and(|m| m == "random");
     let started = Instant::now();
-    let malformed = (events / 1000).to_string();
+    let malformed = events / 1000;
     let bytes = if production {
-        generate_with(
-            idem,
-            &data,
-            events,
-            &[
-                "--random-ids",
-                "--duplicates",
-                "0.05",
-                "--malformed",
-                &malformed,
-            ],
-        )
+        generate_production(idem, &data, events)
     } else {
         generate(idem, &data, events)
     };

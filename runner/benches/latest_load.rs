@@ -161,17 +161,7 @@ fn run_duckdb(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, 
 fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, i64) {
     let schema = format!("bench_latest_{}", run_id());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (client, conn) = rt
-        .block_on(tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls))
-        .unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL at {}: {e}; start it with bash scripts/postgres.sh",
-                pg_url()
-            )
-        });
-    rt.spawn(conn);
-    rt.block_on(client.batch_execute(&format!("CREATE SCHEMA {schema}")))
-        .expect("schema");
+    let client = common::pg::connect(&rt, &schema);
     let mut lines = Vec::new();
     for (i, (label, dedup)) in [
         (
@@ -290,19 +280,7 @@ fn main() {
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("events.jsonl");
-    let malformed = (events / 1000).to_string();
-    let bytes = generate_with(
-        idem,
-        &data,
-        events,
-        &[
-            "--random-ids",
-            "--duplicates",
-            "0.05",
-            "--malformed",
-            &malformed,
-        ],
-    );
+    let bytes = generate_production(idem, &data, events);
     eprintln!(
         "generated {events} events ({:.1} MB), batch {batch}",
         bytes as f64 / 1e6

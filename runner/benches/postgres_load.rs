@@ -32,17 +32,7 @@ fn main() {
     let mb = bytes as f64 / 1e6;
     let schema = format!("bench_{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (client, conn) = rt
-        .block_on(tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls))
-        .unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL at {}: {e}; start it with bash scripts/postgres.sh",
-                pg_url()
-            )
-        });
-    rt.spawn(conn);
-    rt.block_on(client.batch_execute(&format!("CREATE SCHEMA {schema}")))
-        .unwrap();
+    let client = common::pg::connect(&rt, &schema);
 
     // Rows parsed beforehand, for the raw COPY baselines and (d).
     let text = std::fs::read_to_string(&data).unwrap();

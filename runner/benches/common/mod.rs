@@ -131,6 +131,25 @@ pub fn generate(idem: &str, data: &Path, events: usize) -> u64 {
     )
 }
 
+/// `idem generate` `events` events shaped like production data: random
+/// 20-hex-digit ids, 5% exact copies of recent events at later offsets,
+/// 0.1% malformed lines; returns its size in bytes.
+pub fn generate_production(idem: &str, data: &Path, events: usize) -> u64 {
+    let malformed = (events / 1000).to_string();
+    generate_with(
+        idem,
+        data,
+        events,
+        &[
+            "--random-ids",
+            "--duplicates",
+            "0.05",
+            "--malformed",
+            &malformed,
+        ],
+    )
+}
+
 /// `idem generate` with `args` (`--random-ids`, `--duplicates 0.05`...).
 pub fn generate_with(idem: &str, data: &Path, events: usize, args: &[&str]) -> u64 {
     let out = Command::new(idem)

@@ -2,8 +2,24 @@
 //! written by one raw binary `COPY`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::runtime::Runtime;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
+
+/// A client of the test PostgreSQL ([`super::pg_url`]) on `rt`, with
+/// schema `schema` created; the panic says how to start the server.
+pub fn connect(rt: &Runtime, schema: &str) -> tokio_postgres::Client {
+    let url = super::pg_url();
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL at {url}: {e}; start it with bash scripts/postgres.sh")
+        });
+    rt.spawn(conn);
+    rt.block_on(client.batch_execute(&format!("CREATE SCHEMA {schema}")))
+        .expect("create the schema");
+    client
+}
 
 pub struct Event {
     pub event_id: String,
