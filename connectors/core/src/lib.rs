@@ -24,7 +24,7 @@ pub use idem_config::Guarantee;
 pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};
 pub use message::{Message, Meta, PartitionRef};
 pub use sink::{
-    AddsColumns, Batch, CommitStats, Opened, Rejects, RowShape, Sink, SinkError, SinkInfo,
-    StoredPosition, TableColumn,
+    AddsColumns, Batch, CommitStats, Opened, Rejects, RowPositions, RowShape, Sink, SinkError,
+    SinkInfo, StoredPosition, TableColumn,
 };
 pub use source::{Assignment, PartitionReader, ReadStatus, Source, SourceError};

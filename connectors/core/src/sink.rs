@@ -175,6 +175,32 @@ impl SinkError {
     }
 }
 
+/// Where a sink's rows came from, for `idem verify`: each row's source
+/// partition (an index into `partitions`, each name held once) and offset.
+/// 16 bytes a row, whatever the partition's name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RowPositions {
+    pub partitions: Vec<String>,
+    pub rows: Vec<(u32, u64)>,
+    index: std::collections::HashMap<String, u32>,
+}
+
+impl RowPositions {
+    /// One more row, from `offset` of `partition`.
+    pub fn push(&mut self, partition: &str, offset: u64) {
+        let i = match self.index.get(partition) {
+            Some(&i) => i,
+            None => {
+                let i = u32::try_from(self.partitions.len()).unwrap_or(u32::MAX);
+                self.index.insert(partition.to_string(), i);
+                self.partitions.push(partition.to_string());
+                i
+            }
+        };
+        self.rows.push((i, offset));
+    }
+}
+
 /// A column of an existing target table: its name, and the column type
 /// Idem writes it as or else the database's own type name.
 pub type TableColumn = (String, Result<idem_config::ColumnType, String>);
@@ -234,7 +260,7 @@ pub trait Sink: Send + Sync {
     /// The source position (partition, offset) every row was written from,
     /// one entry per row, for `idem verify`; `None` when this sink cannot
     /// list its rows.
-    async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
+    async fn row_positions(&self) -> Result<Option<RowPositions>, SinkError> {
         Ok(None)
     }
 

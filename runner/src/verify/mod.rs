@@ -11,8 +11,9 @@
 //! - no row is left that no message explains (a position that holds no
 //!   message, a dead-lettered one, or one past the committed position).
 //!
-//! Any finding exits 1. It holds the whole range in memory (about 0.9 KB
-//! per message with a DuckDB table: 850 MiB for a million).
+//! Any finding exits 1. It holds about 60 bytes per message (a position,
+//! an identity, a digest; each partition, key and id string once) and 24
+//! per row, read from the sink as a stream.
 
 mod against;
 
@@ -54,15 +55,53 @@ fn expectation(c: &Connector) -> Expect {
     }
 }
 
-/// One message that should leave a row (or, deleted, none).
+/// What identifies a message's row: its own position `(partition,
+/// offset)` when every message is a row, `(NAMED, name)` the interned key
+/// it shares with its key's other messages, or `(HASHED, digest)` the
+/// message id it shares with its copies (one per message: kept as a
+/// digest, not a string).
+type Identity = (u32, u64);
+const NAMED: u32 = u32::MAX;
+const HASHED: u32 = u32::MAX - 1;
+
+/// One message that should leave a row (or, deleted, none): 40 bytes,
+/// so a million of them fit in 40 MB.
 struct Wanted {
-    /// What identifies it: its position, its key or its id.
-    identity: String,
-    partition: String,
+    /// The interned partition and the offset.
+    part: u32,
     offset: u64,
+    identity: Identity,
     delete: bool,
     /// A digest of the row it makes: identical copies share it.
     digest: u64,
+}
+
+/// Strings held once and named by number: partitions, keys, ids.
+#[derive(Default)]
+struct Names(HashMap<Box<str>, u32>);
+
+impl Names {
+    fn of(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.0.get(name) {
+            return i;
+        }
+        let i = u32::try_from(self.0.len()).unwrap_or(HASHED - 1);
+        self.0.insert(name.into(), i);
+        i
+    }
+
+    fn get(&self, name: &str) -> Option<u32> {
+        self.0.get(name).copied()
+    }
+
+    /// Every name, at its number.
+    fn list(&self) -> Vec<&str> {
+        let mut list = vec![""; self.0.len()];
+        for (name, &i) in &self.0 {
+            list[i as usize] = name;
+        }
+        list
+    }
 }
 
 /// What the audit found for one connector.
@@ -230,22 +269,25 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
     };
     let expect = expectation(c);
     let mut f = Findings {
-        rows: rows.len() as u64,
+        rows: rows.rows.len() as u64,
         ..Findings::default()
     };
-    // Every message up to each committed position, by (partition, offset).
-    let mut wanted: HashMap<(String, u64), Wanted> = HashMap::new();
-    // Where each partition's retained messages begin.
-    let mut first: HashMap<String, u64> = HashMap::new();
+    let (mut parts, mut names) = (Names::default(), Names::default());
+    // Every message up to each committed position. Partitions are read
+    // one after another, each in offset order: sorted by (part, offset).
+    let mut wanted: Vec<Wanted> = Vec::new();
+    // Where each partition's retained messages begin, and its end.
+    let mut first: HashMap<u32, u64> = HashMap::new();
+    let mut ends: HashMap<u32, u64> = HashMap::new();
     let committed = c
         .sink
         .positions(&c.name)
         .await
         .with_context(|| format!("connector {}: read positions", c.name))?;
-    let mut ends: HashMap<String, u64> = HashMap::new();
     for p in committed {
         let Some(end) = p.next_offset else { continue };
-        ends.insert(p.partition.clone(), end);
+        let part = parts.of(&p.partition);
+        ends.insert(part, end);
         let mut reader = c.source.open_audit(&p.partition).await.with_context(|| {
             format!("connector {}: read {} from the source", c.name, p.partition)
         })?;
@@ -256,7 +298,10 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
         // message. (A copy in another partition may have won instead of
         // its original; the two are equal rows, which the check accepts.)
         let drop_copies = c.cfg.dedup.is_some() && matches!(expect, Expect::LatestPerKey(..));
-        let mut ids_here: std::collections::HashSet<String> = Default::default();
+        // Their ids as 64-bit digests: a million in 16 MB. Two ids of one
+        // digest (odds near 1 in 10^8 for a million) would show a finding
+        // that is not one.
+        let mut ids_here: std::collections::HashSet<u64> = Default::default();
         'read: loop {
             msgs.clear();
             let status = reader.read(1024, &mut msgs).await.with_context(|| {
@@ -280,7 +325,7 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
                 if m.offset >= end {
                     break 'read;
                 }
-                first.entry(p.partition.clone()).or_insert(m.offset);
+                first.entry(part).or_insert(m.offset);
                 f.messages += 1;
                 let offset = m.offset;
                 match map_message(c, &p.partition, m) {
@@ -289,14 +334,14 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
                             && record
                                 .id
                                 .as_ref()
-                                .is_some_and(|id| !ids_here.insert(id.clone()))
+                                .is_some_and(|id| !ids_here.insert(hash(id)))
                         {
                             continue;
                         }
                         let identity = match &expect {
-                            Expect::EachMessage => format!("{}@{offset}", p.partition),
+                            Expect::EachMessage => (part, offset),
                             Expect::FirstPerId => {
-                                format!("id {}", record.id.clone().unwrap_or_default())
+                                (HASHED, hash(record.id.as_deref().unwrap_or_default()))
                             }
                             Expect::LatestPerKey(cols, _) | Expect::FirstPerKey(cols) => {
                                 let key: Vec<String> = cols
@@ -304,19 +349,17 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
                                     .filter_map(|i| record.values.get(*i))
                                     .map(|v| v.to_json().to_string())
                                     .collect();
-                                format!("key {}", key.join(","))
+                                let key = format!("key {}", key.join(","));
+                                (NAMED, u64::from(names.of(&key)))
                             }
                         };
-                        wanted.insert(
-                            (p.partition.clone(), offset),
-                            Wanted {
-                                identity,
-                                partition: p.partition.clone(),
-                                offset,
-                                delete: record.op == Op::Delete,
-                                digest: digest(&record.values),
-                            },
-                        );
+                        wanted.push(Wanted {
+                            part,
+                            offset,
+                            identity,
+                            delete: record.op == Op::Delete,
+                            digest: digest(&record.values),
+                        });
                     }
                     Item::Dead { .. } | Item::Fatal { .. } => f.dead += 1,
                     Item::Skip { .. } => {}
@@ -340,34 +383,39 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
         }
         // Nothing retained below the committed position: every row of the
         // partition is older than what the source keeps.
-        first.entry(p.partition.clone()).or_insert(end);
+        first.entry(part).or_insert(end);
     }
-    // The message that should hold each identity's row: the first or the
-    // last of its copies (across partitions, any partition's last).
-    let mut chosen: BTreeMap<&str, Vec<&Wanted>> = BTreeMap::new();
-    let mut ordered: Vec<&Wanted> = wanted.values().collect();
-    ordered.sort_by(|a, b| (&a.partition, a.offset).cmp(&(&b.partition, b.offset)));
-    for w in ordered {
-        chosen.entry(w.identity.as_str()).or_default().push(w);
-    }
-    // Rows per identity, by the message at each row's position.
-    let mut held: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
-    for (partition, offset) in &rows {
-        let Some(end) = ends.get(partition) else {
+    let part_names = parts.list();
+    let name_list = names.list();
+    let at = |part: u32, offset: u64| format!("{}@{offset}", part_names[part as usize]);
+    // Hashed ids are named by their first copy's position.
+    let show = |id: Identity, first: &Wanted| match id {
+        (NAMED, n) => name_list[n as usize].to_string(),
+        (HASHED, _) => format!("the id of {}", at(first.part, first.offset)),
+        (part, offset) => at(part, offset),
+    };
+    let find = |part: u32, offset: u64| {
+        wanted
+            .binary_search_by(|w| (w.part, w.offset).cmp(&(part, offset)))
+            .ok()
+            .map(|i| &wanted[i])
+    };
+    // The identity each row holds, by the message at its position.
+    let mut held: Vec<(Identity, u32, u64)> = Vec::new();
+    for &(row_part, offset) in &rows.rows {
+        let partition = &rows.partitions[row_part as usize];
+        let Some((part, end)) = parts.get(partition).and_then(|p| Some((p, *ends.get(&p)?))) else {
             f.unexplained.push(format!(
                 "a row from {partition}@{offset}: no committed position for that partition"
             ));
             continue;
         };
-        if first.get(partition).is_some_and(|start| offset < start) {
+        if first.get(&part).is_some_and(|start| offset < *start) {
             f.before_retention += 1;
             continue;
         }
-        match wanted.get(&(partition.clone(), *offset)) {
-            Some(w) if !w.delete => held
-                .entry(w.identity.as_str())
-                .or_default()
-                .push((partition.clone(), *offset)),
+        match find(part, offset) {
+            Some(w) if !w.delete => held.push((w.identity, part, offset)),
             Some(_) => f.unexplained.push(format!(
                 "a row from {partition}@{offset}, which is a tombstone"
             )),
@@ -379,70 +427,95 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
             )),
         }
     }
-    for (identity, copies) in &chosen {
-        let Some(first) = copies.first() else {
-            continue;
-        };
+    held.sort_unstable();
+    // The messages of each identity together, each partition's in order.
+    let mut order: Vec<u32> = (0..u32::try_from(wanted.len()).unwrap_or(u32::MAX)).collect();
+    order.sort_unstable_by_key(|&i| {
+        let w = &wanted[i as usize];
+        (w.identity, w.part, w.offset)
+    });
+    let mut rows_at = 0;
+    for group in order.chunk_by(|a, b| wanted[*a as usize].identity == wanted[*b as usize].identity)
+    {
+        let copies: Vec<&Wanted> = group.iter().map(|&i| &wanted[i as usize]).collect();
+        let identity = copies[0].identity;
+        while rows_at < held.len() && held[rows_at].0 < identity {
+            rows_at += 1;
+        }
+        let from = rows_at;
+        while rows_at < held.len() && held[rows_at].0 == identity {
+            rows_at += 1;
+        }
+        let rows_here: Vec<(u32, u64)> = held[from..rows_at].iter().map(|h| (h.1, h.2)).collect();
         // The messages whose row is right: per partition, the first copy (or
         // the last, for upserts); partitions commit in any order.
-        let mut per_part: BTreeMap<&str, &Wanted> = BTreeMap::new();
-        for w in copies {
-            let latest = matches!(expect, Expect::LatestPerKey(..));
-            if latest || !per_part.contains_key(w.partition.as_str()) {
-                per_part.insert(w.partition.as_str(), w);
+        let latest = matches!(expect, Expect::LatestPerKey(..));
+        let mut per_part: BTreeMap<u32, &Wanted> = BTreeMap::new();
+        for w in &copies {
+            if latest || !per_part.contains_key(&w.part) {
+                per_part.insert(w.part, w);
             }
         }
         let candidates: Vec<&Wanted> = per_part.into_values().collect();
         // An upsert key deleted by its last message (in its only partition)
         // should have no row.
         let deleted = candidates.len() == 1 && candidates[0].delete;
-        let rows_here = held.get(identity).map(Vec::as_slice).unwrap_or(&[]);
-        let at = |w: &Wanted| format!("{}@{}", w.partition, w.offset);
-        match (deleted, rows_here) {
+        let name = show(identity, copies[0]);
+        let at_w = |w: &Wanted| at(w.part, w.offset);
+        match (deleted, rows_here.as_slice()) {
             (true, []) => {}
             (true, rows) => f.duplicated.push(format!(
-                "{identity}: {} row(s) after its last message {} deleted it",
+                "{name}: {} row(s) after its last message {} deleted it",
                 rows.len(),
-                at(candidates[0])
+                at_w(candidates[0])
             )),
             (false, []) => f
                 .missing
-                .push(format!("{identity} (from {}): no row", at(first))),
+                .push(format!("{name} (from {}): no row", at_w(copies[0]))),
             (false, [(p, o)]) => {
                 // A copy equal to the expected message is as good: a sink
                 // leaves a row alone when a message would not change it.
-                let held = wanted.get(&(p.clone(), *o)).map(|w| w.digest);
+                let held = find(*p, *o).map(|w| w.digest);
                 let fits = candidates
                     .iter()
-                    .any(|w| (&w.partition == p && w.offset == *o) || held == Some(w.digest));
+                    .any(|w| (w.part == *p && w.offset == *o) || held == Some(w.digest));
                 let checked = !matches!(expect, Expect::LatestPerKey(_, false));
                 if checked && !fits {
-                    let which = if matches!(expect, Expect::LatestPerKey(..)) {
+                    let which = if latest {
                         "its last message"
                     } else {
                         "its first copy"
                     };
                     f.stale.push(format!(
-                        "{identity}: the row holds {p}@{o}, not {which} ({})",
+                        "{name}: the row holds {}, not {which} ({})",
+                        at(*p, *o),
                         candidates
                             .iter()
-                            .map(|w| at(w))
+                            .map(|w| at_w(w))
                             .collect::<Vec<_>>()
                             .join(" or ")
                     ));
                 }
             }
             (false, rows) => f.duplicated.push(format!(
-                "{identity}: {} rows (from {})",
+                "{name}: {} rows (from {})",
                 rows.len(),
                 rows.iter()
-                    .map(|(p, o)| format!("{p}@{o}"))
+                    .map(|(p, o)| at(*p, *o))
                     .collect::<Vec<_>>()
                     .join(", ")
             )),
         }
     }
     Ok(Some(f))
+}
+
+/// A digest of `id`, the same in every run.
+fn hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 /// A digest of a row's values: equal rows, equal digests.

@@ -17,6 +17,11 @@ async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
         .map(|i| format!("{{\"id\":\"k-{}\",\"n\":{i}}}\n", i % 40))
         .collect();
     w.write("keyed.jsonl", &keyed);
+    // Ids repeat: the sink keeps each id's first message (`store = "sink"`).
+    let copies: String = (0..300)
+        .map(|i| format!("{{\"id\":\"c-{}\",\"n\":{i}}}\n", i % 200))
+        .collect();
+    w.write("copies.jsonl", &copies);
     let bounded = |name: &str| {
         connector(&w, name, &schema, &pg_url, "").replace("follow = true", "follow = false")
     };
@@ -26,6 +31,10 @@ async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
             + &bounded("keyed").replace(
                 "table = \"keyed\"",
                 "table = \"keyed\"\nmode = \"upsert\"\nkey = [\"id\"]",
+            )
+            + &bounded("copies").replace(
+                "linger = \"20ms\"",
+                "linger = \"20ms\"\n[connectors.copies.dedup]\nid = \"/id\"\nstore = \"sink\"",
             )),
     );
     run_ok(idem().arg("run").arg(&cfg));
@@ -41,6 +50,10 @@ async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
         stdout.contains("✓ keyed: 300 messages (0 dead-lettered), 40 rows"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("✓ copies: 300 messages (0 dead-lettered), 200 rows"),
+        "{stdout}"
+    );
 
     // Plant a copy, a loss and a row no message explains; one lost key.
     let db = pg().await;
@@ -50,6 +63,11 @@ async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
         format!("DELETE FROM {t} WHERE id = 'a-99'"),
         format!("INSERT INTO {t} SELECT id || '-x', n, _idem_partition, _idem_offset + 1 FROM {t} WHERE id = 'a-5'"),
         format!("DELETE FROM \"{schema}\".\"keyed\" WHERE id = 'k-3'"),
+        // A row from c-7's second message, which the sink dropped.
+        format!(
+            "INSERT INTO \"{schema}\".\"copies\" SELECT id, n, _idem_partition, {} FROM \"{schema}\".\"copies\" WHERE id = 'c-7'",
+            copies.lines().take(207).map(|l| l.len() + 1).sum::<usize>()
+        ),
         // k-5's row points at its first message, not its last.
         format!(
             "UPDATE \"{schema}\".\"keyed\" SET _idem_offset = {} WHERE id = 'k-5'",
@@ -79,6 +97,11 @@ async fn verify_passes_on_a_clean_table_and_finds_what_was_planted() {
         "✗ keyed: 300 messages (0 dead-lettered), 39 rows: 2 findings".to_string(),
         "missing: key \"k-3\"".to_string(),
         "stale row: key \"k-5\": the row holds".to_string(),
+        format!(
+            "duplicated: the id of {}@{}: 2 rows",
+            w.path("copies.jsonl").display(),
+            copies.lines().take(7).map(|l| l.len() + 1).sum::<usize>()
+        ),
     ] {
         assert!(stdout.contains(&line), "missing {line:?} in\n{stdout}");
     }

@@ -14,8 +14,8 @@ use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN, POS_OFFSET, POS_PARTITION};
 use idem_core::table::{audit, check};
 use idem_core::{
-    columnar, AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError,
-    SinkInfo, StoredPosition, TableColumn,
+    columnar, AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, RowPositions,
+    Sink, SinkError, SinkInfo, StoredPosition, TableColumn,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -769,22 +769,32 @@ impl Sink for DuckDbSink {
             .await?)
     }
 
-    async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
+    async fn row_positions(&self) -> Result<Option<RowPositions>, SinkError> {
         Ok(Some(
             self.with_conn(|conn, plan| {
                 let ctx = &plan.ctx;
-                let sql = format!(
-                    "SELECT {}, {} FROM main.{}",
-                    idem_core::table::sql::POS_PARTITION,
-                    idem_core::table::sql::POS_OFFSET,
-                    q(&ctx.table)
-                );
-                let list = |conn: &Connection| -> duckdb::Result<Vec<(String, u64)>> {
-                    let mut stmt = conn.prepare(&sql)?;
-                    let rows = stmt.query_map([], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
-                    })?;
-                    rows.collect()
+                // A result is held whole by DuckDB: one partition's
+                // offsets at a time, not every row's partition name.
+                let list = |conn: &Connection| -> duckdb::Result<RowPositions> {
+                    let mut names = conn.prepare(&format!(
+                        "SELECT DISTINCT {POS_PARTITION} FROM main.{}",
+                        q(&ctx.table)
+                    ))?;
+                    let names: Vec<String> = names
+                        .query_map([], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?;
+                    let mut offsets = conn.prepare(&format!(
+                        "SELECT {POS_OFFSET} FROM main.{} WHERE {POS_PARTITION} = ?",
+                        q(&ctx.table)
+                    ))?;
+                    let mut out = RowPositions::default();
+                    for name in &names {
+                        let mut rows = offsets.query(params![name])?;
+                        while let Some(r) = rows.next()? {
+                            out.push(name, r.get::<_, i64>(0)?.max(0) as u64);
+                        }
+                    }
+                    Ok(out)
                 };
                 list(conn).map_err(|e| ctx.sql(&ctx.table, "list row positions", e))
             })

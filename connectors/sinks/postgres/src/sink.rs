@@ -12,8 +12,8 @@ use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN};
 use idem_core::table::{audit, check};
 use idem_core::{
-    AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, Sink, SinkError, SinkInfo,
-    StoredPosition, TableColumn,
+    AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, RowPositions, Sink,
+    SinkError, SinkInfo, StoredPosition, TableColumn,
 };
 use idem_postgres::server_name;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -878,25 +878,25 @@ impl Sink for PostgresSink {
         ))
     }
 
-    async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
+    async fn row_positions(&self) -> Result<Option<RowPositions>, SinkError> {
+        use futures_util::TryStreamExt;
         let client = self.client().await?;
         let ctx = &self.ctx;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {}, {} FROM {}",
-                    idem_core::table::sql::POS_PARTITION,
-                    idem_core::table::sql::POS_OFFSET,
-                    ctx.table
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| ctx.sql(&ctx.table, "list row positions", e))?;
-        Ok(Some(
-            rows.iter()
-                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
-                .collect(),
-        ))
+        let fail = |e| ctx.sql(&ctx.table, "list row positions", e);
+        let sql = format!(
+            "SELECT {}, {} FROM {}",
+            sql::POS_PARTITION,
+            sql::POS_OFFSET,
+            ctx.table
+        );
+        // Streamed: a million rows are never a million rows in memory.
+        let no_params: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+        let rows = client.query_raw(&sql, no_params).await.map_err(fail)?;
+        futures_util::pin_mut!(rows);
+        let mut out = RowPositions::default();
+        while let Some(r) = rows.try_next().await.map_err(fail)? {
+            out.push(r.get::<_, &str>(0), r.get::<_, i64>(1).max(0) as u64);
+        }
+        Ok(Some(out))
     }
 }

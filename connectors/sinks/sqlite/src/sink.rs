@@ -11,7 +11,8 @@ use idem_core::table::check;
 use idem_core::table::offsets::OffsetsSql;
 use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::{
-    Batch, CommitStats, Op, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition, Value,
+    Batch, CommitStats, Op, Opened, PartitionRef, RowPositions, Sink, SinkError, SinkInfo,
+    StoredPosition, Value,
 };
 use rusqlite::types::Value as Cell;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
@@ -473,7 +474,7 @@ impl Sink for SqliteSink {
             .await?)
     }
 
-    async fn row_positions(&self) -> Result<Option<Vec<(String, u64)>>, SinkError> {
+    async fn row_positions(&self) -> Result<Option<RowPositions>, SinkError> {
         Ok(Some(
             self.with_conn(|conn, plan| {
                 let ctx = &plan.ctx;
@@ -481,12 +482,15 @@ impl Sink for SqliteSink {
                     "SELECT {POS_PARTITION}, {POS_OFFSET} FROM {}",
                     q(&ctx.table)
                 );
-                let list = |conn: &Connection| -> rusqlite::Result<Vec<(String, u64)>> {
+                let list = |conn: &Connection| -> rusqlite::Result<RowPositions> {
                     let mut stmt = conn.prepare(&sql)?;
-                    let rows = stmt.query_map([], |r| {
-                        Ok((r.get::<_, String>(0)?, sql::offset_from_sql(r.get(1)?)))
-                    })?;
-                    rows.collect()
+                    let mut rows = stmt.query([])?;
+                    let mut out = RowPositions::default();
+                    while let Some(r) = rows.next()? {
+                        let partition = r.get_ref(0)?.as_str()?.to_string();
+                        out.push(&partition, sql::offset_from_sql(r.get(1)?));
+                    }
+                    Ok(out)
                 };
                 list(conn).map_err(|e| ctx.sql(&ctx.table, "list row positions", e))
             })
