@@ -166,9 +166,15 @@ pub fn generate_with(idem: &str, data: &Path, events: usize, args: &[&str]) -> u
 }
 
 /// A one-connector config reading `data` into the sink described by `sink`.
+/// Its dead letters go beside `data`, not into the working directory.
 pub fn config(data: &Path, sink: &str, batch: usize) -> String {
     let source = format!("type = \"file\"\npath = \"{}\"", data.display());
-    config_with_source(&source, sink, batch)
+    let dead = data.with_extension("dead.jsonl");
+    config_with_source(&source, sink, batch).replacen(
+        "[connectors.bench]\n",
+        &format!("[connectors.bench]\ndead_letter = \"{}\"\n", dead.display()),
+        1,
+    )
 }
 
 /// A one-connector config from `source` into `sink` with the 8 columns.
