@@ -100,6 +100,13 @@ fn every_example_config_checks_and_prints_its_guarantee() {
                 "{stdout}"
             );
         }
+        if path.ends_with("users-latest.toml") {
+            // Ids in the sink's own table, named before any run.
+            assert!(
+                stdout.contains("dedup: ids from /event_id in \"analytics\".\"idem_seen_user_state\", in each batch's transaction"),
+                "{stdout}"
+            );
+        }
         seen += 1;
     }
     assert!(seen >= 12, "examples found: {seen}");
