@@ -298,3 +298,18 @@ pub trait Rejects: Send + Sync {
         raw: Vec<u8>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RowPositions;
+
+    #[test]
+    fn row_positions_hold_each_partition_name_once() {
+        let mut rows = RowPositions::default();
+        for (p, o) in [("t/0", 5), ("t/1", 1), ("t/0", 7)] {
+            rows.push(p, o);
+        }
+        assert_eq!(rows.partitions, ["t/0", "t/1"]);
+        assert_eq!(rows.rows, [(0, 5), (1, 1), (0, 7)]);
+    }
+}
