@@ -128,6 +128,16 @@ impl Connector {
                 }
             }
         };
+        let refuse_kept_ids = || {
+            RunError::DedupConfig {
+            connector: name.into(),
+            message: format!("store = \"sink\" keeps message ids in the sink's own transaction, which the postgres and duckdb sinks do (in mode = \"append\" or \"upsert\": mode = \"dedup\" keys its ids itself); for this {} sink use store = \"embedded\", \"redis\" or \"postgres\"", cfg.sink.kind()),
+        }
+        };
+        if keep_ids.is_some() && cfg.sink.needs_store() {
+            // It keeps its positions in a store of its own (HTTP).
+            return Err(refuse_kept_ids());
+        }
         let ctx = SinkContext {
             store: store
                 .clone()
@@ -180,10 +190,7 @@ impl Connector {
         }
         let info = sink.info();
         if keep_ids.is_some() && info.ids_table.is_none() {
-            return Err(RunError::DedupConfig {
-                connector: name.into(),
-                message: format!("store = \"sink\" keeps message ids in the sink's own transaction, which the postgres and duckdb sinks do (in mode = \"append\" or \"upsert\": mode = \"dedup\" keys its ids itself); for this {} sink use store = \"embedded\", \"redis\" or \"postgres\"", cfg.sink.kind()),
-            });
+            return Err(refuse_kept_ids());
         }
         if cfg.guarantee == Guarantee::ExactlyOnce && info.guarantee != Guarantee::ExactlyOnce {
             return Err(RunError::Guarantee {

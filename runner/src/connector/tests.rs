@@ -416,6 +416,7 @@ type = "text"
     assert!(build(duck, "").unwrap().sink.info().ids_table.is_some());
     for refused in [
         "type = \"sqlite\"\npath = \"t.db\"\ntable = \"ev\"",
+        "type = \"http\"\nurl = \"http://127.0.0.1:9/ev\"",
         "type = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\ntable = \"ev\"\nmode = \"dedup\"\nkey = [\"id\"]",
     ] {
         let e = build(refused, "").err().unwrap();
