@@ -553,6 +553,8 @@ async fn one_mb_messages_and_a_huge_line_run_in_bounded_memory() {
     );
     let peak = peak_mib(&stdout);
     println!("one 300 MB line: peak memory {peak} MiB");
-    // Before: 882 MiB.
-    assert!(peak < 100, "peak memory {peak} MiB");
+    // Before: 882 MiB. Held whole, the line alone would be 300 MiB; a
+    // DuckDB run's own base (the library, its buffers) is 60-100 MiB and
+    // varies with the machine, so the bound leaves it room.
+    assert!(peak < 150, "peak memory {peak} MiB");
 }
