@@ -299,8 +299,7 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
         // its original; the two are equal rows, which the check accepts.)
         let drop_copies = c.cfg.dedup.is_some() && matches!(expect, Expect::LatestPerKey(..));
         // Their ids as 64-bit digests: a million in 16 MB. Two ids of one
-        // digest (odds near 1 in 10^8 for a million) would show a finding
-        // that is not one.
+        // digest (odds near 1 in 10^8 for a million) are audited as one.
         let mut ids_here: std::collections::HashSet<u64> = Default::default();
         'read: loop {
             msgs.clear();
