@@ -400,6 +400,15 @@ impl<'a> KeyPart<'a> {
     }
 }
 
+/// The records `keep` marks (see [`first_of_each_id`]).
+pub fn kept<'a>(records: &'a [Record], keep: &'a [bool]) -> impl Iterator<Item = &'a Record> {
+    records
+        .iter()
+        .zip(keep)
+        .filter(|(_, k)| **k)
+        .map(|(r, _)| r)
+}
+
 /// Whether an upsert batch can be merged as it is: no tombstone, and no key
 /// twice (otherwise the newest message per key must be picked first).
 pub fn unique_upserts<'a>(

@@ -544,13 +544,7 @@ fn append(
     let ctx = &plan.ctx;
     let p = &batch.partition;
     let records: Vec<&Record> = match keep {
-        Some(keep) => batch
-            .records
-            .iter()
-            .zip(keep)
-            .filter(|(_, k)| **k)
-            .map(|(r, _)| r)
-            .collect(),
+        Some(keep) => sql::kept(&batch.records, keep).collect(),
         None => batch.records.iter().collect(),
     };
     let encode = |detail: String| DuckDbError::Encode {
@@ -628,8 +622,8 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
             .map_err(|e| ctx.sql(&ctx.table, "drop copies of message ids seen before", e))?;
         conn.execute(&seen.record, [])
             .map_err(|e| ctx.sql(&ctx.table, "record the batch's message ids", e))?;
-        let kept = batch.records.iter().zip(keep).filter(|(_, k)| **k);
-        unique = Some(sql::unique_upserts(kept.map(|(r, _)| r), &plan.key_idx));
+        let kept = sql::kept(&batch.records, keep);
+        unique = Some(sql::unique_upserts(kept, &plan.key_idx));
     }
     let written = match plan.mode {
         Mode::Append | Mode::Dedup => match &plan.seen {

@@ -457,10 +457,8 @@ impl PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.table, "insert the batch", e));
         }
-        let kept = batch.records.iter().zip(&keep).filter(|(_, k)| **k);
-        let unique = sql::unique_upserts(kept.map(|(r, _)| r), &plan.key_idx);
-        let tombstones = batch.records.iter().any(|r| r.op == Op::Delete);
-        self.merge_staged(txn, plan, unique, tombstones).await
+        let unique = sql::unique_upserts(sql::kept(&batch.records, &keep), &plan.key_idx);
+        self.merge_staged(txn, plan, batch, unique).await
     }
 
     /// Upsert through the staging table: COPY there, then merge (picking
@@ -473,18 +471,16 @@ impl PostgresSink {
         unique: bool,
     ) -> Result<u64, PgError> {
         self.stage(txn, plan, batch, None).await?;
-        let tombstones = batch.records.iter().any(|r| r.op == Op::Delete);
-        self.merge_staged(txn, plan, unique, tombstones).await
+        self.merge_staged(txn, plan, batch, unique).await
     }
 
-    /// Merge the staging table into the table; `tombstones`: whether the
-    /// batch holds any.
+    /// Merge the staging table, where `batch` went, into the table.
     async fn merge_staged(
         &self,
         txn: &deadpool_postgres::Transaction<'_>,
         plan: &Plan,
+        batch: &Batch,
         unique: bool,
-        tombstones: bool,
     ) -> Result<u64, PgError> {
         let ctx = &self.ctx;
         if unique {
@@ -495,7 +491,7 @@ impl PostgresSink {
         }
         // Without a tombstone in the batch, nothing to delete or bury.
         let mut deleted = 0;
-        if tombstones {
+        if batch.records.iter().any(|r| r.op == Op::Delete) {
             deleted = txn
                 .execute(&plan.delete_latest, &[])
                 .await
