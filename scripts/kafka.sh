@@ -4,12 +4,13 @@
 # listeners for the security tests: SASL_PLAINTEXT on 9094 and SASL_SSL on
 # 9095, both SCRAM-SHA-512 for the user `idem` (password
 # IDEM_KAFKA_PASSWORD, default `idem-kafka-secret`), the TLS one with a
-# certificate from a test CA made once with openssl (DATA/tls/ca.pem). The jars come
-# from Maven Central once (`mvn dependency:copy-dependencies`, server-lib's
-# maven_jars, into ~/.cache/idem/kafka-VERSION/libs, about 15 s); the storage is
-# formatted once; the JVM gets a bounded heap. Reuses a broker that already
-# answers there with the same configuration (one started with another is
-# started again). Idempotent. `scripts/kafka.sh stop` stops it.
+# certificate from a test CA made once with openssl (DATA/tls/ca.pem). The
+# jars come from Maven Central once (`mvn dependency:copy-dependencies`,
+# server-lib's maven_jars, into ~/.cache/idem/kafka-VERSION/libs, about
+# 15 s); the storage is formatted afresh each time the broker starts; the
+# JVM gets a bounded heap. Reuses a broker that already answers there with
+# the same configuration (one started with another is started again).
+# Idempotent. `scripts/kafka.sh stop` stops it.
 set -euo pipefail
 VERSION=4.4.0
 HOST=127.0.0.1
@@ -144,12 +145,22 @@ java_cmd=(java "-Xms256m" "-Xmx$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
   -Djava.awt.headless=true "-Dlog4j2.configurationFile=$DATA/log4j2.properties"
   -cp "$HOME_DIR/libs/*")
 
+# A broker that is not running starts on fresh storage: its topics are the
+# tests' own (each test makes its own), and a broker recovering thousands of
+# them from earlier runs took 50 s to 60+ s to listen. A Connect worker keeps
+# its state in topics of this broker, so one still running is stopped too
+# (connect.sh starts it again). IDEM_KAFKA_KEEP_DATA=1 keeps the storage.
+if [ "${IDEM_KAFKA_KEEP_DATA:-0}" != 1 ] && [ -d "$DATA/logs" ]; then
+  echo "kafka.sh: starting on fresh storage (the old topics were the tests'; IDEM_KAFKA_KEEP_DATA=1 keeps them)" >&2
+  rm -rf "$DATA/logs"
+  bash "$(dirname "$0")/connect.sh" stop
+fi
 if ! [ -f "$DATA/logs/meta.properties" ]; then
   cluster="$("${java_cmd[@]}" kafka.tools.StorageTool random-uuid)"
   "${java_cmd[@]}" kafka.tools.StorageTool format --ignore-formatted \
     -t "$cluster" -c "$DATA/server.properties" >/dev/null
 fi
 
-# A JVM takes a few seconds to listen: wait up to 60 s.
-START_TRIES=600 start_server kafka "${java_cmd[@]}" kafka.Kafka "$DATA/server.properties"
+# A JVM takes a few seconds to listen: wait up to 120 s.
+START_TRIES=1200 start_server kafka "${java_cmd[@]}" kafka.Kafka "$DATA/server.properties"
 scram_user
