@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Messages per read call, and per chunk sent to the committer.
 const READ_CHUNK: usize = 1024;
@@ -311,6 +311,9 @@ async fn read_loop(
     let chunk_bytes = (conn.cfg.batch.max_bytes / 4).max(1);
     let mut chunk = 1;
     let mut paused = conn.paused();
+    // Where the next message must be at the least: each position is
+    // handed on once, in order.
+    let mut floor: Option<u64> = None;
     loop {
         if *paused.borrow_and_update() {
             // Hand over everything read, so it commits; then wait.
@@ -348,6 +351,24 @@ async fn read_loop(
         // A short read means the source has caught up: hand over all that
         // is mapped rather than hold it until more arrives.
         let caught_up = msgs.len() < chunk || status == ReadStatus::End || pausing;
+        // Sources promise that; this makes a slip (a consumer delivering a
+        // range again after a seek) cost a warning, never a second write.
+        let read = msgs.len();
+        msgs.retain(|m| {
+            let new = floor.is_none_or(|f| m.offset >= f);
+            if new {
+                floor = Some(m.next_offset);
+            }
+            new
+        });
+        if msgs.len() < read {
+            warn!(
+                connector = %conn.name,
+                %partition,
+                dropped = read - msgs.len(),
+                "the source handed out positions it had given already; they were dropped"
+            );
+        }
         if !msgs.is_empty() {
             let bytes: usize = msgs.iter().map(Message::size).sum::<usize>().max(1);
             let per_message = bytes.div_ceil(msgs.len());
@@ -380,6 +401,7 @@ async fn read_loop(
             }));
         }
         if let ReadStatus::Skipped { from, to } = status {
+            floor = Some(floor.map_or(to, |f| f.max(to)));
             // In read order, behind the chunks being mapped.
             mapping.push_back(tokio::spawn(async move {
                 vec![Item::Skip {

@@ -10,6 +10,9 @@ use std::sync::Mutex;
 /// One partition `p`: line i at offset i.
 struct MemSource {
     lines: Vec<Vec<u8>>,
+    /// Each read hands out its range twice, and the last message of the
+    /// read before once more (a source that slips).
+    stutter: bool,
 }
 
 #[async_trait]
@@ -28,6 +31,7 @@ impl Source for MemSource {
         Ok(Box::new(MemReader {
             lines: self.lines.clone(),
             at: start.unwrap_or(0) as usize,
+            stutter: self.stutter,
         }))
     }
 }
@@ -35,6 +39,18 @@ impl Source for MemSource {
 struct MemReader {
     lines: Vec<Vec<u8>>,
     at: usize,
+    stutter: bool,
+}
+
+fn mem_message(i: usize, line: &[u8]) -> Message {
+    Message {
+        offset: i as u64,
+        next_offset: i as u64 + 1,
+        key: None,
+        value: Some(line.to_vec()),
+        poison: None,
+        meta: Default::default(),
+    }
 }
 
 #[async_trait]
@@ -48,15 +64,18 @@ impl PartitionReader for MemReader {
             return Ok(ReadStatus::End);
         }
         let end = (self.at + max).min(self.lines.len());
-        for i in self.at..end {
-            out.push(Message {
-                offset: i as u64,
-                next_offset: i as u64 + 1,
-                key: None,
-                value: Some(self.lines[i].clone()),
-                poison: None,
-                meta: Default::default(),
-            });
+        let from = if self.stutter {
+            self.at.saturating_sub(1)
+        } else {
+            self.at
+        };
+        for i in from..end {
+            out.push(mem_message(i, &self.lines[i]));
+        }
+        if self.stutter {
+            for i in self.at..end {
+                out.push(mem_message(i, &self.lines[i]));
+            }
         }
         self.at = end;
         Ok(ReadStatus::Data)
@@ -165,7 +184,10 @@ required = true
     let (name, mut c) = cfg.connectors.into_iter().next().unwrap();
     c.guarantee = Guarantee::AtLeastOnce;
     let mut conn = Connector::build(&name, c).unwrap();
-    conn.source = Arc::new(MemSource { lines });
+    conn.source = Arc::new(MemSource {
+        lines,
+        stutter: false,
+    });
     conn.sink = sink;
     Arc::new(conn)
 }
@@ -180,6 +202,22 @@ async fn run_partition(conn: &Arc<Connector>) -> Result<PartitionEnd, RunError> 
     conn.clone()
         .run_partition("p", CancellationToken::new())
         .await
+}
+
+#[tokio::test]
+async fn positions_a_source_hands_out_twice_are_written_once() {
+    let sink = Arc::new(MemSink::default());
+    let mut conn = connector(sink.clone(), lines(25), "max_records = 10\nlinger = \"1h\"");
+    Arc::get_mut(&mut conn).unwrap().source = Arc::new(MemSource {
+        lines: lines(25),
+        stutter: true,
+    });
+    run_partition(&conn).await.unwrap();
+    assert_eq!(
+        *sink.commits.lock().unwrap(),
+        [(0, 10, 10), (10, 20, 10), (20, 25, 5)]
+    );
+    assert_eq!(conn.stats.snapshot().read, 25);
 }
 
 #[tokio::test]
@@ -537,7 +575,10 @@ async fn registry_values_map_with_their_ids_schemas_and_an_unknown_id_stops() {
     cfg.registry =
         Some(toml::from_str::<idem_config::RegistryConfig>(&format!("url = \"{url}\"")).unwrap());
     let mut built = Connector::build(&conn.name, cfg).unwrap();
-    built.source = Arc::new(MemSource { lines: values });
+    built.source = Arc::new(MemSource {
+        lines: values,
+        stutter: false,
+    });
     built.sink = sink.clone();
     conn = built;
     let conn = Arc::new(conn);
@@ -584,7 +625,10 @@ async fn registry_protobuf_values_map_with_their_message() {
     cfg.registry =
         Some(toml::from_str::<idem_config::RegistryConfig>(&format!("url = \"{url}\"")).unwrap());
     let mut built = Connector::build(&base.name, cfg).unwrap();
-    built.source = Arc::new(MemSource { lines: values });
+    built.source = Arc::new(MemSource {
+        lines: values,
+        stutter: false,
+    });
     built.sink = sink.clone();
     let conn = Arc::new(built);
     run_partition(&conn).await.unwrap();

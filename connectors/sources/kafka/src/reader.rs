@@ -210,15 +210,23 @@ impl PartitionReader for KafkaReader {
         };
         // Never hand out a position twice or below where this reader
         // started: a message fetched before the seek to the sink's position
-        // could otherwise slip in ahead of it.
+        // could otherwise slip in ahead of it, and after a seek back the
+        // consumer can deliver a range again right behind its first copy,
+        // within one call.
         let mut fresh = out.split_off(before);
-        let floor = self.next;
+        let mut floor = self.next;
         if let (Some(first), Some(r)) = (fresh.first(), self.reseek.as_mut()) {
             if first.offset < floor {
                 r.to(floor, first.offset);
             }
         }
-        fresh.retain(|m| m.offset >= floor);
+        fresh.retain(|m| {
+            let new = m.offset >= floor;
+            if new {
+                floor = m.next_offset;
+            }
+            new
+        });
         if let Some(end) = self.end {
             // Everything before `end`, and no further.
             if let Some(past) = fresh.iter().position(|m| m.offset >= end) {
@@ -277,6 +285,30 @@ mod tests {
         // 5 again is dropped; 8 and 9 are past the end.
         assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [6, 7]);
         assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::End);
+    }
+
+    #[tokio::test]
+    async fn a_range_delivered_twice_in_one_read_is_handed_out_once() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut reader = KafkaReader {
+            inbox: rx,
+            next: 5,
+            end: None,
+            reseek: None,
+            position: None,
+            live: false,
+            idle_reads: 0,
+            lost: None,
+        };
+        for o in [5, 6, 7, 5, 6, 7, 8] {
+            tx.send(Inbound::Message(msg(o))).await.unwrap();
+        }
+        let mut out = Vec::new();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        assert_eq!(
+            out.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            [5, 6, 7, 8]
+        );
     }
 
     #[tokio::test]
