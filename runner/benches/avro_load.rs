@@ -128,7 +128,7 @@ fn decode_only(idem: &str, dir: &Path, events: usize) -> (Duration, Duration, u6
 
 fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
-    let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let batch = bench_batch(50_000);
     let idem = env!("CARGO_BIN_EXE_idem");
     let run = run_id();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -211,7 +211,8 @@ fn main() {
 
     println!();
     println!(
-        "Avro against JSON: {events} events, 8 fields, {PARTITIONS} partitions, append, exactly-once, batch {batch}; {} cores",
+        "Avro against JSON: {events} events, 8 fields, {PARTITIONS} partitions, append, exactly-once, {}; {} cores",
+        batch_label(batch),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(

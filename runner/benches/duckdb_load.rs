@@ -57,7 +57,7 @@ fn main() {
         return;
     }
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
-    let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let batch = bench_batch(50_000);
     let append = std::env::var("IDEM_BENCH_MODE").is_ok_and(|m| m == "append");
     let (mode, mode_keys) = if append {
         ("append", "")
@@ -149,7 +149,7 @@ fn main() {
     );
     println!(
         "{:<44} {:>8.2}s {:>11.0} {:>8.1} {:>6} MiB",
-        format!("idem run ({mode}, exactly-once, batch {batch})"),
+        format!("idem run ({mode}, exactly-once, {})", batch_label(batch)),
         idem_time.as_secs_f64(),
         rate(idem_time),
         mbps(idem_time),

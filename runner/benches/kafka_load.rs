@@ -30,7 +30,7 @@ fn source(topic: &str, group: &str, stop_at_end: bool) -> String {
 
 fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
-    let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let batch = bench_batch(50_000);
     let idem = env!("CARGO_BIN_EXE_idem");
     let topic = format!("bench_{}", run_id());
     let dir = tempfile::tempdir().expect("tempdir");

@@ -275,15 +275,16 @@ fn main() {
         return;
     }
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
-    let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let batch = bench_batch(50_000);
     let which = std::env::var("IDEM_BENCH_SINK").unwrap_or_default();
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("events.jsonl");
     let bytes = generate_production(idem, &data, events);
     eprintln!(
-        "generated {events} events ({:.1} MB), batch {batch}",
-        bytes as f64 / 1e6
+        "generated {events} events ({:.1} MB), {}",
+        bytes as f64 / 1e6,
+        batch_label(batch)
     );
     if which.is_empty() || which == "duckdb" {
         let (lines, rows) = run_duckdb(idem, dir.path(), &data, batch);

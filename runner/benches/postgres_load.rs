@@ -11,8 +11,15 @@
 //! Idem connects without TLS here, as the raw COPY does. Prints events/s,
 //! MB/s, ratios to the COPY of the same shape, commit latencies, peak RSS.
 //!
+//! With `IDEM_BENCH_IDS=random` the events are shaped like production
+//! (random 20-hex ids, 5% re-emitted copies at later offsets, 0.1%
+//! malformed lines) and (b) is `mode = "dedup"` on `event_id` instead of
+//! append; both COPYs then load the first row of each id (the bad lines
+//! skipped), and (a) and (b) are compared with the one into the keyed table.
+//!
 //!     cargo bench -p idem --bench postgres_load
 //!     IDEM_BENCH_EVENTS=200000 cargo bench -p idem --bench postgres_load
+//!     IDEM_BENCH_IDS=random cargo bench -p idem --bench postgres_load
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -23,45 +30,63 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
-    let batch = env_usize("IDEM_BENCH_BATCH", 50_000);
+    let batch = bench_batch(50_000);
     let rowwise = env_usize("IDEM_BENCH_ROWWISE", 20_000).min(events);
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("events.jsonl");
-    let bytes = generate(idem, &data, events);
+    let production = std::env::var("IDEM_BENCH_IDS").is_ok_and(|m| m == "random");
+    let bytes = if production {
+        generate_production(idem, &data, events)
+    } else {
+        generate(idem, &data, events)
+    };
     let mb = bytes as f64 / 1e6;
     let schema = format!("bench_{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = common::pg::connect(&rt, &schema);
 
-    // Rows parsed beforehand, for the raw COPY baselines and (d).
+    // Rows parsed beforehand, for the raw COPY baselines and (d): with
+    // production data, the first row of each id (what every variant keeps).
     let text = std::fs::read_to_string(&data).unwrap();
+    let mut seen = std::collections::HashSet::new();
     let rows: Vec<Event> = text
         .lines()
-        .map(|l| parse(l).expect("a well-formed event"))
+        .filter_map(|l| {
+            let e = parse(l);
+            assert!(production || e.is_some(), "a well-formed event: {l}");
+            e
+        })
+        .filter(|e| seen.insert(e.event_id.clone()))
         .collect();
-    drop(text);
+    drop((text, seen));
+    let expected = rows.len() as i64;
+    let (second, keyed_base) = if production {
+        ("dedup", 0)
+    } else {
+        ("append", 1)
+    };
 
     // The server's timing drifts between loads (checkpoints, autovacuum of
     // the previous round's tables), so every variant runs `rounds` times,
     // interleaved, each into fresh tables; the median is reported.
     let rounds = env_usize("IDEM_BENCH_ROUNDS", 3).max(1);
     let labels = [
-        "(a) idem upsert",
-        "(b) idem append",
-        "(c1) raw binary COPY, upsert's table",
-        "(c2) raw binary COPY, append's table",
+        "(a) idem upsert".to_string(),
+        format!("(b) idem {second}"),
+        "(c1) raw binary COPY, upsert's table".to_string(),
+        format!("(c2) raw binary COPY, {second}'s table"),
     ];
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); labels.len()];
     let mut peaks = [0u64; 2];
     let mut latencies: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 0..rounds {
-        for (i, mode) in ["upsert", "append"].into_iter().enumerate() {
+        for (i, mode) in ["upsert", second].into_iter().enumerate() {
             let table = format!("events_{mode}_{round}");
-            let keys = if mode == "upsert" {
-                "key = [\"event_id\"]"
-            } else {
+            let keys = if mode == "append" {
                 ""
+            } else {
+                "key = [\"event_id\"]"
             };
             let sink = format!(
                 "type = \"postgres\"\nsslmode = \"disable\"\nurl = \"{}\"\nschema = \"{schema}\"\ntable = \"{table}\"\noffsets_table = \"offsets_{mode}_{round}\"\nmode = \"{mode}\"\n{keys}",
@@ -74,14 +99,14 @@ fn main() {
                 .block_on(client.query_one(&format!("SELECT count(*) FROM {schema}.{table}"), &[]))
                 .unwrap()
                 .get(0);
-            assert_eq!(n, events as i64, "{} loaded every event", labels[i]);
+            assert_eq!(n, expected, "{} loaded every event", labels[i]);
             times[i].push(elapsed);
             peaks[i] = peaks[i].max(peak);
             latencies[i].append(&mut lat);
         }
         // Each Idem mode against a COPY into a table of its own shape: the
         // upsert table has a primary key to maintain, the append table none.
-        for (i, like) in [(2, "upsert"), (3, "append")] {
+        for (i, like) in [(2, "upsert"), (3, second)] {
             let table = format!("{schema}.copy_{like}_{round}");
             rt.block_on(client.batch_execute(&format!(
                 "CREATE TABLE {table} (LIKE {schema}.events_{like}_0 INCLUDING ALL)"
@@ -108,7 +133,9 @@ fn main() {
             baselines.push(events as f64 / median.as_secs_f64());
         }
         let peak = (i < 2).then(|| peaks[i]);
-        results.push((labels[i].to_string(), events, median, peak, i % 2, spread));
+        // (b) against the keyed COPY when it deduplicates by the key.
+        let base = if i == 1 { keyed_base } else { i % 2 };
+        results.push((labels[i].clone(), events, median, peak, base, spread));
     }
     rt.block_on(client.batch_execute(&format!(
         "CREATE TABLE {schema}.events_rowwise (LIKE {schema}.events_upsert_0 INCLUDING ALL)"
@@ -150,7 +177,13 @@ fn main() {
 
     println!();
     println!(
-        "PostgreSQL load: {events} events, {mb:.1} MB NDJSON, 8 columns; {} cores; median of {rounds} runs",
+        "PostgreSQL load: {events} events, {mb:.1} MB NDJSON, 8 columns{}; {}, {} cores; median of {rounds} runs",
+        if production {
+            format!(", random ids, 5% copies, 0.1% malformed: {expected} rows")
+        } else {
+            String::new()
+        },
+        batch_label(batch),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
@@ -158,7 +191,7 @@ fn main() {
         "", "median", "range", "events/s", "MB/s", "vs COPY", "peak RSS"
     );
     // Ratios are to the COPY into a table of the same shape: (a) and (d)
-    // to (c1), (b) to (c2).
+    // to (c1), (b) to (c2), or to (c1) when it deduplicates by the key.
     for (label, n, elapsed, peak, base, spread) in results {
         let rate = n as f64 / elapsed.as_secs_f64();
         let mbps = mb * (n as f64 / events as f64) / elapsed.as_secs_f64();

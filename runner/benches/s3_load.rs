@@ -90,7 +90,7 @@ struct Phase {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
-    let batch = env_usize("IDEM_BENCH_BATCH", 100_000);
+    let batch = bench_batch(100_000);
     // Objects above this go up in parts (the sink's default: 16 MiB).
     let part_bytes = env_usize("IDEM_BENCH_PART_BYTES", 16 << 20);
     let idem = env!("CARGO_BIN_EXE_idem");
@@ -159,7 +159,7 @@ async fn main() {
             assert_eq!(lines, events, "idem wrote every event once");
         }
         phases.push(Phase {
-            name: format!("{name}, batch {batch}"),
+            name: format!("{name}, {}", batch_label(batch)),
             elapsed,
             stored_bytes: data_objects.iter().map(|(_, s)| *s as u64).sum(),
             objects: data_objects.len(),

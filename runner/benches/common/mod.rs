@@ -64,6 +64,25 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, events: usize) ->
     (started.elapsed(), bytes)
 }
 
+/// The batch size a benchmark runs with: `IDEM_BENCH_BATCH`, else
+/// `default`; `IDEM_BENCH_BATCH=default` gives 0, which leaves the batch
+/// settings to the runner's defaults (10,000 records, 16 MiB).
+pub fn bench_batch(default: usize) -> usize {
+    match std::env::var("IDEM_BENCH_BATCH") {
+        Ok(v) if v == "default" => 0,
+        _ => env_usize("IDEM_BENCH_BATCH", default),
+    }
+}
+
+/// "batch N", or "default batch" for [`bench_batch`]'s 0.
+pub fn batch_label(batch: usize) -> String {
+    if batch == 0 {
+        "default batch".into()
+    } else {
+        format!("batch {batch}")
+    }
+}
+
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -177,8 +196,19 @@ pub fn config(data: &Path, sink: &str, batch: usize) -> String {
     )
 }
 
-/// A one-connector config from `source` into `sink` with the 8 columns.
+/// A one-connector config from `source` into `sink` with the 8 columns;
+/// `batch` 0 keeps the runner's default batch settings. Lines in
+/// `IDEM_BENCH_SINK_EXTRA` join the sink's settings (e.g.
+/// `memory_limit = "256MB"`).
 pub fn config_with_source(source: &str, sink: &str, batch: usize) -> String {
+    let extra = std::env::var("IDEM_BENCH_SINK_EXTRA").unwrap_or_default();
+    let batching = if batch == 0 {
+        String::new()
+    } else {
+        format!(
+            "[connectors.bench.batch]\nmax_records = {batch}\nmax_bytes = 268435456\nlinger = \"1s\"\n"
+        )
+    };
     let mut config = format!(
         r#"
 [runner]
@@ -188,11 +218,8 @@ progress_interval = "1h"
 {source}
 [connectors.bench.sink]
 {sink}
-[connectors.bench.batch]
-max_records = {batch}
-max_bytes = 268435456
-linger = "1s"
-"#,
+{extra}
+{batching}"#,
     );
     for (name, ty) in COLUMNS {
         config.push_str(&format!(
