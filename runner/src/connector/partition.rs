@@ -26,6 +26,20 @@ fn channel_chunks(max_records: usize) -> usize {
     (max_records / READ_CHUNK + 1).clamp(2, 1024)
 }
 
+/// Read-ahead is also bounded in bytes: a chunk holds permits for its
+/// messages' bytes (in KiB) from the time it is read until the committer
+/// takes it, and all of them together at most `max_bytes`, so a large
+/// `max_records` does not let large messages pile up.
+fn read_ahead_permits(max_bytes: usize) -> usize {
+    max_bytes.div_ceil(1024).max(1)
+}
+
+/// A mapped chunk on its way to the committer, with the read-ahead it holds.
+pub(super) struct Chunk {
+    items: Vec<Item>,
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 impl Connector {
     /// Open `partition` (fence it, find its position), then read, batch
     /// and commit it until its input ends, `stop`, or an error.
@@ -108,7 +122,7 @@ impl Connector {
         &self,
         pref: &PartitionRef,
         epoch: i64,
-        mut rx: mpsc::Receiver<Result<Vec<Item>, RunError>>,
+        mut rx: mpsc::Receiver<Result<Chunk, RunError>>,
         stop: &CancellationToken,
     ) -> Result<PartitionEnd, RunError> {
         let batching = &self.cfg.batch;
@@ -124,8 +138,9 @@ impl Connector {
             tokio::select! {
                 biased;
                 chunk = rx.recv() => match chunk {
-                    Some(Ok(items)) => {
-                        for item in items {
+                    Some(Ok(chunk)) => {
+                        // Its read-ahead is freed here, as it joins the batch.
+                        for item in chunk.items {
                             if let Item::Fatal { offset, reason } = item {
                                 if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
                                     return Ok(end);
@@ -298,13 +313,15 @@ async fn read_loop(
     conn: Arc<Connector>,
     partition: Arc<str>,
     mut reader: Box<dyn PartitionReader>,
-    tx: mpsc::Sender<Result<Vec<Item>, RunError>>,
+    tx: mpsc::Sender<Result<Chunk, RunError>>,
     stop: CancellationToken,
 ) {
     // Chunks being mapped on the runtime's threads while the next is read,
     // so a busy partition's parsing is not bound to one core; they leave
     // in read order.
-    let mut mapping: VecDeque<tokio::task::JoinHandle<Vec<Item>>> = VecDeque::new();
+    let mut mapping: VecDeque<tokio::task::JoinHandle<Chunk>> = VecDeque::new();
+    let permits = read_ahead_permits(conn.cfg.batch.max_bytes);
+    let ahead_bytes = Arc::new(tokio::sync::Semaphore::new(permits));
     // Read-ahead is bounded in bytes as well as in messages: a chunk holds
     // about a quarter of `max_bytes`, sized from the messages seen so far,
     // so 1 MB messages travel a few at a time instead of 1,024.
@@ -374,6 +391,23 @@ async fn read_loop(
             let per_message = bytes.div_ceil(msgs.len());
             chunk = (chunk_bytes / per_message).clamp(1, READ_CHUNK);
             conn.stats.read(&partition, msgs.len() as u64);
+            // One chunk larger than the whole allowance goes alone.
+            let need = u32::try_from(bytes.div_ceil(1024).min(permits)).unwrap_or(u32::MAX);
+            let held = match ahead_bytes.clone().try_acquire_many_owned(need) {
+                Ok(held) => Some(held),
+                Err(_) => {
+                    // What is mapped goes to the committer first: taking
+                    // it is what frees the allowance.
+                    if !hand_over(&mut mapping, 0, &tx, &stop).await {
+                        return;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return,
+                        held = ahead_bytes.clone().acquire_many_owned(need) => held.ok(),
+                    }
+                }
+            };
             let conn = conn.clone();
             let partition = partition.clone();
             let stop = stop.clone();
@@ -388,26 +422,37 @@ async fn read_loop(
                         .await
                     {
                         if stop.is_cancelled() {
-                            return Vec::new();
+                            return Chunk {
+                                items: Vec::new(),
+                                _held: held,
+                            };
                         }
                         msgs.retain(|m| m.offset < offset);
                         fatal = Some(Item::Fatal { offset, reason });
                     }
                 }
-                msgs.into_iter()
+                let items = msgs
+                    .into_iter()
                     .map(|m| map_message(&conn, &partition, m))
                     .chain(fatal)
-                    .collect()
+                    .collect();
+                Chunk {
+                    items,
+                    _held: held,
+                }
             }));
         }
         if let ReadStatus::Skipped { from, to } = status {
             floor = Some(floor.map_or(to, |f| f.max(to)));
             // In read order, behind the chunks being mapped.
             mapping.push_back(tokio::spawn(async move {
-                vec![Item::Skip {
-                    offset: from,
-                    next_offset: to,
-                }]
+                Chunk {
+                    items: vec![Item::Skip {
+                        offset: from,
+                        next_offset: to,
+                    }],
+                    _held: None,
+                }
             }));
         }
         let ahead = if caught_up { 0 } else { MAPPING_AHEAD };
@@ -420,24 +465,24 @@ async fn read_loop(
 /// Send the mapped chunks, in read order, until at most `ahead` are left
 /// being mapped. `false`: the partition is stopping.
 async fn hand_over(
-    mapping: &mut VecDeque<tokio::task::JoinHandle<Vec<Item>>>,
+    mapping: &mut VecDeque<tokio::task::JoinHandle<Chunk>>,
     ahead: usize,
-    tx: &mpsc::Sender<Result<Vec<Item>, RunError>>,
+    tx: &mpsc::Sender<Result<Chunk, RunError>>,
     stop: &CancellationToken,
 ) -> bool {
     while mapping.len() > ahead {
         let Some(next) = mapping.pop_front() else {
             break;
         };
-        let items = match next.await {
-            Ok(items) => items,
+        let chunk = match next.await {
+            Ok(chunk) => chunk,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => return false, // the runtime is shutting down
         };
         tokio::select! {
             biased;
             _ = stop.cancelled() => return false,
-            sent = tx.send(Ok(items)) => if sent.is_err() { return false },
+            sent = tx.send(Ok(chunk)) => if sent.is_err() { return false },
         }
     }
     true

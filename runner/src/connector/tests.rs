@@ -91,6 +91,8 @@ struct MemSink {
     permanent: bool,
     /// Ids whose records make a commit fail as refused data.
     refuse: Vec<i64>,
+    /// Each commit waits for a permit here, when set.
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,9 @@ impl Sink for MemSink {
     }
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.unwrap().forget();
+        }
         if self.permanent {
             return Err(SinkError::Permanent(Box::new(Simulated)));
         }
@@ -218,6 +223,57 @@ async fn positions_a_source_hands_out_twice_are_written_once() {
         [(0, 10, 10), (10, 20, 10), (20, 25, 5)]
     );
     assert_eq!(conn.stats.snapshot().read, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_stays_within_max_bytes_whatever_max_records() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let sink = Arc::new(MemSink {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    });
+    // 2,000 lines of about 10 KB; a batch closes at 100 KiB (11 lines).
+    let pad = "x".repeat(10_000);
+    let big = (0..2000)
+        .map(|i| format!("{{\"id\":{i},\"pad\":\"{pad}\"}}").into_bytes())
+        .collect();
+    let conn = connector(
+        sink.clone(),
+        big,
+        "max_records = 100000\nmax_bytes = 102400\nlinger = \"1h\"",
+    );
+    let run = tokio::spawn({
+        let conn = conn.clone();
+        async move { run_partition(&conn).await }
+    });
+    // The first commit waits at the gate while the reader reads ahead.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let read = conn.stats.snapshot().read;
+    // The batch being committed, about as much again read ahead, and the
+    // chunk waiting for room: not a hundred chunks of max_records' share.
+    assert!((11..=40).contains(&read), "{read} lines read by a blocked commit");
+    gate.add_permits(100_000);
+    run.await.unwrap().unwrap();
+    let commits = sink.commits.lock().unwrap();
+    assert_eq!(commits.iter().map(|c| c.2).sum::<usize>(), 2000);
+    assert_eq!(commits.last().map(|c| c.1), Some(2000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_larger_than_the_read_ahead_allowance_pass_one_at_a_time() {
+    let sink = Arc::new(MemSink::default());
+    let pad = "x".repeat(10_000);
+    let big = (0..50)
+        .map(|i| format!("{{\"id\":{i},\"pad\":\"{pad}\"}}").into_bytes())
+        .collect();
+    let conn = connector(sink.clone(), big, "max_bytes = 4096\nlinger = \"1h\"");
+    tokio::time::timeout(std::time::Duration::from_secs(10), run_partition(&conn))
+        .await
+        .expect("the partition ran to its end")
+        .unwrap();
+    let commits = sink.commits.lock().unwrap();
+    assert_eq!(commits.len(), 50, "one message a batch");
+    assert_eq!(commits.last().map(|c| c.1), Some(50));
 }
 
 #[tokio::test]
