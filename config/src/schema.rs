@@ -407,9 +407,11 @@ pub enum ErrorPolicy {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Close a batch at this many messages.
-    #[serde(default = "default_max_records")]
-    pub max_records: usize,
+    /// Close a batch at this many messages. Unset: the sink's own default
+    /// ([`BatchConfig::records`]), set by the runner when it builds the
+    /// connector.
+    #[serde(default)]
+    pub max_records: Option<usize>,
     /// Close a batch at this many bytes of message values.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: usize,
@@ -421,15 +423,25 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
-            max_records: default_max_records(),
+            max_records: None,
             max_bytes: default_max_bytes(),
             linger: default_linger(),
         }
     }
 }
 
-fn default_max_records() -> usize {
-    10_000
+/// Messages per batch when neither the connector nor its sink says.
+pub const DEFAULT_MAX_RECORDS: usize = 10_000;
+/// Messages per batch for sinks that write tables or files: a 1M-event
+/// keyed load into DuckDB took 26 s in batches of 10,000 and 12 s in
+/// batches of 100,000 (bounded by max_bytes to about 88,000).
+pub const TABLE_MAX_RECORDS: usize = 100_000;
+
+impl BatchConfig {
+    /// Messages per batch at most.
+    pub fn records(&self) -> usize {
+        self.max_records.unwrap_or(DEFAULT_MAX_RECORDS)
+    }
 }
 
 fn default_max_bytes() -> usize {
@@ -918,7 +930,7 @@ impl<S, K> ConnectorConfig<S, K> {
     }
 
     fn validate_common(&self) -> Result<(), Invalid> {
-        if self.batch.max_records == 0 {
+        if self.batch.max_records == Some(0) {
             return Err(Invalid::new(
                 &["batch", "max_records"],
                 "must be at least 1",

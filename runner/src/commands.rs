@@ -52,6 +52,13 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                         crate::say!("✓ {name}: {} (required: {required})", info.guarantee);
                         crate::say!("    why: {}", info.why);
                         crate::say!("    dead letters: {}", c.dead_letters.describe());
+                        let b = &c.cfg.batch;
+                        crate::say!(
+                            "    batches: up to {} messages or {} bytes of values, or {} after the first",
+                            b.records(),
+                            b.max_bytes,
+                            humantime::format_duration(b.linger)
+                        );
                         if c.cfg.columns_from() == idem_config::ColumnsFrom::Schema {
                             // Columns nobody wrote down: show what the
                             // schema made of them.

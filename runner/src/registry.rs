@@ -111,6 +111,13 @@ macro_rules! registry {
                 }
             }
 
+            /// Messages per batch when the connector does not say.
+            pub fn batch_records(&self) -> usize {
+                match self {
+                    $(#[cfg(feature = $sink_name)] SinkConfig::$sink(c) => <$sink_kind>::batch_records(c),)*
+                }
+            }
+
             /// The PostgreSQL database the sink writes into, if any.
             pub fn postgres(&self) -> Option<PostgresTarget> {
                 match self {

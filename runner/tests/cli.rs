@@ -106,6 +106,11 @@ fn every_example_config_checks_and_prints_its_guarantee() {
                 stdout.contains("dedup: ids from /event_id in \"analytics\".\"idem_seen_user_state\", in each batch's transaction"),
                 "{stdout}"
             );
+            // No [batch]: the table sink's batch size.
+            assert!(
+                stdout.contains("batches: up to 100000 messages or 16777216 bytes of values, or 500ms after the first"),
+                "{stdout}"
+            );
         }
         seen += 1;
     }

@@ -67,6 +67,14 @@ pub trait SinkKind: 'static {
         false
     }
 
+    /// Messages per batch when the connector does not set
+    /// `batch.max_records` (`max_bytes` still applies). A table sink merges
+    /// once per batch, so larger batches cost it less; a receiver of
+    /// request bodies wants them small.
+    fn batch_records(_cfg: &Self::Config) -> usize {
+        idem_config::DEFAULT_MAX_RECORDS
+    }
+
     /// The PostgreSQL database it writes into, if any.
     fn postgres(_cfg: &Self::Config) -> Option<PostgresTarget> {
         None

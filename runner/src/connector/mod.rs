@@ -102,6 +102,10 @@ impl Connector {
         cfg: ConnectorConfig,
         stats: Arc<Stats>,
     ) -> Result<Connector, RunError> {
+        let mut cfg = cfg;
+        if cfg.batch.max_records.is_none() {
+            cfg.batch.max_records = Some(cfg.sink.batch_records());
+        }
         let dead_letters = Arc::new(DeadLetters::build(name, &cfg).map_err(|message| {
             RunError::DeadLetterConfig {
                 connector: name.into(),

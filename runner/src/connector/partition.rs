@@ -104,7 +104,7 @@ impl Connector {
                 "{lost} offsets of {partition} ({from}..{to}) were deleted by the source before they were committed: their messages will never reach the sink"
             );
         }
-        let (tx, rx) = mpsc::channel(channel_chunks(self.cfg.batch.max_records));
+        let (tx, rx) = mpsc::channel(channel_chunks(self.cfg.batch.records()));
         let reading = tokio::spawn(read_loop(
             self.clone(),
             Arc::from(partition),
@@ -156,7 +156,7 @@ impl Connector {
                                 deadline = Some(Instant::now() + batching.linger);
                             }
                             pending.push(item);
-                            if pending.records.len() >= batching.max_records
+                            if pending.records.len() >= batching.records()
                                 || pending.bytes >= batching.max_bytes
                             {
                                 if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
@@ -436,10 +436,7 @@ async fn read_loop(
                     .map(|m| map_message(&conn, &partition, m))
                     .chain(fatal)
                     .collect();
-                Chunk {
-                    items,
-                    _held: held,
-                }
+                Chunk { items, _held: held }
             }));
         }
         if let ReadStatus::Skipped { from, to } = status {

@@ -251,7 +251,10 @@ async fn read_ahead_stays_within_max_bytes_whatever_max_records() {
     let read = conn.stats.snapshot().read;
     // The batch being committed, about as much again read ahead, and the
     // chunk waiting for room: not a hundred chunks of max_records' share.
-    assert!((11..=40).contains(&read), "{read} lines read by a blocked commit");
+    assert!(
+        (11..=40).contains(&read),
+        "{read} lines read by a blocked commit"
+    );
     gate.add_permits(100_000);
     run.await.unwrap().unwrap();
     let commits = sink.commits.lock().unwrap();
@@ -470,6 +473,31 @@ type = "bigint"
 /// `[dedup] store = "sink"`: built into the postgres and duckdb sinks,
 /// with no store of its own; refused, naming the alternatives, where the
 /// sink cannot keep ids (and with `mode = "dedup"`, which keys its own).
+#[test]
+fn batch_sizes_left_unset_follow_the_sink() {
+    let build = |sink: &str, batch: &str| {
+        let text = format!(
+            "[connectors.t]\n[connectors.t.source]\ntype = \"file\"\npath = \"in.jsonl\"\n\
+             [connectors.t.sink]\n{sink}\n[connectors.t.batch]\n{batch}\n\
+             [[connectors.t.columns]]\nname = \"id\"\ntype = \"text\"\n"
+        );
+        let cfg: crate::registry::Config =
+            idem_config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        let (name, c) = cfg.connectors.into_iter().next().unwrap();
+        Connector::build(&name, c).unwrap().cfg.batch.records()
+    };
+    let duck = "type = \"duckdb\"\npath = \"t.duckdb\"\ntable = \"ev\"";
+    let pg = "type = \"postgres\"\nurl = \"postgres://u@127.0.0.1/db\"\ntable = \"ev\"";
+    let http = "type = \"http\"\nurl = \"http://127.0.0.1:9/ev\"";
+    assert_eq!(build(duck, ""), 100_000);
+    assert_eq!(build(pg, ""), 100_000);
+    // Request bodies stay small.
+    assert_eq!(build(http, ""), 10_000);
+    // What the connector says wins.
+    assert_eq!(build(duck, "max_records = 500"), 500);
+    assert_eq!(build(http, "max_records = 50000"), 50_000);
+}
+
 #[test]
 fn ids_kept_by_the_sink_need_a_sink_that_keeps_them() {
     let build = |sink: &str, dedup: &str| {

@@ -24,6 +24,11 @@ impl idem_core::registry::SinkKind for DuckDbKind {
     const NAME: &'static str = "duckdb";
     type Config = DuckDbSinkConfig;
 
+    /// One merge (or append) per batch: larger batches cost less each. `max_bytes` (16 MiB) still bounds a batch.
+    fn batch_records(_cfg: &DuckDbSinkConfig) -> usize {
+        idem_config::TABLE_MAX_RECORDS
+    }
+
     /// DuckDB has no unbounded DECIMAL: a decimal keeps its digits as text.
     fn decimal_column(_cfg: &DuckDbSinkConfig) -> idem_config::ColumnType {
         idem_config::ColumnType::Text

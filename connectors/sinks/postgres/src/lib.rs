@@ -26,6 +26,11 @@ impl idem_core::registry::SinkKind for PostgresKind {
     const NAME: &'static str = "postgres";
     type Config = PostgresSinkConfig;
 
+    /// One merge (or COPY) per batch: larger batches cost less each. `max_bytes` (16 MiB) still bounds a batch.
+    fn batch_records(_cfg: &PostgresSinkConfig) -> usize {
+        idem_config::TABLE_MAX_RECORDS
+    }
+
     fn build(
         cfg: &PostgresSinkConfig,
         columns: &[idem_config::ColumnConfig],

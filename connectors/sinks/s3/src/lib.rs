@@ -24,6 +24,11 @@ impl idem_core::registry::SinkKind for S3Kind {
     const NAME: &'static str = "s3";
     type Config = S3SinkConfig;
 
+    /// An object per batch and folder: larger batches make fewer, larger objects. `max_bytes` (16 MiB) still bounds a batch.
+    fn batch_records(_cfg: &S3SinkConfig) -> usize {
+        idem_config::TABLE_MAX_RECORDS
+    }
+
     fn build(
         cfg: &S3SinkConfig,
         columns: &[idem_config::ColumnConfig],

@@ -26,6 +26,11 @@ impl idem_core::registry::SinkKind for SqliteKind {
     const NAME: &'static str = "sqlite";
     type Config = SqliteSinkConfig;
 
+    /// One transaction per batch: larger batches cost less each. `max_bytes` (16 MiB) still bounds a batch.
+    fn batch_records(_cfg: &SqliteSinkConfig) -> usize {
+        idem_config::TABLE_MAX_RECORDS
+    }
+
     /// SQLite has no exact decimal: a decimal keeps its digits as text.
     fn decimal_column(_cfg: &SqliteSinkConfig) -> idem_config::ColumnType {
         idem_config::ColumnType::Text
