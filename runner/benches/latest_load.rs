@@ -14,8 +14,12 @@
 //!       per user, by line); for PostgreSQL the rows parsed beforehand, one
 //!       binary `COPY` into a staging table, then one `INSERT .. SELECT
 //!       DISTINCT ON` (event id, then user) `.. ON CONFLICT`
+//!   (d) (c) keeping the event ids as (a) does, in the same transaction
+//!       (without them a copy arriving later would win): DuckDB in a
+//!       table like Idem's, PostgreSQL in one with a primary key
 //! Every variant must leave the same rows (checked). Prints elapsed,
-//! events/s, the ratio to (c) and peak RSS. Figures, not assertions.
+//! events/s, the ratios to (c) and (d) and peak RSS. Figures, not
+//! assertions.
 //!
 //!     cargo bench -p idem --bench latest_load
 //!     IDEM_BENCH_SINK=duckdb IDEM_BENCH_EVENTS=200000 cargo bench -p idem --bench latest_load
@@ -42,25 +46,38 @@ struct Line {
 }
 
 /// Child mode: DuckDB's own load of the same result into a table made
-/// with `ddl`.
-fn duckdb_baseline(db: &str, data: &str, ddl_file: &str) {
+/// with `ddl`; with `keep_ids`, the event ids kept too, in a table like
+/// Idem's, in the same transaction.
+fn duckdb_baseline(db: &str, data: &str, ddl_file: &str, keep_ids: bool) {
     let ddl = std::fs::read_to_string(ddl_file).expect("ddl");
     let conn = duckdb::Connection::open(db).expect("open");
     conn.execute_batch(&ddl).expect("create table");
     // `row_number() OVER ()` numbers the lines in file order (DuckDB keeps
     // insertion order); the first copy of each event id, then the last
     // event per user.
-    conn.execute_batch(&format!(
-        "INSERT INTO events
-         WITH src AS (
+    let firsts = format!(
+        "WITH src AS (
              SELECT *, row_number() OVER () AS line
              FROM read_json('{data}', format = 'newline_delimited', columns = {READ_JSON_COLUMNS}, ignore_errors = true)
-             WHERE event_id IS NOT NULL AND amount IS NOT NULL AND \"at\" IS NOT NULL),
-         firsts AS (SELECT * FROM src QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY line) = 1)
-         SELECT {COLS}, 'bulk', line FROM firsts
-         QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY line DESC) = 1"
-    ))
-    .expect("bulk load");
+             WHERE event_id IS NOT NULL AND amount IS NOT NULL AND \"at\" IS NOT NULL)
+         SELECT * FROM src QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY line) = 1"
+    );
+    let latest = "QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY line DESC) = 1";
+    let sql = if keep_ids {
+        format!(
+            "BEGIN;
+             CREATE TABLE seen (id VARCHAR NOT NULL, seen_at TIMESTAMP WITH TIME ZONE NOT NULL);
+             CREATE TEMP TABLE firsts AS {firsts};
+             INSERT INTO seen SELECT event_id, now() FROM firsts;
+             INSERT INTO events SELECT {COLS}, 'bulk', line FROM firsts {latest};
+             COMMIT"
+        )
+    } else {
+        format!(
+            "INSERT INTO events WITH firsts AS ({firsts}) SELECT {COLS}, 'bulk', line FROM firsts {latest}"
+        )
+    };
+    conn.execute_batch(&sql).expect("bulk load");
 }
 
 /// Rows of `a` and `b` (DuckDB files, table `events`) that differ.
@@ -143,6 +160,21 @@ fn run_duckdb(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, 
         elapsed,
         peak_kib: Some(peak),
     });
+    let with_ids = dir.join("baseline_ids.duckdb");
+    let (elapsed, peak, _) = run_measured(
+        Command::new(std::env::current_exe().expect("self"))
+            .arg("--duckdb-baseline")
+            .arg(&with_ids)
+            .arg(data)
+            .arg(&ddl_file)
+            .arg("keep-ids"),
+    );
+    lines.push(Line {
+        label: "(d) as (c), keeping the event ids".into(),
+        elapsed,
+        peak_kib: Some(peak),
+    });
+    dbs.push(with_ids);
     for db in &dbs {
         assert_eq!(
             duckdb_differences(db, &base),
@@ -222,11 +254,47 @@ fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>
         elapsed: copied + started.elapsed(),
         peak_kib: None,
     });
-    for (i, line) in lines.iter().take(2).enumerate() {
+    // (c) keeps no ids, which a stream cannot do without: a copy arriving
+    // after the load would win. (d) is (c) keeping them as (a) does, in a
+    // table with a primary key, in the same statement.
+    let d = format!("{schema}.base_ids");
+    rt.block_on(client.batch_execute(&format!(
+        "CREATE TABLE {d} (LIKE {schema}.events0 INCLUDING ALL);
+         CREATE TABLE {d}_seen (id text PRIMARY KEY, seen_at timestamptz NOT NULL);
+         CREATE TEMP TABLE stage_d (LIKE {schema}.events0)"
+    )))
+    .expect("tables");
+    let copied = rt.block_on(raw_copy(&client, "stage_d", &rows));
+    let started = Instant::now();
+    rt.block_on(client.batch_execute(&format!(
+        "WITH firsts AS (SELECT DISTINCT ON (event_id) * FROM stage_d ORDER BY event_id, _idem_offset),
+              fresh AS (INSERT INTO {d}_seen SELECT event_id, now() FROM firsts
+                        ON CONFLICT DO NOTHING RETURNING id)
+         INSERT INTO {d} ({COLS}, _idem_partition, _idem_offset)
+         SELECT DISTINCT ON (user_id) {COLS}, _idem_partition, _idem_offset
+         FROM firsts JOIN fresh ON fresh.id = firsts.event_id
+         ORDER BY user_id, _idem_offset DESC
+         ON CONFLICT (user_id) DO UPDATE SET event_id = excluded.event_id, kind = excluded.kind,
+             amount = excluded.amount, currency = excluded.currency, ok = excluded.ok,
+             \"at\" = excluded.\"at\", note = excluded.note,
+             _idem_partition = excluded._idem_partition, _idem_offset = excluded._idem_offset"
+    )))
+    .expect("insert keeping ids");
+    lines.push(Line {
+        label: "(d) as (c), keeping the event ids (primary key)".into(),
+        elapsed: copied + started.elapsed(),
+        peak_kib: None,
+    });
+    let targets = [
+        format!("{schema}.events0"),
+        format!("{schema}.events1"),
+        d.clone(),
+    ];
+    for (target, line) in targets.iter().zip([&lines[0], &lines[1], &lines[3]]) {
         let differ: i64 = rt
             .block_on(client.query_one(
                 &format!(
-                    "SELECT count(*) FROM {schema}.events{i} x FULL JOIN {t} y USING (user_id)
+                    "SELECT count(*) FROM {target} x FULL JOIN {t} y USING (user_id)
                      WHERE x.event_id IS DISTINCT FROM y.event_id OR x.amount IS DISTINCT FROM y.amount"
                 ),
                 &[],
@@ -244,24 +312,32 @@ fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>
     (lines, n)
 }
 
+/// Each line against (c), and against (d) where there is one.
 fn print(engine: &str, events: usize, rows: i64, lines: &[Line]) {
-    let base = lines.last().expect("baseline").elapsed.as_secs_f64();
+    let base = |tag: &str| {
+        lines
+            .iter()
+            .find(|l| l.label.starts_with(tag))
+            .map(|l| l.elapsed.as_secs_f64())
+    };
+    let (c, d) = (base("(c)").expect("baseline (c)"), base("(d)"));
     println!();
     println!(
         "{engine}: {events} events -> {rows} rows (latest per user_id, copies dropped by event_id)"
     );
     println!(
-        "{:<54} {:>9} {:>10} {:>8} {:>10}",
-        "", "elapsed", "events/s", "vs (c)", "peak RSS"
+        "{:<54} {:>9} {:>10} {:>8} {:>8} {:>10}",
+        "", "elapsed", "events/s", "vs (c)", "vs (d)", "peak RSS"
     );
     for l in lines {
         let secs = l.elapsed.as_secs_f64();
         println!(
-            "{:<54} {:>8.2}s {:>10.0} {:>7.2}x {:>10}",
+            "{:<54} {:>8.2}s {:>10.0} {:>7.2}x {:>8} {:>10}",
             l.label,
             secs,
             events as f64 / secs,
-            base / secs,
+            c / secs,
+            d.map_or("-".to_string(), |d| format!("{:.2}x", d / secs)),
             l.peak_kib
                 .map_or("-".to_string(), |k| format!("{} MiB", k / 1024))
         );
@@ -271,7 +347,7 @@ fn print(engine: &str, events: usize, rows: i64, lines: &[Line]) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--duckdb-baseline") {
-        duckdb_baseline(&args[i + 1], &args[i + 2], &args[i + 3]);
+        duckdb_baseline(&args[i + 1], &args[i + 2], &args[i + 3], args.len() > i + 4);
         return;
     }
     let events = env_usize("IDEM_BENCH_EVENTS", 1_000_000);
