@@ -264,16 +264,7 @@ mod tests {
     #[tokio::test]
     async fn readers_skip_what_precedes_their_start_and_stop_at_the_end() {
         let (tx, rx) = mpsc::channel(16);
-        let mut reader = KafkaReader {
-            inbox: rx,
-            next: 5,
-            end: Some(8),
-            reseek: None,
-            position: None,
-            live: false,
-            idle_reads: 0,
-            lost: None,
-        };
+        let mut reader = KafkaReader::new(rx, 5, Some(8), None);
         for o in [3, 4, 5, 6, 5, 7, 8, 9] {
             tx.send(Inbound::Message(msg(o))).await.unwrap();
         }
@@ -290,16 +281,7 @@ mod tests {
     #[tokio::test]
     async fn a_range_delivered_twice_in_one_read_is_handed_out_once() {
         let (tx, rx) = mpsc::channel(16);
-        let mut reader = KafkaReader {
-            inbox: rx,
-            next: 5,
-            end: None,
-            reseek: None,
-            position: None,
-            live: false,
-            idle_reads: 0,
-            lost: None,
-        };
+        let mut reader = KafkaReader::new(rx, 5, None, None);
         for o in [5, 6, 7, 5, 6, 7, 8] {
             tx.send(Inbound::Message(msg(o))).await.unwrap();
         }
@@ -314,16 +296,7 @@ mod tests {
     #[tokio::test]
     async fn positions_move_a_reader_over_markers_once_it_read_a_message() {
         let (tx, rx) = mpsc::channel(16);
-        let mut reader = KafkaReader {
-            inbox: rx,
-            next: 10,
-            end: Some(20),
-            reseek: None,
-            position: None,
-            live: false,
-            idle_reads: 0,
-            lost: None,
-        };
+        let mut reader = KafkaReader::new(rx, 10, Some(20), None);
         let mut out = Vec::new();
         // Before any message of its own: a position may be an earlier
         // assignment's, ahead of this reader; it is not followed.
