@@ -190,6 +190,21 @@ fn run_duckdb(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, 
     (lines, rows)
 }
 
+/// The statement both PostgreSQL hand-written loads end with: the last
+/// event per user of `from` into `target`, replacing an older row.
+fn latest_per_user(target: &str, from: &str) -> String {
+    format!(
+        "INSERT INTO {target} ({COLS}, _idem_partition, _idem_offset)
+         SELECT DISTINCT ON (user_id) {COLS}, _idem_partition, _idem_offset
+         FROM {from}
+         ORDER BY user_id, _idem_offset DESC
+         ON CONFLICT (user_id) DO UPDATE SET event_id = excluded.event_id, kind = excluded.kind,
+             amount = excluded.amount, currency = excluded.currency, ok = excluded.ok,
+             \"at\" = excluded.\"at\", note = excluded.note,
+             _idem_partition = excluded._idem_partition, _idem_offset = excluded._idem_offset"
+    )
+}
+
 fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, i64) {
     let schema = format!("bench_latest_{}", run_id());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -230,59 +245,53 @@ fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>
     let text = std::fs::read_to_string(data).expect("data");
     let rows: Vec<_> = text.lines().filter_map(parse).collect();
     drop(text);
+    // Each hand-written load: its tables, the rows' COPY into its staging
+    // table, one statement; the COPY and the statement are timed.
+    let hand_load = |stage: &str, tables: String, statement: String| {
+        rt.block_on(client.batch_execute(&tables)).expect("tables");
+        let copied = rt.block_on(raw_copy(&client, stage, &rows));
+        let started = Instant::now();
+        rt.block_on(client.batch_execute(&statement))
+            .expect("hand-written load");
+        copied + started.elapsed()
+    };
     let t = format!("{schema}.base");
-    rt.block_on(client.batch_execute(&format!(
-        "CREATE TABLE {t} (LIKE {schema}.events0 INCLUDING ALL);
-         CREATE TEMP TABLE stage (LIKE {schema}.events0)"
-    )))
-    .expect("tables");
-    let copied = rt.block_on(raw_copy(&client, "stage", &rows));
-    let started = Instant::now();
-    rt.block_on(client.batch_execute(&format!(
-        "INSERT INTO {t} ({COLS}, _idem_partition, _idem_offset)
-         SELECT DISTINCT ON (user_id) {COLS}, _idem_partition, _idem_offset
-         FROM (SELECT DISTINCT ON (event_id) * FROM stage ORDER BY event_id, _idem_offset) firsts
-         ORDER BY user_id, _idem_offset DESC
-         ON CONFLICT (user_id) DO UPDATE SET event_id = excluded.event_id, kind = excluded.kind,
-             amount = excluded.amount, currency = excluded.currency, ok = excluded.ok,
-             \"at\" = excluded.\"at\", note = excluded.note,
-             _idem_partition = excluded._idem_partition, _idem_offset = excluded._idem_offset"
-    )))
-    .expect("insert");
     lines.push(Line {
         label: "(c) COPY (parsed beforehand) + INSERT DISTINCT ON".into(),
-        elapsed: copied + started.elapsed(),
+        elapsed: hand_load(
+            "stage",
+            format!(
+                "CREATE TABLE {t} (LIKE {schema}.events0 INCLUDING ALL);
+                 CREATE TEMP TABLE stage (LIKE {schema}.events0)"
+            ),
+            latest_per_user(
+                &t,
+                "(SELECT DISTINCT ON (event_id) * FROM stage ORDER BY event_id, _idem_offset) firsts",
+            ),
+        ),
         peak_kib: None,
     });
     // (c) keeps no ids, which a stream cannot do without: a copy arriving
     // after the load would win. (d) is (c) keeping them as (a) does, in a
     // table with a primary key, in the same statement.
     let d = format!("{schema}.base_ids");
-    rt.block_on(client.batch_execute(&format!(
-        "CREATE TABLE {d} (LIKE {schema}.events0 INCLUDING ALL);
-         CREATE TABLE {d}_seen (id text PRIMARY KEY, seen_at timestamptz NOT NULL);
-         CREATE TEMP TABLE stage_d (LIKE {schema}.events0)"
-    )))
-    .expect("tables");
-    let copied = rt.block_on(raw_copy(&client, "stage_d", &rows));
-    let started = Instant::now();
-    rt.block_on(client.batch_execute(&format!(
-        "WITH firsts AS (SELECT DISTINCT ON (event_id) * FROM stage_d ORDER BY event_id, _idem_offset),
-              fresh AS (INSERT INTO {d}_seen SELECT event_id, now() FROM firsts
-                        ON CONFLICT DO NOTHING RETURNING id)
-         INSERT INTO {d} ({COLS}, _idem_partition, _idem_offset)
-         SELECT DISTINCT ON (user_id) {COLS}, _idem_partition, _idem_offset
-         FROM firsts JOIN fresh ON fresh.id = firsts.event_id
-         ORDER BY user_id, _idem_offset DESC
-         ON CONFLICT (user_id) DO UPDATE SET event_id = excluded.event_id, kind = excluded.kind,
-             amount = excluded.amount, currency = excluded.currency, ok = excluded.ok,
-             \"at\" = excluded.\"at\", note = excluded.note,
-             _idem_partition = excluded._idem_partition, _idem_offset = excluded._idem_offset"
-    )))
-    .expect("insert keeping ids");
     lines.push(Line {
         label: "(d) as (c), keeping the event ids (primary key)".into(),
-        elapsed: copied + started.elapsed(),
+        elapsed: hand_load(
+            "stage_d",
+            format!(
+                "CREATE TABLE {d} (LIKE {schema}.events0 INCLUDING ALL);
+                 CREATE TABLE {d}_seen (id text PRIMARY KEY, seen_at timestamptz NOT NULL);
+                 CREATE TEMP TABLE stage_d (LIKE {schema}.events0)"
+            ),
+            format!(
+                "WITH firsts AS (SELECT DISTINCT ON (event_id) * FROM stage_d ORDER BY event_id, _idem_offset),
+                      fresh AS (INSERT INTO {d}_seen SELECT event_id, now() FROM firsts
+                                ON CONFLICT DO NOTHING RETURNING id)
+                 {}",
+                latest_per_user(&d, "firsts JOIN fresh ON fresh.id = firsts.event_id")
+            ),
+        ),
         peak_kib: None,
     });
     let targets = [
