@@ -147,33 +147,37 @@ fn run_duckdb(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>, 
         .expect("ddl");
     let ddl_file = dir.join("ddl.sql");
     std::fs::write(&ddl_file, ddl).expect("ddl file");
+    // DuckDB's own load in a child process of its own (its peak RSS apart
+    // from ours), into `db`; `keep_ids` keeps the event ids too.
+    let sql_load = |label: &str, db: &Path, keep_ids: bool| {
+        let mut child = Command::new(std::env::current_exe().expect("self"));
+        child
+            .arg("--duckdb-baseline")
+            .arg(db)
+            .arg(data)
+            .arg(&ddl_file);
+        if keep_ids {
+            child.arg("keep-ids");
+        }
+        let (elapsed, peak, _) = run_measured(&mut child);
+        Line {
+            label: label.into(),
+            elapsed,
+            peak_kib: Some(peak),
+        }
+    };
     let base = dir.join("baseline.duckdb");
-    let (elapsed, peak, _) = run_measured(
-        Command::new(std::env::current_exe().expect("self"))
-            .arg("--duckdb-baseline")
-            .arg(&base)
-            .arg(data)
-            .arg(&ddl_file),
-    );
-    lines.push(Line {
-        label: "(c) DuckDB SQL: read_json, QUALIFY by id then user".into(),
-        elapsed,
-        peak_kib: Some(peak),
-    });
+    lines.push(sql_load(
+        "(c) DuckDB SQL: read_json, QUALIFY by id then user",
+        &base,
+        false,
+    ));
     let with_ids = dir.join("baseline_ids.duckdb");
-    let (elapsed, peak, _) = run_measured(
-        Command::new(std::env::current_exe().expect("self"))
-            .arg("--duckdb-baseline")
-            .arg(&with_ids)
-            .arg(data)
-            .arg(&ddl_file)
-            .arg("keep-ids"),
-    );
-    lines.push(Line {
-        label: "(d) as (c), keeping the event ids".into(),
-        elapsed,
-        peak_kib: Some(peak),
-    });
+    lines.push(sql_load(
+        "(d) as (c), keeping the event ids",
+        &with_ids,
+        true,
+    ));
     dbs.push(with_ids);
     for db in &dbs {
         assert_eq!(
