@@ -67,14 +67,9 @@ fn main() {
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("events.jsonl");
-    let production = std::env::var("IDEM_BENCH_IDS").is_ok_and(|m| m == "random");
     let started = Instant::now();
     let malformed = events / 1000;
-    let bytes = if production {
-        generate_production(idem, &data, events)
-    } else {
-        generate(idem, &data, events)
-    };
+    let (production, bytes) = generate_as_asked(idem, &data, events);
     let mb = bytes as f64 / 1e6;
     eprintln!(
         "generated {events} events ({mb:.1} MB) in {:.1}s",

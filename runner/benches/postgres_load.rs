@@ -35,12 +35,7 @@ fn main() {
     let idem = env!("CARGO_BIN_EXE_idem");
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("events.jsonl");
-    let production = std::env::var("IDEM_BENCH_IDS").is_ok_and(|m| m == "random");
-    let bytes = if production {
-        generate_production(idem, &data, events)
-    } else {
-        generate(idem, &data, events)
-    };
+    let (production, bytes) = generate_as_asked(idem, &data, events);
     let mb = bytes as f64 / 1e6;
     let schema = format!("bench_{}", std::process::id());
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -66,7 +66,7 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, events: usize) ->
 
 /// The batch size a benchmark runs with: `IDEM_BENCH_BATCH`, else
 /// `default`; `IDEM_BENCH_BATCH=default` gives 0, which leaves the batch
-/// settings to the runner's defaults (10,000 records, 16 MiB).
+/// settings to the runner's defaults (the sink's `max_records`, 16 MiB).
 pub fn bench_batch(default: usize) -> usize {
     match std::env::var("IDEM_BENCH_BATCH") {
         Ok(v) if v == "default" => 0,
@@ -148,6 +148,19 @@ pub fn generate(idem: &str, data: &Path, events: usize) -> u64 {
         events,
         &["--duplicates", "0", "--malformed", "0"],
     )
+}
+
+/// `IDEM_BENCH_IDS=random`: whether the bench asks for data shaped like
+/// production; then `idem generate`s `events` events either way (see
+/// [`generate_production`]) and returns (shaped, bytes).
+pub fn generate_as_asked(idem: &str, data: &Path, events: usize) -> (bool, u64) {
+    let production = std::env::var("IDEM_BENCH_IDS").is_ok_and(|m| m == "random");
+    let bytes = if production {
+        generate_production(idem, data, events)
+    } else {
+        generate(idem, data, events)
+    };
+    (production, bytes)
 }
 
 /// `idem generate` `events` events shaped like production data: random
