@@ -99,10 +99,9 @@ impl Connector {
     /// [`Connector::build`], counting into `stats`.
     pub fn build_with(
         name: &str,
-        cfg: ConnectorConfig,
+        mut cfg: ConnectorConfig,
         stats: Arc<Stats>,
     ) -> Result<Connector, RunError> {
-        let mut cfg = cfg;
         if cfg.batch.max_records.is_none() {
             cfg.batch.max_records = Some(cfg.sink.batch_records());
         }
