@@ -33,6 +33,16 @@ pub fn first_of_each_id(records: &[Record]) -> Vec<bool> {
         .collect()
 }
 
+/// Per record of a batch deduplicated by its key columns (`key_idx`):
+/// whether it is the first record of its key in the batch.
+pub fn first_of_each_key(records: &[Record], key_idx: &[usize]) -> Vec<bool> {
+    let mut seen: HashSet<Vec<KeyPart>> = HashSet::with_capacity(records.len());
+    records
+        .iter()
+        .map(|r| seen.insert(key_idx.iter().map(|&k| KeyPart::of(&r.values[k])).collect()))
+        .collect()
+}
+
 /// An offset as stored in a `BIGINT` column. Offsets beyond i64::MAX
 /// (9.2e18 bytes or messages) do not occur; they would saturate.
 pub fn offset_to_sql(offset: u64) -> i64 {
@@ -134,7 +144,7 @@ pub fn table_sink_info(
         ),
         WriteMode::Dedup => (
             format!(
-                "dedup on ({}): rows, their message ids and positions commit in one {engine} transaction on {target}; an id seen within the retention window takes effect once",
+                "dedup on ({}): rows and positions commit in one {engine} transaction on {target}; an id takes effect once while its row exists in a table keyed on it (else ids are kept beside the table for the retention window)",
                 key.join(", ")
             ),
             key.to_vec(),
@@ -355,6 +365,22 @@ pub fn dedup_insert(
                         ON CONFLICT DO NOTHING RETURNING {keys})
          INSERT INTO {target} ({col_list}) SELECT {qualified} FROM firsts JOIN fresh USING ({keys})",
         col_list = list(&cols),
+    )
+}
+
+/// Dedup into a target keyed on `keys`: insert the rows of `source` (the
+/// first message of each key in the batch) whose key the target does not
+/// hold yet.
+pub fn insert_new_keys(
+    target: &str,
+    source: &str,
+    columns: &[ColumnConfig],
+    keys: &[String],
+) -> String {
+    let col_list = list(&insert_columns(columns));
+    format!(
+        "INSERT INTO {target} ({col_list}) SELECT {col_list} FROM {source} ON CONFLICT ({}) DO NOTHING",
+        list(keys)
     )
 }
 

@@ -30,8 +30,10 @@ pub struct PostgresSinkConfig {
     /// `upsert`: tombstones delete the row with their key.
     #[serde(default)]
     pub delete_on_tombstone: bool,
-    /// `dedup`: how long a message id is remembered. A copy of an id that
-    /// arrives later than this after the first is written again.
+    /// `dedup` into a table without a unique index on `key`: how long a
+    /// message id is remembered. A copy of an id that arrives later than
+    /// this after the first is written again. (A keyed table's rows are
+    /// its ids.)
     #[serde(default = "default_dedup_retention", with = "humantime_serde")]
     pub dedup_retention: Duration,
     /// Create the schema and table from `columns` if missing. Either way an
@@ -133,7 +135,7 @@ impl Validate for PostgresSinkConfig {
             check_postgres_name(&[key], value)?;
         }
         if self.mode == WriteMode::Dedup {
-            // Its ids live beside it in `idem_ids_<table>`.
+            // An unkeyed table's ids live beside it in `idem_ids_<table>`.
             check_postgres_name(&["table"], &ids_table(&self.table))?;
         }
         if self.version.is_some() && self.delete_on_tombstone {

@@ -16,7 +16,7 @@ use idem_core::{
     SinkError, SinkInfo, StoredPosition, TableColumn,
 };
 use idem_postgres::server_name;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -49,6 +49,9 @@ struct Plan {
     create_graves: Option<String>,
     /// Dedup: insert first-seen ids and their rows; create and purge ids.
     dedup_insert: String,
+    /// Dedup into a target keyed on the key: insert the rows of new keys.
+    insert_new_keys: String,
+    dedup_key_idx: Vec<usize>,
     create_ids: String,
     purge_ids: String,
     /// `[dedup] store = "sink"`: the staging table holds each record's
@@ -146,6 +149,8 @@ impl Plan {
             bury_latest: graves.map(|g| latest + &g.bury("latest", &keys)),
             create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
             dedup_insert: sql::dedup_insert(t, &ctx.ids, &stage, columns, &cfg.key),
+            insert_new_keys: sql::insert_new_keys(t, &stage, columns, &cfg.key),
+            dedup_key_idx: sql::key_indexes(columns, &cfg.key),
             create_ids: format!(
                 "CREATE TABLE IF NOT EXISTS {} ({}, seen_at timestamptz NOT NULL, PRIMARY KEY ({}))",
                 ctx.ids,
@@ -180,16 +185,33 @@ fn purge(table: &str, retention: Duration) -> String {
 /// The null of a record without a message id.
 const NO_ID: idem_core::Value = idem_core::Value::Null;
 
-/// COPY `batch` in binary through `sql`: mapped values, position, and the
-/// delete flag when `with_flag`; with `keep`, only the records it marks,
-/// each with its message id.
+/// What [`copy_rows`] sends of a batch besides mapped values and position.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    /// The delete flag (the staging table's).
+    flag: bool,
+    /// Only the records it marks.
+    keep: Option<&'a [bool]>,
+    /// Each record's message id.
+    id: bool,
+}
+
+impl Rows<'_> {
+    const TARGET: Rows<'static> = Rows {
+        flag: false,
+        keep: None,
+        id: false,
+    };
+}
+
+/// COPY `batch` in binary through `sql`: mapped values, position, and what
+/// `rows` adds.
 async fn copy_rows(
     txn: &deadpool_postgres::Transaction<'_>,
     sql: &str,
     types: &[Type],
     batch: &Batch,
-    with_flag: bool,
-    keep: Option<&[bool]>,
+    rows: Rows<'_>,
 ) -> Result<(), tokio_postgres::Error> {
     let sink = txn.copy_in(sql).await?;
     let writer = BinaryCopyInWriter::new(sink, types);
@@ -201,16 +223,16 @@ async fn copy_rows(
         if i == half {
             failpoint::hit(MID_WRITE);
         }
-        if keep.is_some_and(|k| !k[i]) {
+        if rows.keep.is_some_and(|k| !k[i]) {
             continue;
         }
         row.extend(rec.values.iter().map(Cell::Mapped));
         row.push(Cell::Text(partition));
         row.push(Cell::BigInt(sql::offset_to_sql(rec.offset)));
-        if with_flag {
+        if rows.flag {
             row.push(Cell::Boolean(rec.op == Op::Delete));
         }
-        if keep.is_some() {
+        if rows.id {
             row.push(rec.id.as_deref().map_or(Cell::Mapped(&NO_ID), Cell::Text));
         }
         writer.as_mut().write_raw(row.drain(..)).await?;
@@ -236,6 +258,10 @@ pub struct PostgresSink {
     commits: AtomicU64,
     /// `[dedup] store = "sink"`: how long message ids are kept.
     keep_ids: Option<Duration>,
+    /// Dedup mode, and the table has a unique index on the key (Idem
+    /// creates it so): the rows themselves are the ids (learnt at
+    /// [`Sink::prepare`]).
+    keyed_dedup: AtomicBool,
 }
 
 impl PostgresSink {
@@ -296,6 +322,7 @@ impl PostgresSink {
             since_fallback: AtomicU32::new(0),
             commits: AtomicU64::new(0),
             keep_ids: None,
+            keyed_dedup: AtomicBool::new(false),
         }
     }
 
@@ -406,7 +433,13 @@ impl PostgresSink {
         txn.batch_execute(&plan.create_stage)
             .await
             .map_err(|e| ctx.sql(&ctx.table, "create the staging table", e))?;
-        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, true, keep)
+        let rows = Rows {
+            flag: true,
+            keep,
+            // The staging table's shape: see `Plan::new`.
+            id: self.keep_ids.is_some(),
+        };
+        copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, rows)
             .await
             .map_err(|e| {
                 ctx.sql(
@@ -431,6 +464,23 @@ impl PostgresSink {
         txn.execute(&plan.dedup_insert, &[])
             .await
             .map_err(|e| ctx.sql(&ctx.table, "insert messages with new ids", e))
+    }
+
+    /// Dedup into a target keyed on the key: stage the first record of
+    /// each key in the batch, then insert those whose key the table does
+    /// not hold. The rows are the ids: nothing to record or forget.
+    async fn dedup_keyed(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
+        batch: &Batch,
+    ) -> Result<u64, PgError> {
+        let keep = sql::first_of_each_key(&batch.records, &plan.dedup_key_idx);
+        self.stage(txn, plan, batch, Some(&keep)).await?;
+        txn.execute(&plan.insert_new_keys, &[]).await.map_err(|e| {
+            self.ctx
+                .sql(&self.ctx.table, "insert messages with new keys", e)
+        })
     }
 
     /// `[dedup] store = "sink"`: stage the first record of each id in the
@@ -556,6 +606,26 @@ impl PostgresSink {
         Ok(())
     }
 
+    /// Whether a unique index of the table (not partial, on plain
+    /// columns) covers exactly the key columns: what `ON CONFLICT (key)`
+    /// needs.
+    async fn key_unique(&self, client: &impl GenericClient) -> Result<bool, PgError> {
+        let mut key = self.cfg.key.clone();
+        key.sort();
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i
+                 WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL
+                   AND i.indexprs IS NULL AND i.indnkeyatts = cardinality($2::text[])
+                   AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE \"C\") FROM pg_attribute a
+                        WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = $2::text[])",
+                &[&self.ctx.table, &key],
+            )
+            .await
+            .map(|r| r.get(0))
+            .map_err(|e| self.ctx.sql(&self.ctx.table, "read the unique indexes", e))
+    }
+
     async fn write(&self, batch: &Batch) -> Result<Option<CommitStats>, PgError> {
         let ctx = &self.ctx;
         let current = self.plan();
@@ -600,7 +670,11 @@ impl PostgresSink {
         }
         let total = batch.records.len() as u64;
         let written = if self.cfg.mode == WriteMode::Dedup {
-            self.dedup(&txn, plan, batch).await?
+            if self.keyed_dedup.load(Ordering::Relaxed) {
+                self.dedup_keyed(&txn, plan, batch).await?
+            } else {
+                self.dedup(&txn, plan, batch).await?
+            }
         } else if let Some(drop_seen) = &plan.drop_seen {
             self.by_id(&txn, plan, batch, drop_seen).await?
         } else if !upsert {
@@ -609,8 +683,7 @@ impl PostgresSink {
                 &plan.copy_target,
                 &plan.target_types,
                 batch,
-                false,
-                None,
+                Rows::TARGET,
             )
             .await
             .map_err(|e| ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e))?;
@@ -631,8 +704,7 @@ impl PostgresSink {
                     &plan.copy_target,
                     &plan.target_types,
                     batch,
-                    false,
-                    None,
+                    Rows::TARGET,
                 );
                 match copied.await {
                     Ok(()) => Some(total),
@@ -722,9 +794,10 @@ impl PostgresSink {
                 }
                 .into());
             }
+            // Dedup: keyed too, so that the rows are the ids.
             let keys = match self.cfg.mode {
-                WriteMode::Upsert => self.cfg.key.clone(),
-                WriteMode::Append | WriteMode::Dedup => Vec::new(),
+                WriteMode::Upsert | WriteMode::Dedup => self.cfg.key.clone(),
+                WriteMode::Append => Vec::new(),
             };
             let ddl = format!(
                 "CREATE TABLE IF NOT EXISTS {} ({})",
@@ -743,7 +816,9 @@ impl PostgresSink {
                 .await
                 .map_err(|e| ctx.sql(&ctx.graves, "create the deleted keys table", e))?;
         }
-        if self.cfg.mode == WriteMode::Dedup {
+        let keyed = self.cfg.mode == WriteMode::Dedup && self.key_unique(&**client).await?;
+        self.keyed_dedup.store(keyed, Ordering::Relaxed);
+        if self.cfg.mode == WriteMode::Dedup && !keyed {
             client
                 .batch_execute(&self.plan().create_ids)
                 .await

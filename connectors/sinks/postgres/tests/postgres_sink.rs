@@ -371,17 +371,15 @@ async fn sslmode_verify_full_refuses_a_certificate_for_another_name() {
     );
 }
 
-#[tokio::test]
-async fn dedup_writes_each_message_id_once_within_the_retention() {
-    let schema = fresh_schema("it_dedup");
-    let p = part("a");
-    let sink = PostgresSink::new(sink_cfg(&schema, WriteMode::Dedup, &["id"]), columns());
+/// The first two batches of both dedup shapes: copies in one batch and
+/// across batches are dropped, the first message of each id kept.
+async fn dedup_two_batches(sink: &PostgresSink, schema: &str, p: &idem_core::PartitionRef) {
     sink.prepare().await.unwrap();
-    let e = sink.open(&p).await.unwrap().epoch;
+    let e = sink.open(p).await.unwrap().epoch;
     // Two copies of `a` in one batch (a producer retry): the first wins.
     let s = sink
         .commit(batch(
-            &p,
+            p,
             e,
             vec![rec(0, "a", 1), rec(1, "b", 1), rec(2, "a", 9)],
             3,
@@ -391,14 +389,81 @@ async fn dedup_writes_each_message_id_once_within_the_retention() {
     assert_eq!((s.written, s.deduplicated), (2, 1));
     // A later copy at another offset changes nothing; a new id is written.
     let s = sink
-        .commit(batch(&p, e, vec![rec(3, "a", 7), rec(4, "c", 3)], 5))
+        .commit(batch(p, e, vec![rec(3, "a", 7), rec(4, "c", 3)], 5))
+        .await
+        .unwrap();
+    assert_eq!((s.written, s.deduplicated), (1, 1));
+    assert_eq!(
+        rows(schema, "t").await,
+        pairs(&[("a", 1), ("b", 1), ("c", 3)])
+    );
+}
+
+/// A table Idem creates in dedup mode is keyed on the key: the rows are the
+/// ids, so no ids table is kept and a copy is dropped however late.
+#[tokio::test]
+async fn dedup_into_a_created_table_keys_it_and_drops_copies_for_good() {
+    let schema = fresh_schema("it_dedupk");
+    let p = part("a");
+    let sink = PostgresSink::new(sink_cfg(&schema, WriteMode::Dedup, &["id"]), columns());
+    dedup_two_batches(&sink, &schema, &p).await;
+    let client = pg().await;
+    let pk: Vec<String> = client
+        .query(
+            &format!(
+                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a
+                 ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                 WHERE i.indrelid = '\"{schema}\".t'::regclass AND i.indisprimary"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pk, ["id"]);
+    let ids: Option<String> = client
+        .query_one(
+            &format!("SELECT to_regclass('\"{schema}\".idem_ids_t')::text"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ids, None, "no ids table beside a keyed table");
+    // A restarted sink still drops a copy of `a`, and writes `d`.
+    let again = PostgresSink::new(sink_cfg(&schema, WriteMode::Dedup, &["id"]), columns());
+    again.prepare().await.unwrap();
+    let e = again.open(&p).await.unwrap().epoch;
+    let s = again
+        .commit(batch(&p, e, vec![rec(5, "a", 5), rec(6, "d", 6)], 7))
         .await
         .unwrap();
     assert_eq!((s.written, s.deduplicated), (1, 1));
     assert_eq!(
         rows(&schema, "t").await,
-        pairs(&[("a", 1), ("b", 1), ("c", 3)])
+        pairs(&[("a", 1), ("b", 1), ("c", 3), ("d", 6)])
     );
+}
+
+/// A table without a unique index on the key (made by hand, or by an
+/// earlier Idem): ids go to `idem_ids_<table>` and are kept for
+/// `dedup_retention`.
+#[tokio::test]
+async fn dedup_into_an_unkeyed_table_writes_each_id_once_within_the_retention() {
+    let schema = fresh_schema("it_dedup");
+    pg().await
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{schema}\";
+             CREATE TABLE \"{schema}\".t (id text NOT NULL, v bigint,
+                 _idem_partition text NOT NULL, _idem_offset bigint NOT NULL)"
+        ))
+        .await
+        .unwrap();
+    let p = part("a");
+    let sink = PostgresSink::new(sink_cfg(&schema, WriteMode::Dedup, &["id"]), columns());
+    dedup_two_batches(&sink, &schema, &p).await;
     // Past the retention an id is forgotten (the purge runs at start).
     pg().await
         .batch_execute(&format!(
