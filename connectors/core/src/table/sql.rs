@@ -401,7 +401,7 @@ pub fn delete(
 
 /// A key cell, hashable, for spotting repeated keys in a batch.
 #[derive(PartialEq, Eq, Hash)]
-enum KeyPart<'a> {
+pub(crate) enum KeyPart<'a> {
     Null,
     Text(&'a str),
     Bytes(&'a [u8]),
@@ -410,7 +410,7 @@ enum KeyPart<'a> {
 }
 
 impl<'a> KeyPart<'a> {
-    fn of(v: &'a Value) -> Self {
+    pub(crate) fn of(v: &'a Value) -> Self {
         match v {
             Value::Null => KeyPart::Null,
             // `1.50` and `1.5` differ here but not in the table: such a

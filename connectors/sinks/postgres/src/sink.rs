@@ -9,6 +9,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_config::{ColumnConfig, ColumnType, WriteMode};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::offsets::OffsetsSql;
+use idem_core::table::recent::{self, RecentKeys};
 use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN};
 use idem_core::table::{audit, check};
 use idem_core::{
@@ -17,7 +18,7 @@ use idem_core::{
 };
 use idem_postgres::server_name;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
@@ -262,7 +263,16 @@ pub struct PostgresSink {
     /// creates it so): the rows themselves are the ids (learnt at
     /// [`Sink::prepare`]).
     keyed_dedup: AtomicBool,
+    /// Dedup into a keyed table: the keys committed lately (see
+    /// [`PostgresSink::dedup_keyed`]).
+    recent: Mutex<RecentKeys>,
 }
+
+/// Keys a keyed dedup sink remembers per generation (two are kept, about
+/// 20 bytes a key with the hash sets' slack: at most 10 MB); a copy
+/// arriving later than that many keys after its original costs its batch
+/// the fast path.
+const RECENT_KEYS: usize = 250_000;
 
 impl PostgresSink {
     /// No I/O: connections open on first use.
@@ -323,6 +333,7 @@ impl PostgresSink {
             commits: AtomicU64::new(0),
             keep_ids: None,
             keyed_dedup: AtomicBool::new(false),
+            recent: Mutex::new(RecentKeys::new(RECENT_KEYS)),
         }
     }
 
@@ -466,21 +477,75 @@ impl PostgresSink {
             .map_err(|e| ctx.sql(&ctx.table, "insert messages with new ids", e))
     }
 
-    /// Dedup into a target keyed on the key: stage the first record of
-    /// each key in the batch, then insert those whose key the table does
-    /// not hold. The rows are the ids: nothing to record or forget.
+    /// Dedup into a target keyed on the key: of the first record of each
+    /// key in the batch, insert those whose key the table does not hold.
+    /// The rows are the ids: nothing to record or forget. Keys this sink
+    /// did not commit lately go by `COPY` straight into the table under a
+    /// savepoint (as fast as a load); the others, and every key after that
+    /// `COPY` met an existing one, are staged and inserted with `ON
+    /// CONFLICT DO NOTHING`.
     async fn dedup_keyed(
         &self,
         txn: &deadpool_postgres::Transaction<'_>,
         plan: &Plan,
         batch: &Batch,
     ) -> Result<u64, PgError> {
+        let ctx = &self.ctx;
         let keep = sql::first_of_each_key(&batch.records, &plan.dedup_key_idx);
-        self.stage(txn, plan, batch, Some(&keep)).await?;
-        txn.execute(&plan.insert_new_keys, &[]).await.map_err(|e| {
-            self.ctx
-                .sql(&self.ctx.table, "insert messages with new keys", e)
-        })
+        let hashes: Vec<u64> = sql::kept(&batch.records, &keep)
+            .map(|r| recent::key_hash(r, &plan.dedup_key_idx))
+            .collect();
+        let mut written = 0;
+        let mut safe = keep.clone();
+        if self.try_direct() {
+            let mut fast = keep.clone();
+            {
+                let recent = self.recent_keys();
+                let mut h = hashes.iter();
+                for (f, s) in fast.iter_mut().zip(safe.iter_mut()).filter(|(f, _)| **f) {
+                    let maybe = h.next().is_some_and(|h| recent.may_hold(*h));
+                    (*f, *s) = (!maybe, maybe);
+                }
+            }
+            txn.batch_execute("SAVEPOINT idem_direct")
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "savepoint", e))?;
+            let rows = Rows {
+                keep: Some(&fast),
+                ..Rows::TARGET
+            };
+            match copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows).await {
+                Ok(()) => written = fast.iter().filter(|f| **f).count() as u64,
+                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    self.direct_failed();
+                    txn.batch_execute("ROLLBACK TO SAVEPOINT idem_direct")
+                        .await
+                        .map_err(|e| ctx.sql(&ctx.table, "rollback to savepoint", e))?;
+                    safe = keep;
+                }
+                Err(e) => {
+                    let p = &batch.partition;
+                    return Err(ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e));
+                }
+            }
+        }
+        if safe.iter().any(|s| *s) {
+            self.stage(txn, plan, batch, Some(&safe)).await?;
+            written += txn
+                .execute(&plan.insert_new_keys, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.table, "insert messages with new keys", e))?;
+        }
+        // Before the commit: a key added for a batch that then fails only
+        // sends that key the safe way next time.
+        self.recent_keys().add(hashes);
+        Ok(written)
+    }
+
+    fn recent_keys(&self) -> std::sync::MutexGuard<'_, RecentKeys> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `[dedup] store = "sink"`: stage the first record of each id in the

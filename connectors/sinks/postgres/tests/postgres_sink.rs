@@ -432,7 +432,9 @@ async fn dedup_into_a_created_table_keys_it_and_drops_copies_for_good() {
         .unwrap()
         .get(0);
     assert_eq!(ids, None, "no ids table beside a keyed table");
-    // A restarted sink still drops a copy of `a`, and writes `d`.
+    // A restarted sink still drops a copy of `a`, and writes `d`: it does
+    // not know `a`, so its `COPY` straight into the table meets the
+    // existing key and the whole batch takes the staged insert.
     let again = PostgresSink::new(sink_cfg(&schema, WriteMode::Dedup, &["id"]), columns());
     again.prepare().await.unwrap();
     let e = again.open(&p).await.unwrap().epoch;
