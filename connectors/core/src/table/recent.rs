@@ -53,6 +53,11 @@ pub fn key_hash(record: &Record, key_idx: &[usize]) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(&parts)
 }
 
+/// The hash of a message id, as [`key_hash`]'s.
+pub fn id_hash(id: &str) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,10 @@ struct Plan {
     /// and purge the ids, and insert what is left (append).
     drop_seen: Option<String>,
     create_seen: String,
+    /// The ids recorded without a check (`seen_at` defaults to `now()`;
+    /// a table made before that default gets it).
+    copy_seen: String,
+    seen_default: String,
     purge_seen: String,
     insert_staged: String,
     key_idx: Vec<usize>,
@@ -165,9 +169,12 @@ impl Plan {
             ),
             purge_ids: purge(&ctx.ids, cfg.dedup_retention),
             drop_seen,
+            // The default serves the `COPY` of ids.
             create_seen: format!(
-                "CREATE TABLE IF NOT EXISTS {seen} (id text PRIMARY KEY, seen_at timestamptz NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS {seen} (id text PRIMARY KEY, seen_at timestamptz NOT NULL DEFAULT now())"
             ),
+            seen_default: format!("ALTER TABLE {seen} ALTER COLUMN seen_at SET DEFAULT now()"),
+            copy_seen: format!("COPY {seen} (id) FROM STDIN (FORMAT binary)"),
             purge_seen: purge(seen, keep_ids.unwrap_or_default()),
             insert_staged: format!("INSERT INTO {t} ({col_list}) SELECT {col_list} FROM {stage}"),
             key_idx: sql::key_indexes(columns, &keys),
@@ -193,8 +200,10 @@ struct Rows<'a> {
     flag: bool,
     /// Only the records it marks.
     keep: Option<&'a [bool]>,
-    /// Each record's message id.
+    /// Each record's message id...
     id: bool,
+    /// ...but a null for those it marks (their ids are recorded already).
+    recorded: Option<&'a [bool]>,
 }
 
 impl Rows<'_> {
@@ -202,6 +211,7 @@ impl Rows<'_> {
         flag: false,
         keep: None,
         id: false,
+        recorded: None,
     };
 }
 
@@ -234,9 +244,29 @@ async fn copy_rows(
             row.push(Cell::Boolean(rec.op == Op::Delete));
         }
         if rows.id {
-            row.push(rec.id.as_deref().map_or(Cell::Mapped(&NO_ID), Cell::Text));
+            let id = rec
+                .id
+                .as_deref()
+                .filter(|_| rows.recorded.is_none_or(|r| !r[i]));
+            row.push(id.map_or(Cell::Mapped(&NO_ID), Cell::Text));
         }
         writer.as_mut().write_raw(row.drain(..)).await?;
+    }
+    writer.as_mut().finish().await?;
+    Ok(())
+}
+
+/// COPY `ids` in binary through `sql` (one text column).
+async fn copy_ids(
+    txn: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    ids: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = txn.copy_in(sql).await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT]);
+    futures_util::pin_mut!(writer);
+    for id in ids {
+        writer.as_mut().write_raw([Cell::Text(id)]).await?;
     }
     writer.as_mut().finish().await?;
     Ok(())
@@ -439,6 +469,7 @@ impl PostgresSink {
         plan: &Plan,
         batch: &Batch,
         keep: Option<&[bool]>,
+        recorded: Option<&[bool]>,
     ) -> Result<(), PgError> {
         let ctx = &self.ctx;
         txn.batch_execute(&plan.create_stage)
@@ -449,6 +480,7 @@ impl PostgresSink {
             keep,
             // The staging table's shape: see `Plan::new`.
             id: self.keep_ids.is_some(),
+            recorded,
         };
         copy_rows(txn, &plan.copy_stage, &plan.stage_types, batch, rows)
             .await
@@ -471,7 +503,7 @@ impl PostgresSink {
     ) -> Result<u64, PgError> {
         let ctx = &self.ctx;
         self.purge_expired(txn, &plan.purge_ids, &ctx.ids).await?;
-        self.stage(txn, plan, batch, None).await?;
+        self.stage(txn, plan, batch, None, None).await?;
         txn.execute(&plan.dedup_insert, &[])
             .await
             .map_err(|e| ctx.sql(&ctx.table, "insert messages with new ids", e))
@@ -530,7 +562,7 @@ impl PostgresSink {
             }
         }
         if safe.iter().any(|s| *s) {
-            self.stage(txn, plan, batch, Some(&safe)).await?;
+            self.stage(txn, plan, batch, Some(&safe), None).await?;
             written += txn
                 .execute(&plan.insert_new_keys, &[])
                 .await
@@ -548,6 +580,59 @@ impl PostgresSink {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// `[dedup] store = "sink"`: the ids of `keep`'s records that this
+    /// sink did not record lately go by `COPY` straight into the ids table
+    /// (sorted, so that batches sharing ids wait in one order), under a
+    /// savepoint. Returns the records whose ids it recorded; `None` when it
+    /// did not try, or met an id recorded already (rolled back: the
+    /// staged statement then checks every id).
+    async fn copy_new_ids(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
+        batch: &Batch,
+        keep: &[bool],
+    ) -> Result<Option<Vec<bool>>, PgError> {
+        let ctx = &self.ctx;
+        let direct = self.try_direct();
+        let mut hashes = Vec::with_capacity(batch.records.len());
+        let mut fast = vec![false; batch.records.len()];
+        let mut ids: Vec<&str> = Vec::new();
+        {
+            let recent = self.recent_keys();
+            for (i, r) in batch.records.iter().enumerate().filter(|(i, _)| keep[*i]) {
+                let Some(id) = r.id.as_deref() else { continue };
+                let h = recent::id_hash(id);
+                hashes.push(h);
+                if direct && !recent.may_hold(h) {
+                    fast[i] = true;
+                    ids.push(id);
+                }
+            }
+        }
+        // Before the commit: an id added for a batch that then fails only
+        // sends that id the checked way next time.
+        self.recent_keys().add(hashes);
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        ids.sort_unstable();
+        txn.batch_execute("SAVEPOINT idem_direct")
+            .await
+            .map_err(|e| ctx.sql(&ctx.seen, "savepoint", e))?;
+        match copy_ids(txn, &plan.copy_seen, &ids).await {
+            Ok(()) => Ok(Some(fast)),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                self.direct_failed();
+                txn.batch_execute("ROLLBACK TO SAVEPOINT idem_direct")
+                    .await
+                    .map_err(|e| ctx.sql(&ctx.seen, "rollback to savepoint", e))?;
+                Ok(None)
+            }
+            Err(e) => Err(ctx.sql(&ctx.seen, "COPY the batch's new message ids", e)),
+        }
+    }
+
     /// `[dedup] store = "sink"`: stage the first record of each id in the
     /// batch, record the ids new to the table and drop the rows of the
     /// others, then insert (append) or merge (upsert) what is left; now
@@ -562,10 +647,21 @@ impl PostgresSink {
         let ctx = &self.ctx;
         self.purge_expired(txn, &plan.purge_seen, &ctx.seen).await?;
         let keep = sql::first_of_each_id(&batch.records);
-        self.stage(txn, plan, batch, Some(&keep)).await?;
-        txn.execute(drop_seen, &[])
-            .await
-            .map_err(|e| ctx.sql(&ctx.seen, "record the batch's message ids", e))?;
+        let recorded = self.copy_new_ids(txn, plan, batch, &keep).await?;
+        self.stage(txn, plan, batch, Some(&keep), recorded.as_deref())
+            .await?;
+        // Ids left to check: those the `COPY` did not record.
+        let unchecked = batch
+            .records
+            .iter()
+            .zip(&keep)
+            .enumerate()
+            .any(|(i, (r, k))| *k && r.id.is_some() && recorded.as_ref().is_none_or(|rec| !rec[i]));
+        if unchecked {
+            txn.execute(drop_seen, &[])
+                .await
+                .map_err(|e| ctx.sql(&ctx.seen, "record the batch's message ids", e))?;
+        }
         if self.cfg.mode != WriteMode::Upsert {
             return txn
                 .execute(&plan.insert_staged, &[])
@@ -585,7 +681,7 @@ impl PostgresSink {
         batch: &Batch,
         unique: bool,
     ) -> Result<u64, PgError> {
-        self.stage(txn, plan, batch, None).await?;
+        self.stage(txn, plan, batch, None, None).await?;
         self.merge_staged(txn, plan, batch, unique).await
     }
 
@@ -894,6 +990,22 @@ impl PostgresSink {
                 .batch_execute(&self.plan().create_seen)
                 .await
                 .map_err(|e| ctx.sql(&ctx.seen, "create the message id table", e))?;
+            let defaulted: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_attrdef d JOIN pg_attribute a
+                     ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                     WHERE d.adrelid = $1::text::regclass AND a.attname = 'seen_at')",
+                    &[&ctx.seen],
+                )
+                .await
+                .map_err(|e| ctx.sql(&ctx.seen, "read the message id table's defaults", e))?
+                .get(0);
+            if !defaulted {
+                client
+                    .batch_execute(&self.plan().seen_default)
+                    .await
+                    .map_err(|e| ctx.sql(&ctx.seen, "give seen_at its default", e))?;
+            }
         }
         txn.commit()
             .await
