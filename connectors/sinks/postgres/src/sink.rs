@@ -17,6 +17,7 @@ use idem_core::{
     SinkError, SinkInfo, StoredPosition, TableColumn,
 };
 use idem_postgres::server_name;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -539,26 +540,16 @@ impl PostgresSink {
                     (*f, *s) = (!maybe, maybe);
                 }
             }
-            txn.batch_execute("SAVEPOINT idem_direct")
-                .await
-                .map_err(|e| ctx.sql(&ctx.table, "savepoint", e))?;
             let rows = Rows {
                 keep: Some(&fast),
                 ..Rows::TARGET
             };
-            match copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows).await {
-                Ok(()) => written = fast.iter().filter(|f| **f).count() as u64,
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    self.direct_failed();
-                    txn.batch_execute("ROLLBACK TO SAVEPOINT idem_direct")
-                        .await
-                        .map_err(|e| ctx.sql(&ctx.table, "rollback to savepoint", e))?;
-                    safe = keep;
-                }
-                Err(e) => {
-                    let p = &batch.partition;
-                    return Err(ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e));
-                }
+            let copy = copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows);
+            let what = format!("COPY a batch of {}", batch.partition);
+            if self.try_copy(txn, &ctx.table, &what, copy).await? {
+                written = fast.iter().filter(|f| **f).count() as u64;
+            } else {
+                safe = keep;
             }
         }
         if safe.iter().any(|s| *s) {
@@ -617,20 +608,100 @@ impl PostgresSink {
             return Ok(None);
         }
         ids.sort_unstable();
+        let copy = copy_ids(txn, &plan.copy_seen, &ids);
+        let what = "COPY the batch's new message ids";
+        let copied = self.try_copy(txn, &ctx.seen, what, copy).await?;
+        Ok(copied.then_some(fast))
+    }
+
+    /// Run `copy`, a `COPY` of rows taken to be new, under a savepoint:
+    /// `true` if it went through, `false` if it met a key `table` holds
+    /// already and was rolled back (then the next 15 batches do not try).
+    async fn try_copy(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        table: &str,
+        what: &str,
+        copy: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    ) -> Result<bool, PgError> {
+        let ctx = &self.ctx;
         txn.batch_execute("SAVEPOINT idem_direct")
             .await
-            .map_err(|e| ctx.sql(&ctx.seen, "savepoint", e))?;
-        match copy_ids(txn, &plan.copy_seen, &ids).await {
-            Ok(()) => Ok(Some(fast)),
+            .map_err(|e| ctx.sql(table, "savepoint", e))?;
+        match copy.await {
+            Ok(()) => Ok(true),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 self.direct_failed();
                 txn.batch_execute("ROLLBACK TO SAVEPOINT idem_direct")
                     .await
-                    .map_err(|e| ctx.sql(&ctx.seen, "rollback to savepoint", e))?;
-                Ok(None)
+                    .map_err(|e| ctx.sql(table, "rollback to savepoint", e))?;
+                Ok(false)
             }
-            Err(e) => Err(ctx.sql(&ctx.seen, "COPY the batch's new message ids", e)),
+            Err(e) => Err(ctx.sql(table, what, e)),
         }
+    }
+
+    /// Upsert without graves: the records whose key is alone in the batch
+    /// and was not committed lately (new keys, as in a load) go by `COPY`
+    /// straight into the table under a savepoint; the rest are staged and
+    /// merged. A key the table holds after all (written before a restart,
+    /// or by another runner) fails the `COPY`, and the whole batch is
+    /// merged instead.
+    async fn upsert_new_keys_first(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
+        batch: &Batch,
+        unique: bool,
+    ) -> Result<u64, PgError> {
+        let records = &batch.records;
+        let hashes: Vec<u64> = records
+            .iter()
+            .map(|r| recent::key_hash(r, &plan.key_idx))
+            .collect();
+        let mut copied = 0;
+        let mut rest: Option<Vec<bool>> = None;
+        if self.try_direct() {
+            // Counted by hash: two keys sharing one only go the merge way.
+            let mut counts: HashMap<u64, u32> = HashMap::with_capacity(hashes.len());
+            for h in &hashes {
+                *counts.entry(*h).or_default() += 1;
+            }
+            let fast: Vec<bool> = {
+                let recent = self.recent_keys();
+                records
+                    .iter()
+                    .zip(&hashes)
+                    .map(|(r, h)| r.op == Op::Upsert && counts[h] == 1 && !recent.may_hold(*h))
+                    .collect()
+            };
+            let n = fast.iter().filter(|f| **f).count();
+            if n > 0 {
+                let rows = Rows {
+                    keep: Some(&fast),
+                    ..Rows::TARGET
+                };
+                let copy = copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows);
+                let what = format!("COPY a batch of {}", batch.partition);
+                if self.try_copy(txn, &self.ctx.table, &what, copy).await? {
+                    copied = n as u64;
+                    rest = Some(fast.iter().map(|f| !f).collect());
+                }
+            }
+        }
+        // Before the commit: a key added for a batch that then fails only
+        // sends that key the merge way next time.
+        self.recent_keys().add(hashes);
+        let merged = match &rest {
+            None => self.merge(txn, plan, batch, unique).await?,
+            Some(rest) if rest.iter().any(|r| *r) => {
+                self.stage(txn, plan, batch, Some(rest), None).await?;
+                let unique = sql::unique_upserts(sql::kept(records, rest), &plan.key_idx);
+                self.merge_staged(txn, plan, batch, unique).await?
+            }
+            Some(_) => 0,
+        };
+        Ok(copied + merged)
     }
 
     /// `[dedup] store = "sink"`: stage the first record of each id in the
@@ -852,38 +923,11 @@ impl PostgresSink {
         } else {
             let unique = sql::unique_upserts(&batch.records, &plan.key_idx);
             // Graves must be consulted: no COPY straight into the table.
-            let direct = unique && plan.create_graves.is_none() && self.try_direct();
-            let direct_written = if direct {
-                // New keys only (the common case of a load): COPY straight
-                // into the table; a key that exists already fails the COPY
-                // and the batch takes the merge path below instead.
-                txn.batch_execute("SAVEPOINT idem_direct")
-                    .await
-                    .map_err(|e| ctx.sql(&ctx.table, "savepoint", e))?;
-                let copied = copy_rows(
-                    &txn,
-                    &plan.copy_target,
-                    &plan.target_types,
-                    batch,
-                    Rows::TARGET,
-                );
-                match copied.await {
-                    Ok(()) => Some(total),
-                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                        self.direct_failed();
-                        txn.batch_execute("ROLLBACK TO SAVEPOINT idem_direct")
-                            .await
-                            .map_err(|e| ctx.sql(&ctx.table, "rollback to savepoint", e))?;
-                        None
-                    }
-                    Err(e) => return Err(ctx.sql(&ctx.table, &format!("COPY a batch of {p}"), e)),
-                }
+            if plan.create_graves.is_none() {
+                self.upsert_new_keys_first(&txn, plan, batch, unique)
+                    .await?
             } else {
-                None
-            };
-            match direct_written {
-                Some(n) => n,
-                None => self.merge(&txn, plan, batch, unique).await?,
+                self.merge(&txn, plan, batch, unique).await?
             }
         };
         failpoint::hit(AFTER_WRITE);
