@@ -1,8 +1,10 @@
 //! Benchmark: 1,000,000 generated events (~200 bytes, 8 columns) from a file
 //! into DuckDB through `idem run` in exactly-once upsert mode, against
-//! DuckDB's own bulk JSON load (`read_json`) into an identical table, in the
-//! same run. Prints rates, their ratio, commit latency percentiles and the
-//! peak memory of each process. Figures, not assertions.
+//! DuckDB's own bulk JSON load (`read_json`) into an identical table and,
+//! for upserts, into the same table with a primary key on the key (Idem's
+//! has none), in the same run, each `IDEM_BENCH_ROUNDS` (3) times. Prints
+//! median rates, the ratios, commit latency percentiles and the peak
+//! memory of each process. Figures, not assertions.
 //!
 //!     cargo bench -p idem --bench duckdb_load
 //!     IDEM_BENCH_EVENTS=200000 IDEM_BENCH_BATCH=10000 cargo bench -p idem --bench duckdb_load
@@ -76,61 +78,84 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    let idem_db = dir.path().join("idem.duckdb");
-    let sink = format!(
-        "type = \"duckdb\"\npath = \"{}\"\ntable = \"events\"\nmode = \"{mode}\"\n{mode_keys}",
-        idem_db.display()
-    );
-    let config = config(&data, &sink, batch);
-    let cfg = dir.path().join("bench.toml");
-    std::fs::write(&cfg, config).expect("config");
+    // Every variant runs `rounds` times, interleaved, each into a fresh
+    // file: this machine's timing drifts by a quarter from run to run.
+    let rounds = env_usize("IDEM_BENCH_ROUNDS", 3).max(1);
+    let mut runs: Vec<Variant> = Vec::new();
+    let mut latencies = Vec::new();
+    let mut loaded = 0;
+    for round in 0..rounds {
+        let idem_db = dir.path().join(format!("idem{round}.duckdb"));
+        let sink = format!(
+            "type = \"duckdb\"\npath = \"{}\"\ntable = \"events\"\nmode = \"{mode}\"\n{mode_keys}",
+            idem_db.display()
+        );
+        let cfg = dir.path().join("bench.toml");
+        std::fs::write(&cfg, config(&data, &sink, batch)).expect("config");
+        let (t, peak, mut lat) = run_idem(idem, &cfg);
+        latencies.append(&mut lat);
+        loaded = count(&idem_db);
+        if !production {
+            assert_eq!(loaded, events as i64, "idem loaded every event");
+        }
+        record(
+            &mut runs,
+            &format!("idem run ({mode}, exactly-once, {})", batch_label(batch)),
+            t,
+            peak,
+        );
 
-    let (idem_time, idem_peak, latencies) = run_idem(idem, &cfg);
-    let loaded = count(&idem_db);
-    if !production {
-        assert_eq!(loaded, events as i64, "idem loaded every event");
+        // The baseline's table is made by the DDL DuckDB reports for
+        // Idem's; for upserts also with a primary key on the key, the
+        // load `INSERT OR REPLACE` would need (Idem's table has none).
+        let ddl: String = duckdb::Connection::open(&idem_db)
+            .expect("open")
+            .query_row(
+                "SELECT sql FROM duckdb_tables() WHERE table_name = 'events'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("ddl");
+        let mut tables = vec![("Idem's table", ddl.clone())];
+        if !append {
+            let cut = ddl.rfind(')').expect("a column list");
+            let keyed = format!("{}, PRIMARY KEY (event_id){}", &ddl[..cut], &ddl[cut..]);
+            tables.push(("PRIMARY KEY (event_id)", keyed));
+        }
+        for (i, (label, ddl)) in tables.into_iter().enumerate() {
+            let ddl_file = dir.path().join("ddl.sql");
+            std::fs::write(&ddl_file, ddl).expect("ddl file");
+            let base_db = dir.path().join(format!("baseline{round}_{i}.duckdb"));
+            let mut child = Command::new(std::env::current_exe().expect("self"));
+            child
+                .arg("--baseline-child")
+                .arg(&base_db)
+                .arg(&data)
+                .arg(&ddl_file);
+            if production {
+                child.arg("production");
+            }
+            let (t, peak, _) = run_measured(&mut child);
+            // The same rows both ways: one per event id (the copies and
+            // the bad lines dropped), or every event.
+            assert_eq!(
+                count(&base_db),
+                loaded,
+                "baseline and idem hold as many rows"
+            );
+            let what = if production {
+                "duckdb read_json .. QUALIFY"
+            } else {
+                "duckdb read_json"
+            };
+            record(&mut runs, &format!("{what}, {label}"), t, peak);
+        }
     }
 
-    // The baseline table is created by the DDL DuckDB reports for Idem's.
-    let ddl: String = duckdb::Connection::open(&idem_db)
-        .expect("open")
-        .query_row(
-            "SELECT sql FROM duckdb_tables() WHERE table_name = 'events'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("ddl");
-    let ddl_file = dir.path().join("ddl.sql");
-    std::fs::write(&ddl_file, ddl).expect("ddl file");
-    let base_db = dir.path().join("baseline.duckdb");
-    let mut child = Command::new(std::env::current_exe().expect("self"));
-    child
-        .arg("--baseline-child")
-        .arg(&base_db)
-        .arg(&data)
-        .arg(&ddl_file);
-    if production {
-        child.arg("production");
-    }
-    let (base_time, base_peak, _) = run_measured(&mut child);
-    // The same rows both ways: one per event id (the copies and the bad
-    // lines dropped), or every event.
-    assert_eq!(
-        count(&base_db),
-        loaded,
-        "baseline and idem hold as many rows"
-    );
-
-    let rate = |t: Duration| events as f64 / t.as_secs_f64();
-    let mbps = |t: Duration| mb / t.as_secs_f64();
     println!();
     println!(
-        "DuckDB load: {events} events, {mb:.1} MB NDJSON, 8 columns{}{}; {} cores",
-        if append {
-            ", no key"
-        } else {
-            ", PRIMARY KEY (event_id)"
-        },
+        "DuckDB load: {events} events, {mb:.1} MB NDJSON, 8 columns{}{}; {} cores; median of {rounds}",
+        if append { ", no key" } else { ", upsert on event_id" },
         if production {
             format!(", random ids, 5% copies, {malformed} malformed lines: {loaded} rows")
         } else {
@@ -139,32 +164,54 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<44} {:>9} {:>11} {:>8} {:>10}",
-        "", "elapsed", "events/s", "MB/s", "peak RSS"
+        "{:<58} {:>9} {:>13} {:>11} {:>8} {:>8} {:>10}",
+        "", "median", "range", "events/s", "MB/s", "idem/it", "peak RSS"
     );
-    println!(
-        "{:<44} {:>8.2}s {:>11.0} {:>8.1} {:>6} MiB",
-        format!("idem run ({mode}, exactly-once, {})", batch_label(batch)),
-        idem_time.as_secs_f64(),
-        rate(idem_time),
-        mbps(idem_time),
-        idem_peak / 1024
-    );
-    println!(
-        "{:<44} {:>8.2}s {:>11.0} {:>8.1} {:>6} MiB",
-        if production {
-            "duckdb INSERT .. SELECT read_json .. QUALIFY"
-        } else {
-            "duckdb INSERT .. SELECT FROM read_json"
-        },
-        base_time.as_secs_f64(),
-        rate(base_time),
-        mbps(base_time),
-        base_peak / 1024
-    );
-    println!(
-        "idem / baseline throughput: {:.2}x",
-        base_time.as_secs_f64() / idem_time.as_secs_f64()
-    );
+    let idem_median = runs[0].median();
+    for v in &mut runs {
+        let t = v.median();
+        let (lo, hi) = (v.times[0], v.times[v.times.len() - 1]);
+        println!(
+            "{:<58} {:>8.2}s {:>13} {:>11.0} {:>8.1} {:>7.2}x {:>6} MiB",
+            v.label,
+            t.as_secs_f64(),
+            format!("{:.2}-{:.2}s", lo.as_secs_f64(), hi.as_secs_f64()),
+            events as f64 / t.as_secs_f64(),
+            mb / t.as_secs_f64(),
+            t.as_secs_f64() / idem_median.as_secs_f64(),
+            v.peak / 1024
+        );
+    }
+    println!("idem/it: Idem's events/s as a fraction of the line's");
+    latencies.sort_by(f64::total_cmp);
     println!("idem {}", latency_line(&latencies));
+}
+
+/// One line of the table: its runs' times and peak memory.
+struct Variant {
+    label: String,
+    times: Vec<Duration>,
+    peak: u64,
+}
+
+impl Variant {
+    /// Sorts the times; the middle one.
+    fn median(&mut self) -> Duration {
+        self.times.sort();
+        self.times[self.times.len() / 2]
+    }
+}
+
+fn record(runs: &mut Vec<Variant>, label: &str, t: Duration, peak: u64) {
+    match runs.iter_mut().find(|v| v.label == label) {
+        Some(v) => {
+            v.times.push(t);
+            v.peak = v.peak.max(peak);
+        }
+        None => runs.push(Variant {
+            label: label.to_string(),
+            times: vec![t],
+            peak,
+        }),
+    }
 }

@@ -173,6 +173,25 @@ pub fn table_definition(
     keys: &[String],
     sql_type: impl Fn(ColumnType) -> &'static str,
 ) -> String {
+    definition(columns, keys, sql_type, true)
+}
+
+/// [`table_definition`] without the primary key: the keys only NOT NULL
+/// (kept unique by [`update_then_insert`]).
+pub fn unkeyed_table_definition(
+    columns: &[ColumnConfig],
+    keys: &[String],
+    sql_type: impl Fn(ColumnType) -> &'static str,
+) -> String {
+    definition(columns, keys, sql_type, false)
+}
+
+fn definition(
+    columns: &[ColumnConfig],
+    keys: &[String],
+    sql_type: impl Fn(ColumnType) -> &'static str,
+    primary_key: bool,
+) -> String {
     let mut defs: Vec<String> = columns
         .iter()
         .map(|c| {
@@ -194,7 +213,7 @@ pub fn table_definition(
         q(POS_OFFSET),
         sql_type(ColumnType::Bigint)
     ));
-    if !keys.is_empty() {
+    if primary_key && !keys.is_empty() {
         defs.push(format!("PRIMARY KEY ({})", list(keys)));
     }
     defs.join(", ")
@@ -341,6 +360,50 @@ pub fn merge(
         guard = guard("excluded", alias, version),
         changed = changed("excluded", alias, &non_keys),
     )
+}
+
+/// Upsert without a unique index (DuckDB, whose index would have to be held
+/// in memory whole): update the rows whose key a message of `source` (a
+/// staging relation, one message per key, with the delete flag) may replace,
+/// then insert the keys `target` lacks. One writer at a time makes the pair
+/// safe: nothing can insert a key between the two. With `graves`, only
+/// messages newer than their key's last delete.
+pub fn update_then_insert(
+    target: &str,
+    source: &str,
+    columns: &[ColumnConfig],
+    keys: &[String],
+    version: Option<&str>,
+    graves: Option<&Graves>,
+) -> [String; 2] {
+    let cols = insert_columns(columns);
+    let col_list = list(&cols);
+    let non_keys: Vec<&str> = columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|c| !keys.iter().any(|k| k == c))
+        .collect();
+    let sets = cols
+        .iter()
+        .filter(|c| !keys.contains(c))
+        .map(|c| format!("{c} = {source}.{c}", c = q(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let alive = graves.map(|g| g.alive(source, keys)).unwrap_or_default();
+    let matched = key_match("tgt", source, keys);
+    [
+        format!(
+            "UPDATE {target} AS tgt SET {sets} FROM {source}
+             WHERE {matched} AND NOT {source}.{DELETE_FLAG}{alive} AND {newer} AND ({changed})",
+            newer = guard(source, "tgt", version),
+            changed = changed(source, "tgt", &non_keys),
+        ),
+        format!(
+            "INSERT INTO {target} ({col_list}) SELECT {col_list} FROM {source}
+             WHERE NOT {source}.{DELETE_FLAG}{alive}
+               AND NOT EXISTS (SELECT 1 FROM {target} AS tgt WHERE {matched})",
+        ),
+    ]
 }
 
 /// Dedup: insert the first message of each id in `source` whose id is not in

@@ -46,10 +46,12 @@ struct Plan {
     create_table: String,
     create_stage: String,
     delete: String,
-    merge: String,
+    /// Upserts update the rows their messages may replace, then insert
+    /// the keys the table lacks (no `ON CONFLICT`: see `create_table`).
+    merge: [String; 2],
     /// The merge straight from the staging table, for a batch whose keys
     /// are unique and which holds no tombstone (no need to pick per key).
-    merge_staged: String,
+    merge_staged: [String; 2],
     pick_latest: String,
     /// Versioned upserts with deletes: record deletes, and create their
     /// table (see [`sql::Graves`]).
@@ -115,9 +117,12 @@ impl Plan {
             format!("_idem_latest_{}", cfg.table),
         );
         let (stage_q, latest_q) = (q(&stage), q(&latest));
+        // No primary key: DuckDB holds a key's index in memory whole (about
+        // 55 bytes a key) and inserts into it slowly batch after batch; the
+        // merge keeps keys unique itself (`sql::update_then_insert`).
         let create_table = format!(
             "CREATE TABLE IF NOT EXISTS {t} ({})",
-            sql::table_definition(columns, &keys, sql_type)
+            sql::unkeyed_table_definition(columns, &keys, sql_type)
         );
         let id_def = if keep_ids.is_some() {
             format!(", NULL::VARCHAR AS {ID_COLUMN}")
@@ -181,8 +186,8 @@ impl Plan {
             create_table,
             create_stage,
             delete: sql::delete(&t, "tgt", &latest_q, &keys, version),
-            merge: sql::merge(&t, "tgt", &latest_q, columns, &keys, version, graves),
-            merge_staged: sql::merge(&t, "tgt", &stage_q, columns, &keys, version, graves),
+            merge: sql::update_then_insert(&t, &latest_q, columns, &keys, version, graves),
+            merge_staged: sql::update_then_insert(&t, &stage_q, columns, &keys, version, graves),
             bury: graves.map(|g| g.bury(&latest_q, &keys)),
             stage,
             latest,
@@ -427,7 +432,11 @@ impl Inner {
                 rows.collect()
             };
             let pk = read().map_err(|e| ctx.sql(&ctx.table, "read the primary key", e))?;
-            check::primary_key(&self.cfg.key, &pk).map_err(mismatch)?;
+            // A table without one is this sink's own shape (see
+            // `create_table`); one on other columns would refuse inserts.
+            if !pk.is_empty() {
+                check::primary_key(&self.cfg.key, &pk).map_err(mismatch)?;
+            }
         }
         Ok(())
     }
@@ -636,8 +645,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         Mode::Upsert
             if unique.unwrap_or_else(|| sql::unique_upserts(&batch.records, &plan.key_idx)) =>
         {
-            conn.execute(&plan.merge_staged, [])
-                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))? as u64
+            merge(conn, ctx, &plan.merge_staged)?
         }
         Mode::Upsert => {
             conn.execute_batch(&plan.pick_latest)
@@ -653,10 +661,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
                         .map_err(|e| ctx.sql(&ctx.table, "record deleted keys", e))?;
                 }
             }
-            let merged = conn
-                .execute(&plan.merge, [])
-                .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?;
-            (deleted + merged) as u64
+            deleted as u64 + merge(conn, ctx, &plan.merge)?
         }
     };
     failpoint::hit(AFTER_WRITE);
@@ -665,6 +670,17 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         deduplicated: total.saturating_sub(written),
         rejected: 0,
     }))
+}
+
+/// Run an update-then-insert pair; the rows they changed.
+fn merge(conn: &Connection, ctx: &Ctx, [update, insert]: &[String; 2]) -> Result<u64, DuckDbError> {
+    let updated = conn
+        .execute(update, [])
+        .map_err(|e| ctx.sql(&ctx.table, "update the batch's keys", e))?;
+    let inserted = conn
+        .execute(insert, [])
+        .map_err(|e| ctx.sql(&ctx.table, "insert the batch's new keys", e))?;
+    Ok((updated + inserted) as u64)
 }
 
 #[async_trait]

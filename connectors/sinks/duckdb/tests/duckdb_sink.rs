@@ -110,6 +110,10 @@ impl TableTarget for DuckDbTarget {
         format!("\"{name}\"")
     }
 
+    fn upsert_needs_primary_key(&self) -> bool {
+        false
+    }
+
     async fn types_row(&self) -> TypesRow {
         duck(&self.w.path("t.duckdb"))
             .query_row(
