@@ -99,12 +99,26 @@ pub fn changed(new: &str, old: &str, columns: &[&str]) -> String {
 
 /// `c = EXCLUDED.c, ...` for every column that is not a key.
 pub fn updates(columns: &[String], keys: &[String]) -> String {
+    updates_from(columns, keys, "excluded")
+}
+
+/// `c = from.c, ...` for every column that is not a key.
+fn updates_from(columns: &[String], keys: &[String], from: &str) -> String {
     columns
         .iter()
         .filter(|c| !keys.contains(c))
-        .map(|c| format!("{c} = excluded.{c}", c = q(c)))
+        .map(|c| format!("{c} = {from}.{c}", c = q(c)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The mapped columns that are not keys: those a merge compares.
+fn non_keys<'a>(columns: &'a [ColumnConfig], keys: &[String]) -> Vec<&'a str> {
+    columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|c| !keys.iter().any(|k| k == c))
+        .collect()
 }
 
 /// `ORDER BY` that puts the newest message of a key first.
@@ -346,11 +360,6 @@ pub fn merge(
 ) -> String {
     let cols = insert_columns(columns);
     let col_list = list(&cols);
-    let non_keys: Vec<&str> = columns
-        .iter()
-        .map(|c| c.name.as_str())
-        .filter(|c| !keys.iter().any(|k| k == c))
-        .collect();
     format!(
         "INSERT INTO {target} AS {alias} ({col_list}) SELECT {col_list} FROM {source} WHERE NOT {DELETE_FLAG}{alive}
          ON CONFLICT ({keys}) DO UPDATE SET {updates} WHERE {guard} AND ({changed})",
@@ -358,7 +367,7 @@ pub fn merge(
         keys = list(keys),
         updates = updates(&cols, keys),
         guard = guard("excluded", alias, version),
-        changed = changed("excluded", alias, &non_keys),
+        changed = changed("excluded", alias, &non_keys(columns, keys)),
     )
 }
 
@@ -378,17 +387,7 @@ pub fn update_then_insert(
 ) -> [String; 2] {
     let cols = insert_columns(columns);
     let col_list = list(&cols);
-    let non_keys: Vec<&str> = columns
-        .iter()
-        .map(|c| c.name.as_str())
-        .filter(|c| !keys.iter().any(|k| k == c))
-        .collect();
-    let sets = cols
-        .iter()
-        .filter(|c| !keys.contains(c))
-        .map(|c| format!("{c} = {source}.{c}", c = q(c)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let sets = updates_from(&cols, keys, source);
     let alive = graves.map(|g| g.alive(source, keys)).unwrap_or_default();
     let matched = key_match("tgt", source, keys);
     [
@@ -396,7 +395,7 @@ pub fn update_then_insert(
             "UPDATE {target} AS tgt SET {sets} FROM {source}
              WHERE {matched} AND NOT {source}.{DELETE_FLAG}{alive} AND {newer} AND ({changed})",
             newer = guard(source, "tgt", version),
-            changed = changed(source, "tgt", &non_keys),
+            changed = changed(source, "tgt", &non_keys(columns, keys)),
         ),
         format!(
             "INSERT INTO {target} ({col_list}) SELECT {col_list} FROM {source}
