@@ -442,6 +442,39 @@ pub async fn existing_tables_are_checked_before_the_first_write<T: TableTarget>(
     );
 }
 
+/// Upserts into tables made by hand: keyed on the key (any target), and,
+/// where the target takes one, without a key: either way one row per key,
+/// holding its newest message.
+pub async fn upserts_into_hand_made_tables_keep_one_row_per_key<T: TableTarget>(t: T) {
+    let (text, bigint) = t.type_names();
+    let mut tables = vec![("keyed", ", PRIMARY KEY (id)")];
+    if !t.upsert_needs_primary_key() {
+        tables.push(("unkeyed", ""));
+    }
+    for (table, key) in tables {
+        t.execute(&format!(
+            "CREATE TABLE {} (id {text} NOT NULL, v {bigint}, _idem_partition {text} NOT NULL, _idem_offset {bigint} NOT NULL{key})",
+            t.table(table)
+        ))
+        .await;
+        let p = part("a");
+        let sink = t.sink(table, WriteMode::Upsert, &["id"], None, false, columns());
+        sink.prepare().await.unwrap();
+        let e = sink.open(&p).await.unwrap().epoch;
+        let first = vec![rec(0, "a", 1), rec(1, "b", 2)];
+        sink.commit(batch(&p, e, first, 2)).await.unwrap();
+        let second = vec![rec(2, "a", 3), rec(3, "c", 4), rec(4, "c", 5)];
+        let s = sink.commit(batch(&p, e, second, 5)).await.unwrap();
+        assert_eq!(s.written, 2, "{table}: a updated, c inserted once");
+        drop(sink);
+        assert_eq!(
+            t.rows(table).await,
+            pairs(&[("a", 3), ("b", 2), ("c", 5)]),
+            "{table}"
+        );
+    }
+}
+
 pub async fn every_column_type_round_trips<T: TableTarget>(t: T) {
     let p = part("a");
     let (cols, record) = all_types();
@@ -583,6 +616,7 @@ macro_rules! table_suite {
             a_failed_batch_leaves_neither_rows_nor_position,
             learnt_columns_are_added_in_the_batch_transaction,
             existing_tables_are_checked_before_the_first_write,
+            upserts_into_hand_made_tables_keep_one_row_per_key,
             every_column_type_round_trips,
         );
     };

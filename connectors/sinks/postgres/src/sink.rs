@@ -294,15 +294,16 @@ pub struct PostgresSink {
     /// creates it so): the rows themselves are the ids (learnt at
     /// [`Sink::prepare`]).
     keyed_dedup: AtomicBool,
-    /// Dedup into a keyed table: the keys committed lately (see
-    /// [`PostgresSink::dedup_keyed`]).
+    /// The keys (upsert, dedup) or message ids (kept ids) committed
+    /// lately: those not among them are sent by `COPY` first (see
+    /// [`PostgresSink::try_copy`]).
     recent: Mutex<RecentKeys>,
 }
 
-/// Keys a keyed dedup sink remembers per generation (two are kept, about
-/// 20 bytes a key with the hash sets' slack: at most 10 MB); a copy
-/// arriving later than that many keys after its original costs its batch
-/// the fast path.
+/// Keys or ids a sink remembers per generation (two are kept, about 20
+/// bytes each with the hash sets' slack: at most 10 MB); a copy arriving
+/// later than that many keys after its original costs its batch the fast
+/// path.
 const RECENT_KEYS: usize = 250_000;
 
 impl PostgresSink {
@@ -540,16 +541,19 @@ impl PostgresSink {
                     (*f, *s) = (!maybe, maybe);
                 }
             }
-            let rows = Rows {
-                keep: Some(&fast),
-                ..Rows::TARGET
-            };
-            let copy = copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows);
-            let what = format!("COPY a batch of {}", batch.partition);
-            if self.try_copy(txn, &ctx.table, &what, copy).await? {
-                written = fast.iter().filter(|f| **f).count() as u64;
-            } else {
-                safe = keep;
+            let n = fast.iter().filter(|f| **f).count() as u64;
+            if n > 0 {
+                let rows = Rows {
+                    keep: Some(&fast),
+                    ..Rows::TARGET
+                };
+                let copy = copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows);
+                let what = format!("COPY a batch of {}", batch.partition);
+                if self.try_copy(txn, &ctx.table, &what, copy).await? {
+                    written = n;
+                } else {
+                    safe = keep;
+                }
             }
         }
         if safe.iter().any(|s| *s) {
