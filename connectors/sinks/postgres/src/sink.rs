@@ -541,19 +541,9 @@ impl PostgresSink {
                     (*f, *s) = (!maybe, maybe);
                 }
             }
-            let n = fast.iter().filter(|f| **f).count() as u64;
-            if n > 0 {
-                let rows = Rows {
-                    keep: Some(&fast),
-                    ..Rows::TARGET
-                };
-                let copy = copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows);
-                let what = format!("COPY a batch of {}", batch.partition);
-                if self.try_copy(txn, &ctx.table, &what, copy).await? {
-                    written = n;
-                } else {
-                    safe = keep;
-                }
+            match self.copy_new_rows(txn, plan, batch, &fast).await? {
+                Some(n) => written = n,
+                None => safe = keep,
             }
         }
         if safe.iter().any(|s| *s) {
@@ -618,6 +608,30 @@ impl PostgresSink {
         Ok(copied.then_some(fast))
     }
 
+    /// COPY the records `fast` marks, taken to be new keys, straight into
+    /// the table under a savepoint: how many, or `None` if one met a key
+    /// the table holds (rolled back).
+    async fn copy_new_rows(
+        &self,
+        txn: &deadpool_postgres::Transaction<'_>,
+        plan: &Plan,
+        batch: &Batch,
+        fast: &[bool],
+    ) -> Result<Option<u64>, PgError> {
+        let n = fast.iter().filter(|f| **f).count() as u64;
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        let rows = Rows {
+            keep: Some(fast),
+            ..Rows::TARGET
+        };
+        let copy = copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows);
+        let what = format!("COPY a batch of {}", batch.partition);
+        let copied = self.try_copy(txn, &self.ctx.table, &what, copy).await?;
+        Ok(copied.then_some(n))
+    }
+
     /// Run `copy`, a `COPY` of rows taken to be new, under a savepoint:
     /// `true` if it went through, `false` if it met a key `table` holds
     /// already and was rolled back (then the next 15 batches do not try).
@@ -679,18 +693,9 @@ impl PostgresSink {
                     .map(|(r, h)| r.op == Op::Upsert && counts[h] == 1 && !recent.may_hold(*h))
                     .collect()
             };
-            let n = fast.iter().filter(|f| **f).count();
-            if n > 0 {
-                let rows = Rows {
-                    keep: Some(&fast),
-                    ..Rows::TARGET
-                };
-                let copy = copy_rows(txn, &plan.copy_target, &plan.target_types, batch, rows);
-                let what = format!("COPY a batch of {}", batch.partition);
-                if self.try_copy(txn, &self.ctx.table, &what, copy).await? {
-                    copied = n as u64;
-                    rest = Some(fast.iter().map(|f| !f).collect());
-                }
+            if let Some(n) = self.copy_new_rows(txn, plan, batch, &fast).await? {
+                copied = n;
+                rest = Some(fast.iter().map(|f| !f).collect());
             }
         }
         // Before the commit: a key added for a batch that then fails only
