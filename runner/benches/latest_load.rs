@@ -17,12 +17,13 @@
 //!   (d) (c) keeping the event ids as (a) does, in the same transaction
 //!       (without them a copy arriving later would win): DuckDB in a
 //!       table like Idem's, PostgreSQL in one with a primary key
-//! Every variant must leave the same rows (checked). Prints elapsed,
-//! events/s, the ratios to (c) and (d) and peak RSS. Figures, not
-//! assertions.
+//! Every variant must leave the same rows (checked), and runs
+//! `IDEM_BENCH_ROUNDS` (3) times. Prints the median elapsed, events/s, the
+//! ratios of the medians to (c) and (d), and the highest peak RSS. Figures,
+//! not assertions.
 //!
 //!     cargo bench -p idem --bench latest_load
-//!     IDEM_BENCH_SINK=duckdb IDEM_BENCH_EVENTS=200000 cargo bench -p idem --bench latest_load
+//!     IDEM_BENCH_SINK=duckdb IDEM_BENCH_EVENTS=200000 IDEM_BENCH_ROUNDS=1 cargo bench -p idem --bench latest_load
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -325,8 +326,8 @@ fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>
     (lines, n)
 }
 
-/// Each line against (c), and against (d) where there is one.
-fn print(engine: &str, events: usize, rows: i64, lines: &[Line]) {
+/// Each line against (c), and against (d) where there is one (medians).
+fn print(engine: &str, events: usize, rows: i64, rounds: usize, lines: &[Line]) {
     let base = |tag: &str| {
         lines
             .iter()
@@ -336,11 +337,11 @@ fn print(engine: &str, events: usize, rows: i64, lines: &[Line]) {
     let (c, d) = (base("(c)").expect("baseline (c)"), base("(d)"));
     println!();
     println!(
-        "{engine}: {events} events -> {rows} rows (latest per user_id, copies dropped by event_id)"
+        "{engine}: {events} events -> {rows} rows (latest per user_id, copies dropped by event_id); median of {rounds}"
     );
     println!(
         "{:<54} {:>9} {:>10} {:>8} {:>8} {:>10}",
-        "", "elapsed", "events/s", "vs (c)", "vs (d)", "peak RSS"
+        "", "median", "events/s", "vs (c)", "vs (d)", "peak RSS"
     );
     for l in lines {
         let secs = l.elapsed.as_secs_f64();
@@ -375,12 +376,43 @@ fn main() {
         bytes as f64 / 1e6,
         batch_label(batch)
     );
-    if which.is_empty() || which == "duckdb" {
-        let (lines, rows) = run_duckdb(idem, dir.path(), &data, batch);
-        print("DuckDB", events, rows, &lines);
+    // Every variant runs `rounds` times (each round in files and a schema
+    // of its own); single runs drift by up to 2x on a small machine.
+    let rounds = env_usize("IDEM_BENCH_ROUNDS", 3).max(1);
+    type Run = fn(&str, &Path, &Path, usize) -> (Vec<Line>, i64);
+    for (engine, tag, run) in [
+        ("DuckDB", "duckdb", run_duckdb as Run),
+        ("PostgreSQL", "postgres", run_postgres as Run),
+    ] {
+        if !which.is_empty() && which != tag {
+            continue;
+        }
+        let mut all = Vec::new();
+        let mut rows = 0;
+        for round in 0..rounds {
+            let sub = dir.path().join(format!("{tag}{round}"));
+            std::fs::create_dir_all(&sub).expect("round dir");
+            let (lines, n) = run(idem, &sub, &data, batch);
+            all.push(lines);
+            rows = n;
+        }
+        print(engine, events, rows, rounds, &medians(&all));
     }
-    if which.is_empty() || which == "postgres" {
-        let (lines, rows) = run_postgres(idem, dir.path(), &data, batch);
-        print("PostgreSQL", events, rows, &lines);
-    }
+}
+
+/// Each line's median time and highest peak over the rounds.
+fn medians(rounds: &[Vec<Line>]) -> Vec<Line> {
+    rounds[0]
+        .iter()
+        .enumerate()
+        .map(|(i, first)| {
+            let mut times: Vec<Duration> = rounds.iter().map(|r| r[i].elapsed).collect();
+            times.sort();
+            Line {
+                label: first.label.clone(),
+                elapsed: times[times.len() / 2],
+                peak_kib: rounds.iter().filter_map(|r| r[i].peak_kib).max(),
+            }
+        })
+        .collect()
 }
