@@ -46,11 +46,7 @@ impl RecentKeys {
 /// The hash of a record's key (the values at `key_idx`), the same in every
 /// call of one process.
 pub fn key_hash(record: &Record, key_idx: &[usize]) -> u64 {
-    let parts: Vec<KeyPart> = key_idx
-        .iter()
-        .map(|&k| KeyPart::of(&record.values[k]))
-        .collect();
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(&parts)
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(KeyPart::key(record, key_idx))
 }
 
 /// The hash of a message id, as [`key_hash`]'s.

@@ -39,7 +39,7 @@ pub fn first_of_each_key(records: &[Record], key_idx: &[usize]) -> Vec<bool> {
     let mut seen: HashSet<Vec<KeyPart>> = HashSet::with_capacity(records.len());
     records
         .iter()
-        .map(|r| seen.insert(key_idx.iter().map(|&k| KeyPart::of(&r.values[k])).collect()))
+        .map(|r| seen.insert(KeyPart::key(r, key_idx)))
         .collect()
 }
 
@@ -472,6 +472,14 @@ pub(crate) enum KeyPart<'a> {
 }
 
 impl<'a> KeyPart<'a> {
+    /// The key of `record`: its values at `key_idx`.
+    pub(crate) fn key(record: &'a Record, key_idx: &[usize]) -> Vec<KeyPart<'a>> {
+        key_idx
+            .iter()
+            .map(|&k| KeyPart::of(&record.values[k]))
+            .collect()
+    }
+
     pub(crate) fn of(v: &'a Value) -> Self {
         match v {
             Value::Null => KeyPart::Null,
@@ -504,10 +512,9 @@ pub fn unique_upserts<'a>(
     key_idx: &[usize],
 ) -> bool {
     let mut seen: HashSet<Vec<KeyPart>> = HashSet::new();
-    records.into_iter().all(|r| {
-        r.op == Op::Upsert
-            && seen.insert(key_idx.iter().map(|&k| KeyPart::of(&r.values[k])).collect())
-    })
+    records
+        .into_iter()
+        .all(|r| r.op == Op::Upsert && seen.insert(KeyPart::key(r, key_idx)))
 }
 
 /// Positions of `keys` among `columns`.

@@ -53,7 +53,6 @@ struct Plan {
     dedup_insert: String,
     /// Dedup into a target keyed on the key: insert the rows of new keys.
     insert_new_keys: String,
-    dedup_key_idx: Vec<usize>,
     create_ids: String,
     purge_ids: String,
     /// `[dedup] store = "sink"`: the staging table holds each record's
@@ -67,6 +66,8 @@ struct Plan {
     seen_default: String,
     purge_seen: String,
     insert_staged: String,
+    /// Positions of `key` among the columns (upsert: the table's key;
+    /// dedup: the id columns).
     key_idx: Vec<usize>,
 }
 
@@ -156,7 +157,6 @@ impl Plan {
             create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
             dedup_insert: sql::dedup_insert(t, &ctx.ids, &stage, columns, &cfg.key),
             insert_new_keys: sql::insert_new_keys(t, &stage, columns, &cfg.key),
-            dedup_key_idx: sql::key_indexes(columns, &cfg.key),
             create_ids: format!(
                 "CREATE TABLE IF NOT EXISTS {} ({}, seen_at timestamptz NOT NULL, PRIMARY KEY ({}))",
                 ctx.ids,
@@ -178,7 +178,7 @@ impl Plan {
             copy_seen: format!("COPY {seen} (id) FROM STDIN (FORMAT binary)"),
             purge_seen: purge(seen, keep_ids.unwrap_or_default()),
             insert_staged: format!("INSERT INTO {t} ({col_list}) SELECT {col_list} FROM {stage}"),
-            key_idx: sql::key_indexes(columns, &keys),
+            key_idx: sql::key_indexes(columns, &cfg.key),
         }
     }
 }
@@ -525,9 +525,9 @@ impl PostgresSink {
         batch: &Batch,
     ) -> Result<u64, PgError> {
         let ctx = &self.ctx;
-        let keep = sql::first_of_each_key(&batch.records, &plan.dedup_key_idx);
+        let keep = sql::first_of_each_key(&batch.records, &plan.key_idx);
         let hashes: Vec<u64> = sql::kept(&batch.records, &keep)
-            .map(|r| recent::key_hash(r, &plan.dedup_key_idx))
+            .map(|r| recent::key_hash(r, &plan.key_idx))
             .collect();
         let mut written = 0;
         let mut safe = keep.clone();
