@@ -84,6 +84,7 @@ fn main() {
     let mut runs: Vec<Variant> = Vec::new();
     let mut latencies = Vec::new();
     let mut loaded = 0;
+    let mut audited = None;
     for round in 0..rounds {
         let idem_db = dir.path().join(format!("idem{round}.duckdb"));
         let sink = format!(
@@ -104,6 +105,10 @@ fn main() {
             t,
             peak,
         );
+        if round + 1 == rounds {
+            // The audit of one load: its time and memory.
+            audited = Some(verify_idem(idem, &cfg));
+        }
 
         // The baseline's table is made by the DDL DuckDB reports for
         // Idem's; for upserts also with a primary key on the key, the
@@ -185,6 +190,9 @@ fn main() {
     println!("idem/it: Idem's events/s as a fraction of the line's");
     latencies.sort_by(f64::total_cmp);
     println!("idem {}", latency_line(&latencies));
+    if let Some(audit) = audited {
+        println!("{}", verify_line("the last idem run", audit));
+    }
 }
 
 /// One line of the table: its runs' times and peak memory.

@@ -71,6 +71,7 @@ fn main() {
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); labels.len()];
     let mut peaks = [0u64; 2];
     let mut latencies: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut audits = Vec::new();
     for round in 0..rounds {
         for (i, mode) in ["upsert", second].into_iter().enumerate() {
             let table = format!("events_{mode}_{round}");
@@ -94,6 +95,10 @@ fn main() {
             times[i].push(elapsed);
             peaks[i] = peaks[i].max(peak);
             latencies[i].append(&mut lat);
+            if round + 1 == rounds {
+                // The audit of one load of each mode: its time and memory.
+                audits.push((labels[i].clone(), verify_idem(idem, &cfg)));
+            }
         }
         // Each Idem mode against a COPY into a table of its own shape: the
         // upsert table has a primary key to maintain, the append table none.
@@ -191,5 +196,8 @@ fn main() {
             rate / baselines[base],
             peak.map_or("-".into(), |kib| format!("{} MiB", kib / 1024)),
         );
+    }
+    for (label, audit) in audits {
+        println!("{}", verify_line(&label, audit));
     }
 }

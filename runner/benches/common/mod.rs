@@ -131,6 +131,32 @@ pub fn run_measured(cmd: &mut Command) -> (Duration, u64, std::process::Output) 
     (elapsed, peak, out)
 }
 
+/// `idem verify CONFIG`, measured: (elapsed, peak KiB). Its audit must
+/// find every message exactly once.
+pub fn verify_idem(idem: &str, config: &Path) -> (Duration, u64) {
+    let (elapsed, peak, out) = run_measured(
+        Command::new(idem)
+            .env("IDEM_ADMIN_LISTEN", "127.0.0.1:0")
+            .arg("verify")
+            .arg(config),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("every message took effect exactly once"),
+        "idem verify: {said}"
+    );
+    (elapsed, peak)
+}
+
+/// The line a bench prints for [`verify_idem`] of `what`.
+pub fn verify_line(what: &str, (elapsed, peak): (Duration, u64)) -> String {
+    format!(
+        "idem verify of {what}: {:.2}s, peak RSS {} MiB",
+        elapsed.as_secs_f64(),
+        peak / 1024
+    )
+}
+
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

@@ -11,9 +11,10 @@
 //! - no row is left that no message explains (a position that holds no
 //!   message, a dead-lettered one, or one past the committed position).
 //!
-//! Any finding exits 1. It holds about 60 bytes per message (a position,
-//! an identity, a digest; each partition, key and id string once) and 24
-//! per row, read from the sink as a stream.
+//! Any finding exits 1. It holds 32 bytes per message (a position, a
+//! digest of its key or id, a digest of its row, and how many rows hold
+//! it) and, until they are counted, 16 per row; keys are named only for
+//! the findings it prints, by reading their messages again.
 
 mod against;
 
@@ -56,27 +57,40 @@ fn expectation(c: &Connector) -> Expect {
 }
 
 /// What identifies a message's row: its own position `(partition,
-/// offset)` when every message is a row, `(NAMED, name)` the interned key
-/// it shares with its key's other messages, or `(HASHED, digest)` the
-/// message id it shares with its copies (one per message: kept as a
-/// digest, not a string).
+/// offset)` when every message is a row, `(KEYED, digest)` of the key it
+/// shares with its key's other messages, or `(HASHED, digest)` of the
+/// message id it shares with its copies.
 type Identity = (u32, u64);
-const NAMED: u32 = u32::MAX;
+const KEYED: u32 = u32::MAX;
 const HASHED: u32 = u32::MAX - 1;
 
-/// One message that should leave a row (or, deleted, none): 40 bytes,
-/// so a million of them fit in 40 MB.
+/// One message that should leave a row (or, deleted, none), and how many
+/// rows the sink holds from its position: 32 bytes, so a million fit in
+/// 32 MB.
 struct Wanted {
-    /// The interned partition and the offset.
-    part: u32,
     offset: u64,
-    identity: Identity,
-    delete: bool,
+    /// The digest of its key or id (unused when every message is a row).
+    id: u64,
     /// A digest of the row it makes: identical copies share it.
     digest: u64,
+    /// The interned partition.
+    part: u32,
+    /// Rows from this position (saturating).
+    rows: u8,
+    delete: bool,
 }
 
-/// Strings held once and named by number: partitions, keys, ids.
+impl Wanted {
+    /// `tag`: [`KEYED`] or [`HASHED`]; none when every message is a row.
+    fn identity(&self, tag: Option<u32>) -> Identity {
+        match tag {
+            None => (self.part, self.offset),
+            Some(tag) => (tag, self.id),
+        }
+    }
+}
+
+/// Strings held once and named by number: partitions.
 #[derive(Default)]
 struct Names(HashMap<Box<str>, u32>);
 
@@ -104,23 +118,75 @@ impl Names {
     }
 }
 
+/// How many findings of each kind are printed; the rest are counted.
+const SHOWN: usize = 20;
+
+/// One kind of finding: how many, and the first [`SHOWN`] lines.
+#[derive(Default)]
+struct Kind {
+    count: usize,
+    lines: Vec<Line>,
+}
+
+/// A finding's line. `about`: the position of the message that names the
+/// key it is about, filled in once the audit is done (keys are held as
+/// digests meanwhile).
+struct Line {
+    about: Option<(u32, u64)>,
+    text: String,
+}
+
+impl Kind {
+    fn push(&mut self, about: Option<(u32, u64)>, text: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.lines.len() < SHOWN {
+            self.lines.push(Line {
+                about,
+                text: text(),
+            });
+        }
+    }
+
+    fn shown(&self) -> Vec<String> {
+        self.lines.iter().map(|l| l.text.clone()).collect()
+    }
+}
+
 /// What the audit found for one connector.
 #[derive(Default)]
 struct Findings {
     messages: u64,
     dead: u64,
     rows: u64,
-    missing: Vec<String>,
-    duplicated: Vec<String>,
-    unexplained: Vec<String>,
-    stale: Vec<String>,
+    missing: Kind,
+    duplicated: Kind,
+    unexplained: Kind,
+    stale: Kind,
     /// Rows before the first retained message: nothing to check them against.
     before_retention: u64,
 }
 
 impl Findings {
     fn count(&self) -> usize {
-        self.missing.len() + self.duplicated.len() + self.unexplained.len() + self.stale.len()
+        self.kinds().iter().map(|k| k.count).sum()
+    }
+
+    fn kinds(&self) -> [&Kind; 4] {
+        [
+            &self.missing,
+            &self.duplicated,
+            &self.unexplained,
+            &self.stale,
+        ]
+    }
+
+    fn kinds_mut(&mut self) -> [&mut Kind; 4] {
+        [
+            &mut self.missing,
+            &mut self.duplicated,
+            &mut self.unexplained,
+            &mut self.stale,
+        ]
     }
 }
 
@@ -195,9 +261,9 @@ fn report_against(name: &str, f: &against::Compared) -> bool {
         &summary,
         ok,
         &[
-            ("missing", &f.missing),
-            ("not in the source", &f.extra),
-            ("differs", &f.differing),
+            ("missing", f.missing.len(), f.missing.clone()),
+            ("not in the source", f.extra.len(), f.extra.clone()),
+            ("differs", f.differing.len(), f.differing.clone()),
         ],
     )
 }
@@ -226,29 +292,39 @@ fn report(name: &str, f: &Findings) -> bool {
         &summary,
         &ok,
         &[
-            ("missing", &f.missing),
-            ("duplicated", &f.duplicated),
-            ("unexplained row", &f.unexplained),
-            ("stale row", &f.stale),
+            ("missing", f.missing.count, f.missing.shown()),
+            ("duplicated", f.duplicated.count, f.duplicated.shown()),
+            (
+                "unexplained row",
+                f.unexplained.count,
+                f.unexplained.shown(),
+            ),
+            ("stale row", f.stale.count, f.stale.shown()),
         ],
     )
 }
 
 /// `✓ NAME: summary: ok`, or `✗ NAME: summary: N findings` and the first
-/// 20 of each kind; whether there were none.
-fn print_findings(name: &str, summary: &str, ok: &str, kinds: &[(&str, &Vec<String>)]) -> bool {
-    let count: usize = kinds.iter().map(|(_, list)| list.len()).sum();
+/// [`SHOWN`] of each kind; whether there were none. `kinds`: what, how
+/// many, and the lines to show (the first ones).
+fn print_findings(
+    name: &str,
+    summary: &str,
+    ok: &str,
+    kinds: &[(&str, usize, Vec<String>)],
+) -> bool {
+    let count: usize = kinds.iter().map(|(_, n, _)| n).sum();
     if count == 0 {
         crate::say!("✓ {name}: {summary}: {ok}");
         return true;
     }
     crate::say!("✗ {name}: {summary}: {count} findings");
-    for (what, list) in kinds {
-        for line in list.iter().take(20) {
+    for (what, n, lines) in kinds {
+        for line in lines.iter().take(SHOWN) {
             crate::say!("    {what}: {line}");
         }
-        if list.len() > 20 {
-            crate::say!("    ... and {} more ({what})", list.len() - 20);
+        if *n > SHOWN {
+            crate::say!("    ... and {} more ({what})", n - SHOWN);
         }
     }
     false
@@ -259,6 +335,7 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
         .prepare()
         .await
         .with_context(|| format!("connector {}: open the sink", c.name))?;
+    // Each row's position: 16 bytes a row.
     let Some(rows) = c
         .sink
         .row_positions()
@@ -267,246 +344,304 @@ async fn audit(c: &Connector) -> anyhow::Result<Option<Findings>> {
     else {
         return Ok(None);
     };
+    let committed = c
+        .sink
+        .positions(&c.name)
+        .await
+        .with_context(|| format!("connector {}: read positions", c.name))?;
     let expect = expectation(c);
-    let mut f = Findings {
-        rows: rows.rows.len() as u64,
-        ..Findings::default()
+    // How identities are tagged: none when a message's position is its
+    // identity.
+    let tag = match &expect {
+        Expect::EachMessage => None,
+        Expect::FirstPerId => Some(HASHED),
+        Expect::LatestPerKey(..) | Expect::FirstPerKey(_) => Some(KEYED),
     };
-    let (mut parts, mut names) = (Names::default(), Names::default());
+    let mut f = Findings::default();
+    let mut parts = Names::default();
     // Every message up to each committed position. Partitions are read
     // one after another, each in offset order: sorted by (part, offset).
     let mut wanted: Vec<Wanted> = Vec::new();
     // Where each partition's retained messages begin, and its end.
     let mut first: HashMap<u32, u64> = HashMap::new();
     let mut ends: HashMap<u32, u64> = HashMap::new();
-    let committed = c
-        .sink
-        .positions(&c.name)
-        .await
-        .with_context(|| format!("connector {}: read positions", c.name))?;
+    // Upserts behind a `[dedup]` on message ids: a later copy of an id in
+    // the same partition was dropped, and cannot be a key's last message.
+    // (A copy in another partition may have won instead of its original;
+    // the two are equal rows, which the check accepts.)
+    let drop_copies = c.cfg.dedup.is_some() && matches!(expect, Expect::LatestPerKey(..));
     for p in committed {
         let Some(end) = p.next_offset else { continue };
         let part = parts.of(&p.partition);
         ends.insert(part, end);
-        let mut reader = c.source.open_audit(&p.partition).await.with_context(|| {
-            format!("connector {}: read {} from the source", c.name, p.partition)
-        })?;
-        let mut msgs = Vec::new();
-        let mut progress = std::time::Instant::now();
-        // Upserts behind a `[dedup]` on message ids: a later copy of an id
-        // in the same partition was dropped, and cannot be a key's last
-        // message. (A copy in another partition may have won instead of
-        // its original; the two are equal rows, which the check accepts.)
-        let drop_copies = c.cfg.dedup.is_some() && matches!(expect, Expect::LatestPerKey(..));
-        // Their ids as 64-bit digests: a million in 16 MB. Two ids of one
-        // digest (odds near 1 in 10^8 for a million) are audited as one.
+        // One partition's ids as 64-bit digests: a million in 16 MB. Two
+        // ids of one digest (odds near 1 in 10^8 for a million) are
+        // audited as one, and so are two keys.
         let mut ids_here: std::collections::HashSet<u64> = Default::default();
-        'read: loop {
-            msgs.clear();
-            let status = reader.read(1024, &mut msgs).await.with_context(|| {
-                format!("connector {}: read {} from the source", c.name, p.partition)
-            })?;
-            if let Some(registry) = &c.registry {
-                // As the run does: the writer schemas first.
-                let stop = tokio_util::sync::CancellationToken::new();
-                registry
-                    .fetch_for(&msgs, &c.cfg.retry, &c.stats, &stop)
-                    .await
-                    .map_err(|(offset, reason)| {
-                        anyhow::anyhow!(
-                            "connector {}: {} offset {offset}: {reason}",
-                            c.name,
-                            p.partition
-                        )
-                    })?;
+        read_mapped(c, &p.partition, end, |offset, item| {
+            first.entry(part).or_insert(offset);
+            f.messages += 1;
+            let record = match item {
+                Item::Row { record, .. } => record,
+                Item::Dead { .. } | Item::Fatal { .. } => {
+                    f.dead += 1;
+                    return;
+                }
+                Item::Skip { .. } => return,
+            };
+            let id = record.id.as_deref().map(hash);
+            if drop_copies && id.is_some_and(|id| !ids_here.insert(id)) {
+                return;
             }
-            for m in msgs.drain(..) {
-                if m.offset >= end {
-                    break 'read;
+            let id = match &expect {
+                Expect::EachMessage => 0,
+                Expect::FirstPerId => id.unwrap_or_else(|| hash("")),
+                Expect::LatestPerKey(cols, _) | Expect::FirstPerKey(cols) => {
+                    hash(&key_text(cols, &record))
                 }
-                first.entry(part).or_insert(m.offset);
-                f.messages += 1;
-                let offset = m.offset;
-                match map_message(c, &p.partition, m) {
-                    Item::Row { record, .. } => {
-                        if drop_copies
-                            && record
-                                .id
-                                .as_ref()
-                                .is_some_and(|id| !ids_here.insert(hash(id)))
-                        {
-                            continue;
-                        }
-                        let identity = match &expect {
-                            Expect::EachMessage => (part, offset),
-                            Expect::FirstPerId => {
-                                (HASHED, hash(record.id.as_deref().unwrap_or_default()))
-                            }
-                            Expect::LatestPerKey(cols, _) | Expect::FirstPerKey(cols) => {
-                                let key: Vec<String> = cols
-                                    .iter()
-                                    .filter_map(|i| record.values.get(*i))
-                                    .map(|v| v.to_json().to_string())
-                                    .collect();
-                                let key = format!("key {}", key.join(","));
-                                (NAMED, u64::from(names.of(&key)))
-                            }
-                        };
-                        wanted.push(Wanted {
-                            part,
-                            offset,
-                            identity,
-                            delete: record.op == Op::Delete,
-                            digest: digest(&record.values),
-                        });
-                    }
-                    Item::Dead { .. } | Item::Fatal { .. } => f.dead += 1,
-                    Item::Skip { .. } => {}
-                }
-            }
-            match status {
-                ReadStatus::End => break,
-                ReadStatus::Data | ReadStatus::Skipped { .. } => {
-                    progress = std::time::Instant::now()
-                }
-                ReadStatus::Idle => {
-                    anyhow::ensure!(
-                        progress.elapsed() < std::time::Duration::from_secs(30),
-                        "connector {}: {} gave nothing for 30 s before the committed position {end}",
-                        c.name,
-                        p.partition
-                    );
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+            };
+            wanted.push(Wanted {
+                offset,
+                id,
+                digest: digest(&record.values),
+                part,
+                rows: 0,
+                delete: record.op == Op::Delete,
+            });
+        })
+        .await?;
         // Nothing retained below the committed position: every row of the
         // partition is older than what the source keeps.
         first.entry(part).or_insert(end);
     }
-    let part_names = parts.list();
-    let name_list = names.list();
+    let part_names: Vec<String> = parts.list().into_iter().map(String::from).collect();
     let at = |part: u32, offset: u64| format!("{}@{offset}", part_names[part as usize]);
-    // Hashed ids are named by their first copy's position.
-    let show = |id: Identity, first: &Wanted| match id {
-        (NAMED, n) => name_list[n as usize].to_string(),
-        (HASHED, _) => format!("the id of {}", at(first.part, first.offset)),
-        (part, offset) => at(part, offset),
-    };
-    let find = |part: u32, offset: u64| {
-        wanted
-            .binary_search_by(|w| (w.part, w.offset).cmp(&(part, offset)))
-            .ok()
-            .map(|i| &wanted[i])
-    };
-    // The identity each row holds, by the message at its position.
-    let mut held: Vec<(Identity, u32, u64)> = Vec::new();
-    for &(row_part, offset) in &rows.rows {
-        let partition = &rows.partitions[row_part as usize];
-        let Some((part, end)) = parts.get(partition).and_then(|p| Some((p, *ends.get(&p)?))) else {
-            f.unexplained.push(format!(
-                "a row from {partition}@{offset}: no committed position for that partition"
-            ));
-            continue;
-        };
-        if first.get(&part).is_some_and(|start| offset < *start) {
-            f.before_retention += 1;
-            continue;
-        }
-        match find(part, offset) {
-            Some(w) if !w.delete => held.push((w.identity, part, offset)),
-            Some(_) => f.unexplained.push(format!(
-                "a row from {partition}@{offset}, which is a tombstone"
-            )),
-            None if offset >= end => f.unexplained.push(format!(
-                "a row from {partition}@{offset}, past the committed position {end}"
-            )),
-            None => f.unexplained.push(format!(
-                "a row from {partition}@{offset}: no mapped message there (dead-lettered, or not a message boundary)"
-            )),
-        }
-    }
-    held.sort_unstable();
-    // The messages of each identity together, each partition's in order.
-    let mut order: Vec<u32> = (0..u32::try_from(wanted.len()).unwrap_or(u32::MAX)).collect();
-    order.sort_unstable_by_key(|&i| {
-        let w = &wanted[i as usize];
-        (w.identity, w.part, w.offset)
-    });
-    let mut rows_at = 0;
-    for group in order.chunk_by(|a, b| wanted[*a as usize].identity == wanted[*b as usize].identity)
+    // Count each row on the message at its position; the rows' list goes
+    // before the messages are grouped.
     {
-        let copies: Vec<&Wanted> = group.iter().map(|&i| &wanted[i as usize]).collect();
-        let identity = copies[0].identity;
-        while rows_at < held.len() && held[rows_at].0 < identity {
-            rows_at += 1;
-        }
-        let from = rows_at;
-        while rows_at < held.len() && held[rows_at].0 == identity {
-            rows_at += 1;
-        }
-        let rows_here: Vec<(u32, u64)> = held[from..rows_at].iter().map(|h| (h.1, h.2)).collect();
-        // The messages whose row is right: per partition, the first copy (or
-        // the last, for upserts); partitions commit in any order.
-        let latest = matches!(expect, Expect::LatestPerKey(..));
-        let mut per_part: BTreeMap<u32, &Wanted> = BTreeMap::new();
-        for w in &copies {
-            if latest || !per_part.contains_key(&w.part) {
-                per_part.insert(w.part, w);
+        f.rows = rows.rows.len() as u64;
+        for &(row_part, offset) in &rows.rows {
+            let partition = &rows.partitions[row_part as usize];
+            let Some((part, end)) = parts.get(partition).and_then(|p| Some((p, *ends.get(&p)?)))
+            else {
+                f.unexplained.push(None, || {
+                    format!(
+                        "a row from {partition}@{offset}: no committed position for that partition"
+                    )
+                });
+                continue;
+            };
+            if first.get(&part).is_some_and(|start| offset < *start) {
+                f.before_retention += 1;
+                continue;
+            }
+            let found = wanted.binary_search_by(|w| (w.part, w.offset).cmp(&(part, offset)));
+            match found.ok().map(|i| &mut wanted[i]) {
+                Some(w) if !w.delete => w.rows = w.rows.saturating_add(1),
+                Some(_) => f.unexplained.push(None, || {
+                    format!("a row from {partition}@{offset}, which is a tombstone")
+                }),
+                None if offset >= end => f.unexplained.push(None, || {
+                    format!("a row from {partition}@{offset}, past the committed position {end}")
+                }),
+                None => f.unexplained.push(None, || {
+                    format!("a row from {partition}@{offset}: no mapped message there (dead-lettered, or not a message boundary)")
+                }),
             }
         }
-        let candidates: Vec<&Wanted> = per_part.into_values().collect();
+        drop(rows);
+    }
+    // The messages of each identity together, each partition's in order
+    // (by position they are already).
+    if tag.is_some() {
+        wanted.sort_unstable_by_key(|w| (w.identity(tag), w.part, w.offset));
+    }
+    let latest = matches!(expect, Expect::LatestPerKey(..));
+    let checked = !matches!(expect, Expect::LatestPerKey(_, false));
+    for copies in wanted.chunk_by(|a, b| a.identity(tag) == b.identity(tag)) {
+        // Keys are named once the audit is done, from their first
+        // message; ids by their first copy's position.
+        let first_copy = &copies[0];
+        let about = (tag == Some(KEYED)).then_some((first_copy.part, first_copy.offset));
+        let name = || match tag {
+            None => at(first_copy.part, first_copy.offset),
+            Some(HASHED) => format!("the id of {}", at(first_copy.part, first_copy.offset)),
+            Some(_) => String::new(),
+        };
+        let rows_here: Vec<&Wanted> = copies.iter().filter(|w| w.rows > 0).collect();
+        let row_count: usize = rows_here.iter().map(|w| usize::from(w.rows)).sum();
+        // The messages whose row is right: per partition, the first copy (or
+        // the last, for upserts); partitions commit in any order.
+        let candidates: Vec<&Wanted> = copies
+            .chunk_by(|a, b| a.part == b.part)
+            .filter_map(|run| if latest { run.last() } else { run.first() })
+            .collect();
         // An upsert key deleted by its last message (in its only partition)
         // should have no row.
         let deleted = candidates.len() == 1 && candidates[0].delete;
-        let name = show(identity, copies[0]);
         let at_w = |w: &Wanted| at(w.part, w.offset);
         match (deleted, rows_here.as_slice()) {
             (true, []) => {}
-            (true, rows) => f.duplicated.push(format!(
-                "{name}: {} row(s) after its last message {} deleted it",
-                rows.len(),
-                at_w(candidates[0])
-            )),
-            (false, []) => f
-                .missing
-                .push(format!("{name} (from {}): no row", at_w(copies[0]))),
-            (false, [(p, o)]) => {
+            (true, _) => f.duplicated.push(about, || {
+                format!(
+                    "{}: {row_count} row(s) after its last message {} deleted it",
+                    name(),
+                    at_w(candidates[0])
+                )
+            }),
+            (false, []) => f.missing.push(about, || {
+                format!("{} (from {}): no row", name(), at_w(first_copy))
+            }),
+            (false, [held]) if held.rows == 1 => {
                 // A copy equal to the expected message is as good: a sink
                 // leaves a row alone when a message would not change it.
-                let held = find(*p, *o).map(|w| w.digest);
-                let fits = candidates
-                    .iter()
-                    .any(|w| (w.part == *p && w.offset == *o) || held == Some(w.digest));
-                let checked = !matches!(expect, Expect::LatestPerKey(_, false));
+                let fits = candidates.iter().any(|w| {
+                    (w.part, w.offset) == (held.part, held.offset) || w.digest == held.digest
+                });
                 if checked && !fits {
                     let which = if latest {
                         "its last message"
                     } else {
                         "its first copy"
                     };
-                    f.stale.push(format!(
-                        "{name}: the row holds {}, not {which} ({})",
-                        at(*p, *o),
-                        candidates
-                            .iter()
-                            .map(|w| at_w(w))
-                            .collect::<Vec<_>>()
-                            .join(" or ")
-                    ));
+                    f.stale.push(about, || {
+                        format!(
+                            "{}: the row holds {}, not {which} ({})",
+                            name(),
+                            at_w(held),
+                            candidates
+                                .iter()
+                                .map(|w| at_w(w))
+                                .collect::<Vec<_>>()
+                                .join(" or ")
+                        )
+                    });
                 }
             }
-            (false, rows) => f.duplicated.push(format!(
-                "{name}: {} rows (from {})",
-                rows.len(),
-                rows.iter()
-                    .map(|(p, o)| at(*p, *o))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+            (false, held) => f.duplicated.push(about, || {
+                format!(
+                    "{}: {row_count} rows (from {})",
+                    name(),
+                    held.iter()
+                        .flat_map(|w| std::iter::repeat_n(at_w(w), usize::from(w.rows)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }),
         }
     }
+    drop(wanted);
+    name_keys(c, &expect, &part_names, &mut f).await?;
     Ok(Some(f))
+}
+
+/// Read `partition` from its first retained message up to `end`, mapping
+/// each message as the run does; `each` gets its offset and what it maps to.
+async fn read_mapped(
+    c: &Connector,
+    partition: &str,
+    end: u64,
+    mut each: impl FnMut(u64, Item),
+) -> anyhow::Result<()> {
+    let context = || format!("connector {}: read {partition} from the source", c.name);
+    let mut reader = c.source.open_audit(partition).await.with_context(context)?;
+    let mut msgs = Vec::new();
+    let mut progress = std::time::Instant::now();
+    loop {
+        msgs.clear();
+        let status = reader.read(1024, &mut msgs).await.with_context(context)?;
+        if let Some(registry) = &c.registry {
+            // As the run does: the writer schemas first.
+            let stop = tokio_util::sync::CancellationToken::new();
+            registry
+                .fetch_for(&msgs, &c.cfg.retry, &c.stats, &stop)
+                .await
+                .map_err(|(offset, reason)| {
+                    anyhow::anyhow!(
+                        "connector {}: {partition} offset {offset}: {reason}",
+                        c.name
+                    )
+                })?;
+        }
+        for m in msgs.drain(..) {
+            if m.offset >= end {
+                return Ok(());
+            }
+            let offset = m.offset;
+            each(offset, map_message(c, partition, m));
+        }
+        match status {
+            ReadStatus::End => return Ok(()),
+            ReadStatus::Data | ReadStatus::Skipped { .. } => progress = std::time::Instant::now(),
+            ReadStatus::Idle => {
+                anyhow::ensure!(
+                    progress.elapsed() < std::time::Duration::from_secs(30),
+                    "connector {}: {partition} gave nothing for 30 s before the committed position {end}",
+                    c.name
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Name the keys the shown findings are about (`key "k-3"`), from the
+/// message at each one's position: the audit held keys as digests.
+async fn name_keys(
+    c: &Connector,
+    expect: &Expect,
+    part_names: &[String],
+    f: &mut Findings,
+) -> anyhow::Result<()> {
+    let (Expect::LatestPerKey(cols, _) | Expect::FirstPerKey(cols)) = expect else {
+        return Ok(());
+    };
+    let mut wanted: BTreeMap<u32, BTreeMap<u64, String>> = BTreeMap::new();
+    for kind in f.kinds() {
+        for (part, offset) in kind.lines.iter().filter_map(|l| l.about) {
+            wanted
+                .entry(part)
+                .or_default()
+                .insert(offset, String::new());
+        }
+    }
+    for (part, names) in &mut wanted {
+        let Some(last) = names.keys().next_back().copied() else {
+            continue;
+        };
+        read_mapped(c, &part_names[*part as usize], last + 1, |offset, item| {
+            if let (Some(name), Item::Row { record, .. }) = (names.get_mut(&offset), item) {
+                *name = key_text(cols, &record);
+            }
+        })
+        .await?;
+    }
+    for kind in f.kinds_mut() {
+        for line in &mut kind.lines {
+            if let Some((part, offset)) = line.about.take() {
+                let name = wanted
+                    .get(&part)
+                    .and_then(|n| n.get(&offset))
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        format!("the key of {}@{offset}", part_names[part as usize])
+                    });
+                line.text = format!("{name}{}", line.text);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A record's key as the audit names it: `key "k-3"`.
+fn key_text(cols: &[usize], record: &idem_core::Record) -> String {
+    let key: Vec<String> = cols
+        .iter()
+        .filter_map(|i| record.values.get(*i))
+        .map(|v| v.to_json().to_string())
+        .collect();
+    format!("key {}", key.join(","))
 }
 
 /// A digest of `id`, the same in every run.
@@ -525,4 +660,25 @@ fn digest(values: &[idem_core::Value]) -> u64 {
         v.to_json().to_string().hash(&mut h);
     }
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_counts_every_finding_and_formats_only_those_it_shows() {
+        let mut kind = Kind::default();
+        let mut formatted = 0;
+        for i in 0..50 {
+            kind.push(None, || {
+                formatted += 1;
+                format!("finding {i}")
+            });
+        }
+        assert_eq!(kind.count, 50);
+        assert_eq!(formatted, SHOWN);
+        let first: Vec<String> = (0..SHOWN).map(|i| format!("finding {i}")).collect();
+        assert_eq!(kind.shown(), first);
+    }
 }
