@@ -111,6 +111,14 @@ pub struct LazyStore {
 }
 
 impl LazyStore {
+    /// One already open on `store` (tests).
+    #[cfg(test)]
+    pub fn holding(connector: &str, store: Arc<dyn DedupStore>) -> Self {
+        let lazy = LazyStore::new(connector, DedupConfig::default());
+        let _ = lazy.cell.set(store);
+        lazy
+    }
+
     pub fn new(connector: &str, cfg: DedupConfig) -> Self {
         let namespace = cfg
             .namespace
@@ -293,11 +301,19 @@ impl Stage {
     /// Reserve the batch's ids and keep the records whose effect is this
     /// batch's to make.
     ///
+    /// `durable`: the position the sink holds durable for the partition
+    /// (this batch's first offset, unless the sink stages batches).
+    ///
     /// A reservation found from another owner is resolved without waiting:
-    /// - same partition, offset before this batch: that batch committed
+    /// - same partition, offset before `durable`: that batch committed
     ///   (positions only move past committed batches): done, confirm it;
-    /// - same partition, offset in or after this batch: an attempt that
-    ///   never committed (a crashed runner, an older epoch): redo it;
+    /// - same partition and epoch, offset from `durable` to this batch: a
+    ///   batch this runner staged, not durable yet: a copy, skipped but not
+    ///   confirmed (if the staged batch is lost, the partition is read
+    ///   again from `durable` and its next owner redoes it);
+    /// - same partition, offset in or after this batch (or staged by an
+    ///   older epoch): an attempt that never committed (a crashed runner,
+    ///   an older epoch): redo it;
     /// - another partition: that partition's batch commits it, or, if it
     ///   never does, that partition is read again from before it and its
     ///   next owner redoes it; either way this copy is a duplicate.
@@ -306,6 +322,7 @@ impl Stage {
         partition: &str,
         epoch: i64,
         first_offset: u64,
+        durable: u64,
         records: &[Record],
     ) -> Result<Filtered, DedupError> {
         // Claims name the connector too: connectors that share a namespace
@@ -332,8 +349,15 @@ impl Stage {
             let kept = match s {
                 Seen::New => true,
                 Seen::Repeat | Seen::Done => false,
-                Seen::Pending(r) if r.partition == place && r.offset < first_offset => {
+                Seen::Pending(r) if r.partition == place && r.offset < durable => {
                     confirm.push(c.id.clone());
+                    false
+                }
+                Seen::Pending(r)
+                    if r.partition == place
+                        && r.offset < first_offset
+                        && owner_epoch(&r.owner) == Some(epoch) =>
+                {
                     false
                 }
                 Seen::Pending(r) if r.partition == place => {
@@ -361,6 +385,12 @@ impl Stage {
             owner,
         })
     }
+}
+
+/// The epoch in an owner named by [`Stage::owner`].
+fn owner_epoch(owner: &str) -> Option<i64> {
+    let (place_epoch, _) = owner.rsplit_once('#')?;
+    place_epoch.rsplit_once('@')?.1.parse().ok()
 }
 
 /// What the dedup `stage` in front of `source` rests on, once its store is
@@ -482,7 +512,22 @@ mod tests {
         first: u64,
         records: Vec<Record>,
     ) -> (Vec<u64>, Filtered) {
-        let f = st.filter(partition, epoch, first, &records).await.unwrap();
+        kept_durable(st, partition, epoch, first, first, records).await
+    }
+
+    /// [`kept`] with the sink durable through `durable` only.
+    async fn kept_durable(
+        st: &Stage,
+        partition: &str,
+        epoch: i64,
+        first: u64,
+        durable: u64,
+        records: Vec<Record>,
+    ) -> (Vec<u64>, Filtered) {
+        let f = st
+            .filter(partition, epoch, first, durable, &records)
+            .await
+            .unwrap();
         let offsets = records
             .iter()
             .zip(&f.keep)
@@ -518,5 +563,26 @@ mod tests {
         assert_eq!((kept_now, f.skipped), (vec![2], 2));
         // p replayed from before `d` under a new epoch: redone there.
         assert_eq!(kept(&st, "p", 3, 7, vec![rec(7, "d")]).await.0, [7]);
+    }
+
+    #[tokio::test]
+    async fn copies_of_staged_messages_are_skipped_and_confirmed_only_once_durable() {
+        let (st, _) = stage(Arc::new(MemoryDedupStore::new(Duration::from_secs(60))));
+        // Offsets 0..2 staged under epoch 1; the sink is durable through 0.
+        let (kept_now, _) = kept_durable(&st, "p", 1, 0, 0, vec![rec(0, "a"), rec(1, "b")]).await;
+        assert_eq!(kept_now, [0, 1]);
+        // A copy of `a` in the next batch: skipped, but not confirmed, for
+        // the staged batch may still be lost.
+        let (kept_now, f) = kept_durable(&st, "p", 1, 2, 0, vec![rec(2, "a"), rec(3, "c")]).await;
+        assert_eq!((kept_now, f.skipped), (vec![3], 1));
+        assert_eq!(f.confirm, ["c"]);
+        // It was: the runner died with nothing durable, and the next epoch
+        // reads from 0 again and redoes `a`.
+        let (kept_now, _) = kept_durable(&st, "p", 2, 0, 0, vec![rec(0, "a")]).await;
+        assert_eq!(kept_now, [0]);
+        // Durable past it now: a later copy finds it done, and confirms it.
+        let (kept_now, f) = kept_durable(&st, "p", 2, 5, 1, vec![rec(5, "a")]).await;
+        assert!(kept_now.is_empty());
+        assert_eq!(f.confirm, ["a"]);
     }
 }

@@ -293,7 +293,6 @@ pub struct Committed<'a> {
     pub written: u64,
     pub deduplicated: u64,
     pub dead_lettered: u64,
-    pub next_offset: u64,
     pub elapsed: Duration,
 }
 
@@ -365,7 +364,6 @@ impl Stats {
         m.batch_messages
             .get_or_create(&cl)
             .observe((c.written + c.deduplicated + c.dead_lettered) as f64);
-        self.set_position(c.partition, c.next_offset);
         self.succeeded();
     }
 
@@ -521,9 +519,9 @@ mod tests {
             written: 7,
             deduplicated: 2,
             dead_lettered: 1,
-            next_offset: 10,
             elapsed: Duration::from_millis(20),
         });
+        s.set_position("t/0", 10);
         m.set_source_end("pay", "t/0", 15, 10);
         let text = m.encode();
         for line in [

@@ -109,6 +109,15 @@ pub struct CommitStats {
     pub deduplicated: u64,
     /// Records the destination refused for good, handed to [`Rejects`].
     pub rejected: u64,
+    /// The position this partition's effects are durable through after
+    /// the commit. `None`: the batch's own `next_offset`, effects and
+    /// position durable together (every table sink). A sink that stages
+    /// batches (objects kept open across them, see
+    /// [`Sink::flush_staged`]) returns the position its store holds,
+    /// which may be behind the batch: the runner then confirms the
+    /// batch's message ids and reports its position only once a later
+    /// commit or flush makes it durable.
+    pub durable_through: Option<u64>,
 }
 
 /// A sink error. Every sink maps its own error enum into this one, keeping
@@ -231,7 +240,34 @@ pub trait Sink: Send + Sync {
 
     /// Step 3: effects and `batch.next_offset` durable together, or nothing.
     /// The batch is shared so a retry re-sends it whole without a copy.
+    ///
+    /// A sink that stages (see [`Sink::stage_for`]) may instead keep the
+    /// batch's effects pending with the position after them, and say how
+    /// far it is durable in [`CommitStats::durable_through`]: staged
+    /// batches become durable later, in offset order, each whole or not at
+    /// all, with the position after them (a crash loses staged batches,
+    /// and they are read again). A retry of a batch it staged already must
+    /// not stage it twice.
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError>;
+
+    /// How long staged effects may wait: once a partition has had effects
+    /// staged for this long, the runner calls [`Sink::flush_staged`].
+    /// `None` (the default): this sink never stages; every commit is
+    /// durable.
+    fn stage_for(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Make durable what this partition's commits staged (close its open
+    /// objects, write its position), and return the position now durable:
+    /// called when the partition's staged effects reach
+    /// [`Sink::stage_for`], and when it stops reading (end of input,
+    /// shutdown) with effects staged. `None`: nothing was staged.
+    /// [`SinkError::Fenced`] when a newer runner holds the partition: what
+    /// was staged is dropped, and the new owner reads it again.
+    async fn flush_staged(&self, _partition: &PartitionRef) -> Result<Option<u64>, SinkError> {
+        Ok(None)
+    }
 
     /// Whether the target can store `record`; `Err(reason)` sends it to the
     /// dead letters when it is mapped (a NUL character PostgreSQL text

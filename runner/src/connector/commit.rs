@@ -33,6 +33,33 @@ struct Reserved {
     confirm: Vec<String>,
 }
 
+/// Where a partition's commits stand against what the sink holds durable.
+/// A sink that stages batches (see `Sink::stage_for`) commits them ahead of
+/// its durable position: their ids are confirmed, and the position reported
+/// and acknowledged, only once it catches up.
+pub(super) struct Staged {
+    /// The position the sink holds durable.
+    durable: u64,
+    /// The position after the last batch committed, staged or durable.
+    through: u64,
+    /// Staged batches' ids, each with the position after its batch.
+    waiting: VecDeque<(u64, Reserved)>,
+    /// Since when effects are staged and not durable.
+    pub(super) since: Option<Instant>,
+}
+
+impl Staged {
+    /// A partition opened at `position`.
+    pub(super) fn new(position: u64) -> Self {
+        Staged {
+            durable: position,
+            through: position,
+            waiting: VecDeque::new(),
+            since: None,
+        }
+    }
+}
+
 impl Connector {
     /// Commit what `pending` holds (taking it). `Some(end)`: the partition
     /// ends here (fenced, or to be opened again).
@@ -41,6 +68,7 @@ impl Connector {
         pref: &PartitionRef,
         epoch: i64,
         pending: &mut Pending,
+        staged: &mut Staged,
         stop: &CancellationToken,
     ) -> Result<Option<PartitionEnd>, RunError> {
         let Some((first_offset, next_offset)) = pending.range else {
@@ -50,7 +78,14 @@ impl Connector {
         self.check_dead_letter_cap(pref, &taken.dead)?;
         self.write_dead_letters(pref, &taken.dead, stop).await?;
         let (mut records, skipped, reserved) = self
-            .reserve_ids(pref, epoch, first_offset, taken.records, stop)
+            .reserve_ids(
+                pref,
+                epoch,
+                first_offset,
+                staged.durable,
+                taken.records,
+                stop,
+            )
             .await?;
         // Taken after every record was mapped: at least as wide as any.
         let route = self.route(&pref.partition);
@@ -101,10 +136,85 @@ impl Connector {
             }
         };
         failpoint::hit(AFTER_COMMIT);
-        self.confirm_ids(pref, reserved.as_ref(), stop).await;
-        self.record_commit(&batch, skipped, taken.dead.len() as u64, stats, elapsed)
-            .await;
+        self.record_commit(&batch, skipped, taken.dead.len() as u64, stats, elapsed);
+        staged.through = batch.next_offset;
+        if let Some(reserved) = reserved {
+            staged.waiting.push_back((batch.next_offset, reserved));
+        }
+        let durable = stats.durable_through.unwrap_or(batch.next_offset);
+        self.made_durable(pref, staged, durable, stop).await;
         Ok(None)
+    }
+
+    /// Make durable what the sink staged for the partition (see
+    /// `Sink::flush_staged`), when it staged anything. `Some(end)`: the
+    /// partition ends here (fenced).
+    pub(super) async fn flush_staged(
+        &self,
+        pref: &PartitionRef,
+        staged: &mut Staged,
+        stop: &CancellationToken,
+    ) -> Result<Option<PartitionEnd>, RunError> {
+        if staged.through == staged.durable {
+            return Ok(None);
+        }
+        let flushed = retry_transient(
+            &self.cfg.retry,
+            &self.stats,
+            "make staged batches durable",
+            stop,
+            || self.sink.flush_staged(pref),
+        )
+        .await;
+        match flushed {
+            Ok(durable) => {
+                let durable = durable.unwrap_or(staged.through);
+                self.made_durable(pref, staged, durable, stop).await;
+                if staged.since.is_some() {
+                    // Still behind (the sink keeps part of it staged): wait
+                    // another `stage_for`, not at once again.
+                    staged.since = Some(Instant::now());
+                }
+                Ok(None)
+            }
+            Err(SinkError::Fenced { .. }) => Ok(Some(PartitionEnd::Fenced)),
+            Err(e) => Err(RunError::Commit {
+                connector: self.name.clone(),
+                partition: pref.partition.to_string(),
+                first_offset: staged.durable,
+                next_offset: staged.through,
+                source: e,
+            }),
+        }
+    }
+
+    /// Steps 6 and 7 once the sink holds the partition durable through
+    /// `durable`: confirm the ids of every batch before it, then report
+    /// and acknowledge the position.
+    async fn made_durable(
+        &self,
+        pref: &PartitionRef,
+        staged: &mut Staged,
+        durable: u64,
+        stop: &CancellationToken,
+    ) {
+        let mut ready = Vec::new();
+        while staged.waiting.front().is_some_and(|(n, _)| *n <= durable) {
+            ready.extend(staged.waiting.pop_front().map(|(_, r)| r));
+        }
+        self.confirm_ids(pref, &ready, stop).await;
+        staged.since = match staged.through > durable {
+            true => staged.since.or_else(|| Some(Instant::now())),
+            false => None,
+        };
+        if durable <= staged.durable {
+            return;
+        }
+        staged.durable = durable;
+        self.stats.set_position(&pref.partition, durable);
+        if let Err(e) = self.source.ack(&pref.partition, durable).await {
+            warn!(connector = %self.name, partition = %pref.partition, error = %e, "ack to the source failed");
+        }
     }
 
     /// Step 1: `dead_letters.max` counts this run's dead letters; a batch
@@ -166,6 +276,7 @@ impl Connector {
         pref: &PartitionRef,
         epoch: i64,
         first_offset: u64,
+        durable: u64,
         records: Vec<Record>,
         stop: &CancellationToken,
     ) -> Result<(Vec<Record>, u64, Option<Reserved>), RunError> {
@@ -177,7 +288,7 @@ impl Connector {
             &self.stats,
             "reserve message ids",
             stop,
-            || stage.filter(&pref.partition, epoch, first_offset, &records),
+            || stage.filter(&pref.partition, epoch, first_offset, durable, &records),
         )
         .await
         .map_err(|e| self.dedup_err(e))?;
@@ -229,19 +340,25 @@ impl Connector {
         Ok(PartitionEnd::Reopen)
     }
 
-    /// Step 6: confirm the batch's ids. Advisory: an unconfirmed
-    /// reservation behind a committed position already reads as done (see
-    /// `Stage::filter`).
+    /// Step 6: confirm the ids of batches now durable. Advisory: an
+    /// unconfirmed reservation behind a durable position already reads as
+    /// done (see `Stage::filter`).
     async fn confirm_ids(
         &self,
         pref: &PartitionRef,
-        reserved: Option<&Reserved>,
+        reserved: &[Reserved],
         stop: &CancellationToken,
     ) {
-        let (Some(stage), Some(reserved)) = (&self.dedup, reserved) else {
+        let Some(stage) = &self.dedup else {
             return;
         };
-        let ids: Vec<&str> = reserved.confirm.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = reserved
+            .iter()
+            .flat_map(|r| r.confirm.iter().map(String::as_str))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
         if let Err(e) = retry_transient(
             &self.cfg.retry,
             &self.stats,
@@ -255,9 +372,8 @@ impl Connector {
         }
     }
 
-    /// Step 6: count the batch and ack the source (advisory: the sink
-    /// holds the position that counts).
-    async fn record_commit(
+    /// Step 6: count the batch.
+    fn record_commit(
         &self,
         batch: &Batch,
         skipped: u64,
@@ -282,12 +398,8 @@ impl Connector {
             written: stats.written,
             deduplicated: stats.deduplicated + skipped,
             dead_lettered: dead + stats.rejected,
-            next_offset: batch.next_offset,
             elapsed,
         });
-        if let Err(e) = self.source.ack(&pref.partition, batch.next_offset).await {
-            warn!(connector = %self.name, partition = %pref.partition, error = %e, "ack to the source failed");
-        }
     }
 
     /// Step 3 for `batch`. When the sink refuses data in it

@@ -1,6 +1,7 @@
 //! One partition: open it in the sink, read and map its messages ahead of
 //! the committer, and cut batches by count, bytes and linger.
 
+use super::commit::Staged;
 use super::{Connector, PartitionEnd, RunError};
 use crate::deadletter::{DeadLetter, ErrorClass};
 use crate::retry::retry_transient;
@@ -112,25 +113,44 @@ impl Connector {
             tx,
             stop.clone(),
         ));
-        let result = self.commit_loop(&pref, opened.epoch, rx, &stop).await;
+        let position = opened.next_offset.unwrap_or(0);
+        let result = self
+            .commit_loop(&pref, opened.epoch, position, rx, &stop)
+            .await;
         reading.abort();
         result
     }
 
-    /// Batch what the reader sends; commit on size, bytes or linger.
+    /// Batch what the reader sends; commit on size, bytes or linger. The
+    /// partition opened at `position`. Effects a sink staged are made
+    /// durable once they have waited its `stage_for`, and before the
+    /// partition stops reading.
     async fn commit_loop(
         &self,
         pref: &PartitionRef,
         epoch: i64,
+        position: u64,
         mut rx: mpsc::Receiver<Result<Chunk, RunError>>,
         stop: &CancellationToken,
     ) -> Result<PartitionEnd, RunError> {
         let batching = &self.cfg.batch;
+        let stage_for = self.sink.stage_for();
         let mut pending = Pending::default();
+        let mut staged = Staged::new(position);
         let mut deadline: Option<Instant> = None;
         loop {
             let linger = async {
                 match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let roll_at = staged
+                .since
+                .zip(stage_for)
+                .map(|(since, wait)| since + wait);
+            let roll = async {
+                match roll_at {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
                 }
@@ -142,7 +162,10 @@ impl Connector {
                         // Its read-ahead is freed here, as it joins the batch.
                         for item in chunk.items {
                             if let Item::Fatal { offset, reason } = item {
-                                if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                                if let Some(end) = self.flush(pref, epoch, &mut pending, &mut staged, stop).await? {
+                                    return Ok(end);
+                                }
+                                if let Some(end) = self.flush_staged(pref, &mut staged, stop).await? {
                                     return Ok(end);
                                 }
                                 return Err(RunError::BadMessage {
@@ -159,7 +182,7 @@ impl Connector {
                             if pending.records.len() >= batching.records()
                                 || pending.bytes >= batching.max_bytes
                             {
-                                if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                                if let Some(end) = self.flush(pref, epoch, &mut pending, &mut staged, stop).await? {
                                     return Ok(end);
                                 }
                                 deadline = None;
@@ -167,22 +190,34 @@ impl Connector {
                         }
                     }
                     Some(Err(e)) => {
-                        if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                        if let Some(end) = self.flush(pref, epoch, &mut pending, &mut staged, stop).await? {
+                            return Ok(end);
+                        }
+                        if let Some(end) = self.flush_staged(pref, &mut staged, stop).await? {
                             return Ok(end);
                         }
                         return Err(e);
                     }
                     None => {
-                        // Reader finished (end of input, or stop): commit the rest.
-                        let end = self.flush(pref, epoch, &mut pending, stop).await?;
+                        // Reader finished (end of input, or stop): commit the
+                        // rest, and make what is staged durable.
+                        if let Some(end) = self.flush(pref, epoch, &mut pending, &mut staged, stop).await? {
+                            return Ok(end);
+                        }
+                        let end = self.flush_staged(pref, &mut staged, stop).await?;
                         return Ok(end.unwrap_or(PartitionEnd::Finished));
                     }
                 },
                 _ = linger => {
-                    if let Some(end) = self.flush(pref, epoch, &mut pending, stop).await? {
+                    if let Some(end) = self.flush(pref, epoch, &mut pending, &mut staged, stop).await? {
                         return Ok(end);
                     }
                     deadline = None;
+                }
+                _ = roll => {
+                    if let Some(end) = self.flush_staged(pref, &mut staged, stop).await? {
+                        return Ok(end);
+                    }
                 }
             }
         }

@@ -180,6 +180,17 @@ impl Sink for RoutedSink {
         }
     }
 
+    fn stage_for(&self) -> Option<std::time::Duration> {
+        self.probe.stage_for()
+    }
+
+    async fn flush_staged(&self, partition: &PartitionRef) -> Result<Option<u64>, SinkError> {
+        match self.sink_for(&partition.partition, None).await? {
+            Some(sink) => sink.flush_staged(partition).await,
+            None => Ok(None),
+        }
+    }
+
     fn check_record(&self, record: &Record) -> Result<(), String> {
         self.probe.check_record(record)
     }

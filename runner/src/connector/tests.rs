@@ -13,6 +13,8 @@ struct MemSource {
     /// Each read hands out its range twice, and the last message of the
     /// read before once more (a source that slips).
     stutter: bool,
+    /// At the end, idle (waiting for more) instead of finished.
+    follow: bool,
 }
 
 #[async_trait]
@@ -32,6 +34,7 @@ impl Source for MemSource {
             lines: self.lines.clone(),
             at: start.unwrap_or(0) as usize,
             stutter: self.stutter,
+            follow: self.follow,
         }))
     }
 }
@@ -40,6 +43,7 @@ struct MemReader {
     lines: Vec<Vec<u8>>,
     at: usize,
     stutter: bool,
+    follow: bool,
 }
 
 fn mem_message(i: usize, line: &[u8]) -> Message {
@@ -61,7 +65,12 @@ impl PartitionReader for MemReader {
         out: &mut Vec<Message>,
     ) -> Result<ReadStatus, SourceError> {
         if self.at >= self.lines.len() {
-            return Ok(ReadStatus::End);
+            if !self.follow {
+                return Ok(ReadStatus::End);
+            }
+            // As a followed source does: wait a little for more.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            return Ok(ReadStatus::Idle);
         }
         let end = (self.at + max).min(self.lines.len());
         let from = if self.stutter {
@@ -150,6 +159,7 @@ impl Sink for MemSink {
             written: batch.records.len() as u64,
             deduplicated: 0,
             rejected: 0,
+            durable_through: None,
         })
     }
     async fn positions(&self, _c: &str) -> Result<Vec<StoredPosition>, SinkError> {
@@ -192,6 +202,7 @@ required = true
     conn.source = Arc::new(MemSource {
         lines,
         stutter: false,
+        follow: false,
     });
     conn.sink = sink;
     Arc::new(conn)
@@ -216,6 +227,7 @@ async fn positions_a_source_hands_out_twice_are_written_once() {
     Arc::get_mut(&mut conn).unwrap().source = Arc::new(MemSource {
         lines: lines(25),
         stutter: true,
+        follow: false,
     });
     run_partition(&conn).await.unwrap();
     assert_eq!(
@@ -662,6 +674,7 @@ async fn registry_values_map_with_their_ids_schemas_and_an_unknown_id_stops() {
     built.source = Arc::new(MemSource {
         lines: values,
         stutter: false,
+        follow: false,
     });
     built.sink = sink.clone();
     conn = built;
@@ -712,6 +725,7 @@ async fn registry_protobuf_values_map_with_their_message() {
     built.source = Arc::new(MemSource {
         lines: values,
         stutter: false,
+        follow: false,
     });
     built.sink = sink.clone();
     let conn = Arc::new(built);
@@ -719,4 +733,225 @@ async fn registry_protobuf_values_map_with_their_message() {
     assert_eq!(*sink.commits.lock().unwrap(), [(0, 20, 20)]);
     assert_eq!(stand.asked.lock().unwrap().len(), 1);
     assert_eq!(conn.stats.snapshot().dead_lettered, 0);
+}
+
+/// A sink that stages batches, as one keeping objects open across them
+/// does: durable every `roll` records, or when flushed; opening the
+/// partition again (a restart) drops what was staged.
+#[derive(Default)]
+struct StagingSink {
+    state: Mutex<Staging>,
+    roll: usize,
+    stage_for: Option<std::time::Duration>,
+    /// The commit (counted from 1) that fails for good, as a crash would
+    /// end the run; 0: none.
+    fail_commit: AtomicUsize,
+    commits: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Staging {
+    epoch: i64,
+    /// Ids durable in the sink, in the order they became so.
+    durable: Vec<i64>,
+    position: Option<u64>,
+    staged: Vec<i64>,
+    staged_through: u64,
+    flushes: usize,
+}
+
+impl Staging {
+    fn make_durable(&mut self) -> u64 {
+        let staged = std::mem::take(&mut self.staged);
+        self.durable.extend(staged);
+        self.position = Some(self.staged_through);
+        self.staged_through
+    }
+}
+
+#[async_trait]
+impl Sink for StagingSink {
+    fn info(&self) -> idem_core::SinkInfo {
+        MemSink::default().info()
+    }
+    async fn prepare(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn open(&self, _p: &PartitionRef) -> Result<Opened, SinkError> {
+        let mut st = self.state.lock().unwrap();
+        st.epoch += 1;
+        st.staged.clear();
+        st.staged_through = st.position.unwrap_or(0);
+        Ok(Opened {
+            epoch: st.epoch,
+            next_offset: st.position,
+        })
+    }
+    async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
+        let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.fail_commit.load(Ordering::SeqCst) {
+            return Err(SinkError::Permanent(Box::new(Simulated)));
+        }
+        let mut st = self.state.lock().unwrap();
+        if batch.epoch != st.epoch {
+            return Err(SinkError::Fenced {
+                partition: batch.partition.to_string(),
+                epoch: batch.epoch,
+            });
+        }
+        if batch.next_offset > st.staged_through {
+            st.staged
+                .extend(batch.records.iter().filter_map(|r| match r.values[0] {
+                    idem_core::Value::BigInt(id) => Some(id),
+                    _ => None,
+                }));
+            st.staged_through = batch.next_offset;
+            if st.staged.len() >= self.roll {
+                st.make_durable();
+            }
+        }
+        Ok(CommitStats {
+            written: batch.records.len() as u64,
+            durable_through: Some(st.position.unwrap_or(0)),
+            ..Default::default()
+        })
+    }
+    fn stage_for(&self) -> Option<std::time::Duration> {
+        self.stage_for
+    }
+    async fn flush_staged(&self, _p: &PartitionRef) -> Result<Option<u64>, SinkError> {
+        let mut st = self.state.lock().unwrap();
+        st.flushes += 1;
+        Ok(Some(st.make_durable()))
+    }
+    async fn positions(&self, _c: &str) -> Result<Vec<StoredPosition>, SinkError> {
+        Ok(vec![])
+    }
+    async fn describe(&self) -> Result<String, SinkError> {
+        Ok("staging".into())
+    }
+}
+
+/// `connector` over a [`StagingSink`], its source following (idle at the
+/// end) when `follow`.
+fn staging_connector(
+    sink: Arc<StagingSink>,
+    lines: Vec<Vec<u8>>,
+    batch: &str,
+    follow: bool,
+) -> Arc<Connector> {
+    let mut conn = connector(Arc::new(MemSink::default()), lines.clone(), batch);
+    let c = Arc::get_mut(&mut conn).unwrap();
+    c.sink = sink;
+    c.source = Arc::new(MemSource {
+        lines,
+        stutter: false,
+        follow,
+    });
+    conn
+}
+
+#[tokio::test]
+async fn staged_batches_become_durable_when_the_input_ends() {
+    let sink = Arc::new(StagingSink {
+        roll: 1000,
+        ..Default::default()
+    });
+    let conn = staging_connector(
+        sink.clone(),
+        lines(25),
+        "max_records = 10\nlinger = \"1h\"",
+        false,
+    );
+    run_partition(&conn).await.unwrap();
+    let st = sink.state.lock().unwrap();
+    assert_eq!(st.durable, (0..25).collect::<Vec<i64>>());
+    assert_eq!((st.position, st.flushes), (Some(25), 1));
+    assert_eq!(conn.stats.snapshot().positions["p"], 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_batches_become_durable_after_stage_for_while_the_source_idles() {
+    let sink = Arc::new(StagingSink {
+        roll: 1000,
+        stage_for: Some(std::time::Duration::from_millis(100)),
+        ..Default::default()
+    });
+    let conn = staging_connector(
+        sink.clone(),
+        lines(25),
+        "max_records = 10\nlinger = \"10ms\"",
+        true,
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(conn.clone().run_partition("p", stop.clone()));
+    let started = std::time::Instant::now();
+    while sink.state.lock().unwrap().position != Some(25) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "never flushed"
+        );
+        // Nothing is reported durable before the sink holds it.
+        let reported = conn.stats.snapshot().positions.get("p").copied();
+        assert!(reported.unwrap_or(0) <= sink.state.lock().unwrap().position.unwrap_or(0));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Flushed while the source was still open, by time alone.
+    assert!(!running.is_finished());
+    assert_eq!(sink.state.lock().unwrap().flushes, 1);
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(conn.stats.snapshot().positions["p"], 25);
+}
+
+/// A connector that drops copies by `/id` with the in-memory dedup store
+/// `store`, over `sink`.
+fn deduplicating(
+    sink: Arc<StagingSink>,
+    lines: Vec<Vec<u8>>,
+    store: Arc<dyn idem_dedup_store::DedupStore>,
+) -> Arc<Connector> {
+    let mut conn = staging_connector(sink, lines, "max_records = 5\nlinger = \"1h\"", false);
+    let c = Arc::get_mut(&mut conn).unwrap();
+    c.dedup = Some(crate::dedup::Stage {
+        store: Arc::new(crate::dedup::LazyStore::holding("t", store)),
+        on_loss: idem_config::OnLoss::Fail,
+        connector: "t".into(),
+    });
+    c.ids = Some(crate::dedup::Ids::new(
+        "t",
+        idem_config::IdSource::Pointer("/id".into()),
+    ));
+    conn
+}
+
+#[tokio::test]
+async fn ids_of_staged_batches_are_confirmed_only_once_durable_so_a_crash_loses_none() {
+    // Ids 0..20, then copies of 15..20 (staged when they come), then 20..30.
+    let ids: Vec<i64> = (0..20).chain(15..20).chain(20..30).collect();
+    let input: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|i| format!("{{\"id\":{i}}}").into_bytes())
+        .collect();
+    let store: Arc<dyn idem_dedup_store::DedupStore> = Arc::new(
+        idem_dedup_store::MemoryDedupStore::new(std::time::Duration::from_secs(600)),
+    );
+    // Durable every 15 records; the 6th commit fails for good, with
+    // [15, 25) staged: the run ends there as a crash would.
+    let sink = Arc::new(StagingSink {
+        roll: 15,
+        fail_commit: AtomicUsize::new(6),
+        ..Default::default()
+    });
+    let first = deduplicating(sink.clone(), input.clone(), store.clone());
+    assert!(run_partition(&first).await.is_err());
+    assert_eq!(sink.state.lock().unwrap().position, Some(15));
+    // Nothing past the durable position was reported or acknowledged.
+    assert_eq!(first.stats.snapshot().positions["p"], 15);
+    // The restart reads again from 15: every id once.
+    let second = deduplicating(sink.clone(), input, store);
+    run_partition(&second).await.unwrap();
+    let mut durable = sink.state.lock().unwrap().durable.clone();
+    durable.sort_unstable();
+    assert_eq!(durable, (0..30).collect::<Vec<i64>>());
 }

@@ -669,6 +669,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         written,
         deduplicated: total.saturating_sub(written),
         rejected: 0,
+        durable_through: None,
     }))
 }
 

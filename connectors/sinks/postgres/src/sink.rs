@@ -956,6 +956,7 @@ impl PostgresSink {
             written,
             deduplicated: total.saturating_sub(written),
             rejected: 0,
+            durable_through: None,
         }))
     }
 

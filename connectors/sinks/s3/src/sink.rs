@@ -256,6 +256,7 @@ impl Sink for S3Sink {
                             written: batch.records.len() as u64,
                             deduplicated: 0,
                             rejected: 0,
+                            durable_through: None,
                         });
                     }
                     _ => {
@@ -279,6 +280,7 @@ impl Sink for S3Sink {
             written: batch.records.len() as u64,
             deduplicated: 0,
             rejected: 0,
+            durable_through: None,
         })
     }
 

@@ -387,6 +387,7 @@ fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome,
         written,
         deduplicated: total - written.min(total),
         rejected: 0,
+        durable_through: None,
     }))
 }
 

@@ -97,6 +97,7 @@ impl Sink for StdoutSink {
             written: batch.records.len() as u64,
             deduplicated: 0,
             rejected: 0,
+            durable_through: None,
         })
     }
 
