@@ -461,6 +461,9 @@ impl Connector {
                     total.written += s.written;
                     total.deduplicated += s.deduplicated;
                     total.rejected += s.rejected;
+                    // Pieces commit in order: the last says how far the
+                    // sink is durable.
+                    total.durable_through = s.durable_through;
                     continue;
                 }
                 Err(SinkError::Refused(e)) if !piece.records.is_empty() => e,
