@@ -11,6 +11,7 @@
 //! 6. `confirm_ids`, then `record_commit` (counters, the source's ack).
 
 use super::partition::Pending;
+use super::staged::{Reserved, Staged};
 use super::{Connector, PartitionEnd, RunError};
 use crate::deadletter::{DeadLetter, ErrorClass};
 use crate::retry::retry_transient;
@@ -25,40 +26,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-
-/// The dedup stage's hold on a batch's ids: who reserved them, and which
-/// to confirm once it commits.
-struct Reserved {
-    owner: String,
-    confirm: Vec<String>,
-}
-
-/// Where a partition's commits stand against what the sink holds durable.
-/// A sink that stages batches (see `Sink::stage_for`) commits them ahead of
-/// its durable position: their ids are confirmed, and the position reported
-/// and acknowledged, only once it catches up.
-pub(super) struct Staged {
-    /// The position the sink holds durable.
-    durable: u64,
-    /// The position after the last batch committed, staged or durable.
-    through: u64,
-    /// Staged batches' ids, each with the position after its batch.
-    waiting: VecDeque<(u64, Reserved)>,
-    /// Since when effects are staged and not durable.
-    pub(super) since: Option<Instant>,
-}
-
-impl Staged {
-    /// A partition opened at `position`.
-    pub(super) fn new(position: u64) -> Self {
-        Staged {
-            durable: position,
-            through: position,
-            waiting: VecDeque::new(),
-            since: None,
-        }
-    }
-}
 
 impl Connector {
     /// Commit what `pending` holds (taking it). `Some(end)`: the partition

@@ -6,11 +6,14 @@
 //!   partition tasks.
 //! - `partition.rs`: one partition: open, read and map, batch.
 //! - `commit.rs`: one batch through the protocol's steps.
+//! - `staged.rs`: what the committer keeps between batches (reservations,
+//!   how far the sink is durable).
 
 mod commit;
 mod error;
 mod partition;
 pub(crate) mod routed;
+mod staged;
 #[cfg(test)]
 mod tests;
 

@@ -1,7 +1,7 @@
 //! One partition: open it in the sink, read and map its messages ahead of
 //! the committer, and cut batches by count, bytes and linger.
 
-use super::commit::Staged;
+use super::staged::Staged;
 use super::{Connector, PartitionEnd, RunError};
 use crate::deadletter::{DeadLetter, ErrorClass};
 use crate::retry::retry_transient;
