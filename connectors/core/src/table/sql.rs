@@ -461,8 +461,29 @@ pub fn delete(
     )
 }
 
-/// A key cell, hashable, for spotting repeated keys in a batch.
-#[derive(PartialEq, Eq, Hash)]
+/// The indexes of the records `keep` marks, in the order of their keys
+/// (text by bytes, numbers by value): a unique index takes rows in its own
+/// order with fewer page visits than in a random one.
+pub fn in_key_order(records: &[Record], keep: &[bool], key_idx: &[usize]) -> Vec<u32> {
+    let mut order: Vec<(Vec<KeyPart<'_>>, u32)> = records
+        .iter()
+        .zip(keep)
+        .enumerate()
+        .filter(|(_, (_, k))| **k)
+        .map(|(i, (r, _))| {
+            (
+                KeyPart::key(r, key_idx),
+                u32::try_from(i).unwrap_or(u32::MAX),
+            )
+        })
+        .collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, i)| i).collect()
+}
+
+/// A key cell, hashable, for spotting repeated keys in a batch, and
+/// ordered, for sending a batch's rows in key order.
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum KeyPart<'a> {
     Null,
     Text(&'a str),
@@ -527,6 +548,23 @@ pub fn key_indexes(columns: &[ColumnConfig], keys: &[String]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_records_go_in_key_order() {
+        let rec = |offset: u64, k: &str, n: i64| Record {
+            offset,
+            op: crate::Op::Upsert,
+            values: vec![Value::Text(k.into()), Value::BigInt(n)],
+            id: None,
+        };
+        let records = [rec(0, "b", 1), rec(1, "a", 9), rec(2, "c", 0), rec(3, "a", 2)];
+        let all = [true; 4];
+        assert_eq!(in_key_order(&records, &all, &[0]), [1, 3, 0, 2]);
+        assert_eq!(in_key_order(&records, &all, &[0, 1]), [3, 1, 0, 2]);
+        assert_eq!(in_key_order(&records, &[true, false, true, false], &[0]), [0, 2]);
+        // Numbers by value, not as text.
+        assert_eq!(in_key_order(&records, &all, &[1]), [2, 0, 3, 1]);
+    }
 
     #[test]
     fn fragments() {
