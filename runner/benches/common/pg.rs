@@ -21,6 +21,7 @@ pub fn connect(rt: &Runtime, schema: &str) -> tokio_postgres::Client {
     client
 }
 
+#[derive(Clone)]
 pub struct Event {
     pub event_id: String,
     pub user_id: i64,

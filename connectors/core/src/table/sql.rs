@@ -557,11 +557,19 @@ mod tests {
             values: vec![Value::Text(k.into()), Value::BigInt(n)],
             id: None,
         };
-        let records = [rec(0, "b", 1), rec(1, "a", 9), rec(2, "c", 0), rec(3, "a", 2)];
+        let records = [
+            rec(0, "b", 1),
+            rec(1, "a", 9),
+            rec(2, "c", 0),
+            rec(3, "a", 2),
+        ];
         let all = [true; 4];
         assert_eq!(in_key_order(&records, &all, &[0]), [1, 3, 0, 2]);
         assert_eq!(in_key_order(&records, &all, &[0, 1]), [3, 1, 0, 2]);
-        assert_eq!(in_key_order(&records, &[true, false, true, false], &[0]), [0, 2]);
+        assert_eq!(
+            in_key_order(&records, &[true, false, true, false], &[0]),
+            [0, 2]
+        );
         // Numbers by value, not as text.
         assert_eq!(in_key_order(&records, &all, &[1]), [2, 0, 3, 1]);
     }
