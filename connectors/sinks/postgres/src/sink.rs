@@ -231,7 +231,8 @@ async fn copy_rows(
     let sink = txn.copy_in(sql).await?;
     let writer = BinaryCopyInWriter::new(sink, types);
     futures_util::pin_mut!(writer);
-    let half = batch.records.len() / 2;
+    // Half way through the rows it sends.
+    let half = rows.order.map_or(batch.records.len(), <[u32]>::len) / 2;
     let partition: &str = &batch.partition.partition;
     let mut row: Vec<Cell> = Vec::with_capacity(types.len());
     let order: Box<dyn Iterator<Item = usize> + Send> = match rows.order {
