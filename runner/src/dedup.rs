@@ -491,12 +491,9 @@ mod tests {
     }
 
     fn stage(store: Arc<dyn DedupStore>) -> (Stage, Arc<dyn DedupStore>) {
-        // The stage needs a LazyStore; fill its cell with the given store.
-        let lazy = LazyStore::new("c", DedupConfig::default());
-        let _ = lazy.cell.set(store.clone());
         (
             Stage {
-                store: Arc::new(lazy),
+                store: Arc::new(LazyStore::holding("c", store.clone())),
                 on_loss: OnLoss::Fail,
                 connector: "c".into(),
             },
