@@ -4,8 +4,8 @@
 //! `IS DISTINCT FROM` and `INSERT .. ON CONFLICT`.
 
 use crate::{Op, Record, RowShape, SinkInfo, Value};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use idem_config::{ColumnConfig, ColumnType, Guarantee, WriteMode};
-use std::collections::HashSet;
 
 /// Position columns every table sink adds to its rows.
 pub const POS_PARTITION: &str = "_idem_partition";
@@ -41,6 +41,40 @@ pub fn first_of_each_key(records: &[Record], key_idx: &[usize]) -> Vec<bool> {
         .iter()
         .map(|r| seen.insert(KeyPart::key(r, key_idx)))
         .collect()
+}
+
+/// Per record of an upsert batch without a version column: whether it is
+/// the newest (highest offset) message of its key in the batch, so the
+/// batch can be merged as it is once the others are left out. `None` when
+/// the batch holds a tombstone: the table's SQL picks then, as a delete
+/// must also reach the keys' graves.
+pub fn newest_of_each_key(records: &[Record], key_idx: &[usize]) -> Option<Vec<bool>> {
+    if records.iter().any(|r| r.op != Op::Upsert) {
+        return None;
+    }
+    // A key of one column (the usual case) without a `Vec` per record.
+    Some(match key_idx {
+        [k] => newest_by(records, |r| KeyPart::of(&r.values[*k])),
+        _ => newest_by(records, |r| KeyPart::key(r, key_idx)),
+    })
+}
+
+fn newest_by<'a, K: std::hash::Hash + Eq>(
+    records: &'a [Record],
+    key: impl Fn(&'a Record) -> K,
+) -> Vec<bool> {
+    let mut newest: HashMap<K, usize> = HashMap::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let at = newest.entry(key(r)).or_insert(i);
+        if records[*at].offset < r.offset {
+            *at = i;
+        }
+    }
+    let mut keep = vec![false; records.len()];
+    for i in newest.into_values() {
+        keep[i] = true;
+    }
+    keep
 }
 
 /// An offset as stored in a `BIGINT` column. Offsets beyond i64::MAX
@@ -572,6 +606,34 @@ mod tests {
         );
         // Numbers by value, not as text.
         assert_eq!(in_key_order(&records, &all, &[1]), [2, 0, 3, 1]);
+    }
+
+    #[test]
+    fn the_newest_message_of_each_key_is_kept() {
+        let rec = |offset: u64, k: &str, op: crate::Op| Record {
+            offset,
+            op,
+            values: vec![Value::Text(k.into())],
+            id: None,
+        };
+        let up = crate::Op::Upsert;
+        let records = [
+            rec(4, "a", up),
+            rec(5, "b", up),
+            rec(7, "a", up),
+            rec(8, "c", up),
+            rec(9, "a", up),
+        ];
+        assert_eq!(
+            newest_of_each_key(&records, &[0]),
+            Some(vec![false, true, false, true, true])
+        );
+        // By offset, not by place in the batch.
+        let swapped = [rec(9, "a", up), rec(4, "a", up)];
+        assert_eq!(newest_of_each_key(&swapped, &[0]), Some(vec![true, false]));
+        // A tombstone leaves the pick to the table's SQL.
+        let with_delete = [rec(1, "a", up), rec(2, "a", crate::Op::Delete)];
+        assert_eq!(newest_of_each_key(&with_delete, &[0]), None);
     }
 
     #[test]
