@@ -44,27 +44,34 @@ pub fn first_of_each_key(records: &[Record], key_idx: &[usize]) -> Vec<bool> {
 }
 
 /// Per record of an upsert batch without a version column: whether it is
-/// the newest (highest offset) message of its key in the batch, so the
-/// batch can be merged as it is once the others are left out. `None` when
-/// the batch holds a tombstone: the table's SQL picks then, as a delete
-/// must also reach the keys' graves.
-pub fn newest_of_each_key(records: &[Record], key_idx: &[usize]) -> Option<Vec<bool>> {
-    if records.iter().any(|r| r.op != Op::Upsert) {
+/// the newest (highest offset) message of its key among those `keep` marks
+/// (all without it), so the batch can be merged as it is once the others
+/// are left out. `None` when one of them is a tombstone: the table's SQL
+/// picks then, as a delete must also reach the keys' graves.
+pub fn newest_of_each_key(
+    records: &[Record],
+    keep: Option<&[bool]>,
+    key_idx: &[usize],
+) -> Option<Vec<bool>> {
+    let kept = |i: usize| keep.is_none_or(|k| k[i]);
+    let mut candidates = records.iter().enumerate().filter(|(i, _)| kept(*i));
+    if candidates.any(|(_, r)| r.op != Op::Upsert) {
         return None;
     }
     // A key of one column (the usual case) without a `Vec` per record.
     Some(match key_idx {
-        [k] => newest_by(records, |r| KeyPart::of(&r.values[*k])),
-        _ => newest_by(records, |r| KeyPart::key(r, key_idx)),
+        [k] => newest_by(records, kept, |r| KeyPart::of(&r.values[*k])),
+        _ => newest_by(records, kept, |r| KeyPart::key(r, key_idx)),
     })
 }
 
 fn newest_by<'a, K: std::hash::Hash + Eq>(
     records: &'a [Record],
+    kept: impl Fn(usize) -> bool,
     key: impl Fn(&'a Record) -> K,
 ) -> Vec<bool> {
     let mut newest: HashMap<K, usize> = HashMap::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
+    for (i, r) in records.iter().enumerate().filter(|(i, _)| kept(*i)) {
         let at = newest.entry(key(r)).or_insert(i);
         if records[*at].offset < r.offset {
             *at = i;
@@ -625,15 +632,28 @@ mod tests {
             rec(9, "a", up),
         ];
         assert_eq!(
-            newest_of_each_key(&records, &[0]),
+            newest_of_each_key(&records, None, &[0]),
             Some(vec![false, true, false, true, true])
+        );
+        // Among the records kept (here: not the last "a").
+        let keep = [true, true, true, true, false];
+        assert_eq!(
+            newest_of_each_key(&records, Some(&keep), &[0]),
+            Some(vec![false, true, true, true, false])
         );
         // By offset, not by place in the batch.
         let swapped = [rec(9, "a", up), rec(4, "a", up)];
-        assert_eq!(newest_of_each_key(&swapped, &[0]), Some(vec![true, false]));
-        // A tombstone leaves the pick to the table's SQL.
+        assert_eq!(
+            newest_of_each_key(&swapped, None, &[0]),
+            Some(vec![true, false])
+        );
+        // A tombstone leaves the pick to the table's SQL, unless dropped.
         let with_delete = [rec(1, "a", up), rec(2, "a", crate::Op::Delete)];
-        assert_eq!(newest_of_each_key(&with_delete, &[0]), None);
+        assert_eq!(newest_of_each_key(&with_delete, None, &[0]), None);
+        assert_eq!(
+            newest_of_each_key(&with_delete, Some(&[true, false]), &[0]),
+            Some(vec![true, false])
+        );
     }
 
     #[test]

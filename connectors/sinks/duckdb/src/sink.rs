@@ -12,13 +12,13 @@ use duckdb::{params, Connection, OptionalExt};
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::offsets::OffsetsSql;
-use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN, POS_OFFSET, POS_PARTITION};
+use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::table::{audit, check};
 use idem_core::{
     columnar, AddsColumns, Batch, CommitStats, Op, Opened, PartitionRef, Record, RowPositions,
     Sink, SinkError, SinkInfo, StoredPosition, TableColumn,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -29,13 +29,11 @@ struct Plan {
     ctx: Ctx,
     /// How many mapped columns the statements write.
     width: usize,
-    /// The session's staging tables: the batch, then its newest row per
-    /// key. Named after the table: sinks of several tables of one file
-    /// share the connection (see [`connection_of`]). Without kept ids the
-    /// first is a view of the batch's record batch (see [`scan`]).
+    /// Upserts: a temporary view of the batch's record batch (see
+    /// [`scan`]), and the temporary table of its newest row per key when
+    /// SQL picks them. Named after the table: sinks of several tables of
+    /// one file share the connection (see [`connection_of`]).
     stage: String,
-    /// Whether `stage` is that view rather than a table appended to.
-    direct: bool,
     /// Whether the newest message of each key is the last by offset (no
     /// version column), so the batch's own records tell which to keep.
     newest_by_offset: bool,
@@ -76,13 +74,24 @@ struct Plan {
 /// cost more to insert into than the scan it saves.
 struct SeenSql {
     create: String,
-    /// Drop from the staging table the rows whose id took effect before.
-    drop: String,
-    /// Then record the ids left.
+    /// Which of the ids in the ids slot took effect before.
+    lookup: String,
+    /// Record the ids in the ids slot.
     record: String,
-    /// Append: the staged rows into the table.
-    insert_staged: String,
     purge: String,
+}
+
+/// Where a batch's rows and its ids wait for the statements that read them.
+struct Slots {
+    rows: scan::Slot,
+    ids: scan::Slot,
+}
+
+impl Slots {
+    /// The ids slot's schema: one column of message ids.
+    fn ids_schema() -> Arc<Schema> {
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false)]))
+    }
 }
 
 fn sql_type(t: ColumnType) -> &'static str {
@@ -103,21 +112,29 @@ fn sql_type(t: ColumnType) -> &'static str {
 }
 
 impl Plan {
-    /// Whether batches go through the staging table (upserts, and any
-    /// batch whose ids are checked) rather than straight into the table.
+    /// What failed building a batch of `batch`'s partition as Arrow.
+    fn encode(&self, batch: &Batch, detail: String) -> DuckDbError {
+        DuckDbError::Encode {
+            table: self.ctx.table.clone(),
+            partition: batch.partition.to_string(),
+            detail,
+        }
+    }
+
+    /// Whether batches are merged from the view of their record batch
+    /// (upserts) rather than appended to the table.
     fn staged(&self) -> bool {
-        self.mode == Mode::Upsert || self.seen.is_some()
+        self.mode == Mode::Upsert
     }
 
     fn new(
         cfg: &DuckDbSinkConfig,
         columns: &[ColumnConfig],
         keep_ids: Option<Duration>,
-        slot: &scan::Slot,
+        slots: &Slots,
     ) -> Plan {
         let t = format!("main.{}", q(&cfg.table));
         let insert_columns = sql::insert_columns(columns);
-        let col_list = sql::list(&insert_columns);
         // `dedup` is refused by the config's validation on this sink.
         let keys = match cfg.mode {
             Mode::Upsert => cfg.key.clone(),
@@ -136,33 +153,18 @@ impl Plan {
             "CREATE TABLE IF NOT EXISTS {t} ({})",
             sql::unkeyed_table_definition(columns, &keys, sql_type)
         );
-        let id_def = if keep_ids.is_some() {
-            format!(", NULL::VARCHAR AS {ID_COLUMN}")
-        } else {
-            String::new()
-        };
-        // Kept ids are dropped from the staged rows (`SeenSql::drop`): a
-        // table. Otherwise the statements read the record batch itself.
-        let direct = cfg.mode == Mode::Upsert && keep_ids.is_none();
-        let create_stage = if direct {
-            format!("CREATE OR REPLACE TEMP VIEW {stage_q} AS {}", slot.select())
-        } else {
-            format!(
-                "CREATE OR REPLACE TEMP TABLE {stage_q} AS SELECT {col_list}, FALSE AS {DELETE_FLAG}{id_def} FROM {t} LIMIT 0"
-            )
-        };
+        let create_stage = format!(
+            "CREATE OR REPLACE TEMP VIEW {stage_q} AS {}",
+            slots.rows.select()
+        );
         let seen_q = format!("main.{}", q(&sql::seen_table(&cfg.table)));
+        let ids = slots.ids.select();
         let seen = keep_ids.map(|retention| SeenSql {
             create: format!(
                 "CREATE TABLE IF NOT EXISTS {seen_q} (id VARCHAR NOT NULL, seen_at TIMESTAMP WITH TIME ZONE NOT NULL)"
             ),
-            drop: format!(
-                "DELETE FROM {stage_q} USING {seen_q} WHERE {stage_q}.{ID_COLUMN} = {seen_q}.id"
-            ),
-            record: format!(
-                "INSERT INTO {seen_q} SELECT {ID_COLUMN}, now() FROM {stage_q} WHERE {ID_COLUMN} IS NOT NULL"
-            ),
-            insert_staged: format!("INSERT INTO {t} ({col_list}) SELECT {col_list} FROM {stage_q}"),
+            lookup: format!("SELECT b.id FROM ({ids}) AS b SEMI JOIN {seen_q} AS s ON b.id = s.id"),
+            record: format!("INSERT INTO {seen_q} SELECT id, now() FROM ({ids})"),
             purge: format!(
                 "DELETE FROM {seen_q} WHERE seen_at < now() - to_microseconds({})",
                 retention.as_micros()
@@ -182,13 +184,9 @@ impl Plan {
             cfg.delete_on_tombstone,
         );
         let graves = graves.as_ref();
-        let staged = cfg.mode == Mode::Upsert || keep_ids.is_some();
         let mut fields = columnar::fields(columns, POS_PARTITION, POS_OFFSET);
-        if staged {
+        if cfg.mode == Mode::Upsert {
             fields.push(Field::new(DELETE_FLAG, DataType::Boolean, false));
-        }
-        if keep_ids.is_some() {
-            fields.push(Field::new(ID_COLUMN, DataType::Utf8, true));
         }
         Plan {
             columns: columns.to_vec(),
@@ -209,7 +207,6 @@ impl Plan {
             merge_staged: sql::update_then_insert(&t, &stage_q, columns, &keys, version, graves),
             bury: graves.map(|g| g.bury(&latest_q, &keys)),
             stage,
-            direct,
             newest_by_offset: version.is_none(),
             latest,
             create_graves: graves.map(|g| g.create(columns, &keys, sql_type)),
@@ -263,8 +260,8 @@ struct Inner {
     keep_ids: Option<Duration>,
     /// Commits so far, to purge expired ids every 100th.
     commits: AtomicU64,
-    /// Where a batch waits for the statements that read it (`plan.direct`).
-    slot: scan::Slot,
+    /// Where a batch's rows and ids wait for the statements that read them.
+    slots: Slots,
 }
 
 impl DuckDbSink {
@@ -286,11 +283,14 @@ impl DuckDbSink {
     }
 
     fn with(cfg: DuckDbSinkConfig, columns: Vec<ColumnConfig>, keep_ids: Option<Duration>) -> Self {
-        let slot = scan::Slot::new();
-        let plan = Plan::new(&cfg, &columns, keep_ids, &slot);
+        let slots = Slots {
+            rows: scan::Slot::new(),
+            ids: scan::Slot::new(),
+        };
+        let plan = Plan::new(&cfg, &columns, keep_ids, &slots);
         DuckDbSink {
             inner: Arc::new(Inner {
-                slot,
+                slots,
                 conn: connection_of(&cfg.path),
                 cfg,
                 columns,
@@ -352,7 +352,7 @@ impl Inner {
             .as_ref()
             .filter(|c| c.len() > current.width)
             .map(|c| {
-                let plan = Plan::new(&self.cfg, c, self.keep_ids, &self.slot);
+                let plan = Plan::new(&self.cfg, c, self.keep_ids, &self.slots);
                 (Arc::new(plan), &c[current.width..])
             });
         let plan = grown.as_ref().map_or(&current, |(plan, _)| plan);
@@ -363,7 +363,7 @@ impl Inner {
             .as_ref()
             .map_or(Ok(()), |(plan, added)| self.add_columns(conn, plan, added))
             .and_then(|()| self.purge_seen(conn, plan))
-            .and_then(|()| write_batch(conn, plan, &self.slot, batch));
+            .and_then(|()| write_batch(conn, plan, &self.slots, batch));
         match &result {
             Ok(Outcome::Committed(_)) => {
                 if let Err(e) = conn.execute_batch("COMMIT") {
@@ -430,14 +430,15 @@ impl Inner {
         Ok(())
     }
 
-    /// (Re)create the staging table, or the view of the slot: bound to an
-    /// empty batch of the plan's columns while it is created.
+    /// (Re)create the view of the rows slot: bound to an empty batch of the
+    /// plan's columns while it is created.
     fn create_stage(&self, conn: &Connection, plan: &Plan) -> Result<(), DuckDbError> {
-        let _empty = plan
-            .direct
-            .then(|| self.slot.hold(RecordBatch::new_empty(plan.schema.clone())));
+        let _empty = self
+            .slots
+            .rows
+            .hold(RecordBatch::new_empty(plan.schema.clone()));
         conn.execute_batch(&plan.create_stage)
-            .map_err(|e| plan.ctx.sql(&plan.stage, "create the staging table", e))
+            .map_err(|e| plan.ctx.sql(&plan.stage, "create the view of a batch", e))
     }
 
     fn check_table(&self, conn: &Connection) -> Result<(), DuckDbError> {
@@ -575,59 +576,42 @@ enum Outcome {
     Fenced,
 }
 
-/// `batch` as one Arrow record batch of `plan.schema`: with the delete
-/// flags when staged, the ids when kept, and with `keep` only the records
-/// it marks.
+/// `batch` as one Arrow record batch of `plan.schema` (with the delete
+/// flags for an upsert), and with `keep` only the records it marks.
 fn record_batch(
     plan: &Plan,
     batch: &Batch,
     keep: Option<&[bool]>,
 ) -> Result<RecordBatch, DuckDbError> {
-    let ctx = &plan.ctx;
-    let p = &batch.partition;
     let records: Vec<&Record> = match keep {
         Some(keep) => sql::kept(&batch.records, keep).collect(),
         None => batch.records.iter().collect(),
     };
-    let encode = |detail: String| DuckDbError::Encode {
-        table: ctx.table.clone(),
-        partition: p.to_string(),
-        detail,
-    };
+    let encode = |detail: String| plan.encode(batch, detail);
+    let p = &batch.partition;
     let mut arrays = columnar::arrays(&plan.columns, &p.partition, &records).map_err(encode)?;
     if plan.staged() {
         let flags = records.iter().map(|r| Some(r.op == Op::Delete));
         arrays.push(Arc::new(flags.collect::<BooleanArray>()) as ArrayRef);
     }
-    if plan.seen.is_some() {
-        let ids = records.iter().map(|r| r.id.as_deref());
-        arrays.push(Arc::new(ids.collect::<StringArray>()) as ArrayRef);
-    }
     RecordBatch::try_new(plan.schema.clone(), arrays).map_err(|e| encode(e.to_string()))
 }
 
-/// Append `rows` to `target` (the table, or the staging table) in two
-/// halves around `mid_write`.
+/// Append the records of `batch` (those `keep` marks) to the table in two
+/// halves around `mid_write`; how many.
 fn append(
     conn: &Connection,
     plan: &Plan,
-    target: &str,
     batch: &Batch,
     keep: Option<&[bool]>,
-) -> Result<(), DuckDbError> {
+) -> Result<u64, DuckDbError> {
     let ctx = &plan.ctx;
-    let p = &batch.partition;
+    let (p, table) = (&batch.partition, ctx.table.as_str());
     let rows = record_batch(plan, batch, keep)?;
-    let mut cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
-    if plan.staged() {
-        cols.push(DELETE_FLAG);
-    }
-    if plan.seen.is_some() {
-        cols.push(ID_COLUMN);
-    }
+    let cols: Vec<&str> = plan.insert_columns.iter().map(String::as_str).collect();
     let mut app = conn
-        .appender_with_columns(target, &cols)
-        .map_err(|e| ctx.sql(target, "open the appender", e))?;
+        .appender_with_columns(table, &cols)
+        .map_err(|e| ctx.sql(table, "open the appender", e))?;
     let half = rows.num_rows() / 2;
     for (i, (from, len)) in [(0, half), (half, rows.num_rows() - half)]
         .into_iter()
@@ -637,16 +621,61 @@ fn append(
             failpoint::hit(MID_WRITE);
         }
         app.append_record_batch(rows.slice(from, len))
-            .map_err(|e| ctx.sql(target, &format!("append a batch of {p}"), e))?;
+            .map_err(|e| ctx.sql(table, &format!("append a batch of {p}"), e))?;
     }
     app.flush()
-        .map_err(|e| ctx.sql(target, &format!("flush a batch of {p}"), e))
+        .map_err(|e| ctx.sql(table, &format!("flush a batch of {p}"), e))?;
+    Ok(rows.num_rows() as u64)
+}
+
+/// `[dedup] store = "sink"`: per record of `batch`, whether it takes
+/// effect: the first of its id in the batch, with an id that did not take
+/// effect before (a record without one always does). Records their ids.
+fn drop_seen(
+    conn: &Connection,
+    plan: &Plan,
+    seen: &SeenSql,
+    slots: &Slots,
+    batch: &Batch,
+) -> Result<Vec<bool>, DuckDbError> {
+    let ctx = &plan.ctx;
+    let records = &batch.records;
+    let ids = |keep: &[bool]| {
+        let ids: StringArray = sql::kept(records, keep)
+            .filter_map(|r| r.id.as_deref().map(Some))
+            .collect();
+        RecordBatch::try_new(Slots::ids_schema(), vec![Arc::new(ids) as ArrayRef])
+            .map_err(|e| plan.encode(batch, e.to_string()))
+    };
+    let mut keep = sql::first_of_each_id(records);
+    let mut firsts = ids(&keep)?;
+    let before = {
+        let _held = slots.ids.hold(firsts.clone());
+        let read = || -> duckdb::Result<HashSet<String>> {
+            let mut stmt = conn.prepare(&seen.lookup)?;
+            let ids = stmt.query_map([], |r| r.get(0))?;
+            ids.collect()
+        };
+        read().map_err(|e| ctx.sql(&ctx.table, "look up the batch's message ids", e))?
+    };
+    if !before.is_empty() {
+        for (k, r) in keep.iter_mut().zip(records) {
+            if r.id.as_deref().is_some_and(|id| before.contains(id)) {
+                *k = false;
+            }
+        }
+        firsts = ids(&keep)?;
+    }
+    let _held = slots.ids.hold(firsts);
+    conn.execute(&seen.record, [])
+        .map_err(|e| ctx.sql(&ctx.table, "record the batch's message ids", e))?;
+    Ok(keep)
 }
 
 fn write_batch(
     conn: &Connection,
     plan: &Plan,
-    slot: &scan::Slot,
+    slots: &Slots,
     batch: &Batch,
 ) -> Result<Outcome, DuckDbError> {
     let ctx = &plan.ctx;
@@ -662,73 +691,49 @@ fn write_batch(
     )? {
         return Ok(Outcome::Fenced);
     }
-    let target = if plan.staged() {
-        plan.stage.as_str()
-    } else {
-        ctx.table.as_str()
+    let keep = match &plan.seen {
+        Some(seen) => Some(drop_seen(conn, plan, seen, slots, batch)?),
+        None => None,
     };
-    let keep = plan
-        .seen
-        .as_ref()
-        .map(|_| sql::first_of_each_id(&batch.records));
-    // The direct plan's view reads the slot until the merge is done.
-    let _held;
-    let mut unique = None;
-    if plan.direct {
-        // Only the newest message of each key goes to the table: then the
-        // batch merges as it is, with no pick in SQL (a tenth of a second
-        // for 88k rows).
-        let newest = plan
-            .newest_by_offset
-            .then(|| sql::newest_of_each_key(&batch.records, &plan.key_idx))
-            .flatten();
-        if newest.is_some() {
-            unique = Some(true);
-        }
-        _held = slot.hold(record_batch(plan, batch, newest.as_deref())?);
-    } else {
-        if plan.staged() {
-            conn.execute_batch(&format!("DELETE FROM {}", q(target)))
-                .map_err(|e| ctx.sql(target, "clear the staging table", e))?;
-        }
-        append(conn, plan, target, batch, keep.as_deref())?;
-    }
-    if let (Some(seen), Some(keep)) = (&plan.seen, &keep) {
-        conn.execute(&seen.drop, [])
-            .map_err(|e| ctx.sql(&ctx.table, "drop copies of message ids seen before", e))?;
-        conn.execute(&seen.record, [])
-            .map_err(|e| ctx.sql(&ctx.table, "record the batch's message ids", e))?;
-        let kept = sql::kept(&batch.records, keep);
-        unique = Some(sql::unique_upserts(kept, &plan.key_idx));
-    }
+    let keep = keep.as_deref();
     let written = match plan.mode {
-        Mode::Append | Mode::Dedup => match &plan.seen {
-            Some(seen) => {
-                conn.execute(&seen.insert_staged, [])
-                    .map_err(|e| ctx.sql(&ctx.table, "insert the batch", e))? as u64
-            }
-            None => total,
-        },
-        Mode::Upsert
-            if unique.unwrap_or_else(|| sql::unique_upserts(&batch.records, &plan.key_idx)) =>
-        {
-            merge(conn, plan, &plan.merge_staged)?
-        }
+        Mode::Append | Mode::Dedup => append(conn, plan, batch, keep)?,
         Mode::Upsert => {
-            conn.execute_batch(&plan.pick_latest)
-                .map_err(|e| ctx.sql(&plan.latest, "pick the newest message per key", e))?;
-            // Without a tombstone in the batch, nothing to delete or bury.
-            let mut deleted = 0;
-            if batch.records.iter().any(|r| r.op == Op::Delete) {
-                deleted = conn
-                    .execute(&plan.delete, [])
-                    .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
-                if let Some(bury) = &plan.bury {
-                    conn.execute(bury, [])
-                        .map_err(|e| ctx.sql(&ctx.table, "record deleted keys", e))?;
+            // Only the newest message of each key goes into the record
+            // batch when the offsets tell which it is: then it merges as
+            // it is, with no pick in SQL (a tenth of a second for 88k).
+            let newest = plan
+                .newest_by_offset
+                .then(|| sql::newest_of_each_key(&batch.records, keep, &plan.key_idx))
+                .flatten();
+            let unique = newest.is_some()
+                || match keep {
+                    Some(keep) => {
+                        sql::unique_upserts(sql::kept(&batch.records, keep), &plan.key_idx)
+                    }
+                    None => sql::unique_upserts(&batch.records, &plan.key_idx),
+                };
+            let rows = record_batch(plan, batch, newest.as_deref().or(keep))?;
+            // The view reads the slot until the merge is done.
+            let _held = slots.rows.hold(rows);
+            if unique {
+                merge(conn, plan, &plan.merge_staged)?
+            } else {
+                conn.execute_batch(&plan.pick_latest)
+                    .map_err(|e| ctx.sql(&plan.latest, "pick the newest message per key", e))?;
+                // Without a tombstone in the batch, nothing to delete or bury.
+                let mut deleted = 0;
+                if batch.records.iter().any(|r| r.op == Op::Delete) {
+                    deleted = conn
+                        .execute(&plan.delete, [])
+                        .map_err(|e| ctx.sql(&ctx.table, "apply tombstones", e))?;
+                    if let Some(bury) = &plan.bury {
+                        conn.execute(bury, [])
+                            .map_err(|e| ctx.sql(&ctx.table, "record deleted keys", e))?;
+                    }
                 }
+                deleted as u64 + merge(conn, plan, &plan.merge)?
             }
-            deleted as u64 + merge(conn, plan, &plan.merge)?
         }
     };
     failpoint::hit(AFTER_WRITE);
@@ -740,9 +745,9 @@ fn write_batch(
     }))
 }
 
-/// Run an update-then-insert pair; the rows they changed. A batch read
-/// straight from its record batch (no append to cut in two) meets
-/// `mid_write` between the two.
+/// Run an update-then-insert pair; the rows they changed. The batch is
+/// read straight from its record batch (no append to cut in two): it
+/// meets `mid_write` between the two.
 fn merge(
     conn: &Connection,
     plan: &Plan,
@@ -752,9 +757,7 @@ fn merge(
     let updated = conn
         .execute(update, [])
         .map_err(|e| ctx.sql(&ctx.table, "update the batch's keys", e))?;
-    if plan.direct {
-        failpoint::hit(MID_WRITE);
-    }
+    failpoint::hit(MID_WRITE);
     let inserted = conn
         .execute(insert, [])
         .map_err(|e| ctx.sql(&ctx.table, "insert the batch's new keys", e))?;
