@@ -101,6 +101,9 @@ impl VTab for BatchScan {
         for field in rows.schema().fields() {
             bind.add_result_column(field.name(), to_duckdb_logical_type_for_field(field)?);
         }
+        // The planner sizes its joins by it: without it, a batch looks
+        // like a table of unknown size.
+        bind.set_cardinality(rows.num_rows() as u64, true);
         Ok(rows)
     }
 
