@@ -232,7 +232,7 @@ pub fn table_definition(
 }
 
 /// [`table_definition`] without the primary key: the keys only NOT NULL
-/// (kept unique by [`update_then_insert`]).
+/// (kept unique by [`merge_into`]).
 pub fn unkeyed_table_definition(
     columns: &[ColumnConfig],
     keys: &[String],
@@ -413,37 +413,40 @@ pub fn merge(
 }
 
 /// Upsert without a unique index (DuckDB, whose index would have to be held
-/// in memory whole): update the rows whose key a message of `source` (a
-/// staging relation, one message per key, with the delete flag) may replace,
-/// then insert the keys `target` lacks. One writer at a time makes the pair
-/// safe: nothing can insert a key between the two. With `graves`, only
-/// messages newer than their key's last delete.
-pub fn update_then_insert(
+/// in memory whole), in one `MERGE INTO`: update the rows whose key a
+/// message of `source` (one message per key, with the delete flag) may
+/// replace, insert the keys `target` lacks. One join of the target, where
+/// an `UPDATE` then an `INSERT` took two: that counts once the keys are
+/// found by scanning a large table. One writer at a time makes it safe:
+/// nothing can insert a key meanwhile. With `graves`, only messages newer
+/// than their key's last delete.
+pub fn merge_into(
     target: &str,
     source: &str,
     columns: &[ColumnConfig],
     keys: &[String],
     version: Option<&str>,
     graves: Option<&Graves>,
-) -> [String; 2] {
+) -> String {
     let cols = insert_columns(columns);
-    let col_list = list(&cols);
-    let sets = updates_from(&cols, keys, source);
+    let values = cols
+        .iter()
+        .map(|c| format!("{source}.{}", q(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let alive = graves.map(|g| g.alive(source, keys)).unwrap_or_default();
-    let matched = key_match("tgt", source, keys);
-    [
-        format!(
-            "UPDATE {target} AS tgt SET {sets} FROM {source}
-             WHERE {matched} AND NOT {source}.{DELETE_FLAG}{alive} AND {newer} AND ({changed})",
-            newer = guard(source, "tgt", version),
-            changed = changed(source, "tgt", &non_keys(columns, keys)),
-        ),
-        format!(
-            "INSERT INTO {target} ({col_list}) SELECT {col_list} FROM {source}
-             WHERE NOT {source}.{DELETE_FLAG}{alive}
-               AND NOT EXISTS (SELECT 1 FROM {target} AS tgt WHERE {matched})",
-        ),
-    ]
+    format!(
+        "MERGE INTO {target} AS tgt USING {source} ON {matched}
+         WHEN MATCHED AND NOT {source}.{DELETE_FLAG}{alive} AND {newer} AND ({changed})
+           THEN UPDATE SET {sets}
+         WHEN NOT MATCHED AND NOT {source}.{DELETE_FLAG}{alive}
+           THEN INSERT ({col_list}) VALUES ({values})",
+        matched = key_match("tgt", source, keys),
+        newer = guard(source, "tgt", version),
+        changed = changed(source, "tgt", &non_keys(columns, keys)),
+        sets = updates_from(&cols, keys, source),
+        col_list = list(&cols),
+    )
 }
 
 /// Dedup: insert the first message of each id in `source` whose id is not in

@@ -51,12 +51,13 @@ struct Plan {
     create_table: String,
     create_stage: String,
     delete: String,
-    /// Upserts update the rows their messages may replace, then insert
-    /// the keys the table lacks (no `ON CONFLICT`: see `create_table`).
-    merge: [String; 2],
-    /// The merge straight from the staging table, for a batch whose keys
+    /// Upserts update the rows their messages may replace and insert the
+    /// keys the table lacks, in one `MERGE INTO` (no `ON CONFLICT`: see
+    /// `create_table`), from the newest message per key picked in SQL.
+    merge: String,
+    /// The merge straight from the batch's view, for a batch whose keys
     /// are unique and which holds no tombstone (no need to pick per key).
-    merge_staged: [String; 2],
+    merge_staged: String,
     pick_latest: String,
     /// Versioned upserts with deletes: record deletes, and create their
     /// table (see [`sql::Graves`]).
@@ -148,7 +149,7 @@ impl Plan {
         let (stage_q, latest_q) = (q(&stage), q(&latest));
         // No primary key: DuckDB holds a key's index in memory whole (about
         // 55 bytes a key) and inserts into it slowly batch after batch; the
-        // merge keeps keys unique itself (`sql::update_then_insert`).
+        // merge keeps keys unique itself (`sql::merge_into`).
         let create_table = format!(
             "CREATE TABLE IF NOT EXISTS {t} ({})",
             sql::unkeyed_table_definition(columns, &keys, sql_type)
@@ -203,8 +204,8 @@ impl Plan {
             create_table,
             create_stage,
             delete: sql::delete(&t, "tgt", &latest_q, &keys, version),
-            merge: sql::update_then_insert(&t, &latest_q, columns, &keys, version, graves),
-            merge_staged: sql::update_then_insert(&t, &stage_q, columns, &keys, version, graves),
+            merge: sql::merge_into(&t, &latest_q, columns, &keys, version, graves),
+            merge_staged: sql::merge_into(&t, &stage_q, columns, &keys, version, graves),
             bury: graves.map(|g| g.bury(&latest_q, &keys)),
             stage,
             newest_by_offset: version.is_none(),
@@ -745,23 +746,16 @@ fn write_batch(
     }))
 }
 
-/// Run an update-then-insert pair; the rows they changed. The batch is
-/// read straight from its record batch (no append to cut in two): it
-/// meets `mid_write` between the two.
-fn merge(
-    conn: &Connection,
-    plan: &Plan,
-    [update, insert]: &[String; 2],
-) -> Result<u64, DuckDbError> {
+/// Run a merge; the rows it changed. The batch is read straight from its
+/// record batch (no append to cut in two): `mid_write` comes before it,
+/// with the position already moved in the transaction.
+fn merge(conn: &Connection, plan: &Plan, merge: &str) -> Result<u64, DuckDbError> {
     let ctx = &plan.ctx;
-    let updated = conn
-        .execute(update, [])
-        .map_err(|e| ctx.sql(&ctx.table, "update the batch's keys", e))?;
     failpoint::hit(MID_WRITE);
-    let inserted = conn
-        .execute(insert, [])
-        .map_err(|e| ctx.sql(&ctx.table, "insert the batch's new keys", e))?;
-    Ok((updated + inserted) as u64)
+    let changed = conn
+        .execute(merge, [])
+        .map_err(|e| ctx.sql(&ctx.table, "merge the batch", e))?;
+    Ok(changed as u64)
 }
 
 #[async_trait]
