@@ -555,7 +555,8 @@ impl<'a> KeyPart<'a> {
             Value::Bytes(b) => KeyPart::Bytes(b),
             Value::BigInt(n) | Value::Timestamp(n) => KeyPart::Int(*n),
             Value::Integer(n) | Value::Date(n) => KeyPart::Int(i64::from(*n)),
-            Value::Double(x) => KeyPart::Bits(x.to_bits()),
+            // `-0.0` and `0.0` are one key to a database: one bit pattern.
+            Value::Double(x) => KeyPart::Bits(if *x == 0.0 { 0 } else { x.to_bits() }),
             Value::Boolean(b) => KeyPart::Int(i64::from(*b)),
         }
     }
@@ -649,6 +650,25 @@ mod tests {
         assert_eq!(
             newest_of_each_key(&swapped, None, &[0]),
             Some(vec![true, false])
+        );
+        // Keys equal to the database are one key here too.
+        let zeros = [
+            Record {
+                offset: 1,
+                op: up,
+                values: vec![Value::Double(-0.0)],
+                id: None,
+            },
+            Record {
+                offset: 2,
+                op: up,
+                values: vec![Value::Double(0.0)],
+                id: None,
+            },
+        ];
+        assert_eq!(
+            newest_of_each_key(&zeros, None, &[0]),
+            Some(vec![false, true])
         );
         // A tombstone leaves the pick to the table's SQL, unless dropped.
         let with_delete = [rec(1, "a", up), rec(2, "a", crate::Op::Delete)];
