@@ -289,6 +289,15 @@ pub fn list(names: &[String]) -> String {
     names.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ")
 }
 
+/// `names`, quoted, each qualified by `relation`, comma separated.
+fn qualified(relation: &str, names: &[String]) -> String {
+    names
+        .iter()
+        .map(|c| format!("{relation}.{}", q(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The mapped columns then the position columns, in insert order.
 pub fn insert_columns(columns: &[ColumnConfig]) -> Vec<String> {
     columns
@@ -429,11 +438,6 @@ pub fn merge_into(
     graves: Option<&Graves>,
 ) -> String {
     let cols = insert_columns(columns);
-    let values = cols
-        .iter()
-        .map(|c| format!("{source}.{}", q(c)))
-        .collect::<Vec<_>>()
-        .join(", ");
     let alive = graves.map(|g| g.alive(source, keys)).unwrap_or_default();
     format!(
         "MERGE INTO {target} AS tgt USING {source} ON {matched}
@@ -441,6 +445,7 @@ pub fn merge_into(
            THEN UPDATE SET {sets}
          WHEN NOT MATCHED AND NOT {source}.{DELETE_FLAG}{alive}
            THEN INSERT ({col_list}) VALUES ({values})",
+        values = qualified(source, &cols),
         matched = key_match("tgt", source, keys),
         newer = guard(source, "tgt", version),
         changed = changed(source, "tgt", &non_keys(columns, keys)),
@@ -459,11 +464,7 @@ pub fn dedup_insert(
     keys: &[String],
 ) -> String {
     let cols = insert_columns(columns);
-    let qualified = cols
-        .iter()
-        .map(|c| format!("firsts.{}", q(c)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let qualified = qualified("firsts", &cols);
     let keys = list(keys);
     format!(
         "WITH firsts AS (SELECT DISTINCT ON ({keys}) * FROM {source} ORDER BY {keys}, {POS_OFFSET}),

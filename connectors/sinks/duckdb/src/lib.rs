@@ -3,9 +3,8 @@
 //! Speaks DuckDB's C API in-process (the `duckdb` crate). Guarantee:
 //! **exactly-once** in every mode. Each batch is one DuckDB transaction that
 //! writes the rows (through the appender into the table in `append` mode;
-//! in `upsert` mode merged by an `UPDATE` and an `INSERT` that read the
-//! batch's Arrow record batch in place) and moves the partition's row in
-//! the offsets table,
+//! in `upsert` mode by one `MERGE INTO` that reads the batch's Arrow record
+//! batch in place) and moves the partition's row in the offsets table,
 //! guarded by the runner's epoch. A crash before `COMMIT` leaves neither;
 //! after it, both. Recovery reads the offsets table, never the source.
 

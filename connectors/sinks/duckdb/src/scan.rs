@@ -1,11 +1,11 @@
 //! A batch read by SQL straight from its Arrow record batch.
 //!
-//! An upsert merges a batch into the table with two statements (update the
-//! keys the table holds, insert the others). Appending the batch into a
-//! staging table first costs a copy of every value, with DuckDB's column
-//! statistics, before either statement reads it. Instead a table function,
-//! `idem_batch(slot)`, yields the record batch a sink has put in its slot,
-//! and a temporary view over it stands where the staging table stood.
+//! An upsert merges a batch into the table with a `MERGE INTO`, and kept
+//! ids are looked up then recorded. Appending the batch (or its ids) into a
+//! staging table first would cost a copy of every value, with DuckDB's
+//! column statistics, before any statement reads it. Instead a table
+//! function, `idem_batch(slot)`, yields the record batch a sink has put in
+//! its slot; a temporary view over it stands where a staging table would.
 //!
 //! Not `duckdb::vtab::arrow_recordbatch_to_query_params`: that keeps every
 //! record batch it is given for the life of the process.

@@ -43,9 +43,8 @@ struct Plan {
     mode: Mode,
     /// Mapped columns, then the position columns.
     insert_columns: Vec<String>,
-    /// The mapped columns, and the Arrow schema of a batch as appended:
-    /// them, the position, then (staged) the delete flag and (kept ids)
-    /// the message id.
+    /// The mapped columns, and the Arrow schema of a batch as written:
+    /// them, the position, then (upserts) the delete flag.
     columns: Vec<ColumnConfig>,
     schema: Arc<Schema>,
     create_table: String,
@@ -124,7 +123,7 @@ impl Plan {
 
     /// Whether batches are merged from the view of their record batch
     /// (upserts) rather than appended to the table.
-    fn staged(&self) -> bool {
+    fn merges(&self) -> bool {
         self.mode == Mode::Upsert
     }
 
@@ -425,7 +424,7 @@ impl Inner {
             table: ctx.table.clone(),
             detail,
         })?;
-        if plan.staged() {
+        if plan.merges() {
             self.create_stage(conn, plan)?;
         }
         Ok(())
@@ -548,7 +547,7 @@ impl Inner {
             conn.execute_batch(create)
                 .map_err(|e| ctx.sql(&ctx.table, "create the deleted keys table", e))?;
         }
-        if plan.staged() {
+        if plan.merges() {
             self.create_stage(conn, &plan)?;
         }
         if let Some(seen) = &plan.seen {
@@ -591,7 +590,7 @@ fn record_batch(
     let encode = |detail: String| plan.encode(batch, detail);
     let p = &batch.partition;
     let mut arrays = columnar::arrays(&plan.columns, &p.partition, &records).map_err(encode)?;
-    if plan.staged() {
+    if plan.merges() {
         let flags = records.iter().map(|r| Some(r.op == Op::Delete));
         arrays.push(Arc::new(flags.collect::<BooleanArray>()) as ArrayRef);
     }
