@@ -48,6 +48,13 @@ pub struct S3SinkConfig {
     /// An object holds at most about this many bytes before compression.
     #[serde(default = "default_max_object_bytes")]
     pub max_object_bytes: usize,
+    /// How long records may wait in open objects before the partition's
+    /// objects close and its manifest commits them (objects stay open
+    /// across batches until then, or until full). Longer: fewer, larger
+    /// objects; shorter: records visible and positions committed sooner.
+    /// `0s`: every batch commits its own objects.
+    #[serde(default = "default_roll_interval", with = "humantime_serde")]
+    pub roll_interval: std::time::Duration,
     /// Objects larger than this go up in parts of this size (multipart
     /// upload); at least 5 MiB, S3's smallest part.
     #[serde(default = "default_part_bytes")]
@@ -102,6 +109,10 @@ fn default_max_object_records() -> usize {
 
 fn default_max_object_bytes() -> usize {
     128 * 1024 * 1024
+}
+
+fn default_roll_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 fn default_part_bytes() -> usize {

@@ -1,8 +1,8 @@
-//! A batch's records as object bodies: how they are grouped and cut into
-//! objects (folder by field and record time, count, bytes) and written
-//! (JSON lines or Parquet).
+//! Records as object bodies: how they are grouped into folders (by field
+//! and record time), when an object is full (count, bytes), and how they
+//! are written (JSON lines or Parquet), appended batch after batch.
 //!
-//! Over 600 lines with its tests: the code is the first 375; the tests
+//! Over 600 lines with its tests: the code is the first 400; the tests
 //! that pin every object layout stay beside it.
 
 use crate::config::{Compression, Format, S3SinkConfig, TimePartition};
@@ -23,6 +23,7 @@ const HIVE_NULL: &str = "__HIVE_DEFAULT_PARTITION__";
 
 /// One object's worth of a batch: the indexes of its records, in offset
 /// order, all in one folder.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cut {
     pub records: Vec<usize>,
@@ -38,6 +39,8 @@ pub struct Encoder {
     schema: Arc<Schema>,
     max_records: usize,
     max_bytes: usize,
+    /// A Parquet row group closes at about this many encoded bytes.
+    row_group_bytes: usize,
     time: Option<(usize, TimePartition)>,
     /// `partition_column`: its index and `name=` prefix.
     field: Option<(usize, String)>,
@@ -66,6 +69,7 @@ impl Encoder {
             schema: Arc::new(Schema::new(fields)),
             max_records: cfg.max_object_records,
             max_bytes: cfg.max_object_bytes,
+            row_group_bytes: cfg.part_bytes.max(1),
             time,
         }
     }
@@ -138,44 +142,54 @@ impl Encoder {
         out
     }
 
-    /// The batch's objects: records grouped by folder (in the order the
-    /// folders first appear), each group in offset order and cut after
-    /// `max_object_records` or about `max_object_bytes`.
-    pub fn cut(&self, records: &[Record]) -> Vec<Cut> {
+    /// The batch's records grouped by folder, in the order the folders
+    /// first appear, each group in offset order.
+    pub fn groups(&self, records: &[Record]) -> Vec<(String, Vec<usize>)> {
         let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
         if self.field.is_none() && self.time.is_none() {
             groups.push((String::new(), (0..records.len()).collect()));
-        } else {
-            let mut index: std::collections::HashMap<String, usize> = Default::default();
-            for (i, r) in records.iter().enumerate() {
-                let b = self.bucket(r);
-                let g = match index.get(&b) {
-                    Some(g) => *g,
-                    None => {
-                        index.insert(b.clone(), groups.len());
-                        groups.push((b, Vec::new()));
-                        groups.len() - 1
-                    }
-                };
-                groups[g].1.push(i);
-            }
+            return groups;
         }
+        let mut index: std::collections::HashMap<String, usize> = Default::default();
+        for (i, r) in records.iter().enumerate() {
+            let b = self.bucket(r);
+            let g = match index.get(&b) {
+                Some(g) => *g,
+                None => {
+                    index.insert(b.clone(), groups.len());
+                    groups.push((b, Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[g].1.push(i);
+        }
+        groups
+    }
+
+    /// Whether an object filled this far takes no more records: it holds
+    /// `max_object_records`, or about `max_object_bytes`.
+    pub fn full(&self, fill: Fill) -> bool {
+        fill.records > 0 && (fill.records >= self.max_records || fill.bytes >= self.max_bytes)
+    }
+
+    /// The batch's objects, each started empty: records grouped by folder,
+    /// each group cut where an object is full.
+    #[cfg(test)]
+    pub fn cut(&self, records: &[Record]) -> Vec<Cut> {
         let mut cuts = Vec::new();
-        for (bucket, members) in groups {
+        for (bucket, members) in self.groups(records) {
+            let mut fill = Fill::default();
             let mut current = Vec::new();
-            let mut bytes = 0usize;
             for i in members {
-                if !current.is_empty()
-                    && (current.len() >= self.max_records || bytes >= self.max_bytes)
-                {
+                if self.full(fill) {
                     cuts.push(Cut {
                         records: std::mem::take(&mut current),
                         bucket: bucket.clone(),
                     });
-                    bytes = 0;
+                    fill = Fill::default();
                 }
                 current.push(i);
-                bytes += records[i].values.iter().map(approx_bytes).sum::<usize>();
+                fill.add(&records[i]);
             }
             if !current.is_empty() {
                 cuts.push(Cut {
@@ -187,12 +201,46 @@ impl Encoder {
         cuts
     }
 
-    /// The object body for `records`, read from `partition`.
+    /// One object's body for `records`, read from `partition`, at once.
+    #[cfg(test)]
     pub fn encode(&self, partition: &str, records: &[&Record]) -> Result<Vec<u8>, S3Error> {
-        match self.format {
-            Format::Jsonl => self.compress(self.lines(partition, records)?),
-            Format::Parquet => self.parquet(partition, records),
-        }
+        let mut s = self.stream()?;
+        s.append(self, partition, records)?;
+        s.finish()
+    }
+
+    /// An empty object body, to append records to.
+    pub fn stream(&self) -> Result<Stream, S3Error> {
+        let enc = |e: &dyn std::fmt::Display| S3Error::Encode(e.to_string());
+        Ok(match (self.format, self.compression) {
+            (Format::Parquet, c) => {
+                use parquet::arrow::ArrowWriter;
+                use parquet::basic::{Compression as Pc, GzipLevel, ZstdLevel};
+                use parquet::file::properties::WriterProperties;
+                let props = WriterProperties::builder()
+                    .set_compression(match c {
+                        Compression::None => Pc::UNCOMPRESSED,
+                        Compression::Gzip => Pc::GZIP(GzipLevel::default()),
+                        Compression::Zstd => Pc::ZSTD(ZstdLevel::default()),
+                    })
+                    // A row group is encoded in memory until it closes:
+                    // this bounds what an open object holds.
+                    .set_max_row_group_bytes(Some(self.row_group_bytes))
+                    .set_created_by(format!("idem {}", env!("CARGO_PKG_VERSION")))
+                    .build();
+                let w = ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))
+                    .map_err(|e| enc(&e))?;
+                Stream::Parquet(Box::new(w))
+            }
+            (Format::Jsonl, Compression::None) => Stream::Plain(Vec::new()),
+            (Format::Jsonl, Compression::Gzip) => Stream::Gzip(flate2::write::GzEncoder::new(
+                Vec::new(),
+                flate2::Compression::default(),
+            )),
+            (Format::Jsonl, Compression::Zstd) => {
+                Stream::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 3).map_err(|e| enc(&e))?)
+            }
+        })
     }
 
     /// One JSON object per line, keys in column order, then the position.
@@ -224,45 +272,82 @@ impl Encoder {
         }
         Ok(out)
     }
+}
 
-    fn compress(&self, raw: Vec<u8>) -> Result<Vec<u8>, S3Error> {
-        let enc = |e: std::io::Error| S3Error::Encode(e.to_string());
-        match self.compression {
-            Compression::None => Ok(raw),
-            Compression::Gzip => {
-                let mut gz = flate2::write::GzEncoder::new(
-                    Vec::with_capacity(raw.len() / 4),
-                    flate2::Compression::default(),
-                );
-                gz.write_all(&raw).map_err(enc)?;
-                gz.finish().map_err(enc)
+/// How far an object has filled, against `max_object_records` and
+/// `max_object_bytes` (its records' weight before compression).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fill {
+    pub records: usize,
+    pub bytes: usize,
+}
+
+impl Fill {
+    pub fn add(&mut self, r: &Record) {
+        self.records += 1;
+        self.bytes += r.values.iter().map(approx_bytes).sum::<usize>();
+    }
+}
+
+/// An object's body as it is written: records appended batch after batch,
+/// and the bytes encoded so far taken out as its parts go up, so an open
+/// object holds about a part (plus, for Parquet, the row group being
+/// encoded), whatever its size.
+pub enum Stream {
+    Plain(Vec<u8>),
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    Parquet(Box<parquet::arrow::ArrowWriter<Vec<u8>>>),
+}
+
+impl Stream {
+    /// Encode `records`, read from `partition`, onto the body. On an error
+    /// the body may hold part of them: it must be dropped.
+    pub fn append(
+        &mut self,
+        e: &Encoder,
+        partition: &str,
+        records: &[&Record],
+    ) -> Result<(), S3Error> {
+        let io = |e: std::io::Error| S3Error::Encode(e.to_string());
+        match self {
+            Stream::Plain(out) => out.extend_from_slice(&e.lines(partition, records)?),
+            Stream::Gzip(gz) => gz.write_all(&e.lines(partition, records)?).map_err(io)?,
+            Stream::Zstd(zs) => zs.write_all(&e.lines(partition, records)?).map_err(io)?,
+            Stream::Parquet(w) => {
+                let arrays =
+                    columnar::arrays(&e.columns, partition, records).map_err(S3Error::Encode)?;
+                let batch = RecordBatch::try_new(e.schema.clone(), arrays)
+                    .map_err(|e| S3Error::Encode(e.to_string()))?;
+                w.write(&batch)
+                    .map_err(|e| S3Error::Encode(e.to_string()))?;
             }
-            Compression::Zstd => zstd::bulk::compress(&raw, 3).map_err(enc),
+        }
+        Ok(())
+    }
+
+    /// The bytes encoded and not yet taken: the head of the object, to be
+    /// drained as parts go up.
+    pub fn encoded(&mut self) -> &mut Vec<u8> {
+        match self {
+            Stream::Plain(out) => out,
+            Stream::Gzip(gz) => gz.get_mut(),
+            Stream::Zstd(zs) => zs.get_mut(),
+            // Bytes already through the writer's own count of offsets:
+            // taking them out does not move the footer's offsets.
+            Stream::Parquet(w) => w.inner_mut(),
         }
     }
 
-    fn parquet(&self, partition: &str, records: &[&Record]) -> Result<Vec<u8>, S3Error> {
-        use parquet::arrow::ArrowWriter;
-        use parquet::basic::{Compression as Pc, GzipLevel, ZstdLevel};
-        use parquet::file::properties::WriterProperties;
+    /// End the body: the bytes not yet taken, through its end.
+    pub fn finish(self) -> Result<Vec<u8>, S3Error> {
         let enc = |e: &dyn std::fmt::Display| S3Error::Encode(e.to_string());
-        let arrays =
-            columnar::arrays(&self.columns, partition, records).map_err(S3Error::Encode)?;
-        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| enc(&e))?;
-        let props = WriterProperties::builder()
-            .set_compression(match self.compression {
-                Compression::None => Pc::UNCOMPRESSED,
-                Compression::Gzip => Pc::GZIP(GzipLevel::default()),
-                Compression::Zstd => Pc::ZSTD(ZstdLevel::default()),
-            })
-            .set_created_by(format!("idem {}", env!("CARGO_PKG_VERSION")))
-            .build();
-        let mut out = Vec::new();
-        let mut w = ArrowWriter::try_new(&mut out, self.schema.clone(), Some(props))
-            .map_err(|e| enc(&e))?;
-        w.write(&batch).map_err(|e| enc(&e))?;
-        w.close().map_err(|e| enc(&e))?;
-        Ok(out)
+        match self {
+            Stream::Plain(out) => Ok(out),
+            Stream::Gzip(gz) => gz.finish().map_err(|e| enc(&e)),
+            Stream::Zstd(zs) => zs.finish().map_err(|e| enc(&e)),
+            Stream::Parquet(w) => w.into_inner().map_err(|e| enc(&e)),
+        }
     }
 }
 

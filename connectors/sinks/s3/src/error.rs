@@ -41,6 +41,15 @@ pub enum S3Error {
         found: u32,
         supported: u32,
     },
+    /// The store no longer knows an upload this runner had open: a newer
+    /// runner's recovery aborted it, or a lifecycle rule did. What this
+    /// runner staged is dropped and read again.
+    #[error("s3 {store}: the multipart upload of `{key}` is gone (aborted by a newer runner's recovery or a lifecycle rule); the records staged in it will be read again")]
+    UploadGone { store: String, key: String },
+    /// A partition's staged objects were left half-written by an earlier
+    /// failure: nothing more is staged until the partition opens again.
+    #[error("s3: partition {partition} stopped staging after an earlier failure ({reason}); it resumes from its last manifest when it opens again")]
+    Broken { partition: String, reason: String },
     #[error("s3: cannot encode objects: {0}")]
     Encode(String),
 }

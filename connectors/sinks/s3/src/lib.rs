@@ -9,6 +9,7 @@ mod error;
 mod keys;
 mod recover;
 mod sink;
+mod stage;
 mod store;
 
 pub use config::{Compression, Format, S3SinkConfig, TimePartition};

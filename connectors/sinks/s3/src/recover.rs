@@ -3,8 +3,8 @@
 //! is deleted, and long manifests move into segments.
 
 use crate::error::{status, Failure, S3Error};
-use crate::keys::{key_epoch, Manifest, Segment, SegmentRef, MANIFEST_FORMAT};
-use crate::sink::{Pending, S3Sink};
+use crate::keys::{key_epoch, Entry, Manifest, Segment, SegmentRef, MANIFEST_FORMAT};
+use crate::sink::S3Sink;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use idem_core::PartitionRef;
@@ -15,7 +15,7 @@ use tracing::{info, warn};
 impl S3Sink {
     /// Whether `m` names the object `o` (in its own list or in the segment
     /// covering `o`'s first offset).
-    pub(crate) async fn names(&self, m: &Manifest, o: Option<&Pending>) -> Result<bool, S3Error> {
+    pub(crate) async fn names(&self, m: &Manifest, o: Option<&Entry>) -> Result<bool, S3Error> {
         let Some(o) = o else {
             return Ok(false);
         };

@@ -1,11 +1,11 @@
 use crate::config::{Compression, Format, S3SinkConfig};
 use crate::encode::Encoder;
 use crate::error::{Failure, S3Error};
-use crate::keys::{Entry, Layout, Manifest, MANIFEST_FORMAT};
+use crate::keys::{Layout, Manifest, MANIFEST_FORMAT};
+use crate::stage::{fenced, Part};
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use idem_config::{ColumnConfig, Guarantee};
-use idem_core::failpoint::{self, AFTER_WRITE};
 use idem_core::{
     Batch, CommitStats, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
 };
@@ -14,25 +14,18 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, OnceCell};
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Tries to win the manifest when several runners open a partition at once.
 const OPEN_ATTEMPTS: u32 = 40;
-
-/// A partition this runner opened: its epoch and the manifest as last
-/// written, with the ETag the next write must match.
-#[derive(Clone)]
-pub(crate) struct Owned {
-    pub(crate) etag: String,
-    pub(crate) manifest: Manifest,
-}
 
 pub struct S3Sink {
     pub(crate) cfg: S3SinkConfig,
     pub(crate) encoder: Encoder,
     pub(crate) layout: Layout,
     pub(crate) client: OnceCell<Client>,
-    pub(crate) owned: Mutex<HashMap<String, Owned>>,
+    /// The partitions this runner opened, each locked while it commits.
+    pub(crate) parts: std::sync::Mutex<HashMap<String, Arc<Mutex<Part>>>>,
     /// The store answered "not implemented" to ListMultipartUploads.
     pub(crate) no_upload_listing: AtomicBool,
 }
@@ -53,57 +46,19 @@ impl S3Sink {
             layout,
             cfg,
             client: OnceCell::new(),
-            owned: Mutex::new(HashMap::new()),
+            parts: std::sync::Mutex::new(HashMap::new()),
             no_upload_listing: AtomicBool::new(false),
         }
     }
 
-    /// The batch as objects: grouped by folder, cut by count and size,
-    /// each named by its first offset. An object's offsets lie in
-    /// `first_offset..next_offset` (its last record's plus one); with
-    /// folders, objects of one batch may interleave.
-    fn encode(&self, batch: &Batch) -> Result<Vec<Pending>, S3Error> {
-        // Columns learnt from the source's schema: the batch's objects
-        // take the wider schema (each object carries its own).
-        let wider = batch
-            .columns
-            .as_ref()
-            .filter(|c| c.len() > self.encoder.width())
-            .map(|c| Encoder::new(&self.cfg, c));
-        let encoder = wider.as_ref().unwrap_or(&self.encoder);
-        encoder
-            .cut(&batch.records)
-            .into_iter()
-            .map(|cut| {
-                let records: Vec<&idem_core::Record> =
-                    cut.records.iter().map(|&i| &batch.records[i]).collect();
-                let (Some(first), Some(last)) = (records.first(), records.last()) else {
-                    return Err(S3Error::Encode("an empty object".into()));
-                };
-                Ok(Pending {
-                    key: self.layout.data_key(
-                        &batch.partition,
-                        &cut.bucket,
-                        first.offset,
-                        batch.epoch,
-                    ),
-                    first_offset: first.offset,
-                    next_offset: last.offset + 1,
-                    records: records.len() as u64,
-                    body: encoder.encode(&batch.partition.partition, &records)?,
-                })
-            })
-            .collect()
+    /// The partition's state, if this runner opened it.
+    fn part(&self, p: &PartitionRef) -> Option<Arc<Mutex<Part>>> {
+        self.parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key_of(p))
+            .cloned()
     }
-}
-
-/// An object encoded and not yet committed.
-pub(crate) struct Pending {
-    pub(crate) key: String,
-    pub(crate) first_offset: u64,
-    pub(crate) next_offset: u64,
-    pub(crate) records: u64,
-    pub(crate) body: Vec<u8>,
 }
 
 #[async_trait]
@@ -181,13 +136,12 @@ impl Sink for S3Sink {
                         epoch: m.epoch,
                         next_offset: m.next_offset,
                     };
-                    self.owned.lock().await.insert(
-                        key_of(p),
-                        Owned {
-                            etag: new_etag,
-                            manifest: m,
-                        },
-                    );
+                    // What an earlier open staged is dropped: its uploads
+                    // were just aborted, and its batches are read again.
+                    self.parts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key_of(p), Arc::new(Mutex::new(Part::new(new_etag, m))));
                     return Ok(opened);
                 }
                 Err(Failure::Precondition) => {
@@ -209,79 +163,42 @@ impl Sink for S3Sink {
 
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
         let p = &batch.partition;
-        let fenced = || SinkError::Fenced {
-            partition: p.partition.to_string(),
-            epoch: batch.epoch,
+        let Some(part) = self.part(p) else {
+            return Err(fenced(p, batch.epoch));
         };
-        let Some(owned) = self.owned.lock().await.get(&key_of(p)).cloned() else {
-            return Err(fenced());
-        };
-        if owned.manifest.epoch != batch.epoch {
-            return Err(fenced());
+        let mut part = part.lock().await;
+        if part.fenced || part.manifest.epoch != batch.epoch {
+            return Err(fenced(p, batch.epoch));
         }
-        let objects = self.encode(&batch)?;
-        for o in &objects {
-            self.upload(o).await?;
+        if !part.holds(&batch) {
+            self.stage(&mut part, &batch)?;
         }
-        let mut m = owned.manifest.clone();
-        let mut written: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
-        if m.objects.len() >= self.cfg.manifest_max_objects {
-            self.move_to_segment(p, batch.epoch, &mut m).await?;
-            written.extend(m.segments.last().map(|r| r.key.clone()));
+        if self.cfg.roll_interval.is_zero() {
+            self.settle(p, &mut part).await?;
+        } else {
+            self.send_or_fence(p, &mut part).await?;
         }
-        failpoint::hit(AFTER_WRITE);
-        m.next_offset = Some(batch.next_offset);
-        m.objects.extend(objects.iter().map(|o| Entry {
-            key: o.key.clone(),
-            first_offset: o.first_offset,
-            next_offset: o.next_offset,
-            records: o.records,
-            bytes: o.body.len() as u64,
-        }));
-        let key = self.layout.manifest_key(p);
-        let etag = match self.write_manifest(&key, Some(&owned.etag), &m).await {
-            Ok(etag) => etag,
-            Err(Failure::Precondition) => {
-                // Either a newer runner owns the partition, or this very
-                // write landed and only its answer was lost.
-                let now = self.read_manifest(&key).await?;
-                match now {
-                    Some((etag, now)) if now == m => etag,
-                    Some((_, now)) if self.names(&now, objects.first()).await? => {
-                        // This write landed, then a newer runner opened the
-                        // partition from it: the batch is committed, and
-                        // its objects are the new owner's to keep.
-                        self.owned.lock().await.remove(&key_of(p));
-                        return Ok(CommitStats {
-                            written: batch.records.len() as u64,
-                            deduplicated: 0,
-                            rejected: 0,
-                            durable_through: None,
-                        });
-                    }
-                    _ => {
-                        for key in &written {
-                            if let Err(e) = self.delete(key).await {
-                                warn!(key, error = %e, "could not remove an object of a fenced commit; the owner's next recovery removes it");
-                            }
-                        }
-                        self.owned.lock().await.remove(&key_of(p));
-                        return Err(fenced());
-                    }
-                }
-            }
-            Err(f) => return Err(self.other("put manifest", &key, f).into()),
-        };
-        self.owned
-            .lock()
-            .await
-            .insert(key_of(p), Owned { etag, manifest: m });
         Ok(CommitStats {
             written: batch.records.len() as u64,
             deduplicated: 0,
             rejected: 0,
-            durable_through: None,
+            durable_through: Some(part.durable()),
         })
+    }
+
+    fn stage_for(&self) -> Option<Duration> {
+        Some(self.cfg.roll_interval).filter(|d| !d.is_zero())
+    }
+
+    async fn flush_staged(&self, p: &PartitionRef) -> Result<Option<u64>, SinkError> {
+        let Some(part) = self.part(p) else {
+            return Ok(None);
+        };
+        let mut part = part.lock().await;
+        if !self.settle(p, &mut part).await? {
+            return Ok(None);
+        }
+        Ok(Some(part.durable()))
     }
 
     async fn positions(&self, connector: &str) -> Result<Vec<StoredPosition>, SinkError> {

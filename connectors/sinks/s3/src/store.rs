@@ -3,7 +3,7 @@
 
 use crate::error::{status, Failure, S3Error};
 use crate::keys::{Manifest, Segment, MANIFEST_FORMAT};
-use crate::sink::{Pending, S3Sink};
+use crate::sink::S3Sink;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -281,57 +281,77 @@ impl S3Sink {
         serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))
     }
 
-    pub(crate) async fn upload(&self, o: &Pending) -> Result<(), S3Error> {
-        let client = self.client().await;
-        let content_type = self.encoder.content_type();
-        if o.body.len() <= self.cfg.part_bytes {
-            client
-                .put_object()
-                .bucket(&self.cfg.bucket)
-                .key(&o.key)
-                .content_type(content_type)
-                .body(ByteStream::from(o.body.clone()))
-                .send()
-                .await
-                .map_err(|e| self.req("put", &o.key, e))?;
-            failpoint::hit(MID_WRITE);
-            return Ok(());
-        }
-        let created = client
-            .create_multipart_upload()
+    /// A whole object in one PUT.
+    pub(crate) async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), S3Error> {
+        self.client()
+            .await
+            .put_object()
             .bucket(&self.cfg.bucket)
-            .key(&o.key)
-            .content_type(content_type)
+            .key(key)
+            .content_type(self.encoder.content_type())
+            .body(ByteStream::from(body))
             .send()
             .await
-            .map_err(|e| self.req("create multipart upload", &o.key, e))?;
-        let id = created.upload_id().unwrap_or_default().to_string();
-        let mut parts = Vec::new();
-        for (i, chunk) in o.body.chunks(self.cfg.part_bytes).enumerate() {
-            let n = i32::try_from(i + 1).unwrap_or(i32::MAX);
-            let out = client
-                .upload_part()
-                .bucket(&self.cfg.bucket)
-                .key(&o.key)
-                .upload_id(&id)
-                .part_number(n)
-                .body(ByteStream::from(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| self.req("upload part", &o.key, e))?;
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(n)
-                    .set_e_tag(out.e_tag().map(String::from))
-                    .build(),
-            );
-            failpoint::hit(MID_WRITE);
-        }
-        client
+            .map_err(|e| self.req("put", key, e))?;
+        failpoint::hit(MID_WRITE);
+        Ok(())
+    }
+
+    /// Start a multipart upload of `key`; its id.
+    pub(crate) async fn start_upload(&self, key: &str) -> Result<String, S3Error> {
+        let created = self
+            .client()
+            .await
+            .create_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .content_type(self.encoder.content_type())
+            .send()
+            .await
+            .map_err(|e| self.req("create multipart upload", key, e))?;
+        Ok(created.upload_id().unwrap_or_default().to_string())
+    }
+
+    /// Part `n` of upload `id`. Sending a part again replaces it.
+    pub(crate) async fn put_part(
+        &self,
+        key: &str,
+        id: &str,
+        n: i32,
+        body: Vec<u8>,
+    ) -> Result<CompletedPart, S3Error> {
+        let out = self
+            .client()
+            .await
+            .upload_part()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .upload_id(id)
+            .part_number(n)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.upload_failed("upload part", key, e))?;
+        failpoint::hit(MID_WRITE);
+        Ok(CompletedPart::builder()
+            .part_number(n)
+            .set_e_tag(out.e_tag().map(String::from))
+            .build())
+    }
+
+    /// Make upload `id` the object `key`, from `parts`.
+    pub(crate) async fn complete_upload(
+        &self,
+        key: &str,
+        id: &str,
+        parts: Vec<CompletedPart>,
+    ) -> Result<(), S3Error> {
+        self.client()
+            .await
             .complete_multipart_upload()
             .bucket(&self.cfg.bucket)
-            .key(&o.key)
-            .upload_id(&id)
+            .key(key)
+            .upload_id(id)
             .multipart_upload(
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
@@ -339,8 +359,23 @@ impl S3Sink {
             )
             .send()
             .await
-            .map_err(|e| self.req("complete multipart upload", &o.key, e))?;
+            .map_err(|e| self.upload_failed("complete multipart upload", key, e))?;
         Ok(())
+    }
+
+    /// A part or a completion refused: a store that no longer knows the
+    /// upload (a newer runner's recovery aborted it) cannot take it again.
+    fn upload_failed<E>(&self, op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        match self.fail(op, key, e) {
+            Failure::NotFound => S3Error::UploadGone {
+                store: self.store(),
+                key: key.to_string(),
+            },
+            f => self.other(op, key, f),
+        }
     }
 
     /// `prepare`'s check that the store refuses a second `If-None-Match: *`

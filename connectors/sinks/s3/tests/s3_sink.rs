@@ -1,6 +1,7 @@
 //! The S3 sink's commit protocol against the test store (scripts/s3.sh),
 //! driven through the `Sink` trait: a stale runner fenced, racing openers,
-//! recovery of what a crash left, multipart uploads. Each test has its own
+//! recovery of what a crash left, multipart uploads, objects kept open
+//! across batches. Each test has its own
 //! bucket. The binary-level tests are in runner/tests/s3.rs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,6 +10,8 @@ use idem_core::{Sink, SinkError};
 use idem_sink_s3::{Format, S3Sink, S3SinkConfig};
 use idem_testkit::s3::*;
 use idem_testkit::*;
+use std::sync::Arc;
+use std::time::Duration;
 
 fn cfg(bucket: &str) -> S3SinkConfig {
     S3SinkConfig {
@@ -26,6 +29,15 @@ fn cfg(bucket: &str) -> S3SinkConfig {
         max_object_bytes: 128 << 20,
         part_bytes: 5 << 20,
         manifest_max_objects: 1000,
+        // Every commit names its objects; the staging tests set their own.
+        roll_interval: Duration::ZERO,
+    }
+}
+
+fn staging(bucket: &str) -> S3SinkConfig {
+    S3SinkConfig {
+        roll_interval: Duration::from_secs(60),
+        ..cfg(bucket)
     }
 }
 
@@ -204,4 +216,186 @@ async fn large_objects_go_up_in_parts_and_read_back_whole() {
     assert!(bytes > 10 << 20, "{bytes}");
     let sum: i64 = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).sum();
     assert_eq!(sum, (0..12_000).sum::<i64>());
+}
+
+/// Ids and values of what landed, in object and line order.
+fn values(l: &S3Landed) -> Vec<(String, i64)> {
+    l.lines
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["v"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_stay_open_across_batches_until_the_partition_flushes() {
+    set_test_credentials();
+    let bucket = fresh_bucket("staged").await;
+    let p = part("orders/0");
+    let sink = S3Sink::new(staging(&bucket), &columns());
+    sink.prepare().await.unwrap();
+    assert_eq!(sink.stage_for(), Some(Duration::from_secs(60)));
+    let a = sink.open(&p).await.unwrap();
+    for n in 0..3u64 {
+        let b = batch(
+            &p,
+            a.epoch,
+            vec![rec(2 * n, "a", 1), rec(2 * n + 1, "b", 2)],
+            2 * n + 2,
+        );
+        let stats = sink.commit(b.clone()).await.unwrap();
+        // Staged, not durable: the manifest still says nothing.
+        assert_eq!(stats.durable_through, Some(0));
+        if n == 1 {
+            // A retry of a staged batch stages nothing twice.
+            sink.commit(b).await.unwrap();
+        }
+        let l = landed(&bucket, "", "c").await;
+        assert!(l.lines.is_empty(), "visible before the manifest names it");
+        // The manifest holds no position yet (-1).
+        assert_eq!(l.positions.get("orders/0"), Some(&-1));
+    }
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(6));
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), None, "nothing left");
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.named.len(), 1, "one object for the three batches");
+    assert_eq!(
+        values(&l),
+        pairs(&[("a", 1), ("b", 2), ("a", 1), ("b", 2), ("a", 1), ("b", 2)])
+    );
+    assert_eq!(l.positions.get("orders/0"), Some(&6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_object_sends_its_parts_as_batches_fill_them() {
+    set_test_credentials();
+    let bucket = fresh_bucket("parts").await;
+    let p = part("big/0");
+    let sink = S3Sink::new(staging(&bucket), &columns());
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    // Four batches of about 3 MiB into one object: parts of 5 MiB go up
+    // while it is open, so the runner holds about a part, not the object.
+    let pad = "x".repeat(1000);
+    let uploads = || async {
+        client()
+            .list_multipart_uploads()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap()
+            .uploads()
+            .len()
+    };
+    for n in 0..4u64 {
+        let records: Vec<_> = (n * 3000..(n + 1) * 3000)
+            .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
+            .collect();
+        sink.commit(batch(&p, a.epoch, records, (n + 1) * 3000))
+            .await
+            .unwrap();
+        // The first part goes up with the second batch.
+        assert_eq!(uploads().await, usize::from(n >= 1), "after batch {n}");
+    }
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(12_000));
+    assert_eq!(uploads().await, 0);
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.named.len(), 1);
+    assert_eq!(l.lines.len(), 12_000);
+    let bytes = l.manifests[0]["objects"][0]["bytes"].as_u64().unwrap();
+    assert!(bytes > 10 << 20, "{bytes}");
+    let offsets: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    assert_eq!(
+        offsets,
+        (0..12_000).collect::<Vec<i64>>(),
+        "every record once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_lost_its_staged_objects_is_fenced_and_the_new_owner_reads_them_again() {
+    set_test_credentials();
+    let bucket = fresh_bucket("stalestage").await;
+    let p = part("big/0");
+    let old = S3Sink::new(staging(&bucket), &columns());
+    old.prepare().await.unwrap();
+    let a = old.open(&p).await.unwrap();
+    let pad = "x".repeat(1000);
+    let records = |from: u64, to: u64, v: i64| -> Vec<idem_core::Record> {
+        (from..to)
+            .map(|i| rec(i, &format!("{i}-{pad}"), v))
+            .collect()
+    };
+    // Staged with a part up, then the runner freezes.
+    for n in 0..2u64 {
+        old.commit(batch(
+            &p,
+            a.epoch,
+            records(n * 3000, (n + 1) * 3000, 1),
+            (n + 1) * 3000,
+        ))
+        .await
+        .unwrap();
+    }
+    // A newer runner opens: nothing was committed, the upload is aborted.
+    let new = S3Sink::new(staging(&bucket), &columns());
+    let b = new.open(&p).await.unwrap();
+    assert_eq!((b.epoch, b.next_offset), (2, None));
+    // The old runner wakes: its next part or its flush is refused.
+    let stale = old
+        .commit(batch(&p, a.epoch, records(6000, 9000, 1), 9000))
+        .await;
+    let stale = match stale {
+        Ok(_) => old.flush_staged(&p).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(stale, Err(SinkError::Fenced { .. })), "{stale:?}");
+    new.commit(batch(&p, b.epoch, records(0, 3000, 2), 3000))
+        .await
+        .unwrap();
+    assert_eq!(new.flush_staged(&p).await.unwrap(), Some(3000));
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.lines.len(), 3000);
+    assert!(
+        l.lines.iter().all(|v| v["v"].as_i64() == Some(2)),
+        "only the new owner's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_schema_closes_the_open_object_and_starts_a_wider_one() {
+    set_test_credentials();
+    let bucket = fresh_bucket("wider").await;
+    let p = part("orders/0");
+    let sink = S3Sink::new(staging(&bucket), &columns());
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    sink.commit(batch(&p, a.epoch, vec![rec(0, "a", 1)], 1))
+        .await
+        .unwrap();
+    let mut wider = columns();
+    wider.push(idem_config::ColumnConfig {
+        name: "extra".into(),
+        pointer: None,
+        ty: idem_config::ColumnType::Text,
+        required: false,
+    });
+    let mut r = rec(1, "b", 2);
+    r.values.push(idem_core::Value::Text("more".into()));
+    let mut b = Arc::into_inner(batch(&p, a.epoch, vec![r], 2)).unwrap();
+    b.columns = Some(Arc::new(wider));
+    sink.commit(Arc::new(b)).await.unwrap();
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(2));
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.named.len(), 2, "the open object closed with its schema");
+    assert_eq!(l.lines[0].get("extra"), None);
+    assert_eq!(l.lines[1]["extra"], "more");
 }
