@@ -59,7 +59,11 @@ async fn replicas_stay_exact_through_kills_fail_points_and_redelivery() {
             (format!("duck_{t}"), duck_sink, replica),
             (
                 format!("log_{t}"),
-                idem_testkit::s3::sink_lines(&bucket, "format = \"parquet\"\n"),
+                // Objects roll every second: staged batches meet the kills.
+                idem_testkit::s3::sink_lines(
+                    &bucket,
+                    "format = \"parquet\"\nroll_interval = \"1s\"\n",
+                ),
                 Shape::ChangeLog,
             ),
         ] {

@@ -99,7 +99,7 @@ struct Object {
 
 enum Body {
     /// Taking records; its encoded head drains as parts go up.
-    Open(Stream),
+    Open(Box<Stream>),
     /// Ended: the bytes not yet sent.
     Closed(Vec<u8>),
 }
@@ -160,7 +160,7 @@ impl S3Sink {
                             first_offset: first,
                             next_offset: first,
                             fill: Fill::default(),
-                            body: Body::Open(encoder.stream()?),
+                            body: Body::Open(Box::new(encoder.stream()?)),
                             upload: None,
                             sent: 0,
                         };
@@ -281,13 +281,15 @@ impl S3Sink {
         let mut stored = part.stored.clone();
         stored.sort_by_key(|e| e.first_offset);
         let mut written: Vec<String> = stored.iter().map(|e| e.key.clone()).collect();
+        m.next_offset = part.through;
+        // The manifest keeps the newest objects: once it names enough,
+        // they move into a segment before this commit's join it.
         if m.objects.len() >= self.cfg.manifest_max_objects {
             self.move_to_segment(p, epoch, &mut m).await?;
             written.extend(m.segments.last().map(|r| r.key.clone()));
         }
+        m.objects.append(&mut stored);
         failpoint::hit(AFTER_WRITE);
-        m.next_offset = part.through;
-        m.objects.extend(stored);
         let key = self.layout.manifest_key(p);
         let etag = match self.write_manifest(&key, Some(&part.etag), &m).await {
             Ok(etag) => etag,
