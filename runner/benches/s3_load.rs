@@ -5,8 +5,16 @@
 //!   (c) plain PUTs of (a)'s bytes: every object (a) committed, read back
 //!       and PUT again under other keys by one client, one after another,
 //!       as `idem` does: the store's limit for the same bytes
-//! Prints events/s, MB/s of source NDJSON (and of stored bytes), ratios to
-//! (c), commit latencies and peak RSS. Figures, not assertions.
+//!   (d, e) events whose times spread over 28 days, interleaved (as late
+//!       and backfilled events reach a day-partitioned lake), into Parquet
+//!       by day (`time_column`): (d) every batch closing its objects
+//!       (`roll_interval = "0s"`), (e) objects open across batches (the
+//!       default roll); then DuckDB's `read_parquet` of each result,
+//!       downloaded (a scan of every object: what the object count costs
+//!       a reader).
+//! Prints events/s, MB/s of source NDJSON (and of stored bytes), objects,
+//! ratios to (c), commit latencies, peak RSS and scan times. Figures, not
+//! assertions.
 //!
 //!     cargo bench -p idem --bench s3_load
 //!     IDEM_BENCH_EVENTS=200000 IDEM_BENCH_BATCH=50000 cargo bench -p idem --bench s3_load
@@ -80,6 +88,8 @@ async fn empty(c: &Client, bucket: &str) {
 
 struct Phase {
     name: String,
+    /// DuckDB's scan of what the run stored, median of 3.
+    scan: Option<Duration>,
     elapsed: Duration,
     stored_bytes: u64,
     objects: usize,
@@ -159,6 +169,7 @@ async fn main() {
             assert_eq!(lines, events, "idem wrote every event once");
         }
         phases.push(Phase {
+            scan: None,
             name: format!("{name}, {}", batch_label(batch)),
             elapsed,
             stored_bytes: data_objects.iter().map(|(_, s)| *s as u64).sum(),
@@ -183,6 +194,7 @@ async fn main() {
             .unwrap();
     }
     phases.push(Phase {
+        scan: None,
         name: "plain PUTs of the JSON lines objects".into(),
         elapsed: before.elapsed(),
         stored_bytes: stored,
@@ -191,6 +203,84 @@ async fn main() {
         latencies: Vec::new(),
     });
     empty(&c, &bucket).await;
+
+    // Event times over 28 days, interleaved: Parquet by day.
+    let spread = dir.path().join("spread.jsonl");
+    generate_with(
+        idem,
+        &spread,
+        events,
+        &[
+            "--duplicates",
+            "0",
+            "--malformed",
+            "0",
+            "--spread-days",
+            "28",
+        ],
+    );
+    let mut by_day = Vec::new();
+    for (name, roll) in [
+        (
+            "Parquet by day, objects closed per batch",
+            "roll_interval = \"0s\"",
+        ),
+        ("Parquet by day, objects open across batches", ""),
+    ] {
+        let sink = format!(
+            "type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{ENDPOINT}\"\npath_style = true\npart_bytes = {part_bytes}\nformat = \"parquet\"\ntime_column = \"at\"\n{roll}"
+        );
+        let cfg = dir.path().join("days.toml");
+        std::fs::write(&cfg, config(&spread, &sink, batch)).expect("config");
+        let mut cmd = std::process::Command::new(idem);
+        cmd.env("RUST_LOG", "warn").arg("run").arg(&cfg);
+        for (k, v) in CREDENTIALS {
+            cmd.env(k, v);
+        }
+        let (elapsed, peak, _) = run_measured(&mut cmd);
+        let objects = list(&c, &bucket, "bench/topic=").await;
+        // Downloaded, for DuckDB to read each object as a file.
+        let local = dir.path().join("objects");
+        std::fs::remove_dir_all(&local).ok();
+        std::fs::create_dir_all(&local).expect("objects dir");
+        for (i, (key, _)) in objects.iter().enumerate() {
+            let o = c
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            let body = o.body.collect().await.unwrap().into_bytes();
+            std::fs::write(local.join(format!("{i:06}.parquet")), body).unwrap();
+        }
+        let db = duckdb::Connection::open_in_memory().expect("duckdb");
+        let query = format!(
+            "SELECT count(*), count(DISTINCT event_id), sum(amount) FROM read_parquet('{}/*.parquet')",
+            local.display()
+        );
+        let mut scans = Vec::new();
+        let mut rows = 0i64;
+        for _ in 0..3 {
+            let started = Instant::now();
+            rows = db
+                .query_row(&query, [], |r| r.get::<_, i64>(0))
+                .expect("scan");
+            scans.push(started.elapsed());
+        }
+        scans.sort();
+        assert_eq!(rows as usize, events, "every event read back once");
+        by_day.push(Phase {
+            name: format!("{name}, {}", batch_label(batch)),
+            elapsed,
+            stored_bytes: objects.iter().map(|(_, s)| *s as u64).sum(),
+            objects: objects.len(),
+            peak_kib: Some(peak),
+            latencies: Vec::new(),
+            scan: Some(scans[1]),
+        });
+        empty(&c, &bucket).await;
+    }
     c.delete_bucket().bucket(&bucket).send().await.ok();
 
     let base = phases.last().map(|p| p.elapsed).unwrap_or_default();
@@ -220,5 +310,25 @@ async fn main() {
         if !p.latencies.is_empty() {
             println!("    {}", latency_line(&p.latencies));
         }
+    }
+    println!();
+    println!("{events} events over 28 days, interleaved, into Parquet by day (dt=YYYY-MM-DD/)");
+    println!(
+        "{:<58} {:>8} {:>10} {:>8} {:>9} {:>9} {:>12}",
+        "", "elapsed", "events/s", "objects", "stored", "peak RSS", "DuckDB scan"
+    );
+    for p in &by_day {
+        let secs = p.elapsed.as_secs_f64();
+        println!(
+            "{:<58} {:>7.2}s {:>10.0} {:>8} {:>6.1} MB {:>9} {:>11.3}s",
+            p.name,
+            secs,
+            events as f64 / secs,
+            p.objects,
+            p.stored_bytes as f64 / 1e6,
+            p.peak_kib
+                .map_or("-".to_string(), |k| format!("{} MiB", k / 1024)),
+            p.scan.unwrap_or_default().as_secs_f64()
+        );
     }
 }

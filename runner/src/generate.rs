@@ -18,6 +18,10 @@ pub struct GenerateOptions {
     /// hashes) are, instead of `evt-0000000001`, `evt-0000000002`...:
     /// sequential ids make index inserts cheaper than real data does.
     pub random_ids: bool,
+    /// Event times at random over this many days from 2026-01-01, as a
+    /// day-partitioned lake receives late and backfilled events; 0: one
+    /// second apart, in order.
+    pub spread_days: u32,
 }
 
 const KINDS: [&str; 5] = ["order", "payment", "refund", "click", "signup"];
@@ -30,10 +34,14 @@ pub const MALFORMED: [&str; 4] = [
     "{\"event_id\": \"bad-amount\", \"user_id\": 1, \"kind\": \"order\", \"amount\": \"twelve\", \"at\": \"2026-01-01T00:00:00Z\"}",
 ];
 
-fn event(i: u64, rng: &mut SmallRng, random_id: bool) -> String {
-    let secs = 1_767_225_600 + i as i64; // 2026-01-01 onwards
+fn event(i: u64, rng: &mut SmallRng, opts: &GenerateOptions) -> String {
+    let start = 1_767_225_600; // 2026-01-01
+    let secs = match opts.spread_days {
+        0 => start + i as i64,
+        days => start + rng.random_range(0..i64::from(days) * 86_400),
+    };
     let at = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
-    let id = if random_id {
+    let id = if opts.random_ids {
         format!("{:020x}", rng.random::<u128>() >> 48)
     } else {
         format!("evt-{i:010}")
@@ -67,7 +75,7 @@ pub fn generate(out: &mut dyn Write, opts: &GenerateOptions) -> std::io::Result<
             let j = rng.random_range(bodies.len().saturating_sub(1000)..bodies.len());
             bodies[j].clone()
         } else {
-            let e = event(bodies.len() as u64, &mut rng, opts.random_ids);
+            let e = event(bodies.len() as u64, &mut rng, opts);
             if opts.duplicates > 0.0 {
                 bodies.push(e.clone());
             } else {
@@ -102,6 +110,7 @@ mod tests {
             malformed: 10,
             seed: 7,
             random_ids: false,
+            spread_days: 0,
         };
         let (lines, distinct) = generate(&mut buf, &opts).unwrap();
         assert_eq!(lines, 1010);
@@ -135,6 +144,7 @@ mod tests {
             malformed: 0,
             seed: 3,
             random_ids: true,
+            spread_days: 0,
         };
         let (_, distinct) = generate(&mut buf, &opts).unwrap();
         let ids: Vec<String> = String::from_utf8(buf)
@@ -159,6 +169,35 @@ mod tests {
     }
 
     #[test]
+    fn spread_days_scatter_event_times_over_that_many_days() {
+        let mut buf = Vec::new();
+        let opts = GenerateOptions {
+            count: 3000,
+            duplicates: 0.0,
+            malformed: 0,
+            seed: 5,
+            random_ids: false,
+            spread_days: 28,
+        };
+        generate(&mut buf, &opts).unwrap();
+        let days: Vec<String> = String::from_utf8(buf)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["at"].as_str().unwrap()[..10].to_string()
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<&String> = days.iter().collect();
+        assert_eq!(distinct.len(), 28, "{distinct:?}");
+        assert_eq!(distinct.first().map(|d| d.as_str()), Some("2026-01-01"));
+        assert_eq!(distinct.last().map(|d| d.as_str()), Some("2026-01-28"));
+        // Interleaved, not one day after another.
+        let changes = days.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(changes > 2500, "{changes}");
+    }
+
+    #[test]
     fn same_seed_same_output() {
         let opts = GenerateOptions {
             count: 50,
@@ -166,6 +205,7 @@ mod tests {
             malformed: 2,
             seed: 1,
             random_ids: false,
+            spread_days: 0,
         };
         let (mut a, mut b) = (Vec::new(), Vec::new());
         generate(&mut a, &opts).unwrap();

@@ -129,6 +129,11 @@ struct EventArgs {
     /// Event ids of 20 random hex digits instead of sequential ones.
     #[arg(long)]
     random_ids: bool,
+    /// Event times at random over this many days (late and backfilled
+    /// events, as a day-partitioned lake receives them); 0: one second
+    /// apart, in order.
+    #[arg(long, default_value_t = 0)]
+    spread_days: u32,
 }
 
 impl From<&EventArgs> for GenerateOptions {
@@ -139,6 +144,7 @@ impl From<&EventArgs> for GenerateOptions {
             malformed: a.malformed,
             seed: a.seed,
             random_ids: a.random_ids,
+            spread_days: a.spread_days,
         }
     }
 }
