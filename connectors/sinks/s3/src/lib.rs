@@ -1,5 +1,6 @@
-//! S3 sink: each batch becomes one or more JSON lines or Parquet objects
-//! named by partition and first offset; a per-partition manifest, replaced only by a
+//! S3 sink: records go into JSON lines or Parquet objects named by
+//! partition, folder and first offset, kept open across batches until full
+//! or until `roll_interval`; a per-partition manifest, replaced only by a
 //! conditional write, names the committed objects and the next offset.
 //! See docs/sinks/s3.md.
 
@@ -25,7 +26,8 @@ impl idem_core::registry::SinkKind for S3Kind {
     const NAME: &'static str = "s3";
     type Config = S3SinkConfig;
 
-    /// An object per batch and folder: larger batches make fewer, larger objects. `max_bytes` (16 MiB) still bounds a batch.
+    /// Objects stay open across batches, so the batch sets the commit's
+    /// work, not the object's size. `max_bytes` (16 MiB) still bounds a batch.
     fn batch_records(_cfg: &S3SinkConfig) -> usize {
         idem_config::TABLE_MAX_RECORDS
     }

@@ -399,3 +399,51 @@ async fn a_grown_schema_closes_the_open_object_and_starts_a_wider_one() {
     assert_eq!(l.lines[0].get("extra"), None);
     assert_eq!(l.lines[1]["extra"], "more");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_object_open_across_batches_goes_up_in_parts_and_reads_back_whole() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    set_test_credentials();
+    let bucket = fresh_bucket("pqparts").await;
+    let p = part("big/0");
+    let cfg = S3SinkConfig {
+        format: Format::Parquet,
+        compression: Some(idem_sink_s3::Compression::None),
+        ..staging(&bucket)
+    };
+    let sink = S3Sink::new(cfg, &columns());
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    // Distinct 1 KB values, uncompressed: about 12 MiB of column data, so
+    // row groups close at 5 MiB and their bytes go up as parts.
+    for n in 0..4u64 {
+        let records: Vec<_> = (n * 3000..(n + 1) * 3000)
+            .map(|i| rec(i, &format!("{i:06}-{}", "y".repeat(1000)), i as i64))
+            .collect();
+        sink.commit(batch(&p, a.epoch, records, (n + 1) * 3000))
+            .await
+            .unwrap();
+    }
+    let open = client()
+        .list_multipart_uploads()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.uploads().len(), 1, "parts went up while it was open");
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(12_000));
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    let key = l.manifests[0]["objects"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reader = SerializedFileReader::new(bytes::Bytes::from(get(&bucket, &key).await)).unwrap();
+    assert!(reader.metadata().num_row_groups() >= 2, "one row group");
+    let values: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    assert_eq!(
+        values,
+        (0..12_000).collect::<Vec<i64>>(),
+        "every record once, in order"
+    );
+}
