@@ -55,6 +55,12 @@ pub struct S3SinkConfig {
     /// `0s`: every batch commits its own objects.
     #[serde(default = "default_roll_interval", with = "humantime_serde")]
     pub roll_interval: std::time::Duration,
+    /// Memory the open objects of all partitions may hold together (their
+    /// encoded bytes not yet sent, Parquet row groups being encoded). Past
+    /// it, the committing partition closes its row groups, and if still
+    /// over, commits its objects before `roll_interval`.
+    #[serde(default = "default_max_open_bytes")]
+    pub max_open_bytes: usize,
     /// Objects larger than this go up in parts of this size (multipart
     /// upload); at least 5 MiB, S3's smallest part.
     #[serde(default = "default_part_bytes")]
@@ -113,6 +119,10 @@ fn default_max_object_bytes() -> usize {
 
 fn default_roll_interval() -> std::time::Duration {
     std::time::Duration::from_secs(60)
+}
+
+fn default_max_open_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 fn default_part_bytes() -> usize {
@@ -207,6 +217,9 @@ impl Validate for S3SinkConfig {
         }
         if self.max_object_bytes == 0 {
             return Err(Invalid::new(&["max_object_bytes"], "must be at least 1"));
+        }
+        if self.max_open_bytes == 0 {
+            return Err(Invalid::new(&["max_open_bytes"], "must be at least 1"));
         }
         if self.manifest_max_objects == 0 {
             return Err(Invalid::new(

@@ -41,6 +41,9 @@ pub struct Encoder {
     max_bytes: usize,
     /// A Parquet row group closes at about this many encoded bytes.
     row_group_bytes: usize,
+    /// What a JSON line holds besides its values: quoted keys, colons,
+    /// commas, braces, and Idem's partition and offset fields.
+    line_overhead: usize,
     time: Option<(usize, TimePartition)>,
     /// `partition_column`: its index and `name=` prefix.
     field: Option<(usize, String)>,
@@ -70,6 +73,10 @@ impl Encoder {
             max_records: cfg.max_object_records,
             max_bytes: cfg.max_object_bytes,
             row_group_bytes: cfg.part_bytes.max(1),
+            line_overhead: columns.iter().map(|c| c.name.len() + 4).sum::<usize>()
+                + PARTITION_COLUMN.len()
+                + OFFSET_COLUMN.len()
+                + 40,
             time,
         }
     }
@@ -166,6 +173,16 @@ impl Encoder {
         groups
     }
 
+    /// About what `r` adds to an object before compression: its values,
+    /// and for JSON lines their keys and Idem's two fields as well.
+    pub fn weight(&self, r: &Record) -> usize {
+        let values = r.values.iter().map(approx_bytes).sum::<usize>();
+        match self.format {
+            Format::Jsonl => values + self.line_overhead,
+            Format::Parquet => values,
+        }
+    }
+
     /// Whether an object filled this far takes no more records: it holds
     /// `max_object_records`, or about `max_object_bytes`.
     pub fn full(&self, fill: Fill) -> bool {
@@ -189,7 +206,7 @@ impl Encoder {
                     fill = Fill::default();
                 }
                 current.push(i);
-                fill.add(&records[i]);
+                fill.add(self.weight(&records[i]));
             }
             if !current.is_empty() {
                 cuts.push(Cut {
@@ -283,9 +300,9 @@ pub struct Fill {
 }
 
 impl Fill {
-    pub fn add(&mut self, r: &Record) {
+    pub fn add(&mut self, bytes: usize) {
         self.records += 1;
-        self.bytes += r.values.iter().map(approx_bytes).sum::<usize>();
+        self.bytes += bytes;
     }
 }
 
@@ -322,6 +339,25 @@ impl Stream {
                 w.write(&batch)
                     .map_err(|e| S3Error::Encode(e.to_string()))?;
             }
+        }
+        Ok(())
+    }
+
+    /// What the body holds in memory: its bytes not yet taken, and for
+    /// Parquet the row group being encoded.
+    pub fn memory(&mut self) -> usize {
+        let row_group = match self {
+            Stream::Parquet(w) => w.memory_size(),
+            _ => 0,
+        };
+        self.encoded().len() + row_group
+    }
+
+    /// Close the Parquet row group being encoded, so that its memory turns
+    /// into (compressed) bytes to send; nothing for JSON lines.
+    pub fn close_row_group(&mut self) -> Result<(), S3Error> {
+        if let Stream::Parquet(w) = self {
+            w.flush().map_err(|e| S3Error::Encode(e.to_string()))?;
         }
         Ok(())
     }
@@ -415,8 +451,10 @@ mod tests {
             [vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]
         );
 
-        // Each record weighs 12 + 12 bytes: the third crosses 48.
-        let by_bytes = Encoder::new(&cfg("max_object_bytes = 48"), &cols);
+        // Each record weighs 12 + 12 bytes of values, and 6 + 5 of keys
+        // and 15 + 12 + 40 of Idem's fields and punctuation in a JSON
+        // line: 102 bytes; the third crosses 204.
+        let by_bytes = Encoder::new(&cfg("max_object_bytes = 204"), &cols);
         assert_eq!(
             objects(&by_bytes, &recs),
             [vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7], vec![8, 9]]

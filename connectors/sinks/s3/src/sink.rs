@@ -26,6 +26,8 @@ pub struct S3Sink {
     pub(crate) client: OnceCell<Client>,
     /// The partitions this runner opened, each locked while it commits.
     pub(crate) parts: std::sync::Mutex<HashMap<String, Arc<Mutex<Part>>>>,
+    /// The memory all partitions' open objects hold (`max_open_bytes`).
+    pub(crate) open_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// The store answered "not implemented" to ListMultipartUploads.
     pub(crate) no_upload_listing: AtomicBool,
 }
@@ -48,6 +50,7 @@ impl S3Sink {
             client: OnceCell::new(),
             parts: std::sync::Mutex::new(HashMap::new()),
             no_upload_listing: AtomicBool::new(false),
+            open_bytes: Arc::default(),
         }
     }
 
@@ -138,10 +141,10 @@ impl Sink for S3Sink {
                     };
                     // What an earlier open staged is dropped: its uploads
                     // were just aborted, and its batches are read again.
-                    self.parts
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key_of(p), Arc::new(Mutex::new(Part::new(new_etag, m))));
+                    self.parts.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                        key_of(p),
+                        Arc::new(Mutex::new(Part::new(new_etag, m, self.open_bytes.clone()))),
+                    );
                     return Ok(opened);
                 }
                 Err(Failure::Precondition) => {
@@ -177,6 +180,7 @@ impl Sink for S3Sink {
             self.settle(p, &mut part).await?;
         } else {
             self.send_or_fence(p, &mut part).await?;
+            self.keep_within_budget(p, &mut part).await?;
         }
         Ok(CommitStats {
             written: batch.records.len() as u64,

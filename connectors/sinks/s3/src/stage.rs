@@ -15,8 +15,9 @@ use aws_sdk_s3::types::CompletedPart;
 use idem_core::failpoint::{self, AFTER_WRITE};
 use idem_core::{Batch, PartitionRef, Record, SinkError};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// A partition this runner opened: the manifest as last written (with the
 /// ETag the next write must match), and what is staged after it.
@@ -38,11 +39,23 @@ pub(crate) struct Part {
     pub(crate) fenced: bool,
     /// Why staging stopped, when an earlier failure left it half done.
     broken: Option<String>,
+    /// The memory its objects held when last counted, and the sink's
+    /// count of all partitions' (see `max_open_bytes`).
+    held: usize,
+    open_bytes: Arc<AtomicUsize>,
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        self.open_bytes.fetch_sub(self.held, Ordering::Relaxed);
+    }
 }
 
 impl Part {
-    pub(crate) fn new(etag: String, manifest: Manifest) -> Self {
+    pub(crate) fn new(etag: String, manifest: Manifest, open_bytes: Arc<AtomicUsize>) -> Self {
         Part {
+            held: 0,
+            open_bytes,
             through: manifest.next_offset,
             etag,
             manifest,
@@ -71,6 +84,22 @@ impl Part {
     /// Whether `batch` was staged already (this is a retry of it).
     pub(crate) fn holds(&self, batch: &Batch) -> bool {
         self.through.is_some_and(|t| batch.next_offset <= t)
+    }
+
+    /// Count the memory its objects hold now; all partitions' together.
+    pub(crate) fn count(&mut self) -> usize {
+        let held: usize = self
+            .open
+            .values_mut()
+            .chain(self.closing.iter_mut())
+            .map(Object::memory)
+            .sum();
+        let before = std::mem::replace(&mut self.held, held);
+        if held >= before {
+            self.open_bytes.fetch_add(held - before, Ordering::Relaxed) + (held - before)
+        } else {
+            self.open_bytes.fetch_sub(before - held, Ordering::Relaxed) - (before - held)
+        }
     }
 
     fn check(&self, partition: &str) -> Result<(), S3Error> {
@@ -109,6 +138,13 @@ impl Object {
         match &mut self.body {
             Body::Open(s) => s.encoded(),
             Body::Closed(b) => b,
+        }
+    }
+
+    fn memory(&mut self) -> usize {
+        match &mut self.body {
+            Body::Open(s) => s.memory(),
+            Body::Closed(b) => b.len(),
         }
     }
 
@@ -173,7 +209,7 @@ impl S3Sink {
                     if encoder.full(fill) {
                         break;
                     }
-                    fill.add(&batch.records[j]);
+                    fill.add(encoder.weight(&batch.records[j]));
                     taken += 1;
                 }
                 let run: Vec<&Record> = rest[..taken].iter().map(|&j| &batch.records[j]).collect();
@@ -191,6 +227,36 @@ impl S3Sink {
             }
         }
         part.through = Some(batch.next_offset);
+        Ok(())
+    }
+
+    /// Past `max_open_bytes` (all partitions' open objects together):
+    /// close this partition's Parquet row groups and send what that made
+    /// ready; if still past it, commit its objects now, before
+    /// `roll_interval`. A backfill through many folders thus commits
+    /// early rather than holding its objects in memory.
+    pub(crate) async fn keep_within_budget(
+        &self,
+        p: &PartitionRef,
+        part: &mut Part,
+    ) -> Result<(), SinkError> {
+        let budget = self.cfg.max_open_bytes;
+        if part.count() <= budget || part.held == 0 {
+            return Ok(());
+        }
+        for o in part.open.values_mut() {
+            if let Body::Open(s) = &mut o.body {
+                if let Err(e) = s.close_row_group() {
+                    part.broken = Some(e.to_string());
+                    return Err(e.into());
+                }
+            }
+        }
+        self.send_or_fence(p, part).await?;
+        if part.count() > budget {
+            debug!(partition = %p.partition, held = part.held, budget, "open objects past max_open_bytes: committing them before roll_interval");
+            self.settle(p, part).await?;
+        }
         Ok(())
     }
 
@@ -324,6 +390,7 @@ impl S3Sink {
         part.etag = etag;
         part.manifest = m;
         part.stored.clear();
+        part.count();
         Ok(true)
     }
 

@@ -31,6 +31,7 @@ fn cfg(bucket: &str) -> S3SinkConfig {
         manifest_max_objects: 1000,
         // Every commit names its objects; the staging tests set their own.
         roll_interval: Duration::ZERO,
+        max_open_bytes: 64 << 20,
     }
 }
 
@@ -446,4 +447,90 @@ async fn a_parquet_object_open_across_batches_goes_up_in_parts_and_reads_back_wh
         (0..12_000).collect::<Vec<i64>>(),
         "every record once, in order"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_open_bytes_a_partition_commits_before_its_roll() {
+    set_test_credentials();
+    let bucket = fresh_bucket("budget").await;
+    let p = part("orders/0");
+    let sink = S3Sink::new(
+        S3SinkConfig {
+            max_open_bytes: 50_000,
+            ..staging(&bucket)
+        },
+        &columns(),
+    );
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    // About 30 KB of JSON lines a batch: the first stays open, the second
+    // passes 50,000 bytes and commits both.
+    let pad = "z".repeat(250);
+    let records = |from: u64| -> Vec<idem_core::Record> {
+        (from..from + 100)
+            .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
+            .collect()
+    };
+    let first = sink
+        .commit(batch(&p, a.epoch, records(0), 100))
+        .await
+        .unwrap();
+    assert_eq!(first.durable_through, Some(0));
+    let second = sink
+        .commit(batch(&p, a.epoch, records(100), 200))
+        .await
+        .unwrap();
+    assert_eq!(second.durable_through, Some(200), "committed early");
+    let third = sink
+        .commit(batch(&p, a.epoch, records(200), 300))
+        .await
+        .unwrap();
+    assert_eq!(third.durable_through, Some(200), "a new object, open again");
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(300));
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.named.len(), 2);
+    let values: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    assert_eq!(values, (0..300).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_open_bytes_parquet_row_groups_close_before_the_objects_do() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    set_test_credentials();
+    let bucket = fresh_bucket("rowgroups").await;
+    let p = part("orders/0");
+    // Row groups in memory pass 150 KB; compressed, the same rows are a
+    // few KB: the row groups close, the objects stay open.
+    let sink = S3Sink::new(
+        S3SinkConfig {
+            format: Format::Parquet,
+            max_open_bytes: 150_000,
+            ..staging(&bucket)
+        },
+        &columns(),
+    );
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    let pad = "q".repeat(500);
+    for n in 0..3u64 {
+        let records = (n * 400..(n + 1) * 400)
+            .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
+            .collect();
+        let stats = sink
+            .commit(batch(&p, a.epoch, records, (n + 1) * 400))
+            .await
+            .unwrap();
+        assert_eq!(stats.durable_through, Some(0), "batch {n} committed early");
+    }
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(1200));
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    assert_eq!(l.lines.len(), 1200);
+    let key = l.manifests[0]["objects"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reader = SerializedFileReader::new(bytes::Bytes::from(get(&bucket, &key).await)).unwrap();
+    assert!(reader.metadata().num_row_groups() >= 2, "one row group");
 }
