@@ -122,7 +122,7 @@ fn default_roll_interval() -> std::time::Duration {
 }
 
 fn default_max_open_bytes() -> usize {
-    64 * 1024 * 1024
+    32 * 1024 * 1024
 }
 
 fn default_part_bytes() -> usize {

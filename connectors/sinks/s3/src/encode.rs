@@ -260,8 +260,14 @@ impl Encoder {
         })
     }
 
-    /// One JSON object per line, keys in column order, then the position.
-    fn lines(&self, partition: &str, records: &[&Record]) -> Result<Vec<u8>, S3Error> {
+    /// One JSON object per line, keys in column order, then the position,
+    /// each line handed to `put` as it is written (no copy of the batch).
+    fn lines(
+        &self,
+        partition: &str,
+        records: &[&Record],
+        mut put: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), S3Error> {
         let enc = |e: serde_json::Error| S3Error::Encode(e.to_string());
         // Keys are written once, already quoted.
         let keys: Vec<String> = self
@@ -274,20 +280,22 @@ impl Encoder {
             "\"{PARTITION_COLUMN}\":{},\"{OFFSET_COLUMN}\":",
             serde_json::to_string(partition).map_err(enc)?
         );
-        let mut out = Vec::new();
+        let mut line = Vec::new();
         for r in records {
-            out.push(b'{');
+            line.clear();
+            line.push(b'{');
             for (k, v) in keys.iter().zip(&r.values) {
-                out.extend_from_slice(k.as_bytes());
-                out.push(b':');
-                v.write_json(&mut out).map_err(enc)?;
-                out.push(b',');
+                line.extend_from_slice(k.as_bytes());
+                line.push(b':');
+                v.write_json(&mut line).map_err(enc)?;
+                line.push(b',');
             }
-            out.extend_from_slice(tail.as_bytes());
-            out.extend_from_slice(r.offset.to_string().as_bytes());
-            out.extend_from_slice(b"}\n");
+            line.extend_from_slice(tail.as_bytes());
+            line.extend_from_slice(r.offset.to_string().as_bytes());
+            line.extend_from_slice(b"}\n");
+            put(&line).map_err(|e| S3Error::Encode(e.to_string()))?;
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -326,11 +334,13 @@ impl Stream {
         partition: &str,
         records: &[&Record],
     ) -> Result<(), S3Error> {
-        let io = |e: std::io::Error| S3Error::Encode(e.to_string());
         match self {
-            Stream::Plain(out) => out.extend_from_slice(&e.lines(partition, records)?),
-            Stream::Gzip(gz) => gz.write_all(&e.lines(partition, records)?).map_err(io)?,
-            Stream::Zstd(zs) => zs.write_all(&e.lines(partition, records)?).map_err(io)?,
+            Stream::Plain(out) => e.lines(partition, records, |l| {
+                out.extend_from_slice(l);
+                Ok(())
+            })?,
+            Stream::Gzip(gz) => e.lines(partition, records, |l| gz.write_all(l))?,
+            Stream::Zstd(zs) => e.lines(partition, records, |l| zs.write_all(l))?,
             Stream::Parquet(w) => {
                 let arrays =
                     columnar::arrays(&e.columns, partition, records).map_err(S3Error::Encode)?;
@@ -350,7 +360,7 @@ impl Stream {
             Stream::Parquet(w) => w.memory_size(),
             _ => 0,
         };
-        self.encoded().len() + row_group
+        self.encoded().capacity() + row_group
     }
 
     /// Close the Parquet row group being encoded, so that its memory turns

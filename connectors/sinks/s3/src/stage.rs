@@ -144,7 +144,7 @@ impl Object {
     fn memory(&mut self) -> usize {
         match &mut self.body {
             Body::Open(s) => s.memory(),
-            Body::Closed(b) => b.len(),
+            Body::Closed(b) => b.capacity(),
         }
     }
 
@@ -308,7 +308,13 @@ impl S3Sink {
         let done = self
             .put_part(&key, id.as_deref().unwrap_or_default(), number, chunk)
             .await?;
-        o.unsent().drain(..n);
+        let unsent = o.unsent();
+        unsent.drain(..n);
+        // A batch appended at once may have doubled the buffer: give back
+        // what the next part will not need.
+        if unsent.capacity() > 2 * self.cfg.part_bytes {
+            unsent.shrink_to(self.cfg.part_bytes.max(unsent.len()));
+        }
         o.sent += n as u64;
         if let Some((_, parts)) = &mut o.upload {
             parts.push(done);
