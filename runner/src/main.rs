@@ -153,7 +153,14 @@ impl From<&EventArgs> for GenerateOptions {
 fn init_logs(format: LogFormat, configured: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let wanted = configured.unwrap_or("info");
-        tracing_subscriber::EnvFilter::try_new(wanted).unwrap_or_else(|e| {
+        // The AWS SDK logs each provider it tried for a region or
+        // credentials (instance metadata, profiles) as a page-long warning;
+        // the S3 sink names a missing credential itself.
+        let quiet = match wanted.contains("aws_config") {
+            true => wanted.to_string(),
+            false => format!("{wanted},aws_config=error"),
+        };
+        tracing_subscriber::EnvFilter::try_new(&quiet).unwrap_or_else(|e| {
             idem::say_err!(
                 "idem: runner.log = {wanted:?} is not a log filter ({e}); using \"info\""
             );

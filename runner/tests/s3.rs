@@ -241,6 +241,34 @@ fn a_missing_bucket_or_store_is_named_at_start() {
     );
 }
 
+/// No credentials anywhere (no keys, no profile, no instance role): named
+/// at start as such, not as a store that does not answer, and not retried.
+#[test]
+fn missing_credentials_are_named_at_start() {
+    let w = Workdir::new();
+    w.write("in-0.jsonl", &lines(0, 0..3));
+    let cfg = w.write("lake.toml", &file_config(&w, &sink_lines("b", "")));
+    let out = idem()
+        .arg("check")
+        .arg(&cfg)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("RUST_LOG")
+        .env("HOME", w.path(""))
+        .output()
+        .unwrap();
+    let err = text(&out.stdout) + &text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no AWS credentials were found") && err.contains("AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+    assert!(!err.contains("no answer"), "{err}");
+    assert!(err.lines().count() < 6, "a page of SDK warnings: {err}");
+}
+
 /// s3s-fs checks request signatures: a wrong secret is named at start,
 /// before anything is read or written, without the secret in the message;
 /// the right one writes everything (to a store that cannot list multipart

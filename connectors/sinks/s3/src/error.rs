@@ -18,6 +18,9 @@ pub enum S3Error {
     /// Nothing answered at the endpoint.
     #[error("s3 {store}: no answer ({message}); is the store running there? (for Idem's tests: bash scripts/s3.sh)")]
     Unreachable { store: String, message: String },
+    /// The SDK found no credentials to sign with: no request was sent.
+    #[error("s3 {store}: no AWS credentials were found ({message}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with an instance or task role")]
+    NoCredentials { store: String, message: String },
     #[error("s3 {store}: bucket `{bucket}` does not exist; create it first (Idem does not create buckets)")]
     NoBucket { store: String, bucket: String },
     #[error("s3 {store}: access to bucket `{bucket}` was refused ({message}); check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile or role) and the bucket's policy")]

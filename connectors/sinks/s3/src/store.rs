@@ -75,6 +75,16 @@ impl S3Sink {
             _ => DisplayErrorContext(&e).to_string(),
         };
         Failure::Other(match (code, e.code()) {
+            // The credentials chain fails inside the dispatch, before any
+            // request leaves: not the store's fault, and no retry helps.
+            (None, _)
+                if matches!(e, SdkError::DispatchFailure(_)) && message.contains("credential") =>
+            {
+                S3Error::NoCredentials {
+                    store: self.store(),
+                    message: first_line(&message),
+                }
+            }
             (None, _) if matches!(e, SdkError::DispatchFailure(_)) => S3Error::Unreachable {
                 store: self.store(),
                 message,
@@ -413,4 +423,19 @@ impl S3Sink {
             },
         }
     }
+}
+
+/// The first line of the SDK's account of a failure, cut short: the rest
+/// (each provider tried, raw responses) says nothing more to an operator.
+fn first_line(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    let line = line
+        .strip_prefix("dispatch failure: other: ")
+        .unwrap_or(line);
+    // The Debug dump of the same error the SDK appends.
+    let line = line.split(" (DispatchFailure").next().unwrap_or(line);
+    line.trim_end_matches(". Attempted:")
+        .chars()
+        .take(200)
+        .collect()
 }
