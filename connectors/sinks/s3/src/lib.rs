@@ -8,6 +8,7 @@ mod config;
 mod encode;
 mod error;
 mod keys;
+mod part;
 mod recover;
 mod sink;
 mod stage;

@@ -2,7 +2,7 @@ use crate::config::{Compression, Format, S3SinkConfig};
 use crate::encode::Encoder;
 use crate::error::{Failure, S3Error};
 use crate::keys::{Layout, Manifest, MANIFEST_FORMAT};
-use crate::stage::{fenced, Part};
+use crate::part::{fenced, Part};
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use idem_config::{ColumnConfig, Guarantee};

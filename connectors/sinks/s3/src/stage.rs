@@ -7,154 +7,15 @@
 //! all (a crash leaves unfinished uploads and unnamed objects, which the
 //! next owner's recovery removes, and the batches are read again).
 
-use crate::encode::{Encoder, Fill, Stream};
+use crate::encode::{Encoder, Fill};
 use crate::error::{Failure, S3Error};
-use crate::keys::{Entry, Manifest};
+use crate::keys::Entry;
+use crate::part::{fenced, Body, Object, Part};
 use crate::sink::S3Sink;
-use aws_sdk_s3::types::CompletedPart;
 use idem_core::failpoint::{self, AFTER_WRITE};
 use idem_core::{Batch, PartitionRef, Record, SinkError};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tracing::{debug, warn};
-
-/// A partition this runner opened: the manifest as last written (with the
-/// ETag the next write must match), and what is staged after it.
-pub(crate) struct Part {
-    pub(crate) etag: String,
-    pub(crate) manifest: Manifest,
-    /// The schema new objects are written with, once the source's schema
-    /// grew past the configured columns (each object carries its own).
-    encoder: Option<Arc<Encoder>>,
-    /// Objects taking records, one per folder.
-    open: HashMap<String, Object>,
-    /// Objects that are full or closed, not yet stored whole.
-    closing: Vec<Object>,
-    /// Objects stored whole, not yet named by the manifest.
-    stored: Vec<Entry>,
-    /// The position after the last batch staged.
-    through: Option<u64>,
-    /// A newer runner holds the partition.
-    pub(crate) fenced: bool,
-    /// Why staging stopped, when an earlier failure left it half done.
-    broken: Option<String>,
-    /// The memory its objects held when last counted, and the sink's
-    /// count of all partitions' (see `max_open_bytes`).
-    held: usize,
-    open_bytes: Arc<AtomicUsize>,
-}
-
-impl Drop for Part {
-    fn drop(&mut self) {
-        self.open_bytes.fetch_sub(self.held, Ordering::Relaxed);
-    }
-}
-
-impl Part {
-    pub(crate) fn new(etag: String, manifest: Manifest, open_bytes: Arc<AtomicUsize>) -> Self {
-        Part {
-            held: 0,
-            open_bytes,
-            through: manifest.next_offset,
-            etag,
-            manifest,
-            encoder: None,
-            open: HashMap::new(),
-            closing: Vec::new(),
-            stored: Vec::new(),
-            fenced: false,
-            broken: None,
-        }
-    }
-
-    /// The position the manifest holds durable.
-    pub(crate) fn durable(&self) -> u64 {
-        self.manifest.next_offset.unwrap_or(0)
-    }
-
-    /// Whether anything is staged past the manifest.
-    pub(crate) fn staged(&self) -> bool {
-        self.through != self.manifest.next_offset
-            || !self.open.is_empty()
-            || !self.closing.is_empty()
-            || !self.stored.is_empty()
-    }
-
-    /// Whether `batch` was staged already (this is a retry of it).
-    pub(crate) fn holds(&self, batch: &Batch) -> bool {
-        self.through.is_some_and(|t| batch.next_offset <= t)
-    }
-
-    /// Count the memory its objects hold now; all partitions' together.
-    pub(crate) fn count(&mut self) -> usize {
-        let held: usize = self
-            .open
-            .values_mut()
-            .chain(self.closing.iter_mut())
-            .map(Object::memory)
-            .sum();
-        let before = std::mem::replace(&mut self.held, held);
-        if held >= before {
-            self.open_bytes.fetch_add(held - before, Ordering::Relaxed) + (held - before)
-        } else {
-            self.open_bytes.fetch_sub(before - held, Ordering::Relaxed) - (before - held)
-        }
-    }
-
-    fn check(&self, partition: &str) -> Result<(), S3Error> {
-        match &self.broken {
-            Some(reason) => Err(S3Error::Broken {
-                partition: partition.to_string(),
-                reason: reason.clone(),
-            }),
-            None => Ok(()),
-        }
-    }
-}
-
-/// An object being written or going up.
-struct Object {
-    key: String,
-    first_offset: u64,
-    next_offset: u64,
-    fill: Fill,
-    body: Body,
-    /// Its multipart upload, once its first part went up.
-    upload: Option<(String, Vec<CompletedPart>)>,
-    /// Bytes already sent in parts.
-    sent: u64,
-}
-
-enum Body {
-    /// Taking records; its encoded head drains as parts go up.
-    Open(Box<Stream>),
-    /// Ended: the bytes not yet sent.
-    Closed(Vec<u8>),
-}
-
-impl Object {
-    fn unsent(&mut self) -> &mut Vec<u8> {
-        match &mut self.body {
-            Body::Open(s) => s.encoded(),
-            Body::Closed(b) => b,
-        }
-    }
-
-    fn memory(&mut self) -> usize {
-        match &mut self.body {
-            Body::Open(s) => s.memory(),
-            Body::Closed(b) => b.capacity(),
-        }
-    }
-
-    fn close(mut self) -> Result<Object, S3Error> {
-        if let Body::Open(s) = std::mem::replace(&mut self.body, Body::Closed(Vec::new())) {
-            self.body = Body::Closed(s.finish()?);
-        }
-        Ok(self)
-    }
-}
 
 impl S3Sink {
     /// The batch's records onto the partition's open objects, grouped by
@@ -424,12 +285,5 @@ impl S3Sink {
             part.broken = Some(e.to_string());
         }
         Err(e.into())
-    }
-}
-
-pub(crate) fn fenced(p: &PartitionRef, epoch: i64) -> SinkError {
-    SinkError::Fenced {
-        partition: p.partition.to_string(),
-        epoch,
     }
 }
