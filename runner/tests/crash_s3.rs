@@ -13,13 +13,13 @@ fn killed_at_random_and_at_fail_points_every_message_lands_in_exactly_one_named_
     let bucket = rt.block_on(idem_testkit::s3::fresh_bucket("crash"));
     let w = Workdir::new();
     // Objects stay open across batches of 100 for up to 100 ms, and close
-    // at 150 records, inside a batch or across two: kills land between a
+    // at 70 records, inside a batch or across two: kills land between a
     // batch staged and the manifest that commits it. A manifest of at
-    // most 5 objects: segments are written and recovered under the
+    // most 3 objects: segments are written and recovered under the
     // crashes too.
     let sink = idem_testkit::s3::sink_lines(
         &bucket,
-        "compression = \"gzip\"\nmax_object_records = 150\nroll_interval = \"100ms\"\nmanifest_max_objects = 5",
+        "compression = \"gzip\"\nmax_object_records = 70\nroll_interval = \"100ms\"\nmanifest_max_objects = 3",
     );
     crash(&w, "append", &sink, || {
         rt.block_on(async {

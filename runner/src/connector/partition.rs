@@ -186,6 +186,13 @@ impl Connector {
                                     return Ok(end);
                                 }
                                 deadline = None;
+                                // A reader that always has more ready would
+                                // starve the roll timer below: check it here.
+                                if staged.roll_due(stage_for) {
+                                    if let Some(end) = self.flush_staged(pref, &mut staged, stop).await? {
+                                        return Ok(end);
+                                    }
+                                }
                             }
                         }
                     }

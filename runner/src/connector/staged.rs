@@ -36,4 +36,11 @@ impl Staged {
             since: None,
         }
     }
+
+    /// Whether staged effects have waited `stage_for` (the sink's).
+    pub(super) fn roll_due(&self, stage_for: Option<std::time::Duration>) -> bool {
+        self.since
+            .zip(stage_for)
+            .is_some_and(|(since, wait)| Instant::now() >= since + wait)
+    }
 }

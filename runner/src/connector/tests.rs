@@ -747,6 +747,8 @@ struct StagingSink {
     /// end the run; 0: none.
     fail_commit: AtomicUsize,
     commits: AtomicUsize,
+    /// How long each commit takes.
+    commit_time: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -789,6 +791,7 @@ impl Sink for StagingSink {
     }
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
         let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(self.commit_time).await;
         if n == self.fail_commit.load(Ordering::SeqCst) {
             return Err(SinkError::Permanent(Box::new(Simulated)));
         }
@@ -902,6 +905,28 @@ async fn staged_batches_become_durable_after_stage_for_while_the_source_idles() 
     stop.cancel();
     running.await.unwrap().unwrap();
     assert_eq!(conn.stats.snapshot().positions["p"], 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_batches_become_durable_after_stage_for_while_the_source_keeps_sending() {
+    // 300 commits of 2 ms while the reader always has the next batch
+    // ready: staged effects still roll every 20 ms, not only at the end.
+    let sink = Arc::new(StagingSink {
+        roll: usize::MAX,
+        stage_for: Some(std::time::Duration::from_millis(20)),
+        commit_time: std::time::Duration::from_millis(2),
+        ..Default::default()
+    });
+    let conn = staging_connector(
+        sink.clone(),
+        lines(3000),
+        "max_records = 10\nlinger = \"1h\"",
+        false,
+    );
+    run_partition(&conn).await.unwrap();
+    let st = sink.state.lock().unwrap();
+    assert_eq!(st.durable, (0..3000).collect::<Vec<i64>>());
+    assert!(st.flushes >= 5, "flushed {} times", st.flushes);
 }
 
 /// A connector that drops copies by `/id` with the in-memory dedup store

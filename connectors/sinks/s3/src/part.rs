@@ -73,6 +73,15 @@ impl Part {
             || !self.stored.is_empty()
     }
 
+    /// A newer runner holds the partition: what is staged is dropped
+    /// (the new owner reads it again), and so is the memory it held.
+    pub(crate) fn fence(&mut self) {
+        self.fenced = true;
+        self.open.clear();
+        self.closing.clear();
+        self.count();
+    }
+
     /// Whether `batch` was staged already (this is a retry of it).
     pub(crate) fn holds(&self, batch: &Batch) -> bool {
         self.through.is_some_and(|t| batch.next_offset <= t)

@@ -6,6 +6,7 @@ use crate::part::{fenced, Part};
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use idem_config::{ColumnConfig, Guarantee};
+use idem_core::failpoint::{self, AFTER_WRITE};
 use idem_core::{
     Batch, CommitStats, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
 };
@@ -180,6 +181,9 @@ impl Sink for S3Sink {
             self.settle(p, &mut part).await?;
         } else {
             self.send_or_fence(p, &mut part).await?;
+            // The batch is written (open, in parts or in stored objects)
+            // and no manifest names it yet.
+            failpoint::hit(AFTER_WRITE);
             self.keep_within_budget(p, &mut part).await?;
         }
         Ok(CommitStats {

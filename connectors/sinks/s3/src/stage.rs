@@ -238,7 +238,7 @@ impl S3Sink {
                         // their objects are the new owner's to keep.
                         part.manifest = m;
                         part.stored.clear();
-                        part.fenced = true;
+                        part.fence();
                         return Ok(true);
                     }
                     _ => {
@@ -247,7 +247,7 @@ impl S3Sink {
                                 warn!(key, error = %e, "could not remove an object of a fenced commit; the owner's next recovery removes it");
                             }
                         }
-                        part.fenced = true;
+                        part.fence();
                         return Err(fenced(p, epoch));
                     }
                 }
@@ -277,7 +277,7 @@ impl S3Sink {
         let epoch = part.manifest.epoch;
         if let Ok(Some((_, now))) = self.read_manifest(&self.layout.manifest_key(p)).await {
             if now.epoch != epoch {
-                part.fenced = true;
+                part.fence();
                 return Err(fenced(p, epoch));
             }
         }
