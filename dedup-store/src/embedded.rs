@@ -71,6 +71,9 @@ fn create_whole(path: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// redb's page cache for the ids file.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 impl EmbeddedDedupStore {
     /// Opens (or creates) the file at `path`; ids under `namespace`.
     pub fn open(path: &Path, namespace: &str, retention: Duration) -> Result<Self, DedupError> {
@@ -91,12 +94,18 @@ impl EmbeddedDedupStore {
         if !path.exists() {
             create_whole(path).map_err(fail)?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                fail("the file is open in another process: one runner per dedup file".into())
-            }
-            e => fail(e.to_string()),
-        })?;
+        // redb caches up to 1 GiB of pages by default, which a runner
+        // sidecar holding millions of ids would fill: the OS page cache
+        // keeps the file's hot pages as well.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    fail("the file is open in another process: one runner per dedup file".into())
+                }
+                e => fail(e.to_string()),
+            })?;
         let store = EmbeddedDedupStore {
             db: Arc::new(db),
             path: path.to_path_buf(),
