@@ -183,8 +183,12 @@ fn print_api_status(url: &str, v: &serde_json::Value) -> i32 {
             );
         }
         for p in parts {
+            // Written and not yet committed: a staging sink's open objects.
+            let written = p["written"].as_u64().map_or(String::new(), |w| {
+                format!(" (written to {w}, not yet committed)")
+            });
             crate::say!(
-                "{name:<20} {state:<10} {:>14} {:>14} {:>12}  {}",
+                "{name:<20} {state:<10} {:>14} {:>14} {:>12}  {}{written}",
                 num(&p["committed"]),
                 num(&p["source_end"]),
                 num(&p["lag"]),

@@ -212,7 +212,12 @@ impl Process {
     /// record the lag in the metrics. Bounded in time: a scrape must answer.
     pub async fn refresh_source_ends(&self, c: &Supervised) -> Vec<PartitionStatus> {
         let snapshot = c.stats.snapshot();
-        let (positions, lost) = (snapshot.positions, snapshot.lost);
+        let (mut positions, lost, staged) = (snapshot.positions, snapshot.lost, snapshot.staged);
+        // A partition written to and never committed yet (a staging sink's
+        // first roll) is shown too, committed at 0.
+        for p in staged.keys() {
+            positions.entry(p.clone()).or_insert(0);
+        }
         let source = match c.current() {
             Some(conn) if c.state() == State::Running => Some(conn.source.clone()),
             _ => None,
@@ -242,6 +247,7 @@ impl Process {
             }
             out.push(PartitionStatus {
                 lost: lost.get(&partition).copied().unwrap_or(0),
+                written: staged.get(&partition).copied(),
                 lag: end.map(|e| e.saturating_sub(committed)),
                 partition,
                 committed,
@@ -290,6 +296,10 @@ pub struct PartitionStatus {
     pub partition: String,
     /// The next offset after the last committed batch.
     pub committed: u64,
+    /// The next offset after the last batch written, when a staging sink
+    /// (S3 objects open across batches) holds batches after `committed`
+    /// that it has not yet committed.
+    pub written: Option<u64>,
     pub source_end: Option<u64>,
     pub lag: Option<u64>,
     /// Offsets the source deleted before they were committed, this process.

@@ -41,6 +41,7 @@ pub struct Metrics {
     dead_lettered: Family<PartitionLabels, Counter>,
     batches: Family<PartitionLabels, Counter>,
     position: Family<PartitionLabels, Gauge>,
+    staged: Family<PartitionLabels, Gauge>,
     source_end: Family<PartitionLabels, Gauge>,
     lag: Family<PartitionLabels, Gauge>,
     fenced: Family<PartitionLabels, Counter>,
@@ -106,6 +107,10 @@ impl Default for Metrics {
             "idem_committed_position",
             "The next source offset after the last committed batch",
         );
+        let staged = gauge(
+            "idem_written_position",
+            "The next source offset after the last batch written: ahead of idem_committed_position while a staging sink (S3 objects open across batches) holds batches it has not yet committed",
+        );
         let source_end = gauge(
             "idem_source_end_offset",
             "The source's end offset when scraped, where the source knows it",
@@ -161,6 +166,7 @@ impl Default for Metrics {
             dead_lettered,
             batches,
             position,
+            staged,
             source_end,
             lag,
             fenced,
@@ -240,6 +246,9 @@ pub struct Stats {
     lost: Mutex<BTreeMap<String, u64>>,
     /// Committed next offset per partition.
     positions: Mutex<BTreeMap<String, u64>>,
+    /// Per partition whose sink holds batches written but not yet
+    /// committed (a staging sink): the next offset after them.
+    staged: Mutex<BTreeMap<String, u64>>,
     /// Partitions being opened (sink position read, source seeked).
     opening: AtomicUsize,
     /// The sink has been prepared since the connector last started.
@@ -267,6 +276,9 @@ pub struct Snapshot {
     pub retries: u64,
     pub fenced: u64,
     pub positions: BTreeMap<String, u64>,
+    /// Partitions with batches written but not yet committed, and the
+    /// next offset after them (see [`Stats::set_written`]).
+    pub staged: BTreeMap<String, u64>,
     /// Offsets lost to the source's retention per partition, this process.
     pub lost: BTreeMap<String, u64>,
 }
@@ -310,6 +322,7 @@ impl Stats {
             fenced: AtomicU64::new(0),
             lost: Mutex::new(BTreeMap::new()),
             positions: Mutex::new(BTreeMap::new()),
+            staged: Mutex::new(BTreeMap::new()),
             opening: AtomicUsize::new(0),
             prepared: AtomicBool::new(false),
             failing: Mutex::new(None),
@@ -376,6 +389,22 @@ impl Stats {
             .position
             .get_or_create(&self.labels(partition))
             .set(next_offset as i64);
+    }
+
+    /// The partition's batches are written through `written` and
+    /// committed through `committed`: a staging sink may hold the ones
+    /// between.
+    pub fn set_written(&self, partition: &str, written: u64, committed: u64) {
+        if let Ok(mut s) = self.staged.lock() {
+            match written > committed {
+                true => s.insert(partition.to_string(), written),
+                false => s.remove(partition),
+            };
+        }
+        self.metrics
+            .staged
+            .get_or_create(&self.labels(partition))
+            .set(written.max(committed) as i64);
     }
 
     pub fn fenced(&self, partition: &str) {
@@ -477,6 +506,7 @@ impl Stats {
             retries: get(&self.retries),
             fenced: get(&self.fenced),
             positions: self.positions.lock().map(|p| p.clone()).unwrap_or_default(),
+            staged: self.staged.lock().map(|p| p.clone()).unwrap_or_default(),
             lost: self.lost.lock().map(|l| l.clone()).unwrap_or_default(),
         }
     }

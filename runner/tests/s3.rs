@@ -593,3 +593,87 @@ async fn a_field_and_the_day_make_folders_and_records_are_grouped_into_them() {
     }
     assert_eq!(folders.len(), 8, "{folders:?}");
 }
+
+/// Objects open across batches: the admin API shows how far the runner
+/// has written and, apart, how far a manifest has committed; `idem
+/// status` says which partitions hold batches not yet committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_written_and_not_yet_committed_show_in_the_admin_api() {
+    let bucket = fresh_bucket("written").await;
+    let w = Workdir::new();
+    add_lines(&w, 0..500);
+    let port = free_port();
+    let conf = format!("[runner.admin]\nlisten = \"127.0.0.1:{port}\"\n")
+        + &file_config(&w, &sink_lines(&bucket, "roll_interval = \"1h\"")).replace(
+            "type = \"file\"",
+            "type = \"file\"\nfollow = true\npoll_interval = \"50ms\"",
+        );
+    let cfg = w.write("lake.toml", &conf);
+    // The config's admin address, not the tests' own port per idem.
+    let mut runner = Reaped(
+        idem()
+            .env_remove("IDEM_ADMIN_LISTEN")
+            .arg("run")
+            .arg(&cfg)
+            .spawn()
+            .unwrap(),
+    );
+    let sizes: Vec<(String, u64)> = (0..2)
+        .map(|p| {
+            let path = w.path(&format!("in-{p}.jsonl"));
+            let len = std::fs::metadata(&path).unwrap().len();
+            (path.display().to_string(), len)
+        })
+        .collect();
+    let url = format!("http://127.0.0.1:{port}/connectors/lake");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..200 {
+        if let Ok(r) = http.get(&url).send().await {
+            let body = r.text().await.unwrap_or_default();
+            seen = serde_json::from_str(&body).unwrap_or_default();
+            let written: Vec<u64> = seen["partitions"]
+                .as_array()
+                .map(|ps| ps.iter().filter_map(|p| p["written"].as_u64()).collect())
+                .unwrap_or_default();
+            if written.len() == 2 {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for (path, len) in &sizes {
+        let p = seen["partitions"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["partition"] == path.as_str()))
+            .unwrap_or_else(|| panic!("{path} not listed: {seen}"));
+        assert_eq!(p["written"].as_u64(), Some(*len), "{seen}");
+        assert_eq!(
+            p["committed"].as_u64(),
+            Some(0),
+            "committed before the roll: {seen}"
+        );
+    }
+    let out = idem()
+        .env_remove("IDEM_ADMIN_LISTEN")
+        .arg("status")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains("not yet committed"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(landed(&bucket, "", "lake").await.lines.is_empty());
+
+    // A stop commits what was written.
+    signal(runner.0.id(), "TERM");
+    assert!(runner.0.wait().unwrap().success());
+    let got = landed(&bucket, "", "lake").await;
+    got.assert_only_named();
+    assert_eq!((got.lines.len(), got.distinct_ids()), (1000, 1000));
+    for (path, len) in &sizes {
+        assert_eq!(got.positions.get(path), Some(&(*len as i64)));
+    }
+}

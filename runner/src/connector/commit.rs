@@ -174,6 +174,8 @@ impl Connector {
             true => staged.since.or_else(|| Some(Instant::now())),
             false => None,
         };
+        self.stats
+            .set_written(&pref.partition, staged.through, durable.max(staged.durable));
         if durable <= staged.durable {
             return;
         }

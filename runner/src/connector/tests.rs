@@ -871,6 +871,10 @@ async fn staged_batches_become_durable_when_the_input_ends() {
     assert_eq!(st.durable, (0..25).collect::<Vec<i64>>());
     assert_eq!((st.position, st.flushes), (Some(25), 1));
     assert_eq!(conn.stats.snapshot().positions["p"], 25);
+    assert!(
+        conn.stats.snapshot().staged.is_empty(),
+        "nothing left staged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -971,8 +975,10 @@ async fn ids_of_staged_batches_are_confirmed_only_once_durable_so_a_crash_loses_
     let first = deduplicating(sink.clone(), input.clone(), store.clone());
     assert!(run_partition(&first).await.is_err());
     assert_eq!(sink.state.lock().unwrap().position, Some(15));
-    // Nothing past the durable position was reported or acknowledged.
+    // Nothing past the durable position was reported or acknowledged;
+    // what was written past it is shown as such.
     assert_eq!(first.stats.snapshot().positions["p"], 15);
+    assert_eq!(first.stats.snapshot().staged.get("p"), Some(&25));
     // The restart reads again from 15: every id once.
     let second = deduplicating(sink.clone(), input, store);
     run_partition(&second).await.unwrap();
