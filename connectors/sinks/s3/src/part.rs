@@ -27,6 +27,9 @@ pub(crate) struct Part {
     pub(crate) stored: Vec<Entry>,
     /// The position after the last batch staged.
     pub(crate) through: Option<u64>,
+    /// A batch being staged (its `next_offset`) and how many of its
+    /// records are staged, while its commit has not returned.
+    pub(crate) partial: Option<(u64, usize)>,
     /// A newer runner holds the partition.
     pub(crate) fenced: bool,
     /// Why staging stopped, when an earlier failure left it half done.
@@ -49,6 +52,7 @@ impl Part {
             held: 0,
             open_bytes,
             through: manifest.next_offset,
+            partial: None,
             etag,
             manifest,
             encoder: None,
@@ -68,6 +72,7 @@ impl Part {
     /// Whether anything is staged past the manifest.
     pub(crate) fn staged(&self) -> bool {
         self.through != self.manifest.next_offset
+            || self.partial.is_some()
             || !self.open.is_empty()
             || !self.closing.is_empty()
             || !self.stored.is_empty()

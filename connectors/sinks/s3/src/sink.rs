@@ -175,7 +175,7 @@ impl Sink for S3Sink {
             return Err(fenced(p, batch.epoch));
         }
         if !part.holds(&batch) {
-            self.stage(&mut part, &batch)?;
+            self.stage(p, &mut part, &batch).await?;
         }
         if self.cfg.roll_interval.is_zero() {
             self.settle(p, &mut part).await?;

@@ -19,18 +19,59 @@ use tracing::{debug, warn};
 
 impl S3Sink {
     /// The batch's records onto the partition's open objects, grouped by
-    /// folder, a new object started where one is full. Synchronous: on an
-    /// error the partition is broken (its open objects may hold part of the
-    /// batch) until it opens again.
-    pub(crate) fn stage(&self, part: &mut Part, batch: &Batch) -> Result<(), S3Error> {
-        let staged = self.stage_records(part, batch);
-        if let Err(e) = &staged {
-            part.broken = Some(e.to_string());
+    /// folder, a new object started where one is full, sending parts as
+    /// they fill. In chunks of about half a part, so that a batch larger
+    /// than a part does not sit whole in an object's buffer beside the
+    /// part going up. A retry resumes after the chunks already staged; an
+    /// encoding error breaks the partition (its objects may hold part of a
+    /// chunk) until it opens again.
+    pub(crate) async fn stage(
+        &self,
+        p: &PartitionRef,
+        part: &mut Part,
+        batch: &Batch,
+    ) -> Result<(), SinkError> {
+        let mut from = match part.partial {
+            Some((next, from)) if next == batch.next_offset => from,
+            Some(_) => {
+                let e = S3Error::Broken {
+                    partition: p.partition.to_string(),
+                    reason: "a batch was left half staged".into(),
+                };
+                part.broken = Some(e.to_string());
+                return Err(e.into());
+            }
+            None => 0,
+        };
+        let encoder = part.encoder.clone();
+        let encoder = encoder.as_deref().unwrap_or(&self.encoder);
+        let chunk = (self.cfg.part_bytes / 2).max(1);
+        while from < batch.records.len() {
+            let mut to = from;
+            let mut weight = 0;
+            while to < batch.records.len() && weight < chunk {
+                weight += encoder.weight(&batch.records[to]);
+                to += 1;
+            }
+            if let Err(e) = self.stage_records(part, batch, from..to) {
+                part.broken = Some(e.to_string());
+                return Err(e.into());
+            }
+            part.partial = Some((batch.next_offset, to));
+            from = to;
+            self.send_or_fence(p, part).await?;
         }
-        staged
+        part.partial = None;
+        part.through = Some(batch.next_offset);
+        Ok(())
     }
 
-    fn stage_records(&self, part: &mut Part, batch: &Batch) -> Result<(), S3Error> {
+    fn stage_records(
+        &self,
+        part: &mut Part,
+        batch: &Batch,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), S3Error> {
         // Columns learnt from the source's schema: objects already open
         // keep theirs and close; new ones take the wider schema.
         if let Some(columns) = &batch.columns {
@@ -45,7 +86,9 @@ impl S3Sink {
         let encoder = part.encoder.clone();
         let encoder = encoder.as_deref().unwrap_or(&self.encoder);
         let p = &batch.partition;
-        for (bucket, members) in encoder.groups(&batch.records) {
+        let first = range.start;
+        for (bucket, members) in encoder.groups(&batch.records[range]) {
+            let members: Vec<usize> = members.into_iter().map(|i| i + first).collect();
             let mut rest = &members[..];
             while let Some(&i) = rest.first() {
                 let o = match part.open.get_mut(&bucket) {
@@ -87,7 +130,6 @@ impl S3Sink {
                 }
             }
         }
-        part.through = Some(batch.next_offset);
         Ok(())
     }
 
@@ -195,6 +237,15 @@ impl S3Sink {
             return Err(fenced(p, part.manifest.epoch));
         }
         part.check(&p.partition)?;
+        if part.partial.is_some() {
+            // Never called between a commit's chunks; should it be after a
+            // failed commit, the half batch must not be named.
+            return Err(S3Error::Broken {
+                partition: p.partition.to_string(),
+                reason: "a batch is half staged".into(),
+            }
+            .into());
+        }
         if !part.staged() {
             return Ok(false);
         }

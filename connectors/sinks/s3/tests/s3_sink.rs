@@ -534,3 +534,83 @@ async fn past_max_open_bytes_parquet_row_groups_close_before_the_objects_do() {
     let reader = SerializedFileReader::new(bytes::Bytes::from(get(&bucket, &key).await)).unwrap();
     assert!(reader.metadata().num_row_groups() >= 2, "one row group");
 }
+
+/// A TCP proxy to the test store that can drop every connection and
+/// refuse new ones while `down` is set: the store gone mid-commit.
+async fn switchable_proxy() -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let down = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let store = ENDPOINT.trim_start_matches("http://").to_string();
+    let flag = down.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            if flag.load(Ordering::SeqCst) {
+                continue; // dropped: the connection closes
+            }
+            let (store, flag) = (store.clone(), flag.clone());
+            tokio::spawn(async move {
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&store).await else {
+                    return;
+                };
+                let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+                tokio::pin!(copy);
+                loop {
+                    tokio::select! {
+                        _ = &mut copy => return,
+                        _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                            if flag.load(Ordering::SeqCst) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), down)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_part_failed_midway_resumes_after_what_it_staged() {
+    use std::sync::atomic::Ordering;
+    set_test_credentials();
+    let bucket = fresh_bucket("resume").await;
+    let (endpoint, down) = switchable_proxy().await;
+    let p = part("big/0");
+    let sink = S3Sink::new(
+        S3SinkConfig {
+            endpoint: Some(endpoint),
+            ..staging(&bucket)
+        },
+        &columns(),
+    );
+    sink.prepare().await.unwrap();
+    let a = sink.open(&p).await.unwrap();
+    // About 8 MB: staged in chunks of half a part (2.5 MiB); the first
+    // 5 MiB part goes up after the second chunk, while the store is gone.
+    let pad = "x".repeat(1000);
+    let records: Vec<_> = (0..8000u64)
+        .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
+        .collect();
+    let b = batch(&p, a.epoch, records, 8000);
+    down.store(true, Ordering::SeqCst);
+    let failed = sink.commit(b.clone()).await;
+    assert!(matches!(&failed, Err(e) if e.is_retriable()), "{failed:?}");
+    // The store is back: the runner's retry sends the same batch.
+    down.store(false, Ordering::SeqCst);
+    sink.commit(b).await.unwrap();
+    assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(8000));
+    let l = landed(&bucket, "", "c").await;
+    l.assert_only_named();
+    let values: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    assert_eq!(
+        values,
+        (0..8000).collect::<Vec<i64>>(),
+        "every record once, in order"
+    );
+}
