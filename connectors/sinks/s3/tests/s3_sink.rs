@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use idem_core::{Sink, SinkError};
+use idem_core::{PartitionRef, Record, Sink, SinkError};
 use idem_sink_s3::{Format, S3Sink, S3SinkConfig};
 use idem_testkit::s3::*;
 use idem_testkit::*;
@@ -40,6 +40,23 @@ fn staging(bucket: &str) -> S3SinkConfig {
         roll_interval: Duration::from_secs(60),
         ..cfg(bucket)
     }
+}
+
+/// A sink with `cfg`, prepared, that opened `p`; and its epoch.
+async fn opened(cfg: S3SinkConfig, p: &PartitionRef) -> (S3Sink, i64) {
+    let sink = S3Sink::new(cfg, &columns());
+    sink.prepare().await.unwrap();
+    let epoch = sink.open(p).await.unwrap().epoch;
+    (sink, epoch)
+}
+
+/// Records at `offsets`, each with an id of about 1 KB and its offset as
+/// `v`: a MiB per thousand.
+fn padded(offsets: std::ops::Range<u64>) -> Vec<Record> {
+    let pad = "x".repeat(1000);
+    offsets
+        .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
+        .collect()
 }
 
 fn set_test_credentials() {
@@ -88,17 +105,10 @@ async fn a_stale_runner_is_fenced_and_leaves_no_object_behind() {
 
     let l = landed(&bucket, "", "c").await;
     l.assert_only_named();
-    let got: Vec<(String, i64)> = l
-        .lines
-        .iter()
-        .map(|v| {
-            (
-                v["id"].as_str().unwrap().to_string(),
-                v["v"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(got, pairs(&[("a", 1), ("b", 2), ("c", 30), ("d", 40)]));
+    assert_eq!(
+        values(&l),
+        pairs(&[("a", 1), ("b", 2), ("c", 30), ("d", 40)])
+    );
     assert_eq!(l.positions.get("orders/0"), Some(&4));
 }
 
@@ -200,23 +210,23 @@ async fn large_objects_go_up_in_parts_and_read_back_whole() {
     set_test_credentials();
     let bucket = fresh_bucket("multipart").await;
     let p = part("big/0");
-    let sink = S3Sink::new(cfg(&bucket), &columns());
-    sink.prepare().await.unwrap();
-    let a = sink.open(&p).await.unwrap();
+    let (sink, epoch) = opened(cfg(&bucket), &p).await;
     // About 12 MiB: three parts of at most 5 MiB.
-    let pad = "x".repeat(1000);
-    let records: Vec<_> = (0..12_000u64)
-        .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
-        .collect();
-    sink.commit(batch(&p, a.epoch, records, 12_000))
+    let records = padded(0..12_000);
+    sink.commit(batch(&p, epoch, records, 12_000))
         .await
         .unwrap();
     let l = landed(&bucket, "", "c").await;
     assert_eq!(l.lines.len(), 12_000);
     let bytes = l.manifests[0]["objects"][0]["bytes"].as_u64().unwrap();
     assert!(bytes > 10 << 20, "{bytes}");
-    let sum: i64 = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).sum();
+    let sum: i64 = v_column(&l).iter().sum();
     assert_eq!(sum, (0..12_000).sum::<i64>());
+}
+
+/// `v` of what landed, in object and line order.
+fn v_column(l: &S3Landed) -> Vec<i64> {
+    l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect()
 }
 
 /// Ids and values of what landed, in object and line order.
@@ -237,14 +247,12 @@ async fn objects_stay_open_across_batches_until_the_partition_flushes() {
     set_test_credentials();
     let bucket = fresh_bucket("staged").await;
     let p = part("orders/0");
-    let sink = S3Sink::new(staging(&bucket), &columns());
-    sink.prepare().await.unwrap();
+    let (sink, epoch) = opened(staging(&bucket), &p).await;
     assert_eq!(sink.stage_for(), Some(Duration::from_secs(60)));
-    let a = sink.open(&p).await.unwrap();
     for n in 0..3u64 {
         let b = batch(
             &p,
-            a.epoch,
+            epoch,
             vec![rec(2 * n, "a", 1), rec(2 * n + 1, "b", 2)],
             2 * n + 2,
         );
@@ -277,12 +285,9 @@ async fn an_open_object_sends_its_parts_as_batches_fill_them() {
     set_test_credentials();
     let bucket = fresh_bucket("parts").await;
     let p = part("big/0");
-    let sink = S3Sink::new(staging(&bucket), &columns());
-    sink.prepare().await.unwrap();
-    let a = sink.open(&p).await.unwrap();
+    let (sink, epoch) = opened(staging(&bucket), &p).await;
     // Four batches of about 3 MiB into one object: parts of 5 MiB go up
     // while it is open, so the runner holds about a part, not the object.
-    let pad = "x".repeat(1000);
     let uploads = || async {
         client()
             .list_multipart_uploads()
@@ -294,10 +299,8 @@ async fn an_open_object_sends_its_parts_as_batches_fill_them() {
             .len()
     };
     for n in 0..4u64 {
-        let records: Vec<_> = (n * 3000..(n + 1) * 3000)
-            .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
-            .collect();
-        sink.commit(batch(&p, a.epoch, records, (n + 1) * 3000))
+        let records = padded(n * 3000..(n + 1) * 3000);
+        sink.commit(batch(&p, epoch, records, (n + 1) * 3000))
             .await
             .unwrap();
         // The first part goes up with the second batch.
@@ -311,7 +314,7 @@ async fn an_open_object_sends_its_parts_as_batches_fill_them() {
     assert_eq!(l.lines.len(), 12_000);
     let bytes = l.manifests[0]["objects"][0]["bytes"].as_u64().unwrap();
     assert!(bytes > 10 << 20, "{bytes}");
-    let offsets: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    let offsets: Vec<i64> = v_column(&l);
     assert_eq!(
         offsets,
         (0..12_000).collect::<Vec<i64>>(),
@@ -324,9 +327,7 @@ async fn a_runner_that_lost_its_staged_objects_is_fenced_and_the_new_owner_reads
     set_test_credentials();
     let bucket = fresh_bucket("stalestage").await;
     let p = part("big/0");
-    let old = S3Sink::new(staging(&bucket), &columns());
-    old.prepare().await.unwrap();
-    let a = old.open(&p).await.unwrap();
+    let (old, epoch) = opened(staging(&bucket), &p).await;
     let pad = "x".repeat(1000);
     let records = |from: u64, to: u64, v: i64| -> Vec<idem_core::Record> {
         (from..to)
@@ -337,7 +338,7 @@ async fn a_runner_that_lost_its_staged_objects_is_fenced_and_the_new_owner_reads
     for n in 0..2u64 {
         old.commit(batch(
             &p,
-            a.epoch,
+            epoch,
             records(n * 3000, (n + 1) * 3000, 1),
             (n + 1) * 3000,
         ))
@@ -350,7 +351,7 @@ async fn a_runner_that_lost_its_staged_objects_is_fenced_and_the_new_owner_reads
     assert_eq!((b.epoch, b.next_offset), (2, None));
     // The old runner wakes: its next part or its flush is refused.
     let stale = old
-        .commit(batch(&p, a.epoch, records(6000, 9000, 1), 9000))
+        .commit(batch(&p, epoch, records(6000, 9000, 1), 9000))
         .await;
     let stale = match stale {
         Ok(_) => old.flush_staged(&p).await.map(|_| ()),
@@ -375,10 +376,8 @@ async fn a_grown_schema_closes_the_open_object_and_starts_a_wider_one() {
     set_test_credentials();
     let bucket = fresh_bucket("wider").await;
     let p = part("orders/0");
-    let sink = S3Sink::new(staging(&bucket), &columns());
-    sink.prepare().await.unwrap();
-    let a = sink.open(&p).await.unwrap();
-    sink.commit(batch(&p, a.epoch, vec![rec(0, "a", 1)], 1))
+    let (sink, epoch) = opened(staging(&bucket), &p).await;
+    sink.commit(batch(&p, epoch, vec![rec(0, "a", 1)], 1))
         .await
         .unwrap();
     let mut wider = columns();
@@ -390,7 +389,7 @@ async fn a_grown_schema_closes_the_open_object_and_starts_a_wider_one() {
     });
     let mut r = rec(1, "b", 2);
     r.values.push(idem_core::Value::Text("more".into()));
-    let mut b = Arc::into_inner(batch(&p, a.epoch, vec![r], 2)).unwrap();
+    let mut b = Arc::into_inner(batch(&p, epoch, vec![r], 2)).unwrap();
     b.columns = Some(Arc::new(wider));
     sink.commit(Arc::new(b)).await.unwrap();
     assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(2));
@@ -412,16 +411,14 @@ async fn a_parquet_object_open_across_batches_goes_up_in_parts_and_reads_back_wh
         compression: Some(idem_sink_s3::Compression::None),
         ..staging(&bucket)
     };
-    let sink = S3Sink::new(cfg, &columns());
-    sink.prepare().await.unwrap();
-    let a = sink.open(&p).await.unwrap();
+    let (sink, epoch) = opened(cfg, &p).await;
     // Distinct 1 KB values, uncompressed: about 12 MiB of column data, so
     // row groups close at 5 MiB and their bytes go up as parts.
     for n in 0..4u64 {
         let records: Vec<_> = (n * 3000..(n + 1) * 3000)
             .map(|i| rec(i, &format!("{i:06}-{}", "y".repeat(1000)), i as i64))
             .collect();
-        sink.commit(batch(&p, a.epoch, records, (n + 1) * 3000))
+        sink.commit(batch(&p, epoch, records, (n + 1) * 3000))
             .await
             .unwrap();
     }
@@ -441,7 +438,7 @@ async fn a_parquet_object_open_across_batches_goes_up_in_parts_and_reads_back_wh
         .to_string();
     let reader = SerializedFileReader::new(bytes::Bytes::from(get(&bucket, &key).await)).unwrap();
     assert!(reader.metadata().num_row_groups() >= 2, "one row group");
-    let values: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    let values: Vec<i64> = v_column(&l);
     assert_eq!(
         values,
         (0..12_000).collect::<Vec<i64>>(),
@@ -454,15 +451,14 @@ async fn past_max_open_bytes_a_partition_commits_before_its_roll() {
     set_test_credentials();
     let bucket = fresh_bucket("budget").await;
     let p = part("orders/0");
-    let sink = S3Sink::new(
+    let (sink, epoch) = opened(
         S3SinkConfig {
             max_open_bytes: 50_000,
             ..staging(&bucket)
         },
-        &columns(),
-    );
-    sink.prepare().await.unwrap();
-    let a = sink.open(&p).await.unwrap();
+        &p,
+    )
+    .await;
     // About 30 KB of JSON lines a batch: the first stays open, the second
     // passes 50,000 bytes and commits both.
     let pad = "z".repeat(250);
@@ -472,17 +468,17 @@ async fn past_max_open_bytes_a_partition_commits_before_its_roll() {
             .collect()
     };
     let first = sink
-        .commit(batch(&p, a.epoch, records(0), 100))
+        .commit(batch(&p, epoch, records(0), 100))
         .await
         .unwrap();
     assert_eq!(first.durable_through, Some(0));
     let second = sink
-        .commit(batch(&p, a.epoch, records(100), 200))
+        .commit(batch(&p, epoch, records(100), 200))
         .await
         .unwrap();
     assert_eq!(second.durable_through, Some(200), "committed early");
     let third = sink
-        .commit(batch(&p, a.epoch, records(200), 300))
+        .commit(batch(&p, epoch, records(200), 300))
         .await
         .unwrap();
     assert_eq!(third.durable_through, Some(200), "a new object, open again");
@@ -490,7 +486,7 @@ async fn past_max_open_bytes_a_partition_commits_before_its_roll() {
     let l = landed(&bucket, "", "c").await;
     l.assert_only_named();
     assert_eq!(l.named.len(), 2);
-    let values: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    let values: Vec<i64> = v_column(&l);
     assert_eq!(values, (0..300).collect::<Vec<i64>>());
 }
 
@@ -502,23 +498,22 @@ async fn past_max_open_bytes_parquet_row_groups_close_before_the_objects_do() {
     let p = part("orders/0");
     // Row groups in memory pass 150 KB; compressed, the same rows are a
     // few KB: the row groups close, the objects stay open.
-    let sink = S3Sink::new(
+    let (sink, epoch) = opened(
         S3SinkConfig {
             format: Format::Parquet,
             max_open_bytes: 150_000,
             ..staging(&bucket)
         },
-        &columns(),
-    );
-    sink.prepare().await.unwrap();
-    let a = sink.open(&p).await.unwrap();
+        &p,
+    )
+    .await;
     let pad = "q".repeat(500);
     for n in 0..3u64 {
         let records = (n * 400..(n + 1) * 400)
             .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
             .collect();
         let stats = sink
-            .commit(batch(&p, a.epoch, records, (n + 1) * 400))
+            .commit(batch(&p, epoch, records, (n + 1) * 400))
             .await
             .unwrap();
         assert_eq!(stats.durable_through, Some(0), "batch {n} committed early");
@@ -582,22 +577,18 @@ async fn a_batch_whose_part_failed_midway_resumes_after_what_it_staged() {
     let bucket = fresh_bucket("resume").await;
     let (endpoint, down) = switchable_proxy().await;
     let p = part("big/0");
-    let sink = S3Sink::new(
+    let (sink, epoch) = opened(
         S3SinkConfig {
             endpoint: Some(endpoint),
             ..staging(&bucket)
         },
-        &columns(),
-    );
-    sink.prepare().await.unwrap();
-    let a = sink.open(&p).await.unwrap();
+        &p,
+    )
+    .await;
     // About 8 MB: staged in chunks of half a part (2.5 MiB); the first
     // 5 MiB part goes up after the second chunk, while the store is gone.
-    let pad = "x".repeat(1000);
-    let records: Vec<_> = (0..8000u64)
-        .map(|i| rec(i, &format!("{i}-{pad}"), i as i64))
-        .collect();
-    let b = batch(&p, a.epoch, records, 8000);
+    let records = padded(0..8000);
+    let b = batch(&p, epoch, records, 8000);
     down.store(true, Ordering::SeqCst);
     let failed = sink.commit(b.clone()).await;
     assert!(matches!(&failed, Err(e) if e.is_retriable()), "{failed:?}");
@@ -607,7 +598,7 @@ async fn a_batch_whose_part_failed_midway_resumes_after_what_it_staged() {
     assert_eq!(sink.flush_staged(&p).await.unwrap(), Some(8000));
     let l = landed(&bucket, "", "c").await;
     l.assert_only_named();
-    let values: Vec<i64> = l.lines.iter().map(|v| v["v"].as_i64().unwrap()).collect();
+    let values: Vec<i64> = v_column(&l);
     assert_eq!(
         values,
         (0..8000).collect::<Vec<i64>>(),
