@@ -86,6 +86,23 @@ async fn empty(c: &Client, bucket: &str) {
     }
 }
 
+/// The sink's lines for `bucket` on the local store, with `extra`.
+fn s3_sink(bucket: &str, part_bytes: usize, extra: &str) -> String {
+    format!(
+        "type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{ENDPOINT}\"\npath_style = true\npart_bytes = {part_bytes}\n{extra}"
+    )
+}
+
+/// `idem run CONFIG` with the store's credentials.
+fn idem_run(idem: &str, cfg: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(idem);
+    cmd.arg("run").arg(cfg);
+    for (k, v) in CREDENTIALS {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 struct Phase {
     name: String,
     /// DuckDB's scan of what the run stored, median of 3.
@@ -127,18 +144,12 @@ async fn main() {
         ("idem run, JSON lines", "format = \"jsonl\""),
         ("idem run, Parquet (zstd)", "format = \"parquet\""),
     ] {
-        let sink = format!(
-            "type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{ENDPOINT}\"\npath_style = true\npart_bytes = {part_bytes}\n{extra}"
-        );
         let cfg = dir.path().join("bench.toml");
+        let sink = s3_sink(&bucket, part_bytes, extra);
         std::fs::write(&cfg, config(&data, &sink, batch)).expect("config");
-        let mut cmd = std::process::Command::new(idem);
+        let mut cmd = idem_run(idem, &cfg);
         cmd.env("RUST_LOG", "warn,idem::connector=debug")
-            .args(["--log-format", "json", "run"])
-            .arg(&cfg);
-        for (k, v) in CREDENTIALS {
-            cmd.env(k, v);
-        }
+            .args(["--log-format", "json"]);
         let (elapsed, peak, out) = run_measured(&mut cmd);
         let mut latencies: Vec<f64> = String::from_utf8_lossy(&out.stderr)
             .lines()
@@ -227,16 +238,15 @@ async fn main() {
         ),
         ("Parquet by day, objects open across batches", ""),
     ] {
-        let sink = format!(
-            "type = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{ENDPOINT}\"\npath_style = true\npart_bytes = {part_bytes}\nformat = \"parquet\"\ntime_column = \"at\"\n{roll}"
-        );
         let cfg = dir.path().join("days.toml");
+        let sink = s3_sink(
+            &bucket,
+            part_bytes,
+            &format!("format = \"parquet\"\ntime_column = \"at\"\n{roll}"),
+        );
         std::fs::write(&cfg, config(&spread, &sink, batch)).expect("config");
-        let mut cmd = std::process::Command::new(idem);
-        cmd.env("RUST_LOG", "warn").arg("run").arg(&cfg);
-        for (k, v) in CREDENTIALS {
-            cmd.env(k, v);
-        }
+        let mut cmd = idem_run(idem, &cfg);
+        cmd.env("RUST_LOG", "warn");
         let (elapsed, peak, _) = run_measured(&mut cmd);
         let objects = list(&c, &bucket, "bench/topic=").await;
         // Downloaded, for DuckDB to read each object as a file.
