@@ -347,7 +347,8 @@ pub fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> A
     Arc::new(Batch {
         partition: p.clone(),
         epoch,
-        first_offset: records.first().map_or(0, |r| r.offset),
+        // A batch of dead letters alone: its end stands for its start.
+        first_offset: records.first().map_or(next, |r| r.offset),
         records,
         next_offset: next,
         columns: None,
@@ -407,45 +408,113 @@ pub fn test_ca(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
 }
 
 /// A TCP proxy the test can cut: while down it closes every connection it
-/// carries and refuses new ones, as an unreachable server does.
+/// carries and refuses new ones, as an unreachable server does. Armed with
+/// [`TcpProxy::lose_answer_to`], it forwards the next request holding some
+/// bytes, then drops the server's answer and the connection: the request
+/// took effect, the client never hears it (a network cut after a commit).
 pub struct TcpProxy {
     pub port: u16,
     up: Arc<std::sync::atomic::AtomicBool>,
     live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    armed: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    lost: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TcpProxy {
     pub fn start(target: &str) -> TcpProxy {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let up = Arc::new(AtomicBool::new(true));
-        let live: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let live: Arc<std::sync::Mutex<Vec<TcpStream>>> = Default::default();
+        let armed: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Default::default();
+        let lost = Arc::new(AtomicU64::new(0));
         let (up2, live2, target) = (up.clone(), live.clone(), target.to_string());
+        let (armed2, lost2) = (armed.clone(), lost.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 if !up2.load(Ordering::SeqCst) {
                     continue; // dropped: the connection is closed at once
                 }
-                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
                 let mut l = live2.lock().unwrap();
                 l.push(client.try_clone().unwrap());
                 l.push(server.try_clone().unwrap());
                 drop(l);
-                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                };
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                // Set before the request goes on, so its answer is never
+                // relayed.
+                let deaf = Arc::new(AtomicBool::new(false));
+                let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (armed, lost, deaf2) = (armed2.clone(), lost2.clone(), deaf.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let chunk = &buf[..n];
+                        let hit = {
+                            let mut a = armed.lock().unwrap();
+                            let hit = a.as_deref().is_some_and(|needle| {
+                                chunk.windows(needle.len()).any(|w| w == needle)
+                            });
+                            if hit {
+                                *a = None;
+                            }
+                            hit
+                        };
+                        if hit {
+                            deaf2.store(true, Ordering::SeqCst);
+                            lost.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if to.write_all(chunk).is_err() {
+                            break;
+                        }
+                        if hit {
+                            // Time for the server to act on it, then cut.
+                            std::thread::sleep(std::time::Duration::from_millis(300));
+                            let _ = from.shutdown(Shutdown::Both);
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                });
+                let (mut from, mut to) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || deaf.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                });
             }
         });
-        TcpProxy { port, up, live }
+        TcpProxy {
+            port,
+            up,
+            live,
+            armed,
+            lost,
+        }
+    }
+
+    /// The next request (one read from the client) holding `needle` goes
+    /// through, and its answer is lost with the connection.
+    pub fn lose_answer_to(&self, needle: &[u8]) {
+        *self.armed.lock().unwrap() = Some(needle.to_vec());
+    }
+
+    /// How many answers [`TcpProxy::lose_answer_to`] made lost.
+    pub fn answers_lost(&self) -> u64 {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Cut every connection and refuse new ones (`false`), or accept again.

@@ -133,6 +133,40 @@ pub async fn a_fenced_runner_cannot_commit<T: TableTarget>(t: T) {
     assert_eq!(t.rows("t").await, pairs(&[("a", 1)]));
 }
 
+/// The runner retries a batch whose commit failed in transit. When the
+/// commit had landed and only its answer was lost, the retry finds the
+/// position already past the batch: it reports success and writes nothing.
+pub async fn a_retried_batch_whose_commit_landed_is_not_written_twice<T: TableTarget>(t: T) {
+    let p = part("a");
+    let sink = t.sink("t", WriteMode::Append, &[], None, true, columns());
+    sink.prepare().await.unwrap();
+    let epoch = sink.open(&p).await.unwrap().epoch;
+    let first = batch(&p, epoch, vec![rec(0, "a", 1), rec(10, "b", 2)], 20);
+    sink.commit(first.clone()).await.unwrap();
+    let again = sink.commit(first).await.unwrap();
+    assert_eq!(
+        (again.written, again.deduplicated),
+        (0, 2),
+        "already there: counted as copies"
+    );
+    let held = sink.describe().await.unwrap();
+    assert!(held.contains("holds 2 rows"), "{held}");
+    sink.commit(batch(&p, epoch, vec![rec(20, "c", 3)], 30))
+        .await
+        .unwrap();
+    // A position inside the batch was not left by this runner: refused
+    // for good, nothing written.
+    let err = sink
+        .commit(batch(&p, epoch, vec![rec(25, "d", 4)], 40))
+        .await
+        .unwrap_err();
+    assert!(!err.is_retriable(), "{err}");
+    assert!(err.to_string().contains("holds position 30"), "{err}");
+    assert_eq!(sink.open(&p).await.unwrap().next_offset, Some(30));
+    drop(sink);
+    assert_eq!(t.rows("t").await, pairs(&[("a", 1), ("b", 2), ("c", 3)]));
+}
+
 pub async fn upsert_keeps_the_newest_and_never_lets_a_replay_win<T: TableTarget>(t: T) {
     let p = part("a");
     let sink = t.sink("t", WriteMode::Upsert, &["id"], None, true, columns());
@@ -457,7 +491,8 @@ pub async fn upserts_into_hand_made_tables_keep_one_row_per_key<T: TableTarget>(
             t.table(table)
         ))
         .await;
-        let p = part("a");
+        // A partition per table: they share one offsets table.
+        let p = part(table);
         let sink = t.sink(table, WriteMode::Upsert, &["id"], None, false, columns());
         sink.prepare().await.unwrap();
         let e = sink.open(&p).await.unwrap().epoch;
@@ -560,6 +595,8 @@ pub async fn kept_ids_drop_copies_of_appended_messages<T: TableTarget>(t: T) {
     .await;
     let sink = t.sink_keeping_ids("c", WriteMode::Append, &[], false, hour);
     sink.prepare().await.unwrap();
+    // A partition of its own: `t`'s is past these offsets.
+    let p = part("c");
     let e = sink.open(&p).await.unwrap().epoch;
     let bad = vec![with_id(0, "x", 1, "f1"), with_id(1, "y", 500, "f2")];
     sink.commit(batch(&p, e, bad, 2)).await.unwrap_err();
@@ -610,6 +647,7 @@ macro_rules! table_suite {
         $crate::table_suite!(@cases $target;
             append_commits_rows_and_position_and_recovers_them,
             a_fenced_runner_cannot_commit,
+            a_retried_batch_whose_commit_landed_is_not_written_twice,
             upsert_keeps_the_newest_and_never_lets_a_replay_win,
             upsert_with_a_version_column_ignores_older_events,
             a_versioned_delete_is_not_undone_by_an_older_change,

@@ -4,6 +4,7 @@
 use super::support::*;
 use idem_testkit::*;
 use serde_json::Value;
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,15 +193,7 @@ async fn readiness_follows_the_sink_going_away_and_coming_back() {
     let w = Workdir::new();
     let schema = fresh_schema("admin_ready");
     let port = free_port();
-    let pg = pg_url();
-    let target = pg
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap()
-        .to_string();
-    let proxy = TcpProxy::start(&target);
-    let via_proxy = pg.replace(&target, &format!("127.0.0.1:{}", proxy.port));
+    let (proxy, via_proxy) = pg_proxy();
     w.write("ev.jsonl", &lines("r", 0..200));
     let cfg = w.write(
         "c.toml",
@@ -241,6 +234,79 @@ async fn readiness_follows_the_sink_going_away_and_coming_back() {
         .await;
     assert_eq!(counts(&schema, "ev").await, (sent as i64, sent as i64));
     stop_cleanly(&mut child);
+}
+
+/// A proxy in front of the test PostgreSQL, and the URL through it.
+fn pg_proxy() -> (TcpProxy, String) {
+    let pg = pg_url();
+    let target = pg
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_string();
+    let proxy = TcpProxy::start(&target);
+    let via_proxy = pg.replace(&target, &format!("127.0.0.1:{}", proxy.port));
+    (proxy, via_proxy)
+}
+
+/// A batch's COMMIT reaches PostgreSQL and the connection breaks before
+/// the answer comes back: the runner retries the batch, which must find it
+/// committed and not write it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_is_not_written_again() {
+    let w = Workdir::new();
+    let schema = fresh_schema("admin_lost");
+    let port = free_port();
+    let (proxy, via_proxy) = pg_proxy();
+    w.write("ev.jsonl", &lines("l", 0..100));
+    let cfg = w.write(
+        "c.toml",
+        // In clear, for the proxy to see the COMMIT.
+        &(admin_section(port, false)
+            + &connector(&w, "ev", &schema, &via_proxy, "").replace(
+                "connect_timeout = \"1s\"",
+                "connect_timeout = \"1s\"\nsslmode = \"disable\"",
+            )),
+    );
+    let mut child = start(&cfg);
+    let api = Api::new(port);
+    api.up(&mut child).await;
+    let size = std::fs::metadata(w.path("ev.jsonl")).unwrap().len();
+    api.until("/connectors/ev", "the first lines committed", |v| {
+        committed(v) == size
+    })
+    .await;
+    // The next COMMIT is the next batch's (tokio-postgres sends it as a
+    // simple query).
+    proxy.lose_answer_to(b"COMMIT\0");
+    w.append("ev.jsonl", &lines("l", 100..200));
+    let size = std::fs::metadata(w.path("ev.jsonl")).unwrap().len();
+    api.until("/connectors/ev", "the rest committed", |v| {
+        committed(v) == size
+    })
+    .await;
+    assert_eq!(proxy.answers_lost(), 1);
+    let text = api.get("/metrics").await.1;
+    assert!(metric(&text, "idem_retries_total", "ev") > 0, "{text}");
+    stop_cleanly(&mut child);
+    assert_eq!(counts(&schema, "ev").await, (200, 200));
+    let mut log = String::new();
+    for pipe in [
+        child
+            .0
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+        child
+            .0
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+    ] {
+        pipe.unwrap().read_to_string(&mut log).unwrap();
+    }
+    assert!(log.contains("had already committed"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,14 @@ pub struct OffsetsSql {
     pub open: String,
     /// Move the position. `$1` next offset (bigint, see
     /// [`super::sql::offset_to_sql`]), `$2` connector, `$3` source, `$4`
-    /// partition, `$5` epoch (bigint); updates one row, or none if fenced.
+    /// partition, `$5` epoch (bigint), `$6` the batch's first offset
+    /// (bigint); updates one row, or none if fenced or if the stored
+    /// position is already past the batch's start (see [`unmoved`]).
     pub advance: String,
+    /// The partition's row as it stands. `$1` connector, `$2` source, `$3`
+    /// partition; returns (epoch bigint, next_offset bigint or NULL), or
+    /// no row.
+    pub current: String,
     /// A connector's positions. `$1` connector; returns (source, partition,
     /// next_offset, epoch) ordered by source and partition.
     pub positions: String,
@@ -55,13 +61,83 @@ impl OffsetsSql {
             ),
             advance: format!(
                 "UPDATE {table} SET next_offset = $1, updated_at = CURRENT_TIMESTAMP
-                 WHERE connector = $2 AND source = $3 AND partition = $4 AND epoch = $5"
+                 WHERE connector = $2 AND source = $3 AND partition = $4 AND epoch = $5
+                   AND (next_offset IS NULL OR next_offset <= $6)"
+            ),
+            current: format!(
+                "SELECT epoch, next_offset FROM {table}
+                 WHERE connector = $1 AND source = $2 AND partition = $3"
             ),
             positions: format!(
                 "SELECT source, partition, next_offset, epoch FROM {table}
                  WHERE connector = $1 ORDER BY source, partition"
             ),
         }
+    }
+}
+
+/// Why [`OffsetsSql::advance`] moved no row, from what
+/// [`OffsetsSql::current`] read in the same transaction.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unmoved {
+    /// A newer runner owns the partition (or its row is gone).
+    Fenced,
+    /// This epoch already stored a position at or past the batch's end:
+    /// an earlier try of this very batch committed and only its answer
+    /// was lost. Writing it again would duplicate it.
+    Committed,
+    /// This epoch's stored position lies inside the batch: something other
+    /// than the runner moved it.
+    Conflict(PositionConflict),
+}
+
+/// The stored position of a partition lies inside the batch being
+/// committed. Never retried: the table was changed by hand or by another
+/// program, and writing the batch could duplicate or skip messages.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("partition {partition}: the offsets table holds position {stored}, inside the batch of offsets {first_offset}..{next_offset} being committed, so the batch is not written; only Idem moves positions (was the row edited by hand?): check the table and set the position to where its rows end")]
+pub struct PositionConflict {
+    pub partition: String,
+    pub stored: u64,
+    pub first_offset: u64,
+    pub next_offset: u64,
+}
+
+/// Decide what a zero-row [`OffsetsSql::advance`] meant for `batch`
+/// committed under `epoch`. `row` is what [`OffsetsSql::current`]
+/// returned: (epoch, next_offset).
+pub fn unmoved(row: Option<(i64, Option<i64>)>, batch: &crate::Batch) -> Unmoved {
+    let stored = match row {
+        Some((e, next)) if e == batch.epoch => next.map(super::sql::offset_from_sql),
+        _ => return Unmoved::Fenced,
+    };
+    match stored {
+        Some(s) if s >= batch.next_offset => Unmoved::Committed,
+        Some(s) if s > batch.first_offset => Unmoved::Conflict(PositionConflict {
+            partition: batch.partition.to_string(),
+            stored: s,
+            first_offset: batch.first_offset,
+            next_offset: batch.next_offset,
+        }),
+        // `advance` would have moved it: the row changed between the two
+        // statements, which only a newer runner does.
+        _ => Unmoved::Fenced,
+    }
+}
+
+/// What to report for a batch [`Unmoved::Committed`] found already
+/// committed: its records took effect in the earlier try, so this commit
+/// changed nothing, as for copies of records already held.
+pub fn committed_before(batch: &crate::Batch) -> crate::CommitStats {
+    tracing::warn!(
+        partition = %batch.partition,
+        first_offset = batch.first_offset,
+        next_offset = batch.next_offset,
+        "this batch had already committed (the answer to an earlier try was lost with the connection): not written again"
+    );
+    crate::CommitStats {
+        deduplicated: batch.records.len() as u64,
+        ..Default::default()
     }
 }
 
@@ -77,11 +153,44 @@ mod tests {
     #[test]
     fn every_statement_names_the_table_it_was_made_for() {
         let s = OffsetsSql::new(r#""s"."_idem_offsets""#);
-        for stmt in [&s.create, &s.open, &s.advance, &s.positions] {
+        for stmt in [&s.create, &s.open, &s.advance, &s.current, &s.positions] {
             assert!(stmt.contains(r#""s"."_idem_offsets""#), "{stmt}");
         }
         // Fencing is the epoch in the WHERE clause of the position update.
         assert!(s.advance.contains("AND epoch = $5"), "{}", s.advance);
         assert!(readable(FORMAT_VERSION) && !readable(FORMAT_VERSION + 1));
+    }
+
+    fn batch(first_offset: u64, next_offset: u64) -> crate::Batch {
+        crate::Batch {
+            partition: crate::PartitionRef::new("c", "s", "p"),
+            epoch: 7,
+            records: Vec::new(),
+            columns: None,
+            key: None,
+            first_offset,
+            next_offset,
+        }
+    }
+
+    #[test]
+    fn a_lost_answer_is_told_from_fencing_and_from_a_moved_position() {
+        let b = batch(100, 150);
+        // The earlier try landed: same epoch, position at the batch's end.
+        assert_eq!(unmoved(Some((7, Some(150))), &b), Unmoved::Committed);
+        // ... or past it (later batches of this epoch are not retried, but
+        // a stored position beyond the batch still holds it).
+        assert_eq!(unmoved(Some((7, Some(400))), &b), Unmoved::Committed);
+        // A newer runner, or the row gone.
+        assert_eq!(unmoved(Some((8, Some(150))), &b), Unmoved::Fenced);
+        assert_eq!(unmoved(None, &b), Unmoved::Fenced);
+        // Inside the batch: neither this batch nor its predecessor wrote it.
+        match unmoved(Some((7, Some(120))), &b) {
+            Unmoved::Conflict(c) => {
+                assert_eq!((c.stored, c.first_offset, c.next_offset), (120, 100, 150));
+                assert!(c.to_string().contains("position 120, inside"), "{c}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

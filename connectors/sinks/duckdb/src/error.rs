@@ -26,6 +26,13 @@ pub enum DuckDbError {
         #[source]
         source: Box<duckdb::Error>,
     },
+    #[error("duckdb {path}: offsets table `{table}`: {source}")]
+    PositionConflict {
+        path: String,
+        table: String,
+        #[source]
+        source: idem_core::table::offsets::PositionConflict,
+    },
     #[error("duckdb {path}: offsets table `{table}` holds format version {found} for partition {partition}; this Idem understands up to {supported}: upgrade Idem")]
     FormatVersion {
         path: String,

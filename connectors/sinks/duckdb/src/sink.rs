@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use duckdb::{params, Connection, OptionalExt};
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
-use idem_core::table::offsets::OffsetsSql;
+use idem_core::table::offsets::{self, OffsetsSql, Unmoved};
 use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::table::{audit, check};
 use idem_core::{
@@ -679,17 +679,20 @@ fn write_batch(
     batch: &Batch,
 ) -> Result<Outcome, DuckDbError> {
     let ctx = &plan.ctx;
-    let p = &batch.partition;
     let total = batch.records.len() as u64;
-    if !recover::advance(
-        conn,
-        ctx,
-        &plan.offsets,
-        p,
-        batch.epoch,
-        sql::offset_to_sql(batch.next_offset),
-    )? {
-        return Ok(Outcome::Fenced);
+    match recover::advance(conn, ctx, &plan.offsets, batch)? {
+        None => {}
+        Some(Unmoved::Fenced) => return Ok(Outcome::Fenced),
+        Some(Unmoved::Committed) => {
+            return Ok(Outcome::Committed(offsets::committed_before(batch)))
+        }
+        Some(Unmoved::Conflict(source)) => {
+            return Err(DuckDbError::PositionConflict {
+                path: ctx.path.clone(),
+                table: ctx.offsets_table.clone(),
+                source,
+            })
+        }
     }
     let keep = match &plan.seen {
         Some(seen) => Some(drop_seen(conn, plan, seen, slots, batch)?),

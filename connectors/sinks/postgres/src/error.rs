@@ -41,6 +41,13 @@ pub enum PgError {
         found: i32,
         supported: i32,
     },
+    #[error("postgres {server}: offsets table `{table}`: {source}")]
+    PositionConflict {
+        server: String,
+        table: String,
+        #[source]
+        source: idem_core::table::offsets::PositionConflict,
+    },
     #[error("postgres: cannot set up connections: {0}")]
     Setup(String),
 }

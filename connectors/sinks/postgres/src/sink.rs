@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_config::{ColumnConfig, ColumnType, WriteMode};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
-use idem_core::table::offsets::OffsetsSql;
+use idem_core::table::offsets::{self, OffsetsSql, Unmoved};
 use idem_core::table::recent::{self, RecentKeys};
 use idem_core::table::sql::{self, q, DELETE_FLAG, ID_COLUMN};
 use idem_core::table::{audit, check};
@@ -912,13 +912,31 @@ impl PostgresSink {
                     &&*p.source,
                     &&*p.partition,
                     &batch.epoch,
+                    &sql::offset_to_sql(batch.first_offset),
                 ],
             )
             .await
             .map_err(|e| ctx.sql(&ctx.offsets, &format!("advance partition {p}"), e))?;
         if moved == 0 {
-            // A newer runner owns the partition. Dropping `txn` rolls back.
-            return Ok(None);
+            // Fenced, or this batch committed in an earlier try whose
+            // answer was lost. Dropping `txn` rolls back either way.
+            let row = txn
+                .query_opt(
+                    &plan.offsets.current,
+                    &[&&*p.connector, &&*p.source, &&*p.partition],
+                )
+                .await
+                .map_err(|e| ctx.sql(&ctx.offsets, &format!("read partition {p}"), e))?
+                .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)));
+            return match offsets::unmoved(row, batch) {
+                Unmoved::Fenced => Ok(None),
+                Unmoved::Committed => Ok(Some(offsets::committed_before(batch))),
+                Unmoved::Conflict(source) => Err(PgError::PositionConflict {
+                    server: ctx.server.clone(),
+                    table: ctx.offsets.clone(),
+                    source,
+                }),
+            };
         }
         if let Some((_, added)) = &grown {
             self.add_columns(&txn, added).await?;

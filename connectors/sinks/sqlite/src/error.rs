@@ -27,6 +27,13 @@ pub enum SqliteError {
         #[source]
         source: Box<rusqlite::Error>,
     },
+    #[error("sqlite {path}: offsets table `{table}`: {source}")]
+    PositionConflict {
+        path: String,
+        table: String,
+        #[source]
+        source: idem_core::table::offsets::PositionConflict,
+    },
     #[error("sqlite {path}: offsets table `{table}` holds format version {found} for partition {partition}; this Idem understands up to {supported}: upgrade Idem")]
     FormatVersion {
         path: String,

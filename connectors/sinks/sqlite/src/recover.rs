@@ -2,10 +2,10 @@
 //! (`idem_core::table::offsets`), run on this sink's SQLite connection.
 
 use crate::error::{Ctx, SqliteError};
-use idem_core::table::offsets::{self, OffsetsSql, FORMAT_VERSION};
+use idem_core::table::offsets::{self, OffsetsSql, Unmoved, FORMAT_VERSION};
 use idem_core::table::sql;
-use idem_core::{Opened, PartitionRef, StoredPosition};
-use rusqlite::{params, Connection};
+use idem_core::{Batch, Opened, PartitionRef, StoredPosition};
+use rusqlite::{params, Connection, OptionalExtension};
 
 pub(crate) fn create_offsets_table(
     conn: &Connection,
@@ -46,23 +46,41 @@ pub(crate) fn open(
     })
 }
 
-/// Inside the batch's transaction: move the position, only if `epoch` still
-/// owns the partition. `false` means fenced.
+/// Inside the batch's transaction: move the position, only if the batch's
+/// epoch still owns the partition and its position is not past the batch.
+/// `Some`: it did not move, and why.
 pub(crate) fn advance(
     conn: &Connection,
     ctx: &Ctx,
     stmts: &OffsetsSql,
-    p: &PartitionRef,
-    epoch: i64,
-    next_offset: i64,
-) -> Result<bool, SqliteError> {
+    batch: &Batch,
+) -> Result<Option<Unmoved>, SqliteError> {
+    let p = &batch.partition;
     let n = conn
         .execute(
             &stmts.advance,
-            params![next_offset, &*p.connector, &*p.source, &*p.partition, epoch],
+            params![
+                sql::offset_to_sql(batch.next_offset),
+                &*p.connector,
+                &*p.source,
+                &*p.partition,
+                batch.epoch,
+                sql::offset_to_sql(batch.first_offset)
+            ],
         )
         .map_err(|e| ctx.sql(&ctx.offsets_table, &format!("advance partition {p}"), e))?;
-    Ok(n == 1)
+    if n == 1 {
+        return Ok(None);
+    }
+    let row = conn
+        .query_row(
+            &stmts.current,
+            params![&*p.connector, &*p.source, &*p.partition],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?)),
+        )
+        .optional()
+        .map_err(|e| ctx.sql(&ctx.offsets_table, &format!("read partition {p}"), e))?;
+    Ok(Some(offsets::unmoved(row, batch)))
 }
 
 /// Positions of `connector`; the offsets table exists once the sink is prepared.

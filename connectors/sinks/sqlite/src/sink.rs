@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use idem_config::{ColumnConfig, ColumnType};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::check;
-use idem_core::table::offsets::OffsetsSql;
+use idem_core::table::offsets::{self, OffsetsSql, Unmoved};
 use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, RowPositions, Sink, SinkError, SinkInfo,
@@ -326,15 +326,19 @@ enum Outcome {
 fn write_batch(conn: &Connection, plan: &Plan, batch: &Batch) -> Result<Outcome, SqliteError> {
     let ctx = &plan.ctx;
     let p = &batch.partition;
-    if !recover::advance(
-        conn,
-        ctx,
-        &plan.offsets,
-        p,
-        batch.epoch,
-        sql::offset_to_sql(batch.next_offset),
-    )? {
-        return Ok(Outcome::Fenced);
+    match recover::advance(conn, ctx, &plan.offsets, batch)? {
+        None => {}
+        Some(Unmoved::Fenced) => return Ok(Outcome::Fenced),
+        Some(Unmoved::Committed) => {
+            return Ok(Outcome::Committed(offsets::committed_before(batch)))
+        }
+        Some(Unmoved::Conflict(source)) => {
+            return Err(SqliteError::PositionConflict {
+                path: ctx.path.clone(),
+                table: ctx.offsets_table.clone(),
+                source,
+            })
+        }
     }
     let upsert = plan.mode == Mode::Upsert;
     let target = if upsert { STAGE } else { ctx.table.as_str() };
