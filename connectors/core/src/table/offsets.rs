@@ -125,6 +125,21 @@ pub fn unmoved(row: Option<(i64, Option<i64>)>, batch: &crate::Batch) -> Unmoved
     }
 }
 
+/// For a sink that keeps the row elsewhere (table properties): `None` if
+/// `batch` may move the position `row` holds, as [`OffsetsSql::advance`]
+/// would, else why not.
+pub fn check(row: Option<(i64, Option<i64>)>, batch: &crate::Batch) -> Option<Unmoved> {
+    match row {
+        Some((e, next))
+            if e == batch.epoch
+                && next.is_none_or(|n| super::sql::offset_from_sql(n) <= batch.first_offset) =>
+        {
+            None
+        }
+        row => Some(unmoved(row, batch)),
+    }
+}
+
 /// What to report for a batch [`Unmoved::Committed`] found already
 /// committed: its records took effect in the earlier try, so this commit
 /// changed nothing, as for copies of records already held.
@@ -184,6 +199,11 @@ mod tests {
         // A newer runner, or the row gone.
         assert_eq!(unmoved(Some((8, Some(150))), &b), Unmoved::Fenced);
         assert_eq!(unmoved(None, &b), Unmoved::Fenced);
+        // What `check` lets through: the position at or before the batch.
+        assert_eq!(check(Some((7, None)), &b), None);
+        assert_eq!(check(Some((7, Some(100))), &b), None);
+        assert_eq!(check(Some((7, Some(150))), &b), Some(Unmoved::Committed));
+        assert_eq!(check(Some((6, Some(90))), &b), Some(Unmoved::Fenced));
         // Inside the batch: neither this batch nor its predecessor wrote it.
         match unmoved(Some((7, Some(120))), &b) {
             Unmoved::Conflict(c) => {

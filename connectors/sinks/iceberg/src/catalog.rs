@@ -1,0 +1,359 @@
+//! The SQL catalog in PostgreSQL: the table layout PyIceberg's
+//! `SqlCatalog` and Iceberg's `JdbcCatalog` share (`iceberg_tables` holds
+//! each table's metadata location), so their readers find what Idem
+//! commits. A commit locks the table's row (`SELECT .. FOR UPDATE`), reads
+//! the metadata it points to, checks the commit's requirements and Idem's
+//! positions against it, writes the new metadata file and moves the
+//! pointer, in one PostgreSQL transaction: no other writer can commit in
+//! between, whatever it checked before.
+
+use crate::error::IcebergError;
+use deadpool_postgres::Pool;
+use iceberg::io::FileIO;
+use iceberg::spec::{Schema, TableMetadata, TableMetadataBuilder};
+use iceberg::table::Table;
+use iceberg::{
+    Catalog, Error, ErrorKind, MetadataLocation, Namespace, NamespaceIdent, Result, TableCommit,
+    TableCreation, TableIdent,
+};
+
+type Outcome<T> = std::result::Result<T, IcebergError>;
+use std::collections::HashMap;
+use std::str::FromStr;
+
+const CREATE: &str = "
+CREATE TABLE IF NOT EXISTS iceberg_tables (
+    catalog_name VARCHAR(255) NOT NULL,
+    table_namespace VARCHAR(255) NOT NULL,
+    table_name VARCHAR(255) NOT NULL,
+    metadata_location VARCHAR(1000),
+    previous_metadata_location VARCHAR(1000),
+    PRIMARY KEY (catalog_name, table_namespace, table_name));
+CREATE TABLE IF NOT EXISTS iceberg_namespace_properties (
+    catalog_name VARCHAR(255) NOT NULL,
+    namespace VARCHAR(255) NOT NULL,
+    property_key VARCHAR(255) NOT NULL,
+    property_value VARCHAR(1000),
+    PRIMARY KEY (catalog_name, namespace, property_key));";
+
+pub struct PgCatalog {
+    pool: Pool,
+    /// `postgres://user@host:port/db`, never the password.
+    pub server: String,
+    name: String,
+    io: FileIO,
+    warehouse: String,
+}
+
+impl std::fmt::Debug for PgCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sql catalog `{}` on {}", self.name, self.server)
+    }
+}
+
+/// A failure inside the catalog's own statements, as iceberg's error (the
+/// trait's), retryable when the connection broke.
+fn pg_error(what: &str, e: tokio_postgres::Error) -> Error {
+    let retryable = e.is_closed() || e.as_db_error().is_none();
+    Error::new(ErrorKind::Unexpected, format!("sql catalog: {what}"))
+        .with_source(e)
+        .with_retryable(retryable)
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+    Error::new(
+        ErrorKind::Unexpected,
+        format!("sql catalog: no connection: {e}"),
+    )
+    .with_retryable(true)
+}
+
+impl PgCatalog {
+    pub fn new(url: &str, name: &str, io: FileIO, warehouse: &str) -> Outcome<Self> {
+        let (pool, server) = idem_postgres::pool_for(url, 4).map_err(IcebergError::Setup)?;
+        Ok(PgCatalog {
+            pool,
+            server,
+            name: name.to_string(),
+            io,
+            warehouse: warehouse.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn client(&self) -> Outcome<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| IcebergError::Connect {
+            server: self.server.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    fn sql(&self, what: &str, e: tokio_postgres::Error) -> IcebergError {
+        IcebergError::Catalog {
+            server: self.server.clone(),
+            what: what.to_string(),
+            source: Box::new(e),
+        }
+    }
+
+    /// The catalog's tables, and the namespace (as PyIceberg marks one
+    /// without properties).
+    pub async fn prepare(&self, namespace: &NamespaceIdent) -> Outcome<()> {
+        let mut client = self.client().await?;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(|e| self.sql("begin", e))?;
+        // Two runners starting together would race on CREATE TABLE.
+        txn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('idem iceberg catalog'))",
+            &[],
+        )
+        .await
+        .map_err(|e| self.sql("lock", e))?;
+        txn.batch_execute(CREATE)
+            .await
+            .map_err(|e| self.sql("create the catalog tables", e))?;
+        txn.execute(
+            "INSERT INTO iceberg_namespace_properties VALUES ($1, $2, 'exists', 'true')
+             ON CONFLICT DO NOTHING",
+            &[&self.name, &namespace.join(".")],
+        )
+        .await
+        .map_err(|e| self.sql("create the namespace", e))?;
+        txn.commit().await.map_err(|e| self.sql("commit", e))
+    }
+
+    fn table_of(
+        &self,
+        ident: &TableIdent,
+        location: String,
+        metadata: TableMetadata,
+    ) -> Result<Table> {
+        Table::builder()
+            .file_io(self.io.clone())
+            .metadata_location(location)
+            .metadata(metadata)
+            .identifier(ident.clone())
+            .runtime(iceberg::Runtime::try_current()?)
+            .build()
+    }
+
+    /// The table as its current metadata says, or `None` if the catalog
+    /// has no such table.
+    pub async fn load(&self, ident: &TableIdent) -> Result<Option<Table>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_opt(
+                "SELECT metadata_location FROM iceberg_tables
+                 WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3",
+                &[&self.name, &ident.namespace().join("."), &ident.name()],
+            )
+            .await
+            .map_err(|e| pg_error("read a table's metadata location", e))?;
+        let Some(location) = row.and_then(|r| r.get::<_, Option<String>>(0)) else {
+            return Ok(None);
+        };
+        let metadata = TableMetadata::read_from(&self.io, &location).await?;
+        Ok(Some(self.table_of(ident, location, metadata)?))
+    }
+
+    /// A new table of `schema` under the warehouse; the existing one if
+    /// another runner created it first.
+    pub async fn create(&self, ident: &TableIdent, schema: Schema) -> Result<Table> {
+        let location = format!(
+            "{}/{}/{}",
+            self.warehouse,
+            ident.namespace().join("/"),
+            ident.name()
+        );
+        let creation = TableCreation::builder()
+            .name(ident.name().to_string())
+            .location(location.clone())
+            .schema(schema)
+            .build();
+        let metadata = TableMetadataBuilder::from_table_creation(creation)?
+            .build()?
+            .metadata;
+        let at = MetadataLocation::new_with_metadata(&location, &metadata);
+        metadata.write_to(&self.io, &at).await?;
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let n = client
+            .execute(
+                "INSERT INTO iceberg_tables VALUES ($1, $2, $3, $4, NULL) ON CONFLICT DO NOTHING",
+                &[
+                    &self.name,
+                    &ident.namespace().join("."),
+                    &ident.name(),
+                    &at.to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| pg_error("register the table", e))?;
+        if n == 0 {
+            // Another runner's table won; this metadata file is unused.
+            let _ = self.io.delete(at.to_string()).await;
+        }
+        self.load(ident).await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unexpected,
+                format!("table {ident} vanished once created"),
+            )
+        })
+    }
+
+    /// Change the table under its row's lock: `change` gets the current
+    /// table and returns the new metadata, or an error that leaves the
+    /// table as it was.
+    pub async fn locked(
+        &self,
+        ident: &TableIdent,
+        change: impl FnOnce(&Table) -> Result<TableMetadata> + Send,
+    ) -> Result<Table> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(|e| pg_error("begin", e))?;
+        let ns = ident.namespace().join(".");
+        let row = txn
+            .query_opt(
+                "SELECT metadata_location FROM iceberg_tables
+                 WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3
+                 FOR UPDATE",
+                &[&self.name, &ns, &ident.name()],
+            )
+            .await
+            .map_err(|e| pg_error("lock the table's row", e))?;
+        let Some(current) = row.and_then(|r| r.get::<_, Option<String>>(0)) else {
+            return Err(Error::new(
+                ErrorKind::TableNotFound,
+                format!("table {ident} is not in catalog `{}`", self.name),
+            ));
+        };
+        let metadata = TableMetadata::read_from(&self.io, &current).await?;
+        let table = self.table_of(ident, current.clone(), metadata)?;
+        let next = change(&table)?;
+        let at = MetadataLocation::from_str(&current)?
+            .with_next_version()
+            .with_new_metadata(&next);
+        next.write_to(&self.io, &at).await?;
+        let at = at.to_string();
+        txn.execute(
+            "UPDATE iceberg_tables SET metadata_location = $4, previous_metadata_location = $5
+             WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3",
+            &[&self.name, &ns, &ident.name(), &at, &current],
+        )
+        .await
+        .map_err(|e| pg_error("move the table's metadata pointer", e))?;
+        txn.commit()
+            .await
+            .map_err(|e| pg_error("commit the table's new metadata", e))?;
+        self.table_of(ident, at, next)
+    }
+
+    /// Set `properties` of the table, computed from its current metadata
+    /// under the row's lock (an epoch bump).
+    pub async fn set_properties(
+        &self,
+        ident: &TableIdent,
+        properties: impl FnOnce(&TableMetadata) -> Result<HashMap<String, String>> + Send,
+    ) -> Result<Table> {
+        self.locked(ident, |table| {
+            let props = properties(table.metadata())?;
+            let location = table.metadata_location_result()?.to_string();
+            Ok(table
+                .metadata()
+                .clone()
+                .into_builder(Some(location))
+                .set_properties(props)?
+                .build()?
+                .metadata)
+        })
+        .await
+    }
+}
+
+/// The catalog as iceberg's transactions see it for one commit: the table
+/// as loaded, and `update_table` checking `guard` against the locked
+/// current metadata before the commit applies.
+pub struct Guarded<'a, G> {
+    pub catalog: &'a PgCatalog,
+    pub guard: G,
+}
+
+impl<G> std::fmt::Debug for Guarded<'_, G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.catalog.fmt(f)
+    }
+}
+
+fn unsupported<T>(what: &str) -> Result<T> {
+    Err(Error::new(
+        ErrorKind::FeatureUnsupported,
+        format!("Idem's catalog client does not {what}"),
+    ))
+}
+
+#[async_trait::async_trait]
+impl<G: Fn(&TableMetadata) -> Result<()> + Send + Sync> Catalog for Guarded<'_, G> {
+    async fn list_namespaces(&self, _: Option<&NamespaceIdent>) -> Result<Vec<NamespaceIdent>> {
+        unsupported("list namespaces")
+    }
+    async fn create_namespace(
+        &self,
+        _: &NamespaceIdent,
+        _: HashMap<String, String>,
+    ) -> Result<Namespace> {
+        unsupported("create namespaces this way")
+    }
+    async fn get_namespace(&self, _: &NamespaceIdent) -> Result<Namespace> {
+        unsupported("read namespaces")
+    }
+    async fn namespace_exists(&self, _: &NamespaceIdent) -> Result<bool> {
+        unsupported("read namespaces")
+    }
+    async fn update_namespace(&self, _: &NamespaceIdent, _: HashMap<String, String>) -> Result<()> {
+        unsupported("change namespaces")
+    }
+    async fn drop_namespace(&self, _: &NamespaceIdent) -> Result<()> {
+        unsupported("drop namespaces")
+    }
+    async fn list_tables(&self, _: &NamespaceIdent) -> Result<Vec<TableIdent>> {
+        unsupported("list tables")
+    }
+    async fn create_table(&self, _: &NamespaceIdent, _: TableCreation) -> Result<Table> {
+        unsupported("create tables this way")
+    }
+    async fn load_table(&self, table: &TableIdent) -> Result<Table> {
+        self.catalog.load(table).await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::TableNotFound,
+                format!("table {table} is not in the catalog"),
+            )
+        })
+    }
+    async fn drop_table(&self, _: &TableIdent) -> Result<()> {
+        unsupported("drop tables")
+    }
+    async fn purge_table(&self, _: &TableIdent) -> Result<()> {
+        unsupported("purge tables")
+    }
+    async fn table_exists(&self, table: &TableIdent) -> Result<bool> {
+        Ok(self.catalog.load(table).await?.is_some())
+    }
+    async fn rename_table(&self, _: &TableIdent, _: &TableIdent) -> Result<()> {
+        unsupported("rename tables")
+    }
+    async fn register_table(&self, _: &TableIdent, _: String) -> Result<Table> {
+        unsupported("register tables")
+    }
+    async fn update_table(&self, commit: TableCommit) -> Result<Table> {
+        let ident = commit.identifier().clone();
+        self.catalog
+            .locked(&ident, |table| {
+                (self.guard)(table.metadata())?;
+                Ok(commit.apply(table.clone())?.metadata().clone())
+            })
+            .await
+    }
+}

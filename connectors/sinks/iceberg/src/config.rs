@@ -1,0 +1,86 @@
+//! The `[connectors.X.sink]` section of `type = "iceberg"`.
+
+use idem_config::{ColumnConfig, Invalid, Validate};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IcebergSinkConfig {
+    /// Where the table's metadata pointer lives.
+    pub catalog: CatalogConfig,
+    /// Where new tables put their data and metadata files:
+    /// `s3://bucket/prefix` or `file:///absolute/path`.
+    #[serde(deserialize_with = "idem_config::interp::string")]
+    pub warehouse: String,
+    /// The table's namespace (dot-separated levels).
+    #[serde(deserialize_with = "idem_config::interp::string")]
+    pub namespace: String,
+    #[serde(deserialize_with = "idem_config::interp::string")]
+    pub table: String,
+    /// Create the namespace and the table from the connector's columns when
+    /// missing; `false` makes a missing table an error at start.
+    #[serde(default = "yes")]
+    pub create: bool,
+    /// For an `s3://` warehouse on another store than AWS (MinIO, ...).
+    #[serde(default, deserialize_with = "idem_config::interp::opt_string")]
+    pub s3_endpoint: Option<String>,
+    #[serde(default)]
+    pub s3_region: Option<String>,
+    #[serde(default)]
+    pub s3_path_style: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CatalogConfig {
+    /// The JDBC/SQL catalog layout (`iceberg_tables`,
+    /// `iceberg_namespace_properties`) in a PostgreSQL database, as
+    /// PyIceberg's `SqlCatalog` and Iceberg's `JdbcCatalog` keep it.
+    Sql {
+        #[serde(deserialize_with = "idem_config::interp::string")]
+        url: String,
+        /// The catalog's name: the `catalog_name` of its rows.
+        #[serde(default = "default_catalog_name")]
+        name: String,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_catalog_name() -> String {
+    "idem".into()
+}
+
+impl Validate for IcebergSinkConfig {
+    fn validate(&self, columns: &[ColumnConfig]) -> Result<(), Invalid> {
+        if !(self.warehouse.starts_with("s3://") || self.warehouse.starts_with("file:///")) {
+            return Err(Invalid::new(
+                &["warehouse"],
+                "must be s3://bucket/prefix or file:///absolute/path",
+            ));
+        }
+        for (key, value) in [("namespace", &self.namespace), ("table", &self.table)] {
+            if value.trim().is_empty() {
+                return Err(Invalid::new(&[key], "must not be empty"));
+            }
+        }
+        if columns.is_empty() {
+            return Err(Invalid::new(
+                &[],
+                "the iceberg sink needs [[columns]] (the table's schema is made from them)",
+            ));
+        }
+        if let Some(c) = columns
+            .iter()
+            .find(|c| c.name == crate::schema::PARTITION || c.name == crate::schema::OFFSET)
+        {
+            return Err(Invalid::new(
+                &["columns"],
+                format!("`{}` is written by Idem itself", c.name),
+            ));
+        }
+        Ok(())
+    }
+}
