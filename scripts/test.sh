@@ -19,6 +19,7 @@ step connect.sh
 step s3.sh
 step s3s-fs.sh
 step format-tools.sh
+step iceberg-tools.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -184,6 +184,7 @@ registry! {
     sinks {
         Duckdb = "duckdb" => idem_sink_duckdb::DuckDbKind,
         Http = "http" => idem_sink_http::HttpKind,
+        Iceberg = "iceberg" => idem_sink_iceberg::IcebergKind,
         Postgres = "postgres" => idem_sink_postgres::PostgresKind,
         S3 = "s3" => idem_sink_s3::S3Kind,
         Sqlite = "sqlite" => idem_sink_sqlite::SqliteKind,

@@ -70,6 +70,9 @@ fn every_example_config_checks_and_prints_its_guarantee() {
     let bucket = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(idem_testkit::s3::fresh_bucket("examples"));
+    // The Iceberg example's catalog: its own name, so its table points
+    // into this run's bucket.
+    let catalog = fresh_schema("examples");
     let mut seen = 0;
     for entry in std::fs::read_dir(repo_root().join("config/examples")).unwrap() {
         let path = entry.unwrap().path();
@@ -81,6 +84,8 @@ fn every_example_config_checks_and_prints_its_guarantee() {
                 .current_dir(w.dir.path())
                 .env("IDEM_S3_ENDPOINT", idem_testkit::s3::ENDPOINT)
                 .env("IDEM_S3_BUCKET", &bucket)
+                .env("IDEM_CATALOG_URL", pg_url())
+                .env("IDEM_CATALOG_NAME", &catalog)
                 .env("IDEM_SCHEMAS", repo_root().join("config/examples/schemas"))
                 .arg("check")
                 .arg(&path),

@@ -26,22 +26,7 @@ fn killed_at_random_and_at_fail_points_every_message_lands_in_exactly_one_named_
             let l = idem_testkit::s3::landed(&bucket, "", "crash").await;
             l.assert_only_named();
             assert!(l.segments > 0, "no segment was written");
-            let rows = l
-                .lines
-                .iter()
-                .map(|v| {
-                    (
-                        v["id"].as_str().unwrap().to_string(),
-                        v["n"].as_i64().unwrap(),
-                        v["_idem_partition"].as_str().unwrap().to_string(),
-                        v["_idem_offset"].as_i64().unwrap(),
-                    )
-                })
-                .collect();
-            Landed {
-                rows,
-                positions: l.positions,
-            }
+            Landed::from_json(&l.lines, l.positions)
         })
     });
 }

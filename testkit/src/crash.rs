@@ -28,6 +28,31 @@ pub struct Landed {
     pub positions: BTreeMap<String, i64>,
 }
 
+impl Landed {
+    /// From rows read back as JSON objects (id, n, `_idem_partition`,
+    /// `_idem_offset`), as the object-store sinks' readers give them.
+    pub fn from_json<'a>(
+        rows: impl IntoIterator<Item = &'a serde_json::Value>,
+        positions: BTreeMap<String, i64>,
+    ) -> Landed {
+        let rows = rows
+            .into_iter()
+            .map(|v| {
+                (
+                    v["id"].as_str().expect("id").to_string(),
+                    v["n"].as_i64().expect("n"),
+                    v["_idem_partition"]
+                        .as_str()
+                        .expect("partition")
+                        .to_string(),
+                    v["_idem_offset"].as_i64().expect("offset"),
+                )
+            })
+            .collect();
+        Landed { rows, positions }
+    }
+}
+
 /// What a table sink's test reads for [`Landed`], in SQL every table sink's
 /// database takes: the rows of table `events` of the default schema...
 pub const ROWS_SQL: &str = "SELECT id, n, _idem_partition, _idem_offset FROM events";

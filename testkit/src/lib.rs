@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod crash;
+pub mod iceberg;
 pub mod receiver;
 pub mod s3;
 pub mod table_suite;

@@ -94,7 +94,7 @@ pub enum Unmoved {
 /// The stored position of a partition lies inside the batch being
 /// committed. Never retried: the table was changed by hand or by another
 /// program, and writing the batch could duplicate or skip messages.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("partition {partition}: the offsets table holds position {stored}, inside the batch of offsets {first_offset}..{next_offset} being committed, so the batch is not written; only Idem moves positions (was the row edited by hand?): check the table and set the position to where its rows end")]
 pub struct PositionConflict {
     pub partition: String,

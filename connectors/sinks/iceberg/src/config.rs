@@ -28,6 +28,15 @@ pub struct IcebergSinkConfig {
     pub s3_region: Option<String>,
     #[serde(default)]
     pub s3_path_style: bool,
+    /// How long batches' data files wait to be committed: one snapshot
+    /// then adds every partition's staged files and moves their positions.
+    /// `"0s"`: a snapshot per batch.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: std::time::Duration,
+}
+
+fn default_commit_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,3 +11,27 @@ mod sink;
 pub use config::IcebergSinkConfig;
 pub use error::IcebergError;
 pub use sink::IcebergSink;
+
+/// The `iceberg` line of the runner's registry.
+pub struct IcebergKind;
+
+impl idem_core::registry::SinkKind for IcebergKind {
+    const NAME: &'static str = "iceberg";
+    type Config = IcebergSinkConfig;
+
+    /// Each batch is a snapshot: large batches keep the table's snapshots
+    /// and files few.
+    fn batch_records(_cfg: &IcebergSinkConfig) -> usize {
+        idem_config::TABLE_MAX_RECORDS
+    }
+
+    fn build(
+        cfg: &IcebergSinkConfig,
+        columns: &[idem_config::ColumnConfig],
+        _ctx: idem_core::registry::SinkContext,
+    ) -> Result<std::sync::Arc<dyn idem_core::Sink>, String> {
+        IcebergSink::new(cfg.clone(), columns.to_vec())
+            .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn idem_core::Sink>)
+            .map_err(|e| e.to_string())
+    }
+}

@@ -13,7 +13,7 @@ use crate::schema;
 use arrow::datatypes::Schema as ArrowSchema;
 use async_trait::async_trait;
 use iceberg::io::{FileIO, FileIOBuilder};
-use iceberg::spec::{DataFileFormat, TableMetadata};
+use iceberg::spec::{DataFile, DataFileFormat, TableMetadata};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
@@ -25,7 +25,7 @@ use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{NamespaceIdent, TableIdent};
 use idem_config::{ColumnConfig, Guarantee};
-use idem_core::failpoint::{self, AFTER_WRITE};
+use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::offsets::{self, Unmoved};
 use idem_core::{
     Batch, CommitStats, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
@@ -70,6 +70,12 @@ pub struct IcebergSink {
     ident: TableIdent,
     /// `namespace.table in catalog ..`, for messages.
     shown: String,
+    /// One catalog commit at a time from this runner: partitions that
+    /// commit side by side would otherwise each find the table's snapshot
+    /// moved by the other between reading it and committing, and retry.
+    committing: tokio::sync::Mutex<()>,
+    /// The partitions this runner writes, by `PartitionRef`'s text.
+    parts: Mutex<HashMap<String, Part>>,
 }
 
 impl IcebergSink {
@@ -90,6 +96,8 @@ impl IcebergSink {
             catalog,
             ident,
             shown,
+            committing: tokio::sync::Mutex::new(()),
+            parts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -196,6 +204,8 @@ impl IcebergSink {
             .write(rb)
             .await
             .map_err(|e| self.table_error("write a data file", e))?;
+        // The rows are buffered or partly uploaded, the file not complete.
+        failpoint::hit(MID_WRITE);
         writer
             .close()
             .await
@@ -324,6 +334,15 @@ impl Sink for IcebergSink {
             .stored(table.metadata(), p)?
             .and_then(|(_, n)| n)
             .map(idem_core::table::sql::offset_from_sql);
+        // Whatever an earlier epoch staged here is the new one's to redo.
+        self.lock_parts().insert(
+            p.to_string(),
+            Part {
+                epoch,
+                durable: next,
+                ..Part::new(p)
+            },
+        );
         Ok(Opened {
             epoch,
             next_offset: next,
@@ -332,83 +351,87 @@ impl Sink for IcebergSink {
 
     async fn commit(&self, batch: Arc<Batch>) -> Result<CommitStats, SinkError> {
         let p = &batch.partition;
-        let table = self.table().await?;
-        // Before writing files: a fenced or already committed batch needs
-        // none.
-        if let Some(why) = offsets::check(self.stored(table.metadata(), p)?, &batch) {
-            return self.not_moved(why, &batch);
+        let key = p.to_string();
+        let total = batch.records.len() as u64;
+        {
+            let parts = self.lock_parts();
+            if let Some(part) = parts.get(&key) {
+                if part.fenced {
+                    return Err(fenced(&batch));
+                }
+                // Staged already (a retry), or committed already (a retry
+                // after the answer to a commit was lost).
+                let staged = part.staged.as_ref().map(|s| s.through);
+                if staged.is_some_and(|t| batch.next_offset <= t) {
+                    return Ok(CommitStats {
+                        deduplicated: total,
+                        durable_through: part.durable,
+                        ..Default::default()
+                    });
+                }
+                if staged.is_none() && part.durable.is_some_and(|d| batch.next_offset <= d) {
+                    return Ok(offsets::committed_before(&batch));
+                }
+            }
         }
         let files = if batch.records.is_empty() {
             Vec::new()
         } else {
+            let table = self.table().await?;
             self.write_files(&table, &batch).await?
         };
-        failpoint::hit(AFTER_WRITE);
-        let position = serde_json::to_string(&Position {
-            source: p.source.to_string(),
-            partition: p.partition.to_string(),
-            next_offset: batch.next_offset,
-            epoch: batch.epoch,
-        })
-        .map_err(|e| IcebergError::Setup(e.to_string()))?;
-        let why_not: Mutex<Option<Unmoved>> = Mutex::new(None);
-        let guard = |m: &TableMetadata| -> iceberg::Result<()> {
-            let row = self
-                .stored(m, p)
-                .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string()))?;
-            match offsets::check(row, &batch) {
-                None => Ok(()),
-                Some(why) => {
-                    *why_not
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
-                    Err(iceberg::Error::new(
-                        iceberg::ErrorKind::DataInvalid,
-                        "the partition's position or epoch moved",
-                    ))
-                }
-            }
+        let durable = {
+            let mut parts = self.lock_parts();
+            let part = parts.entry(key.clone()).or_insert_with(|| Part::new(p));
+            let staged = part.staged.get_or_insert_with(|| Staged {
+                epoch: batch.epoch,
+                from: batch.first_offset,
+                through: batch.first_offset,
+                files: Vec::new(),
+            });
+            staged.files.extend(files);
+            staged.through = batch.next_offset;
+            part.durable.unwrap_or(staged.from)
         };
-        let guarded = Guarded {
-            catalog: &self.catalog,
-            guard,
-        };
-        let tx = Transaction::new(&table);
-        let tx = if files.is_empty() {
-            tx
-        } else {
-            let summary = HashMap::from([
-                ("idem.partition".to_string(), p.to_string()),
-                (
-                    "idem.next-offset".to_string(),
-                    batch.next_offset.to_string(),
-                ),
-            ]);
-            tx.fast_append()
-                .add_data_files(files)
-                .set_snapshot_properties(summary)
-                .apply(tx)
-                .map_err(|e| self.table_error("append data files", e))?
-        };
-        let tx = tx
-            .update_table_properties()
-            .set(position_key(p), position)
-            .apply(tx)
-            .map_err(|e| self.table_error("set the position", e))?;
-        let committed = tx.commit(&guarded).await;
-        let why = why_not
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        match (committed, why) {
-            (Ok(_), _) => Ok(CommitStats {
-                written: batch.records.len() as u64,
+        if !self.cfg.commit_interval.is_zero() {
+            return Ok(CommitStats {
+                written: total,
+                durable_through: Some(durable),
+                ..Default::default()
+            });
+        }
+        self.commit_staged().await?;
+        let parts = self.lock_parts();
+        match parts.get(&key) {
+            Some(part) if part.fenced => Err(fenced(&batch)),
+            _ => Ok(CommitStats {
+                written: total,
                 ..Default::default()
             }),
-            (Err(_), Some(why)) => self.not_moved(why, &batch),
-            (Err(e), None) => Err(self
-                .table_error(&format!("commit a batch of {p}"), e)
-                .into()),
+        }
+    }
+
+    fn stage_for(&self) -> Option<std::time::Duration> {
+        (!self.cfg.commit_interval.is_zero()).then_some(self.cfg.commit_interval)
+    }
+
+    async fn flush_staged(&self, p: &PartitionRef) -> Result<Option<u64>, SinkError> {
+        let key = p.to_string();
+        let staged = {
+            let parts = self.lock_parts();
+            parts.get(&key).is_some_and(|part| part.staged.is_some())
+        };
+        if staged {
+            self.commit_staged().await?;
+        }
+        let parts = self.lock_parts();
+        match parts.get(&key) {
+            Some(part) if part.fenced => Err(SinkError::Fenced {
+                partition: key,
+                epoch: part.epoch,
+            }),
+            Some(part) => Ok(part.durable),
+            None => Ok(None),
         }
     }
 
@@ -465,19 +488,230 @@ impl Sink for IcebergSink {
     }
 }
 
-impl IcebergSink {
-    fn not_moved(&self, why: Unmoved, batch: &Batch) -> Result<CommitStats, SinkError> {
-        match why {
-            Unmoved::Fenced => Err(SinkError::Fenced {
-                partition: batch.partition.to_string(),
-                epoch: batch.epoch,
-            }),
-            Unmoved::Committed => Ok(offsets::committed_before(batch)),
-            Unmoved::Conflict(source) => Err(IcebergError::PositionConflict {
-                table: self.shown.clone(),
-                source,
-            }
-            .into()),
+/// What this runner holds of a partition it writes.
+struct Part {
+    partition: PartitionRef,
+    /// The epoch of its latest staged batch (or of its open).
+    epoch: i64,
+    /// The position the table holds for it, as far as this runner knows.
+    durable: Option<u64>,
+    /// Batches' data files written, not yet committed.
+    staged: Option<Staged>,
+    /// A newer runner owns it: its staged files were dropped.
+    fenced: bool,
+}
+
+impl Part {
+    fn new(p: &PartitionRef) -> Part {
+        Part {
+            partition: p.clone(),
+            epoch: 0,
+            durable: None,
+            staged: None,
+            fenced: false,
         }
+    }
+}
+
+struct Staged {
+    epoch: i64,
+    /// The first offset of the first staged batch.
+    from: u64,
+    /// The position after the last staged batch.
+    through: u64,
+    files: Vec<DataFile>,
+}
+
+fn fenced(batch: &Batch) -> SinkError {
+    SinkError::Fenced {
+        partition: batch.partition.to_string(),
+        epoch: batch.epoch,
+    }
+}
+
+/// One partition's share of a commit: its files, and the batch-like span
+/// the guard checks (`first_offset` the position it must find).
+struct Share {
+    key: String,
+    span: Batch,
+    files: usize,
+}
+
+impl IcebergSink {
+    fn lock_parts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Part>> {
+        self.parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Commit every partition's staged files in one snapshot with their
+    /// positions. A partition whose epoch moved is dropped from it
+    /// (marked fenced) and the rest tried again; one whose position shows
+    /// its files committed already (the answer to an earlier try lost)
+    /// counts as committed.
+    async fn commit_staged(&self) -> Result<(), SinkError> {
+        let _turn = self.committing.lock().await;
+        loop {
+            let (shares, files) = {
+                let parts = self.lock_parts();
+                let mut shares = Vec::new();
+                let mut files = Vec::new();
+                for (key, part) in parts.iter() {
+                    let Some(s) = &part.staged else { continue };
+                    files.extend(s.files.iter().cloned());
+                    shares.push(Share {
+                        key: key.clone(),
+                        span: Batch {
+                            partition: part.partition.clone(),
+                            epoch: s.epoch,
+                            records: Vec::new(),
+                            columns: None,
+                            key: None,
+                            first_offset: s.from,
+                            next_offset: s.through,
+                        },
+                        files: s.files.len(),
+                    });
+                }
+                (shares, files)
+            };
+            if shares.is_empty() {
+                return Ok(());
+            }
+            failpoint::hit(AFTER_WRITE);
+            let refused: Mutex<Vec<(usize, Unmoved)>> = Mutex::new(Vec::new());
+            let guard = |m: &TableMetadata| -> iceberg::Result<()> {
+                let mut found = Vec::new();
+                for (i, share) in shares.iter().enumerate() {
+                    let row = self.stored(m, &share.span.partition).map_err(|e| {
+                        iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string())
+                    })?;
+                    if let Some(why) = offsets::check(row, &share.span) {
+                        found.push((i, why));
+                    }
+                }
+                if found.is_empty() {
+                    return Ok(());
+                }
+                *refused
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = found;
+                Err(iceberg::Error::new(
+                    iceberg::ErrorKind::DataInvalid,
+                    "a partition's position or epoch moved",
+                ))
+            };
+            let table = self.table().await?;
+            let mut tx = Transaction::new(&table);
+            if !files.is_empty() {
+                let summary = HashMap::from([(
+                    "idem.partitions".to_string(),
+                    shares
+                        .iter()
+                        .map(|s| format!("{}@{}", s.key, s.span.next_offset))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                )]);
+                tx = tx
+                    .fast_append()
+                    .add_data_files(files)
+                    .set_snapshot_properties(summary)
+                    .apply(tx)
+                    .map_err(|e| self.table_error("append data files", e))?;
+            }
+            let mut props = tx.update_table_properties();
+            for share in &shares {
+                let p = &share.span.partition;
+                let position = serde_json::to_string(&Position {
+                    source: p.source.to_string(),
+                    partition: p.partition.to_string(),
+                    next_offset: share.span.next_offset,
+                    epoch: share.span.epoch,
+                })
+                .map_err(|e| IcebergError::Setup(e.to_string()))?;
+                props = props.set(position_key(p), position);
+            }
+            let tx = props
+                .apply(tx)
+                .map_err(|e| self.table_error("set the positions", e))?;
+            let committed = tx
+                .commit(&Guarded {
+                    catalog: &self.catalog,
+                    guard,
+                })
+                .await;
+            let refused = std::mem::take(
+                &mut *refused
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            match committed {
+                Ok(_) => {
+                    self.settle(&shares, &[]);
+                    return Ok(());
+                }
+                Err(e) if refused.is_empty() => {
+                    return Err(self.table_error("commit staged data files", e).into());
+                }
+                Err(_) => {
+                    let conflict = self.settle(&shares, &refused);
+                    if let Some(source) = conflict {
+                        return Err(IcebergError::PositionConflict {
+                            table: self.shown.clone(),
+                            source,
+                        }
+                        .into());
+                    }
+                    // The others again, without the refused.
+                }
+            }
+        }
+    }
+
+    /// After a commit of `shares`: those not `refused` are committed
+    /// (their files and positions); refused ones are fenced (their files
+    /// dropped) or were committed before. The first conflict, if any.
+    fn settle(
+        &self,
+        shares: &[Share],
+        refused: &[(usize, Unmoved)],
+    ) -> Option<idem_core::table::offsets::PositionConflict> {
+        let mut parts = self.lock_parts();
+        let mut conflict = None;
+        for (i, share) in shares.iter().enumerate() {
+            let Some(part) = parts.get_mut(&share.key) else {
+                continue;
+            };
+            let why = refused.iter().find(|(j, _)| *j == i).map(|(_, w)| w);
+            match why {
+                Some(Unmoved::Fenced) => {
+                    part.fenced = true;
+                    part.staged = None;
+                    continue;
+                }
+                Some(Unmoved::Conflict(c)) => {
+                    conflict.get_or_insert_with(|| c.clone());
+                    part.staged = None;
+                    continue;
+                }
+                Some(Unmoved::Committed) => {
+                    tracing::warn!(partition = %share.key, next_offset = share.span.next_offset, "these staged batches had already committed (the answer to an earlier commit was lost): not appended again");
+                }
+                None if refused.is_empty() => {}
+                // Not refused, but the commit did not happen: next round.
+                None => continue,
+            }
+            part.durable = Some(share.span.next_offset);
+            // Batches staged while this commit ran stay staged.
+            if let Some(s) = &mut part.staged {
+                if s.through == share.span.next_offset {
+                    part.staged = None;
+                } else {
+                    s.files.drain(..share.files);
+                    s.from = share.span.next_offset;
+                }
+            }
+        }
+        conflict
     }
 }

@@ -28,12 +28,17 @@ impl Target {
     }
 
     fn config(&self, create: bool) -> IcebergSinkConfig {
+        self.config_with(create, "0s")
+    }
+
+    fn config_with(&self, create: bool, commit_interval: &str) -> IcebergSinkConfig {
         toml::from_str(&format!(
             r#"
 warehouse = "file://{}"
 namespace = "idem.test"
 table = "events"
 create = {create}
+commit_interval = "{commit_interval}"
 [catalog]
 type = "sql"
 url = "{}"
@@ -56,6 +61,11 @@ name = "{}"
 
     /// `(id, v)` of the table's current snapshot, ordered.
     async fn rows(&self) -> Vec<(String, i64)> {
+        self.read().await.0
+    }
+
+    /// `(id, v)` rows and the table's snapshot count.
+    async fn read(&self) -> (Vec<(String, i64)>, usize) {
         let client = pg().await;
         let location: String = client
             .query_one(
@@ -65,18 +75,19 @@ name = "{}"
             .await
             .unwrap()
             .get(0);
-        let io = iceberg::io::FileIO::new_with_fs();
-        let table = iceberg::table::StaticTable::from_metadata_file(
+        let io = ::iceberg::io::FileIO::new_with_fs();
+        let table = ::iceberg::table::StaticTable::from_metadata_file(
             &location,
-            iceberg::TableIdent::from_strs(["idem", "test", "events"]).unwrap(),
+            ::iceberg::TableIdent::from_strs(["idem", "test", "events"]).unwrap(),
             io,
         )
         .await
         .unwrap()
         .into_table();
         let mut rows = Vec::new();
+        let snapshots = table.metadata().snapshots().count();
         if table.metadata().current_snapshot().is_none() {
-            return rows;
+            return (rows, snapshots);
         }
         let batches: Vec<_> = table
             .scan()
@@ -100,7 +111,7 @@ name = "{}"
             }
         }
         rows.sort();
-        rows
+        (rows, snapshots)
     }
 }
 
@@ -210,4 +221,71 @@ async fn an_existing_table_is_checked_against_the_columns() {
             .contains("does not exist and create = false"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn staged_batches_of_all_partitions_commit_in_one_snapshot() {
+    let t = Target::new("ice_staged");
+    let (a, b) = (part("a"), part("b"));
+    let sink: Arc<dyn Sink> =
+        Arc::new(IcebergSink::new(t.config_with(true, "1h"), columns()).unwrap());
+    sink.prepare().await.unwrap();
+    assert_eq!(sink.stage_for(), Some(std::time::Duration::from_secs(3600)));
+    let ea = sink.open(&a).await.unwrap().epoch;
+    let eb = sink.open(&b).await.unwrap().epoch;
+    for i in 0..3u64 {
+        let s = sink
+            .commit(batch(
+                &a,
+                ea,
+                vec![rec(i * 10, &format!("a{i}"), 1)],
+                i * 10 + 10,
+            ))
+            .await
+            .unwrap();
+        // Staged, nothing durable yet.
+        assert_eq!((s.written, s.durable_through), (1, Some(0)));
+    }
+    let one = batch(&b, eb, vec![rec(0, "b0", 2)], 5);
+    sink.commit(one.clone()).await.unwrap();
+    // A retry of a staged batch is not staged twice.
+    assert_eq!(sink.commit(one).await.unwrap().deduplicated, 1);
+    assert_eq!(
+        t.read().await,
+        (vec![], 0),
+        "nothing visible before the flush"
+    );
+    // One flush commits both partitions' batches in one snapshot.
+    assert_eq!(sink.flush_staged(&a).await.unwrap(), Some(30));
+    let (rows, snapshots) = t.read().await;
+    assert_eq!(rows, pairs(&[("a0", 1), ("a1", 1), ("a2", 1), ("b0", 2)]));
+    assert_eq!(snapshots, 1);
+    assert_eq!(sink.flush_staged(&b).await.unwrap(), Some(5));
+    assert_eq!(t.read().await.1, 1, "nothing left to commit");
+    let pos = sink.positions("c").await.unwrap();
+    let got: Vec<_> = pos
+        .iter()
+        .map(|p| (p.partition.as_str(), p.next_offset))
+        .collect();
+    assert_eq!(got, vec![("a", Some(30)), ("b", Some(5))]);
+
+    // A partition another runner took is dropped from the commit; the
+    // other's batches still commit.
+    sink.commit(batch(&a, ea, vec![rec(30, "a3", 1)], 40))
+        .await
+        .unwrap();
+    sink.commit(batch(&b, eb, vec![rec(5, "stale", 9)], 9))
+        .await
+        .unwrap();
+    let other = t.sink();
+    other.open(&b).await.unwrap();
+    assert_eq!(sink.flush_staged(&a).await.unwrap(), Some(40));
+    let err = sink.flush_staged(&b).await.unwrap_err();
+    assert!(matches!(err, SinkError::Fenced { .. }), "{err}");
+    let (rows, snapshots) = t.read().await;
+    assert_eq!(
+        rows,
+        pairs(&[("a0", 1), ("a1", 1), ("a2", 1), ("a3", 1), ("b0", 2)])
+    );
+    assert_eq!(snapshots, 2);
 }

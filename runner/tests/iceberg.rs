@@ -1,0 +1,94 @@
+//! The Iceberg sink end to end: `idem run` from a file into a table whose
+//! catalog is on the test PostgreSQL and whose warehouse is a bucket of
+//! the test S3 store, read back by PyIceberg (scripts/iceberg-tools.sh).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use idem_testkit::*;
+
+fn config(w: &Workdir, sink: &str) -> String {
+    format!(
+        r#"
+[connectors.ev]
+dead_letter = "{dl}"
+[connectors.ev.source]
+type = "file"
+path = "{src}"
+[connectors.ev.sink]
+{sink}
+[connectors.ev.batch]
+max_records = 1000
+[[connectors.ev.columns]]
+name = "id"
+type = "text"
+required = true
+[[connectors.ev.columns]]
+name = "n"
+type = "bigint"
+[[connectors.ev.columns]]
+name = "at"
+type = "timestamp"
+[[connectors.ev.columns]]
+name = "amount"
+type = "numeric"
+"#,
+        dl = w.path("dead.jsonl").display(),
+        src = w.path("ev.jsonl").display(),
+    )
+}
+
+#[tokio::test]
+async fn a_file_lands_once_in_a_table_pyiceberg_reads_and_a_rerun_adds_nothing() {
+    let w = Workdir::new();
+    let bucket = idem_testkit::s3::fresh_bucket("ice-e2e").await;
+    let catalog = fresh_schema("ice_e2e");
+    let warehouse = format!("s3://{bucket}/warehouse");
+    let mut input = String::new();
+    for i in 0..5000 {
+        input.push_str(&format!(
+            "{{\"id\":\"e{i}\",\"n\":{i},\"at\":\"2026-11-30T10:00:{:02}Z\",\"amount\":\"{i}.50\"}}\n",
+            i % 60
+        ));
+        if i == 2500 {
+            input.push_str("{\"id\": \"broken\n");
+        }
+    }
+    w.write("ev.jsonl", &input);
+    let sink = idem_testkit::iceberg::sink_lines(&catalog, &warehouse, "lake.events");
+    let cfg = w.write("c.toml", &config(&w, &sink));
+    let out = run_ok(idem().arg("check").arg(&cfg));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("exactly-once") && said.contains("catalog"),
+        "{said}"
+    );
+    run_ok(idem().arg("run").arg(&cfg));
+    let read = idem_testkit::iceberg::read(&catalog, &warehouse, "lake.events");
+    assert_eq!(read.rows.len(), 5000);
+    let mut ids: Vec<&str> = read
+        .rows
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 5000, "an id twice");
+    let sum: i64 = read.rows.iter().map(|r| r["n"].as_i64().unwrap()).sum();
+    assert_eq!(sum, (0..5000).sum::<i64>());
+    let e7 = read.rows.iter().find(|r| r["id"] == "e7").unwrap();
+    assert_eq!(e7["amount"], "7.50");
+    assert_eq!(e7["at"], "2026-11-30 10:00:07+00:00");
+    // The file's batches, all in the one snapshot that ended the run.
+    assert_eq!(read.snapshots, 1);
+    let src = std::fs::canonicalize(w.path("ev.jsonl")).unwrap();
+    assert_eq!(
+        read.positions("ev").get(&src.display().to_string()),
+        Some(&(input.len() as i64))
+    );
+    let dead = std::fs::read_to_string(w.path("dead.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    // Run again: nothing new, nothing twice.
+    run_ok(idem().arg("run").arg(&cfg));
+    let again = idem_testkit::iceberg::read(&catalog, &warehouse, "lake.events");
+    assert_eq!((again.rows.len(), again.snapshots), (5000, 1));
+}

@@ -1,0 +1,86 @@
+//! Iceberg tables written by Idem, read back with PyIceberg
+//! (scripts/iceberg-tools.sh installs it, scripts/iceberg-read.py reads):
+//! its SqlCatalog on the test PostgreSQL, the warehouse on the test S3
+//! store (moto) or the local disk.
+
+use crate::pg_url;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// The `[connectors.X.sink]` lines of an Iceberg sink on catalog `catalog`
+/// of the test PostgreSQL, table `namespace.table`, warehouse `warehouse`
+/// (`s3://bucket/..` on moto, or `file:///..`).
+pub fn sink_lines(catalog: &str, warehouse: &str, table: &str) -> String {
+    let (namespace, table) = table.rsplit_once('.').expect("namespace.table");
+    let s3 = if warehouse.starts_with("s3://") {
+        format!(
+            "s3_endpoint = \"{}\"\ns3_path_style = true\n",
+            crate::s3::ENDPOINT
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "type = \"iceberg\"\nwarehouse = \"{warehouse}\"\nnamespace = \"{namespace}\"\ntable = \"{table}\"\n{s3}catalog = {{ type = \"sql\", url = \"{}\", name = \"{catalog}\" }}\n",
+        pg_url()
+    )
+}
+
+/// What PyIceberg finds in a table.
+pub struct Read {
+    /// JSON objects, one per row.
+    pub rows: Vec<Value>,
+    pub properties: BTreeMap<String, String>,
+    pub snapshots: u64,
+}
+
+impl Read {
+    /// The stored next offset per partition of `connector`, from the
+    /// positions Idem keeps in the table's properties.
+    pub fn positions(&self, connector: &str) -> BTreeMap<String, i64> {
+        let prefix = format!("idem.position/{connector}/");
+        self.properties
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| {
+                let v: Value = serde_json::from_str(v).expect("a position");
+                (
+                    v["partition"].as_str().unwrap().to_string(),
+                    v["next_offset"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Table `namespace.table` of `catalog`, as PyIceberg reads it.
+pub fn read(catalog: &str, warehouse: &str, table: &str) -> Read {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let venv = std::env::var("IDEM_ICEBERG_VENV")
+        .unwrap_or_else(|_| format!("{home}/.cache/idem/iceberg/venv"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/iceberg-read.py");
+    let url = pg_url().replacen("postgres://", "postgresql+psycopg2://", 1);
+    let out = std::process::Command::new(format!("{venv}/bin/python"))
+        .args([script, &url, catalog, warehouse, table])
+        .env("IDEM_S3_ENDPOINT", crate::s3::ENDPOINT)
+        .env("AWS_ACCESS_KEY_ID", "idem-test")
+        .env("AWS_SECRET_ACCESS_KEY", "idem-test")
+        .output()
+        .expect("PyIceberg: install it with bash scripts/iceberg-tools.sh");
+    assert!(
+        out.status.success(),
+        "iceberg-read.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("iceberg-read.py's JSON");
+    Read {
+        rows: v["rows"].as_array().unwrap().clone(),
+        properties: v["properties"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+            .collect(),
+        snapshots: v["snapshots"].as_u64().unwrap(),
+    }
+}
