@@ -213,6 +213,30 @@ impl IcebergSink {
     }
 }
 
+impl IcebergSink {
+    /// Write `batch`'s data files and stage them for its partition.
+    async fn stage(&self, batch: &Batch) -> Result<(), SinkError> {
+        let files = if batch.records.is_empty() {
+            Vec::new()
+        } else {
+            let table = self.table().await?;
+            self.write_files(&table, batch).await?
+        };
+        let p = &batch.partition;
+        let mut parts = self.lock_parts();
+        let part = parts.entry(p.to_string()).or_insert_with(|| Part::new(p));
+        let staged = part.staged.get_or_insert_with(|| Staged {
+            epoch: batch.epoch,
+            from: batch.first_offset,
+            through: batch.first_offset,
+            files: Vec::new(),
+        });
+        staged.files.extend(files);
+        staged.through = batch.next_offset;
+        Ok(())
+    }
+}
+
 fn uuid_suffix() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
     let nanos = SystemTime::now()
@@ -353,50 +377,43 @@ impl Sink for IcebergSink {
         let p = &batch.partition;
         let key = p.to_string();
         let total = batch.records.len() as u64;
+        let per_batch = self.cfg.commit_interval.is_zero();
+        // Staged already: a retry, after its commit failed (a snapshot per
+        // batch) or not (staging).
+        let mut staged_already = false;
         {
             let parts = self.lock_parts();
             if let Some(part) = parts.get(&key) {
                 if part.fenced {
                     return Err(fenced(&batch));
                 }
-                // Staged already (a retry), or committed already (a retry
-                // after the answer to a commit was lost).
                 let staged = part.staged.as_ref().map(|s| s.through);
-                if staged.is_some_and(|t| batch.next_offset <= t) {
+                staged_already = staged.is_some_and(|t| batch.next_offset <= t);
+                if staged_already && !per_batch {
                     return Ok(CommitStats {
                         deduplicated: total,
                         durable_through: part.durable,
                         ..Default::default()
                     });
                 }
+                // Committed already: a retry after the answer to its
+                // commit was lost.
                 if staged.is_none() && part.durable.is_some_and(|d| batch.next_offset <= d) {
                     return Ok(offsets::committed_before(&batch));
                 }
             }
         }
-        let files = if batch.records.is_empty() {
-            Vec::new()
-        } else {
-            let table = self.table().await?;
-            self.write_files(&table, &batch).await?
-        };
-        let durable = {
-            let mut parts = self.lock_parts();
-            let part = parts.entry(key.clone()).or_insert_with(|| Part::new(p));
-            let staged = part.staged.get_or_insert_with(|| Staged {
-                epoch: batch.epoch,
-                from: batch.first_offset,
-                through: batch.first_offset,
-                files: Vec::new(),
-            });
-            staged.files.extend(files);
-            staged.through = batch.next_offset;
-            part.durable.unwrap_or(staged.from)
-        };
-        if !self.cfg.commit_interval.is_zero() {
+        if !staged_already {
+            self.stage(&batch).await?;
+        }
+        if !per_batch {
+            let parts = self.lock_parts();
+            let durable = parts
+                .get(&key)
+                .and_then(|part| part.durable.or(part.staged.as_ref().map(|s| s.from)));
             return Ok(CommitStats {
                 written: total,
-                durable_through: Some(durable),
+                durable_through: Some(durable.unwrap_or(batch.first_offset)),
                 ..Default::default()
             });
         }
