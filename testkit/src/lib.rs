@@ -354,6 +354,7 @@ pub fn batch(p: &PartitionRef, epoch: i64, records: Vec<Record>, next: u64) -> A
         next_offset: next,
         columns: None,
         key: None,
+        attempt: 0,
     })
 }
 

@@ -133,6 +133,14 @@ pub async fn a_fenced_runner_cannot_commit<T: TableTarget>(t: T) {
     assert_eq!(t.rows("t").await, pairs(&[("a", 1)]));
 }
 
+/// `b` as the runner's second try of it.
+fn retry(b: &Arc<Batch>) -> Arc<Batch> {
+    Arc::new(Batch {
+        attempt: 1,
+        ..(**b).clone()
+    })
+}
+
 /// The runner retries a batch whose commit failed in transit. When the
 /// commit had landed and only its answer was lost, the retry finds the
 /// position already past the batch: it reports success and writes nothing.
@@ -143,7 +151,7 @@ pub async fn a_retried_batch_whose_commit_landed_is_not_written_twice<T: TableTa
     let epoch = sink.open(&p).await.unwrap().epoch;
     let first = batch(&p, epoch, vec![rec(0, "a", 1), rec(10, "b", 2)], 20);
     sink.commit(first.clone()).await.unwrap();
-    let again = sink.commit(first).await.unwrap();
+    let again = sink.commit(retry(&first)).await.unwrap();
     assert_eq!(
         (again.written, again.deduplicated),
         (0, 2),
@@ -154,10 +162,10 @@ pub async fn a_retried_batch_whose_commit_landed_is_not_written_twice<T: TableTa
     sink.commit(batch(&p, epoch, vec![rec(20, "c", 3)], 30))
         .await
         .unwrap();
-    // A position inside the batch was not left by this runner: refused
-    // for good, nothing written.
+    // A retry finding a position inside the batch: not left by this
+    // runner, refused for good, nothing written.
     let err = sink
-        .commit(batch(&p, epoch, vec![rec(25, "d", 4)], 40))
+        .commit(retry(&batch(&p, epoch, vec![rec(25, "d", 4)], 40)))
         .await
         .unwrap_err();
     assert!(!err.is_retriable(), "{err}");

@@ -97,6 +97,11 @@ pub struct Batch {
     pub first_offset: u64,
     /// The position to resume from after this batch.
     pub next_offset: u64,
+    /// 0 on the first try of this batch; the runner's retries count up. A
+    /// retry may follow a commit that landed but whose answer was lost:
+    /// the table sinks then check their stored position before writing
+    /// (see `table::offsets`).
+    pub attempt: u32,
 }
 
 /// What a commit did.

@@ -75,6 +75,7 @@ impl Connector {
             next_offset,
             columns,
             key: self.mapper.learnt_key(route),
+            attempt: 0,
         });
         failpoint::hit(BEFORE_COMMIT);
         if let Some(d) = failpoint::delay(BEFORE_COMMIT, &pref.partition) {
@@ -381,9 +382,13 @@ impl Connector {
         batch: Arc<Batch>,
         stop: &CancellationToken,
     ) -> Result<CommitStats, SinkError> {
-        let first = retry_transient(&self.cfg.retry, &self.stats, "commit a batch", stop, || {
-            self.sink.commit(batch.clone())
-        })
+        let first = retry_transient(
+            &self.cfg.retry,
+            &self.stats,
+            "commit a batch",
+            stop,
+            counting(&batch, |b| self.sink.commit(b)),
+        )
         .await;
         let reason = match first {
             Err(SinkError::Refused(e)) if !batch.records.is_empty() => e,
@@ -416,13 +421,14 @@ impl Connector {
                 next_offset,
                 columns: batch.columns.clone(),
                 key: batch.key.clone(),
+                attempt: 0,
             });
             let committed = retry_transient(
                 &self.cfg.retry,
                 &self.stats,
                 "commit part of a batch",
                 stop,
-                || self.sink.commit(piece.clone()),
+                counting(&piece, |b| self.sink.commit(b)),
             )
             .await;
             let refused = match committed {
@@ -486,6 +492,28 @@ impl Connector {
             }
         }
         Ok(total)
+    }
+}
+
+/// `commit` of `batch` for each try of it, the tries after the first
+/// marked as such ([`Batch::attempt`]): a try may follow one whose commit
+/// landed and only its answer was lost.
+fn counting<'a, F, T>(batch: &'a Arc<Batch>, commit: F) -> impl FnMut() -> T + 'a
+where
+    F: Fn(Arc<Batch>) -> T + 'a,
+{
+    let mut tries = 0u32;
+    move || {
+        let b = if tries == 0 {
+            batch.clone()
+        } else {
+            Arc::new(Batch {
+                attempt: tries,
+                ..(**batch).clone()
+            })
+        };
+        tries = tries.saturating_add(1);
+        commit(b)
     }
 }
 

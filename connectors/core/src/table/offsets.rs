@@ -25,8 +25,12 @@ pub struct OffsetsSql {
     /// Move the position. `$1` next offset (bigint, see
     /// [`super::sql::offset_to_sql`]), `$2` connector, `$3` source, `$4`
     /// partition, `$5` epoch (bigint), `$6` the batch's first offset
-    /// (bigint); updates one row, or none if fenced or if the stored
-    /// position is already past the batch's start (see [`unmoved`]).
+    /// (bigint), `$7` the batch's [`crate::Batch::attempt`] (integer);
+    /// updates one row, or none if fenced, or if on a retry the stored
+    /// position lies past the batch's start and not past its end (see
+    /// [`unmoved`]). A first try moves the position from wherever it is:
+    /// a source reset to its oldest offset (`out_of_range = "earliest"`
+    /// after a topic was made anew) starts below it.
     pub advance: String,
     /// The partition's row as it stands. `$1` connector, `$2` source, `$3`
     /// partition; returns (epoch bigint, next_offset bigint or NULL), or
@@ -62,7 +66,8 @@ impl OffsetsSql {
             advance: format!(
                 "UPDATE {table} SET next_offset = $1, updated_at = CURRENT_TIMESTAMP
                  WHERE connector = $2 AND source = $3 AND partition = $4 AND epoch = $5
-                   AND (next_offset IS NULL OR next_offset <= $6)"
+                   AND (next_offset IS NULL OR next_offset <= $6 OR next_offset > $1 OR $7 = 0)" // SQLite numbers `$N` parameters in order of appearance:
+                                                                                                 // each must appear first after those before it.
             ),
             current: format!(
                 "SELECT epoch, next_offset FROM {table}
@@ -82,9 +87,9 @@ impl OffsetsSql {
 pub enum Unmoved {
     /// A newer runner owns the partition (or its row is gone).
     Fenced,
-    /// This epoch already stored a position at or past the batch's end:
-    /// an earlier try of this very batch committed and only its answer
-    /// was lost. Writing it again would duplicate it.
+    /// This epoch already stored the batch's end: an earlier try of this
+    /// very batch committed and only its answer was lost. Writing it again
+    /// would duplicate it.
     Committed,
     /// This epoch's stored position lies inside the batch: something other
     /// than the runner moved it.
@@ -112,13 +117,15 @@ pub fn unmoved(row: Option<(i64, Option<i64>)>, batch: &crate::Batch) -> Unmoved
         _ => return Unmoved::Fenced,
     };
     match stored {
-        Some(s) if s >= batch.next_offset => Unmoved::Committed,
-        Some(s) if s > batch.first_offset => Unmoved::Conflict(PositionConflict {
-            partition: batch.partition.to_string(),
-            stored: s,
-            first_offset: batch.first_offset,
-            next_offset: batch.next_offset,
-        }),
+        Some(s) if s == batch.next_offset => Unmoved::Committed,
+        Some(s) if s > batch.first_offset && s < batch.next_offset => {
+            Unmoved::Conflict(PositionConflict {
+                partition: batch.partition.to_string(),
+                stored: s,
+                first_offset: batch.first_offset,
+                next_offset: batch.next_offset,
+            })
+        }
         // `advance` would have moved it: the row changed between the two
         // statements, which only a newer runner does.
         _ => Unmoved::Fenced,
@@ -129,13 +136,12 @@ pub fn unmoved(row: Option<(i64, Option<i64>)>, batch: &crate::Batch) -> Unmoved
 /// `batch` may move the position `row` holds, as [`OffsetsSql::advance`]
 /// would, else why not.
 pub fn check(row: Option<(i64, Option<i64>)>, batch: &crate::Batch) -> Option<Unmoved> {
+    let moves = |n: i64| {
+        let n = super::sql::offset_from_sql(n);
+        batch.attempt == 0 || n <= batch.first_offset || n > batch.next_offset
+    };
     match row {
-        Some((e, next))
-            if e == batch.epoch
-                && next.is_none_or(|n| super::sql::offset_from_sql(n) <= batch.first_offset) =>
-        {
-            None
-        }
+        Some((e, next)) if e == batch.epoch && next.is_none_or(moves) => None,
         row => Some(unmoved(row, batch)),
     }
 }
@@ -185,6 +191,7 @@ mod tests {
             key: None,
             first_offset,
             next_offset,
+            attempt: 1,
         }
     }
 
@@ -193,9 +200,6 @@ mod tests {
         let b = batch(100, 150);
         // The earlier try landed: same epoch, position at the batch's end.
         assert_eq!(unmoved(Some((7, Some(150))), &b), Unmoved::Committed);
-        // ... or past it (later batches of this epoch are not retried, but
-        // a stored position beyond the batch still holds it).
-        assert_eq!(unmoved(Some((7, Some(400))), &b), Unmoved::Committed);
         // A newer runner, or the row gone.
         assert_eq!(unmoved(Some((8, Some(150))), &b), Unmoved::Fenced);
         assert_eq!(unmoved(None, &b), Unmoved::Fenced);
@@ -204,6 +208,14 @@ mod tests {
         assert_eq!(check(Some((7, Some(100))), &b), None);
         assert_eq!(check(Some((7, Some(150))), &b), Some(Unmoved::Committed));
         assert_eq!(check(Some((6, Some(90))), &b), Some(Unmoved::Fenced));
+        // Past the batch: a source reset below the stored position.
+        assert_eq!(check(Some((7, Some(400))), &b), None);
+        // A first try moves it from anywhere.
+        let first = crate::Batch {
+            attempt: 0,
+            ..b.clone()
+        };
+        assert_eq!(check(Some((7, Some(150))), &first), None);
         // Inside the batch: neither this batch nor its predecessor wrote it.
         match unmoved(Some((7, Some(120))), &b) {
             Unmoved::Conflict(c) => {

@@ -19,8 +19,8 @@ impl idem_core::registry::SinkKind for IcebergKind {
     const NAME: &'static str = "iceberg";
     type Config = IcebergSinkConfig;
 
-    /// Each batch is a snapshot: large batches keep the table's snapshots
-    /// and files few.
+    /// Each batch writes data files of its own: large batches make them
+    /// few and large (snapshots follow `commit_interval`).
     fn batch_records(_cfg: &IcebergSinkConfig) -> usize {
         idem_config::TABLE_MAX_RECORDS
     }

@@ -398,13 +398,21 @@ impl Sink for IcebergSink {
                 }
                 // Committed already: a retry after the answer to its
                 // commit was lost.
-                if staged.is_none() && part.durable.is_some_and(|d| batch.next_offset <= d) {
+                if batch.attempt > 0 && staged.is_none() && part.durable == Some(batch.next_offset)
+                {
                     return Ok(offsets::committed_before(&batch));
                 }
             }
         }
         if !staged_already {
             self.stage(&batch).await?;
+        }
+        if batch.attempt > 0 {
+            // A retry: what it staged may have been committed by the try
+            // whose answer was lost.
+            if let Some(part) = self.lock_parts().get_mut(&key) {
+                part.tried = true;
+            }
         }
         if !per_batch {
             let parts = self.lock_parts();
@@ -516,6 +524,8 @@ struct Part {
     staged: Option<Staged>,
     /// A newer runner owns it: its staged files were dropped.
     fenced: bool,
+    /// A commit of its staged files failed: it may have landed.
+    tried: bool,
 }
 
 impl Part {
@@ -526,6 +536,7 @@ impl Part {
             durable: None,
             staged: None,
             fenced: false,
+            tried: false,
         }
     }
 }
@@ -586,6 +597,9 @@ impl IcebergSink {
                             key: None,
                             first_offset: s.from,
                             next_offset: s.through,
+                            // After a failed commit of these files, their
+                            // position is checked: it may have landed.
+                            attempt: u32::from(part.tried),
                         },
                         files: s.files.len(),
                     });
@@ -597,13 +611,21 @@ impl IcebergSink {
             }
             failpoint::hit(AFTER_WRITE);
             let refused: Mutex<Vec<(usize, Unmoved)>> = Mutex::new(Vec::new());
+            // The transaction's own retries (after a conflict, or a commit
+            // whose answer was lost) check positions too.
+            let tries = std::sync::atomic::AtomicU32::new(0);
             let guard = |m: &TableMetadata| -> iceberg::Result<()> {
+                let tried = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut found = Vec::new();
                 for (i, share) in shares.iter().enumerate() {
                     let row = self.stored(m, &share.span.partition).map_err(|e| {
                         iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string())
                     })?;
-                    if let Some(why) = offsets::check(row, &share.span) {
+                    let span = Batch {
+                        attempt: share.span.attempt.max(tried),
+                        ..share.span.clone()
+                    };
+                    if let Some(why) = offsets::check(row, &span) {
                         found.push((i, why));
                     }
                 }
@@ -668,6 +690,12 @@ impl IcebergSink {
                     return Ok(());
                 }
                 Err(e) if refused.is_empty() => {
+                    let mut parts = self.lock_parts();
+                    for share in &shares {
+                        if let Some(part) = parts.get_mut(&share.key) {
+                            part.tried = true;
+                        }
+                    }
                     return Err(self.table_error("commit staged data files", e).into());
                 }
                 Err(_) => {
@@ -719,6 +747,7 @@ impl IcebergSink {
                 None => continue,
             }
             part.durable = Some(share.span.next_offset);
+            part.tried = false;
             // Batches staged while this commit ran stay staged.
             if let Some(s) = &mut part.staged {
                 if s.through == share.span.next_offset {

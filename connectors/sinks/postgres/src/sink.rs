@@ -913,6 +913,7 @@ impl PostgresSink {
                     &&*p.partition,
                     &batch.epoch,
                     &sql::offset_to_sql(batch.first_offset),
+                    &i32::try_from(batch.attempt).unwrap_or(i32::MAX),
                 ],
             )
             .await

@@ -65,7 +65,8 @@ pub(crate) fn advance(
                 &*p.source,
                 &*p.partition,
                 batch.epoch,
-                sql::offset_to_sql(batch.first_offset)
+                sql::offset_to_sql(batch.first_offset),
+                i64::from(batch.attempt)
             ],
         )
         .map_err(|e| ctx.sql(&ctx.offsets_table, &format!("advance partition {p}"), e))?;
