@@ -9,23 +9,13 @@ usage: iceberg-read.py SQLALCHEMY_URL CATALOG WAREHOUSE NAMESPACE.TABLE [COLUMNS
 An s3:// warehouse is read at $IDEM_S3_ENDPOINT with the AWS_* variables.
 """
 import json
-import os
 import sys
 
-from pyiceberg.catalog.sql import SqlCatalog
+from iceberg_catalog import open_catalog
 
 url, name, warehouse, table = sys.argv[1:5]
 columns = sys.argv[5].split(",") if len(sys.argv) > 5 else None
-props = {"uri": url, "warehouse": warehouse, "init_catalog_tables": "false"}
-if os.environ.get("IDEM_S3_ENDPOINT"):
-    props.update({
-        "s3.endpoint": os.environ["IDEM_S3_ENDPOINT"],
-        "s3.access-key-id": os.environ.get("AWS_ACCESS_KEY_ID", ""),
-        "s3.secret-access-key": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-        "s3.region": os.environ.get("AWS_REGION", "us-east-1"),
-        "s3.path-style-access": "true",
-    })
-t = SqlCatalog(name, **props).load_table(table)
+t = open_catalog(url, name, warehouse).load_table(table)
 scan = t.scan(selected_fields=tuple(columns)) if columns else t.scan()
 json.dump({
     "rows": scan.to_arrow().to_pylist(),

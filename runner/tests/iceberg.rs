@@ -38,7 +38,7 @@ type = "numeric"
 }
 
 #[tokio::test]
-async fn a_file_lands_once_in_a_table_pyiceberg_reads_and_a_rerun_adds_nothing() {
+async fn a_file_lands_once_in_a_table_pyiceberg_reads_a_rerun_adds_nothing_and_verify_audits_it() {
     let w = Workdir::new();
     let bucket = idem_testkit::s3::fresh_bucket("ice-e2e").await;
     let catalog = fresh_schema("ice_e2e");
@@ -91,4 +91,19 @@ async fn a_file_lands_once_in_a_table_pyiceberg_reads_and_a_rerun_adds_nothing()
     run_ok(idem().arg("run").arg(&cfg));
     let again = idem_testkit::iceberg::read(&catalog, &warehouse, "lake.events");
     assert_eq!((again.rows.len(), again.snapshots), (5000, 1));
+    // The audit reads the table back through the current snapshot.
+    let out = run_ok(idem().arg("verify").arg(&cfg));
+    let verdict = text(&out.stdout);
+    assert!(
+        verdict.contains(
+            "✓ ev: 5001 messages (1 dead-lettered), 5000 rows: every message took effect exactly once"
+        ),
+        "{verdict}"
+    );
+    // Another writer's copy of a row fails it.
+    idem_testkit::iceberg::append_copy(&catalog, &warehouse, "lake.events");
+    let out = idem().arg("verify").arg(&cfg).output().unwrap();
+    let verdict = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{verdict}");
+    assert!(verdict.contains("duplicated"), "{verdict}");
 }

@@ -53,15 +53,16 @@ impl Read {
     }
 }
 
-/// Table `namespace.table` of `catalog`, as PyIceberg reads it.
-pub fn read(catalog: &str, warehouse: &str, table: &str) -> Read {
+/// `scripts/{script}` run by PyIceberg's interpreter on table
+/// `namespace.table` of `catalog`, which must succeed; its output.
+fn pyiceberg(script: &str, catalog: &str, warehouse: &str, table: &str) -> Vec<u8> {
     let home = std::env::var("HOME").unwrap_or_default();
     let venv = std::env::var("IDEM_ICEBERG_VENV")
         .unwrap_or_else(|_| format!("{home}/.cache/idem/iceberg/venv"));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/iceberg-read.py");
+    let script = format!("{}/../scripts/{script}", env!("CARGO_MANIFEST_DIR"));
     let url = pg_url().replacen("postgres://", "postgresql+psycopg2://", 1);
     let out = std::process::Command::new(format!("{venv}/bin/python"))
-        .args([script, &url, catalog, warehouse, table])
+        .args([&script, &url, catalog, warehouse, table])
         .env("IDEM_S3_ENDPOINT", crate::s3::ENDPOINT)
         .env("AWS_ACCESS_KEY_ID", "idem-test")
         .env("AWS_SECRET_ACCESS_KEY", "idem-test")
@@ -69,10 +70,22 @@ pub fn read(catalog: &str, warehouse: &str, table: &str) -> Read {
         .expect("PyIceberg: install it with bash scripts/iceberg-tools.sh");
     assert!(
         out.status.success(),
-        "iceberg-read.py: {}",
+        "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("iceberg-read.py's JSON");
+    out.stdout
+}
+
+/// Append a copy of the table's first row in a snapshot of its own, as a
+/// writer that duplicated a message would.
+pub fn append_copy(catalog: &str, warehouse: &str, table: &str) {
+    pyiceberg("iceberg-append-copy.py", catalog, warehouse, table);
+}
+
+/// Table `namespace.table` of `catalog`, as PyIceberg reads it.
+pub fn read(catalog: &str, warehouse: &str, table: &str) -> Read {
+    let out = pyiceberg("iceberg-read.py", catalog, warehouse, table);
+    let v: Value = serde_json::from_slice(&out).expect("iceberg-read.py's JSON");
     Read {
         rows: v["rows"].as_array().unwrap().clone(),
         properties: v["properties"]

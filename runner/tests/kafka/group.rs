@@ -146,25 +146,6 @@ async fn group_scenario(properties: &[(&str, &str)]) {
     assert_eq!(positions(&schema).await, end_offsets(&topic, 6));
 }
 
-/// The partitions a runner's log says it opened, with the last epoch each
-/// was opened under.
-fn opened_in(log: &str) -> std::collections::HashMap<String, i64> {
-    let field = |rest: &str, key: &str| {
-        rest.split_whitespace()
-            .find_map(|t| t.strip_prefix(key))
-            .map(|v| v.trim_matches('"').to_string())
-    };
-    log.lines()
-        .filter_map(|l| l.split_once("partition opened").map(|(_, rest)| rest))
-        .filter_map(|rest| {
-            Some((
-                field(rest, "partition=")?,
-                field(rest, "epoch=")?.parse().ok()?,
-            ))
-        })
-        .collect()
-}
-
 /// Runners opening a partition of `schema`'s offsets table that wait for
 /// another session's row lock.
 async fn opens_waiting_for_a_lock(schema: &str) -> usize {

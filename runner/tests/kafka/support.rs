@@ -452,3 +452,22 @@ pub fn describe_group(topic: &str) -> HashMap<String, (i64, i64, String)> {
         })
         .collect()
 }
+
+/// The partitions a runner's log says it opened, with the last epoch each
+/// was opened under.
+pub fn opened_in(log: &str) -> std::collections::HashMap<String, i64> {
+    let field = |rest: &str, key: &str| {
+        rest.split_whitespace()
+            .find_map(|t| t.strip_prefix(key))
+            .map(|v| v.trim_matches('"').to_string())
+    };
+    log.lines()
+        .filter_map(|l| l.split_once("partition opened").map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            Some((
+                field(rest, "partition=")?,
+                field(rest, "epoch=")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}

@@ -10,6 +10,7 @@ use crate::catalog::{Guarded, PgCatalog};
 use crate::config::{CatalogConfig, IcebergSinkConfig};
 use crate::error::IcebergError;
 use crate::schema;
+use arrow::array::{Array, Int64Array, StringArray};
 use arrow::datatypes::Schema as ArrowSchema;
 use async_trait::async_trait;
 use iceberg::io::{FileIO, FileIOBuilder};
@@ -28,7 +29,8 @@ use idem_config::{ColumnConfig, Guarantee};
 use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
 use idem_core::table::offsets::{self, Unmoved};
 use idem_core::{
-    Batch, CommitStats, Opened, PartitionRef, Sink, SinkError, SinkInfo, StoredPosition,
+    Batch, CommitStats, Opened, PartitionRef, RowPositions, Sink, SinkError, SinkInfo,
+    StoredPosition,
 };
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -488,6 +490,54 @@ impl Sink for IcebergSink {
         }
         out.sort_by(|a, b| (&a.source, &a.partition).cmp(&(&b.source, &b.partition)));
         Ok(out)
+    }
+
+    async fn row_positions(&self) -> Result<Option<RowPositions>, SinkError> {
+        use futures_util::TryStreamExt;
+        let table = self.table().await?;
+        let mut out = RowPositions::default();
+        if table.metadata().current_snapshot().is_none() {
+            return Ok(Some(out));
+        }
+        // The current snapshot's data files, two columns of each, one
+        // record batch at a time.
+        let scan = table
+            .scan()
+            .select([schema::PARTITION, schema::OFFSET])
+            .build()
+            .map_err(|e| self.table_error("plan a scan of", e))?;
+        let mut batches = scan
+            .to_arrow()
+            .await
+            .map_err(|e| self.table_error("scan", e))?;
+        while let Some(rb) = batches
+            .try_next()
+            .await
+            .map_err(|e| self.table_error("read a data file of", e))?
+        {
+            let (Some(parts), Some(offsets)) = (
+                rb.column_by_name(schema::PARTITION)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+                rb.column_by_name(schema::OFFSET)
+                    .and_then(|c| c.as_any().downcast_ref::<Int64Array>()),
+            ) else {
+                return Err(IcebergError::SchemaMismatch {
+                    table: self.shown.clone(),
+                    detail: format!(
+                        "its {} and {} columns do not read as text and long",
+                        schema::PARTITION,
+                        schema::OFFSET
+                    ),
+                }
+                .into());
+            };
+            for (p, o) in parts.iter().zip(offsets.iter()) {
+                if let (Some(p), Some(o)) = (p, o) {
+                    out.push(p, o.max(0) as u64);
+                }
+            }
+        }
+        Ok(Some(out))
     }
 
     async fn describe(&self) -> Result<String, SinkError> {

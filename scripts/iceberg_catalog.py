@@ -1,0 +1,21 @@
+"""PyIceberg's SqlCatalog as Idem's Iceberg scripts open it: the catalog
+tables on PostgreSQL (a SQLAlchemy URL), the warehouse on the local disk
+or, for an s3:// warehouse, on the store at $IDEM_S3_ENDPOINT with the
+AWS_* variables."""
+import os
+
+from pyiceberg.catalog.sql import SqlCatalog
+
+
+def open_catalog(url, name, warehouse, create_tables=False):
+    props = {"uri": url, "warehouse": warehouse,
+             "init_catalog_tables": "true" if create_tables else "false"}
+    if os.environ.get("IDEM_S3_ENDPOINT"):
+        props.update({
+            "s3.endpoint": os.environ["IDEM_S3_ENDPOINT"],
+            "s3.access-key-id": os.environ.get("AWS_ACCESS_KEY_ID", ""),
+            "s3.secret-access-key": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+            "s3.region": os.environ.get("AWS_REGION", "us-east-1"),
+            "s3.path-style-access": "true",
+        })
+    return SqlCatalog(name, **props)
