@@ -23,6 +23,10 @@ async fn two_runners_share_an_iceberg_table_and_a_frozen_ones_commit_is_refused(
     let cfg = w.write(
         "k.toml",
         &Conf::new(&topic, &catalog)
+            // B may freeze while the group rebalances: the broker then
+            // waits this long (the rebalance timeout), not the default 5
+            // minutes, for it to rejoin before giving A everything.
+            .property("max.poll.interval.ms", "10000")
             .sink(&sink)
             .max_records(500)
             .toml(),
@@ -118,7 +122,11 @@ async fn two_runners_share_an_iceberg_table_and_a_frozen_ones_commit_is_refused(
     assert_eq!(
         (read.rows.len() as i64, distinct(&read.rows)),
         (TOTAL, TOTAL),
-        "lost or duplicated events"
+        "lost or duplicated events; positions {:?} of {:?}\nA:\n{}\nB:\n{}",
+        read.positions("k"),
+        end_offsets(&topic, 4),
+        log("a.log"),
+        log("b.log")
     );
     let positions: HashMap<String, i64> = read.positions("k").into_iter().collect();
     assert_eq!(positions, end_offsets(&topic, 4));

@@ -227,6 +227,14 @@ impl IcebergSink {
         let p = &batch.partition;
         let mut parts = self.lock_parts();
         let part = parts.entry(p.to_string()).or_insert_with(|| Part::new(p));
+        // The partition was opened again since this batch was read.
+        if batch.epoch < part.epoch {
+            return Err(fenced(batch));
+        }
+        if batch.epoch > part.epoch {
+            part.epoch = batch.epoch;
+            part.staged = None;
+        }
         let staged = part.staged.get_or_insert_with(|| Staged {
             epoch: batch.epoch,
             from: batch.first_offset,
@@ -774,7 +782,13 @@ impl IcebergSink {
         let mut parts = self.lock_parts();
         let mut conflict = None;
         for (i, share) in shares.iter().enumerate() {
-            let Some(part) = parts.get_mut(&share.key) else {
+            // Reopened under a newer epoch while this commit ran (the
+            // group gave the partition back): the new epoch's state and
+            // staged files are not this commit's to change.
+            let Some(part) = parts
+                .get_mut(&share.key)
+                .filter(|part| part.epoch == share.span.epoch)
+            else {
                 continue;
             };
             let why = refused.iter().find(|(j, _)| *j == i).map(|(_, w)| w);
