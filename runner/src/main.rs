@@ -310,8 +310,12 @@ fn main() -> ExitCode {
                 })
         }
     };
-    // Do not wait for a blocking sink call abandoned after the grace period.
-    runtime.shutdown_background();
+    // Shutting the runtime down drops every task, and with them the Kafka
+    // clients: librdkafka's threads must be gone before the process exits,
+    // or exit's cleanup (OpenSSL's among it) races a broker thread still
+    // mid-handshake. A blocking sink call abandoned after the grace period
+    // is not waited for beyond this.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
