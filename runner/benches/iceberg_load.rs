@@ -19,29 +19,8 @@
 mod common;
 
 use common::*;
-use std::process::Command;
+use idem_testkit::iceberg::pyiceberg_command;
 use std::time::{Duration, Instant};
-
-/// PyIceberg's interpreter (scripts/iceberg-tools.sh).
-fn python() -> String {
-    std::env::var("IDEM_ICEBERG_VENV").map_or_else(
-        |_| {
-            let home = std::env::var("HOME").unwrap_or_default();
-            format!("{home}/.cache/idem/iceberg/venv/bin/python")
-        },
-        |venv| format!("{venv}/bin/python"),
-    )
-}
-
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/iceberg-bench.py");
-
-/// `scripts/iceberg-bench.py COMMAND` on catalog `catalog`.
-fn bench_py(command: &str, catalog: &str, warehouse: &str, table: &str) -> Command {
-    let url = pg_url().replacen("postgres://", "postgresql+psycopg2://", 1);
-    let mut cmd = Command::new(python());
-    cmd.args([SCRIPT, command, &url, catalog, warehouse, table]);
-    cmd
-}
 
 struct Count {
     rows: u64,
@@ -51,7 +30,7 @@ struct Count {
 }
 
 fn count(catalog: &str, warehouse: &str, table: &str) -> Count {
-    let out = bench_py("count", catalog, warehouse, table)
+    let out = pyiceberg_command("iceberg-bench.py", &["count"], catalog, warehouse, table)
         .output()
         .expect("PyIceberg: bash scripts/iceberg-tools.sh");
     assert!(
@@ -126,7 +105,7 @@ fn main() {
     }
 
     let table = "bench.events_pyiceberg";
-    let mut load = bench_py("load", &catalog, &warehouse, table);
+    let mut load = pyiceberg_command("iceberg-bench.py", &["load"], &catalog, &warehouse, table);
     load.arg(&data);
     let (elapsed, peak_kib, _) = run_measured(&mut load);
     let count = count(&catalog, &warehouse, table);

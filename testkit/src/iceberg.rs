@@ -53,19 +53,35 @@ impl Read {
     }
 }
 
-/// `scripts/{script}` run by PyIceberg's interpreter on table
-/// `namespace.table` of `catalog`, which must succeed; its output.
-fn pyiceberg(script: &str, catalog: &str, warehouse: &str, table: &str) -> Vec<u8> {
+/// `scripts/{script} ARGS.. SQLALCHEMY_URL CATALOG WAREHOUSE TABLE`,
+/// run by PyIceberg's interpreter with the test store's S3 settings, for
+/// table `namespace.table` of `catalog` on the test PostgreSQL.
+pub fn pyiceberg_command(
+    script: &str,
+    args: &[&str],
+    catalog: &str,
+    warehouse: &str,
+    table: &str,
+) -> std::process::Command {
     let home = std::env::var("HOME").unwrap_or_default();
     let venv = std::env::var("IDEM_ICEBERG_VENV")
         .unwrap_or_else(|_| format!("{home}/.cache/idem/iceberg/venv"));
     let script = format!("{}/../scripts/{script}", env!("CARGO_MANIFEST_DIR"));
     let url = pg_url().replacen("postgres://", "postgresql+psycopg2://", 1);
-    let out = std::process::Command::new(format!("{venv}/bin/python"))
-        .args([&script, &url, catalog, warehouse, table])
+    let mut cmd = std::process::Command::new(format!("{venv}/bin/python"));
+    cmd.arg(&script)
+        .args(args)
+        .args([&url, catalog, warehouse, table])
         .env("IDEM_S3_ENDPOINT", crate::s3::ENDPOINT)
         .env("AWS_ACCESS_KEY_ID", "idem-test")
-        .env("AWS_SECRET_ACCESS_KEY", "idem-test")
+        .env("AWS_SECRET_ACCESS_KEY", "idem-test");
+    cmd
+}
+
+/// [`pyiceberg_command`] with no more arguments, which must succeed; its
+/// output.
+fn pyiceberg(script: &str, catalog: &str, warehouse: &str, table: &str) -> Vec<u8> {
+    let out = pyiceberg_command(script, &[], catalog, warehouse, table)
         .output()
         .expect("PyIceberg: install it with bash scripts/iceberg-tools.sh");
     assert!(

@@ -143,7 +143,7 @@ fn retry(b: &Arc<Batch>) -> Arc<Batch> {
 
 /// The runner retries a batch whose commit failed in transit. When the
 /// commit had landed and only its answer was lost, the retry finds the
-/// position already past the batch: it reports success and writes nothing.
+/// position at the batch's end: it reports success and writes nothing.
 pub async fn a_retried_batch_whose_commit_landed_is_not_written_twice<T: TableTarget>(t: T) {
     let p = part("a");
     let sink = t.sink("t", WriteMode::Append, &[], None, true, columns());

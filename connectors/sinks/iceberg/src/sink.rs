@@ -298,7 +298,7 @@ impl Sink for IcebergSink {
         SinkInfo {
             guarantee: Guarantee::ExactlyOnce,
             why: format!(
-                "each batch's data files and its partition's next offset are committed to {} in one catalog commit, made under the catalog row's lock only while the runner's epoch owns the partition and the stored position is not past the batch",
+                "each batch's data files and its partition's next offset are committed to {} in one catalog commit, made under the catalog row's lock only while the runner's epoch owns the partition; a retried commit that finds its own position there appends nothing",
                 self.shown
             ),
             key_columns: Vec::new(),

@@ -47,8 +47,9 @@ pub(crate) fn open(
 }
 
 /// Inside the batch's transaction: move the position, only if the batch's
-/// epoch still owns the partition and its position is not past the batch.
-/// `Some`: it did not move, and why.
+/// epoch still owns the partition and, on a retry, its position is neither
+/// at the batch's end nor inside it (`OffsetsSql::advance`). `Some`: it did
+/// not move, and why.
 pub(crate) fn advance(
     conn: &Connection,
     ctx: &Ctx,
