@@ -70,7 +70,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Locate a parse error. Spans are lost inside `type`-tagged sections, so
 /// the line is the most specific of: the error's span, the key path serde
-/// reached (plus the unknown field it names), and the `${VAR}` it names.
+/// reached (plus the unknown field it names).
 pub(crate) fn from_toml(
     path: &Path,
     text: &str,
@@ -87,14 +87,25 @@ pub(crate) fn from_toml(
     if !key.is_empty() {
         line = line.max(locate(text, &key));
     }
-    if let Some(var) = between(&message, "environment variable ", " ") {
-        if let Some(at) = text.find(&format!("${{{var}")) {
-            line = line.max(line_col(text, at).0);
-        }
-    }
     ConfigError::Parse {
         path: path.to_path_buf(),
         line,
+        key: key.join("."),
+        message,
+    }
+}
+
+/// A mistake in the value at `span` (bytes into `text`), under `key`.
+pub(crate) fn at_span(
+    path: &Path,
+    text: &str,
+    span: std::ops::Range<usize>,
+    key: Vec<String>,
+    message: String,
+) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line: line_col(text, span.start).0,
         key: key.join("."),
         message,
     }

@@ -1,6 +1,7 @@
-//! `${ENV_VAR}` interpolation inside string values, applied while
-//! deserializing so an unset variable is reported at its key and line.
-//! `$${` writes a literal `${`. `${VAR:-default}` falls back to a default.
+//! `${ENV_VAR}` interpolation inside string values, applied to the parsed
+//! document before it is deserialized, so an unset variable is reported at
+//! its key and line. `$${` writes a literal `${`. `${VAR:-default}` falls
+//! back to a default.
 
 use serde::{Deserialize, Deserializer};
 use std::fmt;
@@ -46,29 +47,73 @@ pub fn interpolate(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
     Ok(out)
 }
 
-fn from_env(raw: &str) -> Result<String, String> {
-    interpolate(raw, |name| std::env::var(name).ok())
+/// Where an expansion failed: the key path from the document's root, the
+/// value's byte span and what is wrong.
+pub(crate) struct Unexpanded {
+    pub key: Vec<String>,
+    pub span: std::ops::Range<usize>,
+    pub message: String,
 }
 
-/// serde `deserialize_with` for plain strings that may hold `${VAR}`.
-pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let raw = String::deserialize(d)?;
-    from_env(&raw).map_err(serde::de::Error::custom)
+/// Expand `${VAR}` in every string value of a parsed document (keys stay
+/// as written), so that any string in any section, a sink's or a source's
+/// included, may use it: no field can forget to.
+pub(crate) fn expand_document(
+    root: &mut toml::de::DeTable<'_>,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<(), Unexpanded> {
+    let mut key = Vec::new();
+    expand_table(root, lookup, &mut key)
 }
 
-/// Like [`string`], for a URL that may carry credentials (a password, a
+fn expand_table(
+    table: &mut toml::de::DeTable<'_>,
+    lookup: &impl Fn(&str) -> Option<String>,
+    key: &mut Vec<String>,
+) -> Result<(), Unexpanded> {
+    for (k, v) in table.iter_mut() {
+        key.push(k.get_ref().to_string());
+        expand_value(v, lookup, key)?;
+        key.pop();
+    }
+    Ok(())
+}
+
+fn expand_value(
+    value: &mut toml::Spanned<toml::de::DeValue<'_>>,
+    lookup: &impl Fn(&str) -> Option<String>,
+    key: &mut Vec<String>,
+) -> Result<(), Unexpanded> {
+    use toml::de::DeValue;
+    let span = value.span();
+    match value.get_mut() {
+        DeValue::String(s) if s.contains('$') => {
+            let expanded = interpolate(s, lookup).map_err(|message| Unexpanded {
+                key: key.clone(),
+                span,
+                message,
+            })?;
+            *s = expanded.into();
+        }
+        DeValue::Table(t) => expand_table(t, lookup, key)?,
+        DeValue::Array(a) => {
+            for (i, item) in a.iter_mut().enumerate() {
+                key.push(i.to_string());
+                expand_value(item, lookup, key)?;
+                key.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Like `String`, for a URL that may carry credentials (a password, a
 /// token parameter): they are registered with [`crate::redact`].
 pub fn url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let value = string(d)?;
+    let value = String::deserialize(d)?;
     crate::redact::register_url(&value);
     Ok(value)
-}
-
-/// serde `deserialize_with` for optional strings that may hold `${VAR}`.
-pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(|raw| from_env(&raw).map_err(serde::de::Error::custom))
-        .transpose()
 }
 
 /// A secret (password, token, URL with credentials). Interpolated like any
@@ -103,7 +148,7 @@ impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // A URL's password and secret parameters are hidden from every
         // output from now on (see `redact`).
-        let value = string(d)?;
+        let value = String::deserialize(d)?;
         crate::redact::register_url(&value);
         Ok(Secret(value))
     }

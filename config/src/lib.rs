@@ -44,8 +44,11 @@ where
     S: DeserializeOwned + Validate,
     K: DeserializeOwned + Validate,
 {
-    let de = toml::de::Deserializer::parse(text)
+    let mut root = toml::de::DeTable::parse(text)
         .map_err(|e| error::from_toml(path, text, &e, Vec::new()))?;
+    interp::expand_document(root.get_mut(), &|name| std::env::var(name).ok())
+        .map_err(|u| error::at_span(path, text, u.span, u.key, u.message))?;
+    let de = toml::de::Deserializer::from(root);
     let config: Config<S, K> = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e
             .path()
@@ -80,7 +83,6 @@ mod tests {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Src {
-        #[serde(deserialize_with = "interp::string")]
         path: String,
     }
 
@@ -176,6 +178,28 @@ type = "text"
         );
         let e = err("[connectors]\n");
         assert!(e.contains("no connector is defined"), "{e}");
+    }
+
+    #[test]
+    fn every_string_value_expands_variables_once() {
+        // A variable every process has (tests may not set one).
+        let path = std::env::var("PATH").unwrap();
+        // A sink's own field (inside a `type`-tagged section), a column's
+        // field, and an escape that must not be expanded a second time.
+        let text = GOOD
+            .replace("table = \"t\"", "table = \"${PATH}_$${x}\"")
+            .replace("name = \"id\"", "name = \"${IDEM_CONFIG_TEST_NOPE:-id}\"");
+        let c = parse::<Src, Snk>(Path::new("f.toml"), &text).unwrap();
+        let Snk::Mem { table } = &c.connectors["a"].sink;
+        assert_eq!(table, &format!("{path}_${{x}}"));
+        assert_eq!(c.connectors["a"].columns[0].name, "id");
+        // An unset variable in a sink's field: its line and key.
+        let e = err(&GOOD.replace("table = \"t\"", "table = \"${IDEM_CONFIG_TEST_UNSET}\""));
+        assert!(
+            e.starts_with("f.toml:7: key `connectors.a.sink.table`:")
+                && e.contains("IDEM_CONFIG_TEST_UNSET is not set"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -68,10 +68,7 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Address and port; loopback by default so nothing is exposed by
     /// accident. Port 0 picks a free one (logged at start).
-    #[serde(
-        default = "default_admin_listen",
-        deserialize_with = "crate::interp::string"
-    )]
+    #[serde(default = "default_admin_listen")]
     pub listen: String,
     /// Environment variable holding a bearer token. When set, every request
     /// that changes state (pause, resume, restart, reload) must carry it;
@@ -122,7 +119,7 @@ pub struct ConnectorConfig<S, K> {
     pub errors: ErrorPolicy,
     /// Where dead letters go (JSON lines with position, reason and the raw
     /// bytes). Default: `NAME.deadletter.jsonl` in the working directory.
-    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    #[serde(default)]
     pub dead_letter: Option<String>,
     /// Where dead letters go when not a file (a table, a topic), and a cap.
     #[serde(default)]
@@ -139,7 +136,7 @@ pub struct ConnectorConfig<S, K> {
     pub format: Format,
     /// `format = "avro"`: the writer's schema of the values (an `.avsc`
     /// file).
-    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    #[serde(default)]
     pub schema_file: Option<String>,
     /// `format = "protobuf"`: the message type of the values, with its
     /// package (`shop.Order`).
@@ -196,7 +193,7 @@ pub struct DeadLettersConfig {
     #[serde(default)]
     pub destination: DeadLetterDestination,
     /// The file (`destination = "file"`); `dead_letter = "..."` is the same.
-    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    #[serde(default)]
     pub path: Option<String>,
     /// The table (`destination = "table"`), in the sink's schema.
     /// Default: `NAME_dead_letters`.
@@ -305,10 +302,9 @@ pub enum Format {
 pub struct RegistryConfig {
     /// Its base URL, e.g. `https://registry:8081` (Apicurio:
     /// `.../apis/ccompat/v7`).
-    #[serde(deserialize_with = "crate::interp::string")]
     pub url: String,
     /// Basic auth: the user (with `password`).
-    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    #[serde(default)]
     pub username: Option<String>,
     /// Basic auth: the password (with `username`); use `${VAR}`.
     #[serde(default)]
@@ -318,7 +314,7 @@ pub struct RegistryConfig {
     pub token: Option<crate::Secret>,
     /// PEM file of the CA that signed an `https` registry's certificate,
     /// when it is not one the system trusts.
-    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    #[serde(default)]
     pub ca_file: Option<String>,
     /// The longest one request may take.
     #[serde(default = "default_registry_timeout", with = "humantime_serde")]
@@ -504,7 +500,7 @@ pub struct DedupConfig {
     pub store: DedupStoreKind,
     /// `embedded`: the file. Default: `NAME.dedup.redb` in the working
     /// directory.
-    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    #[serde(default)]
     pub path: Option<String>,
     /// `redis`: `redis://[:password@]host:port[/db]` or `rediss://` (TLS);
     /// `postgres`: a connection string. `${VAR}` keeps passwords out.
@@ -512,7 +508,7 @@ pub struct DedupConfig {
     pub url: Option<crate::Secret>,
     /// `redis` over TLS: a PEM file of the CA to trust (default: the
     /// system's roots).
-    #[serde(default, deserialize_with = "crate::interp::opt_string")]
+    #[serde(default)]
     pub ca_file: Option<String>,
     /// `postgres`: the schema and table of the ids (positions go to
     /// `TABLE_positions`).

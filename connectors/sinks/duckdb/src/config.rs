@@ -11,7 +11,6 @@ use serde::Deserialize;
 pub struct DuckDbSinkConfig {
     /// The database file, created if missing. One process at a time may
     /// open it (DuckDB locks the file).
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub path: String,
     /// The target table.
     pub table: String,

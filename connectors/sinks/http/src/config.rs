@@ -23,7 +23,7 @@ pub struct HttpSinkConfig {
     #[serde(default)]
     pub mode: Mode,
     /// Headers sent with every request (`${VAR}` expands).
-    #[serde(default, deserialize_with = "expanded_map")]
+    #[serde(default, deserialize_with = "registered_headers")]
     pub headers: BTreeMap<String, String>,
     /// The header that carries the message id.
     #[serde(default = "default_idempotency_header")]
@@ -66,27 +66,22 @@ pub enum Mode {
     Array,
 }
 
-fn expanded_map<'de, D: serde::Deserializer<'de>>(
+fn registered_headers<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<BTreeMap<String, String>, D::Error> {
-    BTreeMap::<String, String>::deserialize(d)?
-        .into_iter()
-        .map(|(k, v)| {
-            idem_config::interpolate(&v, |name| std::env::var(name).ok())
-                .inspect(|v| {
-                    // Credentials in headers are sent, never printed.
-                    let name = k.to_ascii_lowercase();
-                    if ["auth", "token", "key", "secret", "cookie", "password"]
-                        .iter()
-                        .any(|s| name.contains(s))
-                    {
-                        idem_config::redact::register(v);
-                    }
-                })
-                .map(|v| (k, v))
-                .map_err(serde::de::Error::custom)
-        })
-        .collect()
+    // `${VAR}` is already expanded (the whole document is).
+    let headers = BTreeMap::<String, String>::deserialize(d)?;
+    for (k, v) in &headers {
+        // Credentials in headers are sent, never printed.
+        let name = k.to_ascii_lowercase();
+        if ["auth", "token", "key", "secret", "cookie", "password"]
+            .iter()
+            .any(|s| name.contains(s))
+        {
+            idem_config::redact::register(v);
+        }
+    }
+    Ok(headers)
 }
 
 fn default_idempotency_header() -> String {

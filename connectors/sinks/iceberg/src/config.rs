@@ -10,19 +10,16 @@ pub struct IcebergSinkConfig {
     pub catalog: CatalogConfig,
     /// Where new tables put their data and metadata files:
     /// `s3://bucket/prefix` or `file:///absolute/path`.
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub warehouse: String,
     /// The table's namespace (dot-separated levels).
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub namespace: String,
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub table: String,
     /// Create the namespace and the table from the connector's columns when
     /// missing; `false` makes a missing table an error at start.
     #[serde(default = "yes")]
     pub create: bool,
     /// For an `s3://` warehouse on another store than AWS (MinIO, ...).
-    #[serde(default, deserialize_with = "idem_config::interp::opt_string")]
+    #[serde(default)]
     pub s3_endpoint: Option<String>,
     #[serde(default)]
     pub s3_region: Option<String>,
@@ -46,7 +43,6 @@ pub enum CatalogConfig {
     /// `iceberg_namespace_properties`) in a PostgreSQL database, as
     /// PyIceberg's `SqlCatalog` and Iceberg's `JdbcCatalog` keep it.
     Sql {
-        #[serde(deserialize_with = "idem_config::interp::string")]
         url: String,
         /// The catalog's name: the `catalog_name` of its rows.
         #[serde(default = "default_catalog_name")]

@@ -67,7 +67,7 @@ pub struct PostgresSinkConfig {
     #[serde(default)]
     pub sslmode: SslMode,
     /// PEM file with the CA certificate(s) for `sslmode = "verify-full"`.
-    #[serde(default, deserialize_with = "idem_config::interp::opt_string")]
+    #[serde(default)]
     pub ca_file: Option<String>,
 }
 

@@ -5,14 +5,13 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3SinkConfig {
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub bucket: String,
     /// Prepended to every key; end it with `/` for a folder.
     #[serde(default)]
     pub prefix: String,
     /// An S3-compatible store's URL (`http://127.0.0.1:5000`); AWS's own
     /// endpoints when absent.
-    #[serde(default, deserialize_with = "idem_config::interp::opt_string")]
+    #[serde(default)]
     pub endpoint: Option<String>,
     /// AWS region; from the environment or profile when absent.
     #[serde(default)]

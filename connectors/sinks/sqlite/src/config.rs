@@ -9,7 +9,6 @@ use std::time::Duration;
 pub struct SqliteSinkConfig {
     /// The database file, created if missing. Other processes may read it
     /// while Idem writes (write-ahead log).
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub path: String,
     /// The target table.
     pub table: String,

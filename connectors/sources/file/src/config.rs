@@ -8,7 +8,6 @@ use std::time::Duration;
 pub struct FileSourceConfig {
     /// A file, or a glob such as `logs/*.jsonl`. Each file is a partition,
     /// named by its absolute path.
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub path: String,
     /// Keep reading as files grow and new ones appear, instead of finishing
     /// at their end.

@@ -32,12 +32,10 @@ pub enum OutOfRange {
 #[serde(deny_unknown_fields)]
 pub struct KafkaSourceConfig {
     /// `host:port[,host:port...]`.
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub brokers: String,
     /// Topic names; a name starting with `^` is a regular expression.
     pub topics: Vec<String>,
     /// The consumer group shared by every runner of this connector.
-    #[serde(deserialize_with = "idem_config::interp::string")]
     pub group_id: String,
     #[serde(default = "default_client_id")]
     pub client_id: String,
