@@ -44,8 +44,8 @@ where
     S: DeserializeOwned + Validate,
     K: DeserializeOwned + Validate,
 {
-    let mut root = toml::de::DeTable::parse(text)
-        .map_err(|e| error::from_toml(path, text, &e, Vec::new()))?;
+    let mut root =
+        toml::de::DeTable::parse(text).map_err(|e| error::from_toml(path, text, &e, Vec::new()))?;
     interp::expand_document(root.get_mut(), &|name| std::env::var(name).ok())
         .map_err(|u| error::at_span(path, text, u.span, u.key, u.message))?;
     let de = toml::de::Deserializer::from(root);
