@@ -32,6 +32,10 @@ pub struct Read {
     pub rows: Vec<Value>,
     pub properties: BTreeMap<String, String>,
     pub snapshots: u64,
+    /// The partition spec, in Iceberg's words: `day(at)`, `bucket[4](id)`.
+    pub spec: Vec<String>,
+    /// `inspect.partitions()`: `{"partition": {..}, "record_count": N, ..}`.
+    pub partitions: Vec<Value>,
 }
 
 impl Read {
@@ -78,10 +82,9 @@ pub fn pyiceberg_command(
     cmd
 }
 
-/// [`pyiceberg_command`] with no more arguments, which must succeed; its
-/// output.
-fn pyiceberg(script: &str, catalog: &str, warehouse: &str, table: &str) -> Vec<u8> {
-    let out = pyiceberg_command(script, &[], catalog, warehouse, table)
+/// [`pyiceberg_command`], which must succeed; its output.
+fn pyiceberg(script: &str, args: &[&str], catalog: &str, warehouse: &str, table: &str) -> Vec<u8> {
+    let out = pyiceberg_command(script, args, catalog, warehouse, table)
         .output()
         .expect("PyIceberg: install it with bash scripts/iceberg-tools.sh");
     assert!(
@@ -95,15 +98,26 @@ fn pyiceberg(script: &str, catalog: &str, warehouse: &str, table: &str) -> Vec<u
 /// Append a copy of the table's first row in a snapshot of its own, as a
 /// writer that duplicated a message would.
 pub fn append_copy(catalog: &str, warehouse: &str, table: &str) {
-    pyiceberg("iceberg-append-copy.py", catalog, warehouse, table);
+    pyiceberg("iceberg-append-copy.py", &[], catalog, warehouse, table);
 }
 
 /// Table `namespace.table` of `catalog`, as PyIceberg reads it.
 pub fn read(catalog: &str, warehouse: &str, table: &str) -> Read {
-    let out = pyiceberg("iceberg-read.py", catalog, warehouse, table);
+    read_args(&[], catalog, warehouse, table)
+}
+
+/// [`read`] with PyIceberg's row filter (`"id in ('a', 'b')"`): its scan
+/// skips data files by the partition values their manifests give.
+pub fn read_where(filter: &str, catalog: &str, warehouse: &str, table: &str) -> Read {
+    read_args(&["--filter", filter], catalog, warehouse, table)
+}
+
+fn read_args(args: &[&str], catalog: &str, warehouse: &str, table: &str) -> Read {
+    let out = pyiceberg("iceberg-read.py", args, catalog, warehouse, table);
     let v: Value = serde_json::from_slice(&out).expect("iceberg-read.py's JSON");
+    let list = |key: &str| v[key].as_array().unwrap().clone();
     Read {
-        rows: v["rows"].as_array().unwrap().clone(),
+        rows: list("rows"),
         properties: v["properties"]
             .as_object()
             .unwrap()
@@ -111,5 +125,10 @@ pub fn read(catalog: &str, warehouse: &str, table: &str) -> Read {
             .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
             .collect(),
         snapshots: v["snapshots"].as_u64().unwrap(),
+        spec: list("spec")
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect(),
+        partitions: list("partitions"),
     }
 }

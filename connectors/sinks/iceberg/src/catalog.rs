@@ -10,7 +10,7 @@
 use crate::error::IcebergError;
 use deadpool_postgres::Pool;
 use iceberg::io::FileIO;
-use iceberg::spec::{Schema, TableMetadata, TableMetadataBuilder};
+use iceberg::spec::{Schema, TableMetadata, TableMetadataBuilder, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::{
     Catalog, Error, ErrorKind, MetadataLocation, Namespace, NamespaceIdent, Result, TableCommit,
@@ -157,9 +157,14 @@ impl PgCatalog {
         Ok(Some(self.table_of(ident, location, metadata)?))
     }
 
-    /// A new table of `schema` under the warehouse; the existing one if
-    /// another runner created it first.
-    pub async fn create(&self, ident: &TableIdent, schema: Schema) -> Result<Table> {
+    /// A new table of `schema` and `spec` under the warehouse; the
+    /// existing one if another runner created it first.
+    pub async fn create(
+        &self,
+        ident: &TableIdent,
+        schema: Schema,
+        spec: UnboundPartitionSpec,
+    ) -> Result<Table> {
         let location = format!(
             "{}/{}/{}",
             self.warehouse,
@@ -170,6 +175,7 @@ impl PgCatalog {
             .name(ident.name().to_string())
             .location(location.clone())
             .schema(schema)
+            .partition_spec(spec)
             .build();
         let metadata = TableMetadataBuilder::from_table_creation(creation)?
             .build()?

@@ -30,6 +30,22 @@ pub struct IcebergSinkConfig {
     /// `"0s"`: a snapshot per batch.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: std::time::Duration,
+    /// The partition spec of a table Idem creates, e.g.
+    /// `["day(placed_at)", "bucket(16, order_id)"]`; an existing table's
+    /// spec must be this one. Empty: a new table is unpartitioned and an
+    /// existing one is written by its own spec.
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+}
+
+impl IcebergSinkConfig {
+    /// `partition_by`, parsed (checked by `validate`).
+    pub fn partition_fields(&self) -> Result<Vec<crate::partition::PartitionBy>, String> {
+        self.partition_by
+            .iter()
+            .map(|f| crate::partition::parse(f))
+            .collect()
+    }
 }
 
 fn default_commit_interval() -> std::time::Duration {
@@ -85,6 +101,15 @@ impl Validate for IcebergSinkConfig {
                 &["columns"],
                 format!("`{}` is written by Idem itself", c.name),
             ));
+        }
+        let fields = self
+            .partition_fields()
+            .map_err(|e| Invalid::new(&["partition_by"], e))?;
+        if !fields.is_empty() {
+            let schema = crate::schema::table_schema(columns)
+                .map_err(|e| Invalid::new(&["columns"], e.message().to_string()))?;
+            crate::partition::spec(&schema, &fields)
+                .map_err(|e| Invalid::new(&["partition_by"], e))?;
         }
         Ok(())
     }

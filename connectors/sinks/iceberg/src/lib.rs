@@ -5,6 +5,7 @@
 mod catalog;
 pub mod config;
 mod error;
+pub mod partition;
 pub mod schema;
 mod sink;
 

@@ -9,10 +9,11 @@
 use crate::catalog::{Guarded, PgCatalog};
 use crate::config::{CatalogConfig, IcebergSinkConfig};
 use crate::error::IcebergError;
-use crate::schema;
+use crate::{partition, schema};
 use arrow::array::{Array, Int64Array, StringArray};
 use arrow::datatypes::Schema as ArrowSchema;
 use async_trait::async_trait;
+use iceberg::arrow::RecordBatchPartitionSplitter;
 use iceberg::io::{FileIO, FileIOBuilder};
 use iceberg::spec::{DataFile, DataFileFormat, TableMetadata};
 use iceberg::table::Table;
@@ -198,20 +199,45 @@ impl IcebergSink {
             locations,
             names,
         );
-        let mut writer = DataFileWriterBuilder::new(rolling)
-            .build(None)
-            .await
-            .map_err(|e| self.table_error("open a data file", e))?;
-        writer
-            .write(rb)
-            .await
-            .map_err(|e| self.table_error("write a data file", e))?;
-        // The rows are buffered or partly uploaded, the file not complete.
-        failpoint::hit(MID_WRITE);
-        writer
-            .close()
-            .await
-            .map_err(|e| self.table_error("close a data file", e))
+        // A partitioned table takes a file (or more) per partition value.
+        let spec = m.default_partition_spec();
+        let pieces = if spec.is_unpartitioned() {
+            vec![(None, rb)]
+        } else {
+            RecordBatchPartitionSplitter::try_new_with_computed_values(
+                m.current_schema().clone(),
+                spec.clone(),
+            )
+            .and_then(|s| s.split(&rb))
+            .map_err(|e| self.table_error("split a batch by the partition spec", e))?
+            .into_iter()
+            .map(|(key, piece)| (Some(key), piece))
+            .collect()
+        };
+        let builder = DataFileWriterBuilder::new(rolling);
+        let mut files = Vec::new();
+        for (i, (key, piece)) in pieces.into_iter().enumerate() {
+            let mut writer = builder
+                .build(key)
+                .await
+                .map_err(|e| self.table_error("open a data file", e))?;
+            writer
+                .write(piece)
+                .await
+                .map_err(|e| self.table_error("write a data file", e))?;
+            if i == 0 {
+                // The rows are buffered or partly uploaded, the file not
+                // complete.
+                failpoint::hit(MID_WRITE);
+            }
+            files.extend(
+                writer
+                    .close()
+                    .await
+                    .map_err(|e| self.table_error("close a data file", e))?,
+            );
+        }
+        Ok(files)
     }
 }
 
@@ -321,8 +347,10 @@ impl Sink for IcebergSink {
             None if self.cfg.create => {
                 let s = schema::table_schema(&self.columns)
                     .map_err(|e| self.table_error("make the schema", e))?;
+                let fields = self.cfg.partition_fields().map_err(IcebergError::Setup)?;
+                let spec = partition::spec(&s, &fields).map_err(IcebergError::Setup)?;
                 self.catalog
-                    .create(&self.ident, s)
+                    .create(&self.ident, s, spec)
                     .await
                     .map_err(|e| self.table_error("create", e))?
             }
@@ -333,7 +361,17 @@ impl Sink for IcebergSink {
                 .into())
             }
         };
-        if let Some(detail) = schema::mismatch(table.metadata().current_schema(), &self.columns) {
+        let m = table.metadata();
+        if let Some(detail) = schema::mismatch(m.current_schema(), &self.columns) {
+            return Err(IcebergError::SchemaMismatch {
+                table: self.shown.clone(),
+                detail,
+            }
+            .into());
+        }
+        let spec = partition::of_table(m.default_partition_spec(), m.current_schema());
+        let configured = self.cfg.partition_fields().map_err(IcebergError::Setup)?;
+        if let Some(detail) = partition::mismatch(&spec, &configured) {
             return Err(IcebergError::SchemaMismatch {
                 table: self.shown.clone(),
                 detail,
@@ -564,8 +602,16 @@ impl Sink for IcebergSink {
                 (get("total-records"), get("total-data-files"))
             })
             .unwrap_or((0, 0));
+        let m = table.metadata();
+        let spec = partition::of_table(m.default_partition_spec(), m.current_schema());
+        let by = if spec.is_empty() {
+            "unpartitioned".to_string()
+        } else {
+            let fields: Vec<String> = spec.iter().map(ToString::to_string).collect();
+            format!("partitioned by {}", fields.join(", "))
+        };
         Ok(format!(
-            "table {} holds {rows} rows in {files} data files",
+            "table {} holds {rows} rows in {files} data files, {by}",
             self.shown
         ))
     }
