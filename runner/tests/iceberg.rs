@@ -182,3 +182,66 @@ async fn a_partitioned_table_takes_the_spec_and_pyiceberg_finds_rows_by_partitio
         "{said}"
     );
 }
+
+/// The `uncommitted:` lines of `idem verify`, sorted, and its output.
+fn uncommitted(cfg: &std::path::Path) -> (Vec<String>, String) {
+    let out = idem().arg("verify").arg(cfg).output().unwrap();
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    let mut files: Vec<String> = said
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("uncommitted: "))
+        .map(String::from)
+        .collect();
+    files.sort();
+    (files, said)
+}
+
+#[tokio::test]
+async fn data_files_no_commit_names_are_listed_by_verify_and_never_committed() {
+    let w = Workdir::new();
+    let bucket = idem_testkit::s3::fresh_bucket("ice-left").await;
+    let catalog = fresh_schema("ice_left");
+    let warehouse = format!("s3://{bucket}/warehouse");
+    let mut input = String::new();
+    for i in 0..2500 {
+        input.push_str(&format!(
+            "{{\"id\":\"e{i}\",\"n\":{i},\"at\":\"2026-11-30T10:00:00Z\",\"amount\":\"1\"}}\n"
+        ));
+    }
+    w.write("ev.jsonl", &input);
+    let sink = idem_testkit::iceberg::sink_lines(&catalog, &warehouse, "lake.events");
+    let cfg = w.write("c.toml", &config(&w, &sink));
+    // Killed between writing the batches' files and the catalog commit.
+    let out = idem()
+        .arg("run")
+        .arg(&cfg)
+        .env("IDEM_FAILPOINTS", "after_write=1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stderr));
+    let (left, said) = uncommitted(&cfg);
+    assert!(
+        said.contains("files the sink wrote are in no commit"),
+        "{said}"
+    );
+    // Three batches of up to 1,000 rows, a file each.
+    assert_eq!(left.len(), 3, "{said}");
+    for l in &left {
+        assert!(
+            l.starts_with(&format!("s3://{bucket}/warehouse/lake/events/data/idem-")),
+            "{l}"
+        );
+    }
+    // The rerun writes its own files and commits them; the old ones stay
+    // out of every snapshot and are the only ones listed.
+    run_ok(idem().arg("run").arg(&cfg));
+    let (after, said) = uncommitted(&cfg);
+    assert!(
+        said.contains("2500 rows: every message took effect exactly once"),
+        "{said}"
+    );
+    assert_eq!(after, left, "{said}");
+    let read = idem_testkit::iceberg::read(&catalog, &warehouse, "lake.events");
+    assert_eq!(read.rows.len(), 2500);
+}

@@ -298,6 +298,14 @@ pub trait Sink: Send + Sync {
     /// One line on what the sink holds now (e.g. a table's row count).
     async fn describe(&self) -> Result<String, SinkError>;
 
+    /// Files the sink wrote that no committed state names (a batch's files
+    /// written, then a crash or a fence before its commit), one line each,
+    /// for `idem verify` to list: readers never see them. Empty when there
+    /// are none or the sink removes them itself.
+    async fn leftovers(&self) -> Result<Vec<String>, SinkError> {
+        Ok(Vec::new())
+    }
+
     /// The source position (partition, offset) every row was written from,
     /// one entry per row, for `idem verify`; `None` when this sink cannot
     /// list its rows.

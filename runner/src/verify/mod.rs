@@ -246,6 +246,23 @@ pub async fn verify(
                 ok &= report(&name, &f);
             }
         }
+        let left = c
+            .sink
+            .leftovers()
+            .await
+            .with_context(|| format!("connector {name}: list files no commit names"))?;
+        if !left.is_empty() {
+            crate::say!(
+                "    note: {} files the sink wrote are in no commit: batches written and never committed (a crash or a fenced runner), or staged now by a running runner. Readers do not see them, and the audit does not count them; the sink's page in docs/sinks/ says how to remove them",
+                left.len()
+            );
+            for line in left.iter().take(SHOWN) {
+                crate::say!("    uncommitted: {line}");
+            }
+            if left.len() > SHOWN {
+                crate::say!("    ... and {} more (uncommitted)", left.len() - SHOWN);
+            }
+        }
     }
     Ok(if ok { 0 } else { 1 })
 }

@@ -39,6 +39,8 @@ pub enum IcebergError {
         value: String,
         why: String,
     },
+    #[error("iceberg warehouse {location}: {message}")]
+    Warehouse { location: String, message: String },
     #[error("iceberg: {0}")]
     Setup(String),
 }
@@ -46,7 +48,7 @@ pub enum IcebergError {
 impl IcebergError {
     pub fn is_retriable(&self) -> bool {
         match self {
-            IcebergError::Connect { .. } => true,
+            IcebergError::Connect { .. } | IcebergError::Warehouse { .. } => true,
             IcebergError::Catalog { source, .. } => {
                 source.is_closed() || source.as_db_error().is_none()
             }

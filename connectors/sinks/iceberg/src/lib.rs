@@ -5,6 +5,7 @@
 mod catalog;
 pub mod config;
 mod error;
+mod leftovers;
 pub mod partition;
 pub mod schema;
 mod sink;

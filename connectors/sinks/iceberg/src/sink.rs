@@ -9,7 +9,7 @@
 use crate::catalog::{Guarded, PgCatalog};
 use crate::config::{CatalogConfig, IcebergSinkConfig};
 use crate::error::IcebergError;
-use crate::{partition, schema};
+use crate::{leftovers, partition, schema};
 use arrow::array::{Array, Int64Array, StringArray};
 use arrow::datatypes::Schema as ArrowSchema;
 use async_trait::async_trait;
@@ -584,6 +584,26 @@ impl Sink for IcebergSink {
             }
         }
         Ok(Some(out))
+    }
+
+    async fn leftovers(&self) -> Result<Vec<String>, SinkError> {
+        let table = self.table().await?;
+        let named = leftovers::referenced(&table)
+            .await
+            .map_err(|e| self.table_error("read the snapshots' manifests", e))?;
+        let data = format!("{}/data", table.metadata().location().trim_end_matches('/'));
+        let listed =
+            leftovers::list(&self.cfg, &data)
+                .await
+                .map_err(|message| IcebergError::Warehouse {
+                    location: data.clone(),
+                    message,
+                })?;
+        Ok(listed
+            .into_iter()
+            .filter(|f| !named.contains(&f.location))
+            .map(|f| format!("{} ({} bytes)", f.location, f.bytes))
+            .collect())
     }
 
     async fn describe(&self) -> Result<String, SinkError> {
