@@ -309,6 +309,75 @@ async fn a_commit_whose_answer_was_lost_is_not_written_again() {
     assert!(log.contains("had already committed"), "{log}");
 }
 
+/// The same for the Iceberg sink: the catalog's COMMIT (which moves the
+/// table's metadata pointer, with the batch's files and position) lands
+/// and its answer is lost; the retried commit finds its position there and
+/// appends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_commit_whose_answer_was_lost_is_not_appended_again() {
+    let w = Workdir::new();
+    let catalog = fresh_schema("admin_lost_ice");
+    let warehouse = format!("file://{}", w.path("warehouse").display());
+    let port = free_port();
+    let (proxy, via_proxy) = pg_proxy();
+    w.write("ev.jsonl", &lines("l", 0..100));
+    // In clear, for the proxy to see the COMMIT; a snapshot per batch.
+    let sink = idem_testkit::iceberg::sink_lines(&catalog, &warehouse, "lake.ev")
+        .replace(&pg_url(), &format!("{via_proxy}?sslmode=disable"))
+        + "commit_interval = \"0s\"\n";
+    let pg_sink = format!(
+        "type = \"postgres\"\nurl = \"{via_proxy}\"\nschema = \"{catalog}\"\ntable = \"ev\"\nconnect_timeout = \"1s\"\n"
+    );
+    let text = connector(&w, "ev", &catalog, &via_proxy, "");
+    assert!(text.contains(&pg_sink), "{text}");
+    let cfg = w.write(
+        "c.toml",
+        &(admin_section(port, false) + &text.replace(&pg_sink, &sink)),
+    );
+    let mut child = start(&cfg);
+    let api = Api::new(port);
+    api.up(&mut child).await;
+    let size = std::fs::metadata(w.path("ev.jsonl")).unwrap().len();
+    api.until("/connectors/ev", "the first lines committed", |v| {
+        committed(v) == size
+    })
+    .await;
+    proxy.lose_answer_to(b"COMMIT\0");
+    w.append("ev.jsonl", &lines("l", 100..200));
+    let size = std::fs::metadata(w.path("ev.jsonl")).unwrap().len();
+    api.until("/connectors/ev", "the rest committed", |v| {
+        committed(v) == size
+    })
+    .await;
+    assert_eq!(proxy.answers_lost(), 1);
+    stop_cleanly(&mut child);
+    let read = idem_testkit::iceberg::read(&catalog, &warehouse, "lake.ev");
+    let mut ids: Vec<&str> = read
+        .rows
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((read.rows.len(), ids.len()), (200, 200));
+    let mut log = String::new();
+    for pipe in [
+        child
+            .0
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+        child
+            .0
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
+    ] {
+        pipe.unwrap().read_to_string(&mut log).unwrap();
+    }
+    assert!(log.contains("had already committed"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_restarts_only_what_changed_and_refuses_a_bad_file() {
     let w = Workdir::new();

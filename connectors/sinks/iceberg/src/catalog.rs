@@ -361,5 +361,18 @@ impl<G: Fn(&TableMetadata) -> Result<()> + Send + Sync> Catalog for Guarded<'_, 
                 Ok(commit.apply(table.clone())?.metadata().clone())
             })
             .await
+            // The transaction retries a retryable error by adding the same
+            // files to the table as it is then. A connection lost around
+            // COMMIT may have committed them, and the append would refuse
+            // them before the guard could say so: such an error goes back
+            // to the sink, which checks the position first. Conflicts (the
+            // commit did not happen) are retried here.
+            .map_err(|e| {
+                if e.kind() == ErrorKind::CatalogCommitConflicts {
+                    e
+                } else {
+                    e.with_retryable(false)
+                }
+            })
     }
 }

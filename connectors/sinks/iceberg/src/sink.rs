@@ -740,19 +740,9 @@ impl IcebergSink {
             let tries = std::sync::atomic::AtomicU32::new(0);
             let guard = |m: &TableMetadata| -> iceberg::Result<()> {
                 let tried = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut found = Vec::new();
-                for (i, share) in shares.iter().enumerate() {
-                    let row = self.stored(m, &share.span.partition).map_err(|e| {
-                        iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string())
-                    })?;
-                    let span = Batch {
-                        attempt: share.span.attempt.max(tried),
-                        ..share.span.clone()
-                    };
-                    if let Some(why) = offsets::check(row, &span) {
-                        found.push((i, why));
-                    }
-                }
+                let found = self.unmoved(m, &shares, tried).map_err(|e| {
+                    iceberg::Error::new(iceberg::ErrorKind::DataInvalid, e.to_string())
+                })?;
                 if found.is_empty() {
                     return Ok(());
                 }
@@ -765,6 +755,20 @@ impl IcebergSink {
                 ))
             };
             let table = self.table().await?;
+            // Checked before the append too: after a commit whose answer
+            // was lost, the table holds these very files, which the append
+            // refuses to add again before the guard could say they landed.
+            let found = self.unmoved(table.metadata(), &shares, 0)?;
+            if !found.is_empty() {
+                if let Some(source) = self.settle(&shares, &found) {
+                    return Err(IcebergError::PositionConflict {
+                        table: self.shown.clone(),
+                        source,
+                    }
+                    .into());
+                }
+                continue;
+            }
             let mut tx = Transaction::new(&table);
             if !files.is_empty() {
                 let summary = HashMap::from([(
@@ -835,6 +839,29 @@ impl IcebergSink {
                 }
             }
         }
+    }
+
+    /// The shares whose stored position or epoch refuses this commit, and
+    /// why; `tried` raises each share's attempt (a retry is checked more
+    /// strictly).
+    fn unmoved(
+        &self,
+        m: &TableMetadata,
+        shares: &[Share],
+        tried: u32,
+    ) -> Result<Vec<(usize, Unmoved)>, IcebergError> {
+        let mut found = Vec::new();
+        for (i, share) in shares.iter().enumerate() {
+            let row = self.stored(m, &share.span.partition)?;
+            let span = Batch {
+                attempt: share.span.attempt.max(tried),
+                ..share.span.clone()
+            };
+            if let Some(why) = offsets::check(row, &span) {
+                found.push((i, why));
+            }
+        }
+        Ok(found)
     }
 
     /// After a commit of `shares`: those not `refused` are committed
