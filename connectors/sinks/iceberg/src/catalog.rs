@@ -21,6 +21,8 @@ type Outcome<T> = std::result::Result<T, IcebergError>;
 use std::collections::HashMap;
 use std::str::FromStr;
 
+// Columns are named in every INSERT: Iceberg's `JdbcCatalog` (schema V1)
+// adds `iceberg_type` to a catalog it shares.
 const CREATE: &str = "
 CREATE TABLE IF NOT EXISTS iceberg_tables (
     catalog_name VARCHAR(255) NOT NULL,
@@ -114,7 +116,7 @@ impl PgCatalog {
             .await
             .map_err(|e| self.sql("create the catalog tables", e))?;
         txn.execute(
-            "INSERT INTO iceberg_namespace_properties VALUES ($1, $2, 'exists', 'true')
+            "INSERT INTO iceberg_namespace_properties (catalog_name, namespace, property_key, property_value) VALUES ($1, $2, 'exists', 'true')
              ON CONFLICT DO NOTHING",
             &[&self.name, &namespace.join(".")],
         )
@@ -185,7 +187,8 @@ impl PgCatalog {
         let client = self.pool.get().await.map_err(pool_error)?;
         let n = client
             .execute(
-                "INSERT INTO iceberg_tables VALUES ($1, $2, $3, $4, NULL) ON CONFLICT DO NOTHING",
+                "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, metadata_location, previous_metadata_location)
+                 VALUES ($1, $2, $3, $4, NULL) ON CONFLICT DO NOTHING",
                 &[
                     &self.name,
                     &ident.namespace().join("."),
