@@ -51,7 +51,8 @@ need_java_maven() {
 
 # `maven_dep GROUP ARTIFACT VERSION`: a pom <dependency>.
 maven_dep() {
-  printf '<dependency><groupId>%s</groupId><artifactId>%s</artifactId><version>%s</version></dependency>' "$1" "$2" "$3"
+  # An optional 4th argument is the artifact's classifier (`tests`, ...).
+  printf '<dependency><groupId>%s</groupId><artifactId>%s</artifactId><version>%s</version>%s</dependency>' "$1" "$2" "$3" "${4:+<classifier>$4</classifier>}"
 }
 
 # `maven_jars DIR DEPENDENCIES`: the runtime jars of DEPENDENCIES (from
