@@ -1,15 +1,18 @@
-"""PyIceberg's SqlCatalog as Idem's Iceberg scripts open it: the catalog
-tables on PostgreSQL (a SQLAlchemy URL), the warehouse on the local disk
-or, for an s3:// warehouse, on the store at $IDEM_S3_ENDPOINT with the
-AWS_* variables."""
+"""PyIceberg's catalog as Idem's Iceberg scripts open it: a SqlCatalog on
+PostgreSQL (a SQLAlchemy URL), or a RestCatalog (an http:// URL); the
+warehouse on the local disk or, for an s3:// warehouse, on the store at
+$IDEM_S3_ENDPOINT with the AWS_* variables."""
 import os
 
+from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
 
 
 def open_catalog(url, name, warehouse, create_tables=False):
-    props = {"uri": url, "warehouse": warehouse,
-             "init_catalog_tables": "true" if create_tables else "false"}
+    rest = url.startswith("http")
+    props = {"uri": url} if rest else {
+        "uri": url, "warehouse": warehouse,
+        "init_catalog_tables": "true" if create_tables else "false"}
     if os.environ.get("IDEM_S3_ENDPOINT"):
         props.update({
             "s3.endpoint": os.environ["IDEM_S3_ENDPOINT"],
@@ -18,4 +21,4 @@ def open_catalog(url, name, warehouse, create_tables=False):
             "s3.region": os.environ.get("AWS_REGION", "us-east-1"),
             "s3.path-style-access": "true",
         })
-    return SqlCatalog(name, **props)
+    return RestCatalog(name, **props) if rest else SqlCatalog(name, **props)

@@ -20,6 +20,7 @@ step s3.sh
 step s3s-fs.sh
 step format-tools.sh
 step iceberg-tools.sh
+step iceberg-rest.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

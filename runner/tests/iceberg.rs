@@ -245,3 +245,111 @@ async fn data_files_no_commit_names_are_listed_by_verify_and_never_committed() {
     let read = idem_testkit::iceberg::read(&catalog, &warehouse, "lake.events");
     assert_eq!(read.rows.len(), 2500);
 }
+
+/// A REST catalog (Iceberg's own REST server, scripts/iceberg-rest.sh):
+/// the rows land once and PyIceberg's RestCatalog reads them; a runner
+/// frozen between checking its epoch and committing is fenced by the one
+/// that took its partition over, whose epoch bump moved the table.
+#[tokio::test]
+async fn through_a_rest_catalog_rows_land_once_and_a_frozen_runner_is_fenced() {
+    two_frozen_runners(true).await;
+}
+
+/// The same race through the SQL catalog, where the guard runs under the
+/// table row's lock.
+#[tokio::test]
+async fn through_the_sql_catalog_a_runner_frozen_after_its_checks_is_fenced() {
+    two_frozen_runners(false).await;
+}
+
+/// Runner A freezes with its files written and its epoch checked; runner
+/// B takes the file over (a newer epoch) and freezes likewise; A wakes
+/// first and must be fenced, then B commits. Every line lands once.
+async fn two_frozen_runners(rest: bool) {
+    let w = Workdir::new();
+    let bucket = idem_testkit::s3::fresh_bucket("ice-rest").await;
+    let namespace = fresh_schema("ice_frozen");
+    let warehouse = format!("s3://{bucket}/warehouse");
+    let table = format!("{namespace}.events");
+    let read = |warehouse: &str, table: &str| {
+        if rest {
+            idem_testkit::iceberg::read_rest(warehouse, table)
+        } else {
+            idem_testkit::iceberg::read(&namespace, warehouse, table)
+        }
+    };
+    let n = 3000;
+    let mut input = String::new();
+    for i in 0..n {
+        input.push_str(&format!(
+            "{{\"id\":\"e{i}\",\"n\":{i},\"at\":\"2026-11-30T10:00:00Z\",\"amount\":\"1\"}}\n"
+        ));
+    }
+    w.write("ev.jsonl", &input);
+    let sink = if rest {
+        idem_testkit::iceberg::rest_sink_lines(&warehouse, &table)
+    } else {
+        idem_testkit::iceberg::sink_lines(&namespace, &warehouse, &table)
+    };
+    let cfg = w.write("c.toml", &config(&w, &sink));
+    let out = run_ok(idem().arg("check").arg(&cfg));
+    let said = text(&out.stdout);
+    assert_eq!(said.contains("REST catalog"), rest, "{said}");
+    // A frozen at its first commit, its files written and its epoch
+    // checked on the table as loaded.
+    let spawn = |failpoints: &str, log: &str| {
+        idem()
+            .env("IDEM_FAILPOINTS", failpoints)
+            .env("RUST_LOG", "info")
+            .arg("run")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(w.path(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let frozen = Reaped(spawn("before_catalog_commit=1:stop", "frozen.log"));
+    wait_stopped(frozen.0.id(), &w.path("frozen.log"));
+    // B opens the file's partition under a newer epoch (the bump is a
+    // snapshot), writes its files and freezes before its commit too.
+    let next = Reaped(spawn("before_catalog_commit=1:stop", "next.log"));
+    wait_stopped(next.0.id(), &w.path("next.log"));
+    // A wakes first: the table moved since it checked its epoch (B's bump),
+    // so its commit is refused, and on a fresh load it finds itself fenced.
+    signal(frozen.0.id(), "CONT");
+    let mut frozen = frozen;
+    frozen.0.wait().unwrap();
+    let log = std::fs::read_to_string(w.path("frozen.log")).unwrap_or_default();
+    assert!(log.contains("fenced"), "the woken runner:\n{log}");
+    signal(next.0.id(), "CONT");
+    let mut next = next;
+    let status = next.0.wait().unwrap();
+    let next_log = std::fs::read_to_string(w.path("next.log")).unwrap_or_default();
+    assert!(status.success(), "{next_log}");
+    let read = read(&warehouse, &table);
+    let mut ids: Vec<&str> = read
+        .rows
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (read.rows.len(), ids.len()),
+        (n, n),
+        "the woken runner:\n{log}\nthe next one:\n{next_log}"
+    );
+    let src = std::fs::canonicalize(w.path("ev.jsonl")).unwrap();
+    assert_eq!(
+        read.positions("ev").get(&src.display().to_string()),
+        Some(&(input.len() as i64))
+    );
+    // A rerun adds nothing; the audit reads the table through the catalog.
+    run_ok(idem().arg("run").arg(&cfg));
+    let out = run_ok(idem().arg("verify").arg(&cfg));
+    let verdict = text(&out.stdout);
+    assert!(
+        verdict.contains(&format!("{n} rows: every message took effect exactly once")),
+        "{verdict}"
+    );
+}

@@ -67,15 +67,54 @@ pub fn pyiceberg_command(
     warehouse: &str,
     table: &str,
 ) -> std::process::Command {
+    let url = pg_url().replacen("postgres://", "postgresql+psycopg2://", 1);
+    command_at(&url, script, args, catalog, warehouse, table)
+}
+
+/// The test REST catalog (scripts/iceberg-rest.sh).
+pub const REST_URI: &str = "http://127.0.0.1:8181";
+
+/// The `[connectors.X.sink]` lines of an Iceberg sink on the test REST
+/// catalog, its tables' files in `warehouse` on the test S3 store (the
+/// REST server writes metadata files there too).
+pub fn rest_sink_lines(warehouse: &str, table: &str) -> String {
+    let (namespace, table) = table.rsplit_once('.').expect("namespace.table");
+    format!(
+        "type = \"iceberg\"\nwarehouse = \"{warehouse}\"\nnamespace = \"{namespace}\"\ntable = \"{table}\"\ns3_endpoint = \"{}\"\ns3_path_style = true\ncatalog = {{ type = \"rest\", uri = \"{REST_URI}\" }}\n",
+        crate::s3::ENDPOINT
+    )
+}
+
+/// Table `namespace.table` of the test REST catalog, as PyIceberg's
+/// RestCatalog reads it.
+pub fn read_rest(warehouse: &str, table: &str) -> Read {
+    let out = command_at(REST_URI, "iceberg-read.py", &[], "rest", warehouse, table)
+        .output()
+        .expect("PyIceberg: install it with bash scripts/iceberg-tools.sh");
+    assert!(
+        out.status.success(),
+        "iceberg-read.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_read(&out.stdout)
+}
+
+fn command_at(
+    url: &str,
+    script: &str,
+    args: &[&str],
+    catalog: &str,
+    warehouse: &str,
+    table: &str,
+) -> std::process::Command {
     let home = std::env::var("HOME").unwrap_or_default();
     let venv = std::env::var("IDEM_ICEBERG_VENV")
         .unwrap_or_else(|_| format!("{home}/.cache/idem/iceberg/venv"));
     let script = format!("{}/../scripts/{script}", env!("CARGO_MANIFEST_DIR"));
-    let url = pg_url().replacen("postgres://", "postgresql+psycopg2://", 1);
     let mut cmd = std::process::Command::new(format!("{venv}/bin/python"));
     cmd.arg(&script)
         .args(args)
-        .args([&url, catalog, warehouse, table])
+        .args([url, catalog, warehouse, table])
         .env("IDEM_S3_ENDPOINT", crate::s3::ENDPOINT)
         .env("AWS_ACCESS_KEY_ID", "idem-test")
         .env("AWS_SECRET_ACCESS_KEY", "idem-test");
@@ -113,8 +152,17 @@ pub fn read_where(filter: &str, catalog: &str, warehouse: &str, table: &str) -> 
 }
 
 fn read_args(args: &[&str], catalog: &str, warehouse: &str, table: &str) -> Read {
-    let out = pyiceberg("iceberg-read.py", args, catalog, warehouse, table);
-    let v: Value = serde_json::from_slice(&out).expect("iceberg-read.py's JSON");
+    parse_read(&pyiceberg(
+        "iceberg-read.py",
+        args,
+        catalog,
+        warehouse,
+        table,
+    ))
+}
+
+fn parse_read(out: &[u8]) -> Read {
+    let v: Value = serde_json::from_slice(out).expect("iceberg-read.py's JSON");
     let list = |key: &str| v[key].as_array().unwrap().clone();
     Read {
         rows: list("rows"),

@@ -79,6 +79,20 @@ pub fn is_stopped(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Wait (up to a minute) until process `pid` is stopped; a timeout shows
+/// the process's `log`.
+pub fn wait_stopped(pid: u32, log: &std::path::Path) {
+    let started = std::time::Instant::now();
+    while !is_stopped(pid) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "process {pid} never stopped:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Send signal `name` (TERM, KILL, STOP...) with the shell's builtin
 /// `kill`: no unsafe code, no dependency on procps.
 pub fn signal(pid: u32, name: &str) {

@@ -19,6 +19,9 @@ pub const AFTER_COMMIT: &str = "after_commit";
 pub const MID_WRITE: &str = "mid_write";
 /// A batch is complete and about to be handed to the sink.
 pub const BEFORE_COMMIT: &str = "before_commit";
+/// A table format's sink (Iceberg) has checked the table's positions and
+/// epochs and is about to send its catalog commit.
+pub const BEFORE_CATALOG_COMMIT: &str = "before_catalog_commit";
 
 struct Point {
     left: AtomicU64,

@@ -42,12 +42,29 @@ pub fn server_name(cfg: &tokio_postgres::Config) -> String {
 /// with `sslmode = "require"`) and the server's name without password, for
 /// other parts of Idem that keep state in PostgreSQL (the dedup store).
 pub fn pool_for(url: &str, size: usize) -> Result<(Pool, String), String> {
+    pool_with_timeout(url, size, None)
+}
+
+/// [`pool_for`], whose sessions have the server abort a transaction left
+/// idle for `idle_in_transaction` (a runner frozen while it holds a lock
+/// then holds it no longer).
+pub fn pool_with_timeout(
+    url: &str,
+    size: usize,
+    idle_in_transaction: Option<std::time::Duration>,
+) -> Result<(Pool, String), String> {
     let mut pg = url
         .parse::<tokio_postgres::Config>()
         .map_err(|e| format!("invalid PostgreSQL URL: {e}"))?;
     let shown = server_name(&pg);
     pg.connect_timeout(std::time::Duration::from_secs(10));
-    pg.options("-c client_min_messages=warning");
+    match idle_in_transaction {
+        Some(t) => pg.options(format!(
+            "-c client_min_messages=warning -c idle_in_transaction_session_timeout={}",
+            t.as_millis()
+        )),
+        None => pg.options("-c client_min_messages=warning"),
+    };
     if pg.get_application_name().is_none() {
         pg.application_name("idem");
     }

@@ -18,7 +18,10 @@ async fn two_runners_share_an_iceberg_table_and_a_frozen_ones_commit_is_refused(
     let w = Workdir::new();
     let warehouse = format!("file://{}", w.path("warehouse").display());
     let table = "idem.events";
+    // B may freeze inside another task's catalog transaction, holding the
+    // table's row lock: the server aborts it after 5 s, and A goes on.
     let sink = idem_testkit::iceberg::sink_lines(&catalog, &warehouse, table)
+        .replace(" }\n", ", idle_in_transaction_timeout = \"5s\" }\n")
         + "commit_interval = \"500ms\"\n";
     let cfg = w.write(
         "k.toml",

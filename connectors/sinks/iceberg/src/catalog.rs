@@ -13,8 +13,7 @@ use iceberg::io::FileIO;
 use iceberg::spec::{Schema, TableMetadata, TableMetadataBuilder, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::{
-    Catalog, Error, ErrorKind, MetadataLocation, Namespace, NamespaceIdent, Result, TableCommit,
-    TableCreation, TableIdent,
+    Error, ErrorKind, MetadataLocation, NamespaceIdent, Result, TableCreation, TableIdent,
 };
 
 type Outcome<T> = std::result::Result<T, IcebergError>;
@@ -71,8 +70,15 @@ fn pool_error(e: deadpool_postgres::PoolError) -> Error {
 }
 
 impl PgCatalog {
-    pub fn new(url: &str, name: &str, io: FileIO, warehouse: &str) -> Outcome<Self> {
-        let (pool, server) = idem_postgres::pool_for(url, 4).map_err(IcebergError::Setup)?;
+    pub fn new(
+        url: &str,
+        name: &str,
+        io: FileIO,
+        warehouse: &str,
+        idle_in_transaction: std::time::Duration,
+    ) -> Outcome<Self> {
+        let (pool, server) = idem_postgres::pool_with_timeout(url, 4, Some(idle_in_transaction))
+            .map_err(IcebergError::Setup)?;
         Ok(PgCatalog {
             pool,
             server,
@@ -167,18 +173,8 @@ impl PgCatalog {
         schema: Schema,
         spec: UnboundPartitionSpec,
     ) -> Result<Table> {
-        let location = format!(
-            "{}/{}/{}",
-            self.warehouse,
-            ident.namespace().join("/"),
-            ident.name()
-        );
-        let creation = TableCreation::builder()
-            .name(ident.name().to_string())
-            .location(location.clone())
-            .schema(schema)
-            .partition_spec(spec)
-            .build();
+        let creation = creation(&self.warehouse, ident, schema, spec);
+        let location = creation.location.clone().unwrap_or_default();
         let metadata = TableMetadataBuilder::from_table_creation(creation)?
             .build()?
             .metadata;
@@ -265,7 +261,7 @@ impl PgCatalog {
     pub async fn set_properties(
         &self,
         ident: &TableIdent,
-        properties: impl FnOnce(&TableMetadata) -> Result<HashMap<String, String>> + Send,
+        mut properties: impl FnMut(&TableMetadata) -> Result<HashMap<String, String>> + Send,
     ) -> Result<Table> {
         self.locked(ident, |table| {
             let props = properties(table.metadata())?;
@@ -282,100 +278,22 @@ impl PgCatalog {
     }
 }
 
-/// The catalog as iceberg's transactions see it for one commit: the table
-/// as loaded, and `update_table` checking `guard` against the locked
-/// current metadata before the commit applies.
-pub struct Guarded<'a, G> {
-    pub catalog: &'a PgCatalog,
-    pub guard: G,
-}
-
-impl<G> std::fmt::Debug for Guarded<'_, G> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.catalog.fmt(f)
-    }
-}
-
-fn unsupported<T>(what: &str) -> Result<T> {
-    Err(Error::new(
-        ErrorKind::FeatureUnsupported,
-        format!("Idem's catalog client does not {what}"),
-    ))
-}
-
-#[async_trait::async_trait]
-impl<G: Fn(&TableMetadata) -> Result<()> + Send + Sync> Catalog for Guarded<'_, G> {
-    async fn list_namespaces(&self, _: Option<&NamespaceIdent>) -> Result<Vec<NamespaceIdent>> {
-        unsupported("list namespaces")
-    }
-    async fn create_namespace(
-        &self,
-        _: &NamespaceIdent,
-        _: HashMap<String, String>,
-    ) -> Result<Namespace> {
-        unsupported("create namespaces this way")
-    }
-    async fn get_namespace(&self, _: &NamespaceIdent) -> Result<Namespace> {
-        unsupported("read namespaces")
-    }
-    async fn namespace_exists(&self, _: &NamespaceIdent) -> Result<bool> {
-        unsupported("read namespaces")
-    }
-    async fn update_namespace(&self, _: &NamespaceIdent, _: HashMap<String, String>) -> Result<()> {
-        unsupported("change namespaces")
-    }
-    async fn drop_namespace(&self, _: &NamespaceIdent) -> Result<()> {
-        unsupported("drop namespaces")
-    }
-    async fn list_tables(&self, _: &NamespaceIdent) -> Result<Vec<TableIdent>> {
-        unsupported("list tables")
-    }
-    async fn create_table(&self, _: &NamespaceIdent, _: TableCreation) -> Result<Table> {
-        unsupported("create tables this way")
-    }
-    async fn load_table(&self, table: &TableIdent) -> Result<Table> {
-        self.catalog.load(table).await?.ok_or_else(|| {
-            Error::new(
-                ErrorKind::TableNotFound,
-                format!("table {table} is not in the catalog"),
-            )
-        })
-    }
-    async fn drop_table(&self, _: &TableIdent) -> Result<()> {
-        unsupported("drop tables")
-    }
-    async fn purge_table(&self, _: &TableIdent) -> Result<()> {
-        unsupported("purge tables")
-    }
-    async fn table_exists(&self, table: &TableIdent) -> Result<bool> {
-        Ok(self.catalog.load(table).await?.is_some())
-    }
-    async fn rename_table(&self, _: &TableIdent, _: &TableIdent) -> Result<()> {
-        unsupported("rename tables")
-    }
-    async fn register_table(&self, _: &TableIdent, _: String) -> Result<Table> {
-        unsupported("register tables")
-    }
-    async fn update_table(&self, commit: TableCommit) -> Result<Table> {
-        let ident = commit.identifier().clone();
-        self.catalog
-            .locked(&ident, |table| {
-                (self.guard)(table.metadata())?;
-                Ok(commit.apply(table.clone())?.metadata().clone())
-            })
-            .await
-            // The transaction retries a retryable error by adding the same
-            // files to the table as it is then. A connection lost around
-            // COMMIT may have committed them, and the append would refuse
-            // them before the guard could say so: such an error goes back
-            // to the sink, which checks the position first. Conflicts (the
-            // commit did not happen) are retried here.
-            .map_err(|e| {
-                if e.kind() == ErrorKind::CatalogCommitConflicts {
-                    e
-                } else {
-                    e.with_retryable(false)
-                }
-            })
-    }
+/// A new table `ident` of `schema` and `spec`, its files under
+/// `warehouse/namespace/name`.
+pub fn creation(
+    warehouse: &str,
+    ident: &TableIdent,
+    schema: Schema,
+    spec: UnboundPartitionSpec,
+) -> TableCreation {
+    TableCreation::builder()
+        .name(ident.name().to_string())
+        .location(format!(
+            "{warehouse}/{}/{}",
+            ident.namespace().join("/"),
+            ident.name()
+        ))
+        .schema(schema)
+        .partition_spec(spec)
+        .build()
 }

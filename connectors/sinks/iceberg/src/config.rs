@@ -63,11 +63,42 @@ pub enum CatalogConfig {
         /// The catalog's name: the `catalog_name` of its rows.
         #[serde(default = "default_catalog_name")]
         name: String,
+        /// Server-side `idle_in_transaction_session_timeout`: a runner
+        /// frozen while it holds a table's row lock (mid-commit) releases
+        /// it after this long, so other writers of the table go on.
+        #[serde(
+            default = "default_idle_in_transaction_timeout",
+            with = "humantime_serde"
+        )]
+        idle_in_transaction_timeout: std::time::Duration,
+    },
+    /// An Iceberg REST catalog (Polaris, Unity, Lakekeeper, Nessie, AWS
+    /// Glue's and S3 Tables' REST endpoints, ...).
+    Rest {
+        #[serde(deserialize_with = "idem_config::interp::url")]
+        uri: String,
+        /// The warehouse the catalog serves, if it serves several.
+        #[serde(default)]
+        warehouse: Option<String>,
+        /// A bearer token.
+        #[serde(default)]
+        token: Option<idem_config::Secret>,
+        /// OAuth2 client credentials, `client_id:client_secret`.
+        #[serde(default)]
+        credential: Option<idem_config::Secret>,
+        /// More of the REST client's properties (`oauth2-server-uri`,
+        /// `scope`, `header.X-Name`, ...).
+        #[serde(default)]
+        properties: std::collections::BTreeMap<String, idem_config::Secret>,
     },
 }
 
 fn yes() -> bool {
     true
+}
+
+fn default_idle_in_transaction_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 fn default_catalog_name() -> String {

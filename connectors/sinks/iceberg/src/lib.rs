@@ -2,11 +2,13 @@
 //! SQL catalog in PostgreSQL, the data files and the partition's position
 //! committed together (see docs/sinks/iceberg.md).
 
+mod any;
 mod catalog;
 pub mod config;
 mod error;
 mod leftovers;
 pub mod partition;
+mod rest;
 pub mod schema;
 mod sink;
 

@@ -6,9 +6,11 @@
 //! partition), not in snapshot summaries: properties survive snapshot
 //! expiry and compaction, which write snapshots without Idem's summary.
 
-use crate::catalog::{Guarded, PgCatalog};
+use crate::any::{AnyCatalog, Guarded};
+use crate::catalog::PgCatalog;
 use crate::config::{CatalogConfig, IcebergSinkConfig};
 use crate::error::IcebergError;
+use crate::rest::RestCat;
 use crate::{leftovers, partition, schema};
 use arrow::array::{Array, Int64Array, StringArray};
 use arrow::datatypes::Schema as ArrowSchema;
@@ -27,7 +29,7 @@ use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use iceberg::{NamespaceIdent, TableIdent};
 use idem_config::{ColumnConfig, Guarantee};
-use idem_core::failpoint::{self, AFTER_WRITE, MID_WRITE};
+use idem_core::failpoint::{self, AFTER_WRITE, BEFORE_CATALOG_COMMIT, MID_WRITE};
 use idem_core::table::offsets::{self, Unmoved};
 use idem_core::{
     Batch, CommitStats, Opened, PartitionRef, RowPositions, Sink, SinkError, SinkInfo,
@@ -49,6 +51,10 @@ struct Position {
     epoch: i64,
 }
 
+/// How many times a commit is built again after another writer's commit
+/// came first, before the runner's own retries take over.
+const MAX_CONFLICTS: u32 = 20;
+
 fn epoch_key(p: &PartitionRef) -> String {
     format!("idem.epoch/{}/{}/{}", p.connector, p.source, p.partition)
 }
@@ -69,7 +75,7 @@ fn position_key(p: &PartitionRef) -> String {
 pub struct IcebergSink {
     cfg: IcebergSinkConfig,
     columns: Vec<ColumnConfig>,
-    catalog: PgCatalog,
+    catalog: AnyCatalog,
     ident: TableIdent,
     /// `namespace.table in catalog ..`, for messages.
     shown: String,
@@ -83,16 +89,53 @@ pub struct IcebergSink {
 
 impl IcebergSink {
     pub fn new(cfg: IcebergSinkConfig, columns: Vec<ColumnConfig>) -> Result<Self, IcebergError> {
-        let io = file_io(&cfg)?;
-        let CatalogConfig::Sql { url, name } = &cfg.catalog;
-        let catalog = PgCatalog::new(url, name, io, &cfg.warehouse)?;
+        let (catalog, shown) = match &cfg.catalog {
+            CatalogConfig::Sql {
+                url,
+                name,
+                idle_in_transaction_timeout,
+            } => {
+                let c = PgCatalog::new(
+                    url,
+                    name,
+                    file_io(&cfg)?,
+                    &cfg.warehouse,
+                    *idle_in_transaction_timeout,
+                )?;
+                let shown = format!("in catalog `{name}` on {}", c.server);
+                (AnyCatalog::Sql(c), shown)
+            }
+            CatalogConfig::Rest {
+                uri,
+                warehouse,
+                token,
+                credential,
+                properties,
+            } => {
+                let mut props: HashMap<String, String> = io_props(&cfg).into_iter().collect();
+                props.extend(
+                    properties
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.expose().to_string())),
+                );
+                if let Some(w) = warehouse {
+                    props.insert("warehouse".into(), w.clone());
+                }
+                if let Some(t) = token {
+                    props.insert("token".into(), t.expose().to_string());
+                }
+                if let Some(c) = credential {
+                    props.insert("credential".into(), c.expose().to_string());
+                }
+                let c = RestCat::new(uri, props, &cfg.warehouse)?;
+                let shown = format!("in REST catalog {}", c.server);
+                (AnyCatalog::Rest(Box::new(c)), shown)
+            }
+        };
         let namespace = NamespaceIdent::from_strs(cfg.namespace.split('.'))
             .map_err(|e| IcebergError::Setup(format!("namespace `{}`: {e}", cfg.namespace)))?;
         let ident = TableIdent::new(namespace, cfg.table.clone());
-        let shown = format!(
-            "{}.{} in catalog `{name}` on {}",
-            cfg.namespace, cfg.table, catalog.server
-        );
+        let shown = format!("{}.{} {shown}", cfg.namespace, cfg.table);
         Ok(IcebergSink {
             cfg,
             columns,
@@ -284,6 +327,14 @@ fn uuid_suffix() -> String {
 /// The warehouse's files: `s3://` through the S3 settings (credentials
 /// from the usual AWS variables), `file://` on the local disk.
 fn file_io(cfg: &IcebergSinkConfig) -> Result<FileIO, IcebergError> {
+    let factory = iceberg_storage_opendal::OpenDalResolvingStorageFactory::new();
+    Ok(FileIOBuilder::new(Arc::new(factory))
+        .with_props(io_props(cfg))
+        .build())
+}
+
+/// The warehouse's storage settings, as iceberg's FileIO names them.
+fn io_props(cfg: &IcebergSinkConfig) -> Vec<(String, String)> {
     use iceberg::io::{
         S3_ACCESS_KEY_ID, S3_ENDPOINT, S3_PATH_STYLE_ACCESS, S3_REGION, S3_SECRET_ACCESS_KEY,
         S3_SESSION_TOKEN,
@@ -312,10 +363,7 @@ fn file_io(cfg: &IcebergSinkConfig) -> Result<FileIO, IcebergError> {
             }
         }
     }
-    let factory = iceberg_storage_opendal::OpenDalResolvingStorageFactory::new();
-    Ok(FileIOBuilder::new(Arc::new(factory))
-        .with_props(props)
-        .build())
+    props
 }
 
 #[async_trait]
@@ -324,8 +372,12 @@ impl Sink for IcebergSink {
         SinkInfo {
             guarantee: Guarantee::ExactlyOnce,
             why: format!(
-                "each batch's data files and its partition's next offset are committed to {} in one catalog commit, made under the catalog row's lock only while the runner's epoch owns the partition; a retried commit that finds its own position there appends nothing",
-                self.shown
+                "each batch's data files and its partition's next offset are committed to {} in one catalog commit, made {} only while the runner's epoch owns the partition; a retried commit that finds its own position there appends nothing",
+                self.shown,
+                match self.catalog {
+                    AnyCatalog::Sql(_) => "under the catalog row's lock",
+                    AnyCatalog::Rest(_) => "on the condition that the table has not moved since the runner checked it (every epoch bump moves it)",
+                }
             ),
             key_columns: Vec::new(),
             deletes: false,
@@ -703,6 +755,7 @@ impl IcebergSink {
     /// counts as committed.
     async fn commit_staged(&self) -> Result<(), SinkError> {
         let _turn = self.committing.lock().await;
+        let mut conflicts = 0;
         loop {
             let (shares, files) = {
                 let parts = self.lock_parts();
@@ -769,6 +822,9 @@ impl IcebergSink {
                 }
                 continue;
             }
+            // Checked, not committed: a runner frozen here must find its
+            // commit refused once woken, if another took its partitions.
+            failpoint::hit(BEFORE_CATALOG_COMMIT);
             let mut tx = Transaction::new(&table);
             if !files.is_empty() {
                 let summary = HashMap::from([(
@@ -801,12 +857,7 @@ impl IcebergSink {
             let tx = props
                 .apply(tx)
                 .map_err(|e| self.table_error("set the positions", e))?;
-            let committed = tx
-                .commit(&Guarded {
-                    catalog: &self.catalog,
-                    guard,
-                })
-                .await;
+            let committed = tx.commit(&Guarded::new(&self.catalog, guard, &table)).await;
             let refused = std::mem::take(
                 &mut *refused
                     .lock()
@@ -816,6 +867,15 @@ impl IcebergSink {
                 Ok(_) => {
                     self.settle(&shares, &[]);
                     return Ok(());
+                }
+                // Another writer's commit came first (a REST catalog does
+                // not rebuild on it by itself): check again on a fresh load.
+                Err(e)
+                    if refused.is_empty()
+                        && e.kind() == iceberg::ErrorKind::CatalogCommitConflicts
+                        && conflicts < MAX_CONFLICTS =>
+                {
+                    conflicts += 1;
                 }
                 Err(e) if refused.is_empty() => {
                     let mut parts = self.lock_parts();
