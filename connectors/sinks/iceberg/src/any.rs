@@ -83,7 +83,7 @@ impl AnyCatalog {
     }
 
     /// Set `properties` computed from the table as loaded, in a snapshot
-    /// of their own (see the module's comment); computed again on the
+    /// of their own (see `rest.rs`); computed again on the
     /// newer table when another commit came first.
     async fn bump_rest(
         &self,

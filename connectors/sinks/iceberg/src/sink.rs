@@ -121,11 +121,19 @@ impl IcebergSink {
                 if let Some(w) = warehouse {
                     props.insert("warehouse".into(), w.clone());
                 }
-                if let Some(t) = token {
-                    props.insert("token".into(), t.expose().to_string());
+                for (key, secret) in [("token", token), ("credential", credential)] {
+                    if let Some(s) = secret {
+                        props.insert(key.into(), s.expose().to_string());
+                    }
                 }
-                if let Some(c) = credential {
-                    props.insert("credential".into(), c.expose().to_string());
+                // Never printed, should the client quote them in an error.
+                for (k, v) in &props {
+                    if ["token", "credential", "secret", "password", "api-key"]
+                        .iter()
+                        .any(|s| k.contains(s))
+                    {
+                        idem_config::redact::register(v);
+                    }
                 }
                 let c = RestCat::new(uri, props, &cfg.warehouse)?;
                 let shown = format!("in REST catalog {}", c.server);
