@@ -88,15 +88,8 @@ pub fn rest_sink_lines(warehouse: &str, table: &str) -> String {
 /// Table `namespace.table` of the test REST catalog, as PyIceberg's
 /// RestCatalog reads it.
 pub fn read_rest(warehouse: &str, table: &str) -> Read {
-    let out = command_at(REST_URI, "iceberg-read.py", &[], "rest", warehouse, table)
-        .output()
-        .expect("PyIceberg: install it with bash scripts/iceberg-tools.sh");
-    assert!(
-        out.status.success(),
-        "iceberg-read.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_read(&out.stdout)
+    let cmd = command_at(REST_URI, "iceberg-read.py", &[], "rest", warehouse, table);
+    parse_read(&succeed(cmd, "iceberg-read.py"))
 }
 
 fn command_at(
@@ -123,7 +116,15 @@ fn command_at(
 
 /// [`pyiceberg_command`], which must succeed; its output.
 fn pyiceberg(script: &str, args: &[&str], catalog: &str, warehouse: &str, table: &str) -> Vec<u8> {
-    let out = pyiceberg_command(script, args, catalog, warehouse, table)
+    succeed(
+        pyiceberg_command(script, args, catalog, warehouse, table),
+        script,
+    )
+}
+
+/// Run `cmd` (PyIceberg running `script`), which must succeed; its output.
+fn succeed(mut cmd: std::process::Command, script: &str) -> Vec<u8> {
+    let out = cmd
         .output()
         .expect("PyIceberg: install it with bash scripts/iceberg-tools.sh");
     assert!(

@@ -4,7 +4,6 @@
 use super::support::*;
 use idem_testkit::*;
 use serde_json::Value;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,21 +290,7 @@ async fn a_commit_whose_answer_was_lost_is_not_written_again() {
     assert!(metric(&text, "idem_retries_total", "ev") > 0, "{text}");
     stop_cleanly(&mut child);
     assert_eq!(counts(&schema, "ev").await, (200, 200));
-    let mut log = String::new();
-    for pipe in [
-        child
-            .0
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
-        child
-            .0
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
-    ] {
-        pipe.unwrap().read_to_string(&mut log).unwrap();
-    }
+    let log = output_of(&mut child);
     assert!(log.contains("had already committed"), "{log}");
 }
 
@@ -360,21 +345,7 @@ async fn an_iceberg_commit_whose_answer_was_lost_is_not_appended_again() {
     ids.sort();
     ids.dedup();
     assert_eq!((read.rows.len(), ids.len()), (200, 200));
-    let mut log = String::new();
-    for pipe in [
-        child
-            .0
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
-        child
-            .0
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read>),
-    ] {
-        pipe.unwrap().read_to_string(&mut log).unwrap();
-    }
+    let log = output_of(&mut child);
     assert!(log.contains("had already committed"), "{log}");
 }
 

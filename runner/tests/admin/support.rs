@@ -222,6 +222,19 @@ pub fn committed(v: &Value) -> u64 {
 }
 
 /// SIGTERM, which must exit 0.
+/// What a finished runner wrote, stderr then stdout.
+pub fn output_of(child: &mut Reaped) -> String {
+    use std::io::Read;
+    let mut log = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        e.read_to_string(&mut log).unwrap();
+    }
+    if let Some(mut o) = child.0.stdout.take() {
+        o.read_to_string(&mut log).unwrap();
+    }
+    log
+}
+
 pub fn stop_cleanly(child: &mut Reaped) {
     signal(child.0.id(), "TERM");
     let status = child.0.wait().unwrap();

@@ -46,12 +46,6 @@ pub struct PgCatalog {
     warehouse: String,
 }
 
-impl std::fmt::Debug for PgCatalog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "sql catalog `{}` on {}", self.name, self.server)
-    }
-}
-
 /// A failure inside the catalog's own statements, as iceberg's error (the
 /// trait's), retryable when the connection broke.
 fn pg_error(what: &str, e: tokio_postgres::Error) -> Error {

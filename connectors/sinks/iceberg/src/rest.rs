@@ -27,12 +27,6 @@ pub struct RestCat {
     warehouse: String,
 }
 
-impl std::fmt::Debug for RestCat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "rest catalog {}", self.server)
-    }
-}
-
 impl RestCat {
     /// `props`: the REST client's (token, credential, ...) and the
     /// warehouse's storage settings (`s3.endpoint`, ...).
