@@ -12,6 +12,7 @@ mod flow;
 mod formats;
 mod group;
 mod iceberg;
+mod reopen;
 mod security;
 mod settings;
 mod support;

@@ -471,3 +471,50 @@ pub fn opened_in(log: &str) -> std::collections::HashMap<String, i64> {
         })
         .collect()
 }
+
+/// Where the events `{"id": i, ..}` of `missing` sit in `topic`: per
+/// partition, the runs of offsets they occupy. A failure message names
+/// them so a loss can be traced in the runners' logs.
+pub fn locate(topic: &str, partitions: i32, missing: &std::collections::HashSet<i64>) -> String {
+    use rdkafka::message::Message as _;
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", format!("{topic}_locate"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let ends = end_offsets(topic, partitions);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let total: i64 = ends.values().sum();
+    let mut found: Vec<(i32, i64)> = Vec::new();
+    let (mut seen, started) = (0, Instant::now());
+    while seen < total && started.elapsed() < Duration::from_secs(60) {
+        let Some(Ok(m)) = consumer.poll(Duration::from_secs(1)) else {
+            continue;
+        };
+        seen += 1;
+        let id = m
+            .payload()
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+            .and_then(|v| v["id"].as_i64());
+        if id.is_some_and(|id| missing.contains(&id)) {
+            found.push((m.partition(), m.offset()));
+        }
+    }
+    found.sort_unstable();
+    let mut runs: Vec<(i32, i64, i64)> = Vec::new();
+    for (p, o) in found {
+        match runs.last_mut() {
+            Some((lp, _, to)) if *lp == p && *to == o => *to = o + 1,
+            _ => runs.push((p, o, o + 1)),
+        }
+    }
+    runs.iter()
+        .map(|(p, from, to)| format!("{topic}/{p} offsets {from}..{to}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -9,6 +9,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -30,10 +31,103 @@ pub(crate) type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
 /// How long the poller waits for a message before it reports positions.
 const IDLE_POSITIONS: Duration = Duration::from_millis(500);
 
+/// How long a seek waits for the consumer's fetcher to take it.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Numbers the poller's reads of the consumer (each `recv`, each position
+/// lookup) in the order they begin. librdkafka passes no message fetched
+/// before a seek to the application once that seek, made with a timeout,
+/// has returned; so only what a read begun after the seek returned brings
+/// surely comes from the fetch at the seek's offset. Anything older may
+/// come from an earlier reader's fetch, already past offsets the new
+/// reader must not skip.
+#[derive(Default)]
+pub(crate) struct Reads(AtomicU64);
+
+impl Reads {
+    /// The number of a read about to begin.
+    fn begin(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// The number the next read will get: reads numbered from here on
+    /// began after this call.
+    pub(crate) fn barrier(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Seeks for the source's readers, one at a time, each made only for the
+/// partition's current reader: a dropped reader's late seek back would
+/// move the fetch of the reader that replaced it.
+pub(crate) struct Seeker {
+    consumer: Arc<StreamConsumer<Context>>,
+    reads: Arc<Reads>,
+    /// Each partition's current reader, by the number its open drew; held
+    /// through each seek, which can take up to `SEEK_TIMEOUT`.
+    readers: tokio::sync::Mutex<HashMap<String, u64>>,
+    drawn: AtomicU64,
+}
+
+impl Seeker {
+    pub(crate) fn new(consumer: Arc<StreamConsumer<Context>>, reads: Arc<Reads>) -> Seeker {
+        Seeker {
+            consumer,
+            reads,
+            readers: tokio::sync::Mutex::new(HashMap::new()),
+            drawn: AtomicU64::new(0),
+        }
+    }
+
+    /// Make a new reader of `partition` its current one; its number.
+    pub(crate) async fn claim(&self, partition: &str) -> u64 {
+        let reader = self.drawn.fetch_add(1, Ordering::SeqCst) + 1;
+        self.readers
+            .lock()
+            .await
+            .insert(partition.to_string(), reader);
+        reader
+    }
+
+    /// Seek `partition` to `offset` for `reader`, waiting until the
+    /// fetcher took it. `Ok(Some(barrier))`: the reads numbered from
+    /// `barrier` on bring only what the fetch from `offset` returns;
+    /// `Ok(None)`: another reader replaced this one, nothing was done.
+    pub(crate) async fn seek(
+        self: &Arc<Self>,
+        partition: &str,
+        reader: u64,
+        offset: u64,
+    ) -> Result<Option<u64>, KafkaError> {
+        let Some((topic, p)) = split_name(partition) else {
+            return Ok(None);
+        };
+        let (this, topic, name) = (self.clone(), topic.to_string(), partition.to_string());
+        let offset = Offset::Offset(i64::try_from(offset).unwrap_or(i64::MAX));
+        // librdkafka's seek blocks until its fetcher answers.
+        let sought = tokio::task::spawn_blocking(move || {
+            let readers = this.readers.blocking_lock();
+            if readers.get(&name) != Some(&reader) {
+                return Ok(None);
+            }
+            this.consumer.seek(&topic, p, offset, SEEK_TIMEOUT)?;
+            Ok(Some(this.reads.barrier()))
+        })
+        .await;
+        sought.unwrap_or_else(|e| Err(KafkaError::Seek(format!("the seek's thread failed: {e}"))))
+    }
+}
+
 /// Send each reader its partition's consumer position (see [`Inbound`]).
 /// A full inbox is skipped: its reader has messages to read first. So is a
 /// held partition: messages before its consumer position wait in `Held`.
-async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes, held: &Held) {
+async fn send_positions(
+    consumer: &StreamConsumer<Context>,
+    inboxes: &Inboxes,
+    held: &Held,
+    reads: &Reads,
+) {
+    let read = reads.begin();
     let Ok(positions) = consumer.position() else {
         return;
     };
@@ -48,7 +142,7 @@ async fn send_positions(consumer: &StreamConsumer<Context>, inboxes: &Inboxes, h
         }
         let inbox = inboxes.lock().ok().and_then(|i| i.get(&name).cloned());
         if let Some(inbox) = inbox {
-            let _ = inbox.try_send(Inbound::Position(o));
+            let _ = inbox.try_send(Inbound::Position { next: o, read });
         }
     }
 }
@@ -68,8 +162,8 @@ struct Held {
 struct Overflow {
     /// The reader it waits for: a new reader (reopened) starts afresh.
     inbox: mpsc::Sender<Inbound>,
-    /// Fetched, not handed over yet.
-    waiting: std::collections::VecDeque<Message>,
+    /// Fetched, not handed over yet, with the read that brought each.
+    waiting: std::collections::VecDeque<(Message, u64)>,
     /// Paused in the consumer: more than `STASH` messages waited.
     paused: bool,
 }
@@ -88,10 +182,11 @@ impl Held {
         name: &str,
         inbox: mpsc::Sender<Inbound>,
         message: Message,
+        read: u64,
     ) {
         if let Some(o) = self.parts.get_mut(name) {
             if o.inbox.same_channel(&inbox) {
-                o.waiting.push_back(message);
+                o.waiting.push_back((message, read));
                 if !o.paused && o.waiting.len() > STASH {
                     if let Err(e) = set_paused(consumer, name, true) {
                         warn!(partition = %name, error = %e, "could not pause a partition whose reader is behind");
@@ -104,14 +199,14 @@ impl Held {
             // Reopened since: its reader seeked where the sink says.
             self.parts.remove(name);
         }
-        match inbox.try_send(Inbound::Message(message)) {
+        match inbox.try_send(Inbound::Message { message, read }) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Inbound::Message(message))) => {
+            Err(mpsc::error::TrySendError::Full(Inbound::Message { message, read })) => {
                 self.parts.insert(
                     name.to_string(),
                     Overflow {
                         inbox,
-                        waiting: std::collections::VecDeque::from([message]),
+                        waiting: std::collections::VecDeque::from([(message, read)]),
                         paused: false,
                     },
                 );
@@ -128,11 +223,11 @@ impl Held {
             if o.inbox.is_closed() {
                 return false; // reader gone: reopened, it fetches again
             }
-            while let Some(message) = o.waiting.pop_front() {
-                match o.inbox.try_send(Inbound::Message(message)) {
+            while let Some((message, read)) = o.waiting.pop_front() {
+                match o.inbox.try_send(Inbound::Message { message, read }) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(Inbound::Message(message))) => {
-                        o.waiting.push_front(message);
+                    Err(mpsc::error::TrySendError::Full(Inbound::Message { message, read })) => {
+                        o.waiting.push_front((message, read));
                         return true;
                     }
                     Err(_) => return false, // reader gone
@@ -197,13 +292,20 @@ pub(crate) fn set_paused(
     }
 }
 
-/// What the polling task hands a partition's reader, in order.
+/// What the polling task hands a partition's reader, in order, each with
+/// the number of the read that brought it (see [`Reads`]).
 pub(crate) enum Inbound {
-    Message(Message),
+    Message {
+        message: Message,
+        read: u64,
+    },
     /// The consumer's position in the partition while the poller holds no
     /// message: every message before it was handed over already, so any
     /// gap up to it holds none (transaction markers, aborted records).
-    Position(u64),
+    Position {
+        next: u64,
+        read: u64,
+    },
 }
 
 pub(crate) struct Context {
@@ -283,6 +385,57 @@ impl ConsumerContext for Context {
         }
     }
 
+    /// rdkafka's own rebalance (assign or unassign, eager or cooperative,
+    /// between the two callbacks), except where assigned partitions start:
+    /// at the log's beginning, not at the group's committed offset. Those
+    /// offsets are advisory and may be ahead of the sink (an operator's
+    /// `--reset-offsets --to-latest`); librdkafka may apply a start it
+    /// looked up after the reader's seek, and one behind the reader only
+    /// costs a seek back, while one ahead would skip messages.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr as E;
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let done = match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Err(e) = tpl.set_all_offsets(Offset::Beginning) {
+                    warn!(error = %e, "could not set where newly assigned partitions start");
+                }
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                let done = match cooperative {
+                    true => consumer.incremental_assign(tpl),
+                    false => consumer.assign(tpl),
+                };
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+                done
+            }
+            other => {
+                let rebalance = match other {
+                    E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+                    code => Rebalance::Error(KafkaError::Rebalance(code.into())),
+                };
+                self.pre_rebalance(consumer, &rebalance);
+                let done = match cooperative {
+                    true => consumer.incremental_unassign(tpl),
+                    false => consumer.unassign(),
+                };
+                self.post_rebalance(consumer, &rebalance);
+                done
+            }
+        };
+        if let Err(e) = done {
+            warn!(error = %e, "the consumer did not take its new assignment");
+        }
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -305,6 +458,7 @@ impl ConsumerContext for Context {
 pub(crate) async fn poll(
     consumer: Arc<StreamConsumer<Context>>,
     inboxes: Inboxes,
+    reads: Arc<Reads>,
     limit: usize,
     brokers: String,
 ) {
@@ -317,6 +471,7 @@ pub(crate) async fn poll(
         held.drain(&consumer);
         // A message, or room for what waits (a paused partition brings no
         // message that would wake the loop).
+        let read = reads.begin();
         let next = tokio::select! {
             received = tokio::time::timeout(IDLE_POSITIONS, consumer.recv()) => received,
             () = held.room() => continue,
@@ -328,7 +483,7 @@ pub(crate) async fn poll(
                 // so each partition's position tells its reader whether
                 // offsets past its last message hold nothing to read.
                 if last_message.elapsed() >= IDLE_POSITIONS {
-                    send_positions(&consumer, &inboxes, &held).await;
+                    send_positions(&consumer, &inboxes, &held, &reads).await;
                 }
                 continue;
             }
@@ -396,7 +551,7 @@ pub(crate) async fn poll(
             meta,
         };
         drop(msg);
-        held.deliver(&consumer, &name, inbox, message);
+        held.deliver(&consumer, &name, inbox, message, read);
     }
 }
 

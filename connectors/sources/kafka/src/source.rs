@@ -4,7 +4,9 @@
 //! stored in the sink and on its epochs.
 
 use crate::config::{KafkaSourceConfig, OutOfRange, StartAt, OWNED};
-use crate::consumer::{names, partition_name, poll, set_paused, split_name, Context, Inboxes};
+use crate::consumer::{
+    names, partition_name, poll, set_paused, split_name, Context, Inboxes, Reads, Seeker,
+};
 use crate::reader::{AuditReader, KafkaReader, Reseek};
 use async_trait::async_trait;
 use idem_core::{Assignment, PartitionReader, Source, SourceError};
@@ -49,6 +51,8 @@ struct Client {
     consumer: Arc<StreamConsumer<Context>>,
     assignments: tokio::sync::Mutex<mpsc::UnboundedReceiver<Assignment>>,
     inboxes: Inboxes,
+    reads: Arc<Reads>,
+    seeker: Arc<Seeker>,
 }
 
 fn setup(cfg: &KafkaSourceConfig, message: impl Into<String>) -> SourceError {
@@ -124,10 +128,14 @@ impl KafkaSource {
                 last_error: Default::default(),
             })
             .map_err(|e| format!("cannot create the consumer: {e}"))?;
+        let consumer = Arc::new(consumer);
+        let reads = Arc::new(Reads::default());
         Ok(Client {
-            consumer: Arc::new(consumer),
+            seeker: Arc::new(Seeker::new(consumer.clone(), reads.clone())),
+            consumer,
             assignments: tokio::sync::Mutex::new(rx),
             inboxes,
+            reads,
         })
     }
 
@@ -227,7 +235,10 @@ impl KafkaSource {
         wanted.dedup();
         let mut tpl = TopicPartitionList::new();
         for (topic, p) in &wanted {
-            tpl.add_partition(topic, *p);
+            // From the beginning, not the group's offsets (see
+            // `Context::rebalance`); the reader's seek says where.
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                .map_err(|e| setup(&self.cfg, format!("stop_at_end: {topic}/{p}: {e}")))?;
         }
         let fail = |what: &str, e: KafkaError| {
             setup(
@@ -267,9 +278,10 @@ impl KafkaSource {
         }
         let consumer = client.consumer.clone();
         let inboxes = client.inboxes.clone();
+        let reads = client.reads.clone();
         let limit = self.cfg.max_message_bytes;
         let brokers = self.cfg.brokers.clone();
-        *poller = Some(tokio::spawn(poll(consumer, inboxes, limit, brokers)));
+        *poller = Some(tokio::spawn(poll(consumer, inboxes, reads, limit, brokers)));
     }
 
     /// The partition's first offset still held and its end.
@@ -383,6 +395,8 @@ impl Source for KafkaSource {
         if let Ok(mut inboxes) = client.inboxes.lock() {
             inboxes.insert(partition.to_string(), tx);
         }
+        // From here on an earlier reader's seek back no longer applies.
+        let reader = client.seeker.claim(partition).await;
         // Where the partition begins and ends now: a position outside that
         // range was deleted (retention) or belongs to an older topic of the
         // same name, and librdkafka would silently jump elsewhere.
@@ -395,23 +409,26 @@ impl Source for KafkaSource {
                 StartAt::Latest => high,
             },
         };
-        let offset = Offset::Offset(i64::try_from(from).unwrap_or(i64::MAX));
         // Right after an assignment the partition may not be ready to seek.
         let mut attempt = 0;
-        loop {
+        // Revoked while opening, or opened again since: a reader that
+        // never yields; the runner drops it with the partition.
+        let closed = || -> Result<Box<dyn PartitionReader>, SourceError> {
+            let (_, closed) = mpsc::channel(1);
+            Ok(Box::new(KafkaReader::new(closed, 0, None, None, 0)))
+        };
+        let barrier = loop {
             let still_ours = client
                 .inboxes
                 .lock()
                 .map(|i| i.contains_key(partition))
                 .unwrap_or(false);
             if !still_ours {
-                // Revoked while opening: a reader that never yields; the
-                // runner drops it with the partition.
-                let (_, closed) = mpsc::channel(1);
-                return Ok(Box::new(KafkaReader::new(closed, 0, None, None)));
+                return closed();
             }
-            match client.consumer.seek(topic, p, offset, BROKER_TIMEOUT) {
-                Ok(()) => break,
+            match client.seeker.seek(partition, reader, from).await {
+                Ok(Some(barrier)) => break barrier,
+                Ok(None) => return closed(),
                 Err(e) if attempt < 50 => {
                     attempt += 1;
                     debug!(partition, error = %e, "seek not possible yet; retrying");
@@ -419,18 +436,18 @@ impl Source for KafkaSource {
                 }
                 Err(e) => return Err(self.read_err(partition, e)),
             }
-        }
+        };
         set_paused(&client.consumer, partition, false).map_err(|e| self.read_err(partition, e))?;
         // With stop_at_end: read up to where this partition ends now.
         let end = self.cfg.stop_at_end.then_some(high);
         let next = from;
-        let reseek = Reseek::new(client.consumer.clone(), topic, p);
+        let reseek = Reseek::new(client.seeker.clone(), partition, reader);
         // Below the log start: the offsets up to where reading goes on
         // were deleted before the sink had them. (Above the end the topic
         // is a new one: nothing of it was skipped.)
         let lost = start.filter(|&n| n < low).map(|n| (n, from));
         Ok(Box::new(
-            KafkaReader::new(rx, next, end, Some(reseek)).with_lost(lost),
+            KafkaReader::new(rx, next, end, Some(reseek), barrier).with_lost(lost),
         ))
     }
 

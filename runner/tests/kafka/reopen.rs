@@ -1,0 +1,68 @@
+//! The Kafka source used directly, without a runner: a partition opened
+//! again while the consumer's fetch for its earlier reader runs ahead.
+
+use super::support::*;
+use idem_core::{Assignment, Message, PartitionReader, ReadStatus, Source};
+use idem_source_kafka::{KafkaSource, KafkaSourceConfig};
+use std::time::{Duration, Instant};
+
+/// Read until `out` holds `n` messages (or the partition ends).
+async fn read_at_least(reader: &mut Box<dyn PartitionReader>, n: usize) -> Vec<Message> {
+    let mut out = Vec::new();
+    let started = Instant::now();
+    while out.len() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {} of {n} messages read in 30 s",
+            out.len()
+        );
+        if reader.read(500, &mut out).await.unwrap() == ReadStatus::End {
+            break;
+        }
+    }
+    out
+}
+
+/// The runner drops a partition's reader and opens it again (the group
+/// took it away and gave it back) while the consumer still fetches for the
+/// old reader, far ahead. Whatever that fetch brings before the new
+/// reader's seek must not reach the new reader: its first message is the
+/// one it was opened at, or every message in between is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_partition_starts_where_it_was_opened_not_where_the_old_fetch_was() {
+    let topic = fresh_topic("idem_reopen", 1).await;
+    produce(&topic, 0..60_000).await;
+    let cfg: KafkaSourceConfig = serde_json::from_value(serde_json::json!({
+        "brokers": BROKERS,
+        "topics": [topic],
+        "group_id": format!("{topic}_group"),
+    }))
+    .unwrap();
+    let source = KafkaSource::new(cfg);
+    let partition = format!("{topic}/0");
+    let assigned = tokio::time::timeout(Duration::from_secs(30), source.next_assignment())
+        .await
+        .expect("no assignment within 30 s")
+        .unwrap();
+    assert!(
+        matches!(&assigned, Some(Assignment::Assigned(p)) if p.contains(&partition)),
+        "{assigned:?}"
+    );
+    let mut start = 0;
+    for round in 0..8 {
+        let mut reader = source.open(&partition, Some(start)).await.unwrap();
+        let read = read_at_least(&mut reader, 5_000).await;
+        assert_eq!(read[0].offset, start, "round {round}: first message");
+        // Dropped while its fetch runs, then opened again further back.
+        drop(reader);
+        start = read[read.len() / 2].offset;
+        let mut again = source.open(&partition, Some(start)).await.unwrap();
+        let first = read_at_least(&mut again, 1).await;
+        assert_eq!(
+            first[0].offset, start,
+            "round {round}: the reopened reader skipped {}..{}",
+            start, first[0].offset
+        );
+        start = first[0].offset + 1;
+    }
+}
