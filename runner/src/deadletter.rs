@@ -368,34 +368,41 @@ impl DeadLetterTable {
                 Ok::<_, String>(pool)
             })
             .await?;
-        let mut client = pool.get().await.map_err(|e| e.to_string())?;
-        let tx = client.transaction().await.map_err(|e| e.to_string())?;
-        let insert = tx
-            .prepare(&format!(
-                "INSERT INTO {} (connector, source, partition, \"offset\", error_class, reason, raw)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                self.table
-            ))
-            .await
-            .map_err(|e| e.to_string())?;
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        // One statement, so no transaction is ever left open between two
+        // round trips: a runner frozen there would hold the rows' key
+        // locks, and the partition's next owner, writing the same dead
+        // letters, would wait for it.
+        let mut offsets = Vec::with_capacity(letters.len());
+        let (mut classes, mut reasons, mut raws) = (Vec::new(), Vec::new(), Vec::new());
         for dl in letters {
-            let offset = i64::try_from(dl.offset).unwrap_or(i64::MAX);
-            tx.execute(
-                &insert,
+            offsets.push(i64::try_from(dl.offset).unwrap_or(i64::MAX));
+            classes.push(dl.class.as_str());
+            reasons.push(dl.reason.as_str());
+            raws.push(dl.raw.as_deref());
+        }
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (connector, source, partition, \"offset\", error_class, reason, raw)
+                     SELECT $1, $2, $3, o, c, r, w
+                     FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bytea[]) AS u(o, c, r, w)
+                     ON CONFLICT DO NOTHING",
+                    self.table
+                ),
                 &[
                     &&*p.connector,
                     &&*p.source,
                     &&*p.partition,
-                    &offset,
-                    &dl.class.as_str(),
-                    &dl.reason,
-                    &dl.raw,
+                    &offsets,
+                    &classes,
+                    &reasons,
+                    &raws,
                 ],
             )
             .await
-            .map_err(|e| e.to_string())?;
-        }
-        tx.commit().await.map_err(|e| e.to_string())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
