@@ -3,6 +3,8 @@
 # (PyPI `moto[server]`), which honours conditional PUTs (If-None-Match: *,
 # If-Match) atomically and lists multipart uploads. It keeps objects in
 # memory: a restart of the server empties it, a restart of Idem does not.
+# It serves AWS Glue's API on the same port, for the Iceberg sink's Glue
+# catalog test.
 # Reuses a server that already answers there; otherwise installs moto once
 # into a virtualenv in ~/.cache/idem/moto and starts it. Idempotent.
 # `scripts/s3.sh stop` stops it.

@@ -1,9 +1,9 @@
-//! The catalog a sink commits through, SQL or REST, and the
+//! The catalog a sink commits through, SQL or remote (REST, Glue), and the
 //! `iceberg::Catalog` its transactions commit through, with Idem's guard.
 
 use crate::catalog::PgCatalog;
-use crate::error::IcebergError;
-use crate::rest::RestCat;
+use crate::error::{unsupported, IcebergError};
+use crate::remote::RemoteCat;
 use iceberg::spec::{Schema, TableMetadata, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
@@ -15,16 +15,16 @@ use std::collections::HashMap;
 
 type Outcome<T> = std::result::Result<T, IcebergError>;
 
-/// How many times a REST catalog's epoch bump is tried again after another
+/// How many times a remote catalog's epoch bump is tried again after another
 /// writer's commit moved the table under it.
 const BUMP_TRIES: usize = 20;
 
 /// The catalog a sink commits through: the SQL catalog in PostgreSQL
-/// (commits under a row lock) or a REST catalog (commits under the
-/// server's requirements, see `rest.rs`).
+/// (commits under a row lock) or a remote one, REST or Glue (commits under
+/// requirements, see `remote.rs`).
 pub enum AnyCatalog {
     Sql(PgCatalog),
-    Rest(Box<RestCat>),
+    Remote(Box<RemoteCat>),
 }
 
 impl AnyCatalog {
@@ -32,7 +32,7 @@ impl AnyCatalog {
     pub fn server(&self) -> &str {
         match self {
             AnyCatalog::Sql(c) => &c.server,
-            AnyCatalog::Rest(c) => &c.server,
+            AnyCatalog::Remote(c) => &c.server,
         }
     }
 
@@ -40,9 +40,9 @@ impl AnyCatalog {
     pub async fn prepare(&self, namespace: &NamespaceIdent) -> Outcome<()> {
         match self {
             AnyCatalog::Sql(c) => c.prepare(namespace).await,
-            AnyCatalog::Rest(c) => c.prepare(namespace).await.map_err(|e| {
+            AnyCatalog::Remote(c) => c.prepare(namespace).await.map_err(|e| {
                 IcebergError::Setup(format!(
-                    "REST catalog {}: create namespace {}: {e}",
+                    "{}: create namespace {}: {e}",
                     c.server,
                     namespace.join(".")
                 ))
@@ -53,7 +53,7 @@ impl AnyCatalog {
     pub async fn load(&self, ident: &TableIdent) -> Result<Option<Table>> {
         match self {
             AnyCatalog::Sql(c) => c.load(ident).await,
-            AnyCatalog::Rest(c) => c.load(ident).await,
+            AnyCatalog::Remote(c) => c.load(ident).await,
         }
     }
 
@@ -65,7 +65,7 @@ impl AnyCatalog {
     ) -> Result<Table> {
         match self {
             AnyCatalog::Sql(c) => c.create(ident, schema, spec).await,
-            AnyCatalog::Rest(c) => c.create(ident, schema, spec).await,
+            AnyCatalog::Remote(c) => c.create(ident, schema, spec).await,
         }
     }
 
@@ -78,22 +78,22 @@ impl AnyCatalog {
     ) -> Result<Table> {
         match self {
             AnyCatalog::Sql(c) => c.set_properties(ident, properties).await,
-            AnyCatalog::Rest(c) => self.bump_rest(c, ident, properties).await,
+            AnyCatalog::Remote(c) => self.bump_remote(c, ident, properties).await,
         }
     }
 
     /// Set `properties` computed from the table as loaded, in a snapshot
-    /// of their own (see `rest.rs`); computed again on the
+    /// of their own (see `remote.rs`); computed again on the
     /// newer table when another commit came first.
-    async fn bump_rest(
+    async fn bump_remote(
         &self,
-        rest: &RestCat,
+        remote: &RemoteCat,
         ident: &TableIdent,
         mut properties: impl FnMut(&TableMetadata) -> Result<HashMap<String, String>> + Send,
     ) -> Result<Table> {
         let mut last = None;
         for _ in 0..BUMP_TRIES {
-            let base = rest.load(ident).await?.ok_or_else(|| {
+            let base = remote.load(ident).await?.ok_or_else(|| {
                 Error::new(
                     ErrorKind::TableNotFound,
                     format!("table {ident} is not in the catalog"),
@@ -131,7 +131,7 @@ impl AnyCatalog {
 
 /// The catalog as iceberg's transactions see it for one commit, with
 /// `guard` checked on the metadata the commit applies to. The SQL catalog
-/// checks it on the current metadata under the row's lock. A REST catalog
+/// checks it on the current metadata under the row's lock. A remote catalog
 /// checks it on `base`, the table the commit was built on, and the
 /// commit's requirements make the server refuse it if the table moved
 /// since: the transaction then gets no newer table to rebuild on (its
@@ -168,13 +168,6 @@ fn not_retried(e: Error) -> Error {
     e.with_retryable(false)
 }
 
-fn unsupported<T>(what: &str) -> Result<T> {
-    Err(Error::new(
-        ErrorKind::FeatureUnsupported,
-        format!("Idem's catalog client does not {what}"),
-    ))
-}
-
 #[async_trait::async_trait]
 impl<G: Fn(&TableMetadata) -> Result<()> + Send + Sync> Catalog for Guarded<'_, G> {
     async fn list_namespaces(&self, _: Option<&NamespaceIdent>) -> Result<Vec<NamespaceIdent>> {
@@ -206,7 +199,7 @@ impl<G: Fn(&TableMetadata) -> Result<()> + Send + Sync> Catalog for Guarded<'_, 
         unsupported("create tables this way")
     }
     async fn load_table(&self, table: &TableIdent) -> Result<Table> {
-        if let AnyCatalog::Rest(_) = self.catalog {
+        if let AnyCatalog::Remote(_) = self.catalog {
             if self.loaded.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 return Err(not_retried(Error::new(
                     ErrorKind::CatalogCommitConflicts,
@@ -259,7 +252,7 @@ impl<G: Fn(&TableMetadata) -> Result<()> + Send + Sync> Catalog for Guarded<'_, 
                         not_retried(e)
                     }
                 }),
-            AnyCatalog::Rest(c) => {
+            AnyCatalog::Remote(c) => {
                 (self.guard)(self.base.metadata())?;
                 c.inner()
                     .await?

@@ -131,13 +131,7 @@ impl PgCatalog {
         location: String,
         metadata: TableMetadata,
     ) -> Result<Table> {
-        Table::builder()
-            .file_io(self.io.clone())
-            .metadata_location(location)
-            .metadata(metadata)
-            .identifier(ident.clone())
-            .runtime(iceberg::Runtime::try_current()?)
-            .build()
+        table_at(&self.io, ident, location, metadata)
     }
 
     /// The table as its current metadata says, or `None` if the catalog
@@ -270,6 +264,22 @@ impl PgCatalog {
         })
         .await
     }
+}
+
+/// Table `ident` as the metadata file at `location` describes it.
+pub fn table_at(
+    io: &FileIO,
+    ident: &TableIdent,
+    location: String,
+    metadata: TableMetadata,
+) -> Result<Table> {
+    Table::builder()
+        .file_io(io.clone())
+        .metadata_location(location)
+        .metadata(metadata)
+        .identifier(ident.clone())
+        .runtime(iceberg::Runtime::try_current()?)
+        .build()
 }
 
 /// A new table `ident` of `schema` and `spec`, its files under

@@ -91,6 +91,22 @@ pub enum CatalogConfig {
         #[serde(default)]
         properties: std::collections::BTreeMap<String, idem_config::Secret>,
     },
+    /// AWS Glue's Data Catalog through Glue's own API; credentials from
+    /// the usual AWS chain (variables, profile, instance or task role).
+    Glue {
+        /// The catalog's region (else `AWS_REGION` or the profile's).
+        #[serde(default)]
+        region: Option<String>,
+        /// Another account's catalog (its account id).
+        #[serde(default)]
+        catalog_id: Option<String>,
+        /// A profile of `~/.aws/config`.
+        #[serde(default)]
+        profile: Option<String>,
+        /// Another endpoint than AWS's public one (a VPC endpoint).
+        #[serde(default)]
+        endpoint: Option<String>,
+    },
 }
 
 fn yes() -> bool {
@@ -118,6 +134,12 @@ impl Validate for IcebergSinkConfig {
                 return Err(Invalid::new(&[key], "must not be empty"));
             }
         }
+        if matches!(self.catalog, CatalogConfig::Glue { .. }) && self.namespace.contains('.') {
+            return Err(Invalid::new(
+                &["namespace"],
+                "a Glue catalog's namespace is one Glue database: a name without dots",
+            ));
+        }
         if columns.is_empty() {
             return Err(Invalid::new(
                 &[],
@@ -143,5 +165,51 @@ impl Validate for IcebergSinkConfig {
                 .map_err(|e| Invalid::new(&["partition_by"], e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(namespace: &str, catalog: &str) -> IcebergSinkConfig {
+        toml::from_str(&format!(
+            "warehouse = \"s3://lake/w\"\nnamespace = \"{namespace}\"\ntable = \"t\"\ncatalog = {catalog}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_glue_catalog_takes_its_settings_and_a_one_level_namespace() {
+        let columns: Vec<ColumnConfig> =
+            vec![toml::from_str("name = \"id\"\ntype = \"text\"").unwrap()];
+        let cfg = parse(
+            "sales",
+            r#"{ type = "glue", region = "eu-west-1", catalog_id = "123456789012", endpoint = "https://glue.example" }"#,
+        );
+        match &cfg.catalog {
+            CatalogConfig::Glue {
+                region,
+                catalog_id,
+                profile,
+                endpoint,
+            } => assert_eq!(
+                (region, catalog_id, profile, endpoint),
+                (
+                    &Some("eu-west-1".to_string()),
+                    &Some("123456789012".to_string()),
+                    &None,
+                    &Some("https://glue.example".to_string())
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(cfg.validate(&columns).is_ok());
+        let nested = parse("sales.eu", r#"{ type = "glue" }"#);
+        let err = nested.validate(&columns).unwrap_err();
+        assert!(format!("{err:?}").contains("namespace"), "{err:?}");
+        // Any other catalog takes levels.
+        let rest = parse("sales.eu", r#"{ type = "rest", uri = "http://c" }"#);
+        assert!(rest.validate(&columns).is_ok());
     }
 }

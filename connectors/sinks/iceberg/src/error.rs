@@ -68,3 +68,12 @@ impl From<IcebergError> for SinkError {
         SinkError::classify(e, false, retriable)
     }
 }
+
+/// What Idem's catalog clients leave out of `iceberg::Catalog`: Idem only
+/// creates, loads and commits to its own tables.
+pub fn unsupported<T>(what: &str) -> iceberg::Result<T> {
+    Err(iceberg::Error::new(
+        iceberg::ErrorKind::FeatureUnsupported,
+        format!("Idem's catalog client does not {what}"),
+    ))
+}

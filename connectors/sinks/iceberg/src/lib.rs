@@ -1,14 +1,16 @@
 //! Idem's Apache Iceberg sink: appends into an Iceberg v2 table through a
-//! SQL catalog in PostgreSQL, the data files and the partition's position
-//! committed together (see docs/sinks/iceberg.md).
+//! SQL catalog in PostgreSQL, a REST catalog or AWS Glue, the data files
+//! and the partition's position committed together (see
+//! docs/sinks/iceberg.md).
 
 mod any;
 mod catalog;
 pub mod config;
 mod error;
+mod glue;
 mod leftovers;
 pub mod partition;
-mod rest;
+mod remote;
 pub mod schema;
 mod sink;
 

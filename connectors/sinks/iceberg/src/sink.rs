@@ -10,7 +10,8 @@ use crate::any::{AnyCatalog, Guarded};
 use crate::catalog::PgCatalog;
 use crate::config::{CatalogConfig, IcebergSinkConfig};
 use crate::error::IcebergError;
-use crate::rest::RestCat;
+use crate::glue::GlueAt;
+use crate::remote::{Protocol, RemoteCat};
 use crate::{leftovers, partition, schema};
 use arrow::array::{Array, Int64Array, StringArray};
 use arrow::datatypes::Schema as ArrowSchema;
@@ -135,9 +136,43 @@ impl IcebergSink {
                         idem_config::redact::register(v);
                     }
                 }
-                let c = RestCat::new(uri, props, &cfg.warehouse)?;
-                let shown = format!("in REST catalog {}", c.server);
-                (AnyCatalog::Rest(Box::new(c)), shown)
+                props.insert("uri".into(), uri.clone());
+                let server = format!("REST catalog {}", idem_config::redact::text(uri));
+                let c = RemoteCat::new(Protocol::Rest, server, props, &cfg.warehouse)?;
+                let shown = format!("in {}", c.server);
+                (AnyCatalog::Remote(Box::new(c)), shown)
+            }
+            CatalogConfig::Glue {
+                region,
+                catalog_id,
+                profile,
+                endpoint,
+            } => {
+                let mut props: HashMap<String, String> = io_props(&cfg).into_iter().collect();
+                // The data files live in the catalog's region unless the
+                // warehouse's store says otherwise.
+                if let (Some(r), None) = (region, &cfg.s3_region) {
+                    props.insert(iceberg::io::S3_REGION.into(), r.clone());
+                }
+                let mut server = "Glue catalog".to_string();
+                if let Some(id) = catalog_id {
+                    server.push_str(&format!(" {id}"));
+                }
+                if let Some(r) = region {
+                    server.push_str(&format!(" in {r}"));
+                }
+                if let Some(e) = endpoint {
+                    server.push_str(&format!(" at {e}"));
+                }
+                let at = GlueAt {
+                    region: region.clone(),
+                    profile: profile.clone(),
+                    endpoint: endpoint.clone(),
+                    catalog_id: catalog_id.clone(),
+                };
+                let c = RemoteCat::new(Protocol::Glue(at), server, props, &cfg.warehouse)?;
+                let shown = format!("in {}", c.server);
+                (AnyCatalog::Remote(Box::new(c)), shown)
             }
         };
         let namespace = NamespaceIdent::from_strs(cfg.namespace.split('.'))
@@ -384,7 +419,7 @@ impl Sink for IcebergSink {
                 self.shown,
                 match self.catalog {
                     AnyCatalog::Sql(_) => "under the catalog row's lock",
-                    AnyCatalog::Rest(_) => "on the condition that the table has not moved since the runner checked it (every epoch bump moves it)",
+                    AnyCatalog::Remote(_) => "on the condition that the table has not moved since the runner checked it (every epoch bump moves it)",
                 }
             ),
             key_columns: Vec::new(),
@@ -876,7 +911,7 @@ impl IcebergSink {
                     self.settle(&shares, &[]);
                     return Ok(());
                 }
-                // Another writer's commit came first (a REST catalog does
+                // Another writer's commit came first (a remote catalog does
                 // not rebuild on it by itself): check again on a fresh load.
                 Err(e)
                     if refused.is_empty()
