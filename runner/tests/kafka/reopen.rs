@@ -66,3 +66,37 @@ async fn a_reopened_partition_starts_where_it_was_opened_not_where_the_old_fetch
         start = first[0].offset + 1;
     }
 }
+
+/// A reader whose position holds no message (a transaction's commit
+/// marker: where a sink's position stands after a transaction) on an idle
+/// partition: the seek's first message is the one after the marker. It
+/// must reach the reader, though the consumer's poll that brings it may
+/// have begun before the seek returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_opened_at_a_transaction_marker_on_an_idle_partition_gets_the_next_message() {
+    let topic = fresh_topic("idem_marker", 3).await;
+    let t = topic.clone();
+    // Two transactions of 10 events per partition: on each partition,
+    // offsets 0-9, a commit marker at 10, 11-20, a marker at 21.
+    tokio::task::spawn_blocking(move || produce_transactions(&t, 0..2, 30, |_| false))
+        .await
+        .unwrap();
+    let cfg: KafkaSourceConfig = serde_json::from_value(serde_json::json!({
+        "brokers": BROKERS,
+        "topics": [topic],
+        "group_id": format!("{topic}_group"),
+    }))
+    .unwrap();
+    let source = KafkaSource::new(cfg);
+    let partition = format!("{topic}/0");
+    tokio::time::timeout(Duration::from_secs(30), source.next_assignment())
+        .await
+        .expect("no assignment within 30 s")
+        .unwrap();
+    for round in 0..4 {
+        let mut reader = source.open(&partition, Some(10)).await.unwrap();
+        let read = read_at_least(&mut reader, 10).await;
+        let offsets: Vec<u64> = read.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, (11..21).collect::<Vec<_>>(), "round {round}");
+    }
+}

@@ -42,18 +42,26 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// come from an earlier reader's fetch, already past offsets the new
 /// reader must not skip.
 #[derive(Default)]
-pub(crate) struct Reads(AtomicU64);
+pub(crate) struct Reads {
+    count: AtomicU64,
+    /// A seek returned: the poller gives up the read it waits on and
+    /// begins another, so the seek's first message comes to a read begun
+    /// after it. (Else an idle partition whose reader's position holds no
+    /// message, a transaction marker, would have that message dropped as
+    /// possibly another fetch's at every seek back.)
+    sought: tokio::sync::Notify,
+}
 
 impl Reads {
     /// The number of a read about to begin.
     fn begin(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::SeqCst)
+        self.count.fetch_add(1, Ordering::SeqCst)
     }
 
     /// The number the next read will get: reads numbered from here on
     /// began after this call.
     pub(crate) fn barrier(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.count.load(Ordering::SeqCst)
     }
 }
 
@@ -111,7 +119,9 @@ impl Seeker {
                 return Ok(None);
             }
             this.consumer.seek(&topic, p, offset, SEEK_TIMEOUT)?;
-            Ok(Some(this.reads.barrier()))
+            let barrier = this.reads.barrier();
+            this.reads.sought.notify_one();
+            Ok(Some(barrier))
         })
         .await;
         sought.unwrap_or_else(|e| Err(KafkaError::Seek(format!("the seek's thread failed: {e}"))))
@@ -475,6 +485,8 @@ pub(crate) async fn poll(
         let next = tokio::select! {
             received = tokio::time::timeout(IDLE_POSITIONS, consumer.recv()) => received,
             () = held.room() => continue,
+            // `recv` is cancel-safe: nothing is taken from the consumer.
+            () = reads.sought.notified() => continue,
         };
         let received = match next {
             Ok(r) => r,

@@ -26,6 +26,11 @@ pub(crate) struct KafkaReader {
     /// A message past `next` was dropped as read before the latest seek:
     /// nothing past `next` is taken until a seek back succeeds.
     resync: bool,
+    /// The offset after the furthest message dropped past `next`. The
+    /// consumer's position counts the messages it returned, dropped ones
+    /// too: it says nothing of the gap before it until the reader has
+    /// read this far itself.
+    dropped_past: u64,
     /// The consumer's position the poller last reported, not yet looked at.
     position: Option<u64>,
     /// This reader has handed out a message.
@@ -91,6 +96,7 @@ impl KafkaReader {
             reseek,
             barrier,
             resync: false,
+            dropped_past: 0,
             position: None,
             live: false,
             idle_reads: 0,
@@ -161,7 +167,7 @@ impl PartitionReader for KafkaReader {
             // Once this reader had a message of its own, the consumer's
             // position belongs to this reader's fetch: what lies between
             // its last message and that position holds nothing to read.
-            Some(to) if self.live && !self.resync => {
+            Some(to) if self.live && self.next >= self.dropped_past => {
                 // Never past the end a backfill stops at.
                 let to = self.end.map_or(to, |end| to.min(end));
                 if to > self.next {
@@ -249,6 +255,7 @@ impl PartitionReader for KafkaReader {
                     debug!(offset = m.offset, next = floor, "a message read before the reader's seek, past its position: dropped; seeking again");
                 }
                 self.resync = true;
+                self.dropped_past = self.dropped_past.max(m.next_offset);
                 continue;
             }
             floor = m.next_offset;
@@ -465,5 +472,41 @@ mod tests {
         tx.send(inbound(15, 9)).await.unwrap();
         reader.read(10, &mut out).await.unwrap();
         assert_eq!(out.last().map(|m| m.offset), Some(11));
+    }
+
+    /// The consumer's position counts messages the reader dropped: it
+    /// moves the reader over nothing until the reader has read as far as
+    /// the furthest of them.
+    #[tokio::test]
+    async fn a_position_past_dropped_messages_is_not_followed() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut reader = KafkaReader::new(rx, 10, None, None, 7);
+        let inbound = |offset, read| Inbound::Message {
+            message: msg(offset),
+            read,
+        };
+        // 11 comes first from another fetch and is dropped; 10 is taken.
+        for item in [
+            inbound(11, 6),
+            inbound(10, 8),
+            Inbound::Position { next: 12, read: 9 },
+        ] {
+            tx.send(item).await.unwrap();
+        }
+        let mut out = Vec::new();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        // Not a skip over 11, which the reader never had.
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Idle);
+        tx.send(inbound(11, 10)).await.unwrap();
+        tx.send(Inbound::Position { next: 14, read: 11 })
+            .await
+            .unwrap();
+        assert_eq!(reader.read(10, &mut out).await.unwrap(), ReadStatus::Data);
+        assert_eq!(out.iter().map(|m| m.offset).collect::<Vec<_>>(), [10, 11]);
+        // Read as far as the dropped one: positions count again.
+        assert_eq!(
+            reader.read(10, &mut out).await.unwrap(),
+            ReadStatus::Skipped { from: 12, to: 14 }
+        );
     }
 }
