@@ -23,15 +23,9 @@ async fn read_at_least(reader: &mut Box<dyn PartitionReader>, n: usize) -> Vec<M
     out
 }
 
-/// The runner drops a partition's reader and opens it again (the group
-/// took it away and gave it back) while the consumer still fetches for the
-/// old reader, far ahead. Whatever that fetch brings before the new
-/// reader's seek must not reach the new reader: its first message is the
-/// one it was opened at, or every message in between is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reopened_partition_starts_where_it_was_opened_not_where_the_old_fetch_was() {
-    let topic = fresh_topic("idem_reopen", 1).await;
-    produce(&topic, 0..60_000).await;
+/// A source reading `topic` in a group of its own, once the group has
+/// assigned it every partition; and the name of partition 0.
+async fn assigned_source(topic: &str) -> (KafkaSource, String) {
     let cfg: KafkaSourceConfig = serde_json::from_value(serde_json::json!({
         "brokers": BROKERS,
         "topics": [topic],
@@ -48,6 +42,19 @@ async fn a_reopened_partition_starts_where_it_was_opened_not_where_the_old_fetch
         matches!(&assigned, Some(Assignment::Assigned(p)) if p.contains(&partition)),
         "{assigned:?}"
     );
+    (source, partition)
+}
+
+/// The runner drops a partition's reader and opens it again (the group
+/// took it away and gave it back) while the consumer still fetches for the
+/// old reader, far ahead. Whatever that fetch brings before the new
+/// reader's seek must not reach the new reader: its first message is the
+/// one it was opened at, or every message in between is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_partition_starts_where_it_was_opened_not_where_the_old_fetch_was() {
+    let topic = fresh_topic("idem_reopen", 1).await;
+    produce(&topic, 0..60_000).await;
+    let (source, partition) = assigned_source(&topic).await;
     let mut start = 0;
     for round in 0..8 {
         let mut reader = source.open(&partition, Some(start)).await.unwrap();
@@ -81,18 +88,7 @@ async fn a_reader_opened_at_a_transaction_marker_on_an_idle_partition_gets_the_n
     tokio::task::spawn_blocking(move || produce_transactions(&t, 0..2, 30, |_| false))
         .await
         .unwrap();
-    let cfg: KafkaSourceConfig = serde_json::from_value(serde_json::json!({
-        "brokers": BROKERS,
-        "topics": [topic],
-        "group_id": format!("{topic}_group"),
-    }))
-    .unwrap();
-    let source = KafkaSource::new(cfg);
-    let partition = format!("{topic}/0");
-    tokio::time::timeout(Duration::from_secs(30), source.next_assignment())
-        .await
-        .expect("no assignment within 30 s")
-        .unwrap();
+    let (source, partition) = assigned_source(&topic).await;
     for round in 0..4 {
         let mut reader = source.open(&partition, Some(10)).await.unwrap();
         let read = read_at_least(&mut reader, 10).await;

@@ -292,6 +292,14 @@ impl PartitionReader for KafkaReader {
 mod tests {
     use super::*;
 
+    /// Message `offset`, brought by read number `read`.
+    fn inbound(offset: u64, read: u64) -> Inbound {
+        Inbound::Message {
+            message: msg(offset),
+            read,
+        }
+    }
+
     fn msg(offset: u64) -> Message {
         Message {
             offset,
@@ -405,10 +413,6 @@ mod tests {
     async fn what_was_read_before_the_readers_seek_is_taken_only_at_its_position() {
         let (tx, rx) = mpsc::channel(16);
         let mut reader = KafkaReader::new(rx, 3000, None, None, 7);
-        let inbound = |offset, read| Inbound::Message {
-            message: msg(offset),
-            read,
-        };
         let offsets = |out: &[Message]| out.iter().map(|m| m.offset).collect::<Vec<_>>();
         for item in [
             inbound(3443, 5),
@@ -450,10 +454,6 @@ mod tests {
     async fn after_dropping_a_message_past_its_position_a_reader_waits_for_a_seek() {
         let (tx, rx) = mpsc::channel(16);
         let mut reader = KafkaReader::new(rx, 10, None, None, 7);
-        let inbound = |offset, read| Inbound::Message {
-            message: msg(offset),
-            read,
-        };
         // 12, read before the seek returned, is dropped; 13, read after,
         // may follow it in the same fetch and is not taken either; 10 and
         // 11 continue the reader.
@@ -481,10 +481,6 @@ mod tests {
     async fn a_position_past_dropped_messages_is_not_followed() {
         let (tx, rx) = mpsc::channel(16);
         let mut reader = KafkaReader::new(rx, 10, None, None, 7);
-        let inbound = |offset, read| Inbound::Message {
-            message: msg(offset),
-            read,
-        };
         // 11 comes first from another fetch and is dropped; 10 is taken.
         for item in [
             inbound(11, 6),
