@@ -485,7 +485,7 @@ mod tests {
         Record {
             offset,
             op: Op::Upsert,
-            values: vec![],
+            values: vec![].into(),
             id: Some(id.into()),
         }
     }

@@ -344,7 +344,7 @@ pub fn rec(offset: u64, id: &str, v: i64) -> Record {
     Record {
         offset,
         op: Op::Upsert,
-        values: vec![Value::Text(id.into()), Value::BigInt(v)],
+        values: vec![Value::Text(id.into()), Value::BigInt(v)].into(),
         id: None,
     }
 }
@@ -353,7 +353,7 @@ pub fn del(offset: u64, id: &str) -> Record {
     Record {
         offset,
         op: Op::Delete,
-        values: vec![Value::Text(id.into()), Value::Null],
+        values: vec![Value::Text(id.into()), Value::Null].into(),
         id: None,
     }
 }

@@ -246,7 +246,7 @@ pub async fn a_versioned_delete_is_not_undone_by_an_older_change<T: TableTarget>
     let del_v = |offset, id: &str, v| Record {
         offset,
         op: Op::Delete,
-        values: vec![Value::Text(id.into()), Value::BigInt(v)],
+        values: vec![Value::Text(id.into()), Value::BigInt(v)].into(),
         id: None,
     };
     let p = part("a");
@@ -343,7 +343,8 @@ pub async fn learnt_columns_are_added_in_the_batch_transaction<T: TableTarget>(t
             Value::Text(id.into()),
             Value::BigInt(v),
             note.map_or(Value::Null, |n| Value::Text(n.into())),
-        ],
+        ]
+        .into(),
         id: None,
     };
     let with = |columns, records, next| {
@@ -400,7 +401,9 @@ pub async fn learnt_columns_are_added_in_the_batch_transaction<T: TableTarget>(t
     again.prepare().await.unwrap();
     let e = again.open(&p).await.unwrap().epoch;
     let mut clash = rec(4, "d", 5);
-    clash.values.push(Value::BigInt(1));
+    let mut values = clash.values.to_values();
+    values.push(Value::BigInt(1));
+    clash.values = values.into();
     let clash = Batch {
         epoch: e,
         ..with(learnt(ColumnType::Bigint), vec![clash], 5)

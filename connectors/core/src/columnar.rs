@@ -2,7 +2,8 @@
 //! writes as Parquet and the DuckDB sink hands to its appender whole,
 //! instead of one value at a time.
 
-use crate::{Record, Value};
+use crate::mapping::row::Iter;
+use crate::{Record, ValueRef};
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float64Builder, Int32Builder,
     Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
@@ -30,10 +31,12 @@ pub fn arrays(
     partition: &str,
     records: &[&Record],
 ) -> Result<Vec<ArrayRef>, String> {
+    // One cursor per record, each advanced a value per column: a packed
+    // row is read front to back once.
+    let mut cursors: Vec<Iter<'_>> = records.iter().map(|r| r.values.iter()).collect();
     let mut arrays: Vec<ArrayRef> = columns
         .iter()
-        .enumerate()
-        .map(|(i, c)| column(c, i, records))
+        .map(|c| column(c, &mut cursors))
         .collect::<Result<_, _>>()?;
     let mut parts = StringBuilder::with_capacity(records.len(), records.len() * partition.len());
     let mut offsets = Int64Builder::with_capacity(records.len());
@@ -63,13 +66,14 @@ pub fn arrow_type(t: ColumnType) -> DataType {
     }
 }
 
-/// Column `i` of `records` as an Arrow array of `c`'s type.
-fn column(c: &ColumnConfig, i: usize, records: &[&Record]) -> Result<ArrayRef, String> {
-    let n = records.len();
-    let values = records
-        .iter()
-        .map(|r| r.values.get(i).unwrap_or(&Value::Null));
-    let mismatch = |v: &Value| {
+/// The next column of the records under `cursors` as an Arrow array of
+/// `c`'s type.
+fn column(c: &ColumnConfig, cursors: &mut [Iter<'_>]) -> Result<ArrayRef, String> {
+    let n = cursors.len();
+    let values = cursors
+        .iter_mut()
+        .map(|r| r.next().unwrap_or(ValueRef::Null));
+    let mismatch = |v: ValueRef<'_>| {
         format!(
             "column `{}` ({:?}) got a value of another type: {v:?}",
             c.name, c.ty
@@ -80,7 +84,7 @@ fn column(c: &ColumnConfig, i: usize, records: &[&Record]) -> Result<ArrayRef, S
             let mut b = $builder;
             for v in values {
                 match v {
-                    Value::Null => b.append_null(),
+                    ValueRef::Null => b.append_null(),
                     $($pat => b.append_value($val),)+
                     other => return Err(mismatch(other)),
                 }
@@ -93,23 +97,27 @@ fn column(c: &ColumnConfig, i: usize, records: &[&Record]) -> Result<ArrayRef, S
             let mut b = StringBuilder::with_capacity(n, n * 16);
             for v in values {
                 match v {
-                    Value::Null => b.append_null(),
-                    Value::Text(s) | Value::Json(s) | Value::Numeric(s) => b.append_value(s),
-                    Value::Uuid(u) => b.append_value(uuid_text(u)),
+                    ValueRef::Null => b.append_null(),
+                    ValueRef::Text(s) | ValueRef::Json(s) | ValueRef::Numeric(s) => {
+                        b.append_value(s)
+                    }
+                    ValueRef::Uuid(u) => b.append_value(uuid_text(u)),
                     other => return Err(mismatch(other)),
                 }
             }
             Arc::new(b.finish())
         }
-        ColumnType::Bigint => build!(Int64Builder::with_capacity(n), Value::BigInt(x) => *x),
-        ColumnType::Integer => build!(Int32Builder::with_capacity(n), Value::Integer(x) => *x),
-        ColumnType::Double => build!(Float64Builder::with_capacity(n), Value::Double(x) => *x),
-        ColumnType::Boolean => build!(BooleanBuilder::with_capacity(n), Value::Boolean(x) => *x),
-        ColumnType::Date => build!(Date32Builder::with_capacity(n), Value::Date(x) => *x),
-        ColumnType::Bytea => build!(BinaryBuilder::with_capacity(n, n * 16), Value::Bytes(x) => x),
+        ColumnType::Bigint => build!(Int64Builder::with_capacity(n), ValueRef::BigInt(x) => x),
+        ColumnType::Integer => build!(Int32Builder::with_capacity(n), ValueRef::Integer(x) => x),
+        ColumnType::Double => build!(Float64Builder::with_capacity(n), ValueRef::Double(x) => x),
+        ColumnType::Boolean => build!(BooleanBuilder::with_capacity(n), ValueRef::Boolean(x) => x),
+        ColumnType::Date => build!(Date32Builder::with_capacity(n), ValueRef::Date(x) => x),
+        ColumnType::Bytea => {
+            build!(BinaryBuilder::with_capacity(n, n * 16), ValueRef::Bytes(x) => x)
+        }
         ColumnType::Timestamp => {
             let b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-            build!(b, Value::Timestamp(x) => *x)
+            build!(b, ValueRef::Timestamp(x) => x)
         }
     })
 }

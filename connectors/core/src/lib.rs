@@ -21,7 +21,7 @@ mod source;
 pub mod table;
 
 pub use idem_config::Guarantee;
-pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Value};
+pub use mapping::{plain_decimal, MapError, Mapper, Op, Record, Row, Value, ValueRef};
 pub use message::{Message, Meta, PartitionRef};
 pub use sink::{
     AddsColumns, Batch, CommitStats, Opened, Rejects, RowPositions, RowShape, Sink, SinkError,

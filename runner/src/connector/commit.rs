@@ -64,7 +64,7 @@ impl Connector {
                 .iter_mut()
                 .filter(|r| r.values.len() < columns.len())
             {
-                r.values.resize(columns.len(), idem_core::Value::Null);
+                r.values.pad_to(columns.len());
             }
         }
         let batch = Arc::new(Batch {

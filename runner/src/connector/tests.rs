@@ -139,7 +139,7 @@ impl Sink for MemSink {
             return Err(SinkError::Permanent(Box::new(Simulated)));
         }
         if batch.records.iter().any(
-            |r| matches!(r.values[0], idem_core::Value::BigInt(id) if self.refuse.contains(&id)),
+            |r| matches!(r.values.to_values()[0], idem_core::Value::BigInt(id) if self.refuse.contains(&id)),
         ) {
             return Err(SinkError::Refused(Box::new(Simulated)));
         }
@@ -803,11 +803,15 @@ impl Sink for StagingSink {
             });
         }
         if batch.next_offset > st.staged_through {
-            st.staged
-                .extend(batch.records.iter().filter_map(|r| match r.values[0] {
-                    idem_core::Value::BigInt(id) => Some(id),
-                    _ => None,
-                }));
+            st.staged.extend(
+                batch
+                    .records
+                    .iter()
+                    .filter_map(|r| match r.values.to_values()[0] {
+                        idem_core::Value::BigInt(id) => Some(id),
+                        _ => None,
+                    }),
+            );
             st.staged_through = batch.next_offset;
             if st.staged.len() >= self.roll {
                 st.make_durable();

@@ -670,7 +670,7 @@ fn hash(id: &str) -> u64 {
 }
 
 /// A digest of a row's values: equal rows, equal digests.
-fn digest(values: &[idem_core::Value]) -> u64 {
+fn digest(values: &idem_core::Row) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for v in values {

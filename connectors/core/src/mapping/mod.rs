@@ -12,11 +12,13 @@ mod debezium;
 mod flat;
 pub mod protobuf;
 pub mod registry;
+pub mod row;
 #[cfg(test)]
 mod tests;
 mod value;
 
-pub use value::{plain_decimal, Op, Record, Value};
+pub use row::{Row, RowWriter};
+pub use value::{plain_decimal, Op, Record, Value, ValueRef};
 
 use crate::Message;
 use flat::{disjoint, Flat};
@@ -477,10 +479,11 @@ impl Mapper {
                 *field = metadata(col, msg)?;
             }
         }
-        let mut values = Vec::with_capacity(columns.len());
+        // Packed as they are converted: a record holds one allocation.
+        let mut values = RowWriter::with_capacity(msg.size());
         for (col, field) in columns.iter().zip(fields) {
             if op == Op::Delete && !col.key && !col.from.of_event() {
-                values.push(Value::Null);
+                values.push(ValueRef::Null);
                 continue;
             }
             let value = match field.filter(|v| !v.is_null()) {
@@ -509,12 +512,12 @@ impl Mapper {
                     }
                 },
             };
-            values.push(value);
+            values.push(value.as_ref());
         }
         Ok(Record {
             offset: msg.offset,
             op,
-            values,
+            values: values.finish(),
             id: None,
         })
     }

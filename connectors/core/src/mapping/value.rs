@@ -1,6 +1,7 @@
 //! Typed cells and records, and the conversion of JSON values to a
 //! column's type.
 
+use super::row::Row;
 use idem_config::ColumnType;
 use serde_json::Value as Json;
 
@@ -26,46 +27,119 @@ pub enum Value {
     Bytes(Vec<u8>),
 }
 
+/// A typed cell borrowed from a [`Row`](super::Row) (or a [`Value`]):
+/// what sinks read, without an allocation per text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    Null,
+    Text(&'a str),
+    BigInt(i64),
+    Integer(i32),
+    Double(f64),
+    Boolean(bool),
+    /// Microseconds since the Unix epoch, UTC.
+    Timestamp(i64),
+    /// Days since the Unix epoch.
+    Date(i32),
+    /// Serialized JSON.
+    Json(&'a str),
+    /// A plain decimal, as [`Value::Numeric`].
+    Numeric(&'a str),
+    Uuid(&'a [u8; 16]),
+    Bytes(&'a [u8]),
+}
+
 impl Value {
+    /// The value borrowed.
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Null => ValueRef::Null,
+            Value::Text(s) => ValueRef::Text(s),
+            Value::BigInt(n) => ValueRef::BigInt(*n),
+            Value::Integer(n) => ValueRef::Integer(*n),
+            Value::Double(x) => ValueRef::Double(*x),
+            Value::Boolean(b) => ValueRef::Boolean(*b),
+            Value::Timestamp(t) => ValueRef::Timestamp(*t),
+            Value::Date(d) => ValueRef::Date(*d),
+            Value::Json(s) => ValueRef::Json(s),
+            Value::Numeric(s) => ValueRef::Numeric(s),
+            Value::Uuid(u) => ValueRef::Uuid(u),
+            Value::Bytes(b) => ValueRef::Bytes(b),
+        }
+    }
+
+    /// See [`ValueRef::to_json`].
+    pub fn to_json(&self) -> serde_json::Value {
+        self.as_ref().to_json()
+    }
+
+    /// See [`ValueRef::time_text`].
+    pub fn time_text(&self) -> String {
+        self.as_ref().time_text()
+    }
+
+    /// See [`ValueRef::write_json`].
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        self.as_ref().write_json(out)
+    }
+}
+
+impl ValueRef<'_> {
+    /// The value owned.
+    pub fn to_value(self) -> Value {
+        match self {
+            ValueRef::Null => Value::Null,
+            ValueRef::Text(s) => Value::Text(s.to_owned()),
+            ValueRef::BigInt(n) => Value::BigInt(n),
+            ValueRef::Integer(n) => Value::Integer(n),
+            ValueRef::Double(x) => Value::Double(x),
+            ValueRef::Boolean(b) => Value::Boolean(b),
+            ValueRef::Timestamp(t) => Value::Timestamp(t),
+            ValueRef::Date(d) => Value::Date(d),
+            ValueRef::Json(s) => Value::Json(s.to_owned()),
+            ValueRef::Numeric(s) => Value::Numeric(s.to_owned()),
+            ValueRef::Uuid(u) => Value::Uuid(*u),
+            ValueRef::Bytes(b) => Value::Bytes(b.to_vec()),
+        }
+    }
+
     /// The value as JSON, for sinks that write JSON: timestamps as RFC 3339
     /// text in UTC with microseconds (`2026-11-24T10:00:00.000000Z`), dates
     /// as `YYYY-MM-DD`, numerics as their exact text, UUIDs as text, bytes
     /// as base64: what JSON readers (DuckDB, Spark, jq) take without a
     /// schema.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub fn to_json(self) -> serde_json::Value {
         match self {
-            Value::Null => serde_json::Value::Null,
-            Value::Text(s) => s.clone().into(),
-            Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.clone().into()),
-            Value::BigInt(n) => (*n).into(),
-            Value::Integer(n) => (*n).into(),
-            Value::Double(x) => (*x).into(),
-            Value::Boolean(b) => (*b).into(),
-            Value::Timestamp(_) | Value::Date(_) => self.time_text().into(),
+            ValueRef::Null => serde_json::Value::Null,
+            ValueRef::Text(s) => s.into(),
+            ValueRef::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| s.into()),
+            ValueRef::BigInt(n) => n.into(),
+            ValueRef::Integer(n) => n.into(),
+            ValueRef::Double(x) => x.into(),
+            ValueRef::Boolean(b) => b.into(),
+            ValueRef::Timestamp(_) | ValueRef::Date(_) => self.time_text().into(),
             // As the message carried them: exact text, UUID text, base64.
-            Value::Numeric(s) => s.clone().into(),
-            Value::Uuid(u) => uuid::Uuid::from_bytes(*u).to_string().into(),
-            Value::Bytes(b) => {
+            ValueRef::Numeric(s) => s.into(),
+            ValueRef::Uuid(u) => uuid::Uuid::from_bytes(*u).to_string().into(),
+            ValueRef::Bytes(b) => {
                 use base64::Engine as _;
                 base64::engine::general_purpose::STANDARD.encode(b).into()
             }
         }
     }
-}
 
-impl Value {
     /// A timestamp or date as text; empty for other values. Out-of-range
     /// times (beyond year 262143) keep their number.
-    pub fn time_text(&self) -> String {
+    pub fn time_text(self) -> String {
         let mut out = Vec::with_capacity(27);
         self.write_time(&mut out);
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// [`Value::time_text`] appended to `out`: digits written by hand,
+    /// [`ValueRef::time_text`] appended to `out`: digits written by hand,
     /// since JSON sinks write one per record and a format string costs
     /// more than the rest of the record.
-    fn write_time(&self, out: &mut Vec<u8>) {
+    fn write_time(self, out: &mut Vec<u8>) {
         use chrono::{Datelike as _, Timelike as _};
         fn digits(out: &mut Vec<u8>, n: u32, width: usize) {
             let mut buf = [b'0'; 6];
@@ -77,9 +151,9 @@ impl Value {
             out.extend_from_slice(&buf[..width]);
         }
         let (t, with_time) = match self {
-            Value::Timestamp(us) => (chrono::DateTime::from_timestamp_micros(*us), true),
-            Value::Date(d) => (
-                chrono::DateTime::from_timestamp(i64::from(*d) * 86_400, 0),
+            ValueRef::Timestamp(us) => (chrono::DateTime::from_timestamp_micros(us), true),
+            ValueRef::Date(d) => (
+                chrono::DateTime::from_timestamp(i64::from(d) * 86_400, 0),
                 false,
             ),
             _ => return,
@@ -87,8 +161,8 @@ impl Value {
         let Some(t) = t else {
             // Beyond chrono's range (about 262,000 years): the number.
             match self {
-                Value::Timestamp(n) => out.extend_from_slice(n.to_string().as_bytes()),
-                Value::Date(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                ValueRef::Timestamp(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                ValueRef::Date(n) => out.extend_from_slice(n.to_string().as_bytes()),
                 _ => {}
             }
             return;
@@ -120,23 +194,23 @@ impl Value {
         }
     }
 
-    /// Append [`Value::to_json`]'s text to `out`, without building a
+    /// Append [`ValueRef::to_json`]'s text to `out`, without building a
     /// `serde_json::Value` for the common scalar cases.
-    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    pub fn write_json(self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         match self {
-            Value::Null => out.extend_from_slice(b"null"),
-            Value::Text(s) | Value::Numeric(s) => serde_json::to_writer(&mut *out, s.as_str())?,
-            Value::BigInt(n) => serde_json::to_writer(&mut *out, n)?,
-            Value::Integer(n) => serde_json::to_writer(&mut *out, n)?,
-            Value::Timestamp(_) | Value::Date(_) => {
+            ValueRef::Null => out.extend_from_slice(b"null"),
+            ValueRef::Text(s) | ValueRef::Numeric(s) => serde_json::to_writer(&mut *out, s)?,
+            ValueRef::BigInt(n) => serde_json::to_writer(&mut *out, &n)?,
+            ValueRef::Integer(n) => serde_json::to_writer(&mut *out, &n)?,
+            ValueRef::Timestamp(_) | ValueRef::Date(_) => {
                 out.push(b'"');
                 self.write_time(out);
                 out.push(b'"');
             }
             // Through serde_json's own Value: non-finite doubles become null.
-            Value::Double(x) => serde_json::to_writer(&mut *out, &serde_json::Value::from(*x))?,
-            Value::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Value::Json(_) | Value::Uuid(_) | Value::Bytes(_) => {
+            ValueRef::Double(x) => serde_json::to_writer(&mut *out, &serde_json::Value::from(x))?,
+            ValueRef::Boolean(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+            ValueRef::Json(_) | ValueRef::Uuid(_) | ValueRef::Bytes(_) => {
                 serde_json::to_writer(&mut *out, &self.to_json())?
             }
         }
@@ -156,7 +230,8 @@ pub enum Op {
 pub struct Record {
     pub offset: u64,
     pub op: Op,
-    pub values: Vec<Value>,
+    /// The row, in column order, packed (see [`Row`]).
+    pub values: Row,
     /// The message id, when the connector deduplicates (or its sink needs
     /// one, as an HTTP idempotency key).
     pub id: Option<String>,
@@ -171,7 +246,7 @@ impl Record {
         extra: usize,
     ) -> serde_json::Map<String, serde_json::Value> {
         let mut obj = serde_json::Map::with_capacity(names.len() + extra);
-        for (name, v) in names.iter().zip(&self.values) {
+        for (name, v) in names.iter().zip(self.values.iter()) {
             obj.insert(name.clone(), v.to_json());
         }
         obj

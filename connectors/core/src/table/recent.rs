@@ -74,7 +74,7 @@ mod tests {
         let rec = |k: &str, v: i64| Record {
             offset: 0,
             op: Op::Upsert,
-            values: vec![Value::Text(k.into()), Value::BigInt(v)],
+            values: vec![Value::Text(k.into()), Value::BigInt(v)].into(),
             id: None,
         };
         assert_eq!(key_hash(&rec("a", 1), &[0]), key_hash(&rec("a", 2), &[0]));

@@ -3,7 +3,7 @@
 //! detection. Both dialects quote identifiers with `"` and know
 //! `IS DISTINCT FROM` and `INSERT .. ON CONFLICT`.
 
-use crate::{Op, Record, RowShape, SinkInfo, Value};
+use crate::{Op, Record, RowShape, SinkInfo, ValueRef};
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use idem_config::{ColumnConfig, ColumnType, Guarantee, WriteMode};
 
@@ -60,7 +60,9 @@ pub fn newest_of_each_key(
     }
     // A key of one column (the usual case) without a `Vec` per record.
     Some(match key_idx {
-        [k] => newest_by(records, kept, |r| KeyPart::of(&r.values[*k])),
+        [k] => newest_by(records, kept, |r| {
+            KeyPart::of(r.values.get(*k).unwrap_or(ValueRef::Null))
+        }),
         _ => newest_by(records, kept, |r| KeyPart::key(r, key_idx)),
     })
 }
@@ -542,23 +544,23 @@ impl<'a> KeyPart<'a> {
     pub(crate) fn key(record: &'a Record, key_idx: &[usize]) -> Vec<KeyPart<'a>> {
         key_idx
             .iter()
-            .map(|&k| KeyPart::of(&record.values[k]))
+            .map(|&k| KeyPart::of(record.values.get(k).unwrap_or(ValueRef::Null)))
             .collect()
     }
 
-    pub(crate) fn of(v: &'a Value) -> Self {
+    pub(crate) fn of(v: ValueRef<'a>) -> Self {
         match v {
-            Value::Null => KeyPart::Null,
+            ValueRef::Null => KeyPart::Null,
             // `1.50` and `1.5` differ here but not in the table: such a
             // batch meets a unique violation and takes the staging path.
-            Value::Text(s) | Value::Json(s) | Value::Numeric(s) => KeyPart::Text(s),
-            Value::Uuid(u) => KeyPart::Bytes(u),
-            Value::Bytes(b) => KeyPart::Bytes(b),
-            Value::BigInt(n) | Value::Timestamp(n) => KeyPart::Int(*n),
-            Value::Integer(n) | Value::Date(n) => KeyPart::Int(i64::from(*n)),
+            ValueRef::Text(s) | ValueRef::Json(s) | ValueRef::Numeric(s) => KeyPart::Text(s),
+            ValueRef::Uuid(u) => KeyPart::Bytes(u),
+            ValueRef::Bytes(b) => KeyPart::Bytes(b),
+            ValueRef::BigInt(n) | ValueRef::Timestamp(n) => KeyPart::Int(n),
+            ValueRef::Integer(n) | ValueRef::Date(n) => KeyPart::Int(i64::from(n)),
             // `-0.0` and `0.0` are one key to a database: one bit pattern.
-            Value::Double(x) => KeyPart::Bits(if *x == 0.0 { 0 } else { x.to_bits() }),
-            Value::Boolean(b) => KeyPart::Int(i64::from(*b)),
+            ValueRef::Double(x) => KeyPart::Bits(if x == 0.0 { 0 } else { x.to_bits() }),
+            ValueRef::Boolean(b) => KeyPart::Int(i64::from(b)),
         }
     }
 }
@@ -594,13 +596,14 @@ pub fn key_indexes(columns: &[ColumnConfig], keys: &[String]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Value;
 
     #[test]
     fn kept_records_go_in_key_order() {
         let rec = |offset: u64, k: &str, n: i64| Record {
             offset,
             op: crate::Op::Upsert,
-            values: vec![Value::Text(k.into()), Value::BigInt(n)],
+            values: vec![Value::Text(k.into()), Value::BigInt(n)].into(),
             id: None,
         };
         let records = [
@@ -625,7 +628,7 @@ mod tests {
         let rec = |offset: u64, k: &str, op: crate::Op| Record {
             offset,
             op,
-            values: vec![Value::Text(k.into())],
+            values: vec![Value::Text(k.into())].into(),
             id: None,
         };
         let up = crate::Op::Upsert;
@@ -657,13 +660,13 @@ mod tests {
             Record {
                 offset: 1,
                 op: up,
-                values: vec![Value::Double(-0.0)],
+                values: vec![Value::Double(-0.0)].into(),
                 id: None,
             },
             Record {
                 offset: 2,
                 op: up,
-                values: vec![Value::Double(0.0)],
+                values: vec![Value::Double(0.0)].into(),
                 id: None,
             },
         ];
@@ -714,7 +717,7 @@ mod tests {
         let rec = |k: &str, op| Record {
             offset: 0,
             op,
-            values: vec![Value::Text(k.into())],
+            values: vec![Value::Text(k.into())].into(),
             id: None,
         };
         assert!(unique_upserts(
@@ -733,7 +736,7 @@ mod tests {
         let rec = |id: Option<&str>| Record {
             offset: 0,
             op: Op::Upsert,
-            values: vec![],
+            values: vec![].into(),
             id: id.map(str::to_string),
         };
         let batch = [

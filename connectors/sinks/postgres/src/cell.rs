@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 use idem_config::ColumnType;
-use idem_core::Value;
+use idem_core::ValueRef;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 /// Microseconds and days between 1970-01-01 and PostgreSQL's 2000-01-01.
@@ -62,18 +62,18 @@ const MIN_TIMESTAMP_MICROS: i64 = -210_866_803_200_000_000;
 /// Why PostgreSQL would refuse `v` in column `name`, before it fails a
 /// whole `COPY`: a NUL character (text and jsonb cannot hold one), a date or
 /// timestamp before 4714 BC.
-pub fn refusal(name: &str, v: &Value) -> Option<String> {
+pub fn refusal(name: &str, v: ValueRef<'_>) -> Option<String> {
     let why = match v {
-        Value::Text(s) if s.contains('\0') => {
+        ValueRef::Text(s) if s.contains('\0') => {
             "holds a NUL character (\\u0000), which PostgreSQL text cannot store"
         }
-        Value::Json(s) if json_has_nul(s) => {
+        ValueRef::Json(s) if json_has_nul(s) => {
             "holds a NUL character (\\u0000), which PostgreSQL jsonb cannot store"
         }
-        Value::Date(d) if *d < MIN_DATE_DAYS => {
+        ValueRef::Date(d) if d < MIN_DATE_DAYS => {
             "is a date before 4714-11-24 BC, the earliest PostgreSQL stores"
         }
-        Value::Timestamp(us) if *us < MIN_TIMESTAMP_MICROS => {
+        ValueRef::Timestamp(us) if us < MIN_TIMESTAMP_MICROS => {
             "is a timestamp before 4714-11-24 BC, the earliest PostgreSQL stores"
         }
         _ => return None,
@@ -102,7 +102,7 @@ fn json_has_nul(s: &str) -> bool {
 /// One cell of a `COPY` row.
 #[derive(Debug)]
 pub enum Cell<'a> {
-    Mapped(&'a Value),
+    Mapped(ValueRef<'a>),
     Text(&'a str),
     BigInt(i64),
     Boolean(bool),
@@ -118,24 +118,24 @@ impl ToSql for Cell<'_> {
             Cell::Text(s) => out.put_slice(s.as_bytes()),
             Cell::BigInt(n) => out.put_i64(*n),
             Cell::Boolean(b) => out.put_u8(u8::from(*b)),
-            Cell::Mapped(v) => match v {
-                Value::Null => return Ok(IsNull::Yes),
-                Value::Text(s) => out.put_slice(s.as_bytes()),
-                Value::Json(s) => {
+            Cell::Mapped(v) => match *v {
+                ValueRef::Null => return Ok(IsNull::Yes),
+                ValueRef::Text(s) => out.put_slice(s.as_bytes()),
+                ValueRef::Json(s) => {
                     if *ty == Type::JSONB {
                         out.put_u8(1); // jsonb binary format version
                     }
                     out.put_slice(s.as_bytes());
                 }
-                Value::BigInt(n) => out.put_i64(*n),
-                Value::Integer(n) => out.put_i32(*n),
-                Value::Double(x) => out.put_f64(*x),
-                Value::Boolean(b) => out.put_u8(u8::from(*b)),
-                Value::Timestamp(us) => out.put_i64(us.saturating_sub(PG_EPOCH_MICROS)),
-                Value::Date(d) => out.put_i32(d.saturating_sub(PG_EPOCH_DAYS)),
-                Value::Numeric(d) => put_numeric(d, out),
-                Value::Uuid(u) => out.put_slice(u),
-                Value::Bytes(b) => out.put_slice(b),
+                ValueRef::BigInt(n) => out.put_i64(n),
+                ValueRef::Integer(n) => out.put_i32(n),
+                ValueRef::Double(x) => out.put_f64(x),
+                ValueRef::Boolean(b) => out.put_u8(u8::from(b)),
+                ValueRef::Timestamp(us) => out.put_i64(us.saturating_sub(PG_EPOCH_MICROS)),
+                ValueRef::Date(d) => out.put_i32(d.saturating_sub(PG_EPOCH_DAYS)),
+                ValueRef::Numeric(d) => put_numeric(d, out),
+                ValueRef::Uuid(u) => out.put_slice(u),
+                ValueRef::Bytes(b) => out.put_slice(b),
             },
         }
         Ok(IsNull::No)
@@ -197,6 +197,7 @@ fn put_numeric(plain: &str, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use idem_core::Value;
 
     fn encoded(plain: &str) -> Vec<i16> {
         let mut out = BytesMut::new();
@@ -208,17 +209,17 @@ mod tests {
 
     #[test]
     fn values_postgresql_cannot_store_are_named() {
-        assert!(refusal("c", &Value::Text("a\0b".into()))
+        assert!(refusal("c", Value::Text("a\0b".into()).as_ref())
             .unwrap()
             .contains("`c` holds a NUL"));
-        assert!(refusal("c", &Value::Text("a\\u0000".into())).is_none());
-        assert!(refusal("j", &Value::Json(r#"{"a":"x\u0000"}"#.into())).is_some());
-        assert!(refusal("j", &Value::Json(r#"{"a":"x\\u0000"}"#.into())).is_none());
-        assert!(refusal("d", &Value::Date(MIN_DATE_DAYS)).is_none());
-        assert!(refusal("d", &Value::Date(MIN_DATE_DAYS - 1)).is_some());
-        assert!(refusal("t", &Value::Timestamp(MIN_TIMESTAMP_MICROS)).is_none());
-        assert!(refusal("t", &Value::Timestamp(MIN_TIMESTAMP_MICROS - 1)).is_some());
-        assert!(refusal("n", &Value::BigInt(i64::MIN)).is_none());
+        assert!(refusal("c", Value::Text("a\\u0000".into()).as_ref()).is_none());
+        assert!(refusal("j", Value::Json(r#"{"a":"x\u0000"}"#.into()).as_ref()).is_some());
+        assert!(refusal("j", Value::Json(r#"{"a":"x\\u0000"}"#.into()).as_ref()).is_none());
+        assert!(refusal("d", Value::Date(MIN_DATE_DAYS).as_ref()).is_none());
+        assert!(refusal("d", Value::Date(MIN_DATE_DAYS - 1).as_ref()).is_some());
+        assert!(refusal("t", Value::Timestamp(MIN_TIMESTAMP_MICROS).as_ref()).is_none());
+        assert!(refusal("t", Value::Timestamp(MIN_TIMESTAMP_MICROS - 1).as_ref()).is_some());
+        assert!(refusal("n", Value::BigInt(i64::MIN).as_ref()).is_none());
     }
 
     #[test]

@@ -191,9 +191,6 @@ fn purge(table: &str, retention: Duration) -> String {
     )
 }
 
-/// The null of a record without a message id.
-const NO_ID: idem_core::Value = idem_core::Value::Null;
-
 /// What [`copy_rows`] sends of a batch besides mapped values and position.
 #[derive(Clone, Copy)]
 struct Rows<'a> {
@@ -258,7 +255,7 @@ async fn copy_rows(
                 .id
                 .as_deref()
                 .filter(|_| rows.recorded.is_none_or(|r| !r[i]));
-            row.push(id.map_or(Cell::Mapped(&NO_ID), Cell::Text));
+            row.push(id.map_or(Cell::Mapped(idem_core::ValueRef::Null), Cell::Text));
         }
         writer.as_mut().write_raw(row.drain(..)).await?;
     }

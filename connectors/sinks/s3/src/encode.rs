@@ -10,7 +10,7 @@ use crate::error::S3Error;
 use arrow::datatypes::Schema;
 use arrow::record_batch::RecordBatch;
 use idem_config::ColumnConfig;
-use idem_core::{columnar, Record, Value};
+use idem_core::{columnar, Record, ValueRef};
 use std::io::Write as _;
 use std::sync::Arc;
 
@@ -111,12 +111,12 @@ impl Encoder {
         if let Some((i, prefix)) = &self.field {
             out.push_str(prefix);
             match r.values.get(*i) {
-                Some(Value::Null) | None => out.push_str(HIVE_NULL),
+                Some(ValueRef::Null) | None => out.push_str(HIVE_NULL),
                 Some(v) => {
                     let mut text = Vec::new();
                     // Strings without their quotes; other values as JSON.
                     let value = match v {
-                        Value::Text(t) | Value::Numeric(t) => t.clone(),
+                        ValueRef::Text(t) | ValueRef::Numeric(t) => t.to_owned(),
                         v => match v.write_json(&mut text) {
                             Ok(()) => String::from_utf8_lossy(&text).trim_matches('"').to_string(),
                             Err(_) => HIVE_NULL.to_string(),
@@ -131,8 +131,8 @@ impl Encoder {
             return out;
         };
         let micros = match r.values.get(i) {
-            Some(Value::Timestamp(us)) => Some(*us),
-            Some(Value::Date(days)) => Some(i64::from(*days) * 86_400_000_000),
+            Some(ValueRef::Timestamp(us)) => Some(us),
+            Some(ValueRef::Date(days)) => Some(i64::from(days) * 86_400_000_000),
             _ => None,
         };
         match micros.and_then(chrono::DateTime::from_timestamp_micros) {
@@ -284,7 +284,7 @@ impl Encoder {
         for r in records {
             line.clear();
             line.push(b'{');
-            for (k, v) in keys.iter().zip(&r.values) {
+            for (k, v) in keys.iter().zip(r.values.iter()) {
                 line.extend_from_slice(k.as_bytes());
                 line.push(b':');
                 v.write_json(&mut line).map_err(enc)?;
@@ -398,15 +398,15 @@ impl Stream {
 }
 
 /// About what a value weighs in an object, before compression.
-fn approx_bytes(v: &Value) -> usize {
+fn approx_bytes(v: ValueRef<'_>) -> usize {
     match v {
-        Value::Null => 4,
-        Value::Text(s) | Value::Json(s) | Value::Numeric(s) => s.len() + 2,
-        Value::Bytes(b) => b.len() * 4 / 3 + 2,
-        Value::Uuid(_) => 38,
-        Value::Boolean(_) => 5,
-        Value::Integer(_) | Value::Date(_) => 6,
-        Value::BigInt(_) | Value::Double(_) | Value::Timestamp(_) => 12,
+        ValueRef::Null => 4,
+        ValueRef::Text(s) | ValueRef::Json(s) | ValueRef::Numeric(s) => s.len() + 2,
+        ValueRef::Bytes(b) => b.len() * 4 / 3 + 2,
+        ValueRef::Uuid(_) => 38,
+        ValueRef::Boolean(_) => 5,
+        ValueRef::Integer(_) | ValueRef::Date(_) => 6,
+        ValueRef::BigInt(_) | ValueRef::Double(_) | ValueRef::Timestamp(_) => 12,
     }
 }
 
@@ -415,7 +415,7 @@ mod tests {
     use super::*;
     use arrow::datatypes::{DataType, TimeUnit};
     use idem_config::ColumnType;
-    use idem_core::Op;
+    use idem_core::{Op, Value};
 
     fn cfg(extra: &str) -> S3SinkConfig {
         let text = format!("bucket = \"b\"\n{extra}");
@@ -435,7 +435,7 @@ mod tests {
         Record {
             offset,
             op: Op::Upsert,
-            values,
+            values: values.into(),
             id: None,
         }
     }

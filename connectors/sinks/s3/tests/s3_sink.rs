@@ -388,7 +388,9 @@ async fn a_grown_schema_closes_the_open_object_and_starts_a_wider_one() {
         required: false,
     });
     let mut r = rec(1, "b", 2);
-    r.values.push(idem_core::Value::Text("more".into()));
+    let mut values = r.values.to_values();
+    values.push(idem_core::Value::Text("more".into()));
+    r.values = values.into();
     let mut b = Arc::into_inner(batch(&p, epoch, vec![r], 2)).unwrap();
     b.columns = Some(Arc::new(wider));
     sink.commit(Arc::new(b)).await.unwrap();

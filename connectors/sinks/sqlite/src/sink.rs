@@ -12,7 +12,7 @@ use idem_core::table::offsets::{self, OffsetsSql, Unmoved};
 use idem_core::table::sql::{self, q, DELETE_FLAG, POS_OFFSET, POS_PARTITION};
 use idem_core::{
     Batch, CommitStats, Op, Opened, PartitionRef, RowPositions, Sink, SinkError, SinkInfo,
-    StoredPosition, Value,
+    StoredPosition, ValueRef,
 };
 use rusqlite::types::Value as Cell;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
@@ -41,16 +41,16 @@ fn sql_type(ty: ColumnType) -> &'static str {
 /// A value as SQLite stores it: timestamps as RFC 3339 text in UTC with
 /// microseconds and dates as `YYYY-MM-DD` (what SQLite's date functions
 /// read), booleans as 0 and 1, UUIDs as text.
-fn cell(v: &Value) -> Cell {
+fn cell(v: ValueRef<'_>) -> Cell {
     match v {
-        Value::Null => Cell::Null,
-        Value::Text(s) | Value::Json(s) | Value::Numeric(s) => Cell::Text(s.clone()),
-        Value::BigInt(n) => Cell::Integer(*n),
-        Value::Integer(n) => Cell::Integer(i64::from(*n)),
-        Value::Double(x) => Cell::Real(*x),
-        Value::Boolean(b) => Cell::Integer(i64::from(*b)),
-        Value::Bytes(b) => Cell::Blob(b.clone()),
-        Value::Timestamp(_) | Value::Date(_) | Value::Uuid(_) => match v.to_json() {
+        ValueRef::Null => Cell::Null,
+        ValueRef::Text(s) | ValueRef::Json(s) | ValueRef::Numeric(s) => Cell::Text(s.to_owned()),
+        ValueRef::BigInt(n) => Cell::Integer(n),
+        ValueRef::Integer(n) => Cell::Integer(i64::from(n)),
+        ValueRef::Double(x) => Cell::Real(x),
+        ValueRef::Boolean(b) => Cell::Integer(i64::from(b)),
+        ValueRef::Bytes(b) => Cell::Blob(b.to_vec()),
+        ValueRef::Timestamp(_) | ValueRef::Date(_) | ValueRef::Uuid(_) => match v.to_json() {
             serde_json::Value::String(s) => Cell::Text(s),
             other => Cell::Text(other.to_string()),
         },

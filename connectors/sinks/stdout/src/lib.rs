@@ -70,7 +70,10 @@ impl Sink for StdoutSink {
     }
 
     async fn commit(&self, batch: std::sync::Arc<Batch>) -> Result<CommitStats, SinkError> {
-        let mut out = String::new();
+        // Streamed through a small buffer: a batch is not held twice.
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+        let fail = |e: std::io::Error| SinkError::Permanent(Box::new(e));
         for rec in &batch.records {
             let mut obj = rec.to_json_object(&self.names, 3);
             if self.cfg.positions {
@@ -86,13 +89,11 @@ impl Sink for StdoutSink {
                 };
                 obj.insert("_idem_op".into(), op.into());
             }
-            out.push_str(&serde_json::Value::Object(obj).to_string());
-            out.push('\n');
+            serde_json::to_writer(&mut out, &serde_json::Value::Object(obj))
+                .map_err(|e| fail(e.into()))?;
+            out.write_all(b"\n").map_err(fail)?;
         }
-        std::io::stdout()
-            .lock()
-            .write_all(out.as_bytes())
-            .map_err(|e| SinkError::Permanent(Box::new(e)))?;
+        out.flush().map_err(fail)?;
         Ok(CommitStats {
             written: batch.records.len() as u64,
             deduplicated: 0,
