@@ -17,8 +17,8 @@ pub mod row;
 mod tests;
 mod value;
 
-pub use row::{Row, RowWriter};
-pub use value::{plain_decimal, Op, Record, Value, ValueRef};
+pub use row::{Record, Row, RowWriter};
+pub use value::{plain_decimal, Op, Value, ValueRef};
 
 use crate::Message;
 use flat::{disjoint, Flat};

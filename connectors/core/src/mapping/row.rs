@@ -1,4 +1,4 @@
-//! A record's values packed into one allocation.
+//! Mapped records, with their values packed into one allocation.
 //!
 //! Batches hold up to a hundred thousand records, and another batch is
 //! read ahead while one commits. As a `Vec<Value>` a record of eight
@@ -10,8 +10,36 @@
 //! Layout: per value a tag byte, then fixed-size values little-endian, or
 //! a LEB128 length and the bytes for texts and byte strings.
 
-use super::value::{Value, ValueRef};
+use super::value::{Op, Value, ValueRef};
 use std::fmt;
+
+/// A mapped message: one row, in column order, and its offset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub offset: u64,
+    pub op: Op,
+    /// The row, in column order, packed (see [`Row`]).
+    pub values: Row,
+    /// The message id, when the connector deduplicates (or its sink needs
+    /// one, as an HTTP idempotency key).
+    pub id: Option<String>,
+}
+
+impl Record {
+    /// The row as a JSON object keyed by `names` (the columns, in order),
+    /// with room for `extra` more fields.
+    pub fn to_json_object(
+        &self,
+        names: &[String],
+        extra: usize,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let mut obj = serde_json::Map::with_capacity(names.len() + extra);
+        for (name, v) in names.iter().zip(self.values.iter()) {
+            obj.insert(name.clone(), v.to_json());
+        }
+        obj
+    }
+}
 
 const NULL: u8 = 0;
 const TEXT: u8 = 1;

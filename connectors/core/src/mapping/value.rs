@@ -1,7 +1,6 @@
 //! Typed cells and records, and the conversion of JSON values to a
 //! column's type.
 
-use super::row::Row;
 use idem_config::ColumnType;
 use serde_json::Value as Json;
 
@@ -223,34 +222,6 @@ impl ValueRef<'_> {
 pub enum Op {
     Upsert,
     Delete,
-}
-
-/// A mapped message: one row, in column order, and its offset.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Record {
-    pub offset: u64,
-    pub op: Op,
-    /// The row, in column order, packed (see [`Row`]).
-    pub values: Row,
-    /// The message id, when the connector deduplicates (or its sink needs
-    /// one, as an HTTP idempotency key).
-    pub id: Option<String>,
-}
-
-impl Record {
-    /// The row as a JSON object keyed by `names` (the columns, in order),
-    /// with room for `extra` more fields.
-    pub fn to_json_object(
-        &self,
-        names: &[String],
-        extra: usize,
-    ) -> serde_json::Map<String, serde_json::Value> {
-        let mut obj = serde_json::Map::with_capacity(names.len() + extra);
-        for (name, v) in names.iter().zip(self.values.iter()) {
-            obj.insert(name.clone(), v.to_json());
-        }
-        obj
-    }
 }
 
 /// Convert an owned JSON value; on failure hand it back with what was expected.
