@@ -1,14 +1,16 @@
-//! Mapped records, with their values packed into one allocation.
+//! Mapped records, with their values packed into two allocations.
 //!
 //! Batches hold up to a hundred thousand records, and another batch is
 //! read ahead while one commits. As a `Vec<Value>` a record of eight
 //! columns took 32 bytes a cell plus an allocation per text: about
 //! 420 bytes for a 190-byte event, most of Idem's own memory. Packed, a
-//! row is about the size of its data, and dropping a batch frees one
-//! block per record, not one per text.
+//! row is about the size of its data, and dropping a batch frees two
+//! blocks per record, not one per text.
 //!
-//! Layout: per value a tag byte, then fixed-size values little-endian, or
-//! a LEB128 length and the bytes for texts and byte strings.
+//! Layout: `cells` holds per value a tag byte, then fixed-size values
+//! little-endian, or a LEB128 length (and, for byte strings, the bytes);
+//! the texts follow one another in `text`, so reading one back is a slice
+//! of a `str`, with no UTF-8 check.
 
 use super::value::{Op, Value, ValueRef};
 use std::fmt;
@@ -57,7 +59,8 @@ const BYTES: u8 = 11;
 /// A record's values, in column order, packed (see the module's doc).
 #[derive(Clone, Default, PartialEq)]
 pub struct Row {
-    bytes: Box<[u8]>,
+    cells: Box<[u8]>,
+    text: Box<str>,
     len: u32,
 }
 
@@ -73,7 +76,10 @@ impl Row {
 
     /// The values, in order.
     pub fn iter(&self) -> Iter<'_> {
-        Iter { rest: &self.bytes }
+        Iter {
+            cells: &self.cells,
+            text: &self.text,
+        }
     }
 
     /// Value `i`, found by walking the values before it (rows are short).
@@ -91,9 +97,9 @@ impl Row {
         if len <= self.len() {
             return;
         }
-        let mut bytes = std::mem::take(&mut self.bytes).into_vec();
-        bytes.resize(bytes.len() + (len - self.len()), NULL);
-        self.bytes = bytes.into_boxed_slice();
+        let mut cells = std::mem::take(&mut self.cells).into_vec();
+        cells.resize(cells.len() + (len - self.len()), NULL);
+        self.cells = cells.into_boxed_slice();
         self.len = u32::try_from(len).unwrap_or(u32::MAX);
     }
 
@@ -110,27 +116,52 @@ impl Row {
 /// A [`Row`] being packed, value by value.
 #[derive(Debug, Default)]
 pub struct RowWriter {
-    bytes: Vec<u8>,
+    cells: Vec<u8>,
+    text: String,
     len: u32,
 }
 
 impl RowWriter {
-    /// A writer with room for `bytes` of packed values.
+    /// A writer with room for about `bytes` of values.
     pub fn with_capacity(bytes: usize) -> RowWriter {
         RowWriter {
-            bytes: Vec::with_capacity(bytes),
+            cells: Vec::with_capacity(64),
+            text: String::with_capacity(bytes),
             len: 0,
         }
     }
 
     pub fn push(&mut self, v: ValueRef<'_>) {
-        put(&mut self.bytes, v);
+        let cells = &mut self.cells;
+        match v {
+            ValueRef::Null => cells.push(NULL),
+            ValueRef::Text(s) => self.put_text(TEXT, s),
+            ValueRef::BigInt(n) => put_fixed(cells, BIGINT, &n.to_le_bytes()),
+            ValueRef::Integer(n) => put_fixed(cells, INTEGER, &n.to_le_bytes()),
+            ValueRef::Double(x) => put_fixed(cells, DOUBLE, &x.to_le_bytes()),
+            ValueRef::Boolean(b) => put_fixed(cells, BOOLEAN, &[u8::from(b)]),
+            ValueRef::Timestamp(t) => put_fixed(cells, TIMESTAMP, &t.to_le_bytes()),
+            ValueRef::Date(d) => put_fixed(cells, DATE, &d.to_le_bytes()),
+            ValueRef::Json(s) => self.put_text(JSON, s),
+            ValueRef::Numeric(s) => self.put_text(NUMERIC, s),
+            ValueRef::Uuid(u) => put_fixed(cells, UUID, u),
+            ValueRef::Bytes(b) => {
+                put_len(cells, BYTES, b.len());
+                cells.extend_from_slice(b);
+            }
+        }
         self.len = self.len.saturating_add(1);
+    }
+
+    fn put_text(&mut self, tag: u8, s: &str) {
+        put_len(&mut self.cells, tag, s.len());
+        self.text.push_str(s);
     }
 
     pub fn finish(self) -> Row {
         Row {
-            bytes: self.bytes.into_boxed_slice(),
+            cells: self.cells.into_boxed_slice(),
+            text: self.text.into_boxed_str(),
             len: self.len,
         }
     }
@@ -175,72 +206,62 @@ impl<'a> IntoIterator for &'a Row {
     }
 }
 
-fn put(out: &mut Vec<u8>, v: ValueRef<'_>) {
-    match v {
-        ValueRef::Null => out.push(NULL),
-        ValueRef::Text(s) => put_var(out, TEXT, s.as_bytes()),
-        ValueRef::BigInt(n) => put_fixed(out, BIGINT, &n.to_le_bytes()),
-        ValueRef::Integer(n) => put_fixed(out, INTEGER, &n.to_le_bytes()),
-        ValueRef::Double(x) => put_fixed(out, DOUBLE, &x.to_le_bytes()),
-        ValueRef::Boolean(b) => put_fixed(out, BOOLEAN, &[u8::from(b)]),
-        ValueRef::Timestamp(t) => put_fixed(out, TIMESTAMP, &t.to_le_bytes()),
-        ValueRef::Date(d) => put_fixed(out, DATE, &d.to_le_bytes()),
-        ValueRef::Json(s) => put_var(out, JSON, s.as_bytes()),
-        ValueRef::Numeric(s) => put_var(out, NUMERIC, s.as_bytes()),
-        ValueRef::Uuid(u) => put_fixed(out, UUID, u),
-        ValueRef::Bytes(b) => put_var(out, BYTES, b),
-    }
-}
-
 fn put_fixed(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
     out.push(tag);
     out.extend_from_slice(bytes);
 }
 
-fn put_var(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
+fn put_len(out: &mut Vec<u8>, tag: u8, len: usize) {
     out.push(tag);
-    let mut n = bytes.len();
+    let mut n = len;
     while n >= 0x80 {
         out.push((n as u8 & 0x7f) | 0x80);
         n >>= 7;
     }
     out.push(n as u8);
-    out.extend_from_slice(bytes);
 }
 
 /// The values of a [`Row`], in order.
 #[derive(Clone)]
 pub struct Iter<'a> {
-    rest: &'a [u8],
+    cells: &'a [u8],
+    text: &'a str,
 }
 
 impl<'a> Iter<'a> {
     fn fixed<const N: usize>(&mut self) -> Option<&'a [u8; N]> {
-        let (head, rest) = self.rest.split_first_chunk::<N>()?;
-        self.rest = rest;
+        let (head, rest) = self.cells.split_first_chunk::<N>()?;
+        self.cells = rest;
         Some(head)
     }
 
-    fn var(&mut self) -> Option<&'a [u8]> {
+    fn len(&mut self) -> Option<usize> {
         let mut n = 0usize;
         let mut shift = 0u32;
         loop {
-            let (&b, rest) = self.rest.split_first()?;
-            self.rest = rest;
+            let (&b, rest) = self.cells.split_first()?;
+            self.cells = rest;
             n |= usize::from(b & 0x7f).checked_shl(shift)?;
             if b & 0x80 == 0 {
-                break;
+                return Some(n);
             }
             shift += 7;
         }
-        let (bytes, rest) = self.rest.split_at_checked(n)?;
-        self.rest = rest;
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.len()?;
+        let (bytes, rest) = self.cells.split_at_checked(n)?;
+        self.cells = rest;
         Some(bytes)
     }
 
     fn text(&mut self) -> Option<&'a str> {
-        // Written from a `&str`: always UTF-8. A row that is not ends.
-        std::str::from_utf8(self.var()?).ok()
+        let n = self.len()?;
+        // Texts were written whole, so `n` falls on a char boundary.
+        let (text, rest) = self.text.split_at_checked(n)?;
+        self.text = rest;
+        Some(text)
     }
 }
 
@@ -248,8 +269,8 @@ impl<'a> Iterator for Iter<'a> {
     type Item = ValueRef<'a>;
 
     fn next(&mut self) -> Option<ValueRef<'a>> {
-        let (&tag, rest) = self.rest.split_first()?;
-        self.rest = rest;
+        let (&tag, rest) = self.cells.split_first()?;
+        self.cells = rest;
         Some(match tag {
             NULL => ValueRef::Null,
             TEXT => ValueRef::Text(self.text()?),
@@ -262,7 +283,7 @@ impl<'a> Iterator for Iter<'a> {
             JSON => ValueRef::Json(self.text()?),
             NUMERIC => ValueRef::Numeric(self.text()?),
             UUID => ValueRef::Uuid(self.fixed()?),
-            BYTES => ValueRef::Bytes(self.var()?),
+            BYTES => ValueRef::Bytes(self.bytes()?),
             _ => return None,
         })
     }
@@ -320,7 +341,7 @@ mod tests {
             Value::Text("click".into()),
             Value::Double(793.5),
         ]);
-        // tags 4, lengths 2, texts 25, numbers 16
-        assert_eq!(row.bytes.len(), 47);
+        // tags 4, lengths 2, numbers 16; texts 25
+        assert_eq!((row.cells.len(), row.text.len()), (22, 25));
     }
 }
