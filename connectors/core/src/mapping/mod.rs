@@ -479,7 +479,8 @@ impl Mapper {
                 *field = metadata(col, msg)?;
             }
         }
-        // Packed as they are converted: a record holds one allocation.
+        // Packed as they are converted: a record holds two allocations,
+        // not one per text.
         let mut values = RowWriter::with_capacity(msg.size());
         for (col, field) in columns.iter().zip(fields) {
             if op == Op::Delete && !col.key && !col.from.of_event() {
