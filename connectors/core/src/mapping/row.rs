@@ -173,28 +173,23 @@ impl From<Vec<Value>> for Row {
     }
 }
 
-impl From<&[Value]> for Row {
-    fn from(values: &[Value]) -> Row {
-        Row::pack(values.iter().map(Value::as_ref))
+impl Row {
+    /// Whether the row holds exactly `values`.
+    fn holds(&self, values: &[Value]) -> bool {
+        self.len() == values.len() && self.iter().eq(values.iter().map(Value::as_ref))
     }
 }
 
 /// Tests and checks compare a row with the values they expect.
 impl PartialEq<Vec<Value>> for Row {
     fn eq(&self, other: &Vec<Value>) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter().map(Value::as_ref))
+        self.holds(other)
     }
 }
 
 impl<const N: usize> PartialEq<[Value; N]> for Row {
     fn eq(&self, other: &[Value; N]) -> bool {
-        self.len() == N && self.iter().eq(other.iter().map(Value::as_ref))
-    }
-}
-
-impl fmt::Debug for Row {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
+        self.holds(other)
     }
 }
 
@@ -203,6 +198,12 @@ impl<'a> IntoIterator for &'a Row {
     type IntoIter = Iter<'a>;
     fn into_iter(self) -> Iter<'a> {
         self.iter()
+    }
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 

@@ -66,21 +66,6 @@ impl Value {
             Value::Bytes(b) => ValueRef::Bytes(b),
         }
     }
-
-    /// See [`ValueRef::to_json`].
-    pub fn to_json(&self) -> serde_json::Value {
-        self.as_ref().to_json()
-    }
-
-    /// See [`ValueRef::time_text`].
-    pub fn time_text(&self) -> String {
-        self.as_ref().time_text()
-    }
-
-    /// See [`ValueRef::write_json`].
-    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-        self.as_ref().write_json(out)
-    }
 }
 
 impl ValueRef<'_> {
