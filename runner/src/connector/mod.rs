@@ -76,6 +76,8 @@ pub struct Connector {
     /// read is handed over (and commits), and the connector stays what it
     /// is (a Kafka consumer stays in its group).
     paused: tokio::sync::watch::Sender<bool>,
+    /// What its partitions may read ahead of their commits, together.
+    read_ahead: partition::ReadAhead,
 }
 
 impl Connector {
@@ -313,6 +315,7 @@ impl Connector {
             stats,
             routed,
             registry,
+            read_ahead: partition::ReadAhead::new(&cfg.batch),
             cfg,
             paused: tokio::sync::watch::channel(false).0,
         })

@@ -5,11 +5,12 @@ use super::staged::Staged;
 use super::{Connector, PartitionEnd, RunError};
 use crate::deadletter::{DeadLetter, ErrorClass};
 use crate::retry::retry_transient;
-use idem_config::ErrorPolicy;
+use idem_config::{BatchConfig, ErrorPolicy};
 use idem_core::{Message, PartitionReader, PartitionRef, ReadStatus, Record, SinkError};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -20,25 +21,98 @@ const READ_CHUNK: usize = 1024;
 /// Chunks of one partition mapped ahead of the one being sent.
 const MAPPING_AHEAD: usize = 2;
 
-/// Chunks in flight between a partition's reader and its committer: about
-/// one batch, so the next batch is read and mapped while the current one
-/// commits, and the reader blocks (backpressure) beyond that.
-fn channel_chunks(max_records: usize) -> usize {
-    (max_records / READ_CHUNK + 1).clamp(2, 1024)
+/// What a connector holds of its messages at a time, all partitions
+/// together: about two batches' worth, in messages and in bytes. A chunk takes its share when it is read and gives it back when
+/// the batch it joined has committed, so the bound covers what is read
+/// and mapped ahead, the batches filling and those committing, whatever
+/// the number of partitions. Two batches let one fill while one commits.
+pub(super) struct ReadAhead {
+    records: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_records: usize,
+    max_bytes: usize,
+    /// How many times a reader has had to wait for a share: each time,
+    /// the batches filling then commit rather than wait for their
+    /// linger, to give their share back.
+    presses: AtomicU64,
+    pressed: Notify,
 }
 
-/// Read-ahead is also bounded in bytes: a chunk holds permits for its
-/// messages' bytes (in KiB) from the time it is read until the committer
-/// takes it, and all of them together at most `max_bytes`, so a large
-/// `max_records` does not let large messages pile up.
-fn read_ahead_permits(max_bytes: usize) -> usize {
-    max_bytes.div_ceil(1024).max(1)
+/// A chunk's share of the allowance.
+pub(super) struct Held {
+    _records: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl ReadAhead {
+    pub(super) fn new(batch: &BatchConfig) -> ReadAhead {
+        // A chunk can straddle two batches: its quarter batch on top keeps
+        // one batch filling while the last commits, without a press.
+        let allowance = |batch: usize| {
+            batch
+                .saturating_mul(2)
+                .saturating_add(batch / 4)
+                .clamp(1, Semaphore::MAX_PERMITS)
+        };
+        let max_records = allowance(batch.records());
+        let max_bytes = allowance(batch.max_bytes);
+        ReadAhead {
+            records: Arc::new(Semaphore::new(max_records)),
+            bytes: Arc::new(Semaphore::new(max_bytes)),
+            max_records,
+            max_bytes,
+            presses: AtomicU64::new(0),
+            pressed: Notify::new(),
+        }
+    }
+
+    /// The share of `records` messages of `bytes`, if free now. One
+    /// chunk larger than the whole allowance goes alone.
+    fn try_hold(&self, records: usize, bytes: usize) -> Option<Held> {
+        let (n, bytes) = self.need(records, bytes);
+        let records = self.records.clone().try_acquire_many_owned(n).ok()?;
+        let bytes = self.bytes.clone().try_acquire_many_owned(bytes).ok()?;
+        Some(Held {
+            _records: records,
+            _bytes: bytes,
+        })
+    }
+
+    /// The same share, once batches have committed and given theirs back;
+    /// `None` if the allowance is closed.
+    async fn hold(&self, records: usize, bytes: usize) -> Option<Held> {
+        let (n, bytes) = self.need(records, bytes);
+        self.presses.fetch_add(1, Ordering::SeqCst);
+        self.pressed.notify_waiters();
+        let records = self.records.clone().acquire_many_owned(n).await.ok()?;
+        let bytes = self.bytes.clone().acquire_many_owned(bytes).await.ok()?;
+        Some(Held {
+            _records: records,
+            _bytes: bytes,
+        })
+    }
+
+    fn presses(&self) -> u64 {
+        self.presses.load(Ordering::SeqCst)
+    }
+
+    fn need(&self, records: usize, bytes: usize) -> (u32, u32) {
+        let cap = |n: usize, max: usize| u32::try_from(n.clamp(1, max)).unwrap_or(u32::MAX);
+        (cap(records, self.max_records), cap(bytes, self.max_bytes))
+    }
+}
+
+/// Chunks queued between a partition's reader and its committer: the
+/// read-ahead bounds what they hold; this only bounds the queue itself
+/// (a source that catches up often reads chunks of a few messages).
+fn channel_chunks(max_records: usize) -> usize {
+    max_records.clamp(16, 1 << 20)
 }
 
 /// A mapped chunk on its way to the committer, with the read-ahead it holds.
 pub(super) struct Chunk {
     items: Vec<Item>,
-    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+    held: Option<Held>,
 }
 
 impl Connector {
@@ -138,7 +212,29 @@ impl Connector {
         let mut pending = Pending::default();
         let mut staged = Staged::new(position);
         let mut deadline: Option<Instant> = None;
+        let ahead = &self.read_ahead;
+        // The last press of the allowance this partition's batch answered.
+        let mut answered = ahead.presses();
         loop {
+            // Made before the count is read: a press after it wakes the
+            // select below.
+            let press = ahead.pressed.notified();
+            let presses = ahead.presses();
+            if pending.is_empty() {
+                answered = presses;
+            } else if presses > answered && rx.is_empty() {
+                // A reader waits for what this batch holds, and nothing
+                // more is on its way to it: commit it now.
+                answered = presses;
+                if let Some(end) = self
+                    .flush(pref, epoch, &mut pending, &mut staged, stop)
+                    .await?
+                {
+                    return Ok(end);
+                }
+                deadline = None;
+                continue;
+            }
             let linger = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -159,7 +255,8 @@ impl Connector {
                 biased;
                 chunk = rx.recv() => match chunk {
                     Some(Ok(chunk)) => {
-                        // Its read-ahead is freed here, as it joins the batch.
+                        // Its share is given back once its batch commits.
+                        pending.held.extend(chunk.held);
                         for item in chunk.items {
                             if let Item::Fatal { offset, reason } = item {
                                 if let Some(end) = self.flush(pref, epoch, &mut pending, &mut staged, stop).await? {
@@ -177,6 +274,9 @@ impl Connector {
                             }
                             if pending.is_empty() {
                                 deadline = Some(Instant::now() + batching.linger);
+                                // Presses before a batch began were for
+                                // the batches before it.
+                                answered = ahead.presses();
                             }
                             pending.push(item);
                             if pending.records.len() >= batching.records()
@@ -215,6 +315,8 @@ impl Connector {
                         return Ok(end.unwrap_or(PartitionEnd::Finished));
                     }
                 },
+                // Looked at again at the top of the loop.
+                _ = press, if !pending.is_empty() => {}
                 _ = linger => {
                     if let Some(end) = self.flush(pref, epoch, &mut pending, &mut staged, stop).await? {
                         return Ok(end);
@@ -256,6 +358,8 @@ pub(super) struct Pending {
     bytes: usize,
     /// First offset covered and the next offset after the last.
     pub(super) range: Option<(u64, u64)>,
+    /// The connector's allowance its messages hold until they commit.
+    pub(super) held: Vec<Held>,
 }
 
 impl Pending {
@@ -362,12 +466,12 @@ async fn read_loop(
     // so a busy partition's parsing is not bound to one core; they leave
     // in read order.
     let mut mapping: VecDeque<tokio::task::JoinHandle<Chunk>> = VecDeque::new();
-    let permits = read_ahead_permits(conn.cfg.batch.max_bytes);
-    let ahead_bytes = Arc::new(tokio::sync::Semaphore::new(permits));
-    // Read-ahead is bounded in bytes as well as in messages: a chunk holds
-    // about a quarter of `max_bytes`, sized from the messages seen so far,
-    // so 1 MB messages travel a few at a time instead of 1,024.
+    // A chunk holds about a quarter of a batch, in bytes (sized from the
+    // messages seen so far) and in messages, so the allowance of two
+    // batches is taken a little at a time: 1 MB messages travel a few at
+    // a time instead of 1,024.
     let chunk_bytes = (conn.cfg.batch.max_bytes / 4).max(1);
+    let chunk_records = (conn.cfg.batch.records() / 4).clamp(1, READ_CHUNK);
     let mut chunk = 1;
     let mut paused = conn.paused();
     // Where the next message must be at the least: each position is
@@ -431,13 +535,11 @@ async fn read_loop(
         if !msgs.is_empty() {
             let bytes: usize = msgs.iter().map(Message::size).sum::<usize>().max(1);
             let per_message = bytes.div_ceil(msgs.len());
-            chunk = (chunk_bytes / per_message).clamp(1, READ_CHUNK);
+            chunk = (chunk_bytes / per_message).clamp(1, chunk_records);
             conn.stats.read(&partition, msgs.len() as u64);
-            // One chunk larger than the whole allowance goes alone.
-            let need = u32::try_from(bytes.div_ceil(1024).min(permits)).unwrap_or(u32::MAX);
-            let held = match ahead_bytes.clone().try_acquire_many_owned(need) {
-                Ok(held) => Some(held),
-                Err(_) => {
+            let held = match conn.read_ahead.try_hold(msgs.len(), bytes) {
+                Some(held) => held,
+                None => {
                     // What is mapped goes to the committer first: taking
                     // it is what frees the allowance.
                     if !hand_over(&mut mapping, 0, &tx, &stop).await {
@@ -446,10 +548,14 @@ async fn read_loop(
                     tokio::select! {
                         biased;
                         _ = stop.cancelled() => return,
-                        held = ahead_bytes.clone().acquire_many_owned(need) => held.ok(),
+                        held = conn.read_ahead.hold(msgs.len(), bytes) => match held {
+                            Some(held) => held,
+                            None => return,
+                        },
                     }
                 }
             };
+            let held = Some(held);
             let conn = conn.clone();
             let partition = partition.clone();
             let stop = stop.clone();
@@ -466,7 +572,7 @@ async fn read_loop(
                         if stop.is_cancelled() {
                             return Chunk {
                                 items: Vec::new(),
-                                _held: held,
+                                held,
                             };
                         }
                         msgs.retain(|m| m.offset < offset);
@@ -478,7 +584,7 @@ async fn read_loop(
                     .map(|m| map_message(&conn, &partition, m))
                     .chain(fatal)
                     .collect();
-                Chunk { items, _held: held }
+                Chunk { items, held }
             }));
         }
         if let ReadStatus::Skipped { from, to } = status {
@@ -490,7 +596,7 @@ async fn read_loop(
                         offset: from,
                         next_offset: to,
                     }],
-                    _held: None,
+                    held: None,
                 }
             }));
         }

@@ -990,3 +990,108 @@ async fn ids_of_staged_batches_are_confirmed_only_once_durable_so_a_crash_loses_
     durable.sort_unstable();
     assert_eq!(durable, (0..30).collect::<Vec<i64>>());
 }
+
+/// Partitions named in `parts`, each with its own lines; those marked
+/// follow wait for more at their end instead of finishing.
+struct PartsSource {
+    parts: Vec<(&'static str, usize, bool)>,
+}
+
+#[async_trait]
+impl Source for PartsSource {
+    fn name(&self) -> &str {
+        "parts"
+    }
+    async fn next_assignment(&self) -> Result<Option<Assignment>, SourceError> {
+        let names = self.parts.iter().map(|(p, ..)| p.to_string()).collect();
+        Ok(Some(Assignment::Assigned(names)))
+    }
+    async fn open(
+        &self,
+        partition: &str,
+        start: Option<u64>,
+    ) -> Result<Box<dyn PartitionReader>, SourceError> {
+        let (n, follow) = self
+            .parts
+            .iter()
+            .find(|(p, ..)| *p == partition)
+            .map_or((0, false), |(_, n, f)| (*n, *f));
+        Ok(Box::new(MemReader {
+            lines: lines(n),
+            at: start.unwrap_or(0) as usize,
+            stutter: false,
+            follow,
+        }))
+    }
+}
+
+fn with_parts(sink: Arc<MemSink>, parts: Vec<(&'static str, usize, bool)>) -> Arc<Connector> {
+    let mut conn = connector(sink, vec![], "max_records = 10\nlinger = \"1h\"");
+    Arc::get_mut(&mut conn).unwrap().source = Arc::new(PartsSource { parts });
+    conn
+}
+
+fn start(
+    conn: &Arc<Connector>,
+    partition: &'static str,
+) -> tokio::task::JoinHandle<Result<PartitionEnd, RunError>> {
+    tokio::spawn(
+        conn.clone()
+            .run_partition(partition, CancellationToken::new()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connectors_partitions_together_hold_about_two_batches() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let sink = Arc::new(MemSink {
+        gate: Some(gate.clone()),
+        ..Default::default()
+    });
+    let parts = ["a", "b", "c"];
+    let conn = with_parts(sink.clone(), parts.map(|p| (p, 100, false)).to_vec());
+    let runs = parts.map(|p| start(&conn, p));
+    // Every commit waits at the gate while the readers read what they may.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let read = conn.stats.snapshot().read;
+    // Two batches of 10 and a quarter, and a chunk of 2 per partition
+    // waiting for its share: not two batches or more per partition.
+    assert!(
+        (10..=28).contains(&read),
+        "{read} lines read by three partitions whose commits are blocked"
+    );
+    gate.add_permits(100_000);
+    for run in runs {
+        run.await.unwrap().unwrap();
+    }
+    let commits = sink.commits.lock().unwrap();
+    assert_eq!(commits.iter().map(|c| c.2).sum::<usize>(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waiting_for_the_allowance_makes_lingering_batches_commit() {
+    let sink = Arc::new(MemSink::default());
+    // `b` and `c` never fill a batch and wait for more: with a linger of
+    // an hour they would hold 18 of the 22 messages the connector may
+    // hold, and `a` could never fill one.
+    let conn = with_parts(
+        sink.clone(),
+        vec![("a", 100, false), ("b", 9, true), ("c", 9, true)],
+    );
+    let (b, c) = (start(&conn, "b"), start(&conn, "c"));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        sink.commits.lock().unwrap().is_empty(),
+        "no batch is full yet"
+    );
+    let a = tokio::time::timeout(std::time::Duration::from_secs(10), start(&conn, "a"));
+    a.await
+        .expect("a's reader was let through")
+        .unwrap()
+        .unwrap();
+    let commits = sink.commits.lock().unwrap();
+    assert_eq!(commits.iter().map(|c| c.2).sum::<usize>(), 118);
+    drop(commits);
+    b.abort();
+    c.abort();
+}

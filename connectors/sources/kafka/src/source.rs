@@ -100,7 +100,14 @@ impl KafkaSource {
             // restarts the query), so its reset only ever goes back to the
             // oldest offset: the reader drops what it already has and seeks
             // again. A reset to the end would skip messages silently.
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // Once its queue holds `queued.min.messages`, librdkafka stops
+            // fetching a partition for this long (1 s by default), even
+            // after the poller has emptied the queue: with a few busy
+            // partitions that capped reading at a third of what the
+            // runner maps and commits. The poller drains the queue
+            // continuously, so a short wait costs nothing.
+            .set("fetch.queue.backoff.ms", "10");
         if cfg.topics.iter().any(|t| t.starts_with('^')) {
             // A pattern takes in topics created later (Debezium makes one
             // per new table) at the next metadata refresh: every 30 s
