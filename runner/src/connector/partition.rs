@@ -21,6 +21,9 @@ const READ_CHUNK: usize = 1024;
 /// Chunks of one partition mapped ahead of the one being sent.
 const MAPPING_AHEAD: usize = 2;
 
+/// How often a reader waiting for its share presses again.
+const REPRESS: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What a connector holds of its messages at a time, all partitions
 /// together: about two batches' worth, in messages and in bytes. A chunk takes its share when it is read and gives it back when
 /// the batch it joined has committed, so the bound covers what is read
@@ -79,17 +82,28 @@ impl ReadAhead {
     }
 
     /// The same share, once batches have committed and given theirs back;
-    /// `None` if the allowance is closed.
+    /// `None` if the allowance is closed. Presses now, and again every
+    /// `REPRESS` while it waits: a batch begun after a press (its reader
+    /// had its share already) is not held past its next.
     async fn hold(&self, records: usize, bytes: usize) -> Option<Held> {
         let (n, bytes) = self.need(records, bytes);
-        self.presses.fetch_add(1, Ordering::SeqCst);
-        self.pressed.notify_waiters();
-        let records = self.records.clone().acquire_many_owned(n).await.ok()?;
-        let bytes = self.bytes.clone().acquire_many_owned(bytes).await.ok()?;
-        Some(Held {
-            _records: records,
-            _bytes: bytes,
-        })
+        let held = async {
+            let records = self.records.clone().acquire_many_owned(n).await.ok()?;
+            let bytes = self.bytes.clone().acquire_many_owned(bytes).await.ok()?;
+            Some(Held {
+                _records: records,
+                _bytes: bytes,
+            })
+        };
+        tokio::pin!(held);
+        loop {
+            self.presses.fetch_add(1, Ordering::SeqCst);
+            self.pressed.notify_waiters();
+            tokio::select! {
+                held = &mut held => return held,
+                () = tokio::time::sleep(REPRESS) => {}
+            }
+        }
     }
 
     fn presses(&self) -> u64 {
