@@ -117,10 +117,15 @@ impl Plan {
         // other in the same order instead of deadlocking. A conflicting id
         // is one another batch committed (or, still open, commits first:
         // the insert waits for it).
+        // Ids compare byte by byte (`COLLATE "C"`, the ids table's): only
+        // equality matters, and a locale's rules made 1M inserts into the
+        // index 19-26% (C.UTF-8) to 43-59% (ICU en-US) slower. They go in
+        // sorted that way, the index's order. An ids table made before
+        // keeps its collation, and works as it did.
         let drop_seen = keep_ids.map(|_| {
             format!(
                 "WITH fresh AS (INSERT INTO {seen} (id, seen_at)
-                                SELECT {ID_COLUMN}, now() FROM {stage} WHERE {ID_COLUMN} IS NOT NULL ORDER BY {ID_COLUMN}
+                                SELECT {ID_COLUMN}, now() FROM {stage} WHERE {ID_COLUMN} IS NOT NULL ORDER BY {ID_COLUMN} COLLATE \"C\"
                                 ON CONFLICT DO NOTHING RETURNING id)
                  DELETE FROM {stage} WHERE {ID_COLUMN} IS NOT NULL AND {ID_COLUMN} NOT IN (SELECT id FROM fresh)"
             )
@@ -172,7 +177,7 @@ impl Plan {
             drop_seen,
             // The default serves the `COPY` of ids.
             create_seen: format!(
-                "CREATE TABLE IF NOT EXISTS {seen} (id text PRIMARY KEY, seen_at timestamptz NOT NULL DEFAULT now())"
+                "CREATE TABLE IF NOT EXISTS {seen} (id text COLLATE \"C\" PRIMARY KEY, seen_at timestamptz NOT NULL DEFAULT now())"
             ),
             seen_default: format!("ALTER TABLE {seen} ALTER COLUMN seen_at SET DEFAULT now()"),
             copy_seen: format!("COPY {seen} (id) FROM STDIN (FORMAT binary)"),

@@ -679,3 +679,79 @@ async fn runners_starting_together_create_the_tables_once() {
         }
     }
 }
+
+/// Record `rec(offset, key, v)` carrying message id `id`.
+fn with_msg_id(offset: u64, key: &str, v: i64, id: &str) -> idem_core::Record {
+    let mut r = rec(offset, key, v);
+    r.id = Some(id.into());
+    r
+}
+
+/// `[dedup] store = "sink"` makes its ids table with `COLLATE "C"` (only
+/// equality matters, and byte order is the cheapest to index); an ids
+/// table made before, with the database's collation, still works. Both
+/// are met on the checked path: a restarted sink's `COPY` of new-looking
+/// ids fails on one the table holds, and the batch checks every id.
+#[tokio::test]
+async fn kept_ids_compare_bytewise_and_an_ids_table_made_before_still_works() {
+    let schema = fresh_schema("it_seenc");
+    let hour = Duration::from_secs(3600);
+    let keeping = |table: &str| {
+        let mut cfg = sink_cfg(&schema, WriteMode::Append, &[]);
+        cfg.table = table.into();
+        PostgresSink::new(cfg, columns()).keeping_ids(hour)
+    };
+    let client = pg().await;
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{schema}\";
+             CREATE TABLE \"{schema}\".idem_seen_old (id text PRIMARY KEY, seen_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO \"{schema}\".idem_seen_old (id) VALUES ('e1')"
+        ))
+        .await
+        .unwrap();
+    let p = part("a");
+    for (table, before) in [("t", true), ("old", false)] {
+        if before {
+            let sink = keeping(table);
+            sink.prepare().await.unwrap();
+            let e = sink.open(&p).await.unwrap().epoch;
+            let first = vec![with_msg_id(0, "x", 1, "e1")];
+            sink.commit(batch(&p, e, first, 1)).await.unwrap();
+        }
+        let sink = keeping(table);
+        sink.prepare().await.unwrap();
+        let e = sink.open(&p).await.unwrap().epoch;
+        let next = vec![
+            with_msg_id(1, "x", 1, "e1"),
+            with_msg_id(2, "y", 2, "e2"),
+            with_msg_id(3, "y", 2, "e2"),
+        ];
+        let s = sink.commit(batch(&p, e, next, 4)).await.unwrap();
+        assert_eq!((s.written, s.deduplicated), (1, 2), "{table}");
+    }
+    assert_eq!(rows(&schema, "t").await, pairs(&[("x", 1), ("y", 2)]));
+    assert_eq!(rows(&schema, "old").await, pairs(&[("y", 2)]));
+    let collation = |table: &'static str| {
+        let client = &client;
+        let schema = &schema;
+        async move {
+            let c: Option<String> = client
+                .query_one(
+                    "SELECT collation_name::text FROM information_schema.columns
+                     WHERE table_schema = $1 AND table_name = $2 AND column_name = 'id'",
+                    &[schema, &table],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            c
+        }
+    };
+    assert_eq!(collation("idem_seen_t").await.as_deref(), Some("C"));
+    assert_eq!(
+        collation("idem_seen_old").await,
+        None,
+        "left as it was made"
+    );
+}
