@@ -16,7 +16,8 @@
 //!       DISTINCT ON` (event id, then user) `.. ON CONFLICT`
 //!   (d) (c) keeping the event ids as (a) does, in the same transaction
 //!       (without them a copy arriving later would win): DuckDB in a
-//!       table like Idem's, PostgreSQL in one with a primary key
+//!       table like Idem's, PostgreSQL in one with a primary key (bytewise
+//!       ids, `COLLATE "C"`, as Idem's)
 //! Every variant must leave the same rows (checked), and runs
 //! `IDEM_BENCH_ROUNDS` (3) times. Prints the median elapsed, events/s, the
 //! ratios of the medians to (c) and (d), and the highest peak RSS. Figures,
@@ -286,7 +287,7 @@ fn run_postgres(idem: &str, dir: &Path, data: &Path, batch: usize) -> (Vec<Line>
             "stage_d",
             format!(
                 "CREATE TABLE {d} (LIKE {schema}.events0 INCLUDING ALL);
-                 CREATE TABLE {d}_seen (id text PRIMARY KEY, seen_at timestamptz NOT NULL);
+                 CREATE TABLE {d}_seen (id text COLLATE \"C\" PRIMARY KEY, seen_at timestamptz NOT NULL);
                  CREATE TEMP TABLE stage_d (LIKE {schema}.events0)"
             ),
             format!(
