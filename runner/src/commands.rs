@@ -59,6 +59,10 @@ pub async fn check(config: Config) -> anyhow::Result<i32> {
                             b.max_bytes,
                             humantime::format_duration(b.linger)
                         );
+                        let (records, bytes) = c.memory_allowance();
+                        crate::say!(
+                            "    in memory: up to {records} messages or {bytes} bytes of values at once, all partitions together"
+                        );
                         if c.cfg.columns_from() == idem_config::ColumnsFrom::Schema {
                             // Columns nobody wrote down: show what the
                             // schema made of them.

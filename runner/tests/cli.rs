@@ -116,6 +116,11 @@ fn every_example_config_checks_and_prints_its_guarantee() {
                 stdout.contains("batches: up to 100000 messages or 16777216 bytes of values, or 500ms after the first"),
                 "{stdout}"
             );
+            // Two batches and a quarter.
+            assert!(
+                stdout.contains("in memory: up to 225000 messages or 37748736 bytes of values at once, all partitions together"),
+                "{stdout}"
+            );
         }
         seen += 1;
     }

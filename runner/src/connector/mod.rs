@@ -81,6 +81,13 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// The most messages, and bytes of their values, it holds at once
+    /// (read ahead, in batches filling and committing), all its partitions
+    /// together.
+    pub fn memory_allowance(&self) -> (usize, usize) {
+        self.read_ahead.allowance()
+    }
+
     /// What its dedup stage rests on, once its store is open, and what
     /// weakens it; `None` without one.
     pub async fn dedup_line(&self) -> Option<Result<(String, Vec<String>), String>> {

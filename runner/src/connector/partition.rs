@@ -106,6 +106,11 @@ impl ReadAhead {
         }
     }
 
+    /// Messages and bytes, all partitions together.
+    pub(super) fn allowance(&self) -> (usize, usize) {
+        (self.max_records, self.max_bytes)
+    }
+
     fn presses(&self) -> u64 {
         self.presses.load(Ordering::SeqCst)
     }
