@@ -116,9 +116,9 @@ fn every_example_config_checks_and_prints_its_guarantee() {
                 stdout.contains("batches: up to 100000 messages or 16777216 bytes of values, or 500ms after the first"),
                 "{stdout}"
             );
-            // Two batches and a quarter.
+            // Three batches and a quarter.
             assert!(
-                stdout.contains("in memory: up to 225000 messages or 37748736 bytes of values at once, all partitions together"),
+                stdout.contains("in memory: up to 325000 messages or 54525952 bytes of values at once, all partitions together"),
                 "{stdout}"
             );
         }

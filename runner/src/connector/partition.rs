@@ -24,16 +24,69 @@ const MAPPING_AHEAD: usize = 2;
 /// How often a reader waiting for its share presses again.
 const REPRESS: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// What a connector holds of its messages at a time, all partitions
-/// together: about two batches' worth, in messages and in bytes. A chunk takes its share when it is read and gives it back when
-/// the batch it joined has committed, so the bound covers what is read
-/// and mapped ahead, the batches filling and those committing, whatever
-/// the number of partitions. Two batches let one fill while one commits.
-pub(super) struct ReadAhead {
+/// Messages and bytes of them held at once, as two semaphores.
+struct Budget {
     records: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     max_records: usize,
     max_bytes: usize,
+}
+
+impl Budget {
+    /// `batches` batches' worth of `batch`.
+    fn of(batch: &BatchConfig, batches: f64) -> Budget {
+        let size = |n: usize| {
+            let n = (n as f64 * batches).ceil();
+            (n.min(Semaphore::MAX_PERMITS as f64) as usize).max(1)
+        };
+        let (max_records, max_bytes) = (size(batch.records()), size(batch.max_bytes));
+        Budget {
+            records: Arc::new(Semaphore::new(max_records)),
+            bytes: Arc::new(Semaphore::new(max_bytes)),
+            max_records,
+            max_bytes,
+        }
+    }
+
+    /// A share of `records` messages of `bytes`; one larger than the
+    /// whole budget takes all of it.
+    fn need(&self, records: usize, bytes: usize) -> (u32, u32) {
+        let cap = |n: usize, max: usize| u32::try_from(n.clamp(1, max)).unwrap_or(u32::MAX);
+        (cap(records, self.max_records), cap(bytes, self.max_bytes))
+    }
+
+    fn try_take(&self, records: usize, bytes: usize) -> Option<[OwnedSemaphorePermit; 2]> {
+        let (n, b) = self.need(records, bytes);
+        let records = self.records.clone().try_acquire_many_owned(n).ok()?;
+        let bytes = self.bytes.clone().try_acquire_many_owned(b).ok()?;
+        Some([records, bytes])
+    }
+
+    async fn take(&self, records: usize, bytes: usize) -> Option<[OwnedSemaphorePermit; 2]> {
+        let (n, b) = self.need(records, bytes);
+        let records = self.records.clone().acquire_many_owned(n).await.ok()?;
+        let bytes = self.bytes.clone().acquire_many_owned(b).await.ok()?;
+        Some([records, bytes])
+    }
+}
+
+/// One partition's pipeline: a batch committing while the next fills and
+/// is read ahead, and the quarter batch a chunk can straddle two by.
+const PARTITION_BATCHES: f64 = 2.25;
+
+/// A connector's, all partitions together: one partition's, and a batch
+/// more for the others, so a partition whose commits are slow cannot hold
+/// all of it.
+const CONNECTOR_BATCHES: f64 = PARTITION_BATCHES + 1.0;
+
+/// What a connector holds of its messages at a time: each partition at
+/// most `PARTITION_BATCHES` batches' worth, in messages and in bytes, and
+/// all of them together `CONNECTOR_BATCHES`, whatever their number. A
+/// chunk takes its share when it is read and gives it back when the batch
+/// it joined has committed, so the bound covers what is read and mapped
+/// ahead, the batches filling and those committing.
+pub(super) struct ReadAhead {
+    all: Budget,
     /// How many times a reader has had to wait for a share: each time,
     /// the batches filling then commit rather than wait for their
     /// linger, to give their share back.
@@ -41,58 +94,52 @@ pub(super) struct ReadAhead {
     pressed: Notify,
 }
 
-/// A chunk's share of the allowance.
+/// A partition's own budget within its connector's.
+pub(super) struct PartitionBudget(Budget);
+
+impl PartitionBudget {
+    pub(super) fn new(batch: &BatchConfig) -> PartitionBudget {
+        PartitionBudget(Budget::of(batch, PARTITION_BATCHES))
+    }
+}
+
+/// A chunk's share of its partition's budget and of its connector's.
 pub(super) struct Held {
-    _records: OwnedSemaphorePermit,
-    _bytes: OwnedSemaphorePermit,
+    _own: [OwnedSemaphorePermit; 2],
+    _all: [OwnedSemaphorePermit; 2],
 }
 
 impl ReadAhead {
     pub(super) fn new(batch: &BatchConfig) -> ReadAhead {
-        // A chunk can straddle two batches: its quarter batch on top keeps
-        // one batch filling while the last commits, without a press.
-        let allowance = |batch: usize| {
-            batch
-                .saturating_mul(2)
-                .saturating_add(batch / 4)
-                .clamp(1, Semaphore::MAX_PERMITS)
-        };
-        let max_records = allowance(batch.records());
-        let max_bytes = allowance(batch.max_bytes);
         ReadAhead {
-            records: Arc::new(Semaphore::new(max_records)),
-            bytes: Arc::new(Semaphore::new(max_bytes)),
-            max_records,
-            max_bytes,
+            all: Budget::of(batch, CONNECTOR_BATCHES),
             presses: AtomicU64::new(0),
             pressed: Notify::new(),
         }
     }
 
-    /// The share of `records` messages of `bytes`, if free now. One
-    /// chunk larger than the whole allowance goes alone.
-    fn try_hold(&self, records: usize, bytes: usize) -> Option<Held> {
-        let (n, bytes) = self.need(records, bytes);
-        let records = self.records.clone().try_acquire_many_owned(n).ok()?;
-        let bytes = self.bytes.clone().try_acquire_many_owned(bytes).ok()?;
+    /// The share of `records` messages of `bytes`, if free now.
+    fn try_hold(&self, own: &PartitionBudget, records: usize, bytes: usize) -> Option<Held> {
+        let own = own.0.try_take(records, bytes)?;
+        let all = self.all.try_take(records, bytes)?;
         Some(Held {
-            _records: records,
-            _bytes: bytes,
+            _own: own,
+            _all: all,
         })
     }
 
     /// The same share, once batches have committed and given theirs back;
-    /// `None` if the allowance is closed. Presses now, and again every
+    /// `None` if the budget is closed. Presses now, and again every
     /// `REPRESS` while it waits: a batch begun after a press (its reader
-    /// had its share already) is not held past its next.
-    async fn hold(&self, records: usize, bytes: usize) -> Option<Held> {
-        let (n, bytes) = self.need(records, bytes);
+    /// had its share already) is not held past its next. The partition's
+    /// own budget first: no two readers ever wait on each other's.
+    async fn hold(&self, own: &PartitionBudget, records: usize, bytes: usize) -> Option<Held> {
         let held = async {
-            let records = self.records.clone().acquire_many_owned(n).await.ok()?;
-            let bytes = self.bytes.clone().acquire_many_owned(bytes).await.ok()?;
+            let own = own.0.take(records, bytes).await?;
+            let all = self.all.take(records, bytes).await?;
             Some(Held {
-                _records: records,
-                _bytes: bytes,
+                _own: own,
+                _all: all,
             })
         };
         tokio::pin!(held);
@@ -108,16 +155,11 @@ impl ReadAhead {
 
     /// Messages and bytes, all partitions together.
     pub(super) fn allowance(&self) -> (usize, usize) {
-        (self.max_records, self.max_bytes)
+        (self.all.max_records, self.all.max_bytes)
     }
 
     fn presses(&self) -> u64 {
         self.presses.load(Ordering::SeqCst)
-    }
-
-    fn need(&self, records: usize, bytes: usize) -> (u32, u32) {
-        let cap = |n: usize, max: usize| u32::try_from(n.clamp(1, max)).unwrap_or(u32::MAX);
-        (cap(records, self.max_records), cap(bytes, self.max_bytes))
     }
 }
 
@@ -491,6 +533,7 @@ async fn read_loop(
     // a time instead of 1,024.
     let chunk_bytes = (conn.cfg.batch.max_bytes / 4).max(1);
     let chunk_records = (conn.cfg.batch.records() / 4).clamp(1, READ_CHUNK);
+    let own = PartitionBudget::new(&conn.cfg.batch);
     let mut chunk = 1;
     let mut paused = conn.paused();
     // Where the next message must be at the least: each position is
@@ -556,7 +599,7 @@ async fn read_loop(
             let per_message = bytes.div_ceil(msgs.len());
             chunk = (chunk_bytes / per_message).clamp(1, chunk_records);
             conn.stats.read(&partition, msgs.len() as u64);
-            let held = match conn.read_ahead.try_hold(msgs.len(), bytes) {
+            let held = match conn.read_ahead.try_hold(&own, msgs.len(), bytes) {
                 Some(held) => held,
                 None => {
                     // What is mapped goes to the committer first: taking
@@ -567,7 +610,7 @@ async fn read_loop(
                     tokio::select! {
                         biased;
                         _ = stop.cancelled() => return,
-                        held = conn.read_ahead.hold(msgs.len(), bytes) => match held {
+                        held = conn.read_ahead.hold(&own, msgs.len(), bytes) => match held {
                             Some(held) => held,
                             None => return,
                         },

@@ -1054,10 +1054,10 @@ async fn a_connectors_partitions_together_hold_about_two_batches() {
     // Every commit waits at the gate while the readers read what they may.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let read = conn.stats.snapshot().read;
-    // Two batches of 10 and a quarter, and a chunk of 2 per partition
+    // Three batches of 10 and a quarter, and a chunk of 2 per partition
     // waiting for its share: not two batches or more per partition.
     assert!(
-        (10..=28).contains(&read),
+        (10..=39).contains(&read),
         "{read} lines read by three partitions whose commits are blocked"
     );
     gate.add_permits(100_000);
@@ -1071,14 +1071,19 @@ async fn a_connectors_partitions_together_hold_about_two_batches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_waiting_for_the_allowance_makes_lingering_batches_commit() {
     let sink = Arc::new(MemSink::default());
-    // `b` and `c` never fill a batch and wait for more: with a linger of
-    // an hour they would hold 18 of the 22 messages the connector may
-    // hold, and `a` could never fill one.
+    // `b`, `c` and `d` never fill a batch and wait for more: with a
+    // linger of an hour they would hold 27 of the 33 messages the
+    // connector may hold, and `a` could never fill one.
     let conn = with_parts(
         sink.clone(),
-        vec![("a", 100, false), ("b", 9, true), ("c", 9, true)],
+        vec![
+            ("a", 100, false),
+            ("b", 9, true),
+            ("c", 9, true),
+            ("d", 9, true),
+        ],
     );
-    let (b, c) = (start(&conn, "b"), start(&conn, "c"));
+    let (b, c, d) = (start(&conn, "b"), start(&conn, "c"), start(&conn, "d"));
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(
         sink.commits.lock().unwrap().is_empty(),
@@ -1090,8 +1095,9 @@ async fn a_reader_waiting_for_the_allowance_makes_lingering_batches_commit() {
         .unwrap()
         .unwrap();
     let commits = sink.commits.lock().unwrap();
-    assert_eq!(commits.iter().map(|c| c.2).sum::<usize>(), 118);
+    assert_eq!(commits.iter().map(|c| c.2).sum::<usize>(), 127);
     drop(commits);
     b.abort();
     c.abort();
+    d.abort();
 }

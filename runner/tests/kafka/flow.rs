@@ -40,11 +40,17 @@ async fn a_slow_partition_does_not_hold_up_the_others() {
             .unwrap(),
     );
     let mut done: HashMap<String, Duration> = HashMap::new();
+    // Where the slow partition was when the other two were done.
+    let mut slow_then: Option<i64> = None;
     let status = loop {
-        for (p, at) in positions_so_far(&schema).await {
-            if Some(&at) == ends.get(&p) {
-                done.entry(p).or_insert_with(|| started.elapsed());
+        let now = positions_so_far(&schema).await;
+        for (p, at) in &now {
+            if Some(at) == ends.get(p) {
+                done.entry(p.clone()).or_insert_with(|| started.elapsed());
             }
+        }
+        if slow_then.is_none() && done.keys().filter(|p| **p != slow).count() == 2 {
+            slow_then = Some(now.get(&slow).copied().unwrap_or(0));
         }
         if let Some(status) = runner.0.try_wait().unwrap() {
             break status;
@@ -66,6 +72,14 @@ async fn a_slow_partition_does_not_hold_up_the_others() {
         log.lines()
             .any(|l| l.contains("partition paused until its inbox drains") && l.contains(&slow)),
         "the slow partition was never paused:\n{log}"
+    );
+    // Not a timing: the others must not have gone at the slow one's pace
+    // (they did when one budget for all partitions let it hold all).
+    let slow_end = ends[&slow];
+    let slow_then = slow_then.expect("the other partitions reached their ends");
+    assert!(
+        slow_then < slow_end / 2,
+        "the others finished only when the slow partition was at {slow_then} of {slow_end}"
     );
     assert_eq!(count(&schema).await, (60_000, 60_000));
     assert_eq!(positions(&schema).await, ends);

@@ -160,9 +160,12 @@ async fn send_positions(
 /// Flow control per partition: the poller never waits on one reader, so a
 /// slow partition (its sink commits slowly) does not hold up the others.
 /// What a reader with a full inbox cannot take yet waits here, in order,
-/// and goes to it as its inbox frees up; past `STASH` waiting messages the
-/// partition is paused in the consumer, and resumed where the consumer left
-/// it once all of them are handed over and the inbox is half empty.
+/// and goes to it as its inbox frees up. Past `STASH` waiting messages the
+/// poller first waits for that reader, up to `PATIENCE`: a reader that only
+/// maps more slowly than the poller fetches sets the pace that way. One
+/// still behind after that (its batch commits slowly) has its partition
+/// paused in the consumer, resumed where the consumer left it once all of
+/// them are handed over and the inbox is half empty, and the others go on.
 /// Nothing is dropped or fetched twice.
 #[derive(Default)]
 struct Held {
@@ -174,8 +177,11 @@ struct Overflow {
     inbox: mpsc::Sender<Inbound>,
     /// Fetched, not handed over yet, with the read that brought each.
     waiting: std::collections::VecDeque<(Message, u64)>,
-    /// Paused in the consumer: more than `STASH` messages waited.
+    /// Paused in the consumer: more than `STASH` messages waited for
+    /// longer than `PATIENCE`.
     paused: bool,
+    /// Since when more than `STASH` messages wait, not paused yet.
+    over: Option<std::time::Instant>,
 }
 
 /// Messages kept for a reader whose inbox is full before its partition is
@@ -184,25 +190,22 @@ struct Overflow {
 /// for a paused partition).
 const STASH: usize = 4096;
 
+/// How long the poller waits for a reader with `STASH` messages waiting
+/// before it pauses the partition. A pause drops what librdkafka fetched
+/// ahead for it (up to `queued.min.messages`) and its resume took about a
+/// second to fetch again: with a reader that maps more slowly than the
+/// poller reads, pausing at once stalled a one-partition topic for a
+/// second at every few thousand messages.
+const PATIENCE: Duration = Duration::from_millis(100);
+
 impl Held {
     /// Hand `message` of `name` to `inbox`, or keep it behind what waits.
-    fn deliver(
-        &mut self,
-        consumer: &StreamConsumer<Context>,
-        name: &str,
-        inbox: mpsc::Sender<Inbound>,
-        message: Message,
-        read: u64,
-    ) {
+    fn deliver(&mut self, name: &str, inbox: mpsc::Sender<Inbound>, message: Message, read: u64) {
         if let Some(o) = self.parts.get_mut(name) {
             if o.inbox.same_channel(&inbox) {
                 o.waiting.push_back((message, read));
-                if !o.paused && o.waiting.len() > STASH {
-                    if let Err(e) = set_paused(consumer, name, true) {
-                        warn!(partition = %name, error = %e, "could not pause a partition whose reader is behind");
-                    }
-                    debug!(partition = %name, "reader behind: partition paused until its inbox drains");
-                    o.paused = true;
+                if !o.paused && o.waiting.len() > STASH && o.over.is_none() {
+                    o.over = Some(std::time::Instant::now());
                 }
                 return;
             }
@@ -218,6 +221,7 @@ impl Held {
                         inbox,
                         waiting: std::collections::VecDeque::from([(message, read)]),
                         paused: false,
+                        over: None,
                     },
                 );
             }
@@ -238,11 +242,15 @@ impl Held {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(Inbound::Message { message, read })) => {
                         o.waiting.push_front((message, read));
+                        if o.waiting.len() <= STASH {
+                            o.over = None;
+                        }
                         return true;
                     }
                     Err(_) => return false, // reader gone
                 }
             }
+            o.over = None;
             if !o.paused {
                 return false; // all handed over, never paused
             }
@@ -262,6 +270,32 @@ impl Held {
         });
     }
 
+    /// When the first partition with more than `STASH` messages waiting
+    /// (not paused) runs out of patience.
+    fn overdue_at(&self) -> Option<std::time::Instant> {
+        self.parts
+            .values()
+            .filter_map(|o| o.over)
+            .min()
+            .map(|t| t + PATIENCE)
+    }
+
+    /// Pause the partitions whose readers stayed `STASH` behind for
+    /// `PATIENCE`: the others go on.
+    fn pause_overdue(&mut self, consumer: &StreamConsumer<Context>) {
+        for (name, o) in &mut self.parts {
+            if o.paused || o.over.is_none_or(|t| t.elapsed() < PATIENCE) {
+                continue;
+            }
+            if let Err(e) = set_paused(consumer, name, true) {
+                warn!(partition = %name, error = %e, "could not pause a partition whose reader is behind");
+            }
+            debug!(partition = %name, "reader behind: partition paused until its inbox drains");
+            o.paused = true;
+            o.over = None;
+        }
+    }
+
     /// Ready when a held partition's reader has room: for its next waiting
     /// message, or (none waiting) for half its inbox, when it is resumed.
     /// Never ready without held partitions.
@@ -270,10 +304,12 @@ impl Held {
             return std::future::pending().await;
         }
         let waits = self.parts.values().map(|o| {
+            // Woken for a quarter inbox at a time when many wait, not for
+            // every message.
             let n = if o.waiting.is_empty() {
                 (o.inbox.max_capacity() / 2).max(1)
             } else {
-                1
+                o.waiting.len().min(o.inbox.max_capacity() / 4).max(1)
             };
             Box::pin(async move {
                 // The permits go back at once: `drain` sends.
@@ -479,6 +515,16 @@ pub(crate) async fn poll(
     let mut last_message = std::time::Instant::now();
     loop {
         held.drain(&consumer);
+        if let Some(at) = held.overdue_at() {
+            // A reader `STASH` behind: wait for it rather than fetch more,
+            // until it has room or runs out of patience.
+            tokio::select! {
+                () = held.room() => {}
+                () = tokio::time::sleep_until(at.into()) => held.pause_overdue(&consumer),
+                () = reads.sought.notified() => {}
+            }
+            continue;
+        }
         // A message, or room for what waits (a paused partition brings no
         // message that would wake the loop).
         let read = reads.begin();
@@ -563,7 +609,7 @@ pub(crate) async fn poll(
             meta,
         };
         drop(msg);
-        held.deliver(&consumer, &name, inbox, message, read);
+        held.deliver(&name, inbox, message, read);
     }
 }
 
