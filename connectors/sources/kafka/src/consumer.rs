@@ -157,8 +157,9 @@ async fn send_positions(
     }
 }
 
-/// Flow control per partition: the poller never waits on one reader, so a
-/// slow partition (its sink commits slowly) does not hold up the others.
+/// Flow control per partition: the poller waits on one reader at most
+/// `PATIENCE` at a time, so a slow partition (its sink commits slowly)
+/// does not hold up the others.
 /// What a reader with a full inbox cannot take yet waits here, in order,
 /// and goes to it as its inbox frees up. Past `STASH` waiting messages the
 /// poller first waits for that reader, up to `PATIENCE`: a reader that only
