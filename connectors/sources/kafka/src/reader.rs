@@ -271,15 +271,18 @@ impl PartitionReader for KafkaReader {
             self.next = self.next.max(last.next_offset);
             self.live = true;
         }
-        if behind || self.resync {
-            self.reseek(self.next).await;
-        }
         let status = match status {
             // Everything read was dropped.
             Ok(ReadStatus::Data) if fresh.is_empty() => Ok(ReadStatus::Idle),
             other => other,
         };
+        // Handed out before the seek's wait: a read cancelled there (the
+        // runner pauses a connector that way) leaves them with the caller,
+        // past whom `next` has already moved.
         out.append(&mut fresh);
+        if behind || self.resync {
+            self.reseek(self.next).await;
+        }
         status
     }
 
