@@ -1042,7 +1042,7 @@ fn start(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connectors_partitions_together_hold_about_two_batches() {
+async fn a_connectors_partitions_together_hold_no_more_than_its_budget() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let sink = Arc::new(MemSink {
         gate: Some(gate.clone()),
