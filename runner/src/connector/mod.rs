@@ -76,7 +76,8 @@ pub struct Connector {
     /// read is handed over (and commits), and the connector stays what it
     /// is (a Kafka consumer stays in its group).
     paused: tokio::sync::watch::Sender<bool>,
-    /// What its partitions may read ahead of their commits, together.
+    /// What its partitions may hold of their messages, together, until
+    /// their batches commit.
     read_ahead: partition::ReadAhead,
 }
 

@@ -274,16 +274,15 @@ impl Connector {
         let mut staged = Staged::new(position);
         let mut deadline: Option<Instant> = None;
         let ahead = &self.read_ahead;
-        // The last press of the allowance this partition's batch answered.
+        // The presses made before the batch filling began: later ones are
+        // for it (set as each batch begins, below).
         let mut answered = ahead.presses();
         loop {
             // Made before the count is read: a press after it wakes the
             // select below.
             let press = ahead.pressed.notified();
             let presses = ahead.presses();
-            if pending.is_empty() {
-                answered = presses;
-            } else if presses > answered && rx.is_empty() {
+            if !pending.is_empty() && presses > answered && rx.is_empty() {
                 // A reader waits for what this batch holds, and nothing
                 // more is on its way to it: commit it now.
                 answered = presses;
@@ -419,7 +418,8 @@ pub(super) struct Pending {
     bytes: usize,
     /// First offset covered and the next offset after the last.
     pub(super) range: Option<(u64, u64)>,
-    /// The connector's allowance its messages hold until they commit.
+    /// The share of the budgets (its partition's and its connector's)
+    /// its messages hold until they commit.
     pub(super) held: Vec<Held>,
 }
 
@@ -528,8 +528,8 @@ async fn read_loop(
     // in read order.
     let mut mapping: VecDeque<tokio::task::JoinHandle<Chunk>> = VecDeque::new();
     // A chunk holds about a quarter of a batch, in bytes (sized from the
-    // messages seen so far) and in messages, so the allowance of two
-    // batches is taken a little at a time: 1 MB messages travel a few at
+    // messages seen so far) and in messages, so the budgets are taken a
+    // little at a time: 1 MB messages travel a few at
     // a time instead of 1,024.
     let chunk_bytes = (conn.cfg.batch.max_bytes / 4).max(1);
     let chunk_records = (conn.cfg.batch.records() / 4).clamp(1, READ_CHUNK);
