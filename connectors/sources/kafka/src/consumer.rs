@@ -31,6 +31,10 @@ pub(crate) type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
 /// How long the poller waits for a message before it reports positions.
 const IDLE_POSITIONS: Duration = Duration::from_millis(500);
 
+/// How long the request that wakes librdkafka's fetcher after a resume may
+/// wait for its (unused) answer.
+const WAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a seek waits for the consumer's fetcher to take it.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -193,10 +197,11 @@ const STASH: usize = 4096;
 
 /// How long the poller waits for a reader with `STASH` messages waiting
 /// before it pauses the partition. A pause drops what librdkafka fetched
-/// ahead for it (up to `queued.min.messages`) and its resume took about a
-/// second to fetch again: with a reader that maps more slowly than the
-/// poller reads, pausing at once stalled a one-partition topic for a
-/// second at every few thousand messages.
+/// ahead for it (up to `queued.min.messages`), which is fetched again on
+/// resume: with a reader that maps more slowly than the poller reads,
+/// pausing at once refetched a one-partition topic every few thousand
+/// messages (and, before `set_paused` woke the fetcher, stalled it for
+/// up to a second each time).
 const PATIENCE: Duration = Duration::from_millis(100);
 
 impl Held {
@@ -233,7 +238,7 @@ impl Held {
     /// Hand over what waits as inboxes free up; resume the partitions
     /// whose waiting messages are all handed over and whose inbox is half
     /// empty; forget those whose reader is gone.
-    fn drain(&mut self, consumer: &StreamConsumer<Context>) {
+    fn drain(&mut self, consumer: &Arc<StreamConsumer<Context>>) {
         self.parts.retain(|name, o| {
             if o.inbox.is_closed() {
                 return false; // reader gone: reopened, it fetches again
@@ -283,7 +288,7 @@ impl Held {
 
     /// Pause the partitions whose readers stayed `STASH` behind for
     /// `PATIENCE`: the others go on.
-    fn pause_overdue(&mut self, consumer: &StreamConsumer<Context>) {
+    fn pause_overdue(&mut self, consumer: &Arc<StreamConsumer<Context>>) {
         for (name, o) in &mut self.parts {
             if o.paused || o.over.is_none_or(|t| t.elapsed() < PATIENCE) {
                 continue;
@@ -323,7 +328,7 @@ impl Held {
 
 /// Pause or resume one partition (`topic/N`) in the consumer.
 pub(crate) fn set_paused(
-    consumer: &StreamConsumer<Context>,
+    consumer: &Arc<StreamConsumer<Context>>,
     name: &str,
     paused: bool,
 ) -> Result<(), KafkaError> {
@@ -333,10 +338,20 @@ pub(crate) fn set_paused(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
     if paused {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
+        return consumer.pause(&tpl);
     }
+    consumer.resume(&tpl)?;
+    // librdkafka's fetcher learns of a resume only when it next wakes up,
+    // up to a second later: with every partition it fetches paused (a
+    // one-partition topic, a partition just opened) nothing wakes it
+    // sooner, and each resume stalled that long. Any request it sends
+    // wakes it; here a look-up of the partition's bounds, whose answer is
+    // not needed.
+    let (consumer, topic) = (consumer.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let _ = consumer.fetch_watermarks(&topic, partition, WAKE_TIMEOUT);
+    });
+    Ok(())
 }
 
 /// What the polling task hands a partition's reader, in order, each with
