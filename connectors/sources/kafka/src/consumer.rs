@@ -8,7 +8,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,9 +31,9 @@ pub(crate) type Inboxes = Arc<Mutex<HashMap<String, mpsc::Sender<Inbound>>>>;
 /// How long the poller waits for a message before it reports positions.
 const IDLE_POSITIONS: Duration = Duration::from_millis(500);
 
-/// How long the request that wakes librdkafka's fetcher after a resume may
-/// wait for its (unused) answer.
-const WAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the request that wakes librdkafka's fetcher after a resume
+/// waits for its (unused) answer: by then the fetcher has woken by itself.
+const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a seek waits for the consumer's fetcher to take it.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -341,17 +341,52 @@ pub(crate) fn set_paused(
         return consumer.pause(&tpl);
     }
     consumer.resume(&tpl)?;
-    // librdkafka's fetcher learns of a resume only when it next wakes up,
-    // up to a second later: with every partition it fetches paused (a
-    // one-partition topic, a partition just opened) nothing wakes it
-    // sooner, and each resume stalled that long. Any request it sends
-    // wakes it; here a look-up of the partition's bounds, whose answer is
-    // not needed.
-    let (consumer, topic) = (consumer.clone(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let _ = consumer.fetch_watermarks(&topic, partition, WAKE_TIMEOUT);
-    });
+    wake_fetcher(consumer, name);
     Ok(())
+}
+
+/// Partitions resumed whose fetcher is still to be woken, and whether a
+/// thread is waking them.
+#[derive(Default)]
+pub(crate) struct Wakes {
+    pending: HashSet<String>,
+    running: bool,
+}
+
+/// librdkafka's fetcher learns of a resume only when it next wakes up, up
+/// to a second later: with every partition it fetches paused (a
+/// one-partition topic, a partition just opened) nothing wakes it sooner,
+/// and each resume stalled that long. Any request it sends wakes it; here
+/// a look-up of the partition's bounds, whose answer is not needed. One
+/// thread sends them one after another, so a runner opening hundreds of
+/// partitions does not start a thread for each.
+fn wake_fetcher(consumer: &Arc<StreamConsumer<Context>>, name: &str) {
+    let wakes = &consumer.context().wakes;
+    {
+        let Ok(mut w) = wakes.lock() else { return };
+        w.pending.insert(name.to_string());
+        if std::mem::replace(&mut w.running, true) {
+            return; // the running thread takes it
+        }
+    }
+    let consumer = consumer.clone();
+    tokio::task::spawn_blocking(move || loop {
+        let next = {
+            let Ok(mut w) = consumer.context().wakes.lock() else {
+                return;
+            };
+            match w.pending.iter().next().cloned() {
+                Some(name) => w.pending.take(&name),
+                None => {
+                    w.running = false;
+                    return;
+                }
+            }
+        };
+        if let Some((topic, partition)) = next.as_deref().and_then(split_name) {
+            let _ = consumer.fetch_watermarks(topic, partition, WAKE_TIMEOUT);
+        }
+    });
 }
 
 /// What the polling task hands a partition's reader, in order, each with
@@ -377,6 +412,8 @@ pub(crate) struct Context {
     /// certificate that does not verify), for the error a failed start
     /// gives instead of a bare "no broker answered".
     pub(crate) last_error: Mutex<Option<String>>,
+    /// Resumed partitions whose fetcher is to be woken (see `set_paused`).
+    pub(crate) wakes: Mutex<Wakes>,
 }
 
 impl Context {

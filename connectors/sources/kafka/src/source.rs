@@ -138,6 +138,7 @@ impl KafkaSource {
                 assignments: tx,
                 inboxes: inboxes.clone(),
                 last_error: Default::default(),
+                wakes: Default::default(),
             })
             .map_err(|e| format!("cannot create the consumer: {e}"))?;
         let consumer = Arc::new(consumer);
