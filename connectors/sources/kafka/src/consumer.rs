@@ -383,8 +383,19 @@ fn wake_fetcher(consumer: &Arc<StreamConsumer<Context>>, name: &str) {
                 }
             }
         };
-        if let Some((topic, partition)) = next.as_deref().and_then(split_name) {
-            let _ = consumer.fetch_watermarks(topic, partition, WAKE_TIMEOUT);
+        let Some((topic, partition)) = next.as_deref().and_then(split_name) else {
+            continue;
+        };
+        if consumer
+            .fetch_watermarks(topic, partition, WAKE_TIMEOUT)
+            .is_err()
+        {
+            // No answer (a broker down): the fetchers wake by themselves
+            // meanwhile, and a second each for the rest would only hold up
+            // a runner that is stopping.
+            if let Ok(mut w) = consumer.context().wakes.lock() {
+                w.pending.clear();
+            }
         }
     });
 }
